@@ -1,0 +1,1 @@
+"""Store backends. ``base`` is the contract; each other module is one backend."""

@@ -1,0 +1,385 @@
+"""The store contract: what every backend (memory, SQLite, PostgreSQL) provides.
+
+A store holds many streams. Every mutation goes through :meth:`Store.commit`, which applies a list
+of operations atomically: either all of them take effect or none does. The convenience methods
+(``create``, ``append``, ``close_stream``, ``delete``) are one-operation commits. Reads never block
+writers, and :meth:`Store.wait` is the live tail: it returns as soon as a commit makes data (or a
+close) visible after the given offset.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import anyio
+
+from .._errors import InvalidRequest
+from .._offsets import format_offset, parse_offset
+
+__all__ = [
+    "DEFAULT_CONTENT_TYPE",
+    "Append",
+    "AppendResult",
+    "Create",
+    "CreateResult",
+    "Delete",
+    "KvPut",
+    "Message",
+    "Op",
+    "OpResult",
+    "Producer",
+    "ProducerState",
+    "ReadResult",
+    "Store",
+    "StreamInfo",
+    "Touch",
+]
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class Producer:
+    """An idempotent producer's identity and position: ``(id, epoch, seq)``."""
+
+    id: str
+    epoch: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerState:
+    """The highest ``(epoch, seq)`` a store accepted from one producer."""
+
+    epoch: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """Metadata of one stream, as ``head`` returns it."""
+
+    path: str
+    content_type: str
+    closed: bool
+    next_offset: str
+    created_at: float
+    ttl_seconds: int | None = None
+    expires_at: float | None = None
+    forked_from: str | None = None
+    fork_offset: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One stored message. ``offset`` is the position right after it (where to resume)."""
+
+    offset: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """The answer to a read: messages, where to continue, and whether the tail was reached."""
+
+    messages: list[Message]
+    next_offset: str
+    up_to_date: bool
+    closed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Create:
+    """Create a stream (idempotent when the configuration matches)."""
+
+    path: str
+    content_type: str = DEFAULT_CONTENT_TYPE
+    ttl_seconds: int | None = None
+    expires_at: float | None = None
+    closed: bool = False
+    fork_from: str | None = None
+    fork_offset: str | None = None
+    messages: Sequence[bytes] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Append messages (and optionally close) with optional producer and ``Stream-Seq`` checks."""
+
+    path: str
+    messages: Sequence[bytes]
+    content_type: str | None = None
+    producer: Producer | None = None
+    stream_seq: str | None = None
+    close: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Delete a stream (soft delete while forks still read from it)."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class KvPut:
+    """Set (or, with ``value=None``, remove) a key in a small side table, e.g. snapshots."""
+
+    namespace: str
+    key: str
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Touch:
+    """Renew a stream's sliding TTL (what a read does); a no-op for streams without one."""
+
+    path: str
+
+
+Op: TypeAlias = Create | Append | Delete | KvPut | Touch
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    """Outcome of a :class:`Create`: the stream's info and whether this call created it."""
+
+    info: StreamInfo
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Outcome of an :class:`Append`.
+
+    ``duplicate`` is true when an idempotent producer re-sent a batch the store already holds; the
+    store then changed nothing. ``producer`` is the producer's state after the call.
+    """
+
+    next_offset: str
+    closed: bool
+    duplicate: bool = False
+    producer: ProducerState | None = None
+
+
+OpResult: TypeAlias = CreateResult | AppendResult | None
+
+
+@dataclass(slots=True)
+class _Waiters:
+    event: anyio.Event = field(default_factory=anyio.Event)
+    count: int = 0
+
+
+class _Notifier:
+    """Wakes in-process waiters of a path when a commit touches it (no polling)."""
+
+    def __init__(self) -> None:
+        self._by_path: dict[str, _Waiters] = {}
+
+    def enter(self, path: str) -> _Waiters:
+        waiters = self._by_path.get(path)
+        if waiters is None:
+            waiters = self._by_path[path] = _Waiters()
+        waiters.count += 1
+        return waiters
+
+    def leave(self, path: str, waiters: _Waiters) -> None:
+        waiters.count -= 1
+        if waiters.count <= 0 and self._by_path.get(path) is waiters:
+            del self._by_path[path]
+
+    def notify(self, paths: Sequence[str] | set[str]) -> None:
+        for path in paths:
+            waiters = self._by_path.pop(path, None)
+            if waiters is not None:
+                waiters.event.set()
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+
+class Store(abc.ABC):
+    """An open store of streams. Use ``async with open_store(url) as store``."""
+
+    url: str
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._notifier = _Notifier()
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Open connections and create or migrate the schema."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Flush pending commits and release every resource."""
+
+    # -- mutations -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def commit(self, ops: Sequence[Op]) -> list[OpResult]:
+        """Apply ``ops`` atomically, in order; return one result per op.
+
+        Raises:
+            StreamsError: the subclass naming the first check that failed; nothing was applied.
+        """
+
+    async def create(
+        self,
+        path: str,
+        *,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+        ttl_seconds: int | None = None,
+        expires_at: float | None = None,
+        closed: bool = False,
+        fork_from: str | None = None,
+        fork_offset: str | None = None,
+        messages: Sequence[bytes] = (),
+    ) -> CreateResult:
+        """Create a stream, or confirm an existing one with the same configuration.
+
+        Raises:
+            StreamExists: the path exists with another content type, TTL, expiry or closed flag.
+            StreamGone: the path was deleted but is kept for its forks.
+            ForkSourceNotFound: ``fork_from`` does not exist.
+            BadOffset: ``fork_offset`` is malformed or beyond the source's tail.
+        """
+        op = Create(path, content_type, ttl_seconds, expires_at, closed, fork_from, fork_offset,
+                    tuple(messages))  # fmt: skip
+        result = (await self.commit([op]))[0]
+        assert isinstance(result, CreateResult)
+        return result
+
+    async def append(
+        self,
+        path: str,
+        messages: Sequence[bytes],
+        *,
+        content_type: str | None = None,
+        producer: Producer | None = None,
+        stream_seq: str | None = None,
+        close: bool = False,
+    ) -> AppendResult:
+        """Append messages atomically (all or none), optionally closing the stream.
+
+        Raises:
+            StreamNotFound, StreamGone: no such stream.
+            StreamClosed: the stream is closed.
+            ContentTypeMismatch: ``content_type`` differs from the stream's.
+            ProducerFenced, ProducerSequenceGap, ProducerEpochInvalid: producer checks failed.
+            SequenceConflict: ``stream_seq`` does not sort after the last one.
+            InvalidRequest: no messages and no close.
+        """
+        op = Append(path, tuple(messages), content_type, producer, stream_seq, close)
+        result = (await self.commit([op]))[0]
+        assert isinstance(result, AppendResult)
+        return result
+
+    async def close_stream(self, path: str, *, producer: Producer | None = None) -> AppendResult:
+        """Close a stream (idempotent). Raises as :meth:`append`."""
+        return await self.append(path, (), producer=producer, close=True)
+
+    async def delete(self, path: str) -> None:
+        """Delete a stream; it stays readable to its forks until they are deleted too.
+
+        Raises:
+            StreamNotFound: no such stream.
+            StreamGone: it was already deleted and is kept only for its forks.
+        """
+        await self.commit([Delete(path)])
+
+    async def kv_put(self, namespace: str, key: str, value: bytes | None) -> None:
+        """Set or remove a side-table entry (atomic on its own; see :class:`KvPut`)."""
+        await self.commit([KvPut(namespace, key, value)])
+
+    # -- reads -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def head(self, path: str) -> StreamInfo:
+        """Return a stream's metadata without renewing its TTL.
+
+        Raises:
+            StreamNotFound: no such stream (or it expired).
+            StreamGone: deleted, kept for its forks.
+        """
+
+    @abc.abstractmethod
+    async def read(
+        self,
+        path: str,
+        offset: str = "-1",
+        *,
+        limit: int = 1000,
+        max_bytes: int | None = None,
+        renew_ttl: bool = True,
+    ) -> ReadResult:
+        """Read up to ``limit`` messages (and about ``max_bytes``) after ``offset``.
+
+        ``offset`` is ``-1`` (start), ``now`` (tail) or an offset the store returned. At least one
+        message is returned when any is available, even if it is larger than ``max_bytes``.
+
+        Raises:
+            StreamNotFound, StreamGone: no such stream.
+            BadOffset: a malformed offset.
+        """
+
+    @abc.abstractmethod
+    async def kv_get(self, namespace: str, key: str) -> bytes | None:
+        """Return a side-table value, or ``None``."""
+
+    @abc.abstractmethod
+    async def kv_scan(self, namespace: str, prefix: str = "") -> list[tuple[str, bytes]]:
+        """Return the side-table entries of ``namespace`` whose key starts with ``prefix``."""
+
+    async def wait(self, path: str, offset: str, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until data after ``offset`` exists or the stream is closed; False on timeout.
+
+        Writers in this process wake waiters directly; nothing polls.
+
+        Raises:
+            StreamNotFound, StreamGone: no such stream.
+            BadOffset: a malformed offset.
+        """
+        waiters = self._notifier.enter(path)
+        try:
+            info = await self.head(path)
+            position = parse_offset(offset, path=path)
+            tail = parse_offset(info.next_offset)
+            if info.closed or (position is not None and tail is not None and tail > position):
+                return True
+            with anyio.move_on_after(timeout):
+                await waiters.event.wait()
+                return True
+            return False
+        finally:
+            self._notifier.leave(path, waiters)
+
+    def _notify(self, paths: set[str]) -> None:
+        self._notifier.notify(paths)
+
+
+def check_append(op: Append) -> None:
+    """Reject arguments no backend could accept (shared by all backends)."""
+    if not op.messages and not op.close:
+        raise InvalidRequest("append needs at least one message or close=True", path=op.path)
+
+
+def tail_offset(length: int) -> str:
+    return format_offset(length)
+
+
+def resolve_read_start(path: str, offset: str, length: int) -> int:
+    position = parse_offset(offset, path=path)
+    return length if position is None else position

@@ -1,0 +1,137 @@
+"""``memory://``: a complete in-process store for tests, examples and embedding."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import anyio
+
+from .._errors import StreamGone, StreamNotFound
+from .._offsets import format_offset, parse_offset
+from ._engine import Batch, Loader, ProducerRecord, StreamRecord, full, read_plan
+from .base import Message, Op, OpResult, ReadResult, Store, StreamInfo
+
+__all__ = ["MemoryStore"]
+
+
+class _MemoryLoader(Loader):
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+
+    async def stream(self, path: str) -> StreamRecord | None:
+        sid = self._store._paths.get(path)
+        return None if sid is None else self._store._streams.get(sid)
+
+    async def stream_by_id(self, stream_id: int) -> StreamRecord | None:
+        return self._store._streams.get(stream_id)
+
+    async def producer(self, stream_id: int, producer_id: str) -> ProducerRecord | None:
+        return self._store._producers.get((stream_id, producer_id))
+
+    def new_stream_id(self) -> int:
+        self._store._next_id += 1
+        return self._store._next_id
+
+
+class MemoryStore(Store):
+    """Keeps everything in dictionaries; lost when the process exits."""
+
+    def __init__(self, url: str = "memory://") -> None:
+        super().__init__(url)
+        self._streams: dict[int, StreamRecord] = {}
+        self._paths: dict[str, int] = {}
+        self._messages: dict[int, list[bytes]] = {}  # stream id -> own messages, in order
+        self._producers: dict[tuple[int, str], ProducerRecord] = {}
+        self._kv: dict[str, dict[str, bytes]] = {}
+        self._next_id = 0
+        self._lock = anyio.Lock()
+        self._loader = _MemoryLoader(self)
+
+    async def open(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def commit(self, ops: Sequence[Op]) -> list[OpResult]:
+        async with self._lock:
+            batch = Batch(self._loader)
+            results = await batch.apply(ops)
+            effects = batch.effects
+            for sid in effects.purged:
+                old = self._streams.pop(sid, None)
+                if old is not None and self._paths.get(old.path) == sid:
+                    del self._paths[old.path]
+                self._messages.pop(sid, None)
+                for pkey in [k for k in self._producers if k[0] == sid]:
+                    del self._producers[pkey]
+            for sid, record in effects.streams.items():
+                self._streams[sid] = record
+                self._paths[record.path] = sid
+                self._messages.setdefault(sid, [])
+            for sid, _position, data in effects.messages:
+                self._messages[sid].append(data)
+            self._producers.update(effects.producers)
+            for (namespace, key), value in effects.kv.items():
+                table = self._kv.setdefault(namespace, {})
+                if value is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = value
+        self._notify(effects.touched)
+        return results
+
+    def _record(self, path: str) -> StreamRecord:
+        sid = self._paths.get(path)
+        record = None if sid is None else self._streams.get(sid)
+        if record is None or (not record.deleted and record.expired(time.time())):
+            raise StreamNotFound(f"stream {path!r} not found", path=path)
+        if record.deleted:
+            raise StreamGone(f"stream {path!r} was deleted", path=path)
+        return record
+
+    async def head(self, path: str) -> StreamInfo:
+        record = self._record(path)
+        parent = self._streams.get(record.fork_parent) if record.fork_parent else None
+        return record.info(None if parent is None else parent.path)
+
+    async def read(
+        self,
+        path: str,
+        offset: str = "-1",
+        *,
+        limit: int = 1000,
+        max_bytes: int | None = None,
+        renew_ttl: bool = True,
+    ) -> ReadResult:
+        record = self._record(path)
+        parsed = parse_offset(offset, path=path)
+        start = record.length if parsed is None else min(parsed, record.length)
+        if renew_ttl and record.ttl_seconds is not None:
+            record.last_access = time.time()
+        messages: list[Message] = []
+        size = 0
+        position = start
+        for sid, low, high in await read_plan(record, start, self._loader):
+            owner = self._streams[sid]
+            own_low = owner.fork_position if owner.fork_parent is not None else 0
+            stored = self._messages.get(sid, [])
+            for index in range(low - own_low, high - own_low):
+                if full(len(messages), size, limit, max_bytes):
+                    break
+                data = stored[index]
+                position = own_low + index + 1
+                size += len(data)
+                messages.append(Message(format_offset(position), data))
+        up_to_date = position >= record.length
+        return ReadResult(
+            messages, format_offset(position), up_to_date, up_to_date and record.closed
+        )
+
+    async def kv_get(self, namespace: str, key: str) -> bytes | None:
+        return self._kv.get(namespace, {}).get(key)
+
+    async def kv_scan(self, namespace: str, prefix: str = "") -> list[tuple[str, bytes]]:
+        table = self._kv.get(namespace, {})
+        return sorted((k, v) for k, v in table.items() if k.startswith(prefix))

@@ -1,0 +1,560 @@
+"""``sqlite:///path/to.db``: the embedded default (aiosqlite, WAL, group commit).
+
+Writes go through one writer connection owned by a background task. Concurrent ``commit`` calls
+queue up; the task takes everything queued, validates each call in Python (the shared
+:mod:`._engine` rules) against records read inside one ``BEGIN IMMEDIATE`` transaction, and
+persists the effects of all calls that passed with a handful of ``executemany`` statements and a
+single ``COMMIT``. A call that fails validation contributes nothing. Throughput therefore grows
+with concurrency instead of being capped by one round trip per message.
+
+Records are cached between transactions (bounded LRU). ``PRAGMA data_version`` tells the writer
+whether another connection (another process) committed in between, in which case the cache is
+dropped, so several processes may share one file safely. Reads use separate connections (WAL lets
+them run beside the writer). Waiters in this process are woken by the writer after each commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import aiosqlite
+import orjson
+
+from .._errors import BackendUnavailable, StreamGone, StreamNotFound, StreamsError
+from .._offsets import format_offset, parse_offset
+from ._engine import Batch, Effects, Loader, ProducerRecord, StreamRecord, full, read_plan
+from .base import KvPut, Message, Op, OpResult, ReadResult, Store, StreamInfo, Touch
+
+__all__ = ["SqliteStore"]
+
+logger = logging.getLogger("streams.sqlite")
+
+_SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE streams (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE,
+        content_type TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        last_access REAL NOT NULL,
+        length INTEGER NOT NULL,
+        ttl_seconds INTEGER,
+        expires_at REAL,
+        closed INTEGER NOT NULL,
+        closed_by TEXT,
+        fork_parent INTEGER,
+        fork_position INTEGER NOT NULL,
+        last_stream_seq TEXT,
+        deleted INTEGER NOT NULL,
+        fork_count INTEGER NOT NULL
+    );
+    CREATE TABLE messages (
+        stream_id INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (stream_id, position)
+    ) WITHOUT ROWID;
+    CREATE TABLE producers (
+        stream_id INTEGER NOT NULL,
+        producer_id TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        length INTEGER NOT NULL,
+        PRIMARY KEY (stream_id, producer_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE kv (
+        namespace TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value BLOB NOT NULL,
+        PRIMARY KEY (namespace, key)
+    ) WITHOUT ROWID;
+    """,
+]
+
+_COLUMNS = (
+    "id, path, content_type, created_at, last_access, length, ttl_seconds, expires_at, closed, "
+    "closed_by, fork_parent, fork_position, last_stream_seq, deleted, fork_count"
+)
+_UPSERT_STREAM = (
+    f"INSERT INTO streams ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT(id) DO UPDATE SET last_access=excluded.last_access, length=excluded.length, "
+    "closed=excluded.closed, closed_by=excluded.closed_by, "
+    "last_stream_seq=excluded.last_stream_seq, "
+    "deleted=excluded.deleted, fork_count=excluded.fork_count"
+)
+_CACHE_LIMIT = 4096
+_MAX_GROUP_OPS = 2048
+
+
+def _to_record(row: Sequence[object]) -> StreamRecord:
+    closed_by = row[9]
+    return StreamRecord(
+        id=int(row[0]),  # type: ignore[call-overload]
+        path=str(row[1]),
+        content_type=str(row[2]),
+        created_at=float(row[3]),  # type: ignore[arg-type]
+        last_access=float(row[4]),  # type: ignore[arg-type]
+        length=int(row[5]),  # type: ignore[call-overload]
+        ttl_seconds=None if row[6] is None else int(row[6]),  # type: ignore[call-overload]
+        expires_at=None if row[7] is None else float(row[7]),  # type: ignore[arg-type]
+        closed=bool(row[8]),
+        closed_by=None if closed_by is None else tuple(orjson.loads(str(closed_by))),
+        fork_parent=None if row[10] is None else int(row[10]),  # type: ignore[call-overload]
+        fork_position=int(row[11]),  # type: ignore[call-overload]
+        last_stream_seq=None if row[12] is None else str(row[12]),
+        deleted=bool(row[13]),
+        fork_count=int(row[14]),  # type: ignore[call-overload]
+    )
+
+
+def _from_record(r: StreamRecord) -> tuple[object, ...]:
+    closed_by = None if r.closed_by is None else orjson.dumps(list(r.closed_by)).decode()
+    return (r.id, r.path, r.content_type, r.created_at, r.last_access, r.length, r.ttl_seconds,
+            r.expires_at, int(r.closed), closed_by, r.fork_parent, r.fork_position,
+            r.last_stream_seq, int(r.deleted), r.fork_count)  # fmt: skip
+
+
+def sqlite_path(url: str) -> Path:
+    """The file a ``sqlite:///relative`` or ``sqlite:////absolute`` URL names.
+
+    Raises:
+        BackendUnavailable: the URL has no path.
+    """
+    parts = urlsplit(url)
+    raw = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if parts.netloc:
+        raw = parts.netloc + "/" + raw
+    if not raw or raw == ":memory:":
+        raise BackendUnavailable(f"sqlite URL needs a file path, got {url!r}")
+    return Path(raw)
+
+
+class _Pending:
+    __slots__ = ("future", "ops")
+
+    def __init__(self, ops: Sequence[Op], future: asyncio.Future[list[OpResult]]) -> None:
+        self.ops = ops
+        self.future = future
+
+
+class _Cache:
+    """A bounded LRU of stream records (by path, with an id index) and producer records."""
+
+    def __init__(self) -> None:
+        self.streams: OrderedDict[str, StreamRecord] = OrderedDict()
+        self.ids: dict[int, str] = {}
+        self.producers: OrderedDict[tuple[int, str], ProducerRecord] = OrderedDict()
+        self.absent: set[str] = set()
+
+    def clear(self) -> None:
+        self.streams.clear()
+        self.ids.clear()
+        self.producers.clear()
+        self.absent.clear()
+
+    def put(self, record: StreamRecord) -> None:
+        self.absent.discard(record.path)
+        self.streams[record.path] = record
+        self.streams.move_to_end(record.path)
+        self.ids[record.id] = record.path
+        while len(self.streams) > _CACHE_LIMIT:
+            _path, old = self.streams.popitem(last=False)
+            self.ids.pop(old.id, None)
+
+    def drop_id(self, stream_id: int) -> None:
+        path = self.ids.pop(stream_id, None)
+        if path is not None:
+            self.streams.pop(path, None)
+        for key in [k for k in self.producers if k[0] == stream_id]:
+            del self.producers[key]
+
+    def put_producer(self, record: ProducerRecord) -> None:
+        key = (record.stream_id, record.producer_id)
+        self.producers[key] = record
+        self.producers.move_to_end(key)
+        while len(self.producers) > _CACHE_LIMIT:
+            self.producers.popitem(last=False)
+
+
+class _GroupLoader(Loader):
+    """Records as one group transaction sees them: earlier batches' effects, cache, then DB."""
+
+    def __init__(self, conn: aiosqlite.Connection, cache: _Cache, next_id: int) -> None:
+        self.conn = conn
+        self.cache = cache
+        self.effects = Effects()
+        self.next_id = next_id
+
+    async def stream(self, path: str) -> StreamRecord | None:
+        for record in self.effects.streams.values():
+            if record.path == path:
+                return record
+        cached = self.cache.streams.get(path)
+        if cached is not None:
+            return None if cached.id in self.effects.purged else cached
+        if path in self.cache.absent:
+            return None
+        async with self.conn.execute(f"SELECT {_COLUMNS} FROM streams WHERE path=?", (path,)) as c:
+            row = await c.fetchone()
+        if row is None:
+            self.cache.absent.add(path)
+            return None
+        record = _to_record(row)
+        self.cache.put(record)
+        return None if record.id in self.effects.purged else record
+
+    async def stream_by_id(self, stream_id: int) -> StreamRecord | None:
+        if stream_id in self.effects.purged:
+            return None
+        if stream_id in self.effects.streams:
+            return self.effects.streams[stream_id]
+        path = self.cache.ids.get(stream_id)
+        if path is not None and path in self.cache.streams:
+            return self.cache.streams[path]
+        async with self.conn.execute(
+            f"SELECT {_COLUMNS} FROM streams WHERE id=?", (stream_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        record = _to_record(row)
+        self.cache.put(record)
+        return record
+
+    async def producer(self, stream_id: int, producer_id: str) -> ProducerRecord | None:
+        key = (stream_id, producer_id)
+        if key in self.effects.producers:
+            return self.effects.producers[key]
+        cached = self.cache.producers.get(key)
+        if cached is not None:
+            return cached
+        async with self.conn.execute(
+            "SELECT epoch, seq, length FROM producers WHERE stream_id=? AND producer_id=?", key
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        record = ProducerRecord(stream_id, producer_id, int(row[0]), int(row[1]), int(row[2]))
+        self.cache.put_producer(record)
+        return record
+
+    def new_stream_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    async def prefetch(self, paths: Iterable[str]) -> None:
+        missing = [
+            p for p in set(paths) if p not in self.cache.streams and p not in self.cache.absent
+        ]
+        for start in range(0, len(missing), 500):
+            chunk = missing[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT {_COLUMNS} FROM streams WHERE path IN ({marks})"
+            async with self.conn.execute(sql, chunk) as cursor:
+                rows = await cursor.fetchall()
+            found = set()
+            for row in rows:
+                record = _to_record(row)
+                found.add(record.path)
+                self.cache.put(record)
+            self.cache.absent.update(p for p in chunk if p not in found)
+
+
+class _ReadLoader(Loader):
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    async def stream(self, path: str) -> StreamRecord | None:
+        async with self.conn.execute(f"SELECT {_COLUMNS} FROM streams WHERE path=?", (path,)) as c:
+            row = await c.fetchone()
+        return None if row is None else _to_record(row)
+
+    async def stream_by_id(self, stream_id: int) -> StreamRecord | None:
+        async with self.conn.execute(
+            f"SELECT {_COLUMNS} FROM streams WHERE id=?", (stream_id,)
+        ) as c:
+            row = await c.fetchone()
+        return None if row is None else _to_record(row)
+
+    async def producer(self, stream_id: int, producer_id: str) -> ProducerRecord | None:
+        raise NotImplementedError  # reads never consult producers
+
+    def new_stream_id(self) -> int:
+        raise NotImplementedError
+
+
+class SqliteStore(Store):
+    """A store in one SQLite file. ``?synchronous=FULL`` in the URL trades speed for power-loss
+    durability (the default, NORMAL, already survives a killed process)."""
+
+    def __init__(self, url: str, *, readers: int = 2) -> None:
+        super().__init__(url)
+        self.path = sqlite_path(url)
+        query = parse_qs(urlsplit(url).query)
+        self._synchronous = query.get("synchronous", ["NORMAL"])[0].upper()
+        if self._synchronous not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise BackendUnavailable(f"unknown synchronous mode {self._synchronous!r}")
+        self._reader_count = readers
+        self._writer: aiosqlite.Connection | None = None
+        self._readers: list[aiosqlite.Connection] = []
+        self._next_reader = 0
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._cache = _Cache()
+        self._data_version: int | None = None
+        self._next_id: int | None = None
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute("PRAGMA busy_timeout = 10000")
+        await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        return conn
+
+    async def open(self) -> None:
+        """Open the file (creating it and its folder), migrate, start the writer task."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await self._connect()
+        await writer.execute("PRAGMA journal_mode = WAL")
+        await self._migrate(writer)
+        self._writer = writer
+        self._readers = [await self._connect() for _ in range(self._reader_count)]
+        self._task = asyncio.create_task(self._run_writer(), name=f"streams-writer:{self.path}")
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
+            async with conn.execute("SELECT max(version) FROM schema_version") as cursor:
+                row = await cursor.fetchone()
+            version = 0 if row is None or row[0] is None else int(row[0])
+            for number, script in enumerate(_SCHEMA[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        await conn.execute(statement)
+                await conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+
+    async def aclose(self) -> None:
+        """Finish queued commits, stop the writer and close every connection."""
+        if self._task is not None:
+            await self._queue.put(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for conn in [*self._readers, *([self._writer] if self._writer else [])]:
+            await conn.close()
+        self._readers = []
+        self._writer = None
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def commit(self, ops: Sequence[Op]) -> list[OpResult]:
+        if self._task is None or self._task.done():
+            raise StreamsError("store is not open", path="")
+        future: asyncio.Future[list[OpResult]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(ops, future))
+        return await future
+
+    async def _run_writer(self) -> None:
+        stopping = False
+        while not stopping:
+            item = await self._queue.get()
+            if item is None:
+                break
+            group = [item]
+            count = len(item.ops)
+            while count < _MAX_GROUP_OPS and not self._queue.empty():
+                more = self._queue.get_nowait()
+                if more is None:
+                    stopping = True
+                    break
+                group.append(more)
+                count += len(more.ops)
+            try:
+                await self._commit_group(group)
+            except Exception as exc:  # a database failure: fail every call in the group
+                logger.exception("group commit failed")
+                self._cache.clear()
+                self._data_version = None
+                for pending in group:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+
+    async def _commit_group(self, group: list[_Pending]) -> None:
+        conn = self._writer
+        assert conn is not None
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            async with conn.execute("PRAGMA data_version") as cursor:
+                row = await cursor.fetchone()
+            version = None if row is None else int(row[0])
+            if version != self._data_version or self._next_id is None:
+                self._cache.clear()
+                async with conn.execute("SELECT coalesce(max(id), 0) FROM streams") as cursor:
+                    row = await cursor.fetchone()
+                self._next_id = 0 if row is None else int(row[0])
+            self._data_version = version
+            loader = _GroupLoader(conn, self._cache, self._next_id)
+            await loader.prefetch(
+                op.path for p in group for op in p.ops if not isinstance(op, KvPut)
+            )
+            outcomes: list[list[OpResult] | StreamsError] = []
+            now = time.time()
+            for pending in group:
+                batch = Batch(loader, now)
+                try:
+                    results = await batch.apply(pending.ops)
+                except StreamsError as exc:
+                    outcomes.append(exc)
+                    continue
+                loader.effects.merge(batch.effects)
+                outcomes.append(results)
+            await self._persist(conn, loader.effects)
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+        # The commit is durable: publish it.
+        self._next_id = loader.next_id
+        effects = loader.effects
+        for sid in effects.purged:
+            self._cache.drop_id(sid)
+        for record in effects.streams.values():
+            self._cache.put(record)
+        for producer in effects.producers.values():
+            self._cache.put_producer(producer)
+        for pending, outcome in zip(group, outcomes, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(outcome, StreamsError):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
+        self._notify(effects.touched)
+
+    async def _persist(self, conn: aiosqlite.Connection, effects: Effects) -> None:
+        if effects.purged:
+            ids = [(sid,) for sid in effects.purged]
+            await conn.executemany("DELETE FROM messages WHERE stream_id=?", ids)
+            await conn.executemany("DELETE FROM producers WHERE stream_id=?", ids)
+            await conn.executemany("DELETE FROM streams WHERE id=?", ids)
+        if effects.streams:
+            await conn.executemany(
+                _UPSERT_STREAM, [_from_record(r) for r in effects.streams.values()]
+            )
+        if effects.messages:
+            await conn.executemany(
+                "INSERT INTO messages (stream_id, position, data) VALUES (?,?,?)", effects.messages
+            )
+        if effects.producers:
+            await conn.executemany(
+                "INSERT INTO producers (stream_id, producer_id, epoch, seq, length) "
+                "VALUES (?,?,?,?,?) ON CONFLICT(stream_id, producer_id) DO UPDATE SET "
+                "epoch=excluded.epoch, seq=excluded.seq, length=excluded.length",
+                [
+                    (p.stream_id, p.producer_id, p.epoch, p.seq, p.length)
+                    for p in effects.producers.values()
+                ],
+            )
+        puts = [(ns, key, value) for (ns, key), value in effects.kv.items() if value is not None]
+        drops = [(ns, key) for (ns, key), value in effects.kv.items() if value is None]
+        if puts:
+            await conn.executemany(
+                "INSERT INTO kv (namespace, key, value) VALUES (?,?,?) "
+                "ON CONFLICT(namespace, key) DO UPDATE SET value=excluded.value",
+                puts,
+            )
+        if drops:
+            await conn.executemany("DELETE FROM kv WHERE namespace=? AND key=?", drops)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _reader(self) -> aiosqlite.Connection:
+        if not self._readers:
+            raise StreamsError("store is not open", path="")
+        self._next_reader = (self._next_reader + 1) % len(self._readers)
+        return self._readers[self._next_reader]
+
+    async def _record(self, conn: aiosqlite.Connection, path: str) -> StreamRecord:
+        record = await _ReadLoader(conn).stream(path)
+        if record is None or (not record.deleted and record.expired(time.time())):
+            raise StreamNotFound(f"stream {path!r} not found", path=path)
+        if record.deleted:
+            raise StreamGone(f"stream {path!r} was deleted", path=path)
+        return record
+
+    async def head(self, path: str) -> StreamInfo:
+        conn = self._reader()
+        record = await self._record(conn, path)
+        parent = None
+        if record.fork_parent is not None:
+            parent = await _ReadLoader(conn).stream_by_id(record.fork_parent)
+        return record.info(None if parent is None else parent.path)
+
+    async def read(
+        self,
+        path: str,
+        offset: str = "-1",
+        *,
+        limit: int = 1000,
+        max_bytes: int | None = None,
+        renew_ttl: bool = True,
+    ) -> ReadResult:
+        conn = self._reader()
+        parsed = parse_offset(offset, path=path)
+        # No explicit transaction: every query below is bounded by ``record.length``, so
+        # messages committed after the record was read never leak into this answer.
+        record = await self._record(conn, path)
+        start = record.length if parsed is None else min(parsed, record.length)
+        messages: list[Message] = []
+        size = 0
+        position = start
+        for sid, low, high in await read_plan(record, start, _ReadLoader(conn)):
+            if full(len(messages), size, limit, max_bytes):
+                break
+            async with conn.execute(
+                "SELECT position, data FROM messages WHERE stream_id=? AND position>? "
+                "AND position<=? ORDER BY position LIMIT ?",
+                (sid, low, high, limit - len(messages)),
+            ) as cursor:
+                rows = await cursor.fetchall()
+            for row_position, data in rows:
+                if full(len(messages), size, limit, max_bytes):
+                    break
+                position = int(row_position)
+                size += len(data)
+                messages.append(Message(format_offset(position), bytes(data)))
+        if renew_ttl and record.ttl_seconds is not None:
+            await self.commit([Touch(path)])
+        up_to_date = position >= record.length
+        return ReadResult(
+            messages, format_offset(position), up_to_date, up_to_date and record.closed
+        )
+
+    async def kv_get(self, namespace: str, key: str) -> bytes | None:
+        async with self._reader().execute(
+            "SELECT value FROM kv WHERE namespace=? AND key=?", (namespace, key)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def kv_scan(self, namespace: str, prefix: str = "") -> list[tuple[str, bytes]]:
+        async with self._reader().execute(
+            "SELECT key, value FROM kv WHERE namespace=? AND key >= ? ORDER BY key",
+            (namespace, prefix),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [(str(k), bytes(v)) for k, v in rows if str(k).startswith(prefix)]
