@@ -9,6 +9,7 @@ from ._backends.base import AppendResult as AppendResult
 from ._backends.base import Create as Create
 from ._backends.base import CreateResult as CreateResult
 from ._backends.base import Delete as Delete
+from ._backends.base import KvCheck as KvCheck
 from ._backends.base import KvPut as KvPut
 from ._backends.base import Message as Message
 from ._backends.base import Op as Op
@@ -21,6 +22,7 @@ from ._backends.base import StreamInfo as StreamInfo
 from ._backends.base import Touch as Touch
 from ._errors import BackendUnavailable as BackendUnavailable
 from ._errors import BadOffset as BadOffset
+from ._errors import ConditionFailed as ConditionFailed
 from ._errors import ContentTypeMismatch as ContentTypeMismatch
 from ._errors import ForkSourceNotFound as ForkSourceNotFound
 from ._errors import InvalidRequest as InvalidRequest
@@ -55,17 +57,22 @@ from ._state import save_snapshot as save_snapshot
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_CONTENT_TYPE",
+    "SNAPSHOT_NAMESPACE",
+    "START",
+    "TAIL",
     "Append",
     "AppendResult",
     "BackendUnavailable",
     "BadOffset",
+    "ConditionFailed",
     "ContentTypeMismatch",
     "Create",
     "CreateResult",
-    "DEFAULT_CONTENT_TYPE",
     "Delete",
     "ForkSourceNotFound",
     "InvalidRequest",
+    "KvCheck",
     "KvPut",
     "Materializer",
     "Message",
@@ -79,8 +86,6 @@ __all__ = [
     "ProducerSequenceGap",
     "ProducerState",
     "ReadResult",
-    "SNAPSHOT_NAMESPACE",
-    "START",
     "SequenceConflict",
     "Store",
     "StreamClosed",
@@ -89,7 +94,6 @@ __all__ = [
     "StreamInfo",
     "StreamNotFound",
     "StreamsError",
-    "TAIL",
     "Touch",
     "change",
     "control",

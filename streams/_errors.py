@@ -16,6 +16,7 @@ The hierarchy::
     ├── BadOffset                      malformed offset (400)
     ├── InvalidRequest                 malformed message, header or argument (400)
     ├── ForkSourceNotFound             fork from a stream that does not exist (404)
+    ├── ConditionFailed                a compare-and-set check (KvCheck) did not hold
     └── BackendUnavailable             a backend cannot be opened (bad URL, missing driver)
 
 Every error carries the stream ``path`` it relates to (``""`` where none applies).
@@ -26,6 +27,7 @@ from __future__ import annotations
 __all__ = [
     "BackendUnavailable",
     "BadOffset",
+    "ConditionFailed",
     "ContentTypeMismatch",
     "ForkSourceNotFound",
     "InvalidRequest",
@@ -116,6 +118,15 @@ class InvalidRequest(StreamsError):
 
 class ForkSourceNotFound(StreamsError):
     """Raised when forking from a stream that does not exist."""
+
+
+class ConditionFailed(StreamsError):
+    """Raised when a ``KvCheck`` in a commit finds another value; nothing was applied."""
+
+    def __init__(self, message: str, *, path: str = "", namespace: str = "", key: str = "") -> None:
+        super().__init__(message, path=path)
+        self.namespace = namespace
+        self.key = key
 
 
 class BackendUnavailable(StreamsError):

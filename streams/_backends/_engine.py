@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from .._errors import (
     BadOffset,
+    ConditionFailed,
     ContentTypeMismatch,
     ForkSourceNotFound,
     InvalidRequest,
@@ -35,6 +36,7 @@ from .base import (
     Create,
     CreateResult,
     Delete,
+    KvCheck,
     KvPut,
     Op,
     OpResult,
@@ -123,6 +125,9 @@ class Loader(abc.ABC):
 
     @abc.abstractmethod
     def new_stream_id(self) -> int: ...
+
+    @abc.abstractmethod
+    async def kv(self, namespace: str, key: str) -> bytes | None: ...
 
 
 @dataclass(slots=True)
@@ -214,6 +219,11 @@ class Batch:
                 else:
                     self._dirty(parent)
 
+    async def _kv(self, namespace: str, key: str) -> bytes | None:
+        if (namespace, key) in self.effects.kv:
+            return self.effects.kv[(namespace, key)]
+        return await self.loader.kv(namespace, key)
+
     # -- operations ---------------------------------------------------------------------------
 
     async def apply(self, ops: Sequence[Op]) -> list[OpResult]:
@@ -231,9 +241,21 @@ class Batch:
             elif isinstance(op, Delete):
                 await self._remove(await self._live(op.path))
                 results.append(None)
-            else:
-                assert isinstance(op, KvPut)
+            elif isinstance(op, KvPut):
+                if op.only_if and await self._kv(op.namespace, op.key) != op.expect:
+                    results.append(False)
+                    continue
                 self.effects.kv[(op.namespace, op.key)] = op.value
+                self.effects.touched.add(f"kv:{op.namespace}")
+                results.append(True)
+            else:
+                assert isinstance(op, KvCheck)
+                if await self._kv(op.namespace, op.key) != op.expect:
+                    raise ConditionFailed(
+                        f"{op.namespace}/{op.key} changed concurrently",
+                        namespace=op.namespace,
+                        key=op.key,
+                    )
                 results.append(None)
         return results
 
@@ -249,6 +271,8 @@ class Batch:
         if existing is not None:
             if existing.deleted:
                 raise StreamGone(f"stream {op.path!r} was deleted", path=op.path)
+            if op.exclusive:
+                raise StreamExists(f"stream {op.path!r} already exists", path=op.path)
             same = (
                 media_type(existing.content_type) == media_type(op.content_type)
                 and existing.ttl_seconds == op.ttl_seconds

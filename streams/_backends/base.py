@@ -26,6 +26,7 @@ __all__ = [
     "Create",
     "CreateResult",
     "Delete",
+    "KvCheck",
     "KvPut",
     "Message",
     "Op",
@@ -103,6 +104,7 @@ class Create:
     fork_from: str | None = None
     fork_offset: str | None = None
     messages: Sequence[bytes] = ()
+    exclusive: bool = False  # fail with StreamExists if the path exists at all
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +128,31 @@ class Delete:
 
 @dataclass(frozen=True, slots=True)
 class KvPut:
-    """Set (or, with ``value=None``, remove) a key in a small side table, e.g. snapshots."""
+    """Set (or, with ``value=None``, remove) a key in a small side table, e.g. snapshots.
+
+    With ``only_if=True`` the write happens only when the current value equals ``expect``
+    (``None`` meaning absent); otherwise it is skipped, and its result is ``False``, without
+    failing the commit. Unconditional writes and applied conditional writes return ``True``.
+    """
 
     namespace: str
     key: str
     value: bytes | None
+    only_if: bool = False
+    expect: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KvCheck:
+    """Fail the whole commit (``ConditionFailed``) unless a side-table key holds ``expect``.
+
+    ``expect=None`` requires the key to be absent. This is compare-and-set: pair it with a
+    :class:`KvPut` of the same key to build leases and fencing.
+    """
+
+    namespace: str
+    key: str
+    expect: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +162,7 @@ class Touch:
     path: str
 
 
-Op: TypeAlias = Create | Append | Delete | KvPut | Touch
+Op: TypeAlias = Create | Append | Delete | KvPut | KvCheck | Touch
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +187,7 @@ class AppendResult:
     producer: ProducerState | None = None
 
 
-OpResult: TypeAlias = CreateResult | AppendResult | None
+OpResult: TypeAlias = CreateResult | AppendResult | bool | None
 
 
 @dataclass(slots=True)
@@ -365,6 +387,22 @@ class Store(abc.ABC):
             return False
         finally:
             self._notifier.leave(path, waiters)
+
+    async def wait_signal(self, name: str, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until a commit in this process touches ``name``; False on timeout.
+
+        ``name`` is a stream path, or ``kv:{namespace}`` for side-table writes. Unlike
+        :meth:`wait` it checks nothing first, so call it before re-reading what you wait for
+        only if a missed signal is harmless (callers re-check on timeout).
+        """
+        waiters = self._notifier.enter(name)
+        try:
+            with anyio.move_on_after(timeout):
+                await waiters.event.wait()
+                return True
+            return False
+        finally:
+            self._notifier.leave(name, waiters)
 
     def _notify(self, paths: set[str]) -> None:
         self._notifier.notify(paths)

@@ -33,6 +33,9 @@ class _MemoryLoader(Loader):
         self._store._next_id += 1
         return self._store._next_id
 
+    async def kv(self, namespace: str, key: str) -> bytes | None:
+        return self._store._kv.get(namespace, {}).get(key)
+
 
 class MemoryStore(Store):
     """Keeps everything in dictionaries; lost when the process exits."""

@@ -30,7 +30,7 @@ import orjson
 from .._errors import BackendUnavailable, StreamGone, StreamNotFound, StreamsError
 from .._offsets import format_offset, parse_offset
 from ._engine import Batch, Effects, Loader, ProducerRecord, StreamRecord, full, read_plan
-from .base import KvPut, Message, Op, OpResult, ReadResult, Store, StreamInfo, Touch
+from .base import KvCheck, KvPut, Message, Op, OpResult, ReadResult, Store, StreamInfo, Touch
 
 __all__ = ["SqliteStore"]
 
@@ -250,6 +250,15 @@ class _GroupLoader(Loader):
         self.next_id += 1
         return self.next_id
 
+    async def kv(self, namespace: str, key: str) -> bytes | None:
+        if (namespace, key) in self.effects.kv:
+            return self.effects.kv[(namespace, key)]
+        async with self.conn.execute(
+            "SELECT value FROM kv WHERE namespace=? AND key=?", (namespace, key)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else bytes(row[0])
+
     async def prefetch(self, paths: Iterable[str]) -> None:
         missing = [
             p for p in set(paths) if p not in self.cache.streams and p not in self.cache.absent
@@ -288,6 +297,9 @@ class _ReadLoader(Loader):
         raise NotImplementedError  # reads never consult producers
 
     def new_stream_id(self) -> int:
+        raise NotImplementedError
+
+    async def kv(self, namespace: str, key: str) -> bytes | None:
         raise NotImplementedError
 
 
@@ -409,7 +421,7 @@ class SqliteStore(Store):
             self._data_version = version
             loader = _GroupLoader(conn, self._cache, self._next_id)
             await loader.prefetch(
-                op.path for p in group for op in p.ops if not isinstance(op, KvPut)
+                op.path for p in group for op in p.ops if not isinstance(op, KvPut | KvCheck)
             )
             outcomes: list[list[OpResult] | StreamsError] = []
             now = time.time()
