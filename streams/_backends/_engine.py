@@ -456,7 +456,7 @@ async def read_plan(record: StreamRecord, start: int, loader: Loader) -> list[tu
             plan.append((current.id, max(start, own_low), high))
         if current.fork_parent is None or start >= own_low:
             break
-        high = own_low
+        high = min(high, own_low)
         current = await loader.stream_by_id(current.fork_parent)
     plan.reverse()
     return plan
