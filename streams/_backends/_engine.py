@@ -82,6 +82,7 @@ class StreamRecord:
     last_stream_seq: str | None = None
     deleted: bool = False
     fork_count: int = 0
+    fork_sub_offset: int = 0
 
     def expired(self, now: float) -> bool:
         if self.expires_at is not None and now >= self.expires_at:
@@ -281,7 +282,15 @@ class Batch:
             )
             if op.fork_from is not None:
                 parent = await self._get_by_id(existing.fork_parent or -1)
-                same = same and parent is not None and parent.path == op.fork_from
+                same = (
+                    same
+                    and parent is not None
+                    and parent.path == op.fork_from
+                    and existing.fork_sub_offset == op.fork_sub_offset
+                )
+                if same and parent is not None and op.fork_offset is not None:
+                    wanted = parse_offset(op.fork_offset, path=op.fork_from)
+                    same = existing.fork_position == (parent.length if wanted is None else wanted)
             if not same:
                 raise StreamExists(
                     f"stream {op.path!r} exists with a different configuration", path=op.path
@@ -312,6 +321,12 @@ class Batch:
                 )
             if source.deleted:
                 raise StreamGone(f"fork source {op.fork_from!r} was deleted", path=op.fork_from)
+            if media_type(source.content_type) != media_type(op.content_type):
+                raise ContentTypeMismatch(
+                    f"fork source {op.fork_from!r} holds {source.content_type}, "
+                    f"not {op.content_type}",
+                    path=op.path,
+                )
             position = source.length
             if op.fork_offset is not None:
                 parsed = parse_offset(op.fork_offset, path=op.fork_from)
@@ -323,6 +338,7 @@ class Batch:
                     )
             record.fork_parent = source.id
             record.fork_position = position
+            record.fork_sub_offset = op.fork_sub_offset
             record.length = position
             source.fork_count += 1
             self._dirty(source)

@@ -105,6 +105,9 @@ class Create:
     fork_offset: str | None = None
     messages: Sequence[bytes] = ()
     exclusive: bool = False  # fail with StreamExists if the path exists at all
+    # A fork cut inside the message after ``fork_offset``: ``messages[0]`` is that message's
+    # first ``fork_sub_offset`` bytes (the caller materialises it). Part of the fork's identity.
+    fork_sub_offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,14 +77,18 @@ _SCHEMA = [
         PRIMARY KEY (namespace, key)
     ) WITHOUT ROWID;
     """,
+    # version 2: forks cut inside a message (Stream-Fork-Sub-Offset)
+    """
+    ALTER TABLE streams ADD COLUMN fork_sub_offset INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 _COLUMNS = (
     "id, path, content_type, created_at, last_access, length, ttl_seconds, expires_at, closed, "
-    "closed_by, fork_parent, fork_position, last_stream_seq, deleted, fork_count"
+    "closed_by, fork_parent, fork_position, last_stream_seq, deleted, fork_count, fork_sub_offset"
 )
 _UPSERT_STREAM = (
-    f"INSERT INTO streams ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+    f"INSERT INTO streams ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
     "ON CONFLICT(id) DO UPDATE SET last_access=excluded.last_access, length=excluded.length, "
     "closed=excluded.closed, closed_by=excluded.closed_by, "
     "last_stream_seq=excluded.last_stream_seq, "
@@ -112,6 +116,7 @@ def _to_record(row: Sequence[object]) -> StreamRecord:
         last_stream_seq=None if row[12] is None else str(row[12]),
         deleted=bool(row[13]),
         fork_count=int(row[14]),  # type: ignore[call-overload]
+        fork_sub_offset=int(row[15]),  # type: ignore[call-overload]
     )
 
 
@@ -119,7 +124,7 @@ def _from_record(r: StreamRecord) -> tuple[object, ...]:
     closed_by = None if r.closed_by is None else orjson.dumps(list(r.closed_by)).decode()
     return (r.id, r.path, r.content_type, r.created_at, r.last_access, r.length, r.ttl_seconds,
             r.expires_at, int(r.closed), closed_by, r.fork_parent, r.fork_position,
-            r.last_stream_seq, int(r.deleted), r.fork_count)  # fmt: skip
+            r.last_stream_seq, int(r.deleted), r.fork_count, r.fork_sub_offset)  # fmt: skip
 
 
 def sqlite_path(url: str) -> Path:
