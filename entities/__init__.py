@@ -1,7 +1,87 @@
-"""A durable entity runtime over event streams (see DESIGN.md)."""
+"""A durable entity runtime over event streams (see DESIGN.md).
+
+Define entity types on a :class:`Registry`, run them with a :class:`Runtime` (embedded, or
+through the ``entities`` CLI's worker and server), and send them messages by URL.
+"""
 
 from __future__ import annotations
 
+from ._clock import Clock as Clock
+from ._clock import SystemClock as SystemClock
+from ._clock import VirtualClock as VirtualClock
+from ._collections import Collection as Collection
+from ._context import EntityHandle as EntityHandle
+from ._context import HandlerContext as HandlerContext
+from ._context import RunHandle as RunHandle
+from ._errors import ContextError as ContextError
+from ._errors import DefinitionError as DefinitionError
+from ._errors import DuplicateEntity as DuplicateEntity
+from ._errors import EntitiesError as EntitiesError
+from ._errors import EntityNotFound as EntityNotFound
+from ._errors import EntityStopped as EntityStopped
+from ._errors import InvalidEntityURL as InvalidEntityURL
+from ._errors import LeaseLost as LeaseLost
+from ._errors import ReplayDivergence as ReplayDivergence
+from ._errors import SchemaValidationFailed as SchemaValidationFailed
+from ._errors import UnknownEntityType as UnknownEntityType
+from ._manifest import ChildEntry as ChildEntry
+from ._manifest import ContextEntry as ContextEntry
+from ._manifest import EffectEntry as EffectEntry
+from ._manifest import ManifestEntry as ManifestEntry
+from ._manifest import ScheduleEntry as ScheduleEntry
+from ._manifest import SharedStateEntry as SharedStateEntry
+from ._manifest import SourceEntry as SourceEntry
+from ._registry import CollectionDef as CollectionDef
+from ._registry import EntityType as EntityType
+from ._registry import Registry as Registry
+from ._registry import collection as collection
+from ._runtime import EntityInfo as EntityInfo
+from ._runtime import Runtime as Runtime
+from ._runtime import SendReceipt as SendReceipt
+from ._urls import EntityURL as EntityURL
+from ._urls import parse_url as parse_url
+from ._wake import InboxMessage as InboxMessage
+from ._wake import WakeEvent as WakeEvent
+from ._worker import Worker as Worker
+
 __version__ = "0.1.0"
 
-__all__: list[str] = []
+__all__ = [
+    "ChildEntry",
+    "Clock",
+    "Collection",
+    "CollectionDef",
+    "ContextEntry",
+    "ContextError",
+    "DefinitionError",
+    "DuplicateEntity",
+    "EffectEntry",
+    "EntitiesError",
+    "EntityHandle",
+    "EntityInfo",
+    "EntityNotFound",
+    "EntityStopped",
+    "EntityType",
+    "EntityURL",
+    "HandlerContext",
+    "InboxMessage",
+    "InvalidEntityURL",
+    "LeaseLost",
+    "ManifestEntry",
+    "Registry",
+    "ReplayDivergence",
+    "RunHandle",
+    "Runtime",
+    "ScheduleEntry",
+    "SchemaValidationFailed",
+    "SendReceipt",
+    "SharedStateEntry",
+    "SourceEntry",
+    "SystemClock",
+    "UnknownEntityType",
+    "VirtualClock",
+    "WakeEvent",
+    "Worker",
+    "collection",
+    "parse_url",
+]

@@ -10,7 +10,7 @@ close) visible after the given offset.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -204,6 +204,19 @@ class _Notifier:
 
     def __init__(self) -> None:
         self._by_path: dict[str, _Waiters] = {}
+        self._listeners: dict[str, list[Callable[[], None]]] = {}
+
+    def listen(self, name: str, callback: Callable[[], None]) -> Callable[[], None]:
+        self._listeners.setdefault(name, []).append(callback)
+
+        def remove() -> None:
+            callbacks = self._listeners.get(name, [])
+            if callback in callbacks:
+                callbacks.remove(callback)
+            if not callbacks:
+                self._listeners.pop(name, None)
+
+        return remove
 
     def enter(self, path: str) -> _Waiters:
         waiters = self._by_path.get(path)
@@ -222,6 +235,8 @@ class _Notifier:
             waiters = self._by_path.pop(path, None)
             if waiters is not None:
                 waiters.event.set()
+            for callback in self._listeners.get(path, ()):
+                callback()
 
     def __len__(self) -> int:
         return len(self._by_path)
@@ -281,8 +296,16 @@ class Store(abc.ABC):
             ForkSourceNotFound: ``fork_from`` does not exist.
             BadOffset: ``fork_offset`` is malformed or beyond the source's tail.
         """
-        op = Create(path, content_type, ttl_seconds, expires_at, closed, fork_from, fork_offset,
-                    tuple(messages))  # fmt: skip
+        op = Create(
+            path,
+            content_type,
+            ttl_seconds,
+            expires_at,
+            closed,
+            fork_from,
+            fork_offset,
+            tuple(messages),
+        )
         result = (await self.commit([op]))[0]
         assert isinstance(result, CreateResult)
         return result
@@ -406,6 +429,12 @@ class Store(abc.ABC):
             return False
         finally:
             self._notifier.leave(name, waiters)
+
+    def listen(self, name: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` (synchronously, in the writer's task) after every commit in this
+        process that touches ``name`` (a path or ``kv:{namespace}``). Returns a function that
+        removes the listener. Callbacks must be quick and must not raise."""
+        return self._notifier.listen(name, callback)
 
     def _notify(self, paths: set[str]) -> None:
         self._notifier.notify(paths)

@@ -1,0 +1,176 @@
+"""Typed state collections inside a wake: reads see the wake's own buffered writes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from ._errors import ContextError
+from ._registry import CollectionDef
+
+if TYPE_CHECKING:
+    from ._context import HandlerContext
+
+__all__ = ["Actions", "Collection", "Collections", "Database"]
+
+
+class Collection:
+    """One state collection: ``get``, ``to_list``, ``insert``, ``update``, ``delete``."""
+
+    def __init__(self, ctx: HandlerContext, name: str, definition: CollectionDef) -> None:
+        self._ctx = ctx
+        self.name = name
+        self.definition = definition
+        self.event_type = definition.event_type(name)
+
+    def _rows(self) -> dict[str, Any]:
+        return self._ctx._view.setdefault(self.event_type, {})
+
+    def _model(self, value: Any) -> BaseModel:
+        return self.definition.model.model_validate(value)
+
+    def _coerce(self, row: BaseModel | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        model = self.definition.model
+        try:
+            obj = row if isinstance(row, model) else model.model_validate(row)
+        except ValidationError as exc:
+            raise ContextError(
+                f"row for {self.name!r} does not match {model.__name__}: {exc}"
+            ) from None
+        if isinstance(row, BaseModel) and not isinstance(row, model):
+            raise ContextError(f"{self.name!r} holds {model.__name__}, not {type(row).__name__}")
+        data = obj.model_dump(mode="json")
+        key = data.get(self.definition.primary_key)
+        if not isinstance(key, str) or not key:
+            raise ContextError(
+                f"{self.name!r} rows need a non-empty string {self.definition.primary_key!r}"
+            )
+        return key, data
+
+    def get(self, key: str) -> Any:
+        """The row at ``key`` (a model instance), or ``None``."""
+        value = self._rows().get(key)
+        return None if value is None else self._model(value)
+
+    def to_list(self) -> list[Any]:
+        """Every row, in key order."""
+        rows = self._rows()
+        return [self._model(rows[k]) for k in sorted(rows)]
+
+    def keys(self) -> list[str]:
+        return sorted(self._rows())
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.to_list())
+
+    def __len__(self) -> int:
+        return len(self._rows())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rows()
+
+    def insert(self, row: BaseModel | dict[str, Any]) -> None:
+        """Add a row.
+
+        Raises:
+            ContextError: the row does not fit the model, or its key exists (use ``update``).
+        """
+        key, data = self._coerce(row)
+        if key in self._rows():
+            raise ContextError(f"{self.name!r} already has a row {key!r}; use update")
+        self._rows()[key] = data
+        self._ctx._emit(self.event_type, key, data, "insert")
+
+    def upsert(self, row: BaseModel | dict[str, Any]) -> None:
+        """Insert or replace a row. Raises as :meth:`insert` for a row that does not fit."""
+        key, data = self._coerce(row)
+        operation = "update" if key in self._rows() else "insert"
+        old = self._rows().get(key)
+        self._rows()[key] = data
+        self._ctx._emit(self.event_type, key, data, operation, old)
+
+    def update(self, key: str, updater: Callable[[Any], Any] | BaseModel | dict[str, Any]) -> Any:
+        """Replace the row at ``key``: with a new row, or ``updater(current_row)``'s result.
+
+        The updater may return a new row or mutate the model it is given and return ``None``.
+
+        Raises:
+            ContextError: no row at ``key``, the result does not fit, or the key changed.
+        """
+        current = self.get(key)
+        if current is None:
+            raise ContextError(f"{self.name!r} has no row {key!r} to update")
+        if callable(updater) and not isinstance(updater, BaseModel | dict):
+            result = updater(current)
+            row = current if result is None else result
+        else:
+            row = updater
+        new_key, data = self._coerce(row)
+        if new_key != key:
+            raise ContextError(f"update of {key!r} may not change its key to {new_key!r}")
+        old = self._rows()[key]
+        self._rows()[key] = data
+        self._ctx._emit(self.event_type, key, data, "update", old)
+        return self._model(data)
+
+    def delete(self, key: str) -> None:
+        """Remove the row at ``key``.
+
+        Raises:
+            ContextError: no row at ``key``.
+        """
+        rows = self._rows()
+        if key not in rows:
+            raise ContextError(f"{self.name!r} has no row {key!r} to delete")
+        old = rows.pop(key)
+        self._ctx._emit(self.event_type, key, None, "delete", old)
+
+
+class Collections:
+    """``ctx.db.collections.<name>`` / ``ctx.state.<name>``."""
+
+    def __init__(self, ctx: HandlerContext, definitions: dict[str, CollectionDef]) -> None:
+        self._items = {name: Collection(ctx, name, d) for name, d in definitions.items()}
+
+    def __getattr__(self, name: str) -> Collection:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise AttributeError(f"no state collection {name!r}") from None
+
+    def __getitem__(self, name: str) -> Collection:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise ContextError(f"no state collection {name!r}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+
+class Actions:
+    """``ctx.db.actions.<c>_insert(row=...)``, ``<c>_update(key=..., updater=...)``,
+    ``<c>_delete(key=...)``, plus a type's custom actions."""
+
+    def __init__(self, collections: Collections, custom: dict[str, Callable[..., Any]]) -> None:
+        self._collections = collections
+        self._custom = custom
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name in self._custom:
+            return self._custom[name]
+        for suffix in ("_insert", "_upsert", "_update", "_delete"):
+            if name.endswith(suffix):
+                target = self._collections[name[: -len(suffix)]]
+                return getattr(target, suffix[1:])  # type: ignore[no-any-return]
+        raise AttributeError(f"no action {name!r}")
+
+
+class Database:
+    """``ctx.db``: ``collections`` to read, ``actions`` to write."""
+
+    def __init__(self, collections: Collections, actions: Actions) -> None:
+        self.collections = collections
+        self.actions = actions

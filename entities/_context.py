@@ -1,0 +1,405 @@
+"""HandlerContext: everything a handler can read and do during one wake.
+
+Reads come from the entity's materialised view plus the wake's own writes. Durable effects
+(state changes, replies, tags, manifest entries, sends, spawns) are buffered here and committed by
+the runtime in one transaction with the new acknowledged offset, fenced by the lease epoch. Step
+results are journaled as they happen, so a re-run of the same wake returns them instead of
+calling out again.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+import uuid as uuid_module
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ._collections import Actions, Collections, Database
+from ._errors import ContextError, DuplicateEntity
+from ._manifest import ChildEntry, ManifestEntry, manifest_adapter
+from ._registry import EntityType, call_maybe_async
+from ._urls import EntityURL, check_segment, parse_url
+from ._wake import InboxMessage, WakeEvent
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+__all__ = ["EntityHandle", "HandlerContext", "InboxMessage", "RunHandle"]
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+@dataclass(slots=True)
+class PendingSend:
+    target: EntityURL
+    payload: Any
+    message_type: str | None
+    key: str
+
+
+@dataclass(slots=True)
+class PendingSpawn:
+    target: EntityURL
+    args: dict[str, Any]
+    tags: dict[str, str]
+    initial_message: Any
+    initial_message_type: str | None
+
+
+@dataclass(slots=True)
+class Effects:
+    """The buffered durable effects of one wake."""
+
+    own: list[dict[str, Any]] = field(default_factory=list)
+    sends: list[PendingSend] = field(default_factory=list)
+    spawns: list[PendingSpawn] = field(default_factory=list)
+    journal: list[dict[str, Any]] = field(default_factory=list)  # not yet flushed
+    replies: list[Any] = field(default_factory=list)
+
+
+class EntityHandle:
+    """A reference to another entity (returned by ``spawn``)."""
+
+    def __init__(self, ctx: HandlerContext, url: EntityURL) -> None:
+        self._ctx = ctx
+        self.url = url.url
+        self.type = url.type
+        self.id = url.id
+
+    async def send(self, payload: Any, *, type: str | None = None) -> str:
+        """Send ``payload`` to this entity (committed with the wake). Raises as ``ctx.send``."""
+        return await self._ctx.send(self.url, payload, type=type)
+
+    async def status(self) -> str:
+        """The entity's status (``spawning`` until the wake that spawned it commits)."""
+        info = await self._ctx._runtime.lookup(self.url)
+        return "spawning" if info is None else info.status
+
+    async def collection(self, name: str) -> dict[str, Any]:
+        """The entity's committed rows of collection ``name`` (``key -> row``)."""
+        state = await self._ctx._runtime.state_of(self.url)
+        return dict(state.get(name, {}))
+
+    def __repr__(self) -> str:
+        return f"EntityHandle({self.url!r})"
+
+
+class RunHandle:
+    """An explicitly recorded run (``ctx.record_run()``); end it with :meth:`end`."""
+
+    def __init__(self, ctx: HandlerContext, key: str) -> None:
+        self._ctx = ctx
+        self.key = key
+        self._response: list[str] = []
+        self._started = ctx._clock_now()
+        ctx._emit("runs", key, {"status": "started", "started_at": self._started}, "insert")
+
+    def attach_response(self, text: str) -> None:
+        """Add text to the run's recorded response."""
+        self._response.append(text)
+
+    def end(self, status: str = "completed", finish_reason: str | None = None) -> None:
+        """Record the run's outcome."""
+        now = self._ctx._clock_now()
+        value = {
+            "status": status,
+            "started_at": self._started,
+            "ended_at": now,
+            "duration_ms": round((now - self._started) * 1000, 3),
+            "finish_reason": finish_reason,
+            "response": "".join(self._response) or None,
+        }
+        self._ctx._emit("runs", self.key, value, "update")
+
+
+class HandlerContext:
+    """What a handler receives with its :class:`WakeEvent`.
+
+    Identity: ``entity_url``, ``entity_type``, ``entity_id``, ``args`` (read-only), ``tags``,
+    ``first_wake``. State: ``db`` (``collections`` + ``actions``), ``state`` (the same
+    collections), ``actions`` (the type's custom actions). This wake: ``wake``, ``events``.
+    Effects: ``send``, ``reply``, ``spawn``, ``set_tag``, ``remove_tag``, ``record_run``,
+    ``sleep``. Journaled: ``step``, ``now``, ``uuid``.
+    """
+
+    def __init__(
+        self,
+        *,
+        runtime: Runtime,
+        entity_type: EntityType,
+        url: EntityURL,
+        view: dict[str, dict[str, Any]],
+        wake: WakeEvent,
+        events: list[dict[str, Any]],
+        journal: Mapping[str, Any],
+        run_id: str,
+        flush: Callable[[list[dict[str, Any]]], Any],
+        runs_before: int = 0,
+    ) -> None:
+        self._runtime = runtime
+        self._type = entity_type
+        self._url = url
+        self._view = view
+        self._journal = dict(journal)
+        self._flush = flush
+        self._counters: dict[str, int] = {}
+        self.effects = Effects()
+        self.run_id = run_id
+        self.runs_before = runs_before
+        self.wake = wake
+        self.events = events
+        self.entity_url = url.url
+        self.entity_type = url.type
+        self.entity_id = url.id
+        self.first_wake = not view.get("manifests")
+        created = view.get("entity_created", {}).get("entity") or {}
+        self.args: Mapping[str, Any] = MappingProxyType(dict(created.get("args") or {}))
+        self.parent: str | None = created.get("parent_url")
+        collections = Collections(self, entity_type.state)
+        custom = dict(entity_type.actions(collections)) if entity_type.actions else {}
+        self.db = Database(collections, Actions(collections, custom))
+        self.state = collections
+        self.actions = _Namespace(custom)
+        self.sleeping = False
+        self.current_message: InboxMessage | None = None
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _clock_now(self) -> float:
+        return self._runtime.clock.now()
+
+    def _emit(self, type_: str, key: str, value: Any, operation: str, old: Any = None) -> None:
+        event: dict[str, Any] = {
+            "type": type_,
+            "key": key,
+            "headers": {"operation": operation, "timestamp": _iso(self._clock_now())},
+        }
+        if operation != "delete":
+            event["value"] = value
+        if old is not None:
+            event["old_value"] = old
+        self.effects.own.append(event)
+
+    def _next(self, counter: str) -> int:
+        n = self._counters.get(counter, 0) + 1
+        self._counters[counter] = n
+        return n
+
+    def _journaled(self, key: str, produce: Callable[[], Any]) -> Any:
+        if key in self._journal:
+            return self._journal[key]
+        value = produce()
+        self._record(key, value)
+        return value
+
+    def _record(self, key: str, value: Any) -> None:
+        self._journal[key] = value
+        entry = {"wake_id": self.wake.wake_id, "name": key, "result": value}
+        self.effects.journal.append(entry)
+
+    # -- identity ---------------------------------------------------------------------------
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """The entity's tags (including this wake's changes)."""
+        rows = self._view.get("tags", {})
+        return {k: str(v.get("value")) for k, v in rows.items() if isinstance(v, dict)}
+
+    @property
+    def manifest(self) -> dict[str, ManifestEntry]:
+        """Manifest entries by id (including this wake's additions)."""
+        rows = self._view.get("manifests", {})
+        return {k: manifest_adapter.validate_python(v) for k, v in rows.items()}
+
+    @property
+    def messages(self) -> tuple[InboxMessage, ...]:
+        """This wake's inbox messages, in order."""
+        return self.wake.messages
+
+    # -- effects ----------------------------------------------------------------------------
+
+    def reply(self, message: Any, *, to: InboxMessage | str | None = None) -> None:
+        """Answer the caller: recorded in the timeline (``texts``) as this entity's reply.
+
+        ``to`` names the message answered (default: the message being handled, else the last
+        message of the wake).
+        """
+        target = to if to is not None else self.current_message
+        if target is None and self.wake.messages:
+            target = self.wake.messages[-1]
+        in_reply_to = target.key if isinstance(target, InboxMessage) else target
+        n = self._next("reply")
+        value: dict[str, Any] = {
+            "run_id": self.run_id,
+            "in_reply_to": in_reply_to,
+            "value": message,
+        }
+        if isinstance(message, str):
+            value["text"] = message
+        self._emit("texts", f"{self.run_id}:{n}", value, "insert")
+        self.effects.replies.append(message)
+
+    async def send(
+        self, url: str, payload: Any, *, type: str | None = None, after_ms: int | None = None
+    ) -> str:
+        """Send ``payload`` to the entity at ``url``; delivered when this wake commits.
+
+        Returns the message key.
+
+        Raises:
+            InvalidEntityURL, EntityNotFound, EntityStopped, SchemaValidationFailed.
+        """
+        if after_ms is not None:
+            raise NotImplementedError("delayed sends (after_ms) arrive with schedules")
+        target = parse_url(url)
+        payload = await self._runtime.check_send(
+            target, payload, type, pending_spawns=self.effects.spawns, self_url=self._url
+        )
+        key = f"{self.entity_id}.{self.run_id}.{self._next('send')}"
+        self.effects.sends.append(PendingSend(target, payload, type, key))
+        return key
+
+    async def spawn(
+        self,
+        type: str,
+        id: str,
+        *,
+        args: Mapping[str, Any] | None = None,
+        initial_message: Any = None,
+        initial_message_type: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        wake: Any = "run_finished",
+        observe: bool = True,
+    ) -> EntityHandle:
+        """Create a child entity when this wake commits, recorded as a ``child`` manifest entry.
+
+        Spawning is create-once: calling it again with the same ``(type, id)`` (in this or a
+        later wake) returns the existing child's handle without creating anything.
+
+        Raises:
+            UnknownEntityType, InvalidEntityURL, SchemaValidationFailed: bad type, id or args.
+            DuplicateEntity: the URL belongs to an entity that is not this one's child.
+        """
+        entity_type = self._runtime.registry.get(type)
+        target = EntityURL(check_segment(type, "type"), check_segment(id, "id"))
+        entry_id = f"child:{target.url}"
+        if entry_id in self._view.get("manifests", {}):
+            return EntityHandle(self, target)
+        if any(s.target == target for s in self.effects.spawns):
+            raise DuplicateEntity(f"{target.url} is already spawned in this wake")
+        if await self._runtime.lookup(target.url) is not None:
+            raise DuplicateEntity(f"entity {target.url} already exists")
+        checked_args = entity_type.validate_args(dict(args or {}))
+        if initial_message is not None:
+            initial_message = entity_type.validate_message(initial_message, initial_message_type)
+        self.effects.spawns.append(
+            PendingSpawn(
+                target, checked_args, dict(tags or {}), initial_message, initial_message_type
+            )
+        )
+        entry = ChildEntry(
+            id=entry_id, entity_type=type, entity_url=target.url, wake=wake, observed=observe
+        )
+        self._put_manifest(entry)
+        return EntityHandle(self, target)
+
+    def _put_manifest(self, entry: ManifestEntry) -> None:
+        rows = self._view.setdefault("manifests", {})
+        data = entry.model_dump(mode="json")
+        operation = "update" if entry.id in rows else "insert"
+        rows[entry.id] = data
+        self._emit("manifests", entry.id, data, operation)
+
+    def set_tag(self, key: str, value: str) -> None:
+        """Set a tag (visible to ``entities ps --tag`` and tag observers)."""
+        if not key or not isinstance(value, str):
+            raise ContextError("tags are non-empty string keys with string values")
+        rows = self._view.setdefault("tags", {})
+        operation = "update" if key in rows else "insert"
+        rows[key] = {"value": value}
+        self._emit("tags", key, {"value": value}, operation)
+
+    def remove_tag(self, key: str) -> None:
+        """Remove a tag (no-op if absent)."""
+        rows = self._view.setdefault("tags", {})
+        if rows.pop(key, None) is not None:
+            self._emit("tags", key, None, "delete")
+
+    def record_run(self) -> RunHandle:
+        """Start an explicitly recorded run within this wake (the wake's own run is automatic)."""
+        return RunHandle(self, f"{self.run_id}.run{self._next('run')}")
+
+    def sleep(self) -> None:
+        """End this wake without further work; the entity stays idle until the next event."""
+        self.sleeping = True
+
+    # -- journal ----------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The current time (journaled: a re-run or replay of this wake sees the same value)."""
+        return float(self._journaled(f"now:{self._next('now')}", self._clock_now))
+
+    def uuid(self) -> str:
+        """A random UUID (journaled like :meth:`now`)."""
+        return str(self._journaled(f"uuid:{self._next('uuid')}", lambda: str(uuid_module.uuid4())))
+
+    async def step(self, id: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (sync or async) once per wake: its JSON result is journaled under ``id``.
+
+        A re-run of this wake (after a crash or retry, or in replay) returns the recorded result
+        without calling ``fn``. An exception is not recorded; the next attempt calls ``fn`` again.
+
+        Raises:
+            ContextError: the id was already used in this wake, or the result is not JSON.
+        """
+        key = f"step:{id}"
+        if key in self._counters:
+            raise ContextError(f"step id {id!r} is used twice in one wake")
+        self._counters[key] = 1
+        if key in self._journal:
+            return self._journal[key]
+        result = await call_maybe_async(fn)
+        try:
+            orjson.dumps(result)
+        except TypeError as exc:
+            raise ContextError(f"step {id!r} returned a value that is not JSON: {exc}") from None
+        self._record(key, result)
+        await self.flush_journal()
+        return result
+
+    async def flush_journal(self) -> None:
+        """Write pending journal entries now (fenced by this wake's lease)."""
+        if self.effects.journal:
+            entries, self.effects.journal = self.effects.journal, []
+            await call_maybe_async(self._flush, entries)
+
+    # -- placeholders of later features ------------------------------------------------------
+
+    def use_agent(self, *args: Any, **kwargs: Any) -> Any:
+        """Configure the model loop (see ``entities.agent``)."""
+        raise NotImplementedError("agents arrive with the entities.agent package")
+
+
+class _Namespace:
+    def __init__(self, items: dict[str, Callable[..., Any]]) -> None:
+        self._items = items
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise AttributeError(f"no action {name!r}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+
+def format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

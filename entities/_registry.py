@@ -1,0 +1,267 @@
+"""Entity types: ``Registry.define(...)`` and the schemas and hooks each type carries."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias, overload
+
+from pydantic import BaseModel, ValidationError
+
+from ._errors import DefinitionError, SchemaValidationFailed, UnknownEntityType
+from ._urls import check_segment
+
+if TYPE_CHECKING:
+    from ._context import HandlerContext, InboxMessage
+    from ._wake import WakeEvent
+
+__all__ = ["CollectionDef", "EntityType", "Handler", "Registry", "collection"]
+
+Handler: TypeAlias = "Callable[[HandlerContext, WakeEvent], Awaitable[None] | None]"
+OnMessage: TypeAlias = "Callable[[HandlerContext, InboxMessage], Awaitable[Any] | Any]"
+OnError: TypeAlias = "Callable[[HandlerContext, BaseException], Awaitable[None] | None]"
+ActionsFactory: TypeAlias = "Callable[[Any], Mapping[str, Callable[..., Any]]]"
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionDef:
+    """A user state collection: rows of ``model`` keyed by the field ``primary_key``."""
+
+    model: type[BaseModel]
+    primary_key: str = "key"
+    type: str | None = None  # the event type in the stream; default ``state:{name}``
+
+    def event_type(self, name: str) -> str:
+        return self.type or f"state:{name}"
+
+
+def collection(
+    model: type[BaseModel], *, primary_key: str = "key", type: str | None = None
+) -> CollectionDef:
+    """Declare a state collection of pydantic ``model`` rows keyed by ``primary_key``.
+
+    Raises:
+        DefinitionError: ``model`` has no field named ``primary_key``.
+    """
+    if primary_key not in model.model_fields:
+        raise DefinitionError(f"{model.__name__} has no field {primary_key!r} to use as key")
+    return CollectionDef(model, primary_key, type)
+
+
+async def call_maybe_async(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a sync or async function and return its result."""
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+def _errors(exc: ValidationError) -> list[Any]:
+    return [
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False)
+    ]
+
+
+@dataclass(slots=True)
+class EntityType:
+    """A registered entity type."""
+
+    name: str
+    handler: Handler
+    description: str = ""
+    state: dict[str, CollectionDef] = field(default_factory=dict)
+    actions: ActionsFactory | None = None
+    args_schema: type[BaseModel] | None = None
+    inbox: type[BaseModel] | dict[str, type[BaseModel]] | None = None
+    on_message: OnMessage | None = None
+    on_error: OnError | None = None
+    max_attempts: int = 3
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate_args(self, args: Any) -> dict[str, Any]:
+        """Validate spawn args against ``args_schema``; return them as JSON-ready data.
+
+        Raises:
+            SchemaValidationFailed: the args do not fit the schema (or are not an object).
+        """
+        if args is None:
+            args = {}
+        if self.args_schema is None:
+            if not isinstance(args, dict):
+                raise SchemaValidationFailed("spawn args must be a JSON object")
+            return args
+        try:
+            return self.args_schema.model_validate(args).model_dump(mode="json")
+        except ValidationError as exc:
+            raise SchemaValidationFailed(
+                f"args for {self.name!r} do not match {self.args_schema.__name__}", _errors(exc)
+            ) from None
+
+    def validate_message(self, payload: Any, message_type: str | None) -> Any:
+        """Validate an inbox message against the type's ``inbox`` schema(s).
+
+        Raises:
+            SchemaValidationFailed: unknown message type, or the payload does not fit.
+        """
+        if self.inbox is None:
+            return payload
+        if isinstance(self.inbox, dict):
+            if message_type is None or message_type not in self.inbox:
+                known = ", ".join(sorted(self.inbox))
+                raise SchemaValidationFailed(
+                    f"{self.name!r} accepts message types {known}; got {message_type!r}"
+                )
+            model = self.inbox[message_type]
+        else:
+            model = self.inbox
+        try:
+            return model.model_validate(payload).model_dump(mode="json")
+        except ValidationError as exc:
+            raise SchemaValidationFailed(
+                f"message for {self.name!r} does not match {model.__name__}", _errors(exc)
+            ) from None
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready description (for ``entities types`` and ``GET /_entities/types``)."""
+        inbox: Any = None
+        if isinstance(self.inbox, dict):
+            inbox = {k: m.model_json_schema() for k, m in self.inbox.items()}
+        elif self.inbox is not None:
+            inbox = self.inbox.model_json_schema()
+        return {
+            "name": self.name,
+            "description": self.description,
+            "args_schema": None
+            if self.args_schema is None
+            else self.args_schema.model_json_schema(),
+            "inbox_schema": inbox,
+            "state": {
+                name: {"type": d.event_type(name), "primary_key": d.primary_key}
+                for name, d in self.state.items()
+            },
+        }
+
+
+class Registry:
+    """The entity types an application defines. Names are unique."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, EntityType] = {}
+
+    @overload
+    def define(
+        self,
+        name: str,
+        *,
+        handler: Handler,
+        description: str = "",
+        state: Mapping[str, CollectionDef] | None = None,
+        actions: ActionsFactory | None = None,
+        args_schema: type[BaseModel] | None = None,
+        inbox: type[BaseModel] | Mapping[str, type[BaseModel]] | None = None,
+        on_message: OnMessage | None = None,
+        on_error: OnError | None = None,
+        max_attempts: int = 3,
+    ) -> EntityType: ...
+
+    @overload
+    def define(
+        self,
+        name: str,
+        *,
+        handler: None = None,
+        description: str = "",
+        state: Mapping[str, CollectionDef] | None = None,
+        actions: ActionsFactory | None = None,
+        args_schema: type[BaseModel] | None = None,
+        inbox: type[BaseModel] | Mapping[str, type[BaseModel]] | None = None,
+        on_message: OnMessage | None = None,
+        on_error: OnError | None = None,
+        max_attempts: int = 3,
+    ) -> Callable[[Handler], Handler]: ...
+
+    def define(
+        self,
+        name: str,
+        *,
+        handler: Handler | None = None,
+        description: str = "",
+        state: Mapping[str, CollectionDef] | None = None,
+        actions: ActionsFactory | None = None,
+        args_schema: type[BaseModel] | None = None,
+        inbox: type[BaseModel] | Mapping[str, type[BaseModel]] | None = None,
+        on_message: OnMessage | None = None,
+        on_error: OnError | None = None,
+        max_attempts: int = 3,
+    ) -> EntityType | Callable[[Handler], Handler]:
+        """Define an entity type, directly (``handler=``) or as a decorator.
+
+        Raises:
+            DefinitionError: the name is taken or invalid, or an option is out of range.
+        """
+        check_segment(name, "type")
+        if name in self._types:
+            raise DefinitionError(f"entity type {name!r} is already defined")
+        if max_attempts < 1:
+            raise DefinitionError("max_attempts must be at least 1")
+
+        def register(fn: Handler) -> EntityType:
+            if name in self._types:
+                raise DefinitionError(f"entity type {name!r} is already defined")
+            entity_type = EntityType(
+                name=name,
+                handler=fn,
+                description=description,
+                state=dict(state or {}),
+                actions=actions,
+                args_schema=args_schema,
+                inbox=dict(inbox) if isinstance(inbox, Mapping) else inbox,
+                on_message=on_message,
+                on_error=on_error,
+                max_attempts=max_attempts,
+            )
+            self._types[name] = entity_type
+            return entity_type
+
+        if handler is not None:
+            return register(handler)
+
+        def decorator(fn: Handler) -> Handler:
+            register(fn)
+            return fn
+
+        return decorator
+
+    def add(self, entity_type: EntityType) -> EntityType:
+        """Register a prepared :class:`EntityType` (used by ``define_process``).
+
+        Raises:
+            DefinitionError: the name is taken.
+        """
+        if entity_type.name in self._types:
+            raise DefinitionError(f"entity type {entity_type.name!r} is already defined")
+        self._types[entity_type.name] = entity_type
+        return entity_type
+
+    def get(self, name: str) -> EntityType:
+        """The type called ``name``.
+
+        Raises:
+            UnknownEntityType: no such type.
+        """
+        try:
+            return self._types[name]
+        except KeyError:
+            raise UnknownEntityType(f"unknown entity type {name!r}") from None
+
+    def list(self) -> list[EntityType]:
+        """All types, sorted by name."""
+        return [self._types[n] for n in sorted(self._types)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._types
+
+    def __len__(self) -> int:
+        return len(self._types)

@@ -1,0 +1,575 @@
+"""The Runtime: one object that owns a store, a registry and a clock, and offers the operations
+of the control plane (spawn, send, list, inspect, kill, tags) to Python, the CLI and HTTP.
+
+Everything that should wake an entity is appended to the entity's stream first, and the entity is
+then marked pending in the side table, in the same transaction. Workers (:mod:`._worker`) claim
+pending entities with a compare-and-set lease and run their wakes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from streams import (
+    Append,
+    ConditionFailed,
+    Create,
+    KvCheck,
+    KvPut,
+    Op,
+    Store,
+    StreamClosed,
+    StreamExists,
+    StreamGone,
+    StreamNotFound,
+    open_store,
+)
+
+from ._clock import Clock, SystemClock
+from ._errors import DuplicateEntity, EntityNotFound, EntityStopped
+from ._records import ENTITY_NS, PENDING_NS, EntityRecord
+from ._registry import Registry
+from ._urls import EntityURL, parse_url
+
+__all__ = ["EntityInfo", "Runtime", "SendReceipt"]
+
+logger = logging.getLogger("entities")
+TAG_NS = "tag"
+JSON = "application/json"
+
+
+def iso(ts: float) -> str:
+    """RFC 3339 UTC timestamp with milliseconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def event(type_: str, key: str, value: Any, ts: float, operation: str = "insert") -> bytes:
+    """Encode one State Protocol change event."""
+    body: dict[str, Any] = {
+        "type": type_,
+        "key": key,
+        "headers": {"operation": operation, "timestamp": iso(ts)},
+    }
+    if operation != "delete":
+        body["value"] = value
+    return orjson.dumps(body)
+
+
+def new_token() -> bytes:
+    return uuid.uuid4().hex.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class SendReceipt:
+    """What ``send`` returns: the message key and the offset after it in the entity's stream."""
+
+    url: str
+    key: str
+    offset: str
+
+
+@dataclass(frozen=True, slots=True)
+class EntityInfo:
+    """An entity's bookkeeping as seen from outside."""
+
+    url: str
+    type: str
+    id: str
+    status: str
+    parent: str | None
+    created_at: float
+    last_active: float
+    runs: int
+    acked: str
+    epoch: int
+    owner: str | None
+    pending: bool
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stream(self) -> str:
+        return f"{self.type}/{self.id}/main"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "type": self.type,
+            "id": self.id,
+            "status": self.status,
+            "parent": self.parent,
+            "tags": self.tags,
+            "created_at": iso(self.created_at),
+            "last_active": iso(self.last_active) if self.last_active else None,
+            "runs": self.runs,
+            "pending": self.pending,
+            "streams": {"main": f"{self.url}/main"},
+        }
+
+
+class Runtime:
+    """A runtime over one store. Use ``async with Runtime(registry, "sqlite:///x.db") as rt``.
+
+    It is also the test kit: with the default ``memory://`` store and a
+    :class:`~entities.VirtualClock`, ``await rt.run_until_idle()`` processes every pending wake
+    in-process with no disk, network or waiting.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        store: str | Store = "memory://",
+        *,
+        clock: Clock | None = None,
+        worker_id: str | None = None,
+        concurrency: int = 64,
+        lease_seconds: float = 30.0,
+        retry_base_seconds: float = 0.5,
+        retry_max_seconds: float = 60.0,
+        snapshot_every: int = 200,
+    ) -> None:
+        self.registry = registry
+        self._owns_store = isinstance(store, str)
+        self.store: Store = open_store(store) if isinstance(store, str) else store
+        self.clock: Clock = clock or SystemClock()
+        self.worker_id = worker_id or f"w-{uuid.uuid4().hex[:8]}"
+        self.concurrency = concurrency
+        self.lease_seconds = lease_seconds
+        self.retry_base_seconds = retry_base_seconds
+        self.retry_max_seconds = retry_max_seconds
+        self.snapshot_every = snapshot_every
+        self._opened = False
+
+    async def __aenter__(self) -> Runtime:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Open the store (when the runtime was given a URL)."""
+        if self._owns_store and not self._opened:
+            await self.store.open()
+        self._opened = True
+
+    async def aclose(self) -> None:
+        """Close the store (when the runtime opened it)."""
+        if self._owns_store and self._opened:
+            await self.store.aclose()
+        self._opened = False
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    async def record(self, url: str) -> tuple[EntityRecord, bytes] | None:
+        """The entity record and its stored bytes, or ``None``."""
+        raw = await self.store.kv_get(ENTITY_NS, parse_url(url).url)
+        return None if raw is None else (EntityRecord.load(raw), raw)
+
+    async def lookup(self, url: str) -> EntityInfo | None:
+        """Bookkeeping of the entity at ``url``, or ``None`` if there is none.
+
+        Raises:
+            InvalidEntityURL: ``url`` is not ``/type/id``.
+        """
+        found = await self.record(url)
+        if found is None:
+            return None
+        record = found[0]
+        pending = await self.store.kv_get(PENDING_NS, record.url) is not None
+        tags = await self._tags(record.url)
+        return _info(record, pending, tags)
+
+    async def get(self, url: str) -> EntityInfo:
+        """Like :meth:`lookup`, raising :class:`EntityNotFound` when there is no entity."""
+        info = await self.lookup(url)
+        if info is None:
+            raise EntityNotFound(f"no entity at {url}")
+        return info
+
+    async def _tags(self, url: str) -> dict[str, str]:
+        rows = await self.store.kv_scan(TAG_NS, url + "\n")
+        return {key.split("\n", 1)[1]: value.decode() for key, value in rows}
+
+    async def list_entities(
+        self,
+        *,
+        type: str | None = None,
+        status: str | None = None,
+        tag: str | None = None,
+        parent: str | None = None,
+    ) -> list[EntityInfo]:
+        """Entities, filtered by type, status, parent and ``tag`` (``key`` or ``key=value``)."""
+        prefix = f"/{type}/" if type else ""
+        rows = await self.store.kv_scan(ENTITY_NS, prefix)
+        pending = {k for k, _ in await self.store.kv_scan(PENDING_NS, prefix)}
+        tags: dict[str, dict[str, str]] = {}
+        for key, value in await self.store.kv_scan(TAG_NS, prefix):
+            url, name = key.split("\n", 1)
+            tags.setdefault(url, {})[name] = value.decode()
+        result = []
+        for _key, raw in rows:
+            record = EntityRecord.load(raw)
+            if status is not None and record.status != status:
+                continue
+            if parent is not None and record.parent != parent:
+                continue
+            entity_tags = tags.get(record.url, {})
+            if tag is not None:
+                name, _, wanted = tag.partition("=")
+                if name not in entity_tags or (wanted and entity_tags[name] != wanted):
+                    continue
+            result.append(_info(record, record.url in pending, entity_tags))
+        return result
+
+    # -- writes from outside a wake -------------------------------------------------------------
+
+    def spawn_ops(
+        self,
+        target: EntityURL,
+        args: dict[str, Any],
+        *,
+        tags: dict[str, str] | None = None,
+        parent: str | None = None,
+        initial_message: Any = None,
+        initial_message_type: str | None = None,
+        sender: str | None = None,
+    ) -> list[Op]:
+        """The operations that create an entity (validated args expected)."""
+        now = self.clock.now()
+        created = {
+            "entity_type": target.type,
+            "url": target.url,
+            "args": args,
+            "parent_url": parent,
+            "created_at": iso(now),
+        }
+        messages = [event("entity_created", "entity", created, now)]
+        ops: list[Op] = []
+        for name, value in (tags or {}).items():
+            messages.append(event("tags", name, {"value": value}, now))
+            ops.append(KvPut(TAG_NS, f"{target.url}\n{name}", value.encode()))
+        record = EntityRecord(
+            url=target.url,
+            type=target.type,
+            id=target.id,
+            parent=parent,
+            created_at=now,
+            last_active=now,
+        )
+        if initial_message is not None:
+            key = uuid.uuid4().hex
+            value = _inbox(initial_message, initial_message_type, sender or parent, now)
+            messages.append(event("inbox", key, value, now))
+            ops.append(KvPut(PENDING_NS, target.url, new_token()))
+        ops.insert(0, Create(target.stream, content_type=JSON, messages=messages, exclusive=True))
+        ops.insert(1, KvPut(ENTITY_NS, target.url, record.dump(), only_if=True, expect=None))
+        return ops
+
+    async def spawn(
+        self,
+        url: str,
+        *,
+        args: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        initial_message: Any = None,
+        initial_message_type: str | None = None,
+        parent: str | None = None,
+    ) -> EntityInfo:
+        """Create the entity at ``url`` (``/type/id``); its first wake follows.
+
+        Raises:
+            InvalidEntityURL, UnknownEntityType: a bad URL or type.
+            SchemaValidationFailed: ``args`` or the initial message fail their schema.
+            DuplicateEntity: an entity exists at ``url``.
+        """
+        target = parse_url(url)
+        entity_type = self.registry.get(target.type)
+        checked = entity_type.validate_args(args)
+        if initial_message is not None:
+            initial_message = entity_type.validate_message(initial_message, initial_message_type)
+        ops = self.spawn_ops(
+            target,
+            checked,
+            tags=tags,
+            parent=parent,
+            initial_message=initial_message,
+            initial_message_type=initial_message_type,
+        )
+        try:
+            await self.store.commit(ops)
+        except (StreamExists, StreamGone):
+            raise DuplicateEntity(f"entity {target.url} already exists") from None
+        return await self.get(target.url)
+
+    async def check_send(
+        self,
+        target: EntityURL,
+        payload: Any,
+        message_type: str | None,
+        *,
+        pending_spawns: Sequence[Any] = (),
+        self_url: EntityURL | None = None,
+    ) -> Any:
+        """Validate a send before it is buffered or committed; return the checked payload.
+
+        Raises:
+            UnknownEntityType, EntityNotFound, EntityStopped, SchemaValidationFailed.
+        """
+        entity_type = self.registry.get(target.type)
+        if target != self_url and not any(s.target == target for s in pending_spawns):
+            found = await self.record(target.url)
+            if found is None:
+                raise EntityNotFound(f"no entity at {target.url}")
+            if found[0].status == "stopped":
+                raise EntityStopped(f"entity {target.url} was stopped")
+        return entity_type.validate_message(payload, message_type)
+
+    async def send(
+        self,
+        url: str,
+        payload: Any,
+        *,
+        type: str | None = None,
+        sender: str | None = None,
+    ) -> SendReceipt:
+        """Append a message to the entity's inbox and mark it pending, atomically.
+
+        Raises:
+            InvalidEntityURL, UnknownEntityType: a bad URL or type.
+            EntityNotFound: no entity at ``url``.
+            EntityStopped: the entity was killed.
+            SchemaValidationFailed: the payload fails the type's inbox schema.
+        """
+        target = parse_url(url)
+        payload = await self.check_send(target, payload, type)
+        now = self.clock.now()
+        key = uuid.uuid4().hex
+        ops: list[Op] = [
+            Append(target.stream, [event("inbox", key, _inbox(payload, type, sender, now), now)]),
+            KvPut(PENDING_NS, target.url, new_token()),
+        ]
+        try:
+            result = (await self.store.commit(ops))[0]
+        except StreamClosed:
+            raise EntityStopped(f"entity {target.url} was stopped") from None
+        except (StreamNotFound, StreamGone):
+            raise EntityNotFound(f"no entity at {target.url}") from None
+        assert result is not None and not isinstance(result, bool)
+        return SendReceipt(target.url, key, getattr(result, "next_offset", ""))
+
+    async def kill(self, url: str, *, reason: str = "killed") -> None:
+        """Stop the entity for good: close its stream and fence any running wake.
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+        """
+        target = parse_url(url)
+        while True:
+            found = await self.record(target.url)
+            if found is None:
+                raise EntityNotFound(f"no entity at {target.url}")
+            record, raw = found
+            if record.status == "stopped":
+                return
+            now = self.clock.now()
+            stopped = record.model_copy(
+                update={
+                    "status": "stopped",
+                    "epoch": record.epoch + 1,
+                    "owner": None,
+                    "inflight": None,
+                    "last_active": now,
+                }
+            )
+            ops: list[Op] = [
+                KvCheck(ENTITY_NS, target.url, raw),
+                Append(
+                    target.stream,
+                    [
+                        event(
+                            "entity_stopped",
+                            "entity",
+                            {"reason": reason, "timestamp": iso(now)},
+                            now,
+                        )
+                    ],
+                    close=True,
+                ),
+                KvPut(ENTITY_NS, target.url, stopped.dump()),
+                KvPut(PENDING_NS, target.url, None),
+            ]
+            try:
+                await self.store.commit(ops)
+                return
+            except ConditionFailed:
+                continue
+            except StreamClosed:
+                return
+
+    async def set_tag(self, url: str, key: str, value: str) -> None:
+        """Set a tag from outside a wake (recorded in the entity's stream).
+
+        Raises:
+            EntityNotFound, EntityStopped.
+        """
+        await self._tag(url, key, value)
+
+    async def remove_tag(self, url: str, key: str) -> None:
+        """Remove a tag from outside a wake. Raises as :meth:`set_tag`."""
+        await self._tag(url, key, None)
+
+    async def _tag(self, url: str, key: str, value: str | None) -> None:
+        target = parse_url(url)
+        now = self.clock.now()
+        operation = "delete" if value is None else "insert"
+        payload = None if value is None else {"value": value}
+        ops: list[Op] = [
+            Append(target.stream, [event("tags", key, payload, now, operation)]),
+            KvPut(TAG_NS, f"{target.url}\n{key}", None if value is None else value.encode()),
+        ]
+        try:
+            await self.store.commit(ops)
+        except StreamClosed:
+            raise EntityStopped(f"entity {target.url} was stopped") from None
+        except (StreamNotFound, StreamGone):
+            raise EntityNotFound(f"no entity at {target.url}") from None
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def read(
+        self, url: str, offset: str = "-1", *, limit: int = 1000
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Decoded change events of the entity's stream after ``offset``, and the next offset.
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+        """
+        target = parse_url(url)
+        try:
+            result = await self.store.read(target.stream, offset, limit=limit, renew_ttl=False)
+        except (StreamNotFound, StreamGone):
+            raise EntityNotFound(f"no entity at {target.url}") from None
+        decoded = []
+        for message in result.messages:
+            item = orjson.loads(message.data)
+            item["offset"] = message.offset
+            decoded.append(item)
+        return decoded, result.next_offset
+
+    async def view(self, url: str) -> dict[str, dict[str, Any]]:
+        """Every collection of the entity folded from its whole stream (``type -> key -> row``).
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+        """
+        collections: dict[str, dict[str, Any]] = {}
+        offset = "-1"
+        while True:
+            batch, offset = await self.read(url, offset, limit=5000)
+            for item in batch:
+                table = collections.setdefault(item["type"], {})
+                if item["headers"]["operation"] == "delete":
+                    table.pop(item["key"], None)
+                else:
+                    table[item["key"]] = item.get("value")
+            if len(batch) < 5000:
+                return collections
+
+    async def state_of(self, url: str) -> dict[str, dict[str, Any]]:
+        """The entity's user state collections by name (``name -> key -> row``).
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+        """
+        target = parse_url(url)
+        view = await self.view(url)
+        entity_type = self.registry.get(target.type)
+        result: dict[str, dict[str, Any]] = {}
+        for name, definition in entity_type.state.items():
+            result[name] = view.get(definition.event_type(name), {})
+        for type_, rows in view.items():
+            if type_.startswith("state:") and type_[6:] not in result:
+                result[type_[6:]] = rows
+        return result
+
+    async def inspect(self, url: str) -> dict[str, Any]:
+        """Everything about an entity as JSON-ready data: bookkeeping, args, state, manifest.
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+        """
+        info = await self.get(url)
+        view = await self.view(url)
+        created = view.get("entity_created", {}).get("entity") or {}
+        data = info.to_json()
+        data["args"] = created.get("args", {})
+        data["state"] = await self.state_of(url)
+        data["manifest"] = view.get("manifests", {})
+        data["recent_runs"] = list(view.get("runs", {}).values())[-20:]
+        return data
+
+    async def replies(self, url: str, message_key: str) -> list[Any]:
+        """The replies recorded for one inbox message (in order)."""
+        found = []
+        offset = "-1"
+        while True:
+            batch, offset = await self.read(url, offset, limit=5000)
+            for item in batch:
+                value = item.get("value")
+                if item["type"] == "texts" and isinstance(value, dict):
+                    if value.get("in_reply_to") == message_key:
+                        found.append(value.get("value"))
+            if len(batch) < 5000:
+                return found
+
+    # -- processing -----------------------------------------------------------------------------
+
+    async def run_until_idle(self, *, max_wakes: int | None = None) -> int:
+        """Process pending wakes in this task until none is due; return how many ran.
+
+        With a virtual clock, time jumps to the next retry when only retries are left.
+        """
+        from ._worker import Worker
+
+        return await Worker(self).run_until_idle(max_wakes=max_wakes)
+
+    def worker(self, **options: Any) -> Any:
+        """A :class:`~entities._worker.Worker` over this runtime (``await worker.run(stop)``)."""
+        from ._worker import Worker
+
+        return Worker(self, **options)
+
+
+def _inbox(payload: Any, message_type: str | None, sender: str | None, now: float) -> Any:
+    return {
+        "from": sender,
+        "payload": payload,
+        "message_type": message_type,
+        "timestamp": iso(now),
+        "ts": now,
+    }
+
+
+def _info(record: EntityRecord, pending: bool, tags: dict[str, str]) -> EntityInfo:
+    return EntityInfo(
+        url=record.url,
+        type=record.type,
+        id=record.id,
+        status=record.status,
+        parent=record.parent,
+        created_at=record.created_at,
+        last_active=record.last_active,
+        runs=record.runs,
+        acked=record.acked,
+        epoch=record.epoch,
+        owner=record.owner,
+        pending=pending,
+        tags=tags,
+    )

@@ -1,0 +1,706 @@
+"""Workers: claim pending entities with a fenced lease and run their wakes.
+
+A claim is a compare-and-set of the entity record that bumps its fencing ``epoch`` and records
+the in-flight wake's event range. Every later write of that wake (journal flushes, heartbeats,
+the final commit) is checked against the exact record bytes the worker wrote, so a worker whose
+lease was taken over (expiry, kill) can change nothing. The final commit holds the wake's state
+changes, replies, sends, spawns, run record, the new acknowledged offset and the release of the
+lease: one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import anyio
+import orjson
+
+from streams import (
+    Append,
+    ConditionFailed,
+    KvCheck,
+    KvPut,
+    Op,
+    StreamClosed,
+    StreamGone,
+    StreamNotFound,
+    StreamsError,
+)
+
+from ._context import HandlerContext, format_exception
+from ._records import (
+    ENTITY_NS,
+    PENDING_NS,
+    SNAPSHOT_NS,
+    VIEW_TYPES,
+    WAKE_TYPES,
+    EntityRecord,
+    Inflight,
+)
+from ._registry import EntityType, call_maybe_async
+from ._runtime import TAG_NS, Runtime, _inbox, event, new_token
+from ._urls import EntityURL, parse_url
+from ._wake import InboxMessage, WakeEvent
+
+__all__ = ["Claim", "Worker"]
+
+logger = logging.getLogger("entities.worker")
+
+
+@dataclass(slots=True)
+class Claim:
+    """A lease on one entity, held by this worker for one wake."""
+
+    url: EntityURL
+    record: EntityRecord
+    raw: bytes
+    token: bytes
+
+
+class Worker:
+    """Runs wakes for a :class:`Runtime`: ``await worker.run(stop_event)``.
+
+    ``concurrency`` bounds how many entities run at once; each entity runs at most one wake at a
+    time across all workers sharing the store.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        concurrency: int | None = None,
+        poll_interval: float = 1.0,
+        drain_seconds: float = 10.0,
+    ) -> None:
+        self.rt = runtime
+        self.concurrency = concurrency or runtime.concurrency
+        self.poll_interval = poll_interval
+        self.drain_seconds = drain_seconds
+        self._active: set[str] = set()
+        self._blocked: dict[str, float] = {}
+        self._kick = anyio.Event()
+        self._idle = anyio.Event()
+        self.wakes = 0
+
+    # -- loops ------------------------------------------------------------------------------
+
+    def _poke(self) -> None:
+        self._kick.set()
+
+    async def run(self, stop: anyio.Event) -> None:
+        """Process wakes until ``stop`` is set, then finish in-flight wakes (up to
+        ``drain_seconds``; the rest are released and redelivered later)."""
+        remove = self.rt.store.listen(f"kv:{PENDING_NS}", self._poke)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._stopper, stop)
+                while not stop.is_set():
+                    self._kick = anyio.Event()
+                    next_due = await self._dispatch(tg)
+                    timeout = self.poll_interval
+                    if next_due is not None:
+                        timeout = max(0.0, min(timeout, next_due - self.rt.clock.now()))
+                    if self.rt.clock.virtual:
+                        timeout = min(timeout, 0.05)
+                    with anyio.move_on_after(timeout):
+                        await self._kick.wait()
+                with anyio.move_on_after(self.drain_seconds):
+                    while self._active:
+                        self._idle = anyio.Event()
+                        await self._idle.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            remove()
+
+    async def _stopper(self, stop: anyio.Event) -> None:
+        await stop.wait()
+        self._poke()
+
+    async def _dispatch(self, tg: anyio.abc.TaskGroup) -> float | None:
+        now = self.rt.clock.now()
+        next_due: float | None = None
+        pending = await self.rt.store.kv_scan(PENDING_NS)
+        if pending:
+            shift = random.randrange(len(pending))
+            pending = pending[shift:] + pending[:shift]
+        for url, _token in pending:
+            if len(self._active) >= self.concurrency:
+                break
+            blocked = self._blocked.get(url)
+            if blocked is not None:
+                if blocked > now:
+                    next_due = blocked if next_due is None else min(next_due, blocked)
+                    continue
+                del self._blocked[url]
+            if url in self._active:
+                continue
+            self._active.add(url)
+            tg.start_soon(self._process, url)
+        return next_due
+
+    async def _process(self, url: str) -> None:
+        try:
+            claim = await self.claim(url)
+            if claim is not None:
+                await self.run_wake(claim)
+                self.wakes += 1
+        except Exception:
+            logger.exception("wake of %s failed in the runtime", url)
+            self._blocked[url] = self.rt.clock.now() + 1.0
+        finally:
+            self._active.discard(url)
+            self._idle.set()
+            self._poke()
+
+    async def run_until_idle(self, *, max_wakes: int | None = None) -> int:
+        """Process due wakes until none is left (see :meth:`Runtime.run_until_idle`)."""
+        done = 0
+        while max_wakes is None or done < max_wakes:
+            pending = [u for u, _ in await self.rt.store.kv_scan(PENDING_NS)]
+            if not pending:
+                return done
+            now = self.rt.clock.now()
+            due: list[str] = []
+            next_due: float | None = None
+            for url in pending:
+                found = await self.rt.record(url)
+                if found is None:
+                    continue
+                record = found[0]
+                wait_until = max(
+                    record.retry_at or 0.0, record.lease_expires if record.owner else 0.0
+                )
+                if wait_until > now:
+                    next_due = wait_until if next_due is None else min(next_due, wait_until)
+                else:
+                    due.append(url)
+            if not due:
+                if next_due is not None and self.rt.clock.virtual:
+                    self.rt.clock.set(next_due)  # type: ignore[attr-defined]
+                    continue
+                return done
+            if max_wakes is not None:
+                due = due[: max_wakes - done]
+            ran = await self._run_batch(due)
+            done += ran
+            if ran == 0:
+                return done
+        return done
+
+    async def _run_batch(self, urls: list[str]) -> int:
+        limiter = anyio.CapacityLimiter(self.concurrency)
+        ran = 0
+
+        async def one(url: str) -> None:
+            nonlocal ran
+            async with limiter:
+                claim = await self.claim(url)
+                if claim is not None:
+                    await self.run_wake(claim)
+                    ran += 1
+
+        async with anyio.create_task_group() as tg:
+            for url in urls:
+                tg.start_soon(one, url)
+        return ran
+
+    # -- claiming ---------------------------------------------------------------------------
+
+    async def claim(self, url: str) -> Claim | None:
+        """Take the lease on ``url`` if it has work and nobody else holds it."""
+        rt = self.rt
+        target = parse_url(url)
+        raw = await rt.store.kv_get(ENTITY_NS, target.url)
+        token = await rt.store.kv_get(PENDING_NS, target.url)
+        if raw is None or token is None:
+            if raw is None and token is not None:  # an orphan mark: drop it
+                await rt.store.commit(
+                    [KvPut(PENDING_NS, target.url, None, only_if=True, expect=token)]
+                )
+            return None
+        record = EntityRecord.load(raw)
+        now = rt.clock.now()
+        if record.status == "stopped":
+            await rt.store.commit([KvPut(PENDING_NS, target.url, None, only_if=True, expect=token)])
+            return None
+        if record.owner is not None and record.lease_expires > now:
+            self._blocked[target.url] = record.lease_expires
+            return None
+        if record.retry_at is not None and record.retry_at > now:
+            self._blocked[target.url] = record.retry_at
+            return None
+        inflight = record.inflight
+        if inflight is None:
+            try:
+                info = await rt.store.head(target.stream)
+            except (StreamNotFound, StreamGone):
+                return None
+            first = record.acked
+            inflight = Inflight(
+                wake_id=_wake_id(first, info.next_offset),
+                from_offset=first,
+                to_offset=info.next_offset,
+            )
+        else:
+            inflight = inflight.model_copy(update={"attempt": inflight.attempt + 1})
+        claimed = record.model_copy(
+            update={
+                "owner": rt.worker_id,
+                "epoch": record.epoch + 1,
+                "lease_expires": now + rt.lease_seconds,
+                "inflight": inflight,
+                "status": "running",
+                "retry_at": None,
+            }
+        )
+        claimed_raw = claimed.dump()
+        try:
+            await rt.store.commit(
+                [KvCheck(ENTITY_NS, target.url, raw), KvPut(ENTITY_NS, target.url, claimed_raw)]
+            )
+        except ConditionFailed:
+            return None
+        return Claim(target, claimed, claimed_raw, token)
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run_wake(self, claim: Claim) -> None:
+        """Run one claimed wake to its commit (or its recorded failure)."""
+        rt = self.rt
+        entity_type = rt.registry.get(claim.url.type)
+        inflight = claim.record.inflight
+        assert inflight is not None
+        view, snapshot_offset, events = await self._load(claim, inflight)
+        wake_events = [e for e in events if e["type"] in WAKE_TYPES]
+        if not wake_events:
+            await self._finish(claim, [], [], view, snapshot_offset, empty=True)
+            return
+        journal = await self._journal(claim, inflight) if inflight.attempt > 1 else {}
+        wake = _wake_event(
+            claim, inflight, events, wake_events, first_wake=not view.get("manifests")
+        )
+        lock = anyio.Lock()
+
+        async def flush(entries: list[dict[str, Any]]) -> None:
+            async with lock:
+                now = rt.clock.now()
+                msgs = [event("steps", f"{e['wake_id']}/{e['name']}", e, now) for e in entries]
+                try:
+                    await rt.store.commit(
+                        [
+                            KvCheck(ENTITY_NS, claim.url.url, claim.raw),
+                            Append(claim.url.stream, msgs),
+                        ]
+                    )
+                except (ConditionFailed, StreamClosed):
+                    raise _Fenced() from None
+
+        started = rt.clock.now()
+        ctx = HandlerContext(
+            runtime=rt,
+            entity_type=entity_type,
+            url=claim.url,
+            view=_copy_view(view),
+            wake=wake,
+            events=events,
+            journal=journal,
+            run_id=inflight.wake_id,
+            flush=flush,
+            runs_before=claim.record.runs,
+        )
+        error: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._heartbeat, claim, lock)
+            try:
+                await _invoke(entity_type, ctx, wake)
+            except _Fenced:
+                tg.cancel_scope.cancel()
+                logger.info("wake %s of %s was fenced", inflight.wake_id, claim.url)
+                return
+            except Exception as exc:  # the handler failed: record it
+                error = exc
+            tg.cancel_scope.cancel()
+        duration = rt.clock.now() - started
+        if error is None:
+            run = _run_value(inflight, wake, "completed", duration)
+            await self._finish(
+                claim,
+                [event("runs", inflight.wake_id, run, rt.clock.now())],
+                [ctx],
+                view,
+                snapshot_offset,
+            )
+            return
+        await self._failed(claim, entity_type, ctx, wake, error, duration, view, snapshot_offset)
+
+    async def _heartbeat(self, claim: Claim, lock: anyio.Lock) -> None:
+        rt = self.rt
+        while True:
+            await rt.clock.sleep(rt.lease_seconds / 3)
+            async with lock:
+                renewed = claim.record.model_copy(
+                    update={"lease_expires": rt.clock.now() + rt.lease_seconds}
+                )
+                raw = renewed.dump()
+                try:
+                    await rt.store.commit(
+                        [
+                            KvCheck(ENTITY_NS, claim.url.url, claim.raw),
+                            KvPut(ENTITY_NS, claim.url.url, raw),
+                        ]
+                    )
+                except ConditionFailed:
+                    return
+                claim.record, claim.raw = renewed, raw
+
+    async def _load(
+        self, claim: Claim, inflight: Inflight
+    ) -> tuple[dict[str, dict[str, Any]], str, list[dict[str, Any]]]:
+        """The view at ``to_offset`` (from snapshot + tail) and the events of the wake range."""
+        rt = self.rt
+        view: dict[str, dict[str, Any]] = {}
+        offset = "-1"
+        saved = await rt.store.kv_get(SNAPSHOT_NS, claim.url.url)
+        if saved is not None:
+            snap = orjson.loads(saved)
+            if inflight.from_offset != "-1" and snap["offset"] <= inflight.from_offset:
+                view, offset = snap["collections"], snap["offset"]
+        snapshot_offset = offset
+        events: list[dict[str, Any]] = []
+        low = inflight.from_offset
+        while True:
+            result = await rt.store.read(claim.url.stream, offset, limit=2000, renew_ttl=False)
+            for message in result.messages:
+                if message.offset > inflight.to_offset:
+                    return view, snapshot_offset, events
+                item = orjson.loads(message.data)
+                type_ = item.get("type")
+                if type_ in VIEW_TYPES or (type_ or "").startswith("state:"):
+                    table = view.setdefault(type_, {})
+                    if item["headers"]["operation"] == "delete":
+                        table.pop(item["key"], None)
+                    else:
+                        table[item["key"]] = item.get("value")
+                if low == "-1" or message.offset > low:
+                    item["offset"] = message.offset
+                    events.append(item)
+                offset = message.offset
+            if result.up_to_date or not result.messages or offset >= inflight.to_offset:
+                return view, snapshot_offset, events
+
+    async def _journal(self, claim: Claim, inflight: Inflight) -> dict[str, Any]:
+        journal: dict[str, Any] = {}
+        offset = inflight.to_offset
+        while True:
+            result = await self.rt.store.read(claim.url.stream, offset, limit=2000, renew_ttl=False)
+            for message in result.messages:
+                item = orjson.loads(message.data)
+                value = item.get("value") or {}
+                if item.get("type") == "steps" and value.get("wake_id") == inflight.wake_id:
+                    journal[value["name"]] = value.get("result")
+            offset = result.next_offset
+            if result.up_to_date or not result.messages:
+                return journal
+
+    async def _failed(
+        self,
+        claim: Claim,
+        entity_type: EntityType,
+        ctx: HandlerContext,
+        wake: WakeEvent,
+        error: BaseException,
+        duration: float,
+        view: dict[str, dict[str, Any]],
+        snapshot_offset: str,
+    ) -> None:
+        rt = self.rt
+        inflight = claim.record.inflight
+        assert inflight is not None
+        now = rt.clock.now()
+        final = inflight.attempt >= entity_type.max_attempts
+        status = "dead_lettered" if final else "failed"
+        run = _run_value(inflight, wake, status, duration, error=error)
+        failure = [
+            event("runs", inflight.wake_id, run, now),
+            event(
+                "errors",
+                f"{inflight.wake_id}.{inflight.attempt}",
+                {
+                    "run_id": inflight.wake_id,
+                    "attempt": inflight.attempt,
+                    "error": f"{type(error).__name__}: {error}",
+                    "type": type(error).__name__,
+                    "traceback": format_exception(error),
+                    "final": final,
+                },
+                now,
+            ),
+        ]
+        logger.warning(
+            "wake %s of %s failed (attempt %d/%d): %r",
+            inflight.wake_id,
+            claim.url,
+            inflight.attempt,
+            entity_type.max_attempts,
+            error,
+        )
+        if final:
+            contexts: list[HandlerContext] = []
+            if entity_type.on_error is not None:
+                hook_ctx = HandlerContext(
+                    runtime=rt,
+                    entity_type=entity_type,
+                    url=claim.url,
+                    view=_copy_view(view),
+                    wake=wake,
+                    events=ctx.events,
+                    journal={},
+                    run_id=inflight.wake_id,
+                    flush=lambda entries: None,
+                    runs_before=claim.record.runs,
+                )
+                try:
+                    await call_maybe_async(entity_type.on_error, hook_ctx, error)
+                    contexts.append(hook_ctx)
+                except Exception as hook_error:
+                    logger.exception("on_error hook of %s failed", claim.url)
+                    failure.append(
+                        event(
+                            "errors",
+                            f"{inflight.wake_id}.on_error",
+                            {
+                                "run_id": inflight.wake_id,
+                                "error": repr(hook_error),
+                                "traceback": format_exception(hook_error),
+                                "final": True,
+                            },
+                            now,
+                        )
+                    )
+            await self._finish(claim, failure, contexts, view, snapshot_offset)
+            return
+        delay = min(rt.retry_max_seconds, rt.retry_base_seconds * 2 ** (inflight.attempt - 1))
+        delay *= 0.8 + 0.4 * random.random()
+        retry = claim.record.model_copy(
+            update={
+                "owner": None,
+                "status": "idle",
+                "retry_at": now + delay,
+                "lease_expires": 0.0,
+                "last_active": now,
+            }
+        )
+        try:
+            await rt.store.commit(
+                [
+                    KvCheck(ENTITY_NS, claim.url.url, claim.raw),
+                    Append(claim.url.stream, failure),
+                    KvPut(ENTITY_NS, claim.url.url, retry.dump()),
+                ]
+            )
+        except (ConditionFailed, StreamClosed):
+            logger.info("failure record of %s was fenced", claim.url)
+
+    async def _finish(
+        self,
+        claim: Claim,
+        own_head: list[bytes],
+        contexts: Sequence[HandlerContext],
+        view: dict[str, dict[str, Any]],
+        snapshot_offset: str,
+        *,
+        empty: bool = False,
+    ) -> None:
+        """Commit a finished wake: effects, acknowledged offset, lease release, one transaction."""
+        rt = self.rt
+        inflight = claim.record.inflight
+        assert inflight is not None
+        now = rt.clock.now()
+        own: list[bytes] = list(own_head)
+        by_target: dict[str, list[bytes]] = {}
+        extra: list[Op] = []
+        self_pending = False
+        for ctx in contexts:
+            for entry in ctx.effects.journal:
+                own.append(event("steps", f"{entry['wake_id']}/{entry['name']}", entry, now))
+            for change in ctx.effects.own:
+                own.append(orjson.dumps(change))
+                if change["type"] == "tags":
+                    value = change.get("value")
+                    encoded = None if value is None else str(value.get("value", "")).encode()
+                    extra.append(KvPut(TAG_NS, f"{claim.url.url}\n{change['key']}", encoded))
+            for spawn in ctx.effects.spawns:
+                extra.extend(
+                    rt.spawn_ops(
+                        spawn.target,
+                        spawn.args,
+                        tags=spawn.tags,
+                        parent=claim.url.url,
+                        initial_message=spawn.initial_message,
+                        initial_message_type=spawn.initial_message_type,
+                    )
+                )
+            for send in ctx.effects.sends:
+                message = event(
+                    "inbox",
+                    send.key,
+                    _inbox(send.payload, send.message_type, claim.url.url, now),
+                    now,
+                )
+                if send.target == claim.url:
+                    own.append(message)
+                    self_pending = True
+                else:
+                    by_target.setdefault(send.target.url, []).append(message)
+        done = claim.record.model_copy(
+            update={
+                "owner": None,
+                "status": "idle",
+                "acked": inflight.to_offset,
+                "inflight": None,
+                "retry_at": None,
+                "lease_expires": 0.0,
+                "runs": claim.record.runs + (0 if empty else 1),
+                "last_active": now,
+            }
+        )
+        ops: list[Op] = [KvCheck(ENTITY_NS, claim.url.url, claim.raw)]
+        if own:
+            ops.append(Append(claim.url.stream, own))
+        ops.extend(extra)
+        for url, messages in by_target.items():
+            target = parse_url(url)
+            ops.append(Append(target.stream, messages))
+            ops.append(KvPut(PENDING_NS, target.url, new_token()))
+        ops.append(KvPut(ENTITY_NS, claim.url.url, done.dump()))
+        ops.append(KvPut(PENDING_NS, claim.url.url, None, only_if=True, expect=claim.token))
+        if self_pending:
+            ops.append(KvPut(PENDING_NS, claim.url.url, new_token()))
+        if _events_between(snapshot_offset, inflight.to_offset) >= rt.snapshot_every:
+            snap = {"offset": inflight.to_offset, "collections": view}
+            ops.append(KvPut(SNAPSHOT_NS, claim.url.url, orjson.dumps(snap)))
+        try:
+            await rt.store.commit(ops)
+        except (ConditionFailed, StreamClosed) as exc:
+            if isinstance(exc, StreamClosed) and exc.path != claim.url.stream:
+                raise
+            logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
+        except StreamsError:
+            raise
+
+
+class _Fenced(BaseException):
+    """Raised inside a wake when its lease was lost; derived from BaseException so handler code
+    catching ``Exception`` cannot swallow it."""
+
+
+async def _invoke(entity_type: EntityType, ctx: HandlerContext, wake: WakeEvent) -> None:
+    remaining = list(wake.messages)
+    if entity_type.on_message is not None and wake.messages:
+        remaining = []
+        for message in wake.messages:
+            ctx.current_message = message
+            answer = await call_maybe_async(entity_type.on_message, ctx, message)
+            if answer is None:
+                remaining.append(message)
+            else:
+                ctx.reply(answer, to=message)
+        ctx.current_message = None
+        if not remaining and not wake.wakes:
+            return
+        wake = replace(wake, messages=tuple(remaining))
+        ctx.wake = wake
+    await call_maybe_async(entity_type.handler, ctx, wake)
+
+
+def _copy_view(view: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {k: dict(v) for k, v in view.items()}
+
+
+def _position(offset: str) -> int:
+    return 0 if offset == "-1" else int(offset.rsplit("_", 1)[1])
+
+
+def _events_between(low: str, high: str) -> int:
+    return _position(high) - _position(low)
+
+
+def _wake_id(low: str, high: str) -> str:
+    return f"w{_position(low)}-{_position(high)}"
+
+
+def _wake_event(
+    claim: Claim,
+    inflight: Inflight,
+    events: list[dict[str, Any]],
+    wake_events: list[dict[str, Any]],
+    *,
+    first_wake: bool,
+) -> WakeEvent:
+    messages = []
+    others = []
+    for item in wake_events:
+        value = item.get("value") or {}
+        if item["type"] == "inbox":
+            messages.append(
+                InboxMessage(
+                    key=item["key"],
+                    payload=value.get("payload"),
+                    sender=value.get("from"),
+                    message_type=value.get("message_type"),
+                    timestamp=float(value.get("ts") or 0.0),
+                    offset=item.get("offset", ""),
+                )
+            )
+        else:
+            others.append(value)
+    last = wake_events[-1]
+    last_value = last.get("value") or {}
+    if last["type"] == "inbox":
+        payload = last_value.get("payload")
+        source = last_value.get("from")
+        summary = last_value.get("message_type") or "message"
+    else:
+        payload = last_value.get("payload", last_value)
+        source = last_value.get("source")
+        summary = last_value.get("kind", "wake")
+    return WakeEvent(
+        source=source,
+        type="message_received" if messages else "wake",
+        from_offset=inflight.from_offset,
+        to_offset=inflight.to_offset,
+        event_count=len(wake_events),
+        payload=payload,
+        summary=summary,
+        full_ref=f"{claim.url.stream}?offset={inflight.from_offset}",
+        first_wake=first_wake,
+        messages=tuple(messages),
+        wakes=tuple(others),
+        wake_id=inflight.wake_id,
+        attempt=inflight.attempt,
+    )
+
+
+def _run_value(
+    inflight: Inflight,
+    wake: WakeEvent,
+    status: str,
+    duration: float,
+    *,
+    error: BaseException | None = None,
+) -> dict[str, Any]:
+    return {
+        "status": status,
+        "wake_id": inflight.wake_id,
+        "attempt": inflight.attempt,
+        "from_offset": inflight.from_offset,
+        "to_offset": inflight.to_offset,
+        "event_count": wake.event_count,
+        "duration_ms": round(duration * 1000, 3) if math.isfinite(duration) else None,
+        "error": None if error is None else f"{type(error).__name__}: {error}",
+    }
