@@ -1,0 +1,114 @@
+"""SQLite-only behaviour: durability across reopen, several store objects on one file."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import streams
+from streams import BackendUnavailable, Producer, StreamNotFound, format_offset
+
+
+def url_for(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path.resolve() / 'store.db'}"
+
+
+async def read_all(store: streams.Store, path: str) -> list[bytes]:
+    return [m.data for m in (await store.read(path, limit=100_000)).messages]
+
+
+async def test_everything_survives_reopen(tmp_path: Path) -> None:
+    url = url_for(tmp_path)
+    async with streams.open_store(url) as store:
+        await store.create("s", content_type="application/json", ttl_seconds=3600)
+        await store.append("s", [b"1", b"2"], producer=Producer("p", 2, 0), stream_seq="a")
+        await store.create(
+            "fork", content_type="application/json", fork_from="s", fork_offset=format_offset(1)
+        )
+        await store.append("fork", [b"f"])
+        await store.create("closed", closed=True, messages=[b"x"])
+        await store.create("gone", messages=[b"g"])
+        await store.delete("gone")
+        await store.kv_put("ns", "k", b"v")
+    async with streams.open_store(url) as store:
+        info = await store.head("s")
+        assert info.content_type == "application/json" and info.ttl_seconds == 3600
+        assert await read_all(store, "s") == [b"1", b"2"]
+        assert await read_all(store, "fork") == [b"1", b"f"]
+        assert (await store.head("fork")).forked_from == "s"
+        assert (await store.head("closed")).closed
+        with pytest.raises(StreamNotFound):
+            await store.head("gone")
+        assert await store.kv_get("ns", "k") == b"v"
+        # Producer and Stream-Seq state are durable too.
+        assert (await store.append("s", [b"2"], producer=Producer("p", 2, 0))).duplicate
+        with pytest.raises(streams.SequenceConflict):
+            await store.append("s", [b"3"], stream_seq="a")
+        with pytest.raises(streams.ProducerFenced):
+            await store.append("s", [b"3"], producer=Producer("p", 1, 0))
+
+
+async def test_two_stores_on_one_file_see_each_other(tmp_path: Path) -> None:
+    """Two store objects stand in for two processes: the writer cache must not go stale."""
+    url = url_for(tmp_path)
+    async with streams.open_store(url) as one, streams.open_store(url) as two:
+        await one.create("s")
+        await one.append("s", [b"1"])  # one caches the record at length 1
+        await two.append("s", [b"2"])  # two moves the tail behind one's back
+        result = await one.append("s", [b"3"])
+        assert result.next_offset == format_offset(3)
+        await two.append("s", [b"4"], producer=Producer("p", 0, 0))
+        assert (await one.append("s", [b"4"], producer=Producer("p", 0, 0))).duplicate
+        await two.delete("s")
+        with pytest.raises(StreamNotFound):
+            await one.append("s", [b"5"])
+        created = await one.create("s")
+        assert created.created and created.info.next_offset == format_offset(0)
+        await two.create("other")  # ids handed out by both stay unique
+        await one.create("third")
+        await two.append("other", [b"o"])
+        await one.append("third", [b"t"])
+        assert await read_all(one, "other") == [b"o"]
+        assert await read_all(two, "third") == [b"t"]
+        assert await read_all(two, "s") == []
+
+
+async def test_concurrent_writers_from_two_stores(tmp_path: Path) -> None:
+    url = url_for(tmp_path)
+    async with streams.open_store(url) as one, streams.open_store(url) as two:
+        await one.create("s")
+
+        async def writer(store: streams.Store, name: str) -> None:
+            for i in range(40):
+                await store.append("s", [f"{name}{i}a".encode(), f"{name}{i}b".encode()])
+
+        await asyncio.gather(*(writer(s, f"{n}-{k}-") for n, s in enumerate((one, two))
+                               for k in range(4)))  # fmt: skip
+        data = await read_all(one, "s")
+        assert len(data) == 2 * 40 * 8
+        for first, second in zip(data[::2], data[1::2], strict=True):
+            assert first.endswith(b"a") and second == first[:-1] + b"b"
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "nope://x"])
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(BackendUnavailable):
+        streams.open_store(url)
+
+
+def test_bad_synchronous_mode(tmp_path: Path) -> None:
+    with pytest.raises(BackendUnavailable):
+        streams.open_store(url_for(tmp_path) + "?synchronous=bogus")
+
+
+async def test_relative_url_and_synchronous_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    async with streams.open_store("sqlite:///sub/dir/rel.db?synchronous=FULL") as store:
+        await store.create("s", messages=[b"x"])
+    assert (tmp_path / "sub" / "dir" / "rel.db").exists()
+    async with streams.open_store("sqlite:///sub/dir/rel.db") as store:
+        assert await read_all(store, "s") == [b"x"]
