@@ -515,10 +515,15 @@ class Runtime:
         data["recent_runs"] = list(view.get("runs", {}).values())[-20:]
         return data
 
-    async def replies(self, url: str, message_key: str) -> list[Any]:
-        """The replies recorded for one inbox message (in order)."""
+    async def replies(self, url: str, message_key: str, *, after: str = "-1") -> list[Any]:
+        """The replies recorded for one inbox message (in order), searching after ``after``
+        (e.g. the offset a :class:`SendReceipt` returned).
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+        """
         found = []
-        offset = "-1"
+        offset = after
         while True:
             batch, offset = await self.read(url, offset, limit=5000)
             for item in batch:

@@ -1,0 +1,95 @@
+"""A small HTTP client of the control plane, for the client commands."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import click
+import httpx2
+import orjson
+
+__all__ = ["Client"]
+
+
+class Client:
+    """Talks to ``entities serve`` at ``base_url`` (bearer token from ``ENTITIES_TOKEN``)."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
+        token = token or os.environ.get("ENTITIES_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx2.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def request(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        """Send one request; return the decoded JSON answer.
+
+        Raises:
+            click.ClickException: the server is unreachable or answered with an error.
+        """
+        content = None if body is None else orjson.dumps(body)
+        query = {k: v for k, v in params.items() if v is not None}
+        try:
+            response = self.http.request(
+                method,
+                path,
+                content=content,
+                params=query,
+                headers={"Content-Type": "application/json"} if content else None,
+            )
+        except httpx2.TransportError as exc:
+            raise click.ClickException(
+                f"cannot reach {self.base_url} ({exc}); is `entities serve` running? "
+                "Set --server or ENTITIES_URL."
+            ) from None
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+                message = f"{error['code']}: {error['message']}"
+                if error.get("details"):
+                    message += "\n" + orjson.dumps(error["details"]).decode()
+            except Exception:
+                message = f"HTTP {response.status_code}: {response.text[:500]}"
+            raise click.ClickException(message)
+        if not response.content:
+            return None
+        return response.json()
+
+    def stream_events(self, url: str, offset: str, *, live: bool) -> Iterator[tuple[Any, str]]:
+        """Yield ``(event, offset)`` from an entity's stream; with ``live``, tail it over SSE."""
+        path = f"/v1/stream{url}/main"
+        if not live:
+            while True:
+                response = self.http.get(path, params={"offset": offset})
+                if response.status_code >= 400:
+                    raise click.ClickException(f"HTTP {response.status_code}: {response.text}")
+                offset = response.headers.get("stream-next-offset", offset)
+                for item in response.json():
+                    yield item, offset
+                if response.headers.get("stream-up-to-date") == "true":
+                    return
+        while True:
+            with self.http.stream(
+                "GET", path, params={"offset": offset, "live": "sse"}, timeout=None
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise click.ClickException(f"HTTP {response.status_code}: {response.text}")
+                kind = ""
+                data: list[str] = []
+                for line in response.iter_lines():
+                    if line.startswith("event:"):
+                        kind = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].removeprefix(" "))
+                    elif line == "" and data:
+                        payload = orjson.loads("\n".join(data))
+                        data = []
+                        if kind == "control":
+                            offset = payload.get("streamNextOffset", offset)
+                            if payload.get("streamClosed"):
+                                return
+                        elif kind == "data":
+                            for item in payload:
+                                yield item, offset

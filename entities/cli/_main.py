@@ -1,0 +1,416 @@
+"""``entities`` commands. Server-side: ``serve``, ``worker``, ``run``. Client-side (over HTTP,
+``--server`` / ``ENTITIES_URL``): ``spawn``, ``send``, ``view``, ``observe``, ``ps``, ``inspect``,
+``kill``, ``types``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import anyio
+import click
+import orjson
+
+from streams.server import ServerSettings
+
+from .._errors import EntitiesError
+from .._runtime import Runtime
+from ._app import load_registry
+from ._client import Client
+
+__all__ = ["cli", "main"]
+
+DEFAULT_DB = "sqlite:///.entities/entities.db"
+DEFAULT_SERVER = "http://127.0.0.1:4437"
+
+db_option = click.option(
+    "--db",
+    default=lambda: os.environ.get("ENTITIES_DB", DEFAULT_DB),
+    show_default=DEFAULT_DB,
+    help="Store URL: sqlite:///path, postgresql://... or memory:// (env ENTITIES_DB).",
+)
+server_option = click.option(
+    "--server",
+    default=lambda: os.environ.get("ENTITIES_URL", DEFAULT_SERVER),
+    show_default=DEFAULT_SERVER,
+    help="Server URL (env ENTITIES_URL).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"{what} is not valid JSON: {exc}") from None
+
+
+def _message(text: str, as_json: bool) -> Any:
+    return _parse_json(text, "MESSAGE") if as_json else {"text": text}
+
+
+def _logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="entities-runtime")
+def cli(verbose: int) -> None:
+    """A durable entity runtime over event streams."""
+    _logging(verbose)
+
+
+# -- server side --------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("app")
+@db_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=4437, show_default=True, type=int)
+@click.option(
+    "--token",
+    default=lambda: os.environ.get("ENTITIES_TOKEN"),
+    help="Require this bearer token on every request (env ENTITIES_TOKEN).",
+)
+@click.option("--no-worker", is_flag=True, help="Serve HTTP only; run workers separately.")
+@click.option("--concurrency", default=64, show_default=True, type=int)
+@click.option("--long-poll-ms", default=30_000, show_default=True, type=int)
+@click.option("--sse-max-s", default=60.0, show_default=True, type=float)
+@click.option("--max-body-bytes", default=1024 * 1024, show_default=True, type=int)
+def serve(
+    app: str,
+    db: str,
+    host: str,
+    port: int,
+    token: str | None,
+    no_worker: bool,
+    concurrency: int,
+    long_poll_ms: int,
+    sse_max_s: float,
+    max_body_bytes: int,
+) -> None:
+    """Serve HTTP (control plane, Durable Streams, dev UI) with an embedded worker."""
+    from ..server import ServeOptions
+    from ..server import serve as run_serve
+
+    registry = load_registry(app)
+    settings = ServerSettings(long_poll_timeout_s=long_poll_ms / 1000, sse_max_duration_s=sse_max_s)
+    options = ServeOptions(
+        host=host,
+        port=port,
+        token=token,
+        worker=not no_worker,
+        max_body_bytes=max_body_bytes,
+        streams=settings,
+    )
+
+    async def ready(url: str) -> None:
+        names = ", ".join(t.name for t in registry.list()) or "(none)"
+        click.echo(f"entities: serving {url} over {db} (types: {names})", err=True)
+        click.echo(f"  send:  entities send /TYPE/ID 'hello' --server {url}", err=True)
+        click.echo(f"  read:  curl '{url}/v1/stream/TYPE/ID/main?offset=-1'", err=True)
+
+    async def main() -> None:
+        async with Runtime(registry, db, concurrency=concurrency) as rt:
+            await run_serve(rt, options, ready=ready)
+
+    anyio.run(main)
+
+
+@cli.command()
+@click.argument("app")
+@db_option
+@click.option("--concurrency", default=64, show_default=True, type=int)
+@click.option("--worker-id", default=None, help="Name of this worker (default: random).")
+def worker(app: str, db: str, concurrency: int, worker_id: str | None) -> None:
+    """Run wakes only (no HTTP). SIGTERM/SIGINT drain in-flight wakes, then exit."""
+    registry = load_registry(app)
+
+    async def main() -> None:
+        async with Runtime(registry, db, concurrency=concurrency, worker_id=worker_id) as rt:
+            stop = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_stop_on_signals, stop)
+                click.echo(f"entities: worker {rt.worker_id} on {db}", err=True)
+                await rt.worker().run(stop)
+                tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+async def _stop_on_signals(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            stop.set()
+            return
+
+
+@cli.command()
+@click.argument("app")
+@click.argument("url")
+@click.argument("message")
+@db_option
+@click.option("--type", "message_type", default=None, help="Message type.")
+@click.option("--args", "args_json", default=None, help="Spawn args (JSON) if the entity is new.")
+@click.option("--timeout", default=300.0, show_default=True, type=float, help="Seconds to wait.")
+@json_option
+def run(
+    app: str,
+    url: str,
+    message: str,
+    db: str,
+    message_type: str | None,
+    args_json: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Spawn URL if needed, send MESSAGE, process it in this process, print the reply, exit.
+
+    MESSAGE is text (sent as {"text": ...}) unless --json.
+    """
+    registry = load_registry(app)
+    payload = _message(message, as_json)
+    args = _parse_json(args_json, "--args") if args_json else None
+    code = anyio.run(
+        _run_attached, registry, db, url, payload, message_type, args, timeout, as_json
+    )
+    sys.exit(code)
+
+
+async def _run_attached(
+    registry: Any,
+    db: str,
+    url: str,
+    payload: Any,
+    message_type: str | None,
+    args: Any,
+    timeout_s: float,
+    as_json: bool,
+) -> int:
+    async with Runtime(registry, db) as rt:
+        try:
+            if await rt.lookup(url) is None:
+                await rt.spawn(url, args=args)
+            receipt = await rt.send(url, payload, type=message_type, sender="/_cli/run")
+        except EntitiesError as exc:
+            click.echo(f"error: {exc.code}: {exc.message}", err=True)
+            return 1
+        stop = anyio.Event()
+        result: list[Any] = []
+        failure: list[str] = []
+
+        async def watch() -> None:
+            offset = "-1"
+            while not stop.is_set():
+                tail = (await rt.store.head(f"{url.strip('/')}/main")).next_offset
+                found = await rt.replies(url, receipt.key, after="-1")
+                if found:
+                    result.extend(found)
+                    stop.set()
+                    return
+                error = await _dead_letter(rt, url, receipt.offset)
+                if error:
+                    failure.append(error)
+                    stop.set()
+                    return
+                await rt.store.wait(f"{url.strip('/')}/main", tail, 1.0)
+                offset = tail
+            del offset
+
+        with anyio.move_on_after(timeout_s) as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                await rt.worker(poll_interval=0.2).run(stop)
+        if scope.cancelled_caught:
+            click.echo(f"error: no reply within {timeout_s} s", err=True)
+            return 2
+        if failure:
+            click.echo(f"error: {failure[0]}", err=True)
+            return 1
+        for value in result:
+            if as_json or not isinstance(value, str):
+                click.echo(_json(value))
+            else:
+                click.echo(value)
+        return 0
+
+
+async def _dead_letter(rt: Runtime, url: str, after: str) -> str | None:
+    events, _ = await rt.read(url, "-1", limit=100_000)
+    for item in events:
+        value = item.get("value") or {}
+        if item["type"] == "errors" and value.get("final") and item["offset"] > after:
+            return str(value.get("error"))
+    return None
+
+
+# -- client side --------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("url")
+@server_option
+@click.option("--args", "args_json", default=None, help="Spawn args as JSON.")
+@click.option("--tag", "tags", multiple=True, help="key=value (repeatable).")
+@json_option
+def spawn(
+    url: str, server: str, args_json: str | None, tags: tuple[str, ...], as_json: bool
+) -> None:
+    """Create the entity at URL (/type/id)."""
+    body: dict[str, Any] = {"args": _parse_json(args_json, "--args") if args_json else None}
+    body["tags"] = dict(t.split("=", 1) for t in tags if "=" in t)
+    info = Client(server).request("PUT", f"/_entities/entities{_path(url)}", body)
+    click.echo(_json(info) if as_json else f"spawned {info['url']}")
+
+
+@cli.command()
+@click.argument("url")
+@click.argument("message")
+@server_option
+@click.option("--type", "message_type", default=None, help="Message type.")
+@click.option(
+    "--wait",
+    "wait_s",
+    default=0.0,
+    type=float,
+    help="Wait up to this many seconds for the reply and print it.",
+)
+@json_option
+def send(
+    url: str, message: str, server: str, message_type: str | None, wait_s: float, as_json: bool
+) -> None:
+    """Send MESSAGE to URL (text is wrapped as {"text": ...} unless --json)."""
+    client = Client(server, timeout=max(30.0, wait_s + 10))
+    receipt = client.request(
+        "POST",
+        f"/_entities/entities{_path(url)}/send",
+        {"payload": _message(message, as_json), "type": message_type},
+    )
+    if wait_s <= 0:
+        click.echo(_json(receipt) if as_json else f"sent {receipt['key']} to {receipt['url']}")
+        return
+    answer = client.request(
+        "GET",
+        f"/_entities/entities{_path(url)}/replies/{receipt['key']}",
+        wait_ms=int(wait_s * 1000),
+        after=receipt["offset"],
+    )
+    for value in answer["replies"]:
+        click.echo(_json(value) if as_json or not isinstance(value, str) else value)
+    if not answer["replies"]:
+        raise click.ClickException(f"no reply within {wait_s} s")
+
+
+def _path(url: str) -> str:
+    return "/" + url.strip("/")
+
+
+def _describe(item: dict[str, Any]) -> str:
+    operation = item.get("headers", {}).get("operation", "?")
+    value = item.get("value")
+    text = _json(value)
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{item.get('type', '?'):<16} {operation:<7} {item.get('key', ''):<24} {text}"
+
+
+@cli.command()
+@click.argument("url")
+@server_option
+@click.option("--from", "offset", default="-1", show_default=True, help="Start offset.")
+@json_option
+def view(url: str, server: str, offset: str, as_json: bool) -> None:
+    """Print an entity's stream once."""
+    for item, _ in Client(server).stream_events(_path(url), offset, live=False):
+        click.echo(_json(item) if as_json else _describe(item))
+
+
+@cli.command()
+@click.argument("url")
+@server_option
+@click.option("--from", "offset", default="-1", show_default=True, help="Start offset.")
+@json_option
+def observe(url: str, server: str, offset: str, as_json: bool) -> None:
+    """Tail an entity's stream live (until Ctrl-C)."""
+    try:
+        for item, _ in Client(server).stream_events(_path(url), offset, live=True):
+            click.echo(_json(item) if as_json else _describe(item))
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+@server_option
+@click.option("--type", "type_", default=None)
+@click.option("--status", default=None)
+@click.option("--tag", default=None, help="key or key=value")
+@click.option("--parent", default=None)
+@json_option
+def ps(
+    server: str,
+    type_: str | None,
+    status: str | None,
+    tag: str | None,
+    parent: str | None,
+    as_json: bool,
+) -> None:
+    """List entities."""
+    items = Client(server).request(
+        "GET", "/_entities/entities", type=type_, status=status, tag=tag, parent=parent
+    )
+    if as_json:
+        click.echo(_json(items))
+        return
+    click.echo(f"{'URL':<40} {'STATUS':<8} {'RUNS':>5} {'PENDING':<8} {'CREATED':<25} LAST ACTIVE")
+    for e in items:
+        click.echo(
+            f"{e['url']:<40} {e['status']:<8} {e['runs']:>5} "
+            f"{'yes' if e['pending'] else 'no':<8} {e['created_at']:<25} "
+            f"{e['last_active'] or ''}"
+        )
+
+
+@cli.command()
+@click.argument("url")
+@server_option
+def inspect(url: str, server: str) -> None:
+    """Print everything about an entity as JSON."""
+    data = Client(server).request("GET", f"/_entities/entities{_path(url)}")
+    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+@cli.command()
+@click.argument("url")
+@server_option
+def kill(url: str, server: str) -> None:
+    """Stop an entity for good."""
+    info = Client(server).request("DELETE", f"/_entities/entities{_path(url)}")
+    click.echo(f"{info['url']} {info['status']}")
+
+
+@cli.command()
+@server_option
+@json_option
+def types(server: str, as_json: bool) -> None:
+    """List the server's entity types."""
+    items = Client(server).request("GET", "/_entities/types")
+    if as_json:
+        click.echo(_json(items))
+        return
+    for t in items:
+        click.echo(f"{t['name']:<20} {t['description']}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

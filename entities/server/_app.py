@@ -1,0 +1,125 @@
+"""One ASGI app for the whole runtime, and ``serve()``: uvicorn plus an embedded worker."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from streams.server import ServerSettings
+from streams.server import create_app as create_streams_app
+
+from .._runtime import Runtime
+from ._routes import control_routes, error_response
+from ._ui import INDEX_HTML
+
+__all__ = ["ServeOptions", "create_app", "serve"]
+
+logger = logging.getLogger("entities.server")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """How ``entities serve`` runs: address, auth, limits, and whether to run a worker."""
+
+    host: str = "127.0.0.1"
+    port: int = 4437
+    token: str | None = None
+    worker: bool = True
+    max_body_bytes: int = 1024 * 1024
+    streams: ServerSettings = field(default_factory=ServerSettings)
+    log_level: str = "warning"
+
+
+class _BearerAuth:
+    """Reject every request without ``Authorization: Bearer <token>`` (CORS preflight aside)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            response = error_response(401, "UNAUTHORIZED", "a valid bearer token is required")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    runtime: Runtime,
+    *,
+    token: str | None = None,
+    max_body_bytes: int = 1024 * 1024,
+    streams: ServerSettings | None = None,
+) -> Starlette:
+    """The ASGI app: control plane (``/_entities``), streams (``/v1/stream``), dev UI (``/``).
+
+    With ``token`` set, every request must carry ``Authorization: Bearer <token>``.
+    """
+    streams_app = create_streams_app(runtime.store, settings=streams or ServerSettings())
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(INDEX_HTML)
+
+    middleware = [Middleware(_BearerAuth, token=token)] if token else []
+    routes = [
+        Route("/", index, methods=["GET"]),
+        *control_routes(runtime, max_body_bytes=max_body_bytes),
+        Mount("/", app=streams_app),
+    ]
+    return Starlette(routes=routes, middleware=middleware)
+
+
+async def serve(
+    runtime: Runtime,
+    options: ServeOptions,
+    *,
+    ready: Callable[[str], Awaitable[None] | None] | None = None,
+) -> None:
+    """Serve HTTP (and, unless ``options.worker`` is false, run a worker) until cancelled or
+    until SIGINT/SIGTERM; in-flight wakes get a graceful drain."""
+    app = create_app(
+        runtime, token=options.token, max_body_bytes=options.max_body_bytes, streams=options.streams
+    )
+    config = uvicorn.Config(
+        app, host=options.host, port=options.port, log_level=options.log_level, lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        if options.worker:
+            worker = runtime.worker()
+
+            async def run_worker() -> None:
+                await worker.run(stop)
+
+            tg.start_soon(run_worker)
+
+        async def run_server() -> None:
+            await server.serve()
+            stop.set()
+
+        tg.start_soon(run_server)
+        while not server.started:
+            if stop.is_set():
+                return
+            await anyio.sleep(0.01)
+        if ready is not None:
+            result = ready(f"http://{options.host}:{options.port}")
+            if result is not None:
+                await result

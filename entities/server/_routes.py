@@ -1,0 +1,194 @@
+"""Control-plane routes (JSON in and out; errors as ``{"error": {"code", "message"}}``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .._errors import EntitiesError, SchemaValidationFailed
+from .._runtime import Runtime
+from .._urls import EntityURL, check_segment
+
+__all__ = ["control_routes", "error_response", "json_response"]
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def error_response(status: int, code: str, message: str, details: Any = None) -> Response:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        error["details"] = details
+    return json_response({"error": error}, status)
+
+
+class _Problem(Exception):
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.response = error_response(status, code, message, details)
+
+
+class SpawnBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    args: dict[str, Any] | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    initial_message: Any = None
+    initial_message_type: str | None = None
+    parent: str | None = None
+
+
+class SendBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    payload: Any = None
+    type: str | None = None
+    sender: str | None = Field(default=None, alias="from")
+
+
+class TagBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: str
+
+
+async def _body(request: Request, model: type[BaseModel], limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _Problem(413, "BODY_TOO_LARGE", f"request body is larger than {limit} bytes")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise _Problem(413, "BODY_TOO_LARGE", f"request body is larger than {limit} bytes")
+    if not raw.strip():
+        raw = b"{}"
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _Problem(400, "INVALID_JSON", f"request body is not JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
+        raise _Problem(
+            422, "SCHEMA_VALIDATION_FAILED", "request body has the wrong shape", details
+        ) from None
+
+
+def _target(request: Request) -> EntityURL:
+    try:
+        return EntityURL(
+            check_segment(request.path_params["type"], "type"),
+            check_segment(request.path_params["id"], "id"),
+        )
+    except EntitiesError as exc:
+        raise _Problem(exc.status, exc.code, exc.message) from None
+
+
+def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> list[Route]:
+    """The ``/_entities`` routes over ``runtime``."""
+
+    def guarded(fn: Any) -> Any:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await fn(request)  # type: ignore[no-any-return]
+            except _Problem as problem:
+                return problem.response
+            except SchemaValidationFailed as exc:
+                return error_response(exc.status, exc.code, exc.message, exc.errors)
+            except EntitiesError as exc:
+                return error_response(exc.status, exc.code, exc.message)
+
+        return endpoint
+
+    async def types(request: Request) -> Response:
+        return json_response([t.describe() for t in runtime.registry.list()])
+
+    async def list_entities(request: Request) -> Response:
+        q = request.query_params
+        found = await runtime.list_entities(
+            type=q.get("type"), status=q.get("status"), tag=q.get("tag"), parent=q.get("parent")
+        )
+        return json_response([info.to_json() for info in found])
+
+    async def spawn(request: Request) -> Response:
+        target = _target(request)
+        runtime.registry.get(target.type)
+        body = await _body(request, SpawnBody, max_body_bytes)
+        info = await runtime.spawn(
+            target.url,
+            args=body.args,
+            tags=body.tags,
+            initial_message=body.initial_message,
+            initial_message_type=body.initial_message_type,
+            parent=body.parent,
+        )
+        return json_response(info.to_json(), 201)
+
+    async def get_entity(request: Request) -> Response:
+        target = _target(request)
+        if request.method == "HEAD":
+            await runtime.get(target.url)
+            return Response(status_code=200)
+        return json_response(await runtime.inspect(target.url))
+
+    async def kill(request: Request) -> Response:
+        target = _target(request)
+        await runtime.kill(target.url)
+        return json_response((await runtime.get(target.url)).to_json())
+
+    async def send(request: Request) -> Response:
+        target = _target(request)
+        runtime.registry.get(target.type)
+        body = await _body(request, SendBody, max_body_bytes)
+        receipt = await runtime.send(
+            target.url, body.payload, type=body.type, sender=body.sender or "/_http/client"
+        )
+        return json_response(
+            {"url": receipt.url, "key": receipt.key, "offset": receipt.offset}, 202
+        )
+
+    async def tag(request: Request) -> Response:
+        target = _target(request)
+        key = request.path_params["key"]
+        if request.method == "DELETE":
+            await runtime.remove_tag(target.url, key)
+        else:
+            body = await _body(request, TagBody, max_body_bytes)
+            await runtime.set_tag(target.url, key, body.value)
+        return json_response((await runtime.get(target.url)).to_json())
+
+    async def replies(request: Request) -> Response:
+        target = _target(request)
+        key = request.path_params["key"]
+        raw_wait = request.query_params.get("wait_ms", "0")
+        after = request.query_params.get("after", "-1")
+        if not raw_wait.isdigit() or int(raw_wait) > 120_000:
+            raise _Problem(400, "BAD_REQUEST", "wait_ms must be an integer from 0 to 120000")
+        await runtime.get(target.url)
+        found: list[Any] = []
+        with anyio.move_on_after(int(raw_wait) / 1000):
+            while True:
+                tail = (await runtime.store.head(target.stream)).next_offset
+                found = await runtime.replies(target.url, key, after=after)
+                if found or raw_wait == "0":
+                    break
+                await runtime.store.wait(target.stream, tail, 5.0)
+        return json_response({"key": key, "replies": found})
+
+    base = "/_entities/entities/{type}/{id}"
+    return [
+        Route("/_entities/types", guarded(types), methods=["GET"]),
+        Route("/_entities/entities", guarded(list_entities), methods=["GET"]),
+        Route(base, guarded(spawn), methods=["PUT"]),
+        Route(base, guarded(get_entity), methods=["GET", "HEAD"]),
+        Route(base, guarded(kill), methods=["DELETE"]),
+        Route(base + "/send", guarded(send), methods=["POST"]),
+        Route(base + "/tags/{key}", guarded(tag), methods=["POST", "PUT", "DELETE"]),
+        Route(base + "/replies/{key}", guarded(replies), methods=["GET"]),
+    ]

@@ -1,0 +1,11 @@
+"""Every example type in one registry (what ``make run`` serves)."""
+
+from __future__ import annotations
+
+from entities import Registry
+from examples import chat, counter
+
+registry = Registry()
+for _module in (counter, chat):
+    for _type in _module.registry.list():
+        registry.add(_type)
