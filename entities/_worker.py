@@ -484,6 +484,8 @@ class Worker:
                     )
             await self._finish(claim, failure, contexts, view, snapshot_offset)
             return
+        for entry in ctx.effects.journal:  # keep now()/uuid() stable for the next attempt
+            failure.append(event("steps", f"{entry['wake_id']}/{entry['name']}", entry, now))
         delay = min(rt.retry_max_seconds, rt.retry_base_seconds * 2 ** (inflight.attempt - 1))
         delay *= 0.8 + 0.4 * random.random()
         retry = claim.record.model_copy(

@@ -1,0 +1,356 @@
+"""Contract tests of the HandlerContext API, run in-process on the memory store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from entities import (
+    ChildEntry,
+    ContextError,
+    DefinitionError,
+    DuplicateEntity,
+    EntityNotFound,
+    EntityStopped,
+    HandlerContext,
+    InboxMessage,
+    Registry,
+    Runtime,
+    SchemaValidationFailed,
+    UnknownEntityType,
+    VirtualClock,
+    WakeEvent,
+    collection,
+)
+
+
+class Row(BaseModel):
+    key: str
+    value: int = 0
+
+
+class Args(BaseModel):
+    start: int
+    label: str = "x"
+
+
+def make_runtime(registry: Registry, **kwargs: Any) -> Runtime:
+    return Runtime(registry, "memory://", clock=VirtualClock(), **kwargs)
+
+
+async def test_collections_read_their_own_writes_and_commit() -> None:
+    registry = Registry()
+    seen: list[Any] = []
+
+    @registry.define("t", state={"rows": collection(Row)})
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        rows = ctx.db.collections.rows
+        assert rows.get("a") is None
+        ctx.db.actions.rows_insert(row=Row(key="a", value=1))
+        seen.append(rows.get("a"))
+        ctx.state.rows.update("a", lambda r: Row(key="a", value=r.value + 10))
+        ctx.state.rows.insert({"key": "b", "value": 2})
+        ctx.db.actions.rows_delete(key="b")
+        seen.append([r.value for r in rows.to_list()])
+        with pytest.raises(ContextError):
+            rows.insert(Row(key="a"))
+        with pytest.raises(ContextError):
+            rows.update("missing", Row(key="missing"))
+        with pytest.raises(ContextError):
+            rows.insert({"key": "c", "value": "not a number"})
+
+    async with make_runtime(registry) as rt:
+        await rt.spawn("/t/one", initial_message={"go": 1})
+        assert await rt.run_until_idle() == 1
+        assert seen == [Row(key="a", value=1), [11]]
+        assert await rt.state_of("/t/one") == {"rows": {"a": {"key": "a", "value": 11}}}
+
+
+async def test_identity_args_tags_first_wake_and_manifest() -> None:
+    registry = Registry()
+    wakes: list[dict[str, Any]] = []
+
+    @registry.define("child")
+    async def child(ctx: HandlerContext, wake: WakeEvent) -> None:
+        ctx.sleep()
+
+    @registry.define("parent", args_schema=Args)
+    async def parent(ctx: HandlerContext, wake: WakeEvent) -> None:
+        wakes.append(
+            {
+                "first": ctx.first_wake,
+                "url": ctx.entity_url,
+                "type": ctx.entity_type,
+                "args": dict(ctx.args),
+                "tags": ctx.tags,
+            }
+        )
+        with pytest.raises(TypeError):
+            ctx.args["start"] = 5  # type: ignore[index]
+        ctx.set_tag("phase", f"p{len(wakes)}")
+        handle = await ctx.spawn("child", "c1", tags={"role": "helper"})
+        assert handle.url == "/child/c1"
+        assert await handle.status() in {"spawning", "idle"}
+
+    async with make_runtime(registry) as rt:
+        with pytest.raises(SchemaValidationFailed):
+            await rt.spawn("/parent/p1", args={"start": "nope"})
+        await rt.spawn("/parent/p1", args={"start": 3}, initial_message={"n": 1})
+        await rt.run_until_idle()
+        await rt.send("/parent/p1", {"n": 2})
+        await rt.run_until_idle()
+        assert wakes[0] == {"first": True, "url": "/parent/p1", "type": "parent",
+                            "args": {"start": 3, "label": "x"}, "tags": {}}  # fmt: skip
+        assert wakes[1]["first"] is False
+        assert wakes[1]["tags"] == {"phase": "p1"}
+        info = await rt.get("/parent/p1")
+        assert info.tags == {"phase": "p2"}
+        child_info = await rt.get("/child/c1")
+        assert child_info.parent == "/parent/p1"
+        assert child_info.tags == {"role": "helper"}
+        data = await rt.inspect("/parent/p1")
+        entry = ChildEntry.model_validate(data["manifest"]["child:/child/c1"])
+        assert entry.entity_url == "/child/c1"
+        assert [e.url for e in await rt.list_entities(tag="phase=p2")] == ["/parent/p1"]
+        assert await rt.list_entities(tag="phase=p1") == []
+
+
+async def test_spawn_of_existing_url_is_an_error() -> None:
+    registry = Registry()
+    errors: list[BaseException] = []
+
+    @registry.define("t")
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        try:
+            await ctx.spawn("t", "other")
+        except DuplicateEntity as exc:
+            errors.append(exc)
+        with pytest.raises(UnknownEntityType):
+            await ctx.spawn("nope", "x")
+
+    async with make_runtime(registry) as rt:
+        await rt.spawn("/t/other")
+        await rt.spawn("/t/me", initial_message={})
+        await rt.run_until_idle()
+        assert len(errors) == 1
+        with pytest.raises(DuplicateEntity):
+            await rt.spawn("/t/me")
+
+
+async def test_sends_between_entities_and_replies() -> None:
+    registry = Registry()
+
+    @registry.define("echo")
+    async def echo(ctx: HandlerContext, wake: WakeEvent) -> None:
+        for message in wake.messages:
+            if message.sender and message.sender.startswith("/relay/"):
+                await ctx.send(message.sender, {"echo": message.payload})
+
+    @registry.define("relay")
+    async def relay(ctx: HandlerContext, wake: WakeEvent) -> None:
+        for message in wake.messages:
+            if "echo" in message.payload:
+                ctx.reply(message.payload["echo"])
+            else:
+                await ctx.send("/echo/e", message.payload)
+                with pytest.raises(EntityNotFound):
+                    await ctx.send("/echo/missing", {})
+
+    async with make_runtime(registry) as rt:
+        await rt.spawn("/echo/e")
+        await rt.spawn("/relay/r")
+        await rt.send("/relay/r", {"hello": 1})
+        assert await rt.run_until_idle() == 3
+        events, _ = await rt.read("/relay/r")
+        replies = [e["value"]["value"] for e in events if e["type"] == "texts"]
+        assert replies == [{"hello": 1}]
+
+
+async def test_events_arriving_while_busy_are_coalesced_in_order() -> None:
+    registry = Registry()
+    batches: list[list[int]] = []
+
+    @registry.define("t")
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        batches.append([m.payload["n"] for m in wake.messages])
+        assert wake.event_count == len(wake.messages)
+        assert wake.type == "message_received"
+        assert wake.from_offset < wake.to_offset
+
+    async with make_runtime(registry) as rt:
+        await rt.spawn("/t/a")
+        for n in range(5):
+            await rt.send("/t/a", {"n": n})
+        await rt.run_until_idle()
+        for n in range(5, 8):
+            await rt.send("/t/a", {"n": n})
+        await rt.run_until_idle()
+        assert batches == [[0, 1, 2, 3, 4], [5, 6, 7]]
+
+
+async def test_on_message_answers_directly_and_skips_the_handler() -> None:
+    registry = Registry()
+    handled: list[Any] = []
+
+    def gate(ctx: HandlerContext, message: InboxMessage) -> str | None:
+        return "no" if message.payload.get("blocked") else None
+
+    @registry.define("t", on_message=gate)
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        handled.extend(m.payload for m in wake.messages)
+        ctx.reply("yes")
+
+    async with make_runtime(registry) as rt:
+        await rt.spawn("/t/a")
+        blocked = await rt.send("/t/a", {"blocked": True})
+        await rt.run_until_idle()
+        assert handled == []
+        assert await rt.replies("/t/a", blocked.key) == ["no"]
+        allowed = await rt.send("/t/a", {"blocked": False})
+        await rt.run_until_idle()
+        assert handled == [{"blocked": False}]
+        assert await rt.replies("/t/a", allowed.key) == ["yes"]
+
+
+async def test_failures_retry_with_backoff_then_dead_letter_and_call_on_error() -> None:
+    registry = Registry()
+    attempts: list[int] = []
+
+    def on_error(ctx: HandlerContext, exc: BaseException) -> None:
+        ctx.reply(f"sorry: {exc}")
+
+    @registry.define("t", state={"rows": collection(Row)}, on_error=on_error, max_attempts=3)
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        attempts.append(wake.attempt)
+        ctx.state.rows.insert(Row(key="partial"))
+        if wake.messages[0].payload.get("fail"):
+            raise ValueError("bad input")
+
+    clock = VirtualClock()
+    async with Runtime(registry, "memory://", clock=clock) as rt:
+        await rt.spawn("/t/a")
+        start = clock.now()
+        receipt = await rt.send("/t/a", {"fail": True})
+        await rt.run_until_idle()
+        assert attempts == [1, 2, 3]
+        assert clock.now() > start  # the virtual clock jumped over the backoff
+        assert await rt.replies("/t/a", receipt.key) == ["sorry: bad input"]
+        events, _ = await rt.read("/t/a")
+        errors = [e["value"] for e in events if e["type"] == "errors"]
+        assert [e["attempt"] for e in errors] == [1, 2, 3]
+        assert errors[-1]["final"] is True
+        assert "ValueError: bad input" in errors[-1]["traceback"]
+        runs = [e["value"]["status"] for e in events if e["type"] == "runs"]
+        assert runs == ["failed", "failed", "dead_lettered"]
+        # the failed attempts' state writes were never committed
+        assert await rt.state_of("/t/a") == {"rows": {}}
+        # the entity stays usable
+        await rt.send("/t/a", {"fail": False})
+        await rt.run_until_idle()
+        assert (await rt.state_of("/t/a"))["rows"] == {"partial": {"key": "partial", "value": 0}}
+        assert (await rt.get("/t/a")).status == "idle"
+
+
+async def test_steps_now_and_uuid_are_journaled_across_retries() -> None:
+    registry = Registry()
+    calls: list[str] = []
+    observed: list[tuple[Any, float, str]] = []
+
+    @registry.define("t", max_attempts=2)
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        def expensive() -> dict[str, int]:
+            calls.append("expensive")
+            return {"answer": 42}
+
+        result = await ctx.step("model-call", expensive)
+        observed.append((result, ctx.now(), ctx.uuid()))
+        with pytest.raises(ContextError):
+            await ctx.step("model-call", expensive)
+        if wake.attempt == 1:
+            raise RuntimeError("crash after the step")
+
+    async with make_runtime(registry) as rt:
+        await rt.spawn("/t/a", initial_message={})
+        await rt.run_until_idle()
+        assert calls == ["expensive"]
+        assert observed[0] == observed[1]
+        assert observed[0][0] == {"answer": 42}
+
+
+async def test_record_run_and_sleep() -> None:
+    registry = Registry()
+
+    @registry.define("t")
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        run = ctx.record_run()
+        run.attach_response("done")
+        run.end("completed", finish_reason="stop")
+        ctx.sleep()
+
+    async with make_runtime(registry) as rt:
+        await rt.spawn("/t/a", initial_message={})
+        await rt.run_until_idle()
+        events, _ = await rt.read("/t/a")
+        runs = [e["value"] for e in events if e["type"] == "runs" and ".run" in e["key"]]
+        assert runs[-1]["status"] == "completed"
+        assert runs[-1]["response"] == "done"
+
+
+async def test_kill_stops_the_entity() -> None:
+    registry = Registry()
+
+    @registry.define("t")
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        ctx.reply("ok")
+
+    async with make_runtime(registry) as rt:
+        await rt.spawn("/t/a")
+        await rt.send("/t/a", {})
+        await rt.kill("/t/a")
+        assert await rt.run_until_idle() == 0
+        assert (await rt.get("/t/a")).status == "stopped"
+        with pytest.raises(EntityStopped):
+            await rt.send("/t/a", {})
+
+
+def test_registry_rules() -> None:
+    registry = Registry()
+
+    @registry.define("t", description="d")
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        return None
+
+    with pytest.raises(DefinitionError):
+        registry.define("t", handler=handler)
+    with pytest.raises(DefinitionError):
+        collection(Row, primary_key="nope")
+    with pytest.raises(UnknownEntityType):
+        registry.get("missing")
+    assert [t.name for t in registry.list()] == ["t"]
+    assert registry.get("t").describe()["description"] == "d"
+
+
+async def test_typed_inbox_validates_at_send_time() -> None:
+    class Ping(BaseModel):
+        n: int
+
+    class Stop(BaseModel):
+        reason: str
+
+    registry = Registry()
+
+    @registry.define("t", inbox={"ping": Ping, "stop": Stop})
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        return None
+
+    async with make_runtime(registry) as rt:
+        await rt.spawn("/t/a")
+        await rt.send("/t/a", {"n": 1}, type="ping")
+        with pytest.raises(SchemaValidationFailed):
+            await rt.send("/t/a", {"n": "x"}, type="ping")
+        with pytest.raises(SchemaValidationFailed):
+            await rt.send("/t/a", {"n": 1}, type="unknown")
+        events, _ = await rt.read("/t/a")
+        assert [e["value"]["message_type"] for e in events if e["type"] == "inbox"] == ["ping"]
