@@ -20,8 +20,9 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import aiosqlite
@@ -95,6 +96,7 @@ _UPSERT_STREAM = (
     "deleted=excluded.deleted, fork_count=excluded.fork_count"
 )
 _CACHE_LIMIT = 4096
+_T = TypeVar("_T")
 _MAX_GROUP_OPS = 2048
 
 
@@ -125,6 +127,25 @@ def _from_record(r: StreamRecord) -> tuple[object, ...]:
     return (r.id, r.path, r.content_type, r.created_at, r.last_access, r.length, r.ttl_seconds,
             r.expires_at, int(r.closed), closed_by, r.fork_parent, r.fork_position,
             r.last_stream_seq, int(r.deleted), r.fork_count, r.fork_sub_offset)  # fmt: skip
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _uncancellable(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run reader queries to completion even when the caller is cancelled.
+
+    A query abandoned mid-way leaves its statement open, which pins the shared reader
+    connection to an old snapshot: later reads on it would miss newer commits.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_retrieve)
+        raise
 
 
 def sqlite_path(url: str) -> Path:
@@ -322,6 +343,9 @@ class SqliteStore(Store):
         self._reader_count = readers
         self._writer: aiosqlite.Connection | None = None
         self._readers: list[aiosqlite.Connection] = []
+        # One logical read at a time per reader connection: interleaved statements on one
+        # connection share its read snapshot, so a read could miss a commit it follows.
+        self._reader_locks: list[asyncio.Lock] = []
         self._next_reader = 0
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -343,6 +367,7 @@ class SqliteStore(Store):
         await self._migrate(writer)
         self._writer = writer
         self._readers = [await self._connect() for _ in range(self._reader_count)]
+        self._reader_locks = [asyncio.Lock() for _ in self._readers]
         self._task = asyncio.create_task(self._run_writer(), name=f"streams-writer:{self.path}")
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
@@ -499,11 +524,15 @@ class SqliteStore(Store):
 
     # -- reads -----------------------------------------------------------------------------
 
-    def _reader(self) -> aiosqlite.Connection:
+    async def _reading(self, fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """Run ``fn(conn, *args)`` on a reader connection nobody else is using."""
         if not self._readers:
             raise StreamsError("store is not open", path="")
-        self._next_reader = (self._next_reader + 1) % len(self._readers)
-        return self._readers[self._next_reader]
+        index = next((i for i, lock in enumerate(self._reader_locks) if not lock.locked()), None)
+        if index is None:
+            self._next_reader = index = (self._next_reader + 1) % len(self._readers)
+        async with self._reader_locks[index]:
+            return await fn(self._readers[index], *args)
 
     async def _record(self, conn: aiosqlite.Connection, path: str) -> StreamRecord:
         record = await _ReadLoader(conn).stream(path)
@@ -514,7 +543,9 @@ class SqliteStore(Store):
         return record
 
     async def head(self, path: str) -> StreamInfo:
-        conn = self._reader()
+        return await _uncancellable(self._reading(self._head, path))
+
+    async def _head(self, conn: aiosqlite.Connection, path: str) -> StreamInfo:
         record = await self._record(conn, path)
         parent = None
         if record.fork_parent is not None:
@@ -530,7 +561,19 @@ class SqliteStore(Store):
         max_bytes: int | None = None,
         renew_ttl: bool = True,
     ) -> ReadResult:
-        conn = self._reader()
+        return await _uncancellable(
+            self._reading(self._read, path, offset, limit, max_bytes, renew_ttl)
+        )
+
+    async def _read(
+        self,
+        conn: aiosqlite.Connection,
+        path: str,
+        offset: str,
+        limit: int,
+        max_bytes: int | None,
+        renew_ttl: bool,
+    ) -> ReadResult:
         parsed = parse_offset(offset, path=path)
         # No explicit transaction: every query below is bounded by ``record.length``, so
         # messages committed after the record was read never leak into this answer.
@@ -562,14 +605,22 @@ class SqliteStore(Store):
         )
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
-        async with self._reader().execute(
+        return await _uncancellable(self._reading(self._kv_get, namespace, key))
+
+    async def _kv_get(self, conn: aiosqlite.Connection, namespace: str, key: str) -> bytes | None:
+        async with conn.execute(
             "SELECT value FROM kv WHERE namespace=? AND key=?", (namespace, key)
         ) as cursor:
             row = await cursor.fetchone()
         return None if row is None else bytes(row[0])
 
     async def kv_scan(self, namespace: str, prefix: str = "") -> list[tuple[str, bytes]]:
-        async with self._reader().execute(
+        return await _uncancellable(self._reading(self._kv_scan, namespace, prefix))
+
+    async def _kv_scan(
+        self, conn: aiosqlite.Connection, namespace: str, prefix: str
+    ) -> list[tuple[str, bytes]]:
+        async with conn.execute(
             "SELECT key, value FROM kv WHERE namespace=? AND key >= ? ORDER BY key",
             (namespace, prefix),
         ) as cursor:
