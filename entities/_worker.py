@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,7 +30,6 @@ from streams import (
     StreamClosed,
     StreamGone,
     StreamNotFound,
-    StreamsError,
 )
 
 from ._context import HandlerContext, format_exception
@@ -53,6 +53,14 @@ logger = logging.getLogger("entities.worker")
 
 
 @dataclass(slots=True)
+class _Loaded:
+    view: dict[str, dict[str, Any]]
+    base_offset: str
+    events: list[dict[str, Any]]
+    to_offset: str
+
+
+@dataclass(slots=True)
 class Claim:
     """A lease on one entity, held by this worker for one wake."""
 
@@ -60,6 +68,10 @@ class Claim:
     record: EntityRecord
     raw: bytes
     token: bytes
+    loaded: _Loaded | None = None
+
+
+_STALE = object()
 
 
 class Worker:
@@ -76,6 +88,7 @@ class Worker:
         concurrency: int | None = None,
         poll_interval: float = 1.0,
         drain_seconds: float = 10.0,
+        cache_size: int = 256,
     ) -> None:
         self.rt = runtime
         self.concurrency = concurrency or runtime.concurrency
@@ -86,6 +99,9 @@ class Worker:
         self._kick = anyio.Event()
         self._idle = anyio.Event()
         self.wakes = 0
+        self.cache_size = cache_size
+        self._records: OrderedDict[str, bytes] = OrderedDict()
+        self._views: OrderedDict[str, tuple[str, dict[str, dict[str, Any]]]] = OrderedDict()
 
     # -- loops ------------------------------------------------------------------------------
 
@@ -128,7 +144,7 @@ class Worker:
         if pending:
             shift = random.randrange(len(pending))
             pending = pending[shift:] + pending[:shift]
-        for url, _token in pending:
+        for url, token in pending:
             if len(self._active) >= self.concurrency:
                 break
             blocked = self._blocked.get(url)
@@ -140,12 +156,12 @@ class Worker:
             if url in self._active:
                 continue
             self._active.add(url)
-            tg.start_soon(self._process, url)
+            tg.start_soon(self._process, url, token)
         return next_due
 
-    async def _process(self, url: str) -> None:
+    async def _process(self, url: str, token: bytes) -> None:
         try:
-            claim = await self.claim(url)
+            claim = await self.claim(url, token)
             if claim is not None:
                 await self.run_wake(claim)
                 self.wakes += 1
@@ -161,67 +177,85 @@ class Worker:
         """Process due wakes until none is left (see :meth:`Runtime.run_until_idle`)."""
         done = 0
         while max_wakes is None or done < max_wakes:
-            pending = [u for u, _ in await self.rt.store.kv_scan(PENDING_NS)]
+            pending = await self.rt.store.kv_scan(PENDING_NS)
             if not pending:
                 return done
             now = self.rt.clock.now()
-            due: list[str] = []
-            next_due: float | None = None
-            for url in pending:
-                found = await self.rt.record(url)
-                if found is None:
-                    continue
-                record = found[0]
-                wait_until = max(
-                    record.retry_at or 0.0, record.lease_expires if record.owner else 0.0
-                )
-                if wait_until > now:
-                    next_due = wait_until if next_due is None else min(next_due, wait_until)
-                else:
-                    due.append(url)
-            if not due:
-                if next_due is not None and self.rt.clock.virtual:
-                    self.rt.clock.set(next_due)  # type: ignore[attr-defined]
-                    continue
-                return done
+            due = [(u, t) for u, t in pending if self._blocked.get(u, 0.0) <= now]
             if max_wakes is not None:
                 due = due[: max_wakes - done]
-            ran = await self._run_batch(due)
+            ran = await self._run_batch(due) if due else 0
             done += ran
             if ran == 0:
-                return done
+                waits = [self._blocked[u] for u, _ in pending if u in self._blocked]
+                if waits and self.rt.clock.virtual:
+                    self.rt.clock.set(min(waits))  # type: ignore[attr-defined]
+                    continue
+                if not due:
+                    return done
+                # claims found nothing to do (e.g. only empty marks were cleared): rescan once
+                if not await self.rt.store.kv_scan(PENDING_NS):
+                    return done
+                if all(self._blocked.get(u, 0.0) > self.rt.clock.now() for u, _ in pending):
+                    return done
         return done
 
-    async def _run_batch(self, urls: list[str]) -> int:
+    async def _run_batch(self, items: list[tuple[str, bytes]]) -> int:
         limiter = anyio.CapacityLimiter(self.concurrency)
         ran = 0
 
-        async def one(url: str) -> None:
+        async def one(url: str, token: bytes) -> None:
             nonlocal ran
             async with limiter:
-                claim = await self.claim(url)
+                claim = await self.claim(url, token)
                 if claim is not None:
                     await self.run_wake(claim)
                     ran += 1
 
         async with anyio.create_task_group() as tg:
-            for url in urls:
-                tg.start_soon(one, url)
+            for url, token in items:
+                tg.start_soon(one, url, token)
         return ran
 
     # -- claiming ---------------------------------------------------------------------------
 
-    async def claim(self, url: str) -> Claim | None:
-        """Take the lease on ``url`` if it has work and nobody else holds it."""
-        rt = self.rt
+    def _remember(self, url: str, raw: bytes | None) -> None:
+        if raw is None:
+            self._records.pop(url, None)
+            return
+        self._records[url] = raw
+        self._records.move_to_end(url)
+        while len(self._records) > self.cache_size:
+            self._records.popitem(last=False)
+
+    async def claim(self, url: str, token: bytes | None = None) -> Claim | None:
+        """Take the lease on ``url`` if it has work and nobody else holds it.
+
+        The entity record may come from this worker's bounded cache: the compare-and-set of the
+        claim fails if it is stale, and the claim is then retried once with a fresh read.
+        """
         target = parse_url(url)
-        raw = await rt.store.kv_get(ENTITY_NS, target.url)
-        token = await rt.store.kv_get(PENDING_NS, target.url)
-        if raw is None or token is None:
-            if raw is None and token is not None:  # an orphan mark: drop it
-                await rt.store.commit(
-                    [KvPut(PENDING_NS, target.url, None, only_if=True, expect=token)]
-                )
+        if token is None:
+            token = await self.rt.store.kv_get(PENDING_NS, target.url)
+            if token is None:
+                return None
+        for fresh in (False, True):
+            raw = None if fresh else self._records.get(target.url)
+            if raw is None:
+                raw = await self.rt.store.kv_get(ENTITY_NS, target.url)
+                fresh = True
+            claim = await self._try_claim(target, raw, token)
+            if claim is not _STALE:
+                return claim  # type: ignore[return-value]
+            self._remember(target.url, None)
+            if fresh:
+                return None
+        return None
+
+    async def _try_claim(self, target: EntityURL, raw: bytes | None, token: bytes) -> object:
+        rt = self.rt
+        if raw is None:  # an orphan mark: drop it
+            await rt.store.commit([KvPut(PENDING_NS, target.url, None, only_if=True, expect=token)])
             return None
         record = EntityRecord.load(raw)
         now = rt.clock.now()
@@ -234,17 +268,18 @@ class Worker:
         if record.retry_at is not None and record.retry_at > now:
             self._blocked[target.url] = record.retry_at
             return None
+        self._blocked.pop(target.url, None)
         inflight = record.inflight
+        loaded: _Loaded | None = None
         if inflight is None:
             try:
-                info = await rt.store.head(target.stream)
+                loaded = await self._load(target, record.acked, None)
             except (StreamNotFound, StreamGone):
                 return None
-            first = record.acked
             inflight = Inflight(
-                wake_id=_wake_id(first, info.next_offset),
-                from_offset=first,
-                to_offset=info.next_offset,
+                wake_id=_wake_id(record.acked, loaded.to_offset),
+                from_offset=record.acked,
+                to_offset=loaded.to_offset,
             )
         else:
             inflight = inflight.model_copy(update={"attempt": inflight.attempt + 1})
@@ -264,8 +299,9 @@ class Worker:
                 [KvCheck(ENTITY_NS, target.url, raw), KvPut(ENTITY_NS, target.url, claimed_raw)]
             )
         except ConditionFailed:
-            return None
-        return Claim(target, claimed, claimed_raw, token)
+            return _STALE
+        self._remember(target.url, claimed_raw)
+        return Claim(target, claimed, claimed_raw, token, loaded)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -275,7 +311,10 @@ class Worker:
         entity_type = rt.registry.get(claim.url.type)
         inflight = claim.record.inflight
         assert inflight is not None
-        view, snapshot_offset, events = await self._load(claim, inflight)
+        loaded = claim.loaded
+        if loaded is None or loaded.to_offset != inflight.to_offset:
+            loaded = await self._load(claim.url, inflight.from_offset, inflight.to_offset)
+        view, snapshot_offset, events = loaded.view, loaded.base_offset, loaded.events
         wake_events = [e for e in events if e["type"] in WAKE_TYPES]
         if not wake_events:
             await self._finish(claim, [], [], view, snapshot_offset, empty=True)
@@ -321,6 +360,7 @@ class Worker:
             except _Fenced:
                 tg.cancel_scope.cancel()
                 logger.info("wake %s of %s was fenced", inflight.wake_id, claim.url)
+                self._remember(claim.url.url, None)
                 return
             except Exception as exc:  # the handler failed: record it
                 error = exc
@@ -358,26 +398,33 @@ class Worker:
                     return
                 claim.record, claim.raw = renewed, raw
 
-    async def _load(
-        self, claim: Claim, inflight: Inflight
-    ) -> tuple[dict[str, dict[str, Any]], str, list[dict[str, Any]]]:
-        """The view at ``to_offset`` (from snapshot + tail) and the events of the wake range."""
+    async def _load(self, url: EntityURL, acked: str, to_offset: str | None) -> _Loaded:
+        """The view at the end of the wake range and the events after ``acked``.
+
+        The range ends at ``to_offset`` or, when that is ``None``, at the current tail. The view
+        starts from this worker's cached view, else the stored snapshot, else the stream start,
+        and never from beyond ``acked`` (the stream is append-only, so any earlier fold stays
+        valid).
+        """
         rt = self.rt
         view: dict[str, dict[str, Any]] = {}
         offset = "-1"
-        saved = await rt.store.kv_get(SNAPSHOT_NS, claim.url.url)
-        if saved is not None:
-            snap = orjson.loads(saved)
-            if inflight.from_offset != "-1" and snap["offset"] <= inflight.from_offset:
-                view, offset = snap["collections"], snap["offset"]
-        snapshot_offset = offset
+        cached = self._views.get(url.url)
+        if cached is not None and acked != "-1" and cached[0] <= acked:
+            offset, view = cached[0], _copy_view(cached[1])
+        else:
+            saved = await rt.store.kv_get(SNAPSHOT_NS, url.url)
+            if saved is not None:
+                snap = orjson.loads(saved)
+                if acked != "-1" and snap["offset"] <= acked:
+                    view, offset = snap["collections"], snap["offset"]
+        base_offset = offset
         events: list[dict[str, Any]] = []
-        low = inflight.from_offset
         while True:
-            result = await rt.store.read(claim.url.stream, offset, limit=2000, renew_ttl=False)
+            result = await rt.store.read(url.stream, offset, limit=2000, renew_ttl=False)
             for message in result.messages:
-                if message.offset > inflight.to_offset:
-                    return view, snapshot_offset, events
+                if to_offset is not None and message.offset > to_offset:
+                    return _Loaded(view, base_offset, events, offset)
                 item = orjson.loads(message.data)
                 type_ = item.get("type")
                 if type_ in VIEW_TYPES or (type_ or "").startswith("state:"):
@@ -386,12 +433,17 @@ class Worker:
                         table.pop(item["key"], None)
                     else:
                         table[item["key"]] = item.get("value")
-                if low == "-1" or message.offset > low:
+                if acked == "-1" or message.offset > acked:
                     item["offset"] = message.offset
                     events.append(item)
                 offset = message.offset
-            if result.up_to_date or not result.messages or offset >= inflight.to_offset:
-                return view, snapshot_offset, events
+            if not result.messages or result.up_to_date:
+                end = offset if result.messages else result.next_offset
+                if to_offset is not None and end < to_offset:
+                    end = to_offset
+                return _Loaded(view, base_offset, events, end)
+            if to_offset is not None and offset >= to_offset:
+                return _Loaded(view, base_offset, events, offset)
 
     async def _journal(self, claim: Claim, inflight: Inflight) -> dict[str, Any]:
         journal: dict[str, Any] = {}
@@ -497,16 +549,20 @@ class Worker:
                 "last_active": now,
             }
         )
+        retry_raw: bytes | None = retry.dump()
         try:
             await rt.store.commit(
                 [
                     KvCheck(ENTITY_NS, claim.url.url, claim.raw),
                     Append(claim.url.stream, failure),
-                    KvPut(ENTITY_NS, claim.url.url, retry.dump()),
+                    KvPut(ENTITY_NS, claim.url.url, retry_raw),
                 ]
             )
         except (ConditionFailed, StreamClosed):
             logger.info("failure record of %s was fenced", claim.url)
+            retry_raw = None
+        self._remember(claim.url.url, retry_raw)
+        self._blocked[claim.url.url] = retry.retry_at or now
 
     async def _finish(
         self,
@@ -579,7 +635,8 @@ class Worker:
             target = parse_url(url)
             ops.append(Append(target.stream, messages))
             ops.append(KvPut(PENDING_NS, target.url, new_token()))
-        ops.append(KvPut(ENTITY_NS, claim.url.url, done.dump()))
+        done_raw = done.dump()
+        ops.append(KvPut(ENTITY_NS, claim.url.url, done_raw))
         ops.append(KvPut(PENDING_NS, claim.url.url, None, only_if=True, expect=claim.token))
         if self_pending:
             ops.append(KvPut(PENDING_NS, claim.url.url, new_token()))
@@ -592,8 +649,13 @@ class Worker:
             if isinstance(exc, StreamClosed) and exc.path != claim.url.stream:
                 raise
             logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
-        except StreamsError:
-            raise
+            self._remember(claim.url.url, None)
+            return
+        self._remember(claim.url.url, done_raw)
+        self._views[claim.url.url] = (inflight.to_offset, view)
+        self._views.move_to_end(claim.url.url)
+        while len(self._views) > self.cache_size:
+            self._views.popitem(last=False)
 
 
 class _Fenced(BaseException):
