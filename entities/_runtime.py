@@ -133,6 +133,7 @@ class Runtime:
         retry_base_seconds: float = 0.5,
         retry_max_seconds: float = 60.0,
         snapshot_every: int = 200,
+        cache_entities: int = 1024,
     ) -> None:
         self.registry = registry
         self._owns_store = isinstance(store, str)
@@ -144,6 +145,7 @@ class Runtime:
         self.retry_base_seconds = retry_base_seconds
         self.retry_max_seconds = retry_max_seconds
         self.snapshot_every = snapshot_every
+        self.cache_entities = cache_entities
         self._opened = False
 
     async def __aenter__(self) -> Runtime:

@@ -88,7 +88,7 @@ class Worker:
         concurrency: int | None = None,
         poll_interval: float = 1.0,
         drain_seconds: float = 10.0,
-        cache_size: int = 256,
+        cache_size: int | None = None,
     ) -> None:
         self.rt = runtime
         self.concurrency = concurrency or runtime.concurrency
@@ -99,7 +99,7 @@ class Worker:
         self._kick = anyio.Event()
         self._idle = anyio.Event()
         self.wakes = 0
-        self.cache_size = cache_size
+        self.cache_size = runtime.cache_entities if cache_size is None else cache_size
         self._records: OrderedDict[str, bytes] = OrderedDict()
         self._views: OrderedDict[str, tuple[str, dict[str, dict[str, Any]]]] = OrderedDict()
 
