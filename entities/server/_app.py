@@ -60,6 +60,35 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+class _ReadOnly:
+    """Serve only reads (``GET``, ``HEAD``, CORS preflight) of the wrapped streams app.
+
+    Every stream of a deployment is written by the runtime alone, inside its fenced
+    transactions; a write over the Durable Streams protocol could forge inbox messages or
+    replies, or delete an entity's history. Writes go through the control plane instead.
+    """
+
+    def __init__(self, app: ASGIApp, base_path: str) -> None:
+        self.app = app
+        self.prefix = base_path + "/"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] not in ("GET", "HEAD", "OPTIONS")
+            and (scope["path"] + "/").startswith(self.prefix)
+        ):
+            response = error_response(
+                405,
+                "READ_ONLY",
+                "streams are read-only here; use the /_entities control plane to change them",
+            )
+            response.headers["Allow"] = "GET, HEAD, OPTIONS"
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     runtime: Runtime,
     *,
@@ -69,9 +98,11 @@ def create_app(
 ) -> Starlette:
     """The ASGI app: control plane (``/_entities``), streams (``/v1/stream``), dev UI (``/``).
 
-    With ``token`` set, every request must carry ``Authorization: Bearer <token>``.
+    With ``token`` set, every request must carry ``Authorization: Bearer <token>``. Streams
+    are served read-only (writes get ``405 READ_ONLY``).
     """
-    streams_app = create_streams_app(runtime.store, settings=streams or ServerSettings())
+    settings = streams or ServerSettings()
+    streams_app = create_streams_app(runtime.store, settings=settings)
 
     async def index(request: Request) -> Response:
         return HTMLResponse(INDEX_HTML)
@@ -80,7 +111,7 @@ def create_app(
     routes = [
         Route("/", index, methods=["GET"]),
         *control_routes(runtime, max_body_bytes=max_body_bytes),
-        Mount("/", app=streams_app),
+        Mount("/", app=_ReadOnly(streams_app, settings.base_path)),
     ]
     return Starlette(routes=routes, middleware=middleware)
 
