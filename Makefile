@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck pytest conformance bench clean
+.PHONY: install run serve-streams test lint typecheck pytest conformance bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,13 @@ run: install
 	@echo "  .venv/bin/entities send /counter/c1 '{\"add\": 2}' --json --wait 5   (after: .venv/bin/entities spawn /counter/c1)"
 	@echo "  .venv/bin/entities run examples/chat.py:registry /chat/c1 'hello' --db sqlite:///.entities/entities.db"
 	$(BIN)/entities serve examples.all:registry --db sqlite:///.entities/entities.db
+
+serve-streams: install
+	@echo "Serving the Durable Streams protocol alone on http://127.0.0.1:4437/v1/stream/{path}; try:"
+	@echo "  curl -X PUT -H 'Content-Type: text/plain' --data 'hello' http://127.0.0.1:4437/v1/stream/demo"
+	@echo "  curl -X POST -H 'Content-Type: text/plain' --data ' world' http://127.0.0.1:4437/v1/stream/demo"
+	@echo "  curl -N 'http://127.0.0.1:4437/v1/stream/demo?offset=-1&live=sse'   (tail it live)"
+	$(BIN)/python -m streams serve --db sqlite:///.entities/entities.db --host 127.0.0.1 --port 4437
 
 lint: install
 	$(BIN)/ruff format --check .

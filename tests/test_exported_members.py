@@ -1,15 +1,15 @@
 """Every package's ``__all__`` is the exact list of its public names, and sorted."""
 
 from __future__ import annotations
-
 import __future__
+
 import importlib
 import types
 
 import pytest
 
 
-@pytest.mark.parametrize("name", ["streams", "entities"])
+@pytest.mark.parametrize("name", ["streams", "streams.server", "entities"])
 def test_all_lists_public_names(name: str) -> None:
     module = importlib.import_module(name)
     exported = list(module.__all__)

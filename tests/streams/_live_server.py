@@ -1,0 +1,66 @@
+"""A real uvicorn serving ``streams.server`` on 127.0.0.1 (free port) in a background thread."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import uvicorn
+
+from streams.server import ServerSettings, serve_app
+
+TEST_SETTINGS = ServerSettings(
+    long_poll_timeout_s=0.5,
+    sse_max_duration_s=5.0,
+    sse_keepalive_s=1.0,
+    max_body_bytes=64 * 1024,
+    read_max_bytes=4096,
+)
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    url: str  # http://127.0.0.1:PORT
+    prefix: str = ""  # stream paths of one test live under this prefix
+
+    def scoped(self, prefix: str) -> LiveServer:
+        return LiveServer(self.url, prefix)
+
+    def path(self, name: str) -> str:
+        """The URL path of stream ``name`` (what Stream-Forked-From takes)."""
+        return f"/v1/stream/{self.prefix}/{name}" if self.prefix else f"/v1/stream/{name}"
+
+    def stream(self, name: str) -> str:
+        return self.url + self.path(name)
+
+
+@contextlib.contextmanager
+def running_server(db: str, settings: ServerSettings = TEST_SETTINGS) -> Iterator[LiveServer]:
+    """Serve the store at ``db`` until the block exits; the store opens inside the server."""
+    config = uvicorn.Config(
+        serve_app(db, settings),
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        if thread.is_alive():
+            raise RuntimeError("uvicorn did not stop")
