@@ -21,7 +21,7 @@ import orjson
 
 from ._collections import Actions, Collections, Database
 from ._errors import ContextError, DuplicateEntity
-from ._manifest import ChildEntry, ManifestEntry, manifest_adapter
+from ._manifest import ChildEntry, ManifestEntry, ScheduleEntry, manifest_adapter
 from ._registry import EntityType, call_maybe_async
 from ._urls import EntityURL, check_segment, parse_url
 from ._wake import InboxMessage, WakeEvent
@@ -51,6 +51,14 @@ class PendingSpawn:
     tags: dict[str, str]
     initial_message: Any
     initial_message_type: str | None
+    wake: str | None = "run_finished"
+
+
+@dataclass(slots=True)
+class PendingTimer:
+    timer: Any  # a TimerValue to arm, or None to cancel
+    schedule_id: str
+    replaces: str | None = None
 
 
 @dataclass(slots=True)
@@ -58,6 +66,7 @@ class Effects:
     """The buffered durable effects of one wake."""
 
     own: list[dict[str, Any]] = field(default_factory=list)
+    timers: list[PendingTimer] = field(default_factory=list)
     sends: list[PendingSend] = field(default_factory=list)
     spawns: list[PendingSpawn] = field(default_factory=list)
     journal: list[dict[str, Any]] = field(default_factory=list)  # not yet flushed
@@ -256,15 +265,105 @@ class HandlerContext:
         Raises:
             InvalidEntityURL, EntityNotFound, EntityStopped, SchemaValidationFailed.
         """
-        if after_ms is not None:
-            raise NotImplementedError("delayed sends (after_ms) arrive with schedules")
         target = parse_url(url)
         payload = await self._runtime.check_send(
             target, payload, type, pending_spawns=self.effects.spawns, self_url=self._url
         )
         key = f"{self.entity_id}.{self.run_id}.{self._next('send')}"
-        self.effects.sends.append(PendingSend(target, payload, type, key))
+        if after_ms is None:
+            self.effects.sends.append(PendingSend(target, payload, type, key))
+            return key
+        if after_ms < 0:
+            raise ContextError("after_ms must not be negative")
+        from ._scheduler import TimerValue
+
+        fire_at = self._clock_now() + after_ms / 1000
+        schedule_id = f"send:{key}"
+        timer = TimerValue(
+            kind="future_send",
+            owner=self.entity_url,
+            schedule_id=schedule_id,
+            due=fire_at,
+            target=target.url,
+            payload=payload,
+            message_type=type,
+        )
+        self.effects.timers.append(PendingTimer(timer, schedule_id))
+        self._put_manifest(
+            ScheduleEntry(
+                id=schedule_id,
+                schedule_type="future_send",
+                fire_at=fire_at,
+                target_url=target.url,
+                payload=payload,
+                message_type=type,
+            )
+        )
         return key
+
+    def schedule_cron(
+        self, id: str, expression: str, *, payload: Any = None, timezone: str = "UTC"
+    ) -> ScheduleEntry:
+        """Wake this entity on a cron schedule (``wakes`` events with ``kind="cron"``).
+
+        Calling it again with the same ``id`` replaces the schedule. Missed ticks after downtime
+        fire once, not in a burst (see ``entities._scheduler``).
+
+        Raises:
+            ContextError: an invalid expression or timezone.
+        """
+        from ._scheduler import TimerValue, next_cron, timer_key
+
+        schedule_id = f"cron:{id}"
+        fire_at = next_cron(expression, timezone, self._clock_now())
+        existing = self._view.get("manifests", {}).get(schedule_id)
+        replaces = None
+        if existing and existing.get("fire_at") is not None:
+            replaces = timer_key(existing["fire_at"], self.entity_url, schedule_id)
+        timer = TimerValue(
+            kind="cron",
+            owner=self.entity_url,
+            schedule_id=schedule_id,
+            due=fire_at,
+            payload=payload,
+            expression=expression,
+            timezone=timezone,
+        )
+        self.effects.timers.append(PendingTimer(timer, schedule_id, replaces))
+        entry = ScheduleEntry(
+            id=schedule_id,
+            schedule_type="cron",
+            expression=expression,
+            timezone=timezone,
+            fire_at=fire_at,
+            payload=payload,
+            status="active",
+        )
+        self._put_manifest(entry)
+        return entry
+
+    def cancel_schedule(self, id: str) -> bool:
+        """Cancel a cron schedule (by its id) or a pending delayed send (by the message key
+        ``send`` returned). Returns whether such a schedule existed."""
+        from ._scheduler import timer_key
+
+        manifests = self._view.get("manifests", {})
+        for schedule_id in (f"cron:{id}", f"send:{id}", id):
+            entry = manifests.get(schedule_id)
+            if entry and entry.get("kind") == "schedule":
+                current = None
+                if entry.get("fire_at") is not None:
+                    current = timer_key(entry["fire_at"], self.entity_url, schedule_id)
+                self.effects.timers.append(PendingTimer(None, schedule_id, current))
+                data = dict(entry, status="cancelled")
+                manifests[schedule_id] = data
+                self._emit("manifests", schedule_id, data, "update")
+                return True
+        return False
+
+    def list_schedules(self) -> list[ScheduleEntry]:
+        """Every schedule in the manifest (cron and delayed sends, any status)."""
+        return [e for e in self.manifest.values() if isinstance(e, ScheduleEntry)]
 
     async def spawn(
         self,
@@ -301,7 +400,12 @@ class HandlerContext:
             initial_message = entity_type.validate_message(initial_message, initial_message_type)
         self.effects.spawns.append(
             PendingSpawn(
-                target, checked_args, dict(tags or {}), initial_message, initial_message_type
+                target,
+                checked_args,
+                dict(tags or {}),
+                initial_message,
+                initial_message_type,
+                wake if wake == "run_finished" else None,
             )
         )
         entry = ChildEntry(

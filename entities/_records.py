@@ -16,7 +16,9 @@ __all__ = [
     "BUILTIN_COLLECTIONS",
     "ENTITY_NS",
     "PENDING_NS",
+    "SCHEDULE_NS",
     "SNAPSHOT_NS",
+    "TIMER_NS",
     "EntityRecord",
     "Inflight",
 ]
@@ -42,7 +44,9 @@ BUILTIN_COLLECTIONS = (
     "signals",
     "entity_stopped",
 )
-WAKE_TYPES = frozenset({"inbox", "wakes"})
+WAKE_TYPES = frozenset({"inbox", "wakes", "entity_created"})
+TIMER_NS = "timer"  # key: "{due:017.6f}|{url}|{schedule id}" -> TimerValue
+SCHEDULE_NS = "schedule"  # key: "{url}|{schedule id}" -> the current timer key
 # Collections folded into the handler's view (the rest is timeline, read on demand).
 VIEW_TYPES = frozenset({"entity_created", "manifests", "tags", "context"})
 
@@ -67,6 +71,7 @@ class EntityRecord(BaseModel):
     type: str
     id: str
     parent: str | None = None
+    parent_wake: Literal["run_finished"] | None = None
     created_at: float
     status: Literal["idle", "running", "stopped"] = "idle"
     acked: str = "-1"

@@ -242,8 +242,10 @@ class Runtime:
         initial_message: Any = None,
         initial_message_type: str | None = None,
         sender: str | None = None,
+        parent_wake: str | None = None,
     ) -> list[Op]:
-        """The operations that create an entity (validated args expected)."""
+        """The operations that create an entity (validated args expected). The new entity is
+        marked pending: its first wake (``first_wake``, with ``args``) follows."""
         now = self.clock.now()
         created = {
             "entity_type": target.type,
@@ -262,6 +264,7 @@ class Runtime:
             type=target.type,
             id=target.id,
             parent=parent,
+            parent_wake="run_finished" if parent and parent_wake == "run_finished" else None,
             created_at=now,
             last_active=now,
         )
@@ -269,7 +272,7 @@ class Runtime:
             key = uuid.uuid4().hex
             value = _inbox(initial_message, initial_message_type, sender or parent, now)
             messages.append(event("inbox", key, value, now))
-            ops.append(KvPut(PENDING_NS, target.url, new_token()))
+        ops.append(KvPut(PENDING_NS, target.url, new_token()))
         ops.insert(0, Create(target.stream, content_type=JSON, messages=messages, exclusive=True))
         ops.insert(1, KvPut(ENTITY_NS, target.url, record.dump(), only_if=True, expect=None))
         return ops
@@ -546,6 +549,29 @@ class Runtime:
         from ._worker import Worker
 
         return await Worker(self).run_until_idle(max_wakes=max_wakes)
+
+    async def advance(self, seconds: float) -> int:
+        """Move a virtual clock forward by ``seconds``, firing timers in due order and running
+        every wake they cause; return how many wakes ran. (Test kit; needs a VirtualClock.)
+
+        Raises:
+            TypeError: the runtime's clock is not virtual.
+        """
+        from ._clock import VirtualClock
+        from ._scheduler import next_due
+
+        if not isinstance(self.clock, VirtualClock):
+            raise TypeError("advance() needs Runtime(clock=VirtualClock())")
+        target = self.clock.now() + seconds
+        ran = await self.run_until_idle()
+        while True:
+            due = await next_due(self.store)
+            if due is None or due > target:
+                break
+            self.clock.set(due)
+            ran += await self.run_until_idle()
+        self.clock.set(target)
+        return ran + await self.run_until_idle()
 
     def worker(self, **options: Any) -> Any:
         """A :class:`~entities._worker.Worker` over this runtime (``await worker.run(stop)``)."""

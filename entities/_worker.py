@@ -37,6 +37,7 @@ from ._records import (
     ENTITY_NS,
     PENDING_NS,
     SNAPSHOT_NS,
+    TIMER_NS,
     VIEW_TYPES,
     WAKE_TYPES,
     EntityRecord,
@@ -44,6 +45,7 @@ from ._records import (
 )
 from ._registry import EntityType, call_maybe_async
 from ._runtime import TAG_NS, Runtime, _inbox, event, new_token
+from ._scheduler import arm_ops, cancel_ops, fire_due, next_due
 from ._urls import EntityURL, parse_url
 from ._wake import InboxMessage, WakeEvent
 
@@ -111,16 +113,22 @@ class Worker:
     async def run(self, stop: anyio.Event) -> None:
         """Process wakes until ``stop`` is set, then finish in-flight wakes (up to
         ``drain_seconds``; the rest are released and redelivered later)."""
-        remove = self.rt.store.listen(f"kv:{PENDING_NS}", self._poke)
+        removers = [
+            self.rt.store.listen(f"kv:{PENDING_NS}", self._poke),
+            self.rt.store.listen(f"kv:{TIMER_NS}", self._poke),
+        ]
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stopper, stop)
                 while not stop.is_set():
                     self._kick = anyio.Event()
-                    next_due = await self._dispatch(tg)
+                    await fire_due(self.rt.store, self.rt.clock.now())
+                    next_timer = await next_due(self.rt.store)
+                    next_blocked = await self._dispatch(tg)
                     timeout = self.poll_interval
-                    if next_due is not None:
-                        timeout = max(0.0, min(timeout, next_due - self.rt.clock.now()))
+                    for due in (next_timer, next_blocked):
+                        if due is not None:
+                            timeout = max(0.0, min(timeout, due - self.rt.clock.now()))
                     if self.rt.clock.virtual:
                         timeout = min(timeout, 0.05)
                     with anyio.move_on_after(timeout):
@@ -131,7 +139,8 @@ class Worker:
                         await self._idle.wait()
                 tg.cancel_scope.cancel()
         finally:
-            remove()
+            for remove in removers:
+                remove()
 
     async def _stopper(self, stop: anyio.Event) -> None:
         await stop.wait()
@@ -177,6 +186,7 @@ class Worker:
         """Process due wakes until none is left (see :meth:`Runtime.run_until_idle`)."""
         done = 0
         while max_wakes is None or done < max_wakes:
+            await fire_due(self.rt.store, self.rt.clock.now())
             pending = await self.rt.store.kv_scan(PENDING_NS)
             if not pending:
                 return done
@@ -320,6 +330,16 @@ class Worker:
             await self._finish(claim, [], [], view, snapshot_offset, empty=True)
             return
         journal = await self._journal(claim, inflight) if inflight.attempt > 1 else {}
+        finished = {
+            e["value"]["finished_child"]["url"]
+            for e in wake_events
+            if e["type"] == "wakes" and (e.get("value") or {}).get("kind") == "child_finished"
+        }
+        if finished:
+            others = await self._other_children(view, finished)
+            for e in wake_events:
+                if (e.get("value") or {}).get("kind") == "child_finished":
+                    e["value"]["other_children"] = others
         wake = _wake_event(
             claim, inflight, events, wake_events, first_wake=not view.get("manifests")
         )
@@ -374,9 +394,66 @@ class Worker:
                 [ctx],
                 view,
                 snapshot_offset,
+                run_status="completed",
             )
             return
         await self._failed(claim, entity_type, ctx, wake, error, duration, view, snapshot_offset)
+
+    async def _notify_parent(
+        self,
+        claim: Claim,
+        contexts: Sequence[HandlerContext],
+        run_status: str,
+        error: str | None,
+        now: float,
+    ) -> list[Op]:
+        """Operations that wake the parent with ``finished_child`` (spawned with run_finished)."""
+        record = claim.record
+        if record.parent is None or record.parent_wake != "run_finished":
+            return []
+        found = await self.rt.record(record.parent)
+        if found is None or found[0].status == "stopped":
+            return []
+        replies = [r for ctx in contexts for r in ctx.effects.replies]
+        response = None if not replies else replies[0] if len(replies) == 1 else replies
+        inflight = record.inflight
+        assert inflight is not None
+        value = {
+            "kind": "child_finished",
+            "source": claim.url.url,
+            "finished_child": {
+                "url": claim.url.url,
+                "type": claim.url.type,
+                "run_status": run_status,
+                "response": response,
+                "error": error,
+            },
+        }
+        parent = parse_url(record.parent)
+        key = f"{claim.url.url}@{inflight.wake_id}"
+        return [
+            Append(parent.stream, [event("wakes", key, value, now)]),
+            KvPut(PENDING_NS, parent.url, new_token()),
+        ]
+
+    async def _other_children(
+        self, view: dict[str, dict[str, Any]], finished: set[str]
+    ) -> list[dict[str, Any]]:
+        children = [v for v in view.get("manifests", {}).values() if v.get("kind") == "child"]
+        statuses: dict[str, str] = {}
+        for type_ in {c["entity_type"] for c in children}:
+            for _key, raw in await self.rt.store.kv_scan(ENTITY_NS, f"/{type_}/"):
+                record = EntityRecord.load(raw)
+                statuses[record.url] = record.status
+        return [
+            {
+                "url": c["entity_url"],
+                "type": c["entity_type"],
+                "status": statuses.get(c["entity_url"], "spawning"),
+            }
+            for c in children
+            if c["entity_url"] not in finished
+        ]
 
     async def _heartbeat(self, claim: Claim, lock: anyio.Lock) -> None:
         rt = self.rt
@@ -534,7 +611,15 @@ class Worker:
                             now,
                         )
                     )
-            await self._finish(claim, failure, contexts, view, snapshot_offset)
+            await self._finish(
+                claim,
+                failure,
+                contexts,
+                view,
+                snapshot_offset,
+                run_status="failed",
+                error=f"{type(error).__name__}: {error}",
+            )
             return
         for entry in ctx.effects.journal:  # keep now()/uuid() stable for the next attempt
             failure.append(event("steps", f"{entry['wake_id']}/{entry['name']}", entry, now))
@@ -573,6 +658,8 @@ class Worker:
         snapshot_offset: str,
         *,
         empty: bool = False,
+        run_status: str | None = None,
+        error: str | None = None,
     ) -> None:
         """Commit a finished wake: effects, acknowledged offset, lease release, one transaction."""
         rt = self.rt
@@ -592,6 +679,11 @@ class Worker:
                     value = change.get("value")
                     encoded = None if value is None else str(value.get("value", "")).encode()
                     extra.append(KvPut(TAG_NS, f"{claim.url.url}\n{change['key']}", encoded))
+            for timer in ctx.effects.timers:
+                if timer.timer is None:
+                    extra.extend(cancel_ops(claim.url.url, timer.schedule_id, timer.replaces))
+                else:
+                    extra.extend(arm_ops(timer.timer, timer.replaces))
             for spawn in ctx.effects.spawns:
                 extra.extend(
                     rt.spawn_ops(
@@ -601,6 +693,7 @@ class Worker:
                         parent=claim.url.url,
                         initial_message=spawn.initial_message,
                         initial_message_type=spawn.initial_message_type,
+                        parent_wake=spawn.wake,
                     )
                 )
             for send in ctx.effects.sends:
@@ -630,6 +723,8 @@ class Worker:
         ops: list[Op] = [KvCheck(ENTITY_NS, claim.url.url, claim.raw)]
         if own:
             ops.append(Append(claim.url.stream, own))
+        if not empty and run_status is not None:
+            ops.extend(await self._notify_parent(claim, contexts, run_status, error, now))
         ops.extend(extra)
         for url, messages in by_target.items():
             target = parse_url(url)
@@ -721,6 +816,8 @@ def _wake_event(
                     offset=item.get("offset", ""),
                 )
             )
+        elif item["type"] == "entity_created":
+            others.append({"kind": "created", "source": value.get("parent_url"), **value})
         else:
             others.append(value)
     last = wake_events[-1]
@@ -729,6 +826,10 @@ def _wake_event(
         payload = last_value.get("payload")
         source = last_value.get("from")
         summary = last_value.get("message_type") or "message"
+    elif last["type"] == "entity_created":
+        payload = last_value.get("args")
+        source = last_value.get("parent_url")
+        summary = "created"
     else:
         payload = last_value.get("payload", last_value)
         source = last_value.get("source")

@@ -124,7 +124,10 @@ def serve(
         async with Runtime(registry, db, concurrency=concurrency) as rt:
             await run_serve(rt, options, ready=ready)
 
-    anyio.run(main)
+    try:
+        anyio.run(main)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -39,6 +42,7 @@ class ServeOptions:
     max_body_bytes: int = 1024 * 1024
     streams: ServerSettings = field(default_factory=ServerSettings)
     log_level: str = "warning"
+    shutdown_seconds: int = 5
 
 
 class _BearerAuth:
@@ -116,6 +120,26 @@ def create_app(
     return Starlette(routes=routes, middleware=middleware)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: :func:`serve` handles SIGINT/SIGTERM itself.
+
+    uvicorn re-raises a captured signal once its server has stopped, which kills the process
+    before the embedded worker could drain its in-flight wakes.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _exit_on_signals(server: uvicorn.Server) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if server.should_exit and signum == signal.SIGINT:
+                server.force_exit = True  # a second Ctrl-C: stop waiting for connections
+            server.should_exit = True
+
+
 async def serve(
     runtime: Runtime,
     options: ServeOptions,
@@ -123,34 +147,56 @@ async def serve(
     ready: Callable[[str], Awaitable[None] | None] | None = None,
 ) -> None:
     """Serve HTTP (and, unless ``options.worker`` is false, run a worker) until cancelled or
-    until SIGINT/SIGTERM; in-flight wakes get a graceful drain."""
+    until SIGINT/SIGTERM (handled when called from the main thread); then open connections get
+    up to ``options.shutdown_seconds`` to finish and in-flight wakes a graceful drain, and this
+    returns normally.
+
+    Raises:
+        OSError: the server could not start (e.g. the port is in use).
+    """
     app = create_app(
         runtime, token=options.token, max_body_bytes=options.max_body_bytes, streams=options.streams
     )
     config = uvicorn.Config(
-        app, host=options.host, port=options.port, log_level=options.log_level, lifespan="off"
+        app,
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        lifespan="off",
+        timeout_graceful_shutdown=options.shutdown_seconds,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        if options.worker:
-            worker = runtime.worker()
+    failed: list[str] = []
+    async with anyio.create_task_group() as outer:
+        if threading.current_thread() is threading.main_thread():
+            outer.start_soon(_exit_on_signals, server)
+        async with anyio.create_task_group() as tg:
+            if options.worker:
+                worker = runtime.worker()
 
-            async def run_worker() -> None:
-                await worker.run(stop)
+                async def run_worker() -> None:
+                    await worker.run(stop)
 
-            tg.start_soon(run_worker)
+                tg.start_soon(run_worker)
 
-        async def run_server() -> None:
-            await server.serve()
-            stop.set()
+            async def run_server() -> None:
+                try:
+                    await server.serve()
+                except SystemExit:  # uvicorn's answer to a failed startup (it logged why)
+                    failed.append(f"cannot serve on {options.host}:{options.port}")
+                finally:
+                    stop.set()
 
-        tg.start_soon(run_server)
-        while not server.started:
-            if stop.is_set():
-                return
-            await anyio.sleep(0.01)
-        if ready is not None:
-            result = ready(f"http://{options.host}:{options.port}")
-            if result is not None:
-                await result
+            tg.start_soon(run_server)
+            while not server.started:
+                if stop.is_set():  # the server could not start
+                    break
+                await anyio.sleep(0.01)
+            if server.started and ready is not None:
+                result = ready(f"http://{options.host}:{options.port}")
+                if result is not None:
+                    await result
+        outer.cancel_scope.cancel()
+    if failed:
+        raise OSError(failed[0])

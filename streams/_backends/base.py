@@ -388,8 +388,16 @@ class Store(abc.ABC):
         """Return a side-table value, or ``None``."""
 
     @abc.abstractmethod
-    async def kv_scan(self, namespace: str, prefix: str = "") -> list[tuple[str, bytes]]:
-        """Return the side-table entries of ``namespace`` whose key starts with ``prefix``."""
+    async def kv_scan(
+        self,
+        namespace: str,
+        prefix: str = "",
+        *,
+        end: str | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[str, bytes]]:
+        """Return the side-table entries of ``namespace`` whose key starts with ``prefix``, in
+        key order, stopping before the first key ``>= end`` and after ``limit`` entries."""
 
     async def wait(self, path: str, offset: str, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until data after ``offset`` exists or the stream is closed; False on timeout.

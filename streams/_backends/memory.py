@@ -135,6 +135,18 @@ class MemoryStore(Store):
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
         return self._kv.get(namespace, {}).get(key)
 
-    async def kv_scan(self, namespace: str, prefix: str = "") -> list[tuple[str, bytes]]:
+    async def kv_scan(
+        self,
+        namespace: str,
+        prefix: str = "",
+        *,
+        end: str | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[str, bytes]]:
         table = self._kv.get(namespace, {})
-        return sorted((k, v) for k, v in table.items() if k.startswith(prefix))
+        rows = sorted(
+            (k, v)
+            for k, v in table.items()
+            if k.startswith(prefix) and (end is None or k < end)
+        )
+        return rows if limit is None else rows[:limit]

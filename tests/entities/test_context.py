@@ -71,6 +71,7 @@ async def test_collections_read_their_own_writes_and_commit() -> None:
 async def test_identity_args_tags_first_wake_and_manifest() -> None:
     registry = Registry()
     wakes: list[dict[str, Any]] = []
+    finished: list[dict[str, Any]] = []
 
     @registry.define("child")
     async def child(ctx: HandlerContext, wake: WakeEvent) -> None:
@@ -78,6 +79,9 @@ async def test_identity_args_tags_first_wake_and_manifest() -> None:
 
     @registry.define("parent", args_schema=Args)
     async def parent(ctx: HandlerContext, wake: WakeEvent) -> None:
+        if wake.type == "wake" and wake.wakes and "finished_child" in wake.wakes[-1]:
+            finished.append(wake.wakes[-1]["finished_child"])
+            return
         wakes.append(
             {
                 "first": ctx.first_wake,
@@ -107,6 +111,16 @@ async def test_identity_args_tags_first_wake_and_manifest() -> None:
         assert wakes[1]["tags"] == {"phase": "p1"}
         info = await rt.get("/parent/p1")
         assert info.tags == {"phase": "p2"}
+        # the child's first run finished and woke the parent (spawned with run_finished)
+        assert finished == [
+            {
+                "url": "/child/c1",
+                "type": "child",
+                "run_status": "completed",
+                "response": None,
+                "error": None,
+            }
+        ]
         child_info = await rt.get("/child/c1")
         assert child_info.parent == "/parent/p1"
         assert child_info.tags == {"role": "helper"}
@@ -123,6 +137,8 @@ async def test_spawn_of_existing_url_is_an_error() -> None:
 
     @registry.define("t")
     async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        if ctx.entity_id != "me":
+            return
         try:
             await ctx.spawn("t", "other")
         except DuplicateEntity as exc:
@@ -161,8 +177,9 @@ async def test_sends_between_entities_and_replies() -> None:
     async with make_runtime(registry) as rt:
         await rt.spawn("/echo/e")
         await rt.spawn("/relay/r")
+        assert await rt.run_until_idle() == 2  # the first wakes
         await rt.send("/relay/r", {"hello": 1})
-        assert await rt.run_until_idle() == 3
+        assert await rt.run_until_idle() == 3  # relay, echo, relay
         events, _ = await rt.read("/relay/r")
         replies = [e["value"]["value"] for e in events if e["type"] == "texts"]
         assert replies == [{"hello": 1}]
@@ -175,7 +192,7 @@ async def test_events_arriving_while_busy_are_coalesced_in_order() -> None:
     @registry.define("t")
     async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
         batches.append([m.payload["n"] for m in wake.messages])
-        assert wake.event_count == len(wake.messages)
+        assert wake.event_count == len(wake.messages) + len(wake.wakes)
         assert wake.type == "message_received"
         assert wake.from_offset < wake.to_offset
 

@@ -1,0 +1,204 @@
+"""Durable timers: delayed sends and cron ticks, fired exactly once.
+
+Each timer is a side-table row (namespace ``timer``) whose key starts with its due time, so the
+due ones sort first. A second row per schedule (namespace ``schedule``, key ``{url}|{id}``) points
+at the schedule's current timer. Firing a timer is one transaction that checks both rows are
+unchanged (compare-and-set), deletes the timer, delivers its effect (an inbox message for a
+future send, a ``wakes`` event for a cron tick, with the entity marked pending) and, for cron,
+stores the next timer. Two schedulers (two processes) racing for the same timer cannot both
+commit, so every due time fires once.
+
+**Catch-up policy.** A timer that is overdue (the process was down) fires once, as soon as a
+scheduler runs, with ``late_ms`` telling how late it is. A cron schedule then skips every tick
+that was missed in the meantime (they are counted in ``missed``) and is re-armed for the next due
+time after *now*: after downtime there is one tick, never a burst.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict
+
+from streams import (
+    Append,
+    ConditionFailed,
+    KvCheck,
+    KvPut,
+    Op,
+    Store,
+    StreamClosed,
+    StreamGone,
+    StreamNotFound,
+)
+
+from ._errors import ContextError
+from ._records import PENDING_NS, SCHEDULE_NS, TIMER_NS
+from ._urls import parse_url
+
+__all__ = ["TimerValue", "fire_due", "next_cron", "next_due", "schedule_key", "timer_key"]
+
+logger = logging.getLogger("entities.scheduler")
+
+
+class TimerValue(BaseModel):
+    """What a timer does when due."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["future_send", "cron"]
+    v: int = 1
+    owner: str  # the entity that scheduled it
+    schedule_id: str
+    due: float
+    target: str | None = None
+    payload: Any = None
+    message_type: str | None = None
+    expression: str | None = None
+    timezone: str = "UTC"
+
+    def dump(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+
+def timer_key(due: float, owner: str, schedule_id: str) -> str:
+    """The side-table key of a timer: sorts by due time."""
+    return f"{due:017.6f}|{owner}|{schedule_id}"
+
+
+def schedule_key(owner: str, schedule_id: str) -> str:
+    return f"{owner}|{schedule_id}"
+
+
+def next_cron(expression: str, timezone: str, after: float) -> float:
+    """The first time strictly after ``after`` that the cron expression names.
+
+    Raises:
+        ContextError: invalid expression or unknown timezone.
+    """
+    if not croniter.is_valid(expression):
+        raise ContextError(f"invalid cron expression {expression!r}")
+    try:
+        zone = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ContextError(f"unknown timezone {timezone!r}") from None
+    start = datetime.fromtimestamp(after, tz=UTC).astimezone(zone)
+    nxt = croniter(expression, start).get_next(datetime)
+    assert isinstance(nxt, datetime)
+    return nxt.timestamp()
+
+
+def arm_ops(timer: TimerValue, replaces: str | None = None) -> list[Op]:
+    """Operations that store a timer (and make it the schedule's current one)."""
+    key = timer_key(timer.due, timer.owner, timer.schedule_id)
+    ops: list[Op] = [
+        KvPut(TIMER_NS, key, timer.dump()),
+        KvPut(SCHEDULE_NS, schedule_key(timer.owner, timer.schedule_id), key.encode()),
+    ]
+    if replaces is not None and replaces != key:
+        ops.insert(0, KvPut(TIMER_NS, replaces, None))
+    return ops
+
+
+def cancel_ops(owner: str, schedule_id: str, current_key: str | None) -> list[Op]:
+    """Operations that cancel a schedule: its index row goes, so its timer can no longer fire."""
+    ops: list[Op] = [KvPut(SCHEDULE_NS, schedule_key(owner, schedule_id), None)]
+    if current_key is not None:
+        ops.append(KvPut(TIMER_NS, current_key, None))
+    return ops
+
+
+async def next_due(store: Store) -> float | None:
+    """The due time of the earliest timer, or ``None``."""
+    first = await store.kv_scan(TIMER_NS, "", limit=1)
+    if not first:
+        return None
+    return float(first[0][0].split("|", 1)[0])
+
+
+async def fire_due(store: Store, now: float, *, limit: int = 5000) -> int:
+    """Fire every timer due at ``now`` (up to ``limit``); return how many fired here."""
+    from ._runtime import _inbox, event, iso, new_token  # late import: no cycle at load
+
+    cutoff = f"{now:017.6f}|~"
+    due = await store.kv_scan(TIMER_NS, "", end=cutoff, limit=limit)
+    fired = 0
+    for key, raw in due:
+        timer = TimerValue.model_validate(orjson.loads(raw))
+        owner = parse_url(timer.owner)
+        index = schedule_key(timer.owner, timer.schedule_id)
+        checks: list[Op] = [
+            KvCheck(TIMER_NS, key, raw),
+            KvCheck(SCHEDULE_NS, index, key.encode()),
+            KvPut(TIMER_NS, key, None),
+        ]
+        late_ms = round(max(0.0, now - timer.due) * 1000, 3)
+        ops: list[Op]
+        if timer.kind == "future_send":
+            target = parse_url(timer.target or timer.owner)
+            inbox = _inbox(timer.payload, timer.message_type, timer.owner, now)
+            inbox["schedule_id"] = timer.schedule_id
+            inbox["due"] = timer.due
+            message_key = timer.schedule_id.removeprefix("send:")
+            status = {"status": "sent", "sent_at": iso(now), "late_ms": late_ms}
+            ops = [
+                *checks,
+                KvPut(SCHEDULE_NS, index, None),
+                Append(target.stream, [event("inbox", message_key, inbox, now)]),
+                KvPut(PENDING_NS, target.url, new_token()),
+                Append(owner.stream, [event("signals", timer.schedule_id, status, now)]),
+            ]
+        else:
+            missed = 0
+            nxt = next_cron(timer.expression or "", timer.timezone, timer.due)
+            while nxt <= now:
+                missed += 1
+                nxt = next_cron(timer.expression or "", timer.timezone, nxt)
+            tick = {
+                "kind": "cron",
+                "source": f"cron:{timer.schedule_id.removeprefix('cron:')}",
+                "schedule_id": timer.schedule_id,
+                "expression": timer.expression,
+                "due": timer.due,
+                "due_at": iso(timer.due),
+                "late_ms": late_ms,
+                "missed": missed,
+                "payload": timer.payload,
+            }
+            following = timer.model_copy(update={"due": nxt})
+            ops = [
+                *checks,
+                Append(
+                    owner.stream,
+                    [event("wakes", f"{timer.schedule_id}@{timer.due:.6f}", tick, now)],
+                ),
+                KvPut(PENDING_NS, owner.url, new_token()),
+                *arm_ops(following),
+            ]
+        try:
+            await store.commit(ops)
+            fired += 1
+        except ConditionFailed:
+            await _drop_orphan(store, key, raw, index)
+        except (StreamNotFound, StreamGone, StreamClosed) as exc:
+            logger.info("timer %s has nowhere to go (%s); dropped", key, exc)
+            try:
+                await store.commit([KvCheck(TIMER_NS, key, raw), KvPut(TIMER_NS, key, None)])
+            except ConditionFailed:
+                pass
+    return fired
+
+
+async def _drop_orphan(store: Store, key: str, raw: bytes, index: str) -> None:
+    """A timer whose schedule was cancelled or replaced (or that another process fired)."""
+    current = await store.kv_get(SCHEDULE_NS, index)
+    if current is not None and current.decode() == key:
+        return  # the timer row changed under us: another scheduler fired it
+    try:
+        await store.commit([KvCheck(TIMER_NS, key, raw), KvPut(TIMER_NS, key, None)])
+    except ConditionFailed:
+        pass
