@@ -1,0 +1,272 @@
+"""The ``entities`` console script, run as a real subprocess.
+
+``run`` works in-process over a SQLite file; the client commands talk to a real
+``entities serve examples.all:registry`` subprocess.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from ._support import REPO, EntitiesProcess, cli_env, entities_command, free_port
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def entities(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Result:
+    proc = subprocess.run(
+        [*entities_command(), *args],
+        cwd=REPO,
+        env={**cli_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def ok(*args: str, env: dict[str, str] | None = None) -> str:
+    result = entities(*args, env=env)
+    assert result.code == 0, (args, result)
+    return result.out
+
+
+def fails(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run a command that must fail; return stdout and stderr together."""
+    result = entities(*args, env=env)
+    assert result.code != 0, (args, result)
+    assert "Traceback" not in result.err, result.err
+    return result.out + result.err
+
+
+# -- run (in-process) -------------------------------------------------------------------------
+
+
+def test_module_entry_point() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "entities.cli", "--help"],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for command in ("serve", "worker", "run", "spawn", "send", "ps", "inspect", "kill"):
+        assert command in proc.stdout
+
+
+def test_run_counter_accumulates_across_processes(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    app = "examples/counter.py:registry"
+    assert ok("run", app, "/counter/c1", '{"add": 5}', "--json", "--db", db).strip() == "5"
+    assert ok("run", app, "/counter/c1", '{"add": 7}', "--json", "--db", db).strip() == "12"
+    assert ok("run", app, "/counter/c2", '{"add": -3}', "--json", "--db", db).strip() == "-3"
+
+
+def test_run_chat_replies_and_on_message_answers(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    app = "examples/chat.py:registry"
+    reply = ok("run", app, "/chat/c1", "hello there", "--db", db).strip()
+    assert reply == "You said 'hello there'. I remember 1 messages."
+    empty = ok("run", app, "/chat/c1", "   ", "--db", db).strip()
+    assert empty == "Please send a non-empty text message."
+    second = ok("run", app, "/chat/c1", "again", "--db", db).strip()
+    assert second == "You said 'again'. I remember 3 messages."
+    sorry = ok("run", app, "/chat/c1", "boom", "--db", db).strip()
+    assert sorry.startswith("Sorry, something went wrong")
+
+
+def test_run_bad_inputs(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    app = "examples/counter.py:registry"
+    assert "UNKNOWN_ENTITY_TYPE" in fails(
+        "run", app, "/nosuch/x", '{"add": 1}', "--json", "--db", db
+    )
+    assert "not valid JSON" in fails("run", app, "/counter/c1", "{add: 1", "--json", "--db", db)
+    assert "SCHEMA_VALIDATION_FAILED" in fails(
+        "run", app, "/counter/c1", '{"add": "x"}', "--json", "--db", db
+    )
+    assert "INVALID_URL" in fails("run", app, "counter", '{"add": 1}', "--json", "--db", db)
+    assert "no such file" in fails(
+        "run", "examples/nosuch.py:registry", "/counter/c1", "{}", "--db", db
+    )
+    assert "is not an entities.Registry" in fails(
+        "run", "examples/counter.py:nothing", "/counter/c1", "{}", "--db", db
+    )
+    # None of that created or changed anything: the next add starts from zero.
+    assert ok("run", app, "/counter/c1", '{"add": 2}', "--json", "--db", db).strip() == "2"
+
+
+# -- client commands against a real server ----------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    process: EntitiesProcess
+
+    def args(self, *args: str) -> list[str]:
+        return [*args, "--server", self.url]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    directory = tmp_path_factory.mktemp("cli")
+    port = free_port()
+    process = EntitiesProcess(
+        [
+            "serve",
+            "examples.all:registry",
+            "--db",
+            f"sqlite:///{directory / 'serve.db'}",
+            "--port",
+            str(port),
+        ],
+        log=directory / "serve.log",
+        port=port,
+    )
+    process.start()
+    try:
+        yield Server(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.stop()
+    assert process.proc is not None and process.proc.returncode == 0, process.output()
+
+
+def test_types(server: Server) -> None:
+    lines = ok(*server.args("types")).splitlines()
+    names = sorted(line.split()[0] for line in lines)
+    assert names == ["chat", "counter"]
+    described = orjson.loads(ok(*server.args("types", "--json")))
+    assert {t["name"] for t in described} == {"chat", "counter"}
+
+
+def test_spawn_send_wait_ps_inspect_view_kill(server: Server) -> None:
+    assert ok(*server.args("spawn", "/counter/k1", "--tag", "team=red")).strip() == (
+        "spawned /counter/k1"
+    )
+    assert "DUPLICATE_URL" in fails(*server.args("spawn", "/counter/k1"))
+    assert ok(*server.args("send", "/counter/k1", '{"add": 3}', "--json", "--wait", "10")) == "3\n"
+    assert ok(*server.args("send", "/counter/k1", '{"add": 4}', "--json", "--wait", "10")) == "7\n"
+    receipt = orjson.loads(ok(*server.args("send", "/counter/k1", '{"add": 1}', "--json")))
+    assert receipt["url"] == "/counter/k1" and receipt["key"]
+
+    def total() -> Any:
+        inspected = orjson.loads(ok(*server.args("inspect", "/counter/k1")))
+        assert inspected["url"] == "/counter/k1"
+        assert inspected["tags"] == {"team": "red"}
+        return inspected["state"]["totals"]["total"]["value"]
+
+    # The un-awaited send lands too; wait for it through the replies endpoint.
+    assert ok(
+        *server.args("send", "/counter/k1", '{"add": 10}', "--json", "--wait", "10")
+    ).strip() in ("18",)
+    assert total() == 18
+
+    listed = orjson.loads(ok(*server.args("ps", "--json")))
+    assert "/counter/k1" in {item["url"] for item in listed}
+    by_tag = orjson.loads(ok(*server.args("ps", "--json", "--tag", "team=red")))
+    assert [item["url"] for item in by_tag] == ["/counter/k1"]
+    table = ok(*server.args("ps", "--type", "counter"))
+    assert table.splitlines()[0].startswith("URL")
+    assert any(line.startswith("/counter/k1") for line in table.splitlines()[1:])
+
+    viewed = ok(*server.args("view", "/counter/k1", "--json"))
+    events = [orjson.loads(line) for line in viewed.splitlines()]
+    assert events[0]["type"] == "entity_created"
+    payloads = [e["value"]["payload"] for e in events if e["type"] == "inbox"]
+    assert payloads == [{"add": 3}, {"add": 4}, {"add": 1}, {"add": 10}]
+    human = ok(*server.args("view", "/counter/k1"))
+    assert "inbox" in human and "entity_created" in human
+
+    assert ok(*server.args("kill", "/counter/k1")).strip() == "/counter/k1 stopped"
+    assert "ENTITY_STOPPED" in fails(*server.args("send", "/counter/k1", '{"add": 1}', "--json"))
+    stopped = orjson.loads(ok(*server.args("ps", "--json", "--status", "stopped")))
+    assert "/counter/k1" in {item["url"] for item in stopped}
+    assert total() == 18
+
+
+def test_chat_over_the_server(server: Server) -> None:
+    ok(*server.args("spawn", "/chat/t1"))
+    reply = ok(*server.args("send", "/chat/t1", "hi", "--wait", "10")).strip()
+    assert reply == "You said 'hi'. I remember 1 messages."
+    empty = ok(*server.args("send", "/chat/t1", "", "--wait", "10")).strip()
+    assert empty == "Please send a non-empty text message."
+
+
+def test_client_bad_inputs(server: Server) -> None:
+    before = ok(*server.args("ps", "--json"))
+    assert "UNKNOWN_ENTITY_TYPE" in fails(*server.args("spawn", "/nosuch/x"))
+    assert "UNKNOWN_ENTITY_TYPE" in fails(*server.args("send", "/nosuch/x", "hi"))
+    assert "ENTITY_NOT_FOUND" in fails(
+        *server.args("send", "/counter/ghost", '{"add": 1}', "--json")
+    )
+    assert "ENTITY_NOT_FOUND" in fails(*server.args("inspect", "/counter/ghost"))
+    assert "ENTITY_NOT_FOUND" in fails(*server.args("kill", "/counter/ghost"))
+    assert "not valid JSON" in fails(*server.args("send", "/counter/k1", "{add", "--json"))
+    assert "not valid JSON" in fails(*server.args("spawn", "/counter/k9", "--args", "{x"))
+    assert "INVALID_URL" in fails(*server.args("spawn", "/counter/bad id"))
+    ok(*server.args("spawn", "/counter/k2"))
+    assert "SCHEMA_VALIDATION_FAILED" in fails(
+        *server.args("send", "/counter/k2", '{"add": "x"}', "--json")
+    )
+    after = orjson.loads(ok(*server.args("ps", "--json")))
+    assert {i["url"] for i in after} == {i["url"] for i in orjson.loads(before)} | {"/counter/k2"}
+
+
+def test_server_not_reachable() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    for args in (["ps"], ["types"], ["send", "/counter/x", "hi"], ["inspect", "/counter/x"]):
+        message = fails(*args, "--server", url)
+        assert "cannot reach" in message and "entities serve" in message
+    message = fails("ps", env={"ENTITIES_URL": url})
+    assert "cannot reach" in message
+
+
+def test_token_protected_server(tmp_path: Path) -> None:
+    port = free_port()
+    process = EntitiesProcess(
+        [
+            *("serve", "examples.all:registry", "--db", f"sqlite:///{tmp_path / 't.db'}"),
+            *("--port", str(port), "--token", "tok3n"),
+        ],
+        log=tmp_path / "serve.log",
+        port=port,
+    )
+    process.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert "UNAUTHORIZED" in fails("spawn", "/counter/a", "--server", url)
+        wrong = {"ENTITIES_TOKEN": "nope"}
+        assert "UNAUTHORIZED" in fails("spawn", "/counter/a", "--server", url, env=wrong)
+        right = {"ENTITIES_TOKEN": "tok3n"}
+        assert orjson.loads(ok("ps", "--json", "--server", url, env=right)) == []
+        ok("spawn", "/counter/a", "--server", url, env=right)
+        answer = ok(
+            "send", "/counter/a", '{"add": 2}', "--json", "--wait", "10", "--server", url, env=right
+        )
+        assert answer.strip() == "2"
+    finally:
+        process.stop()
+
+
+def test_serve_on_a_port_in_use_fails_cleanly(server: Server, tmp_path: Path) -> None:
+    port = server.url.rsplit(":", 1)[1]
+    message = fails(
+        "serve", "examples.all:registry", "--db", f"sqlite:///{tmp_path / 'p.db'}", "--port", port
+    )
+    assert f"cannot serve on 127.0.0.1:{port}" in message
