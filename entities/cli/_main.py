@@ -39,6 +39,13 @@ server_option = click.option(
     help="Server URL (env ENTITIES_URL).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+lease_option = click.option(
+    "--lease-seconds",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Wake lease: how soon another worker redelivers the wake of a crashed one.",
+)
 
 
 def _json(value: Any) -> str:
@@ -87,6 +94,7 @@ def cli(verbose: int) -> None:
 @click.option("--long-poll-ms", default=30_000, show_default=True, type=int)
 @click.option("--sse-max-s", default=60.0, show_default=True, type=float)
 @click.option("--max-body-bytes", default=1024 * 1024, show_default=True, type=int)
+@lease_option
 def serve(
     app: str,
     db: str,
@@ -98,6 +106,7 @@ def serve(
     long_poll_ms: int,
     sse_max_s: float,
     max_body_bytes: int,
+    lease_seconds: float,
 ) -> None:
     """Serve HTTP (control plane, Durable Streams, dev UI) with an embedded worker."""
     from ..server import ServeOptions
@@ -121,7 +130,9 @@ def serve(
         click.echo(f"  read:  curl '{url}/v1/stream/TYPE/ID/main?offset=-1'", err=True)
 
     async def main() -> None:
-        async with Runtime(registry, db, concurrency=concurrency) as rt:
+        async with Runtime(
+            registry, db, concurrency=concurrency, lease_seconds=lease_seconds
+        ) as rt:
             await run_serve(rt, options, ready=ready)
 
     try:
@@ -135,12 +146,17 @@ def serve(
 @db_option
 @click.option("--concurrency", default=64, show_default=True, type=int)
 @click.option("--worker-id", default=None, help="Name of this worker (default: random).")
-def worker(app: str, db: str, concurrency: int, worker_id: str | None) -> None:
+@lease_option
+def worker(
+    app: str, db: str, concurrency: int, worker_id: str | None, lease_seconds: float
+) -> None:
     """Run wakes only (no HTTP). SIGTERM/SIGINT drain in-flight wakes, then exit."""
     registry = load_registry(app)
 
     async def main() -> None:
-        async with Runtime(registry, db, concurrency=concurrency, worker_id=worker_id) as rt:
+        async with Runtime(
+            registry, db, concurrency=concurrency, worker_id=worker_id, lease_seconds=lease_seconds
+        ) as rt:
             stop = anyio.Event()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_stop_on_signals, stop)
