@@ -1,15 +1,19 @@
-"""``sqlite:///path/to.db``: the embedded default (aiosqlite, WAL, group commit).
+"""``sqlite:///path/to.db``: the embedded default (WAL, group commit).
 
 Writes go through one writer connection owned by a background task. Concurrent ``commit`` calls
 queue up; the task takes everything queued, validates each call in Python (the shared
-:mod:`._engine` rules) against records read inside one ``BEGIN IMMEDIATE`` transaction, and
-persists the effects of all calls that passed with a handful of ``executemany`` statements and a
-single ``COMMIT``. A call that fails validation contributes nothing. Throughput therefore grows
-with concurrency instead of being capped by one round trip per message.
+:mod:`._engine` rules) and persists the effects of all calls that passed with a handful of
+``executemany`` statements and a single ``COMMIT``. A call that fails validation contributes
+nothing. Throughput therefore grows with concurrency instead of being capped by one round trip per
+message.
 
 Records are cached between transactions (bounded LRU). ``PRAGMA data_version`` tells the writer
 whether another connection (another process) committed in between, in which case the cache is
-dropped, so several processes may share one file safely. Reads use separate connections (WAL lets
+dropped, so several processes may share one file safely. The writer connection is a stdlib
+``sqlite3`` connection on its own thread, and a group normally costs one hop to that thread:
+validation runs against the cache, then one call does ``BEGIN IMMEDIATE``, checks that
+``data_version`` did not move, writes and commits. If it moved, the group is validated again
+inside the ``BEGIN IMMEDIATE`` transaction (the slow path). Reads use separate connections (WAL lets
 them run beside the writer). Waiters in this process are woken by the writer after each commit.
 """
 
@@ -18,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -96,6 +102,14 @@ _UPSERT_STREAM = (
     "deleted=excluded.deleted, fork_count=excluded.fork_count"
 )
 _CACHE_LIMIT = 4096
+# Groups up to this size are written on the event loop's thread when commits do not fsync
+# (WAL with synchronous=NORMAL or OFF): a few hundred microseconds, cheaper than the two thread
+# wake-ups a hop costs. Larger groups, and every wait for a lock, go to the writer thread.
+_INLINE_MAX_MESSAGES = 512
+_INLINE_MAX_BYTES = 512 * 1024
+# Auto-checkpointing is off on the writer (it would run inside an inline commit); the writer
+# thread runs a passive checkpoint after about this much WAL growth instead.
+_CHECKPOINT_BYTES = 4 * 1024 * 1024
 _T = TypeVar("_T")
 _MAX_GROUP_OPS = 2048
 
@@ -210,10 +224,190 @@ class _Cache:
             self.producers.popitem(last=False)
 
 
-class _GroupLoader(Loader):
-    """Records as one group transaction sees them: earlier batches' effects, cache, then DB."""
+class _WriterConnection:
+    """The writer: a stdlib ``sqlite3`` connection used only from its own thread.
 
-    def __init__(self, conn: aiosqlite.Connection, cache: _Cache, next_id: int) -> None:
+    Every :meth:`run` is one hop to that thread, so a whole group commit can be a single call
+    instead of one thread round trip per statement.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self.conn = conn
+        self.executor = executor
+        self.waits_for_locks = True
+        self.wal_bytes = 0
+
+    @classmethod
+    async def open(cls, path: Path, synchronous: str) -> _WriterConnection:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streams-writer")
+
+        def connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA busy_timeout = 10000")
+                conn.execute(f"PRAGMA synchronous = {synchronous}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+                _migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(executor, connect)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(conn, executor)
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _lock_waits(self, wait: bool) -> None:
+        if wait != self.waits_for_locks:
+            self.conn.execute(f"PRAGMA busy_timeout = {10000 if wait else 0}")
+            self.waits_for_locks = wait
+
+    async def run_locking(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(conn, *args)`` on the writer thread, waiting for other processes' write locks."""
+
+        def call() -> _T:
+            self._lock_waits(True)
+            return fn(self.conn, *args)
+
+        return await self.run(call)
+
+    def commit_inline(self, effects: Effects, version: int) -> bool | None:
+        """:func:`_commit_if_unchanged` on the calling thread; ``None`` (nothing done) when
+        another connection holds the write lock, since waiting here would block the loop."""
+        self._lock_waits(False)
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                return None
+            raise
+        return _commit_if_unchanged(self.conn, effects, version, begun=True)
+
+    async def wrote(self, size: int) -> None:
+        """Account for ``size`` bytes of WAL growth; checkpoint (passively) now and then."""
+        self.wal_bytes += size
+        if self.wal_bytes >= _CHECKPOINT_BYTES:
+            self.wal_bytes = 0
+            await self.run(lambda: self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+
+    async def fetchone(self, sql: str, params: Sequence[object] = ()) -> Any:
+        return await self.run(lambda: self.conn.execute(sql, params).fetchone())
+
+    async def fetchall(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        return await self.run(lambda: self.conn.execute(sql, params).fetchall())
+
+    async def close(self) -> None:
+        await self.run(self.conn.close)
+        self.executor.shutdown(wait=True)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        version = 0 if row is None or row[0] is None else int(row[0])
+        for number, script in enumerate(_SCHEMA[version:], start=version + 1):
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _begin(conn: sqlite3.Connection) -> tuple[int, int]:
+    """``BEGIN IMMEDIATE``; return ``(data_version, max stream id)`` as the lock holder sees."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        next_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM streams").fetchone()[0])
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return version, next_id
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _persist_and_commit(conn: sqlite3.Connection, effects: Effects) -> None:
+    """Write ``effects`` and ``COMMIT`` the open transaction (rolled back on any failure)."""
+    try:
+        _persist(conn, effects)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _commit_if_unchanged(
+    conn: sqlite3.Connection, effects: Effects, version: int, *, begun: bool = False
+) -> bool:
+    """The fast path in one call: write ``effects`` unless another connection wrote since
+    ``version`` was read (then roll back and return False)."""
+    if not begun:
+        conn.execute("BEGIN IMMEDIATE")
+    try:
+        if int(conn.execute("PRAGMA data_version").fetchone()[0]) != version:
+            conn.execute("ROLLBACK")
+            return False
+    except BaseException:
+        _rollback(conn)
+        raise
+    _persist_and_commit(conn, effects)
+    return True
+
+
+def _persist(conn: sqlite3.Connection, effects: Effects) -> None:
+    if effects.purged:
+        ids = [(sid,) for sid in effects.purged]
+        conn.executemany("DELETE FROM messages WHERE stream_id=?", ids)
+        conn.executemany("DELETE FROM producers WHERE stream_id=?", ids)
+        conn.executemany("DELETE FROM streams WHERE id=?", ids)
+    if effects.streams:
+        conn.executemany(_UPSERT_STREAM, [_from_record(r) for r in effects.streams.values()])
+    if effects.messages:
+        conn.executemany(
+            "INSERT INTO messages (stream_id, position, data) VALUES (?,?,?)", effects.messages
+        )
+    if effects.producers:
+        conn.executemany(
+            "INSERT INTO producers (stream_id, producer_id, epoch, seq, length) "
+            "VALUES (?,?,?,?,?) ON CONFLICT(stream_id, producer_id) DO UPDATE SET "
+            "epoch=excluded.epoch, seq=excluded.seq, length=excluded.length",
+            [
+                (p.stream_id, p.producer_id, p.epoch, p.seq, p.length)
+                for p in effects.producers.values()
+            ],
+        )
+    puts = [(ns, key, value) for (ns, key), value in effects.kv.items() if value is not None]
+    drops = [(ns, key) for (ns, key), value in effects.kv.items() if value is None]
+    if puts:
+        conn.executemany(
+            "INSERT INTO kv (namespace, key, value) VALUES (?,?,?) "
+            "ON CONFLICT(namespace, key) DO UPDATE SET value=excluded.value",
+            puts,
+        )
+    if drops:
+        conn.executemany("DELETE FROM kv WHERE namespace=? AND key=?", drops)
+
+
+class _GroupLoader(Loader):
+    """Records as one group sees them: earlier batches' effects, cache, then the database."""
+
+    def __init__(self, conn: _WriterConnection, cache: _Cache, next_id: int) -> None:
         self.conn = conn
         self.cache = cache
         self.effects = Effects()
@@ -228,8 +422,7 @@ class _GroupLoader(Loader):
             return None if cached.id in self.effects.purged else cached
         if path in self.cache.absent:
             return None
-        async with self.conn.execute(f"SELECT {_COLUMNS} FROM streams WHERE path=?", (path,)) as c:
-            row = await c.fetchone()
+        row = await self.conn.fetchone(f"SELECT {_COLUMNS} FROM streams WHERE path=?", (path,))
         if row is None:
             self.cache.absent.add(path)
             return None
@@ -245,10 +438,7 @@ class _GroupLoader(Loader):
         path = self.cache.ids.get(stream_id)
         if path is not None and path in self.cache.streams:
             return self.cache.streams[path]
-        async with self.conn.execute(
-            f"SELECT {_COLUMNS} FROM streams WHERE id=?", (stream_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
+        row = await self.conn.fetchone(f"SELECT {_COLUMNS} FROM streams WHERE id=?", (stream_id,))
         if row is None:
             return None
         record = _to_record(row)
@@ -262,10 +452,9 @@ class _GroupLoader(Loader):
         cached = self.cache.producers.get(key)
         if cached is not None:
             return cached
-        async with self.conn.execute(
+        row = await self.conn.fetchone(
             "SELECT epoch, seq, length FROM producers WHERE stream_id=? AND producer_id=?", key
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         if row is None:
             return None
         record = ProducerRecord(stream_id, producer_id, int(row[0]), int(row[1]), int(row[2]))
@@ -279,10 +468,9 @@ class _GroupLoader(Loader):
     async def kv(self, namespace: str, key: str) -> bytes | None:
         if (namespace, key) in self.effects.kv:
             return self.effects.kv[(namespace, key)]
-        async with self.conn.execute(
+        row = await self.conn.fetchone(
             "SELECT value FROM kv WHERE namespace=? AND key=?", (namespace, key)
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         return None if row is None else bytes(row[0])
 
     async def prefetch(self, paths: Iterable[str]) -> None:
@@ -293,8 +481,7 @@ class _GroupLoader(Loader):
             chunk = missing[start : start + 500]
             marks = ",".join("?" * len(chunk))
             sql = f"SELECT {_COLUMNS} FROM streams WHERE path IN ({marks})"
-            async with self.conn.execute(sql, chunk) as cursor:
-                rows = await cursor.fetchall()
+            rows = await self.conn.fetchall(sql, chunk)
             found = set()
             for row in rows:
                 record = _to_record(row)
@@ -340,8 +527,9 @@ class SqliteStore(Store):
         self._synchronous = query.get("synchronous", ["NORMAL"])[0].upper()
         if self._synchronous not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise BackendUnavailable(f"unknown synchronous mode {self._synchronous!r}")
+        self._inline = self._synchronous in {"OFF", "NORMAL"}  # commits that never fsync
         self._reader_count = readers
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: _WriterConnection | None = None
         self._readers: list[aiosqlite.Connection] = []
         # One logical read at a time per reader connection: interleaved statements on one
         # connection share its read snapshot, so a read could miss a commit it follows.
@@ -362,32 +550,10 @@ class SqliteStore(Store):
     async def open(self) -> None:
         """Open the file (creating it and its folder), migrate, start the writer task."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await self._connect()
-        await writer.execute("PRAGMA journal_mode = WAL")
-        await self._migrate(writer)
-        self._writer = writer
+        self._writer = await _WriterConnection.open(self.path, self._synchronous)
         self._readers = [await self._connect() for _ in range(self._reader_count)]
         self._reader_locks = [asyncio.Lock() for _ in self._readers]
         self._task = asyncio.create_task(self._run_writer(), name=f"streams-writer:{self.path}")
-
-    async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
-            )
-            async with conn.execute("SELECT max(version) FROM schema_version") as cursor:
-                row = await cursor.fetchone()
-            version = 0 if row is None or row[0] is None else int(row[0])
-            for number, script in enumerate(_SCHEMA[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        await conn.execute(statement)
-                await conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
-            await conn.execute("COMMIT")
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
 
     async def aclose(self) -> None:
         """Finish queued commits, stop the writer and close every connection."""
@@ -396,8 +562,10 @@ class SqliteStore(Store):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for conn in [*self._readers, *([self._writer] if self._writer else [])]:
+        for conn in self._readers:
             await conn.close()
+        if self._writer is not None:
+            await self._writer.close()
         self._readers = []
         self._writer = None
 
@@ -436,40 +604,69 @@ class SqliteStore(Store):
                         pending.future.set_exception(exc)
 
     async def _commit_group(self, group: list[_Pending]) -> None:
-        conn = self._writer
-        assert conn is not None
-        await conn.execute("BEGIN IMMEDIATE")
+        writer = self._writer
+        assert writer is not None
+        version = self._data_version
+        if version is not None and self._next_id is not None:
+            # Fast path: validate against the cache, then write in one hop unless another
+            # connection committed since our last transaction.
+            loader, outcomes = await self._validate(group, writer, self._next_id)
+            effects = loader.effects
+            size = sum(len(data) for _sid, _position, data in effects.messages)
+            done = None
+            if self._inline and len(effects.messages) <= _INLINE_MAX_MESSAGES:
+                if size <= _INLINE_MAX_BYTES:
+                    done = writer.commit_inline(effects, version)
+            if done is None:
+                done = await writer.run_locking(_commit_if_unchanged, effects, version)
+            if done:
+                self._publish(group, loader, outcomes)
+                await writer.wrote(size + 256 * len(group))
+                return
+            self._cache.clear()
+        # Slow path: hold the write lock while validating against fresh records.
+        version, next_id = await writer.run_locking(_begin)
         try:
-            async with conn.execute("PRAGMA data_version") as cursor:
-                row = await cursor.fetchone()
-            version = None if row is None else int(row[0])
-            if version != self._data_version or self._next_id is None:
+            if version != self._data_version:
                 self._cache.clear()
-                async with conn.execute("SELECT coalesce(max(id), 0) FROM streams") as cursor:
-                    row = await cursor.fetchone()
-                self._next_id = 0 if row is None else int(row[0])
             self._data_version = version
-            loader = _GroupLoader(conn, self._cache, self._next_id)
-            await loader.prefetch(
-                op.path for p in group for op in p.ops if not isinstance(op, KvPut | KvCheck)
-            )
-            outcomes: list[list[OpResult] | StreamsError] = []
-            now = time.time()
-            for pending in group:
-                batch = Batch(loader, now)
-                try:
-                    results = await batch.apply(pending.ops)
-                except StreamsError as exc:
-                    outcomes.append(exc)
-                    continue
-                loader.effects.merge(batch.effects)
-                outcomes.append(results)
-            await self._persist(conn, loader.effects)
-            await conn.execute("COMMIT")
+            self._next_id = next_id
+            loader, outcomes = await self._validate(group, writer, next_id)
+            await writer.run(_persist_and_commit, writer.conn, loader.effects)
         except BaseException:
-            await conn.execute("ROLLBACK")
+            await writer.run(_rollback, writer.conn)
             raise
-        # The commit is durable: publish it.
+        self._publish(group, loader, outcomes)
+        await writer.wrote(sum(len(m[2]) for m in loader.effects.messages) + 256 * len(group))
+
+    async def _validate(
+        self, group: list[_Pending], writer: _WriterConnection, next_id: int
+    ) -> tuple[_GroupLoader, list[list[OpResult] | StreamsError]]:
+        """Apply every call's ops in order; failed calls contribute no effects."""
+        loader = _GroupLoader(writer, self._cache, next_id)
+        await loader.prefetch(
+            op.path for p in group for op in p.ops if not isinstance(op, KvPut | KvCheck)
+        )
+        outcomes: list[list[OpResult] | StreamsError] = []
+        now = time.time()
+        for pending in group:
+            batch = Batch(loader, now)
+            try:
+                results = await batch.apply(pending.ops)
+            except StreamsError as exc:
+                outcomes.append(exc)
+                continue
+            loader.effects.merge(batch.effects)
+            outcomes.append(results)
+        return loader, outcomes
+
+    def _publish(
+        self,
+        group: list[_Pending],
+        loader: _GroupLoader,
+        outcomes: list[list[OpResult] | StreamsError],
+    ) -> None:
+        """The group's commit is durable: update the cache, answer the callers, wake waiters."""
         self._next_id = loader.next_id
         effects = loader.effects
         for sid in effects.purged:
@@ -486,41 +683,6 @@ class SqliteStore(Store):
             else:
                 pending.future.set_result(outcome)
         self._notify(effects.touched)
-
-    async def _persist(self, conn: aiosqlite.Connection, effects: Effects) -> None:
-        if effects.purged:
-            ids = [(sid,) for sid in effects.purged]
-            await conn.executemany("DELETE FROM messages WHERE stream_id=?", ids)
-            await conn.executemany("DELETE FROM producers WHERE stream_id=?", ids)
-            await conn.executemany("DELETE FROM streams WHERE id=?", ids)
-        if effects.streams:
-            await conn.executemany(
-                _UPSERT_STREAM, [_from_record(r) for r in effects.streams.values()]
-            )
-        if effects.messages:
-            await conn.executemany(
-                "INSERT INTO messages (stream_id, position, data) VALUES (?,?,?)", effects.messages
-            )
-        if effects.producers:
-            await conn.executemany(
-                "INSERT INTO producers (stream_id, producer_id, epoch, seq, length) "
-                "VALUES (?,?,?,?,?) ON CONFLICT(stream_id, producer_id) DO UPDATE SET "
-                "epoch=excluded.epoch, seq=excluded.seq, length=excluded.length",
-                [
-                    (p.stream_id, p.producer_id, p.epoch, p.seq, p.length)
-                    for p in effects.producers.values()
-                ],
-            )
-        puts = [(ns, key, value) for (ns, key), value in effects.kv.items() if value is not None]
-        drops = [(ns, key) for (ns, key), value in effects.kv.items() if value is None]
-        if puts:
-            await conn.executemany(
-                "INSERT INTO kv (namespace, key, value) VALUES (?,?,?) "
-                "ON CONFLICT(namespace, key) DO UPDATE SET value=excluded.value",
-                puts,
-            )
-        if drops:
-            await conn.executemany("DELETE FROM kv WHERE namespace=? AND key=?", drops)
 
     # -- reads -----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,52 @@ async def test_relative_url_and_synchronous_full(
     assert (tmp_path / "sub" / "dir" / "rel.db").exists()
     async with streams.open_store("sqlite:///sub/dir/rel.db") as store:
         assert await read_all(store, "s") == [b"x"]
+
+
+async def test_commit_waits_for_another_connections_write_lock(tmp_path: Path) -> None:
+    """A lock held elsewhere never blocks the event loop; the commit waits off-loop, then lands."""
+    url = url_for(tmp_path)
+    async with streams.open_store(url) as store:
+        await store.create("s", messages=[b"1"])
+        other = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO kv (namespace, key, value) VALUES ('ns', 'other', x'01')")
+        append = asyncio.create_task(store.append("s", [b"2"]))
+        ticks = 0
+        for _ in range(20):  # the loop keeps running while the writer waits for the lock
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not append.done()
+        assert ticks == 20
+        other.execute("COMMIT")
+        other.close()
+        result = await asyncio.wait_for(append, 10)
+        assert result.next_offset == format_offset(2)
+        assert await store.kv_get("ns", "other") == b"\x01"
+        assert await read_all(store, "s") == [b"1", b"2"]
+        # The next commit notices the foreign write and still counts right.
+        assert (await store.append("s", [b"3"])).next_offset == format_offset(3)
+
+
+async def test_wal_stays_bounded(tmp_path: Path) -> None:
+    url = url_for(tmp_path)
+    blob = b"x" * 4000
+    async with streams.open_store(url) as store:
+        await store.create("s")
+        for _ in range(100):
+            await store.append("s", [blob] * 50)  # 20 MB in all
+        wal = tmp_path / "store.db-wal"
+        assert wal.stat().st_size < 12 * 1024 * 1024
+        result = await store.read("s", format_offset(4990), limit=100)
+        assert [m.data for m in result.messages] == [blob] * 10
+
+
+@pytest.mark.parametrize("mode", ["FULL", "OFF"])
+async def test_synchronous_modes(tmp_path: Path, mode: str) -> None:
+    url = url_for(tmp_path) + f"?synchronous={mode}"
+    async with streams.open_store(url) as store:
+        await store.create("s")
+        results = await asyncio.gather(*(store.append("s", [f"{i}".encode()]) for i in range(50)))
+        assert sorted(r.next_offset for r in results) == [format_offset(i + 1) for i in range(50)]
+    async with streams.open_store(url) as store:
+        assert sorted(int(d) for d in await read_all(store, "s")) == list(range(50))
