@@ -31,6 +31,13 @@ from ._manifest import ManifestEntry as ManifestEntry
 from ._manifest import ScheduleEntry as ScheduleEntry
 from ._manifest import SharedStateEntry as SharedStateEntry
 from ._manifest import SourceEntry as SourceEntry
+from ._observe import SharedState as SharedState
+from ._observe import Source as Source
+from ._observe import Wake as Wake
+from ._observe import cron as cron
+from ._observe import db as db
+from ._observe import entities as entities
+from ._observe import entity as entity
 from ._registry import CollectionDef as CollectionDef
 from ._registry import EntityType as EntityType
 from ._registry import Registry as Registry
@@ -75,13 +82,20 @@ __all__ = [
     "ScheduleEntry",
     "SchemaValidationFailed",
     "SendReceipt",
+    "SharedState",
     "SharedStateEntry",
+    "Source",
     "SourceEntry",
     "SystemClock",
     "UnknownEntityType",
     "VirtualClock",
+    "Wake",
     "WakeEvent",
     "Worker",
     "collection",
+    "cron",
+    "db",
+    "entities",
+    "entity",
     "parse_url",
 ]

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from ._errors import ContextError
 from ._registry import CollectionDef
 
-if TYPE_CHECKING:
-    from ._context import HandlerContext
+__all__ = ["Actions", "Backing", "Collection", "Collections", "Database"]
 
-__all__ = ["Actions", "Collection", "Collections", "Database"]
+
+class Backing(Protocol):
+    """Where a collection's rows live and where its change events go (an entity's wake context
+    or a shared-state handle)."""
+
+    _view: dict[str, dict[str, Any]]
+
+    def _emit(self, type_: str, key: str, value: Any, operation: str, old: Any = None) -> None: ...
 
 
 class Collection:
-    """One state collection: ``get``, ``to_list``, ``insert``, ``update``, ``delete``."""
+    """One state collection: ``get``, ``to_list``, ``insert``, ``upsert``, ``update``,
+    ``delete``."""
 
-    def __init__(self, ctx: HandlerContext, name: str, definition: CollectionDef) -> None:
+    def __init__(self, ctx: Backing, name: str, definition: CollectionDef) -> None:
         self._ctx = ctx
         self.name = name
         self.definition = definition
@@ -131,7 +138,7 @@ class Collection:
 class Collections:
     """``ctx.db.collections.<name>`` / ``ctx.state.<name>``."""
 
-    def __init__(self, ctx: HandlerContext, definitions: dict[str, CollectionDef]) -> None:
+    def __init__(self, ctx: Backing, definitions: dict[str, CollectionDef]) -> None:
         self._items = {name: Collection(ctx, name, d) for name, d in definitions.items()}
 
     def __getattr__(self, name: str) -> Collection:

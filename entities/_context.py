@@ -19,9 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from streams import StreamsError
+
 from ._collections import Actions, Collections, Database
-from ._errors import ContextError, DuplicateEntity
-from ._manifest import ChildEntry, ManifestEntry, ScheduleEntry, manifest_adapter
+from ._errors import ContextError, DuplicateEntity, EntityNotFound
+from ._manifest import (
+    ChildEntry,
+    ManifestEntry,
+    ScheduleEntry,
+    SharedStateEntry,
+    SourceEntry,
+    manifest_adapter,
+)
+from ._observe import SharedState, Source, Wake, db_stream, observer_value
 from ._registry import EntityType, call_maybe_async
 from ._urls import EntityURL, check_segment, parse_url
 from ._wake import InboxMessage, WakeEvent
@@ -67,6 +77,9 @@ class Effects:
 
     own: list[dict[str, Any]] = field(default_factory=list)
     timers: list[PendingTimer] = field(default_factory=list)
+    observers: dict[str, bytes | None] = field(default_factory=dict)  # index key -> value
+    shared: dict[str, SharedState] = field(default_factory=dict)  # db id -> handle (writes)
+    new_dbs: set[str] = field(default_factory=set)
     sends: list[PendingSend] = field(default_factory=list)
     spawns: list[PendingSpawn] = field(default_factory=list)
     journal: list[dict[str, Any]] = field(default_factory=list)  # not yet flushed
@@ -360,6 +373,131 @@ class HandlerContext:
                 self._emit("manifests", schedule_id, data, "update")
                 return True
         return False
+
+    async def observe(
+        self, source: Source, *, wake: Wake | str | Mapping[str, Any] | None = None
+    ) -> Any:
+        """Observe ``source`` (see ``entities.entity/db/entities/cron``); call it on every wake.
+
+        Returns an :class:`EntityHandle` (entity), a :class:`SharedState` handle (db: read and
+        write its collections), the list of member URLs (entities) or the schedule entry (cron).
+
+        Raises:
+            EntityNotFound: the observed entity or db does not exist (never an empty handle).
+            ContextError: an invalid wake condition or cron expression.
+        """
+        try:
+            condition = Wake.parse(wake)
+        except (TypeError, ValueError) as exc:
+            raise ContextError(f"invalid wake condition: {exc}") from None
+        if source.type == "cron":
+            return self.schedule_cron(
+                f"observe:{source.ref}", source.ref, timezone=source.config.get("timezone", "UTC")
+            )
+        result: Any
+        if source.type == "entity":
+            if await self._runtime.lookup(source.ref) is None:
+                raise EntityNotFound(f"cannot observe {source.ref}: no such entity")
+            result = EntityHandle(self, parse_url(source.ref))
+        elif source.type == "db":
+            result = await self._shared(source)
+        else:
+            tags = source.config.get("tags", {})
+            members = await self._runtime.list_entities()
+            result = [m.url for m in members if all(m.tags.get(k) == v for k, v in tags.items())]
+        entry = SourceEntry(
+            id=source.manifest_id,
+            source_type=source.type,
+            source_ref=source.ref,
+            wake=condition.to_json(),
+            config=dict(source.config),
+        )
+        current = self._view.get("manifests", {}).get(entry.id)
+        if current != entry.model_dump(mode="json"):
+            self._put_manifest(entry)
+            index = f"{source.key}|{self.entity_url}"
+            self.effects.observers[index] = observer_value(self.entity_url, source, condition)
+            if condition.timeout_ms:
+                from ._scheduler import timeout_timer
+
+                timer = timeout_timer(
+                    self.entity_url, source.key, condition.timeout_ms, self._clock_now()
+                )
+                self.effects.timers.append(PendingTimer(timer, timer.schedule_id))
+        return result
+
+    def unobserve(self, source: Source) -> bool:
+        """Stop observing ``source``; returns whether it was observed."""
+        manifests = self._view.get("manifests", {})
+        entry = manifests.get(source.manifest_id)
+        if entry is None or entry.get("status") == "removed":
+            return False
+        data = dict(entry, config=dict(entry.get("config") or {}, removed=True))
+        manifests[source.manifest_id] = data
+        self._emit("manifests", source.manifest_id, data, "update")
+        self.effects.observers[f"{source.key}|{self.entity_url}"] = None
+        if source.type == "cron":
+            self.cancel_schedule(f"observe:{source.ref}")
+        self.effects.timers.append(PendingTimer(None, f"timeout:{source.key}"))
+        return True
+
+    async def mkdb(self, id: str, schema: Mapping[str, Any]) -> SharedState:
+        """Create the shared-state db ``id`` (a stream others attach to with ``observe(db(id,
+        schema))``); returns its handle. Create-once: calling it again in a later wake returns
+        the existing db's handle.
+
+        Raises:
+            ContextError: a db with that id exists and was not created by this entity.
+        """
+        from ._observe import db as db_source
+
+        source = db_source(id, schema)
+        entry_id = f"shared:{id}"
+        if entry_id in self._view.get("manifests", {}) or id in self.effects.new_dbs:
+            return await self._shared(source)
+        try:
+            await self._runtime.store.head(db_stream(id))
+        except StreamsError:
+            pass
+        else:
+            raise ContextError(f"shared state {id!r} already exists")
+        self.effects.new_dbs.add(id)
+        collections = {
+            n: {"type": d.event_type(n), "primary_key": d.primary_key}
+            for n, d in source.schema.items()
+        }
+        self._put_manifest(SharedStateEntry(id=entry_id, mode="create", collections=collections))
+        handle = SharedState(id, source.schema, {})
+        self.effects.shared[id] = handle
+        return handle
+
+    async def _shared(self, source: Source) -> SharedState:
+        if source.ref in self.effects.shared:
+            return self.effects.shared[source.ref]
+        if source.ref in self.effects.new_dbs:
+            raise ContextError(f"shared state {source.ref!r} is being created")
+        view: dict[str, dict[str, Any]] = {}
+        offset = "-1"
+        while True:
+            try:
+                result = await self._runtime.store.read(
+                    db_stream(source.ref), offset, limit=5000, renew_ttl=False
+                )
+            except StreamsError:
+                raise EntityNotFound(f"no shared state {source.ref!r}") from None
+            for message in result.messages:
+                item = orjson.loads(message.data)
+                table = view.setdefault(item["type"], {})
+                if item["headers"]["operation"] == "delete":
+                    table.pop(item["key"], None)
+                else:
+                    table[item["key"]] = item.get("value")
+            offset = result.next_offset
+            if result.up_to_date or not result.messages:
+                break
+        handle = SharedState(source.ref, source.schema, view)
+        self.effects.shared[source.ref] = handle
+        return handle
 
     def list_schedules(self) -> list[ScheduleEntry]:
         """Every schedule in the manifest (cron and delayed sends, any status)."""

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import anyio
 import orjson
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict
@@ -44,13 +45,14 @@ from ._urls import parse_url
 __all__ = ["TimerValue", "fire_due", "next_cron", "next_due", "schedule_key", "timer_key"]
 
 logger = logging.getLogger("entities.scheduler")
+FIRE_CONCURRENCY = 256  # timers in flight at once in one fire_due pass
 
 
 class TimerValue(BaseModel):
     """What a timer does when due."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["future_send", "cron"]
+    kind: Literal["future_send", "cron", "debounce", "timeout"]
     v: int = 1
     owner: str  # the entity that scheduled it
     schedule_id: str
@@ -92,6 +94,35 @@ def next_cron(expression: str, timezone: str, after: float) -> float:
     return nxt.timestamp()
 
 
+def timeout_timer(owner: str, source: str, timeout_ms: int, now: float) -> TimerValue:
+    """The timer that wakes ``owner`` when ``source`` stayed quiet for ``timeout_ms``."""
+    return TimerValue(
+        kind="timeout",
+        owner=owner,
+        schedule_id=f"timeout:{source}",
+        due=now + timeout_ms / 1000,
+        payload={"source": source, "timeout_ms": timeout_ms},
+    )
+
+
+def debounce_timer(
+    owner: str,
+    source: str,
+    debounce_ms: int,
+    now: float,
+    changes: list[Any],
+    timeout_ms: int | None,
+) -> TimerValue:
+    """The timer that delivers ``changes`` once ``source`` was quiet for ``debounce_ms``."""
+    return TimerValue(
+        kind="debounce",
+        owner=owner,
+        schedule_id=f"debounce:{source}",
+        due=now + debounce_ms / 1000,
+        payload={"source": source, "changes": changes, "timeout_ms": timeout_ms},
+    )
+
+
 def arm_ops(timer: TimerValue, replaces: str | None = None) -> list[Op]:
     """Operations that store a timer (and make it the schedule's current one)."""
     key = timer_key(timer.due, timer.owner, timer.schedule_id)
@@ -120,77 +151,141 @@ async def next_due(store: Store) -> float | None:
     return float(first[0][0].split("|", 1)[0])
 
 
-async def fire_due(store: Store, now: float, *, limit: int = 5000) -> int:
-    """Fire every timer due at ``now`` (up to ``limit``); return how many fired here."""
-    from ._runtime import _inbox, event, iso, new_token  # late import: no cycle at load
+async def fire_due(
+    store: Store, now: float, *, limit: int = 5000, concurrency: int = FIRE_CONCURRENCY
+) -> int:
+    """Fire every timer due at ``now`` (up to ``limit``); return how many fired here.
 
+    Each timer is its own compare-and-set transaction, but up to ``concurrency`` of them are in
+    flight at once (in due order), so a group-committing store writes many in one physical
+    commit: one timer's failed check fails only that timer.
+    """
     cutoff = f"{now:017.6f}|~"
     due = await store.kv_scan(TIMER_NS, "", end=cutoff, limit=limit)
-    fired = 0
-    for key, raw in due:
-        timer = TimerValue.model_validate(orjson.loads(raw))
-        owner = parse_url(timer.owner)
-        index = schedule_key(timer.owner, timer.schedule_id)
-        checks: list[Op] = [
-            KvCheck(TIMER_NS, key, raw),
-            KvCheck(SCHEDULE_NS, index, key.encode()),
-            KvPut(TIMER_NS, key, None),
+    if not due:
+        return 0
+    if len(due) == 1 or concurrency <= 1:
+        fired = 0
+        for key, raw in due:
+            fired += await _fire_one(store, key, raw, now)
+        return fired
+    results: list[int] = []
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def one(key: str, raw: bytes) -> None:
+        async with limiter:
+            results.append(await _fire_one(store, key, raw, now))
+
+    async with anyio.create_task_group() as tg:
+        for key, raw in due:
+            tg.start_soon(one, key, raw)
+    return sum(results)
+
+
+async def _fire_one(store: Store, key: str, raw: bytes, now: float) -> int:
+    """Fire one timer in one transaction; 1 if it fired here, 0 if not (fired elsewhere,
+    cancelled or replaced, or its target is gone)."""
+    from ._runtime import _inbox, event, iso, new_token  # late import: no cycle at load
+
+    timer = TimerValue.model_validate(orjson.loads(raw))
+    owner = parse_url(timer.owner)
+    index = schedule_key(timer.owner, timer.schedule_id)
+    checks: list[Op] = [
+        KvCheck(TIMER_NS, key, raw),
+        KvCheck(SCHEDULE_NS, index, key.encode()),
+        KvPut(TIMER_NS, key, None),
+    ]
+    late_ms = round(max(0.0, now - timer.due) * 1000, 3)
+    ops: list[Op]
+    if timer.kind == "future_send":
+        target = parse_url(timer.target or timer.owner)
+        inbox = _inbox(timer.payload, timer.message_type, timer.owner, now)
+        inbox["schedule_id"] = timer.schedule_id
+        inbox["due"] = timer.due
+        message_key = timer.schedule_id.removeprefix("send:")
+        status = {"status": "sent", "sent_at": iso(now), "late_ms": late_ms}
+        ops = [
+            *checks,
+            KvPut(SCHEDULE_NS, index, None),
+            Append(target.stream, [event("inbox", message_key, inbox, now)]),
+            KvPut(PENDING_NS, target.url, new_token()),
+            Append(owner.stream, [event("signals", timer.schedule_id, status, now)]),
         ]
-        late_ms = round(max(0.0, now - timer.due) * 1000, 3)
-        ops: list[Op]
-        if timer.kind == "future_send":
-            target = parse_url(timer.target or timer.owner)
-            inbox = _inbox(timer.payload, timer.message_type, timer.owner, now)
-            inbox["schedule_id"] = timer.schedule_id
-            inbox["due"] = timer.due
-            message_key = timer.schedule_id.removeprefix("send:")
-            status = {"status": "sent", "sent_at": iso(now), "late_ms": late_ms}
-            ops = [
-                *checks,
-                KvPut(SCHEDULE_NS, index, None),
-                Append(target.stream, [event("inbox", message_key, inbox, now)]),
-                KvPut(PENDING_NS, target.url, new_token()),
-                Append(owner.stream, [event("signals", timer.schedule_id, status, now)]),
-            ]
-        else:
-            missed = 0
-            nxt = next_cron(timer.expression or "", timer.timezone, timer.due)
-            while nxt <= now:
-                missed += 1
-                nxt = next_cron(timer.expression or "", timer.timezone, nxt)
-            tick = {
-                "kind": "cron",
-                "source": f"cron:{timer.schedule_id.removeprefix('cron:')}",
-                "schedule_id": timer.schedule_id,
-                "expression": timer.expression,
-                "due": timer.due,
-                "due_at": iso(timer.due),
-                "late_ms": late_ms,
-                "missed": missed,
-                "payload": timer.payload,
-            }
-            following = timer.model_copy(update={"due": nxt})
-            ops = [
-                *checks,
-                Append(
-                    owner.stream,
-                    [event("wakes", f"{timer.schedule_id}@{timer.due:.6f}", tick, now)],
-                ),
-                KvPut(PENDING_NS, owner.url, new_token()),
-                *arm_ops(following),
-            ]
+    elif timer.kind in ("debounce", "timeout"):
+        ops = _observation_ops(timer, checks, index, owner.url, owner.stream, late_ms, now)
+    else:
+        missed = 0
+        nxt = next_cron(timer.expression or "", timer.timezone, timer.due)
+        while nxt <= now:
+            missed += 1
+            nxt = next_cron(timer.expression or "", timer.timezone, nxt)
+        tick = {
+            "kind": "cron",
+            "source": f"cron:{timer.schedule_id.removeprefix('cron:')}",
+            "schedule_id": timer.schedule_id,
+            "expression": timer.expression,
+            "due": timer.due,
+            "due_at": iso(timer.due),
+            "late_ms": late_ms,
+            "missed": missed,
+            "payload": timer.payload,
+        }
+        following = timer.model_copy(update={"due": nxt})
+        ops = [
+            *checks,
+            Append(
+                owner.stream,
+                [event("wakes", f"{timer.schedule_id}@{timer.due:.6f}", tick, now)],
+            ),
+            KvPut(PENDING_NS, owner.url, new_token()),
+            *arm_ops(following),
+        ]
+    try:
+        await store.commit(ops)
+        return 1
+    except ConditionFailed:
+        await _drop_orphan(store, key, raw, index)
+    except (StreamNotFound, StreamGone, StreamClosed) as exc:
+        logger.info("timer %s has nowhere to go (%s); dropped", key, exc)
         try:
-            await store.commit(ops)
-            fired += 1
+            await store.commit([KvCheck(TIMER_NS, key, raw), KvPut(TIMER_NS, key, None)])
         except ConditionFailed:
-            await _drop_orphan(store, key, raw, index)
-        except (StreamNotFound, StreamGone, StreamClosed) as exc:
-            logger.info("timer %s has nowhere to go (%s); dropped", key, exc)
-            try:
-                await store.commit([KvCheck(TIMER_NS, key, raw), KvPut(TIMER_NS, key, None)])
-            except ConditionFailed:
-                pass
-    return fired
+            pass
+    return 0
+
+
+def _observation_ops(
+    timer: TimerValue,
+    checks: list[Op],
+    index: str,
+    owner_url: str,
+    owner_stream: str,
+    late_ms: float,
+    now: float,
+) -> list[Op]:
+    """A debounced change wake or a quiet-period (timeout) wake of an observer."""
+    from ._runtime import event, new_token  # late import: no cycle at load
+
+    payload = dict(timer.payload or {})
+    source = payload.get("source")
+    wake = {
+        "kind": "change" if timer.kind == "debounce" else "timeout",
+        "source": source,
+        "changes": payload.get("changes", []),
+        "timeout": timer.kind == "timeout",
+        "debounced": timer.kind == "debounce",
+        "late_ms": late_ms,
+    }
+    ops: list[Op] = [
+        *checks,
+        KvPut(SCHEDULE_NS, index, None),
+        Append(owner_stream, [event("wakes", f"{timer.schedule_id}@{timer.due:.6f}", wake, now)]),
+        KvPut(PENDING_NS, owner_url, new_token()),
+    ]
+    timeout_ms = payload.get("timeout_ms")
+    if timeout_ms:  # a heartbeat: (re)start the quiet-period timer
+        ops.extend(arm_ops(timeout_timer(timer.owner, str(source), timeout_ms, now)))
+    return ops
 
 
 async def _drop_orphan(store: Store, key: str, raw: bytes, index: str) -> None:

@@ -24,6 +24,7 @@ import orjson
 from streams import (
     Append,
     ConditionFailed,
+    Create,
     KvCheck,
     KvPut,
     Op,
@@ -33,9 +34,11 @@ from streams import (
 )
 
 from ._context import HandlerContext, format_exception
+from ._observe import OBSERVER_NS, change_summary, db_stream, matches
 from ._records import (
     ENTITY_NS,
     PENDING_NS,
+    SCHEDULE_NS,
     SNAPSHOT_NS,
     TIMER_NS,
     VIEW_TYPES,
@@ -44,8 +47,16 @@ from ._records import (
     Inflight,
 )
 from ._registry import EntityType, call_maybe_async
-from ._runtime import TAG_NS, Runtime, _inbox, event, new_token
-from ._scheduler import arm_ops, cancel_ops, fire_due, next_due
+from ._runtime import JSON, TAG_NS, Runtime, _inbox, event, new_token
+from ._scheduler import (
+    arm_ops,
+    cancel_ops,
+    debounce_timer,
+    fire_due,
+    next_due,
+    schedule_key,
+    timeout_timer,
+)
 from ._urls import EntityURL, parse_url
 from ._wake import InboxMessage, WakeEvent
 
@@ -436,6 +447,128 @@ class Worker:
             KvPut(PENDING_NS, parent.url, new_token()),
         ]
 
+    async def _observer_ops(
+        self,
+        claim: Claim,
+        contexts: Sequence[HandlerContext],
+        run_status: str | None,
+        error: str | None,
+        view: dict[str, dict[str, Any]],
+        now: float,
+    ) -> list[Op]:
+        """Observer-index updates, shared-db writes, and the wakes this commit owes observers."""
+        store = self.rt.store
+        url = claim.url.url
+        ops: list[Op] = []
+        own = [change for ctx in contexts for change in ctx.effects.own]
+        for ctx in contexts:
+            for key, value in ctx.effects.observers.items():
+                ops.append(KvPut(OBSERVER_NS, key, value))
+        rows = await store.kv_scan(OBSERVER_NS, f"{url}|")
+        if rows:
+            replies = [r for ctx in contexts for r in ctx.effects.replies]
+            finished = None
+            if run_status is not None:
+                finished = {
+                    "url": url,
+                    "type": claim.url.type,
+                    "run_status": run_status,
+                    "response": None
+                    if not replies
+                    else replies[0]
+                    if len(replies) == 1
+                    else replies,
+                    "error": error,
+                }
+            changes = change_summary(own)
+            for _key, raw in rows:
+                ops.extend(await self._deliver(orjson.loads(raw), url, changes, finished, now))
+        for ctx in contexts:
+            for db_id, handle in ctx.effects.shared.items():
+                stream = db_stream(db_id)
+                encoded = [orjson.dumps(e) for e in handle.events]
+                if db_id in ctx.effects.new_dbs:
+                    ops.append(Create(stream, content_type=JSON, messages=encoded, exclusive=True))
+                elif encoded:
+                    ops.append(Append(stream, encoded))
+                if encoded:
+                    changes = change_summary(handle.events)
+                    for _key, raw in await store.kv_scan(OBSERVER_NS, f"db:{db_id}|"):
+                        obs = orjson.loads(raw)
+                        if obs["observer"] != url:
+                            ops.extend(await self._deliver(obs, f"db:{db_id}", changes, None, now))
+        if any(change["type"] == "tags" for change in own):
+            before = {k: (v or {}).get("value") for k, v in view.get("tags", {}).items()}
+            after = dict(contexts[0].tags) if contexts else before
+            for _key, raw in await store.kv_scan(OBSERVER_NS, "entities:"):
+                obs = orjson.loads(raw)
+                wanted = dict(item.split("=", 1) for item in obs["source_ref"].split(",") if item)
+                was = all(before.get(k) == v for k, v in wanted.items())
+                now_in = all(after.get(k) == v for k, v in wanted.items())
+                if was != now_in and obs["observer"] != url:
+                    change = {
+                        "collection": "members",
+                        "kind": "insert" if now_in else "delete",
+                        "key": url,
+                    }
+                    ops.extend(
+                        await self._deliver(
+                            obs, f"entities:{obs['source_ref']}", [change], None, now
+                        )
+                    )
+        return ops
+
+    async def _deliver(
+        self,
+        observer: dict[str, Any],
+        source: str,
+        changes: list[dict[str, Any]],
+        finished: dict[str, Any] | None,
+        now: float,
+    ) -> list[Op]:
+        """Operations that wake one observer (or arm its debounce timer)."""
+        wake = observer["wake"]
+        target = parse_url(observer["observer"])
+        value: dict[str, Any]
+        if wake.get("on") == "run_finished":
+            if finished is None:
+                return []
+            shown = dict(finished)
+            if not wake.get("include_response", True):
+                shown["response"] = None
+            value = {"kind": "run_finished", "source": source, "finished": shown}
+        else:
+            matched = matches(wake, changes)
+            if not matched:
+                return []
+            if wake.get("debounce_ms"):
+                index = schedule_key(target.url, f"debounce:{source}")
+                current = await self.rt.store.kv_get(SCHEDULE_NS, index)
+                earlier: list[Any] = []
+                replaces = None
+                if current is not None:
+                    replaces = current.decode()
+                    raw = await self.rt.store.kv_get(TIMER_NS, replaces)
+                    if raw is not None:
+                        earlier = list((orjson.loads(raw).get("payload") or {}).get("changes", []))
+                timer = debounce_timer(
+                    target.url,
+                    source,
+                    wake["debounce_ms"],
+                    now,
+                    earlier + matched,
+                    wake.get("timeout_ms"),
+                )
+                return arm_ops(timer, replaces)
+            value = {"kind": "change", "source": source, "changes": matched}
+        ops: list[Op] = [
+            Append(target.stream, [event("wakes", f"{source}@{new_token().decode()}", value, now)]),
+            KvPut(PENDING_NS, target.url, new_token()),
+        ]
+        if wake.get("timeout_ms"):
+            ops.extend(arm_ops(timeout_timer(target.url, source, wake["timeout_ms"], now)))
+        return ops
+
     async def _other_children(
         self, view: dict[str, dict[str, Any]], finished: set[str]
     ) -> list[dict[str, Any]]:
@@ -725,6 +858,8 @@ class Worker:
             ops.append(Append(claim.url.stream, own))
         if not empty and run_status is not None:
             ops.extend(await self._notify_parent(claim, contexts, run_status, error, now))
+        if not empty:
+            ops.extend(await self._observer_ops(claim, contexts, run_status, error, view, now))
         ops.extend(extra)
         for url, messages in by_target.items():
             target = parse_url(url)
@@ -733,19 +868,36 @@ class Worker:
         done_raw = done.dump()
         ops.append(KvPut(ENTITY_NS, claim.url.url, done_raw))
         ops.append(KvPut(PENDING_NS, claim.url.url, None, only_if=True, expect=claim.token))
-        if self_pending:
+        if self_pending or inflight.attempt > 1:
+            # A redelivered or retried wake runs the event range of an earlier claim, but the
+            # pending token it holds may stand for later messages: keep the entity pending
+            # (at worst one empty wake follows) rather than strand them unprocessed.
             ops.append(KvPut(PENDING_NS, claim.url.url, new_token()))
         if _events_between(snapshot_offset, inflight.to_offset) >= rt.snapshot_every:
             snap = {"offset": inflight.to_offset, "collections": view}
             ops.append(KvPut(SNAPSHOT_NS, claim.url.url, orjson.dumps(snap)))
-        try:
-            await rt.store.commit(ops)
-        except (ConditionFailed, StreamClosed) as exc:
-            if isinstance(exc, StreamClosed) and exc.path != claim.url.stream:
-                raise
-            logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
-            self._remember(claim.url.url, None)
-            return
+        for _attempt in range(8):
+            try:
+                await rt.store.commit(ops)
+                break
+            except (StreamClosed, StreamNotFound, StreamGone) as exc:
+                if exc.path == claim.url.stream or not exc.path:
+                    logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
+                    self._remember(claim.url.url, None)
+                    return
+                # a recipient was killed or deleted after the handler checked it: drop what
+                # was addressed to it and commit the rest
+                logger.warning(
+                    "wake %s of %s: %s is gone; its messages are dropped",
+                    inflight.wake_id,
+                    claim.url,
+                    exc.path,
+                )
+                ops = _without_path(ops, exc.path)
+            except ConditionFailed:
+                logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
+                self._remember(claim.url.url, None)
+                return
         self._remember(claim.url.url, done_raw)
         self._views[claim.url.url] = (inflight.to_offset, view)
         self._views.move_to_end(claim.url.url)
@@ -775,6 +927,17 @@ async def _invoke(entity_type: EntityType, ctx: HandlerContext, wake: WakeEvent)
         wake = replace(wake, messages=tuple(remaining))
         ctx.wake = wake
     await call_maybe_async(entity_type.handler, ctx, wake)
+
+
+def _without_path(ops: list[Op], path: str) -> list[Op]:
+    """``ops`` minus the appends to ``path`` and the pending marks of its entity."""
+    url = "/" + path.removesuffix("/main")
+    return [
+        op
+        for op in ops
+        if not (isinstance(op, Append) and op.path == path)
+        and not (isinstance(op, KvPut) and op.namespace == PENDING_NS and op.key == url)
+    ]
 
 
 def _copy_view(view: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
