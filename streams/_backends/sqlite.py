@@ -776,15 +776,32 @@ class SqliteStore(Store):
             row = await cursor.fetchone()
         return None if row is None else bytes(row[0])
 
-    async def kv_scan(self, namespace: str, prefix: str = "") -> list[tuple[str, bytes]]:
-        return await _uncancellable(self._reading(self._kv_scan, namespace, prefix))
+    async def kv_scan(
+        self,
+        namespace: str,
+        prefix: str = "",
+        *,
+        end: str | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[str, bytes]]:
+        return await _uncancellable(self._reading(self._kv_scan, namespace, prefix, end, limit))
 
     async def _kv_scan(
-        self, conn: aiosqlite.Connection, namespace: str, prefix: str
+        self,
+        conn: aiosqlite.Connection,
+        namespace: str,
+        prefix: str,
+        end: str | None,
+        limit: int | None,
     ) -> list[tuple[str, bytes]]:
+        # keys starting with ``prefix`` sort between ``prefix`` and ``prefix + U+10FFFF``
+        upper = prefix + "\U0010ffff"
+        if end is not None and end < upper:
+            upper = end
         async with conn.execute(
-            "SELECT key, value FROM kv WHERE namespace=? AND key >= ? ORDER BY key",
-            (namespace, prefix),
+            "SELECT key, value FROM kv WHERE namespace=? AND key >= ? AND key < ? "
+            "ORDER BY key LIMIT ?",
+            (namespace, prefix, upper, -1 if limit is None else limit),
         ) as cursor:
             rows = await cursor.fetchall()
-        return [(str(k), bytes(v)) for k, v in rows if str(k).startswith(prefix)]
+        return [(str(k), bytes(v)) for k, v in rows]
