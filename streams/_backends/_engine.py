@@ -268,7 +268,9 @@ class Batch:
         existing = await self._get(op.path)
         if existing is not None and not existing.deleted and existing.expired(self.now):
             await self._remove(existing)
-            existing = None
+            # Expired is deleted: the path is free unless forks keep the old stream (then 410,
+            # as after an explicit delete; the old record still holds the path).
+            existing = self._by_path.get(op.path)
         if existing is not None:
             if existing.deleted:
                 raise StreamGone(f"stream {op.path!r} was deleted", path=op.path)

@@ -513,6 +513,16 @@ async def test_producer_close_is_idempotent_for_the_closer_only(store: Store) ->
     assert await read_all(store, "s") == [b"a", b"b"]
 
 
+async def test_recreated_stream_forgets_producers_and_stream_seq(store: Store) -> None:
+    await store.create("s")
+    await store.append("s", [b"old"], producer=Producer("p", 3, 0), stream_seq="9")
+    await store.delete("s")
+    await store.create("s")
+    fresh = await store.append("s", [b"new"], producer=Producer("p", 0, 0), stream_seq="1")
+    assert not fresh.duplicate and fresh.next_offset == off(1)
+    assert await read_all(store, "s") == [b"new"]
+
+
 @pytest.mark.parametrize(
     "producer", [Producer("", 0, 0), Producer("p", -1, 0), Producer("p", 0, -1)]
 )
@@ -675,6 +685,23 @@ async def test_touch_renews_ttl(store: Store) -> None:
     await store.head("s")
     with pytest.raises(StreamNotFound):
         await store.commit([Touch("missing")])
+
+
+async def test_expired_stream_kept_for_forks(store: Store) -> None:
+    await store.create("src", expires_at=time.time() + 0.3, messages=[b"1", b"2"])
+    await store.create("fork", fork_from="src", fork_offset=off(1))
+    await asyncio.sleep(0.4)
+    with pytest.raises(StreamNotFound):
+        await store.head("src")
+    # Expired counts as deleted: while the fork needs it, the path is not free (as after delete).
+    with pytest.raises(StreamGone) as err:
+        await store.create("src")
+    assert err.value.path == "src"
+    assert await read_all(store, "fork") == [b"1"]
+    await store.delete("fork")
+    fresh = await store.create("src")
+    assert fresh.created and fresh.info.next_offset == off(0)
+    assert await read_all(store, "src") == []
 
 
 # -- multi-op commits --------------------------------------------------------------------------
@@ -905,3 +932,35 @@ async def test_many_waiters_all_wake(store: Store) -> None:
     await asyncio.sleep(0.05)
     await store.append("s", [b"x"])
     assert await asyncio.wait_for(asyncio.gather(*waiters), 3) == [True] * 50
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+async def test_concurrent_create_append_delete_churn(store: Store) -> None:
+    """Many tasks create, append to and delete a few paths at once (one group commit in SQLite
+    often mixes a delete and a re-create of the same path); every answer stays consistent."""
+    paths = [f"churn/{i}" for i in range(3)]
+
+    async def worker(task: int) -> None:
+        for round_ in range(15):
+            path = paths[(task + round_) % len(paths)]
+            try:
+                await store.create(path, messages=[b"c"])
+                result = await store.append(path, [f"{task}".encode(), f"{task}".encode()])
+                # Whichever incarnation of the path took it: "c" plus whole pairs.
+                assert int(result.next_offset.split("_")[1]) % 2 == 1
+                if round_ % 3 == 2:
+                    await store.delete(path)
+            except StreamNotFound:
+                pass  # another task deleted it in between: fine
+
+    await asyncio.gather(*(worker(t) for t in range(12)))
+    for path in paths:
+        try:
+            data = await read_all(store, path)
+        except StreamNotFound:
+            continue
+        assert data[0] == b"c" and len(data) % 2 == 1
+        for first, second in zip(data[1::2], data[2::2], strict=True):
+            assert first == second
