@@ -182,6 +182,7 @@ async def _stop_on_signals(stop: anyio.Event) -> None:
 @click.option("--type", "message_type", default=None, help="Message type.")
 @click.option("--args", "args_json", default=None, help="Spawn args (JSON) if the entity is new.")
 @click.option("--timeout", default=300.0, show_default=True, type=float, help="Seconds to wait.")
+@lease_option
 @json_option
 def run(
     app: str,
@@ -191,6 +192,7 @@ def run(
     message_type: str | None,
     args_json: str | None,
     timeout: float,
+    lease_seconds: float,
     as_json: bool,
 ) -> None:
     """Spawn URL if needed, send MESSAGE, process it in this process, print the reply, exit.
@@ -201,7 +203,16 @@ def run(
     payload = _message(message, as_json)
     args = _parse_json(args_json, "--args") if args_json else None
     code = anyio.run(
-        _run_attached, registry, db, url, payload, message_type, args, timeout, as_json
+        _run_attached,
+        registry,
+        db,
+        url,
+        payload,
+        message_type,
+        args,
+        timeout,
+        as_json,
+        lease_seconds,
     )
     sys.exit(code)
 
@@ -215,8 +226,9 @@ async def _run_attached(
     args: Any,
     timeout_s: float,
     as_json: bool,
+    lease_seconds: float = 30.0,
 ) -> int:
-    async with Runtime(registry, db) as rt:
+    async with Runtime(registry, db, lease_seconds=lease_seconds) as rt:
         try:
             if await rt.lookup(url) is None:
                 await rt.spawn(url, args=args)
