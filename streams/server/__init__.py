@@ -9,9 +9,10 @@ to follow the tail).
 
 from __future__ import annotations
 
+from ._app import StreamsApp as StreamsApp
 from ._app import create_app as create_app
 from ._serve import serve as serve
 from ._serve import serve_app as serve_app
 from ._settings import ServerSettings as ServerSettings
 
-__all__ = ["ServerSettings", "create_app", "serve", "serve_app"]
+__all__ = ["ServerSettings", "StreamsApp", "create_app", "serve", "serve_app"]

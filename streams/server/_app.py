@@ -18,9 +18,11 @@ from ._fanout import Fanout
 from ._protocol import Problem, from_store_error
 from ._read import handle_get, handle_head
 from ._settings import ServerSettings
+from ._subscription_routes import handle_reserved
+from ._subscriptions import Subscriptions
 from ._write import handle_delete, handle_post, handle_put
 
-__all__ = ["create_app"]
+__all__ = ["StreamsApp", "create_app"]
 
 logger = logging.getLogger("streams.server")
 
@@ -65,11 +67,17 @@ _EXPOSE_HEADERS = ", ".join(
 )
 
 
-class _BrowserHeaders:
-    """Adds the security and CORS headers to every response and answers CORS preflights."""
+class StreamsApp:
+    """The ASGI app :func:`create_app` returns.
 
-    def __init__(self, app: ASGIApp, origins: tuple[str, ...]) -> None:
+    It adds the security and CORS headers to every response and answers CORS preflights.
+    ``aclose()`` stops its background work (webhook deliveries, lease timers, shared waits); the
+    app's own lifespan does that too when the server runs it.
+    """
+
+    def __init__(self, app: ASGIApp, origins: tuple[str, ...], ctx: Context) -> None:
         self.app = app
+        self._ctx = ctx
         self.any_origin = "*" in origins
         self.origins = {origin.encode() for origin in origins}
 
@@ -114,21 +122,19 @@ class _BrowserHeaders:
 
         await self.app(scope, receive, send_with_headers)
 
+    async def aclose(self) -> None:
+        await self._ctx.subscriptions.aclose()
+        await self._ctx.fanout.aclose()
+
 
 def _problem_response(problem: Problem) -> Response:
     headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **problem.headers}
     return reply(problem.status, headers, problem.body())
 
 
-def _endpoint(ctx: Context) -> Callable[[Request], Awaitable[Response]]:
-    handlers: dict[str, Handler] = {
-        "GET": handle_get,
-        "HEAD": handle_head,
-        "PUT": handle_put,
-        "POST": handle_post,
-        "DELETE": handle_delete,
-    }
-
+def _endpoint(
+    ctx: Context, handlers: dict[str, Handler]
+) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         handler = handlers.get(request.method)
         try:
@@ -153,7 +159,7 @@ async def _not_found(request: Request) -> Response:
     return _problem_response(Problem(404, "NOT_FOUND", f"no route for {request.url.path!r}"))
 
 
-def create_app(store: Store, *, settings: ServerSettings | None = None) -> ASGIApp:
+def create_app(store: Store, *, settings: ServerSettings | None = None) -> StreamsApp:
     """Return an ASGI app that serves ``store`` with the Durable Streams protocol.
 
     Streams live at ``{settings.base_path}/{path}`` (``/v1/stream/...`` by default). The store
@@ -166,21 +172,36 @@ def create_app(store: Store, *, settings: ServerSettings | None = None) -> ASGIA
         read_max_messages=settings.read_max_messages,
         read_max_bytes=settings.read_max_bytes,
     )
-    ctx = Context(store, settings, fanout)
+    ctx = Context(store, settings, fanout, Subscriptions(store))
     methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH"]
+    streams: dict[str, Handler] = {
+        "GET": handle_get,
+        "HEAD": handle_head,
+        "PUT": handle_put,
+        "POST": handle_post,
+        "DELETE": handle_delete,
+    }
+    reserved: dict[str, Handler] = dict.fromkeys(
+        ["GET", "HEAD", "PUT", "POST", "DELETE"], handle_reserved
+    )
+    streams_app: StreamsApp | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            await fanout.aclose()
+            if streams_app is not None:
+                await streams_app.aclose()
 
+    base = settings.base_path
     app = Starlette(
         routes=[
-            Route(settings.base_path + "/{path:path}", _endpoint(ctx), methods=methods),
+            Route(base + "/__ds/{rest:path}", _endpoint(ctx, reserved), methods=methods),
+            Route(base + "/{path:path}", _endpoint(ctx, streams), methods=methods),
             Route("/{rest:path}", _not_found, methods=methods),
         ],
         lifespan=lifespan,
     )
-    return _BrowserHeaders(app, settings.cors_origins)
+    streams_app = StreamsApp(app, settings.cors_origins, ctx)
+    return streams_app

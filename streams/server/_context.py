@@ -14,6 +14,7 @@ from .. import Store, is_json_content_type
 from ._fanout import Fanout
 from ._protocol import Problem
 from ._settings import ServerSettings
+from ._subscriptions import Subscriptions
 
 __all__ = ["Context", "etag", "reply", "sse_encoding"]
 
@@ -25,6 +26,7 @@ class Context:
     store: Store
     settings: ServerSettings
     fanout: Fanout
+    subscriptions: Subscriptions
 
     def stream_path(self, request: Request) -> str:
         """The stream path of a request, validated (``{base_path}/{path}``)."""

@@ -74,12 +74,13 @@ class Problem(Exception):
     code: str
     message: str
     headers: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)  # more fields of the error object
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
 
     def body(self) -> bytes:
-        return orjson.dumps({"error": {"code": self.code, "message": self.message}})
+        return orjson.dumps({"error": {"code": self.code, "message": self.message, **self.extra}})
 
 
 def bad_request(message: str, code: str = "BAD_REQUEST") -> Problem:

@@ -29,7 +29,10 @@ class _StoreApp:
     async def _running(self) -> AsyncIterator[None]:
         async with open_store(self.url) as store:
             self.app = create_app(store, settings=self.settings)
-            yield
+            try:
+                yield
+            finally:
+                await self.app.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -131,6 +131,8 @@ async def handle_put(ctx: Context, request: Request) -> Response:
     result = (await ctx.store.commit([op]))[0]
     assert isinstance(result, CreateResult)
     info = result.info
+    if result.created:
+        ctx.subscriptions.observe(path, before=0, created=True)
     out = {"Content-Type": info.content_type, NEXT_OFFSET: info.next_offset}
     if info.closed:
         out[CLOSED] = "true"
@@ -158,6 +160,9 @@ async def handle_post(ctx: Context, request: Request) -> Response:
     op = Append(path, messages, content_type if body else None, producer, stream_seq, close)
     result = (await ctx.store.commit([op]))[0]
     assert isinstance(result, AppendResult)
+    if messages and not result.duplicate:
+        tail = parse_offset(result.next_offset) or 0
+        ctx.subscriptions.observe(path, before=tail - len(messages), created=False)
     out = {NEXT_OFFSET: result.next_offset}
     if result.closed:
         out[CLOSED] = "true"

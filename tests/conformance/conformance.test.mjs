@@ -5,5 +5,5 @@ import { runConformanceTests } from "@durable-streams/server-conformance-tests"
 runConformanceTests({
   baseUrl: process.env.CONFORMANCE_TEST_URL ?? "http://127.0.0.1:4437",
   longPollTimeoutMs: Number(process.env.CONFORMANCE_LONG_POLL_MS ?? "20000"),
-  subscriptions: process.env.CONFORMANCE_SUBSCRIPTIONS === "1",
+  subscriptions: process.env.CONFORMANCE_SUBSCRIPTIONS !== "0",
 })
