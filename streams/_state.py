@@ -204,14 +204,19 @@ async def materialize(
             candidate = Materializer.from_snapshot(saved)
             if until is None or candidate.offset <= until:
                 view = candidate
+    apply, loads = view.apply, orjson.loads
     while True:
         result = await store.read(path, view.offset, limit=batch, renew_ttl=False)
-        for message in result.messages:
-            if until is not None and message.offset > until:
-                return view
-            view.apply(orjson.loads(message.data))
-            view.offset = message.offset
-        if result.up_to_date or not result.messages:
+        messages = result.messages
+        done = result.up_to_date or not messages
+        if until is not None and messages and messages[-1].offset > until:
+            messages = [m for m in messages if m.offset <= until]
+            done = True
+        for message in messages:
+            apply(loads(message.data))
+        if messages:
+            view.offset = messages[-1].offset
+        if done:
             return view
 
 
