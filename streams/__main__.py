@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from .server import ServerSettings, serve
@@ -58,6 +60,7 @@ def serve_command(
     log_level: str,
 ) -> None:
     """Serve the Durable Streams protocol at http://HOST:PORT/v1/stream/{path}."""
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)-9s %(name)s: %(message)s")
     settings = ServerSettings(
         long_poll_timeout_s=long_poll_ms / 1000,
         sse_max_duration_s=sse_max_s,
