@@ -579,18 +579,19 @@ class SqliteStore(Store):
         return await future
 
     async def _run_writer(self) -> None:
-        stopping = False
-        while not stopping:
+        stopping = False  # set by aclose's None; commits queued behind it still run
+        while not (stopping and self._queue.empty()):
             item = await self._queue.get()
             if item is None:
-                break
+                stopping = True
+                continue
             group = [item]
             count = len(item.ops)
             while count < _MAX_GROUP_OPS and not self._queue.empty():
                 more = self._queue.get_nowait()
                 if more is None:
                     stopping = True
-                    break
+                    continue
                 group.append(more)
                 count += len(more.ops)
             try:

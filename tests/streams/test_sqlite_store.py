@@ -162,3 +162,16 @@ async def test_synchronous_modes(tmp_path: Path, mode: str) -> None:
         assert sorted(r.next_offset for r in results) == [format_offset(i + 1) for i in range(50)]
     async with streams.open_store(url) as store:
         assert sorted(int(d) for d in await read_all(store, "s")) == list(range(50))
+
+
+async def test_commits_queued_behind_close_are_written(tmp_path: Path) -> None:
+    url = url_for(tmp_path)
+    async with streams.open_store(url) as store:
+        await store.create("s")
+        tasks = [asyncio.create_task(store.append("s", [f"{i}".encode()])) for i in range(5)]
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert sorted(r.next_offset for r in results) == [format_offset(i + 1) for i in range(5)]
+    with pytest.raises(streams.StreamsError):
+        await store.append("s", [b"after close"])
+    async with streams.open_store(url) as store:
+        assert sorted(await read_all(store, "s")) == [b"0", b"1", b"2", b"3", b"4"]

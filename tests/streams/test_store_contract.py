@@ -32,8 +32,10 @@ from streams import (
     StreamExists,
     StreamGone,
     StreamNotFound,
+    StreamsError,
     Touch,
     format_offset,
+    open_store,
 )
 
 
@@ -964,3 +966,18 @@ async def test_concurrent_create_append_delete_churn(store: Store) -> None:
         assert data[0] == b"c" and len(data) % 2 == 1
         for first, second in zip(data[1::2], data[2::2], strict=True):
             assert first == second
+
+
+async def test_commits_racing_close_never_hang(store_url: str) -> None:
+    store = open_store(store_url)
+    async with store:
+        await store.create("s")
+        # These start only once the close is under way.
+        tasks = [asyncio.create_task(store.append("s", [b"x"])) for _ in range(5)]
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    for result in results:
+        assert isinstance(result, AppendResult | StreamsError), result
+    try:
+        await asyncio.wait_for(store.append("s", [b"late"]), 10)
+    except StreamsError:
+        pass
