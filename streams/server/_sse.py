@@ -85,10 +85,13 @@ async def _events(
     try:
         while True:
             if result.messages:
-                event = memo.get("sse-data")
+                # Subscribers of one shared read send the same bytes: encode them once.
+                key = f"sse:{cursor}"
+                event = memo.get(key)
                 if not isinstance(event, bytes):
-                    event = memo["sse-data"] = data_event(result, encoding)
-                yield event + control_event(result, cursor)
+                    event = data_event(result, encoding) + control_event(result, cursor)
+                    memo[key] = event
+                yield event
                 opened = True
             elif not opened or result.closed:
                 yield control_event(result, cursor)
