@@ -6,6 +6,7 @@ import contextlib
 import hmac
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streams.server import ServerSettings
 from streams.server import create_app as create_streams_app
@@ -93,6 +94,73 @@ class _ReadOnly:
         await self.app(scope, receive, send)
 
 
+class _Closing:
+    """Set when the server begins to shut down (see :class:`_EndOnShutdown`)."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self._event: anyio.Event | None = None
+
+    def event(self) -> anyio.Event:
+        if self._event is None:  # created lazily: it must belong to the serving event loop
+            self._event = anyio.Event()
+            if self.closing:
+                self._event.set()
+        return self._event
+
+    def set(self) -> None:
+        self.closing = True
+        if self._event is not None:
+            self._event.set()
+
+
+class _EndOnShutdown:
+    """End in-flight ``GET`` requests when the server begins to shut down.
+
+    Live reads (SSE tails, long-polls) would otherwise hold a graceful shutdown until its
+    timeout and then be killed with an error. A request that has not answered yet gets
+    ``503`` (clients retry); a streaming answer is ended cleanly, and readers resume from the
+    last offset they saw.
+    """
+
+    def __init__(self, app: ASGIApp, closing: _Closing) -> None:
+        self.app = app
+        self.closing = closing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            await self.app(scope, receive, send)
+            return
+        started = completed = finished = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started, completed
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                completed = True
+            await send(message)
+
+        async with anyio.create_task_group() as tg:
+
+            async def end_on_shutdown() -> None:
+                await self.closing.event().wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(end_on_shutdown)
+            await self.app(scope, receive, tracked)
+            finished = True
+            tg.cancel_scope.cancel()
+        if finished or completed:
+            return
+        if not started:
+            response = error_response(503, "SHUTTING_DOWN", "the server is shutting down")
+            response.headers["Retry-After"] = "1"
+            await response(scope, receive, send)
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def create_app(
     runtime: Runtime,
     *,
@@ -111,13 +179,17 @@ def create_app(
     async def index(request: Request) -> Response:
         return HTMLResponse(INDEX_HTML)
 
+    closing = _Closing()
     middleware = [Middleware(_BearerAuth, token=token)] if token else []
+    middleware.append(Middleware(_EndOnShutdown, closing=closing))
     routes = [
         Route("/", index, methods=["GET"]),
         *control_routes(runtime, max_body_bytes=max_body_bytes),
         Mount("/", app=_ReadOnly(streams_app, settings.base_path)),
     ]
-    return Starlette(routes=routes, middleware=middleware)
+    app = Starlette(routes=routes, middleware=middleware)
+    app.state.begin_shutdown = closing.set
+    return app
 
 
 class _Server(uvicorn.Server):
@@ -127,9 +199,17 @@ class _Server(uvicorn.Server):
     before the embedded worker could drain its in-flight wakes.
     """
 
+    def __init__(self, config: uvicorn.Config, begin_shutdown: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.begin_shutdown = begin_shutdown
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.begin_shutdown()  # end live reads first, so open connections can close
+        await super().shutdown(sockets)
 
 
 async def _exit_on_signals(server: uvicorn.Server) -> None:
@@ -165,7 +245,7 @@ async def serve(
         lifespan="off",
         timeout_graceful_shutdown=options.shutdown_seconds,
     )
-    server = _Server(config)
+    server = _Server(config, app.state.begin_shutdown)
     stop = anyio.Event()
     failed: list[str] = []
     async with anyio.create_task_group() as outer:
