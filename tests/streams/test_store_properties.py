@@ -18,7 +18,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import streams
-from streams import Store, StreamClosed, format_offset, parse_offset
+from streams import (
+    Producer,
+    ProducerEpochInvalid,
+    ProducerFenced,
+    ProducerSequenceGap,
+    ProducerState,
+    Store,
+    StreamClosed,
+    format_offset,
+    parse_offset,
+)
 
 from .conftest import BACKENDS, make_store_url
 
@@ -210,5 +220,95 @@ def test_concurrent_writers_never_interleave_a_batch(backend: str, plan: list[li
             last_batch[task] = number
             index += size
         assert len(acked) == sum(len(sizes) for sizes in plan)
+
+    run_with_store(backend, body)
+
+
+producer_rounds = st.lists(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["next", "dup", "gap", "stale", "bump", "bad_bump"]),
+            st.integers(1, 4),  # batch size
+        ),
+        min_size=3,
+        max_size=3,
+    ),  # one op per producer; the three run concurrently (one group commit in SQLite)
+    min_size=1,
+    max_size=12,
+)
+
+
+@dataclass
+class ProducerModel:
+    epoch: int = 0
+    seq: int | None = None  # last accepted seq in ``epoch``
+    offset: str = ""  # next_offset returned for that append
+    batches: list[list[bytes]] = field(default_factory=list)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rounds=producer_rounds)
+def test_idempotent_producers_match_the_model(
+    backend: str, rounds: list[list[tuple[str, int]]]
+) -> None:
+    async def body(store: Store) -> None:
+        await store.create("s")
+        models = [ProducerModel() for _ in range(3)]
+        counter = 0
+
+        async def one(pid: int, kind: str, size: int) -> None:
+            nonlocal counter
+            model = models[pid]
+            counter += 1
+            batch = [f"{pid}:{counter}:{i}".encode() for i in range(size)]
+            name = f"p{pid}"
+            if kind == "dup" and model.seq is not None:
+                result = await store.append(
+                    "s", batch, producer=Producer(name, model.epoch, model.seq)
+                )
+                assert result.duplicate and result.next_offset == model.offset
+                assert result.producer == ProducerState(model.epoch, model.seq)
+            elif kind == "gap":
+                seq = 1 if model.seq is None else model.seq + 2
+                with pytest.raises(ProducerSequenceGap) as gap:
+                    await store.append("s", batch, producer=Producer(name, model.epoch, seq))
+                assert (gap.value.expected, gap.value.received) == (
+                    seq - 1 if model.seq is not None else 0,
+                    seq,
+                )
+            elif kind == "stale" and model.epoch > 0:
+                with pytest.raises(ProducerFenced) as fenced:
+                    await store.append("s", batch, producer=Producer(name, model.epoch - 1, 0))
+                assert fenced.value.current_epoch == model.epoch
+            elif kind == "bad_bump" and model.seq is not None:
+                with pytest.raises(ProducerEpochInvalid):
+                    await store.append("s", batch, producer=Producer(name, model.epoch + 1, 1))
+            else:
+                if kind == "bump" and model.seq is not None:
+                    model.epoch, model.seq = model.epoch + 1, None
+                seq = 0 if model.seq is None else model.seq + 1
+                result = await store.append("s", batch, producer=Producer(name, model.epoch, seq))
+                assert not result.duplicate
+                assert result.producer == ProducerState(model.epoch, seq)
+                model.seq, model.offset = seq, result.next_offset
+                model.batches.append(batch)
+
+        for round_ in rounds:
+            await asyncio.gather(*(one(pid, kind, size) for pid, (kind, size) in enumerate(round_)))
+        messages = await read_suffix(store, "s", "-1", 1000)
+        assert len(messages) == sum(len(b) for m in models for b in m.batches)
+        index = 0
+        seen: dict[int, int] = {}
+        while index < len(messages):
+            pid = int(messages[index].data.split(b":")[0])
+            number = seen.get(pid, 0)
+            batch = models[pid].batches[number]
+            assert [m.data for m in messages[index : index + len(batch)]] == batch
+            seen[pid] = number + 1
+            index += len(batch)
+        for model in models:  # each producer's last offset ends its last batch
+            if model.batches:
+                assert messages[position(model.offset) - 1].data == model.batches[-1][-1]
 
     run_with_store(backend, body)
