@@ -45,7 +45,8 @@ from ._urls import parse_url
 __all__ = ["TimerValue", "fire_due", "next_cron", "next_due", "schedule_key", "timer_key"]
 
 logger = logging.getLogger("entities.scheduler")
-FIRE_CONCURRENCY = 256  # timers in flight at once in one fire_due pass
+FIRE_BATCH = 500  # timers fired together in one transaction
+FIRE_CONCURRENCY = 256  # timers in flight at once when fired one by one
 
 
 class TimerValue(BaseModel):
@@ -152,21 +153,60 @@ async def next_due(store: Store) -> float | None:
 
 
 async def fire_due(
-    store: Store, now: float, *, limit: int = 5000, concurrency: int = FIRE_CONCURRENCY
+    store: Store,
+    now: float,
+    *,
+    limit: int = 5000,
+    batch: int = FIRE_BATCH,
+    concurrency: int = FIRE_CONCURRENCY,
 ) -> int:
     """Fire every timer due at ``now`` (up to ``limit``); return how many fired here.
 
-    Each timer is its own compare-and-set transaction, but up to ``concurrency`` of them are in
-    flight at once (in due order), so a group-committing store writes many in one physical
-    commit: one timer's failed check fails only that timer.
+    Timers fire in due order, ``batch`` at a time in one transaction: every timer's
+    compare-and-set checks are in it, so it commits only if all of them still hold, and the
+    events for one stream go in as one append. If it fails (another scheduler fired one of them,
+    one was cancelled or replaced, a target is gone), that batch is fired again one transaction
+    per timer (up to ``concurrency`` in flight, which a group-committing store writes together),
+    so one timer's failed check fails only that timer.
     """
     cutoff = f"{now:017.6f}|~"
     due = await store.kv_scan(TIMER_NS, "", end=cutoff, limit=limit)
-    if not due:
-        return 0
-    if len(due) == 1 or concurrency <= 1:
+    fired = 0
+    for start in range(0, len(due), max(1, batch)):
+        chunk = due[start : start + max(1, batch)]
+        if len(chunk) > 1 and await _fire_batch(store, chunk, now):
+            fired += len(chunk)
+        else:
+            fired += await _fire_each(store, chunk, now, concurrency)
+    return fired
+
+
+async def _fire_batch(store: Store, chunk: list[tuple[str, bytes]], now: float) -> bool:
+    """Fire every timer of ``chunk`` in one transaction; ``False`` if it could not commit."""
+    kv_ops: list[Op] = []
+    appends: dict[str, list[bytes]] = {}
+    for key, raw in chunk:
+        ops, _index = _timer_ops(key, raw, now)
+        for op in ops:
+            if isinstance(op, Append):
+                appends.setdefault(op.path, []).extend(op.messages)
+            else:
+                kv_ops.append(op)
+    merged = kv_ops + [Append(path, messages) for path, messages in appends.items()]
+    try:
+        await store.commit(merged)
+    except (ConditionFailed, StreamNotFound, StreamGone, StreamClosed):
+        return False
+    return True
+
+
+async def _fire_each(
+    store: Store, chunk: list[tuple[str, bytes]], now: float, concurrency: int
+) -> int:
+    """Fire each timer of ``chunk`` in its own transaction, up to ``concurrency`` at once."""
+    if len(chunk) == 1 or concurrency <= 1:
         fired = 0
-        for key, raw in due:
+        for key, raw in chunk:
             fired += await _fire_one(store, key, raw, now)
         return fired
     results: list[int] = []
@@ -177,14 +217,13 @@ async def fire_due(
             results.append(await _fire_one(store, key, raw, now))
 
     async with anyio.create_task_group() as tg:
-        for key, raw in due:
+        for key, raw in chunk:
             tg.start_soon(one, key, raw)
     return sum(results)
 
 
-async def _fire_one(store: Store, key: str, raw: bytes, now: float) -> int:
-    """Fire one timer in one transaction; 1 if it fired here, 0 if not (fired elsewhere,
-    cancelled or replaced, or its target is gone)."""
+def _timer_ops(key: str, raw: bytes, now: float) -> tuple[list[Op], str]:
+    """The operations that fire one timer (checks first), and its schedule index key."""
     from ._runtime import _inbox, event, iso, new_token  # late import: no cycle at load
 
     timer = TimerValue.model_validate(orjson.loads(raw))
@@ -240,6 +279,13 @@ async def _fire_one(store: Store, key: str, raw: bytes, now: float) -> int:
             KvPut(PENDING_NS, owner.url, new_token()),
             *arm_ops(following),
         ]
+    return ops, index
+
+
+async def _fire_one(store: Store, key: str, raw: bytes, now: float) -> int:
+    """Fire one timer in one transaction; 1 if it fired here, 0 if not (fired elsewhere,
+    cancelled or replaced, or its target is gone)."""
+    ops, index = _timer_ops(key, raw, now)
     try:
         await store.commit(ops)
         return 1
