@@ -236,6 +236,8 @@ class _WriterConnection:
         self.executor = executor
         self.waits_for_locks = True
         self.wal_bytes = 0
+        mode = conn.execute("PRAGMA journal_mode").fetchone()
+        self.wal = mode is not None and str(mode[0]).lower() == "wal"
 
     @classmethod
     async def open(cls, path: Path, synchronous: str) -> _WriterConnection:
@@ -551,6 +553,8 @@ class SqliteStore(Store):
         """Open the file (creating it and its folder), migrate, start the writer task."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = await _WriterConnection.open(self.path, self._synchronous)
+        # Outside WAL mode (a filesystem without shared memory) every commit syncs.
+        self._inline = self._inline and self._writer.wal
         self._readers = [await self._connect() for _ in range(self._reader_count)]
         self._reader_locks = [asyncio.Lock() for _ in self._readers]
         self._task = asyncio.create_task(self._run_writer(), name=f"streams-writer:{self.path}")
