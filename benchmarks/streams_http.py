@@ -197,6 +197,8 @@ async def measure(args: argparse.Namespace, base: str, tmp: str) -> dict[str, ob
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="streams-bench-") as tmp:
+        if args.url:  # a server someone else runs (e.g. under a profiler)
+            return asyncio.run(measure(args, args.url.rstrip("/"), tmp))
         db = args.db or f"sqlite:///{Path(tmp) / 'server.db'}"
         port = free_port()
         base = f"http://127.0.0.1:{port}"
@@ -220,6 +222,7 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=100)
     parser.add_argument("--writers", type=int, default=16)
     parser.add_argument("--db", help="server store URL (default: a fresh SQLite file)")
+    parser.add_argument("--url", help="benchmark a running server instead of starting one")
     args = parser.parse_args()
     args.appends = 2000 if args.quick else 20000
     args.messages = 30 if args.quick else 200
