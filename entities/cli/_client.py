@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,43 +40,68 @@ class Client:
                 headers={"Content-Type": "application/json"} if content else None,
             )
         except httpx2.TransportError as exc:
-            raise click.ClickException(
-                f"cannot reach {self.base_url} ({exc}); is `entities serve` running? "
-                "Set --server or ENTITIES_URL."
-            ) from None
+            raise self._unreachable(exc) from None
         if response.status_code >= 400:
-            try:
-                error = response.json()["error"]
-                message = f"{error['code']}: {error['message']}"
-                if error.get("details"):
-                    message += "\n" + orjson.dumps(error["details"]).decode()
-            except Exception:
-                message = f"HTTP {response.status_code}: {response.text[:500]}"
-            raise click.ClickException(message)
+            raise click.ClickException(_error_message(response))
         if not response.content:
             return None
         return response.json()
+
+    def _unreachable(self, exc: Exception) -> click.ClickException:
+        return click.ClickException(
+            f"cannot reach {self.base_url} ({exc}); is `entities serve` running? "
+            "Set --server or ENTITIES_URL."
+        )
 
     def stream_events(self, url: str, offset: str, *, live: bool) -> Iterator[tuple[Any, str]]:
         """Yield ``(event, offset)`` from an entity's stream; with ``live``, tail it over SSE."""
         path = f"/v1/stream{url}/main"
         if not live:
             while True:
-                response = self.http.get(path, params={"offset": offset})
+                try:
+                    response = self.http.get(path, params={"offset": offset})
+                except httpx2.TransportError as exc:
+                    raise self._unreachable(exc) from None
                 if response.status_code >= 400:
-                    raise click.ClickException(f"HTTP {response.status_code}: {response.text}")
+                    raise click.ClickException(_error_message(response))
                 offset = response.headers.get("stream-next-offset", offset)
                 for item in response.json():
                     yield item, offset
                 if response.headers.get("stream-up-to-date") == "true":
                     return
+        connected = False
+        backoff = 0.25
         while True:
+            try:
+                yield from self._tail(path, offset)
+                return
+            except _Reconnect as again:
+                offset = again.offset
+                connected = True
+                if again.served:  # a served tail ended (time limit, restart): resume now
+                    backoff = 0.25
+                    continue
+            except httpx2.TransportError as exc:
+                # Unreachable at first: an error. Lost later (a restart): keep trying.
+                if not connected:
+                    raise self._unreachable(exc) from None
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _tail(self, path: str, offset: str) -> Iterator[tuple[Any, str]]:
+        """One SSE connection; raises :class:`_Reconnect` when the server ends it while the
+        stream is still open."""
+        connected = False
+        try:
             with self.http.stream(
                 "GET", path, params={"offset": offset, "live": "sse"}, timeout=None
             ) as response:
+                if response.status_code == 503:  # shutting down: come back later
+                    raise _Reconnect(offset, served=False)
                 if response.status_code >= 400:
                     response.read()
-                    raise click.ClickException(f"HTTP {response.status_code}: {response.text}")
+                    raise click.ClickException(_error_message(response))
+                connected = True
                 kind = ""
                 data: list[str] = []
                 for line in response.iter_lines():
@@ -93,3 +119,28 @@ class Client:
                         elif kind == "data":
                             for item in payload:
                                 yield item, offset
+        except httpx2.TransportError:
+            if not connected:
+                raise
+        raise _Reconnect(offset, served=connected)
+
+
+class _Reconnect(Exception):
+    """An SSE tail ended while its stream is open: resume from ``offset``."""
+
+    def __init__(self, offset: str, *, served: bool) -> None:
+        super().__init__(offset)
+        self.offset = offset
+        self.served = served
+
+
+def _error_message(response: httpx2.Response) -> str:
+    """``CODE: message`` from an error answer (with details), else the status and body."""
+    try:
+        error = response.json()["error"]
+        message = f"{error['code']}: {error['message']}"
+        if error.get("details"):
+            message += "\n" + orjson.dumps(error["details"]).decode()
+    except Exception:
+        message = f"HTTP {response.status_code}: {response.text[:500]}"
+    return message

@@ -244,12 +244,14 @@ async def _run_attached(
             offset = "-1"
             while not stop.is_set():
                 tail = (await rt.store.head(f"{url.strip('/')}/main")).next_offset
+                # Errors first: an on_error reply commits together with the error, so the
+                # replies read next sees it and wins.
+                error = await _dead_letter(rt, url, receipt.offset)
                 found = await rt.replies(url, receipt.key, after="-1")
                 if found:
                     result.extend(found)
                     stop.set()
                     return
-                error = await _dead_letter(rt, url, receipt.offset)
                 if error:
                     failure.append(error)
                     stop.set()

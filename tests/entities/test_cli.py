@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,6 +238,73 @@ def test_server_not_reachable() -> None:
         assert "cannot reach" in message and "entities serve" in message
     message = fails("ps", env={"ENTITIES_URL": url})
     assert "cannot reach" in message
+    for args in (["view", "/counter/x"], ["observe", "/counter/x"]):
+        assert "cannot reach" in fails(*args, "--server", url)
+
+
+def test_view_of_a_missing_entity(server: Server) -> None:
+    assert "NOT_FOUND" in fails(*server.args("view", "/counter/ghost"))
+
+
+class Lines:
+    """Lines of a subprocess's stdout, read by a thread, awaited with a timeout."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.queue: queue.Queue[str] = queue.Queue()
+        assert proc.stdout is not None
+        stdout = proc.stdout
+
+        def pump() -> None:
+            for line in stdout:
+                self.queue.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def until(self, predicate: Callable[[Any], bool], seconds: float = 15) -> Any:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                line = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError("no matching line in time") from None
+            item = orjson.loads(line)
+            if predicate(item):
+                return item
+
+
+def test_observe_tails_live_and_survives_a_server_restart(tmp_path: Path) -> None:
+    port = free_port()
+    args = ["serve", "examples.all:registry", "--db", f"sqlite:///{tmp_path / 'o.db'}"]
+    serve = EntitiesProcess([*args, "--port", str(port)], log=tmp_path / "serve.log", port=port)
+    serve.start()
+    url = f"http://127.0.0.1:{port}"
+    ok("spawn", "/counter/o1", "--server", url)
+    observer = subprocess.Popen(
+        [*entities_command(), "observe", "/counter/o1", "--json", "--server", url],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = Lines(observer)
+        assert lines.until(lambda e: True)["type"] == "entity_created"
+        ok("send", "/counter/o1", '{"add": 2}', "--json", "--server", url)
+        reply = lines.until(lambda e: e["type"] == "texts")
+        assert reply["value"]["value"] == 2
+        serve.stop()  # the live tail ends; observe keeps trying
+        time.sleep(0.5)
+        assert observer.poll() is None
+        serve.start()
+        ok("send", "/counter/o1", '{"add": 3}', "--json", "--server", url)
+        reply = lines.until(lambda e: e["type"] == "texts" and e["value"]["value"] == 5)
+        assert reply["headers"]["operation"] == "insert"
+    finally:
+        observer.terminate()
+        _, err = observer.communicate(timeout=10)
+        serve.stop()
+    assert "Traceback" not in err, err
 
 
 def test_token_protected_server(tmp_path: Path) -> None:
