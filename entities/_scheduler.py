@@ -6,7 +6,8 @@ at the schedule's current timer. Firing a timer is one transaction that checks b
 unchanged (compare-and-set), deletes the timer, delivers its effect (an inbox message for a
 future send, a ``wakes`` event for a cron tick, with the entity marked pending) and, for cron,
 stores the next timer. Two schedulers (two processes) racing for the same timer cannot both
-commit, so every due time fires once.
+commit, so every due time fires once. Due timers are fired in batches, many per transaction with
+every timer's checks in it (see :func:`fire_due`), so a burst of timers costs a few commits.
 
 **Catch-up policy.** A timer that is overdue (the process was down) fires once, as soon as a
 scheduler runs, with ``late_ms`` telling how late it is. A cron schedule then skips every tick
