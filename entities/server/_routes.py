@@ -15,7 +15,7 @@ from streams import BadOffset
 
 from .._errors import EntitiesError, SchemaValidationFailed
 from .._runtime import Runtime
-from .._urls import EntityURL, check_segment
+from .._urls import EntityURL, check_segment, parse_url
 
 __all__ = ["control_routes", "error_response", "json_response"]
 
@@ -124,13 +124,16 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         target = _target(request)
         runtime.registry.get(target.type)
         body = await _body(request, SpawnBody, max_body_bytes)
+        parent = None
+        if body.parent is not None:  # must name an existing entity (``ps --parent`` lists by it)
+            parent = (await runtime.get(parse_url(body.parent).url)).url
         info = await runtime.spawn(
             target.url,
             args=body.args,
             tags=body.tags,
             initial_message=body.initial_message,
             initial_message_type=body.initial_message_type,
-            parent=body.parent,
+            parent=parent,
         )
         return json_response(info.to_json(), 201)
 

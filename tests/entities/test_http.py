@@ -184,6 +184,32 @@ async def test_spawn_bad_args_is_422_and_creates_nothing(served: Served, body: A
     assert (await served.http.get("/_entities/entities/greeter/g1")).status_code == 404
 
 
+async def test_spawn_parent_and_initial_message_are_checked(served: Served) -> None:
+    assert (await spawn(served, "/counter/p1")).status_code == 201
+    before = await served.snapshot()
+    for body, status, code in [
+        ({"parent": "not a url"}, 400, "INVALID_URL"),
+        ({"parent": "/counter/ghost"}, 404, "ENTITY_NOT_FOUND"),
+        ({"initial_message": {"add": "x"}}, 422, "SCHEMA_VALIDATION_FAILED"),
+    ]:
+        response = await spawn(served, "/counter/c1", body)
+        assert response.status_code == status, (body, response.text)
+        assert error_code(response) == code
+    assert await served.snapshot() == before
+    child = await spawn(
+        served, "/counter/c1", {"parent": "counter/p1", "initial_message": {"add": 4}}
+    )
+    assert child.status_code == 201
+    assert child.json()["parent"] == "/counter/p1"
+    await served.settle()
+    children = (
+        await served.http.get("/_entities/entities", params={"parent": "/counter/p1"})
+    ).json()
+    assert [c["url"] for c in children] == ["/counter/c1"]
+    inspected = (await served.http.get("/_entities/entities/counter/c1")).json()
+    assert inspected["state"]["totals"]["total"]["value"] == 4
+
+
 async def test_spawn_with_valid_args_runs_the_handler_with_them(served: Served) -> None:
     response = await spawn(served, "/greeter/g1", {"args": {"name": "Ada"}})
     assert response.status_code == 201, response.text
