@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import httpx2
@@ -34,6 +35,7 @@ import httpx2
 import streams
 
 ROOT = Path(__file__).resolve().parents[1]
+RUN = uuid.uuid4().hex[:8]  # stream names of this run (a reused --url server keeps old ones)
 
 
 def free_port() -> int:
@@ -74,7 +76,7 @@ async def baseline_appends(db: str, total: int, writers: int) -> float:
 async def http_appends(base: str, total: int, writers: int) -> float:
     """Appends/s over HTTP/1.1 keep-alive connections (a lean raw-socket client)."""
     host, port = base.removeprefix("http://").split(":")
-    path = "/v1/stream/bench/appends"
+    path = f"/v1/stream/bench/{RUN}/appends"
     async with httpx2.AsyncClient(timeout=30) as client:
         await client.put(base + path, headers={"Content-Type": "text/plain"})
     per_writer = total // writers
@@ -140,7 +142,7 @@ class Subscriber:
 
 async def sse_latency(base: str, subscribers: int, messages: int) -> list[float]:
     host, port = base.removeprefix("http://").split(":")
-    path = "/v1/stream/bench/sse"
+    path = f"/v1/stream/bench/{RUN}/sse"
     async with httpx2.AsyncClient(timeout=30) as client:
         await client.put(base + path, headers={"Content-Type": "text/plain"})
         subs = [Subscriber() for _ in range(subscribers)]
