@@ -84,7 +84,8 @@ class EntityRecord(BaseModel):
     last_active: float = 0.0
 
     def dump(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json"))
+        # an exact-size copy: orjson's result keeps a 4 KiB buffer, and these bytes are cached
+        return bytes(bytearray(orjson.dumps(self.model_dump(mode="json"))))
 
     @classmethod
     def load(cls, data: bytes) -> EntityRecord:

@@ -147,6 +147,7 @@ class Runtime:
         self.snapshot_every = snapshot_every
         self.cache_entities = cache_entities
         self._opened = False
+        self._local_worker: Any = None
 
     async def __aenter__(self) -> Runtime:
         await self.open()
@@ -548,7 +549,9 @@ class Runtime:
         """
         from ._worker import Worker
 
-        return await Worker(self).run_until_idle(max_wakes=max_wakes)
+        if self._local_worker is None:
+            self._local_worker = Worker(self)
+        return int(await self._local_worker.run_until_idle(max_wakes=max_wakes))
 
     async def advance(self, seconds: float) -> int:
         """Move a virtual clock forward by ``seconds``, firing timers in due order and running

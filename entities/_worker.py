@@ -631,7 +631,7 @@ class Worker:
         base_offset = offset
         events: list[dict[str, Any]] = []
         while True:
-            result = await rt.store.read(url.stream, offset, limit=2000, renew_ttl=False)
+            result = await rt.store.read(url.stream, offset, limit=1000, renew_ttl=False)
             for message in result.messages:
                 if to_offset is not None and message.offset > to_offset:
                     return _Loaded(view, base_offset, events, offset)

@@ -459,25 +459,45 @@ class Batch:
         self._dirty(record)
 
 
-async def read_plan(record: StreamRecord, start: int, loader: Loader) -> list[tuple[int, int, int]]:
-    """Which stored ranges make up ``record``'s positions after ``start``.
+def plan_ranges(chain: Sequence[StreamRecord], start: int) -> list[tuple[int, int, int]]:
+    """Which stored ranges make up ``chain[0]``'s positions after ``start``.
 
-    Returns ``(stream_id, low, high)`` triples, oldest first: read positions ``low < p <= high``
-    of that stream id. A fork's early positions live in its ancestors.
+    ``chain`` is the stream followed by its fork ancestors (parent first), as far as ``start``
+    reaches. Returns ``(stream_id, low, high)`` triples, oldest first: read positions
+    ``low < p <= high`` of that stream id. A fork's early positions live in its ancestors.
     """
     plan: list[tuple[int, int, int]] = []
-    high = record.length
-    current: StreamRecord | None = record
-    while current is not None and start < high:
+    high = chain[0].length
+    for current in chain:
+        if start >= high:
+            break
         own_low = current.fork_position if current.fork_parent is not None else 0
         if high > own_low:
             plan.append((current.id, max(start, own_low), high))
         if current.fork_parent is None or start >= own_low:
             break
         high = min(high, own_low)
-        current = await loader.stream_by_id(current.fork_parent)
     plan.reverse()
     return plan
+
+
+def needs_parent(chain: Sequence[StreamRecord], start: int) -> int | None:
+    """The id of the next ancestor :func:`plan_ranges` needs for ``start``, or ``None``."""
+    last = chain[-1]
+    if last.fork_parent is None or start >= last.fork_position:
+        return None
+    return last.fork_parent
+
+
+async def read_plan(record: StreamRecord, start: int, loader: Loader) -> list[tuple[int, int, int]]:
+    """:func:`plan_ranges` for ``record``, loading the ancestors it needs."""
+    chain = [record]
+    while (parent_id := needs_parent(chain, start)) is not None:
+        parent = await loader.stream_by_id(parent_id)
+        if parent is None:
+            break
+        chain.append(parent)
+    return plan_ranges(chain, start)
 
 
 def full(count: int, size: int, limit: int, max_bytes: int | None) -> bool:

@@ -36,7 +36,17 @@ import orjson
 
 from .._errors import BackendUnavailable, StreamGone, StreamNotFound, StreamsError
 from .._offsets import format_offset, parse_offset
-from ._engine import Batch, Effects, Loader, ProducerRecord, StreamRecord, full, read_plan
+from ._engine import (
+    Batch,
+    Effects,
+    Loader,
+    ProducerRecord,
+    StreamRecord,
+    full,
+    needs_parent,
+    plan_ranges,
+    read_plan,
+)
 from .base import KvCheck, KvPut, Message, Op, OpResult, ReadResult, Store, StreamInfo, Touch
 
 __all__ = ["SqliteStore"]
@@ -102,6 +112,7 @@ _UPSERT_STREAM = (
     "deleted=excluded.deleted, fork_count=excluded.fork_count"
 )
 _CACHE_LIMIT = 4096
+_KV_CACHE_VALUE_LIMIT = 4096
 # Groups up to this size are written on the event loop's thread when commits do not fsync
 # (WAL with synchronous=NORMAL or OFF): a few hundred microseconds, cheaper than the two thread
 # wake-ups a hop costs. Larger groups, and every wait for a lock, go to the writer thread.
@@ -193,12 +204,25 @@ class _Cache:
         self.ids: dict[int, str] = {}
         self.producers: OrderedDict[tuple[int, str], ProducerRecord] = OrderedDict()
         self.absent: set[str] = set()
+        # side-table values (None: known absent); compare-and-set checks read these
+        self.kv: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
 
     def clear(self) -> None:
         self.streams.clear()
         self.ids.clear()
         self.producers.clear()
         self.absent.clear()
+        self.kv.clear()
+
+    def put_kv(self, key: tuple[str, str], value: bytes | None) -> None:
+        if value is not None and len(value) > _KV_CACHE_VALUE_LIMIT:
+            self.kv.pop(key, None)
+            return
+        # exact-size copy: values built by orjson keep a 4 KiB buffer
+        self.kv[key] = None if value is None else bytes(bytearray(value))
+        self.kv.move_to_end(key)
+        while len(self.kv) > _CACHE_LIMIT:
+            self.kv.popitem(last=False)
 
     def put(self, record: StreamRecord) -> None:
         self.absent.discard(record.path)
@@ -470,10 +494,14 @@ class _GroupLoader(Loader):
     async def kv(self, namespace: str, key: str) -> bytes | None:
         if (namespace, key) in self.effects.kv:
             return self.effects.kv[(namespace, key)]
+        if (namespace, key) in self.cache.kv:
+            return self.cache.kv[(namespace, key)]
         row = await self.conn.fetchone(
             "SELECT value FROM kv WHERE namespace=? AND key=?", (namespace, key)
         )
-        return None if row is None else bytes(row[0])
+        value = None if row is None else bytes(row[0])
+        self.cache.put_kv((namespace, key), value)
+        return value
 
     async def prefetch(self, paths: Iterable[str]) -> None:
         missing = [
@@ -518,6 +546,111 @@ class _ReadLoader(Loader):
         raise NotImplementedError
 
 
+_INLINE_READ_LIMIT = 1000
+
+
+def _kv_bounds(prefix: str, end: str | None) -> str:
+    # keys starting with ``prefix`` sort between ``prefix`` and ``prefix + U+10FFFF``
+    upper = prefix + "\U0010ffff"
+    return end if end is not None and end < upper else upper
+
+
+class _InlineReader:
+    """A stdlib ``sqlite3`` connection used on the event loop's own thread for small reads.
+
+    Reading a few rows from SQLite's page cache takes microseconds, less than one hop to a
+    reader thread and back, so small reads (a wake's tail, a side-table row) run inline.
+    Large reads still go to the aiosqlite reader threads. WAL lets it read beside the writer.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA busy_timeout = 1000")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _row(self, sql: str, args: Sequence[object]) -> Any:
+        return self.conn.execute(sql, args).fetchone()
+
+    def stream(self, path: str) -> StreamRecord | None:
+        row = self._row(f"SELECT {_COLUMNS} FROM streams WHERE path=?", (path,))
+        return None if row is None else _to_record(row)
+
+    def stream_by_id(self, stream_id: int) -> StreamRecord | None:
+        row = self._row(f"SELECT {_COLUMNS} FROM streams WHERE id=?", (stream_id,))
+        return None if row is None else _to_record(row)
+
+    def live(self, path: str) -> StreamRecord:
+        record = self.stream(path)
+        if record is None or (not record.deleted and record.expired(time.time())):
+            raise StreamNotFound(f"stream {path!r} not found", path=path)
+        if record.deleted:
+            raise StreamGone(f"stream {path!r} was deleted", path=path)
+        return record
+
+    def head(self, path: str) -> StreamInfo:
+        record = self.live(path)
+        parent = None
+        if record.fork_parent is not None:
+            parent = self.stream_by_id(record.fork_parent)
+        return record.info(None if parent is None else parent.path)
+
+    def plan(self, record: StreamRecord, start: int) -> list[tuple[int, int, int]]:
+        """Like :func:`read_plan`, synchronously."""
+        chain = [record]
+        while (parent_id := needs_parent(chain, start)) is not None:
+            parent = self.stream_by_id(parent_id)
+            if parent is None:
+                break
+            chain.append(parent)
+        return plan_ranges(chain, start)
+
+    def read(
+        self, path: str, offset: str, limit: int, max_bytes: int | None
+    ) -> tuple[ReadResult, bool]:
+        """The read, and whether the stream has a TTL to renew."""
+        parsed = parse_offset(offset, path=path)
+        record = self.live(path)
+        start = record.length if parsed is None else min(parsed, record.length)
+        messages: list[Message] = []
+        size = 0
+        position = start
+        for sid, low, high in self.plan(record, start):
+            if full(len(messages), size, limit, max_bytes):
+                break
+            rows = self.conn.execute(
+                "SELECT position, data FROM messages WHERE stream_id=? AND position>? "
+                "AND position<=? ORDER BY position LIMIT ?",
+                (sid, low, high, limit - len(messages)),
+            ).fetchall()
+            for row_position, data in rows:
+                if full(len(messages), size, limit, max_bytes):
+                    break
+                position = int(row_position)
+                size += len(data)
+                messages.append(Message(format_offset(position), bytes(data)))
+        up_to_date = position >= record.length
+        result = ReadResult(
+            messages, format_offset(position), up_to_date, up_to_date and record.closed
+        )
+        return result, record.ttl_seconds is not None
+
+    def kv_get(self, namespace: str, key: str) -> bytes | None:
+        row = self._row("SELECT value FROM kv WHERE namespace=? AND key=?", (namespace, key))
+        return None if row is None else bytes(row[0])
+
+    def kv_scan(
+        self, namespace: str, prefix: str, end: str | None, limit: int | None
+    ) -> list[tuple[str, bytes]]:
+        rows = self.conn.execute(
+            "SELECT key, value FROM kv WHERE namespace=? AND key >= ? AND key < ? "
+            "ORDER BY key LIMIT ?",
+            (namespace, prefix, _kv_bounds(prefix, end), -1 if limit is None else limit),
+        ).fetchall()
+        return [(str(k), bytes(v)) for k, v in rows]
+
+
 class SqliteStore(Store):
     """A store in one SQLite file. ``?synchronous=FULL`` in the URL trades speed for power-loss
     durability (the default, NORMAL, already survives a killed process)."""
@@ -536,6 +669,7 @@ class SqliteStore(Store):
         # One logical read at a time per reader connection: interleaved statements on one
         # connection share its read snapshot, so a read could miss a commit it follows.
         self._reader_locks: list[asyncio.Lock] = []
+        self._inline_reader: _InlineReader | None = None
         self._next_reader = 0
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -557,6 +691,7 @@ class SqliteStore(Store):
         self._inline = self._inline and self._writer.wal
         self._readers = [await self._connect() for _ in range(self._reader_count)]
         self._reader_locks = [asyncio.Lock() for _ in self._readers]
+        self._inline_reader = _InlineReader(self.path)
         self._task = asyncio.create_task(self._run_writer(), name=f"streams-writer:{self.path}")
 
     async def aclose(self) -> None:
@@ -571,6 +706,9 @@ class SqliteStore(Store):
         if self._writer is not None:
             await self._writer.close()
         self._readers = []
+        if self._inline_reader is not None:
+            self._inline_reader.close()
+            self._inline_reader = None
         self._writer = None
 
     # -- writes ----------------------------------------------------------------------------
@@ -680,6 +818,8 @@ class SqliteStore(Store):
             self._cache.put(record)
         for producer in effects.producers.values():
             self._cache.put_producer(producer)
+        for kv_key, kv_value in effects.kv.items():
+            self._cache.put_kv(kv_key, kv_value)
         for pending, outcome in zip(group, outcomes, strict=True):
             if pending.future.done():
                 continue
@@ -710,6 +850,8 @@ class SqliteStore(Store):
         return record
 
     async def head(self, path: str) -> StreamInfo:
+        if self._inline_reader is not None:
+            return self._inline_reader.head(path)
         return await _uncancellable(self._reading(self._head, path))
 
     async def _head(self, conn: aiosqlite.Connection, path: str) -> StreamInfo:
@@ -728,6 +870,13 @@ class SqliteStore(Store):
         max_bytes: int | None = None,
         renew_ttl: bool = True,
     ) -> ReadResult:
+        reader = self._inline_reader
+        if reader is not None and limit <= _INLINE_READ_LIMIT:
+            # a small read costs less than one hop to a reader thread: do it right here
+            result, ttl = reader.read(path, offset, limit, max_bytes)
+            if renew_ttl and ttl:
+                await self.commit([Touch(path)])
+            return result
         return await _uncancellable(
             self._reading(self._read, path, offset, limit, max_bytes, renew_ttl)
         )
@@ -772,6 +921,8 @@ class SqliteStore(Store):
         )
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
+        if self._inline_reader is not None:
+            return self._inline_reader.kv_get(namespace, key)
         return await _uncancellable(self._reading(self._kv_get, namespace, key))
 
     async def _kv_get(self, conn: aiosqlite.Connection, namespace: str, key: str) -> bytes | None:
@@ -789,6 +940,8 @@ class SqliteStore(Store):
         end: str | None = None,
         limit: int | None = None,
     ) -> list[tuple[str, bytes]]:
+        if self._inline_reader is not None:
+            return self._inline_reader.kv_scan(namespace, prefix, end, limit)
         return await _uncancellable(self._reading(self._kv_scan, namespace, prefix, end, limit))
 
     async def _kv_scan(
