@@ -2,9 +2,10 @@
 
 Live readers (long-poll and SSE) that sit at the same offset of the same stream all need the
 same thing: wake when data after that offset exists, then read it. :class:`Fanout` gives them
-one shared :meth:`Store.wait` and one shared :meth:`Store.read` per ``(path, offset)`` instead of
-one each, so a hundred SSE subscribers add no database load beyond the first. It keeps no data of
-its own: results live only while the reads that share them are in flight.
+one shared :meth:`Store.wait` followed by one shared :meth:`Store.read` per ``(path, offset)``
+instead of one each, so a hundred SSE subscribers add no database load beyond the first and wake
+exactly once per change. It keeps no data of its own: results live only while the calls that
+share them are in flight.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .. import ReadResult, Store
 
@@ -52,7 +53,7 @@ class Fanout:
         self._max_wait_s = max_wait_s
         self._limit = read_max_messages
         self._max_bytes = read_max_bytes
-        self._waits: dict[Key, _Flight[bool]] = {}
+        self._nexts: dict[Key, _Flight[ReadResult | None]] = {}
         self._reads: dict[Key, _Flight[ReadResult]] = {}
 
     def _flight(
@@ -72,19 +73,36 @@ class Fanout:
             task.add_done_callback(forget)
         return flight
 
-    async def wait(self, path: str, offset: str, timeout: float) -> bool:  # noqa: ASYNC109
-        """Like :meth:`Store.wait`, shared by every caller waiting at ``(path, offset)``.
+    async def _wait_then_read(self, path: str, offset: str) -> ReadResult | None:
+        if not await self._store.wait(path, offset, self._max_wait_s):
+            return None
+        return await self._store.read(
+            path, offset, limit=self._limit, max_bytes=self._max_bytes, renew_ttl=False
+        )
+
+    async def next(
+        self,
+        path: str,
+        offset: str,
+        timeout: float,  # noqa: ASYNC109
+    ) -> tuple[ReadResult, dict[str, object]] | None:
+        """Wait (at most ``timeout``) for a change after ``offset``, then read from there.
+
+        Shared by every caller at ``(path, offset)``; ``None`` on timeout. The result may hold
+        no messages (e.g. only a close happened). The memo dict is shared by every caller of the
+        same read, for what they derive from it (e.g. an encoded SSE event).
 
         Raises:
             StreamNotFound, StreamGone: the stream went away.
         """
         flight = self._flight(
-            self._waits, (path, offset), lambda: self._store.wait(path, offset, self._max_wait_s)
+            self._nexts, (path, offset), lambda: self._wait_then_read(path, offset)
         )
         flight.users += 1
         try:
             done, _pending = await asyncio.wait({flight.task}, timeout=timeout)
-            return bool(done) and flight.task.result()
+            result = flight.task.result() if done else None
+            return None if result is None else (result, flight.memo)
         finally:
             flight.users -= 1
             if flight.users <= 0 and not flight.task.done():
@@ -114,9 +132,11 @@ class Fanout:
 
     async def aclose(self) -> None:
         """Cancel every shared wait still running."""
-        for flight in list(self._waits.values()):
+        flights: list[_Flight[Any]] = [*self._nexts.values(), *self._reads.values()]
+        for flight in flights:
             flight.task.cancel()
-        for flight in list(self._waits.values()):
+        for flight in flights:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await flight.task
-        self._waits.clear()
+        self._nexts.clear()
+        self._reads.clear()

@@ -138,9 +138,10 @@ async def _long_poll(
         remaining = deadline - loop.time()
         if remaining <= 0:
             return _empty_response(result, cursor)
-        if not await ctx.fanout.wait(info.path, position, remaining):
+        change = await ctx.fanout.next(info.path, position, remaining)
+        if change is None:
             continue
-        result, _memo = await ctx.fanout.read(info.path, position)
+        result = change[0]
         if result.messages:
             return _data_response(ctx, request, info, position, result, cursor, live=True)
         if result.closed:

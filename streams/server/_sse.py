@@ -106,11 +106,14 @@ async def _events(
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return
-                if await ctx.fanout.wait(path, position, min(remaining, settings.sse_keepalive_s)):
+                change = await ctx.fanout.next(
+                    path, position, min(remaining, settings.sse_keepalive_s)
+                )
+                if change is not None:
+                    result, memo = change
                     break
                 if deadline - loop.time() > 0:
                     yield _KEEPALIVE
-            result, memo = await ctx.fanout.read(path, position)
     except (StreamNotFound, StreamGone):
         return  # deleted or expired while we tailed it: end the stream
     except Exception:
