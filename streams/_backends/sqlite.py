@@ -438,6 +438,7 @@ class _GroupLoader(Loader):
         self.cache = cache
         self.effects = Effects()
         self.next_id = next_id
+        self.kv_read: dict[tuple[str, str], bytes | None] = {}  # see prefetch_kv
 
     async def stream(self, path: str) -> StreamRecord | None:
         for record in self.effects.streams.values():
@@ -496,6 +497,8 @@ class _GroupLoader(Loader):
             return self.effects.kv[(namespace, key)]
         if (namespace, key) in self.cache.kv:
             return self.cache.kv[(namespace, key)]
+        if (namespace, key) in self.kv_read:
+            return self.kv_read[(namespace, key)]
         row = await self.conn.fetchone(
             "SELECT value FROM kv WHERE namespace=? AND key=?", (namespace, key)
         )
@@ -518,6 +521,23 @@ class _GroupLoader(Loader):
                 found.add(record.path)
                 self.cache.put(record)
             self.cache.absent.update(p for p in chunk if p not in found)
+
+    async def prefetch_kv(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Read the side-table rows a group checks and that the cache misses, 500 per query,
+        instead of one hop to the writer thread per row (a burst of timers checks thousands)."""
+        missing: dict[str, list[str]] = {}
+        for namespace, key in set(keys):
+            if (namespace, key) not in self.cache.kv:
+                missing.setdefault(namespace, []).append(key)
+        for namespace, names in missing.items():
+            for start in range(0, len(names), 500):
+                chunk = names[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT key, value FROM kv WHERE namespace=? AND key IN ({marks})"
+                rows = await self.conn.fetchall(sql, [namespace, *chunk])
+                found = {str(k): bytes(v) for k, v in rows}
+                for key in chunk:
+                    self.kv_read[(namespace, key)] = found.get(key)
 
 
 class _ReadLoader(Loader):
@@ -789,6 +809,12 @@ class SqliteStore(Store):
         loader = _GroupLoader(writer, self._cache, next_id)
         await loader.prefetch(
             op.path for p in group for op in p.ops if not isinstance(op, KvPut | KvCheck)
+        )
+        await loader.prefetch_kv(
+            (op.namespace, op.key)
+            for p in group
+            for op in p.ops
+            if isinstance(op, KvCheck) or (isinstance(op, KvPut) and op.only_if)
         )
         outcomes: list[list[OpResult] | StreamsError] = []
         now = time.time()
