@@ -41,9 +41,30 @@ class ServeOptions:
     token: str | None = None
     worker: bool = True
     max_body_bytes: int = 1024 * 1024
+    max_header_bytes: int = 64 * 1024
     streams: ServerSettings = field(default_factory=ServerSettings)
     log_level: str = "warning"
     shutdown_seconds: int = 5
+
+
+class _HeaderLimit:
+    """Answer ``431`` when a request's headers (names and values) exceed ``limit`` bytes."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            size += len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            if size > self.limit:
+                response = error_response(
+                    431, "HEADERS_TOO_LARGE", f"request headers are larger than {self.limit} bytes"
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _BearerAuth:
@@ -166,12 +187,14 @@ def create_app(
     *,
     token: str | None = None,
     max_body_bytes: int = 1024 * 1024,
+    max_header_bytes: int = 64 * 1024,
     streams: ServerSettings | None = None,
 ) -> Starlette:
     """The ASGI app: control plane (``/_entities``), streams (``/v1/stream``), dev UI (``/``).
 
     With ``token`` set, every request must carry ``Authorization: Bearer <token>``. Streams
-    are served read-only (writes get ``405 READ_ONLY``).
+    are served read-only (writes get ``405 READ_ONLY``). Bodies over ``max_body_bytes`` get
+    ``413``, headers (with the request target) over ``max_header_bytes`` get ``431``.
     """
     settings = streams or ServerSettings()
     streams_app = create_streams_app(runtime.store, settings=settings)
@@ -180,7 +203,9 @@ def create_app(
         return HTMLResponse(INDEX_HTML)
 
     closing = _Closing()
-    middleware = [Middleware(_BearerAuth, token=token)] if token else []
+    middleware = [Middleware(_HeaderLimit, limit=max_header_bytes)]
+    if token:
+        middleware.append(Middleware(_BearerAuth, token=token))
     middleware.append(Middleware(_EndOnShutdown, closing=closing))
     routes = [
         Route("/", index, methods=["GET"]),
@@ -235,7 +260,11 @@ async def serve(
         OSError: the server could not start (e.g. the port is in use).
     """
     app = create_app(
-        runtime, token=options.token, max_body_bytes=options.max_body_bytes, streams=options.streams
+        runtime,
+        token=options.token,
+        max_body_bytes=options.max_body_bytes,
+        max_header_bytes=options.max_header_bytes,
+        streams=options.streams,
     )
     config = uvicorn.Config(
         app,
@@ -244,6 +273,9 @@ async def serve(
         log_level=options.log_level,
         lifespan="off",
         timeout_graceful_shutdown=options.shutdown_seconds,
+        # h11's own limit (16 KiB by default) would otherwise cut oversized headers off with a
+        # dropped connection before the app can answer 431.
+        h11_max_incomplete_event_size=options.max_header_bytes + 16 * 1024,
     )
     server = _Server(config, app.state.begin_shutdown)
     stop = anyio.Event()

@@ -85,7 +85,11 @@ async def serving(db: Path, *, token: str | None = None) -> AsyncIterator[Served
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         config = uvicorn.Config(
-            app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2
+            app,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+            h11_max_incomplete_event_size=256 * 1024,  # as serve() sets it: the app answers 431
         )
         server = uvicorn.Server(config)
         server_task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -358,6 +362,22 @@ async def test_oversize_bodies_are_413_and_change_nothing(served: Served) -> Non
         headers={"Content-Type": "application/json"},
     )
     assert spawned.status_code == 413
+    assert await served.snapshot() == before
+
+
+async def test_oversize_headers_are_431_and_change_nothing(served: Served) -> None:
+    assert (await spawn(served, "/counter/c1")).status_code == 201
+    before = await served.snapshot()
+    response = await served.http.post(
+        "/_entities/entities/counter/c1/send",
+        json={"payload": {"add": 1}},
+        headers={"X-Padding": "a" * 70_000},
+    )
+    assert response.status_code == 431
+    assert error_code(response) == "HEADERS_TOO_LARGE"
+    many = {f"X-Pad-{i}": "b" * 1000 for i in range(70)}
+    listing = await served.http.get("/_entities/entities", params={"tag": "t" * 1000}, headers=many)
+    assert listing.status_code == 431
     assert await served.snapshot() == before
 
 
