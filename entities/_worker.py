@@ -114,6 +114,7 @@ class Worker:
         self.wakes = 0
         self.cache_size = runtime.cache_entities if cache_size is None else cache_size
         self._records: OrderedDict[str, bytes] = OrderedDict()
+        self._running: dict[str, tuple[Claim, anyio.Lock]] = {}
         self._views: OrderedDict[str, tuple[str, dict[str, dict[str, Any]]]] = OrderedDict()
 
     # -- loops ------------------------------------------------------------------------------
@@ -131,6 +132,7 @@ class Worker:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stopper, stop)
+                tg.start_soon(self._heartbeats)
                 while not stop.is_set():
                     self._kick = anyio.Event()
                     await fire_due(self.rt.store, self.rt.clock.now())
@@ -384,18 +386,19 @@ class Worker:
             runs_before=claim.record.runs,
         )
         error: BaseException | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._heartbeat, claim, lock)
-            try:
-                await _invoke(entity_type, ctx, wake)
-            except _Fenced:
-                tg.cancel_scope.cancel()
-                logger.info("wake %s of %s was fenced", inflight.wake_id, claim.url)
-                self._remember(claim.url.url, None)
-                return
-            except Exception as exc:  # the handler failed: record it
-                error = exc
-            tg.cancel_scope.cancel()
+        self._running[claim.url.url] = (claim, lock)
+        try:
+            await _invoke(entity_type, ctx, wake)
+        except _Fenced:
+            logger.info("wake %s of %s was fenced", inflight.wake_id, claim.url)
+            self._remember(claim.url.url, None)
+            self._running.pop(claim.url.url, None)
+            return
+        except Exception as exc:  # the handler failed: record it
+            error = exc
+        finally:
+            await lock.acquire()  # no heartbeat from here on: the final commit is ours
+        self._running.pop(claim.url.url, None)
         duration = rt.clock.now() - started
         if error is None:
             run = _run_value(inflight, wake, "completed", duration)
@@ -588,25 +591,30 @@ class Worker:
             if c["entity_url"] not in finished
         ]
 
-    async def _heartbeat(self, claim: Claim, lock: anyio.Lock) -> None:
+    async def _heartbeats(self) -> None:
+        """Renew the leases of running wakes every third of the lease period (one loop for all
+        wakes of this worker)."""
         rt = self.rt
         while True:
             await rt.clock.sleep(rt.lease_seconds / 3)
-            async with lock:
-                renewed = claim.record.model_copy(
-                    update={"lease_expires": rt.clock.now() + rt.lease_seconds}
-                )
-                raw = renewed.dump()
-                try:
-                    await rt.store.commit(
-                        [
-                            KvCheck(ENTITY_NS, claim.url.url, claim.raw),
-                            KvPut(ENTITY_NS, claim.url.url, raw),
-                        ]
+            for claim, lock in list(self._running.values()):
+                if lock.locked():
+                    continue
+                async with lock:
+                    renewed = claim.record.model_copy(
+                        update={"lease_expires": rt.clock.now() + rt.lease_seconds}
                     )
-                except ConditionFailed:
-                    return
-                claim.record, claim.raw = renewed, raw
+                    raw = renewed.dump()
+                    try:
+                        await rt.store.commit(
+                            [
+                                KvCheck(ENTITY_NS, claim.url.url, claim.raw),
+                                KvPut(ENTITY_NS, claim.url.url, raw),
+                            ]
+                        )
+                    except ConditionFailed:
+                        continue
+                    claim.record, claim.raw = renewed, raw
 
     async def _load(self, url: EntityURL, acked: str, to_offset: str | None) -> _Loaded:
         """The view at the end of the wake range and the events after ``acked``.
