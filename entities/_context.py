@@ -622,6 +622,13 @@ class HandlerContext:
             entries, self.effects.journal = self.effects.journal, []
             await call_maybe_async(self._flush, entries)
 
+    @property
+    def runtime_tools(self) -> list[Any]:
+        """The host tools (send, spawn, schedules) bound to this wake, for agents."""
+        from .agent import runtime_tools
+
+        return runtime_tools(self)
+
     # -- placeholders of later features ------------------------------------------------------
 
     def use_agent(self, *args: Any, **kwargs: Any) -> Any:

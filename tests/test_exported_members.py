@@ -9,7 +9,10 @@ import types
 import pytest
 
 
-@pytest.mark.parametrize("name", ["streams", "streams.server", "entities"])
+@pytest.mark.parametrize(
+    "name",
+    ["streams", "streams.server", "entities", "entities.agent", "entities.server", "entities.cli"],
+)
 def test_all_lists_public_names(name: str) -> None:
     module = importlib.import_module(name)
     exported = list(module.__all__)
