@@ -41,7 +41,7 @@ from streams import (
 
 from ._errors import ContextError
 from ._records import PENDING_NS, SCHEDULE_NS, TIMER_NS
-from ._urls import parse_url
+from ._urls import EntityURL, parse_url
 
 __all__ = ["TimerValue", "fire_due", "next_cron", "next_due", "schedule_key", "timer_key"]
 
@@ -184,16 +184,27 @@ async def fire_due(
 
 async def _fire_batch(store: Store, chunk: list[tuple[str, bytes]], now: float) -> bool:
     """Fire every timer of ``chunk`` in one transaction; ``False`` if it could not commit."""
+    from ._runtime import new_token  # late import: no cycle at load
+
     kv_ops: list[Op] = []
     appends: dict[str, list[bytes]] = {}
+    pending: dict[str, Op] = {}
+    urls: dict[str, EntityURL] = {}
+    token = new_token()  # fresh per transaction: a wake claimed earlier cannot clear these marks
     for key, raw in chunk:
-        ops, _index = _timer_ops(key, raw, now)
+        ops, _index = _timer_ops(key, raw, now, urls, token)
         for op in ops:
             if isinstance(op, Append):
                 appends.setdefault(op.path, []).extend(op.messages)
+            elif isinstance(op, KvPut) and op.namespace == PENDING_NS and not op.only_if:
+                pending[op.key] = op  # one pending mark per entity is enough
             else:
                 kv_ops.append(op)
-    merged = kv_ops + [Append(path, messages) for path, messages in appends.items()]
+    merged = [
+        *kv_ops,
+        *pending.values(),
+        *(Append(path, messages) for path, messages in appends.items()),
+    ]
     try:
         await store.commit(merged)
     except (ConditionFailed, StreamNotFound, StreamGone, StreamClosed):
@@ -223,12 +234,30 @@ async def _fire_each(
     return sum(results)
 
 
-def _timer_ops(key: str, raw: bytes, now: float) -> tuple[list[Op], str]:
-    """The operations that fire one timer (checks first), and its schedule index key."""
+def _timer_ops(
+    key: str,
+    raw: bytes,
+    now: float,
+    urls: dict[str, EntityURL] | None = None,
+    token: bytes | None = None,
+) -> tuple[list[Op], str]:
+    """The operations that fire one timer (checks first), and its schedule index key.
+    ``urls`` memoises parsed entity URLs across the timers of one batch; ``token`` is the
+    pending mark to write (one per transaction; a new one if not given)."""
     from ._runtime import _inbox, event, iso, new_token  # late import: no cycle at load
 
+    mark = token or new_token()
+
+    memo: dict[str, EntityURL] = {} if urls is None else urls
+
+    def url_of(text: str) -> EntityURL:
+        parsed = memo.get(text)
+        if parsed is None:
+            parsed = memo[text] = parse_url(text)
+        return parsed
+
     timer = TimerValue.model_validate(orjson.loads(raw))
-    owner = parse_url(timer.owner)
+    owner = url_of(timer.owner)
     index = schedule_key(timer.owner, timer.schedule_id)
     checks: list[Op] = [
         KvCheck(TIMER_NS, key, raw),
@@ -238,7 +267,7 @@ def _timer_ops(key: str, raw: bytes, now: float) -> tuple[list[Op], str]:
     late_ms = round(max(0.0, now - timer.due) * 1000, 3)
     ops: list[Op]
     if timer.kind == "future_send":
-        target = parse_url(timer.target or timer.owner)
+        target = url_of(timer.target or timer.owner)
         inbox = _inbox(timer.payload, timer.message_type, timer.owner, now)
         inbox["schedule_id"] = timer.schedule_id
         inbox["due"] = timer.due
@@ -248,7 +277,7 @@ def _timer_ops(key: str, raw: bytes, now: float) -> tuple[list[Op], str]:
             *checks,
             KvPut(SCHEDULE_NS, index, None),
             Append(target.stream, [event("inbox", message_key, inbox, now)]),
-            KvPut(PENDING_NS, target.url, new_token()),
+            KvPut(PENDING_NS, target.url, mark),
             Append(owner.stream, [event("signals", timer.schedule_id, status, now)]),
         ]
     elif timer.kind in ("debounce", "timeout"):
@@ -277,7 +306,7 @@ def _timer_ops(key: str, raw: bytes, now: float) -> tuple[list[Op], str]:
                 owner.stream,
                 [event("wakes", f"{timer.schedule_id}@{timer.due:.6f}", tick, now)],
             ),
-            KvPut(PENDING_NS, owner.url, new_token()),
+            KvPut(PENDING_NS, owner.url, mark),
             *arm_ops(following),
         ]
     return ops, index
