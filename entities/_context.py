@@ -184,13 +184,35 @@ class HandlerContext:
         created = view.get("entity_created", {}).get("entity") or {}
         self.args: Mapping[str, Any] = MappingProxyType(dict(created.get("args") or {}))
         self.parent: str | None = created.get("parent_url")
-        collections = Collections(self, entity_type.state)
-        custom = dict(entity_type.actions(collections)) if entity_type.actions else {}
-        self.db = Database(collections, Actions(collections, custom))
-        self.state = collections
-        self.actions = _Namespace(custom)
+        self._db: Database | None = None
+        self._actions: _Namespace | None = None
         self.sleeping = False
         self.current_message: InboxMessage | None = None
+
+    def _build_state(self) -> Database:
+        collections = Collections(self, self._type.state)
+        custom = dict(self._type.actions(collections)) if self._type.actions else {}
+        self._db = Database(collections, Actions(collections, custom))
+        self._actions = _Namespace(custom)
+        return self._db
+
+    @property
+    def db(self) -> Database:
+        """The entity's collections: ``db.collections.<c>`` to read, ``db.actions`` to write."""
+        return self._db or self._build_state()
+
+    @property
+    def state(self) -> Collections:
+        """The same collections as ``db.collections`` (``state.<c>.insert/update/...``)."""
+        return self.db.collections
+
+    @property
+    def actions(self) -> _Namespace:
+        """The type's custom actions (``actions=`` of ``define``)."""
+        if self._actions is None:
+            self._build_state()
+        assert self._actions is not None
+        return self._actions
 
     # -- internals ----------------------------------------------------------------------------
 

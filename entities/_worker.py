@@ -224,20 +224,21 @@ class Worker:
         return done
 
     async def _run_batch(self, items: list[tuple[str, bytes]]) -> int:
-        limiter = anyio.CapacityLimiter(self.concurrency)
+        """Run the wakes of ``items`` on ``concurrency`` lanes sharing one iterator."""
+        queue = iter(items)
         ran = 0
 
-        async def one(url: str, token: bytes) -> None:
+        async def lane() -> None:
             nonlocal ran
-            async with limiter:
+            for url, token in queue:
                 claim = await self.claim(url, token)
                 if claim is not None:
                     await self.run_wake(claim)
                     ran += 1
 
         async with anyio.create_task_group() as tg:
-            for url, token in items:
-                tg.start_soon(one, url, token)
+            for _ in range(min(self.concurrency, len(items))):
+                tg.start_soon(lane)
         return ran
 
     # -- claiming ---------------------------------------------------------------------------
