@@ -6,13 +6,18 @@ restarted on the same SQLite file and port. A send answered ``202`` is *acknowle
 whose connection broke after the request went out is *unknown* (it may or may not have landed);
 a refused connection is retried, since nothing was sent.
 
+It runs twice: ``serve`` (HTTP and worker in the process that dies) and ``split`` (``serve
+--no-worker`` stays up and an ``entities worker`` process, running the counter slowed by 30 ms,
+is killed while it has a wake in flight).
+
 After the last restart every counter must settle, and then, for every counter:
 
 - every acknowledged message is in its inbox exactly once, every inbox message is one we sent
   (acknowledged or unknown), and no value appears twice;
 - every inbox message has exactly one reply, and the replies are the running totals in inbox
   order (each message applied exactly once, in order, across crashes and redeliveries);
-- the final ``totals.total.value`` is the sum of the inbox.
+- the final ``totals.total.value`` is the sum of the inbox;
+- at least one wake was redelivered (a kill did land mid-wake).
 """
 
 from __future__ import annotations
@@ -48,22 +53,91 @@ class Ledger:
     refused: int = 0
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[EntitiesProcess]:
+@dataclass
+class Deployment:
+    """``serve`` alone (killed: HTTP and worker die together), or ``split``: ``serve
+    --no-worker`` plus an ``entities worker`` process (killed: the worker only)."""
+
+    server: EntitiesProcess
+    worker: EntitiesProcess | None
+    marks: Path | None = None  # split: the worker marks every wake it starts here
+
+    @property
+    def victim(self) -> EntitiesProcess:
+        return self.worker or self.server
+
+    async def until_a_wake_runs(self, http: httpx2.AsyncClient, seconds: float) -> None:
+        """Return once the victim has a wake in flight (split: certain; serve: best effort,
+        by polling for a running entity), or after ``seconds``."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < deadline:
+            if self.marks is not None:
+                if any(self.marks.glob(f"{self.victim.pid}.*")):
+                    await asyncio.sleep(0.01)  # well inside the handler's 30 ms
+                    return
+            else:
+                try:
+                    running = await http.get("/_entities/entities", params={"status": "running"})
+                except httpx2.TransportError:
+                    return
+                if running.json():
+                    return
+            await asyncio.sleep(0.001)
+
+    def start(self) -> None:
+        self.server.start()
+        if self.worker is not None:
+            self.worker.start()
+
+
+SLOW_COUNTER = """
+import asyncio
+import os
+import uuid
+from pathlib import Path
+
+from entities import Registry
+from examples import counter
+
+MARKS = Path(__file__).with_name("marks")
+base = counter.registry.get("counter")
+registry = Registry()
+
+
+async def slow_counter(ctx, wake):
+    (MARKS / f"{os.getpid()}.{uuid.uuid4().hex}").touch()  # this process runs a wake now
+    await asyncio.sleep(0.03)  # widen the window in which a kill finds a wake in flight
+    await base.handler(ctx, wake)
+
+
+registry.define("counter", handler=slow_counter, state=base.state, inbox=base.inbox)
+"""
+
+
+@pytest.fixture(params=["serve", "split"])
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployment]:
     port = free_port()
-    process = EntitiesProcess(
-        [
-            *("serve", "examples/counter.py:registry"),
-            *("--db", f"sqlite:///{tmp_path / 'c.db'}", "--port", str(port)),
-            *("--lease-seconds", LEASE_SECONDS),
-        ],
+    app = "examples/counter.py:registry"
+    marks = None
+    if request.param == "split":  # the worker runs the example's handler, slowed down
+        (tmp_path / "slow_counter.py").write_text(SLOW_COUNTER)
+        app = f"{tmp_path / 'slow_counter.py'}:registry"
+        marks = tmp_path / "marks"
+        marks.mkdir()
+    db = ("--db", f"sqlite:///{tmp_path / 'c.db'}", "--lease-seconds", LEASE_SECONDS)
+    split = request.param == "split"
+    server = EntitiesProcess(
+        ["serve", app, *db, "--port", str(port), *(["--no-worker"] if split else [])],
         log=tmp_path / "serve.log",
         port=port,
     )
+    worker = EntitiesProcess(["worker", app, *db], log=tmp_path / "worker.log") if split else None
     try:
-        yield process
+        yield Deployment(server, worker, marks)
     finally:
-        process.kill()
+        for process in (server, worker):
+            if process is not None:
+                process.kill()
 
 
 async def _spawn_all(http: httpx2.AsyncClient) -> None:
@@ -93,7 +167,11 @@ async def _sender(http: httpx2.AsyncClient, n: int, values: list[int], ledger: L
 
 
 async def _killer(
-    server: EntitiesProcess, rng: random.Random, ledger: Ledger, done: asyncio.Event
+    deployment: Deployment,
+    http: httpx2.AsyncClient,
+    rng: random.Random,
+    ledger: Ledger,
+    done: asyncio.Event,
 ) -> int:
     """SIGKILL the server KILLS times while sends are under way: each kill comes once a
     random number of further sends were acknowledged, plus a random few milliseconds."""
@@ -105,11 +183,11 @@ async def _killer(
             if done.is_set():
                 return kills
             await asyncio.sleep(0.002)
-        await asyncio.sleep(rng.uniform(0.0, 0.03))
-        server.kill()
+        await deployment.until_a_wake_runs(http, rng.uniform(0.3, 1.0))
+        deployment.victim.kill()
         kills += 1
         await asyncio.sleep(rng.uniform(0.0, 0.2))
-        await asyncio.to_thread(server.start)
+        await asyncio.to_thread(deployment.victim.start)
     return kills
 
 
@@ -125,11 +203,11 @@ async def _settle(http: httpx2.AsyncClient, seconds: float) -> list[dict[str, An
         await asyncio.sleep(0.1)
 
 
-async def test_sigkill_loses_and_doubles_nothing(server: EntitiesProcess, tmp_path: Path) -> None:
+async def test_sigkill_loses_and_doubles_nothing(deployment: Deployment, tmp_path: Path) -> None:
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
-    await asyncio.to_thread(server.start)
-    base = f"http://127.0.0.1:{server.port}"
+    await asyncio.to_thread(deployment.start)
+    base = f"http://127.0.0.1:{deployment.server.port}"
     values = list(range(1, COUNTERS * PER_COUNTER + 1))
     rng.shuffle(values)
     plan = {n: values[n * PER_COUNTER : (n + 1) * PER_COUNTER] for n in range(COUNTERS)}
@@ -138,7 +216,7 @@ async def test_sigkill_loses_and_doubles_nothing(server: EntitiesProcess, tmp_pa
     async with httpx2.AsyncClient(base_url=base, timeout=10, limits=limits) as http:
         await _spawn_all(http)
         done = asyncio.Event()
-        killer = asyncio.create_task(_killer(server, rng, ledger, done))
+        killer = asyncio.create_task(_killer(deployment, http, rng, ledger, done))
         await asyncio.gather(*(_sender(http, n, plan[n], ledger) for n in range(COUNTERS)))
         done.set()
         kills = await killer
@@ -152,8 +230,12 @@ async def test_sigkill_loses_and_doubles_nothing(server: EntitiesProcess, tmp_pa
     assert len(ledger.acked) + len(ledger.unknown) == len(values), context
     assert len(ledger.acked) >= len(values) // 2, context
 
-    server.kill()
+    deployment.server.kill()
+    if deployment.worker is not None:
+        deployment.worker.kill()
+        assert not ledger.unknown, "the HTTP server never died, yet a send went unanswered"
     owner = {v: n for n, vs in plan.items() for v in vs}
+    redelivered = 0
     async with Runtime(registry, f"sqlite:///{tmp_path / 'c.db'}") as rt:
         for n in range(COUNTERS):
             url = f"/counter/n{n}"
@@ -184,3 +266,7 @@ async def test_sigkill_loses_and_doubles_nothing(server: EntitiesProcess, tmp_pa
             assert total == running, (url, context)
             info = await rt.get(url)
             assert not info.pending and info.status == "idle"
+            redelivered += sum(
+                1 for e in events if e["type"] == "runs" and e["value"]["attempt"] > 1
+            )
+    assert redelivered >= 1, ("no kill hit a wake in flight", context)
