@@ -2,12 +2,17 @@
 
     python benchmarks/wakes.py [--quick]
 
-Prints a table, then one JSON line: ``wakes_per_s`` (trivial handler, 1,000 entities, one worker
-process; the median of rounds of one message per entity, after a warm-up round), ``send_to_handler_p50_ms`` / ``send_to_handler_p99_ms`` (in-process, SQLite),
-``idle_entity_bytes`` (memory still held per dormant entity after 10,000 entities were woken once
-and went idle; the runtime's caches are bounded, so this falls towards 0 as entities grow), plus the baseline ``store_commits_per_s`` (bare two-op commits through the same
-store) measured in the same run, so ``wakes_per_commit_ratio`` shows what a wake costs relative
-to the physical write path.
+Prints a table, then one JSON line:
+
+- ``wakes_per_s``: trivial handler, 1,000 entities, one worker process; the median of rounds of
+  one message per entity, after a warm-up round;
+- ``send_to_handler_p50_ms`` / ``send_to_handler_p99_ms``: in-process, SQLite, a running worker;
+- ``idle_entity_bytes``: memory still held per dormant entity after 10,000 entities were woken
+  once and went idle (the runtime's caches are bounded, so this falls towards 0 as entities
+  grow);
+- the baseline ``store_commits_per_s`` (bare two-op commits through the same store), measured
+  in the same run, so ``wakes_per_commit_ratio`` shows what a wake costs relative to the
+  physical write path.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from entities import HandlerContext, Registry, Runtime, WakeEvent  # noqa: E402
-from streams import KvPut, open_store  # noqa: E402
+from entities import HandlerContext, Registry, Runtime, WakeEvent
+from streams import KvPut, open_store
 
 registry = Registry()
 arrivals: dict[int, float] = {}
+signals: dict[int, anyio.Event] = {}
 
 
 @registry.define("bench", description="trivial handler")
@@ -39,6 +45,8 @@ async def bench(ctx: HandlerContext, wake: WakeEvent) -> None:
         seq = message.payload.get("seq")
         if seq is not None:
             arrivals[seq] = time.perf_counter()
+            if seq in signals:
+                signals[seq].set()
 
 
 async def _drain(rt: Runtime) -> int:
@@ -85,11 +93,11 @@ async def measure_latency(db: str, samples: int) -> list[float]:
             tg.start_soon(rt.worker(poll_interval=1.0).run, stop)
             await anyio.sleep(0.05)
             for seq in range(samples):
+                signals[seq] = anyio.Event()
                 sent = time.perf_counter()
                 await rt.send(f"/bench/l{seq % 20}", {"seq": seq})
                 with anyio.fail_after(5):
-                    while seq not in arrivals:
-                        await anyio.sleep(0.0002)
+                    await signals[seq].wait()
                 latencies.append((arrivals[seq] - sent) * 1000)
                 await anyio.sleep(0.002)
             stop.set()
@@ -118,7 +126,7 @@ async def measure_idle_memory(db: str, entities: int) -> float:
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 async def main(quick: bool) -> dict[str, float]:
