@@ -219,7 +219,9 @@ class HandlerContext:
     def _clock_now(self) -> float:
         return self._runtime.clock.now()
 
-    def _emit(self, type_: str, key: str, value: Any, operation: str, old: Any = None) -> None:
+    def _change(
+        self, type_: str, key: str, value: Any, operation: str, old: Any = None
+    ) -> dict[str, Any]:
         event: dict[str, Any] = {
             "type": type_,
             "key": key,
@@ -229,7 +231,10 @@ class HandlerContext:
             event["value"] = value
         if old is not None:
             event["old_value"] = old
-        self.effects.own.append(event)
+        return event
+
+    def _emit(self, type_: str, key: str, value: Any, operation: str, old: Any = None) -> None:
+        self.effects.own.append(self._change(type_, key, value, operation, old))
 
     def _next(self, counter: str) -> int:
         n = self._counters.get(counter, 0) + 1
@@ -642,7 +647,24 @@ class HandlerContext:
         """Write pending journal entries now (fenced by this wake's lease)."""
         if self.effects.journal:
             entries, self.effects.journal = self.effects.journal, []
-            await call_maybe_async(self._flush, entries)
+            changes = [
+                self._change("steps", f"{e['wake_id']}/{e['name']}", e, "insert") for e in entries
+            ]
+            await call_maybe_async(self._flush, changes)
+
+    async def append_live(
+        self, collection: str, key: str, value: Any, operation: str = "insert"
+    ) -> None:
+        """Append a change event to this entity's stream *now*, not at the end of the wake.
+
+        For progress that clients should see while the wake runs (streamed text, partial
+        output). It is fenced by the wake's lease like every other write; it is not undone if
+        the wake later fails (a retry appends again, so key live rows by something stable).
+
+        Raises:
+            LeaseLost: (internally) when the lease was lost; the wake then stops.
+        """
+        await call_maybe_async(self._flush, [self._change(collection, key, value, operation)])
 
     @property
     def runtime_tools(self) -> list[Any]:

@@ -359,10 +359,9 @@ class Worker:
         )
         lock = anyio.Lock()
 
-        async def flush(entries: list[dict[str, Any]]) -> None:
+        async def flush(changes: list[dict[str, Any]]) -> None:
             async with lock:
-                now = rt.clock.now()
-                msgs = [event("steps", f"{e['wake_id']}/{e['name']}", e, now) for e in entries]
+                msgs = [orjson.dumps(change) for change in changes]
                 try:
                     await rt.store.commit(
                         [
