@@ -145,8 +145,6 @@ class MemoryStore(Store):
     ) -> list[tuple[str, bytes]]:
         table = self._kv.get(namespace, {})
         rows = sorted(
-            (k, v)
-            for k, v in table.items()
-            if k.startswith(prefix) and (end is None or k < end)
+            (k, v) for k, v in table.items() if k.startswith(prefix) and (end is None or k < end)
         )
         return rows if limit is None else rows[:limit]
