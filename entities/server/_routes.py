@@ -184,10 +184,12 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
             # answer with what is already there.
             with anyio.move_on_after(int(raw_wait) / 1000):
                 while not found:
-                    tail = (await runtime.store.head(target.stream)).next_offset
+                    head = await runtime.store.head(target.stream)
                     found = await runtime.replies(target.url, key, after=after)
+                    if head.closed:  # a stopped entity: no reply can come any more
+                        break
                     if not found:
-                        await runtime.store.wait(target.stream, tail, 5.0)
+                        await runtime.store.wait(target.stream, head.next_offset, 5.0)
         return json_response({"key": key, "replies": found})
 
     base = "/_entities/entities/{type}/{id}"

@@ -417,6 +417,25 @@ async def test_kill_then_send_is_409_entity_stopped(served: Served) -> None:
     assert gone.status_code == 404
 
 
+async def test_waiting_for_a_reply_of_a_stopped_entity_ends_at_once(served: Served) -> None:
+    assert (await spawn(served, "/counter/c1")).status_code == 201
+    sent = await served.http.post(
+        "/_entities/entities/counter/c1/send", json={"payload": {"add": 3}}
+    )
+    key = sent.json()["key"]
+    assert (await served.http.delete("/_entities/entities/counter/c1")).status_code == 200
+    await served.settle()
+    loop = asyncio.get_running_loop()
+    for wanted in ("nokey", key):
+        started = loop.time()
+        answer = await served.http.get(
+            f"/_entities/entities/counter/c1/replies/{wanted}", params={"wait_ms": 5000}
+        )
+        assert answer.status_code == 200
+        assert loop.time() - started < 2, "the wait did not notice the stream is closed"
+        assert answer.json()["replies"] in ([], [3])
+
+
 # -- listing, tags, inspect, types ------------------------------------------------------------
 
 
