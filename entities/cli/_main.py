@@ -287,6 +287,56 @@ async def _dead_letter(rt: Runtime, url: str, after: str) -> str | None:
     return None
 
 
+@cli.command()
+@click.argument("url")
+@click.option(
+    "--app",
+    "app",
+    default=None,
+    help="APP (module:attr or file.py:attr); default: "
+    "the examples module matching the URL's type, e.g. examples/assistant.py:registry.",
+)
+@db_option
+@click.option("--wake", "wake", default=None, help="Only the N-th wake (1-based) or a wake id.")
+@json_option
+def replay(url: str, app: str | None, db: str, wake: str | None, as_json: bool) -> None:
+    """Re-execute URL's recorded wakes against their journal (no network, no writes) and
+    report any divergence. Exits 1 when a wake diverged."""
+    from .._urls import parse_url
+
+    target = parse_url(url)
+    registry = load_registry(app or f"examples/{target.type}.py:registry")
+    which: int | str | None = int(wake) if wake and wake.isdigit() else wake
+
+    async def main() -> Any:
+        async with Runtime(registry, db) as rt:
+            return await rt.replay(target.url, wake=which)
+
+    try:
+        report = anyio.run(main)
+    except EntitiesError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from None
+    if as_json:
+        click.echo(_json(report.to_json()))
+    else:
+        for w in report.wakes:
+            mark = "ok" if w.ok else "DIVERGED"
+            click.echo(f"wake {w.index} {w.wake_id} ({w.status}): {mark}")
+            for d in w.divergences:
+                click.echo(f"  {d.message}")
+                click.echo(f"    where:    {d.where}")
+                click.echo(f"    expected: {_json(d.expected)}")
+                click.echo(f"    got:      {_json(d.got)}")
+        total = len(report.wakes)
+        bad = sum(1 for w in report.wakes if not w.ok)
+        click.echo(
+            f"{total} wakes replayed, {bad} diverged"
+            if bad
+            else f"{total} wakes replayed, no divergence"
+        )
+    sys.exit(0 if report.ok else 1)
+
+
 # -- client side --------------------------------------------------------------------------------
 
 
@@ -301,7 +351,10 @@ def spawn(
 ) -> None:
     """Create the entity at URL (/type/id)."""
     body: dict[str, Any] = {"args": _parse_json(args_json, "--args") if args_json else None}
-    body["tags"] = dict(t.split("=", 1) for t in tags if "=" in t)
+    malformed = [t for t in tags if "=" not in t or not t.split("=", 1)[0]]
+    if malformed:
+        raise click.BadParameter(f"expected key=value, got {malformed[0]!r}", param_hint="--tag")
+    body["tags"] = dict(t.split("=", 1) for t in tags)
     info = Client(server).request("PUT", f"/_entities/entities{_path(url)}", body)
     click.echo(_json(info) if as_json else f"spawned {info['url']}")
 

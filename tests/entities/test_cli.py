@@ -223,6 +223,7 @@ def test_client_bad_inputs(server: Server) -> None:
     assert "not valid JSON" in fails(*server.args("send", "/counter/k1", "{add", "--json"))
     assert "not valid JSON" in fails(*server.args("spawn", "/counter/k9", "--args", "{x"))
     assert "INVALID_URL" in fails(*server.args("spawn", "/counter/bad id"))
+    assert "expected key=value" in fails(*server.args("spawn", "/counter/k8", "--tag", "team"))
     ok(*server.args("spawn", "/counter/k2"))
     assert "SCHEMA_VALIDATION_FAILED" in fails(
         *server.args("send", "/counter/k2", '{"add": "x"}', "--json")
