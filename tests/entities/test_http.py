@@ -682,3 +682,36 @@ async def test_replies_with_a_bad_offset_is_400(served: Served, after: str) -> N
     )
     assert response.status_code == 400
     assert error_code(response) == "BAD_OFFSET"
+
+
+async def test_concurrent_spawns_of_one_url_create_it_once(served: Served) -> None:
+    responses = await asyncio.gather(
+        *(spawn(served, "/counter/race", {"tags": {"n": str(i)}}) for i in range(10))
+    )
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [201] + [409] * 9
+    winner = next(r for r in responses if r.status_code == 201).json()
+    await served.settle()
+    inspected = (await served.http.get("/_entities/entities/counter/race")).json()
+    assert inspected["tags"] == winner["tags"]
+    events, _ = await served.runtime.read("/counter/race")
+    assert [e["type"] for e in events].count("entity_created") == 1
+
+
+async def test_concurrent_sends_are_each_applied_once(served: Served) -> None:
+    assert (await spawn(served, "/counter/c1")).status_code == 201
+    values = list(range(1, 51))
+    responses = await asyncio.gather(
+        *(
+            served.http.post("/_entities/entities/counter/c1/send", json={"payload": {"add": v}})
+            for v in values
+        )
+    )
+    assert all(r.status_code == 202 for r in responses)
+    await served.settle()
+    inspected = (await served.http.get("/_entities/entities/counter/c1")).json()
+    assert inspected["state"]["totals"]["total"]["value"] == sum(values)
+    for response in responses:
+        key = response.json()["key"]
+        answer = await served.http.get(f"/_entities/entities/counter/c1/replies/{key}")
+        assert len(answer.json()["replies"]) == 1
