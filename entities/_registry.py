@@ -149,6 +149,9 @@ class Registry:
 
     def __init__(self) -> None:
         self._types: dict[str, EntityType] = {}
+        # where the registry was loaded from (``module:attr`` / ``/abs/file.py:attr``); the CLI
+        # records it in the store so ``entities replay`` finds the code of a type
+        self.source: str | None = None
 
     @overload
     def define(

@@ -30,7 +30,7 @@ from streams import (
     parse_offset,
 )
 
-from .conftest import BACKENDS, make_store_url
+from .conftest import BACKENDS, drop_store, make_store_url
 
 PROPERTY_SETTINGS = settings(
     max_examples=150,
@@ -74,8 +74,12 @@ def run_with_store(backend: str, body: Any) -> None:
     """Run ``body(store)`` in a fresh event loop against a fresh, empty store."""
 
     async def main(directory: Path) -> None:
-        async with streams.open_store(make_store_url(backend, directory)) as store:
-            await body(store)
+        url = make_store_url(backend, directory)
+        try:
+            async with streams.open_store(url) as store:
+                await body(store)
+        finally:
+            await drop_store(url)
 
     with tempfile.TemporaryDirectory() as directory:
         asyncio.run(main(Path(directory)))

@@ -1,0 +1,145 @@
+"""The PostgreSQL backend's schema, its versioned migrations and its URL options.
+
+Migrations are numbered; ``schema_version`` records each one applied. :func:`migrate` runs them in
+one transaction that first takes a transaction-scoped advisory lock keyed by the schema name, so
+any number of processes may open a store on the same database at once: one migrates, the others
+wait and then find nothing left to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .._errors import BackendUnavailable
+
+__all__ = ["MIGRATIONS", "PostgresUrl", "advisory_key", "migrate", "parse_url", "quote_ident"]
+
+MIGRATIONS: list[str] = [
+    # version 1
+    """
+    CREATE SEQUENCE stream_ids;
+    CREATE TABLE streams (
+        id BIGINT PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE,
+        content_type TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        last_access DOUBLE PRECISION NOT NULL,
+        length BIGINT NOT NULL,
+        ttl_seconds BIGINT,
+        expires_at DOUBLE PRECISION,
+        closed BOOLEAN NOT NULL,
+        closed_by TEXT,
+        fork_parent BIGINT,
+        fork_position BIGINT NOT NULL,
+        last_stream_seq TEXT,
+        deleted BOOLEAN NOT NULL,
+        fork_count BIGINT NOT NULL,
+        fork_sub_offset BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE messages (
+        stream_id BIGINT NOT NULL,
+        position BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (stream_id, position)
+    );
+    CREATE TABLE producers (
+        stream_id BIGINT NOT NULL,
+        producer_id TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        seq BIGINT NOT NULL,
+        length BIGINT NOT NULL,
+        PRIMARY KEY (stream_id, producer_id)
+    );
+    CREATE TABLE kv (
+        namespace TEXT COLLATE "C" NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
+        value BYTEA NOT NULL,
+        PRIMARY KEY (namespace, key)
+    );
+    """,
+]
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def advisory_key(*parts: str) -> int:
+    """A stable signed 64-bit advisory-lock key (the same in every process)."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresUrl:
+    """A ``postgresql://`` URL split into what asyncpg takes and the store's own options."""
+
+    dsn: str
+    schema: str
+
+    @property
+    def search_path(self) -> str:
+        return quote_ident(self.schema)
+
+    @property
+    def channel(self) -> str:
+        """The NOTIFY channel of this schema (at most 63 bytes, PostgreSQL's limit)."""
+        name = f"streams_{self.schema}"
+        if len(name.encode()) <= 63:
+            return name
+        return "streams_" + hashlib.blake2b(self.schema.encode(), digest_size=16).hexdigest()
+
+
+def parse_url(url: str) -> PostgresUrl:
+    """Split ``postgresql://user@host:port/db?schema=NAME`` (or ``?search_path=NAME``).
+
+    Raises:
+        BackendUnavailable: the schema name is not a plain identifier.
+    """
+    parts = urlsplit(url)
+    schema = "public"
+    kept: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in {"schema", "search_path"}:
+            schema = value.split(",", 1)[0].strip()
+        else:
+            kept.append((name, value))
+    if not _IDENT.match(schema):
+        raise BackendUnavailable(
+            f"PostgreSQL schema name {schema!r} must be a plain identifier "
+            "(letters, digits, underscores; at most 63 characters)"
+        )
+    scheme = "postgresql" if parts.scheme == "postgres" else parts.scheme
+    dsn = urlunsplit((scheme, parts.netloc, parts.path, urlencode(kept), parts.fragment))
+    return PostgresUrl(dsn=dsn, schema=schema)
+
+
+async def migrate(conn: Any, schema: str) -> int:
+    """Create ``schema`` if missing and apply every pending migration; return the version.
+
+    Safe to run from many processes at once (an advisory lock serialises them).
+    """
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock($1)", advisory_key("streams-migrate", schema)
+        )
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+        table = f"{quote_ident(schema)}.schema_version"
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {table} (version INTEGER PRIMARY KEY, "
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        current = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}")
+        version = int(current)
+        await conn.execute(f"SET LOCAL search_path TO {quote_ident(schema)}")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await conn.execute(script)
+            await conn.execute(f"INSERT INTO {table} (version) VALUES ($1)", number)
+            version = number
+    return version

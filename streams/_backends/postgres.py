@@ -1,0 +1,735 @@
+"""``postgresql://user@host:port/db[?schema=NAME]``: the scale-out backend (asyncpg).
+
+Any number of processes, on any number of machines, may open stores on one database schema.
+
+Writes: concurrent ``commit`` calls of one store queue up; a writer task takes everything queued
+and runs it as ONE transaction on its own connection (group commit). Inside it, before reading
+anything, the transaction takes advisory locks on every stream path and side-table key the group
+touches (sorted, so two groups never wait on each other in a cycle) and reads the stream rows
+``FOR UPDATE``; rows reached by id (fork parents) are read ``FOR UPDATE`` too. Every writer in
+every process does the same, so validation (the shared :mod:`._engine` rules) always sees the
+latest committed records and two processes can never both append at one position or both win a
+compare-and-set. A call that fails validation contributes nothing; a deadlock, serialization or
+unique-key failure rolls the group back and runs it again.
+
+Wake-ups: the transaction ends with ``pg_notify`` on the schema's channel carrying the touched
+paths and ``kv:{namespace}`` names (split across notifications under PostgreSQL's 8000-byte payload
+limit; a name that does not fit becomes ``*``, "wake everything"). Every store keeps one LISTEN
+connection, re-established after a drop (then it wakes everything, since notifications may have
+been missed), and feeds what it hears to the in-process notifier: ``wait()``, ``wait_signal()`` and
+``listen()`` fire for commits made by other processes. A notification is a hint: ``wait()``
+re-checks the stream before returning.
+
+Reads use a connection pool. A read is bounded by the stream length it read first, so messages
+committed meanwhile never leak into its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+
+from .._errors import StreamGone, StreamNotFound, StreamsError
+from .._offsets import format_offset, parse_offset
+from ._engine import Batch, Effects, Loader, ProducerRecord, StreamRecord, full, read_plan
+from ._postgres_schema import PostgresUrl, advisory_key, migrate, parse_url
+from .base import (
+    Append,
+    Create,
+    KvCheck,
+    KvPut,
+    Message,
+    Op,
+    OpResult,
+    ReadResult,
+    Store,
+    StreamInfo,
+    Touch,
+)
+
+__all__ = ["PostgresStore"]
+
+logger = logging.getLogger("streams.postgres")
+
+_COLUMNS = (
+    "id, path, content_type, created_at, last_access, length, ttl_seconds, expires_at, closed, "
+    "closed_by, fork_parent, fork_position, last_stream_seq, deleted, fork_count, fork_sub_offset"
+)
+_UPSERT_STREAM = (
+    f"INSERT INTO streams ({_COLUMNS}) "
+    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) "
+    "ON CONFLICT (id) DO UPDATE SET last_access=excluded.last_access, length=excluded.length, "
+    "closed=excluded.closed, closed_by=excluded.closed_by, "
+    "last_stream_seq=excluded.last_stream_seq, deleted=excluded.deleted, "
+    "fork_count=excluded.fork_count"
+)
+_MAX_GROUP_OPS = 2048
+_MAX_ATTEMPTS = 20
+_PAYLOAD_LIMIT = 7900  # PostgreSQL rejects NOTIFY payloads of 8000 bytes or more
+_RETRYABLE = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.UniqueViolationError,
+)
+_DISCONNECTED = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    ConnectionError,
+    OSError,
+)
+
+
+def _to_record(row: Any) -> StreamRecord:
+    closed_by = row["closed_by"]
+    return StreamRecord(
+        id=int(row["id"]),
+        path=str(row["path"]),
+        content_type=str(row["content_type"]),
+        created_at=float(row["created_at"]),
+        last_access=float(row["last_access"]),
+        length=int(row["length"]),
+        ttl_seconds=None if row["ttl_seconds"] is None else int(row["ttl_seconds"]),
+        expires_at=None if row["expires_at"] is None else float(row["expires_at"]),
+        closed=bool(row["closed"]),
+        closed_by=None if closed_by is None else tuple(orjson.loads(closed_by)),
+        fork_parent=None if row["fork_parent"] is None else int(row["fork_parent"]),
+        fork_position=int(row["fork_position"]),
+        last_stream_seq=row["last_stream_seq"],
+        deleted=bool(row["deleted"]),
+        fork_count=int(row["fork_count"]),
+        fork_sub_offset=int(row["fork_sub_offset"]),
+    )
+
+
+def _from_record(r: StreamRecord) -> tuple[object, ...]:
+    closed_by = None if r.closed_by is None else orjson.dumps(list(r.closed_by)).decode()
+    return (r.id, r.path, r.content_type, r.created_at, r.last_access, r.length, r.ttl_seconds,
+            r.expires_at, r.closed, closed_by, r.fork_parent, r.fork_position,
+            r.last_stream_seq, r.deleted, r.fork_count, r.fork_sub_offset)  # fmt: skip
+
+
+def _kv_upper(prefix: str, end: str | None) -> str:
+    # keys starting with ``prefix`` sort between ``prefix`` and ``prefix + U+10FFFF`` (COLLATE "C")
+    upper = prefix + "\U0010ffff"
+    return end if end is not None and end < upper else upper
+
+
+def notification_payloads(names: Iterable[str]) -> list[str]:
+    """JSON arrays of ``names``, each under the NOTIFY payload limit (``*`` for an outsize one)."""
+    payloads: list[str] = []
+    chunk: list[str] = []
+    size = 2
+    for name in sorted(names):
+        encoded = len(orjson.dumps(name)) + 1
+        if encoded + 2 > _PAYLOAD_LIMIT:
+            name, encoded = "*", 4
+        if chunk and size + encoded > _PAYLOAD_LIMIT:
+            payloads.append(orjson.dumps(chunk).decode())
+            chunk, size = [], 2
+        chunk.append(name)
+        size += encoded
+    if chunk:
+        payloads.append(orjson.dumps(chunk).decode())
+    return payloads
+
+
+class _Pending:
+    __slots__ = ("future", "ops")
+
+    def __init__(self, ops: Sequence[Op], future: asyncio.Future[list[OpResult]]) -> None:
+        self.ops = ops
+        self.future = future
+
+
+class _GroupLoader(Loader):
+    """Records as one group's transaction sees them: earlier batches' effects, then the rows it
+    locked. Everything it reads it reads ``FOR UPDATE``."""
+
+    def __init__(self, conn: Any, ids: list[int]) -> None:
+        self.conn = conn
+        self.ids = ids  # stream ids reserved from the sequence for this group's creates
+        self.effects = Effects()
+        self.by_path: dict[str, StreamRecord | None] = {}  # from effects (None: purged)
+        self.rows: dict[str, StreamRecord | None] = {}  # locked rows by path (None: absent)
+        self.rows_by_id: dict[int, StreamRecord] = {}
+        self.producers: dict[tuple[int, str], ProducerRecord | None] = {}
+        self.kv_rows: dict[tuple[str, str], bytes | None] = {}
+
+    def merge(self, effects: Effects) -> None:
+        purged_paths = [
+            path
+            for path, record in self.by_path.items()
+            if record is not None and record.id in effects.purged
+        ]
+        for path in purged_paths:
+            self.by_path[path] = None
+        for sid in effects.purged:
+            row = self.rows_by_id.get(sid)
+            if row is not None:
+                self.by_path[row.path] = None
+        self.effects.merge(effects)
+        for record in effects.streams.values():
+            self.by_path[record.path] = record
+
+    def _keep(self, record: StreamRecord) -> StreamRecord:
+        self.rows[record.path] = record
+        self.rows_by_id[record.id] = record
+        return record
+
+    async def stream(self, path: str) -> StreamRecord | None:
+        if path in self.by_path:
+            return self.by_path[path]
+        if path not in self.rows:
+            await self.prefetch([path])
+        record = self.rows[path]
+        return None if record is None or record.id in self.effects.purged else record
+
+    async def stream_by_id(self, stream_id: int) -> StreamRecord | None:
+        if stream_id in self.effects.purged:
+            return None
+        if stream_id in self.effects.streams:
+            return self.effects.streams[stream_id]
+        record = self.rows_by_id.get(stream_id)
+        if record is None:
+            row = await self.conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM streams WHERE id=$1 FOR UPDATE", stream_id
+            )
+            if row is None:
+                return None
+            record = self._keep(_to_record(row))
+        if self.by_path.get(record.path, record) is None:
+            return None
+        return record
+
+    async def producer(self, stream_id: int, producer_id: str) -> ProducerRecord | None:
+        key = (stream_id, producer_id)
+        if key in self.effects.producers:
+            return self.effects.producers[key]
+        if key not in self.producers:
+            await self.prefetch_producers([key])
+        return self.producers[key]
+
+    def new_stream_id(self) -> int:
+        return self.ids.pop()
+
+    async def kv(self, namespace: str, key: str) -> bytes | None:
+        if (namespace, key) in self.effects.kv:
+            return self.effects.kv[(namespace, key)]
+        if (namespace, key) not in self.kv_rows:
+            await self.prefetch_kv([(namespace, key)])
+        return self.kv_rows[(namespace, key)]
+
+    async def prefetch(self, paths: Sequence[str]) -> None:
+        wanted = sorted(set(paths) - self.rows.keys())
+        if not wanted:
+            return
+        rows = await self.conn.fetch(
+            f"SELECT {_COLUMNS} FROM streams WHERE path = ANY($1::text[]) ORDER BY id FOR UPDATE",
+            wanted,
+        )
+        for path in wanted:
+            self.rows[path] = None
+        for row in rows:
+            self._keep(_to_record(row))
+
+    async def prefetch_producers(self, keys: Sequence[tuple[int, str]]) -> None:
+        wanted = sorted(set(keys) - self.producers.keys())
+        if not wanted:
+            return
+        rows = await self.conn.fetch(
+            "SELECT p.stream_id, p.producer_id, p.epoch, p.seq, p.length FROM producers p "
+            "JOIN unnest($1::bigint[], $2::text[]) AS w(stream_id, producer_id) "
+            "ON p.stream_id = w.stream_id AND p.producer_id = w.producer_id",
+            [k[0] for k in wanted],
+            [k[1] for k in wanted],
+        )
+        for key in wanted:
+            self.producers[key] = None
+        for row in rows:
+            record = ProducerRecord(int(row[0]), str(row[1]), int(row[2]), int(row[3]), int(row[4]))
+            self.producers[(record.stream_id, record.producer_id)] = record
+
+    async def prefetch_kv(self, keys: Sequence[tuple[str, str]]) -> None:
+        wanted = sorted(set(keys) - self.kv_rows.keys())
+        if not wanted:
+            return
+        rows = await self.conn.fetch(
+            "SELECT kv.namespace, kv.key, kv.value FROM kv "
+            "JOIN unnest($1::text[], $2::text[]) AS w(namespace, key) "
+            'ON kv.namespace = w.namespace COLLATE "C" AND kv.key = w.key COLLATE "C"',
+            [k[0] for k in wanted],
+            [k[1] for k in wanted],
+        )
+        for key in wanted:
+            self.kv_rows[key] = None
+        for row in rows:
+            self.kv_rows[(str(row[0]), str(row[1]))] = bytes(row[2])
+
+
+class _ReadLoader(Loader):
+    """Fork ancestors for a read plan, from a pooled connection."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def stream(self, path: str) -> StreamRecord | None:
+        row = await self.conn.fetchrow(f"SELECT {_COLUMNS} FROM streams WHERE path=$1", path)
+        return None if row is None else _to_record(row)
+
+    async def stream_by_id(self, stream_id: int) -> StreamRecord | None:
+        row = await self.conn.fetchrow(f"SELECT {_COLUMNS} FROM streams WHERE id=$1", stream_id)
+        return None if row is None else _to_record(row)
+
+    async def producer(self, stream_id: int, producer_id: str) -> ProducerRecord | None:
+        raise NotImplementedError  # reads never consult producers
+
+    def new_stream_id(self) -> int:
+        raise NotImplementedError
+
+    async def kv(self, namespace: str, key: str) -> bytes | None:
+        raise NotImplementedError
+
+
+async def _persist(conn: Any, effects: Effects) -> None:
+    if effects.purged:
+        ids = sorted(effects.purged)
+        await conn.execute("DELETE FROM messages WHERE stream_id = ANY($1::bigint[])", ids)
+        await conn.execute("DELETE FROM producers WHERE stream_id = ANY($1::bigint[])", ids)
+        await conn.execute("DELETE FROM streams WHERE id = ANY($1::bigint[])", ids)
+    if effects.streams:
+        await conn.executemany(
+            _UPSERT_STREAM, [_from_record(r) for _sid, r in sorted(effects.streams.items())]
+        )
+    if effects.messages:
+        await conn.execute(
+            "INSERT INTO messages (stream_id, position, data) "
+            "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[])",
+            [m[0] for m in effects.messages],
+            [m[1] for m in effects.messages],
+            [m[2] for m in effects.messages],
+        )
+    if effects.producers:
+        await conn.executemany(
+            "INSERT INTO producers (stream_id, producer_id, epoch, seq, length) "
+            "VALUES ($1,$2,$3,$4,$5) ON CONFLICT (stream_id, producer_id) DO UPDATE SET "
+            "epoch=excluded.epoch, seq=excluded.seq, length=excluded.length",
+            [
+                (p.stream_id, p.producer_id, p.epoch, p.seq, p.length)
+                for _key, p in sorted(effects.producers.items())
+            ],
+        )
+    puts = sorted((ns, key, value) for (ns, key), value in effects.kv.items() if value is not None)
+    drops = sorted((ns, key) for (ns, key), value in effects.kv.items() if value is None)
+    if puts:
+        await conn.execute(
+            "INSERT INTO kv (namespace, key, value) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) "
+            "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value",
+            [p[0] for p in puts],
+            [p[1] for p in puts],
+            [p[2] for p in puts],
+        )
+    if drops:
+        await conn.execute(
+            "DELETE FROM kv USING unnest($1::text[], $2::text[]) AS d(namespace, key) "
+            'WHERE kv.namespace = d.namespace COLLATE "C" AND kv.key = d.key COLLATE "C"',
+            [d[0] for d in drops],
+            [d[1] for d in drops],
+        )
+
+
+class PostgresStore(Store):
+    """A store in one PostgreSQL schema, shared safely by any number of processes."""
+
+    def __init__(self, url: str, *, readers: int = 4) -> None:
+        super().__init__(url)
+        self._parsed: PostgresUrl = parse_url(url)
+        self._reader_count = max(1, readers)
+        self._writer: Any = None
+        self._pool: Any = None
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._listener_task: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+        self._writer_pid: int | None = None
+
+    @property
+    def schema(self) -> str:
+        """The database schema this store lives in (``public`` unless the URL names one)."""
+        return self._parsed.schema
+
+    async def _connect(self) -> Any:
+        return await asyncpg.connect(
+            self._parsed.dsn,
+            server_settings={
+                "search_path": self._parsed.search_path,
+                "application_name": "streams",
+            },
+        )
+
+    async def open(self) -> None:
+        """Connect, create the schema or migrate it, start the writer and the listener."""
+        self._writer = await self._connect()
+        try:
+            await migrate(self._writer, self._parsed.schema)
+            self._writer_pid = self._writer.get_server_pid()
+            self._pool = await asyncpg.create_pool(
+                self._parsed.dsn,
+                min_size=1,
+                max_size=self._reader_count,
+                server_settings={
+                    "search_path": self._parsed.search_path,
+                    "application_name": "streams-reader",
+                },
+            )
+            self._listener_task = asyncio.create_task(
+                self._run_listener(), name=f"streams-listen:{self._parsed.schema}"
+            )
+            await asyncio.wait(
+                [asyncio.ensure_future(self._listening.wait()), self._listener_task],
+                timeout=30,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if self._listener_task.done():
+                self._listener_task.result()
+        except BaseException:
+            await self._close_connections()
+            raise
+        self._task = asyncio.create_task(
+            self._run_writer(), name=f"streams-writer:{self._parsed.schema}"
+        )
+
+    async def aclose(self) -> None:
+        """Finish queued commits, stop the writer and the listener, close every connection."""
+        if self._task is not None:
+            await self._queue.put(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        if self._listener_task is not None:
+            self._listener_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener_task
+            self._listener_task = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await self._writer.close()
+            self._writer = None
+
+    # -- cross-process wake-ups ------------------------------------------------------------
+
+    def _on_notification(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
+        if pid == self._writer_pid:
+            return  # our own commit: its waiters were woken when it committed
+        try:
+            names = set(orjson.loads(payload))
+        except orjson.JSONDecodeError:
+            names = {"*"}
+        self._wake(names)
+
+    def _wake(self, names: set[str]) -> None:
+        if "*" in names:
+            names = set(self._notifier._by_path) | set(self._notifier._listeners)
+        self._notify(names)
+
+    async def _run_listener(self) -> None:
+        """Keep one LISTEN connection; after a reconnect wake everything (we may have missed
+        notifications meanwhile)."""
+        delay = 0.05
+        first = True
+        while True:
+            conn: Any = None
+            try:
+                conn = await self._connect()
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                await conn.add_listener(self._parsed.channel, self._on_notification)
+                if not first:
+                    logger.info("LISTEN connection re-established on %s", self._parsed.channel)
+                    self._wake({"*"})
+                first = False
+                delay = 0.05
+                self._listening.set()
+                await lost.wait()
+                logger.warning("LISTEN connection lost; reconnecting")
+            except asyncio.CancelledError:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close(timeout=2))
+                raise
+            except _DISCONNECTED as exc:
+                if first:
+                    raise
+                logger.warning("LISTEN connection failed (%s); retrying in %.2fs", exc, delay)
+            if conn is not None:
+                conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def wait(self, path: str, offset: str, timeout: float) -> bool:  # noqa: ASYNC109
+        """As :meth:`Store.wait`; a wake-up from another process is re-checked first."""
+        deadline = time.monotonic() + timeout
+        position = parse_offset(offset, path=path)
+        woken = False
+        while True:
+            waiters = self._notifier.enter(path)
+            try:
+                try:
+                    info = await self.head(path)
+                except StreamsError:
+                    if woken:
+                        return True  # woken by a delete: let the caller find out
+                    raise
+                tail = parse_offset(info.next_offset)
+                if position is None:  # "now": whatever the tail is on the first look
+                    position = tail
+                if info.closed or (position is not None and tail is not None and tail > position):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(waiters.event.wait(), remaining)
+                except TimeoutError:
+                    return False
+                woken = True
+            finally:
+                self._notifier.leave(path, waiters)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def commit(self, ops: Sequence[Op]) -> list[OpResult]:
+        if self._task is None or self._task.done():
+            raise StreamsError("store is not open", path="")
+        future: asyncio.Future[list[OpResult]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(ops, future))
+        return await future
+
+    async def _run_writer(self) -> None:
+        stopping = False  # set by aclose's None; commits queued behind it still run
+        while not (stopping and self._queue.empty()):
+            item = await self._queue.get()
+            if item is None:
+                stopping = True
+                continue
+            group = [item]
+            count = len(item.ops)
+            while count < _MAX_GROUP_OPS and not self._queue.empty():
+                more = self._queue.get_nowait()
+                if more is None:
+                    stopping = True
+                    continue
+                group.append(more)
+                count += len(more.ops)
+            try:
+                await self._commit_group(group)
+            except Exception as exc:  # a database failure: fail every call in the group
+                logger.exception("group commit failed")
+                for pending in group:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+
+    async def _commit_group(self, group: list[_Pending]) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                loader, outcomes = await self._transaction(group)
+            except _RETRYABLE as exc:
+                if attempt >= _MAX_ATTEMPTS:
+                    raise
+                logger.debug("group commit retried after %s", type(exc).__name__)
+                await asyncio.sleep(0.001 * attempt)
+                continue
+            except _DISCONNECTED:
+                if attempt >= 3:
+                    raise
+                logger.warning("writer connection lost; reconnecting", exc_info=True)
+                await self._reconnect_writer()
+                continue
+            break
+        for pending, outcome in zip(group, outcomes, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(outcome, StreamsError):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
+        self._notify(loader.effects.touched)
+
+    async def _reconnect_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.terminate()
+        await asyncio.sleep(0.05)
+        self._writer = await self._connect()
+        self._writer_pid = self._writer.get_server_pid()
+
+    async def _transaction(
+        self, group: list[_Pending]
+    ) -> tuple[_GroupLoader, list[list[OpResult] | StreamsError]]:
+        conn = self._writer
+        paths: set[str] = set()
+        kv_keys: set[tuple[str, str]] = set()
+        creates = 0
+        producers: list[tuple[str, str]] = []
+        for pending in group:
+            for op in pending.ops:
+                if isinstance(op, KvPut | KvCheck):
+                    kv_keys.add((op.namespace, op.key))
+                    continue
+                paths.add(op.path)
+                if isinstance(op, Create):
+                    creates += 1
+                    if op.fork_from is not None:
+                        paths.add(op.fork_from)
+                elif isinstance(op, Append) and op.producer is not None:
+                    producers.append((op.path, op.producer.id))
+        schema = self._parsed.schema
+        locks = sorted(
+            {advisory_key(schema, "s", p) for p in paths}
+            | {advisory_key(schema, "k", ns, key) for ns, key in kv_keys}
+        )
+        async with conn.transaction():
+            if locks:
+                await conn.execute(
+                    "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k", locks
+                )
+            ids: list[int] = []
+            if creates:
+                ids = list(
+                    await conn.fetchval(
+                        "SELECT array_agg(nextval('stream_ids')) FROM generate_series(1, $1)",
+                        creates,
+                    )
+                )
+                ids.reverse()
+            loader = _GroupLoader(conn, ids)
+            await loader.prefetch(sorted(paths))
+            await loader.prefetch_kv(sorted(kv_keys))
+            wanted_producers = []
+            for path, producer_id in producers:
+                record = loader.rows.get(path)
+                if record is not None:
+                    wanted_producers.append((record.id, producer_id))
+            await loader.prefetch_producers(wanted_producers)
+            outcomes: list[list[OpResult] | StreamsError] = []
+            now = time.time()
+            for pending in group:
+                batch = Batch(loader, now)
+                try:
+                    results = await batch.apply(pending.ops)
+                except StreamsError as exc:
+                    outcomes.append(exc)
+                    continue
+                loader.merge(batch.effects)
+                outcomes.append(results)
+            effects = loader.effects
+            await _persist(conn, effects)
+            for payload in notification_payloads(effects.touched):
+                await conn.execute("SELECT pg_notify($1, $2)", self._parsed.channel, payload)
+        return loader, outcomes
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _readers(self) -> Any:
+        if self._pool is None:
+            raise StreamsError("store is not open", path="")
+        return self._pool
+
+    async def head(self, path: str) -> StreamInfo:
+        row = await self._readers().fetchrow(
+            f"SELECT {', '.join('s.' + c for c in _COLUMNS.split(', '))}, p.path AS parent_path "
+            "FROM streams s LEFT JOIN streams p ON p.id = s.fork_parent WHERE s.path=$1",
+            path,
+        )
+        record = self._live(path, row)
+        return record.info(row["parent_path"] if record.fork_parent is not None else None)
+
+    @staticmethod
+    def _live(path: str, row: Any) -> StreamRecord:
+        record = None if row is None else _to_record(row)
+        if record is None or (not record.deleted and record.expired(time.time())):
+            raise StreamNotFound(f"stream {path!r} not found", path=path)
+        if record.deleted:
+            raise StreamGone(f"stream {path!r} was deleted", path=path)
+        return record
+
+    async def read(
+        self,
+        path: str,
+        offset: str = "-1",
+        *,
+        limit: int = 1000,
+        max_bytes: int | None = None,
+        renew_ttl: bool = True,
+    ) -> ReadResult:
+        parsed = parse_offset(offset, path=path)
+        async with self._readers().acquire() as conn:
+            row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM streams WHERE path=$1", path)
+            record = self._live(path, row)
+            start = record.length if parsed is None else min(parsed, record.length)
+            messages: list[Message] = []
+            size = 0
+            position = start
+            for sid, low, high in await read_plan(record, start, _ReadLoader(conn)):
+                if full(len(messages), size, limit, max_bytes):
+                    break
+                rows = await conn.fetch(
+                    "SELECT position, data FROM messages WHERE stream_id=$1 AND position>$2 "
+                    "AND position<=$3 ORDER BY position LIMIT $4",
+                    sid,
+                    low,
+                    high,
+                    limit - len(messages),
+                )
+                for row_position, data in rows:
+                    if full(len(messages), size, limit, max_bytes):
+                        break
+                    position = int(row_position)
+                    size += len(data)
+                    messages.append(Message(format_offset(position), bytes(data)))
+        if renew_ttl and record.ttl_seconds is not None:
+            await self.commit([Touch(path)])
+        up_to_date = position >= record.length
+        return ReadResult(
+            messages, format_offset(position), up_to_date, up_to_date and record.closed
+        )
+
+    async def kv_get(self, namespace: str, key: str) -> bytes | None:
+        value = await self._readers().fetchval(
+            "SELECT value FROM kv WHERE namespace=$1 AND key=$2", namespace, key
+        )
+        return None if value is None else bytes(value)
+
+    async def kv_scan(
+        self,
+        namespace: str,
+        prefix: str = "",
+        *,
+        end: str | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[str, bytes]]:
+        rows = await self._readers().fetch(
+            "SELECT key, value FROM kv WHERE namespace=$1 AND key >= $2 AND key < $3 "
+            "ORDER BY key LIMIT $4",
+            namespace,
+            prefix,
+            _kv_upper(prefix, end),
+            limit,
+        )
+        return [(str(k), bytes(v)) for k, v in rows]
