@@ -367,13 +367,10 @@ class PostgresStore(Store):
         """The database schema this store lives in (``public`` unless the URL names one)."""
         return self._parsed.schema
 
-    async def _connect(self) -> Any:
+    async def _connect(self, role: str = "streams-writer") -> Any:
         return await asyncpg.connect(
             self._parsed.dsn,
-            server_settings={
-                "search_path": self._parsed.search_path,
-                "application_name": "streams",
-            },
+            server_settings={"search_path": self._parsed.search_path, "application_name": role},
         )
 
     async def open(self) -> None:
@@ -455,7 +452,7 @@ class PostgresStore(Store):
         while True:
             conn: Any = None
             try:
-                conn = await self._connect()
+                conn = await self._connect("streams-listen")
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(self._parsed.channel, self._on_notification)

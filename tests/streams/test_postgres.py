@@ -1,0 +1,239 @@
+"""PostgreSQL-only behaviour: several store objects (as several processes would hold) on one schema.
+
+Each store has its own writer connection, reader pool and LISTEN connection, so what holds between
+two stores here holds between two processes: appends stay gapless and contiguous, exactly one
+compare-and-set wins, NOTIFY wakes the other store's waiters, and migrations may race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import orjson
+import pytest
+
+import streams
+from streams import BackendUnavailable, ConditionFailed, KvCheck, KvPut, Store, open_store
+from streams._backends._postgres_schema import MIGRATIONS, parse_url, quote_ident
+from streams._backends.postgres import PostgresStore, notification_payloads
+from tests import _postgres
+
+pytestmark = _postgres.marks()
+
+
+@pytest.fixture
+async def url() -> AsyncIterator[str]:
+    _postgres.check()
+    fresh = _postgres.fresh_url()
+    yield fresh
+    await _postgres.drop_schema(fresh)
+
+
+@pytest.fixture
+async def two(url: str) -> AsyncIterator[tuple[Store, Store]]:
+    async with open_store(url) as a, open_store(url) as b:
+        yield a, b
+
+
+async def read_all(store: Store, path: str) -> list[streams.Message]:
+    out: list[streams.Message] = []
+    offset = "-1"
+    while True:
+        result = await store.read(path, offset)
+        out.extend(result.messages)
+        offset = result.next_offset
+        if result.up_to_date:
+            return out
+
+
+async def test_concurrent_appends_from_two_stores_are_gapless_and_contiguous(
+    two: tuple[Store, Store],
+) -> None:
+    a, b = two
+    await a.create("s")
+
+    async def writer(store: Store, name: str, batches: int) -> list[tuple[str, int]]:
+        acked = []
+        for batch in range(batches):
+            size = 1 + (batch % 4)
+            data = [orjson.dumps([name, batch, i]) for i in range(size)]
+            result = await store.append("s", data)
+            acked.append((result.next_offset, size))
+        return acked
+
+    jobs = [writer(store, f"{tag}{n}", 25) for n in range(6) for tag, store in (("a", a), ("b", b))]
+    acks = await asyncio.gather(*jobs)
+    messages = await read_all(b, "s")
+    expected = sum(size for acked in acks for _offset, size in acked)
+    assert len(messages) == expected
+    assert [m.offset for m in messages] == [streams.format_offset(i + 1) for i in range(expected)]
+    decoded = [orjson.loads(m.data) for m in messages]
+    index = 0
+    while index < len(decoded):  # every batch sits in one contiguous run, in order
+        name, batch, first = decoded[index]
+        assert first == 0
+        size = 1 + (batch % 4)
+        assert decoded[index : index + size] == [[name, batch, i] for i in range(size)]
+        index += size
+    offsets = {offset for acked in acks for offset, _size in acked}
+    assert len(offsets) == sum(len(acked) for acked in acks)  # no two batches share a tail
+
+
+async def test_compare_and_set_race_has_exactly_one_winner(two: tuple[Store, Store]) -> None:
+    a, b = two
+    for round_ in range(30):
+        key = f"lease-{round_}"
+        current = None if round_ % 2 else b"old"
+        if current is not None:
+            await a.kv_put("leases", key, current)
+
+        async def claim(
+            store: Store, who: bytes, key: str = key, expect: bytes | None = current
+        ) -> bool:
+            try:
+                await store.commit([KvCheck("leases", key, expect), KvPut("leases", key, who)])
+            except ConditionFailed:
+                return False
+            return True
+
+        wins = await asyncio.gather(*(claim(s, w) for s, w in ((a, b"A"), (b, b"B")) * 3))
+        assert sum(wins) == 1
+        winner = await a.kv_get("leases", key)
+        assert winner in {b"A", b"B"}
+
+
+async def test_conditional_put_on_absent_key_has_exactly_one_winner(
+    two: tuple[Store, Store],
+) -> None:
+    a, b = two
+    for round_ in range(30):
+        key = f"k{round_}"
+        results = await asyncio.gather(
+            *(
+                store.commit([KvPut("ns", key, tag, only_if=True, expect=None)])
+                for store, tag in ((a, b"A"), (b, b"B"), (a, b"C"), (b, b"D"))
+            )
+        )
+        assert [r[0] for r in results].count(True) == 1
+
+
+async def test_concurrent_creates_of_one_path_create_it_once(two: tuple[Store, Store]) -> None:
+    a, b = two
+    results = await asyncio.gather(*(s.create(f"c{i % 5}") for i in range(20) for s in (a, b)))
+    assert sum(r.created for r in results) == 5
+
+
+async def test_wait_on_one_store_wakes_when_another_appends(two: tuple[Store, Store]) -> None:
+    a, b = two
+    await a.create("live")
+    latencies = []
+    for n in range(20):
+        waiter = asyncio.create_task(b.wait("live", streams.format_offset(n), 5))
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        await a.append("live", [b"x"])
+        assert await asyncio.wait_for(waiter, 2) is True
+        latencies.append(time.perf_counter() - started)
+    # measured from the append call (commit included) to the remote waiter waking
+    assert statistics.median(latencies) < 0.05, latencies
+
+
+async def test_listen_and_wait_signal_fire_for_other_stores_kv_writes(
+    two: tuple[Store, Store],
+) -> None:
+    a, b = two
+    heard = asyncio.Event()
+    remove = b.listen("kv:pending", heard.set)
+    try:
+        signal = asyncio.create_task(b.wait_signal("kv:pending", 5))
+        await asyncio.sleep(0.01)
+        await a.kv_put("pending", "x", b"1")
+        await asyncio.wait_for(heard.wait(), 2)
+        assert await signal is True
+    finally:
+        remove()
+
+
+async def test_wait_times_out_without_remote_appends(two: tuple[Store, Store]) -> None:
+    a, b = two
+    await a.create("quiet")
+    await a.create("busy")
+    waiter = asyncio.create_task(b.wait("quiet", streams.format_offset(0), 0.3))
+    await asyncio.sleep(0.05)
+    await a.append("busy", [b"x"])
+    assert await waiter is False
+
+
+async def test_listener_reconnects_and_wakes_waiters(two: tuple[Store, Store]) -> None:
+    a, b = two
+    await a.create("s")
+    assert isinstance(b, PostgresStore)
+    conn = await asyncpg.connect(parse_url(b.url).dsn)
+    try:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'streams-listen'"
+        )
+        assert killed >= 1
+    finally:
+        await conn.close()
+    deadline = time.monotonic() + 10
+    position = 0
+    while True:  # once LISTEN is back, a remote append wakes b's waiter again
+        waiter = asyncio.create_task(b.wait("s", streams.format_offset(position), 0.5))
+        await asyncio.sleep(0.05)
+        await a.append("s", [b"x"])
+        position += 1
+        if await waiter:
+            break
+        assert time.monotonic() < deadline, "LISTEN did not come back"
+
+
+async def test_migrations_run_concurrently_from_several_stores(url: str) -> None:
+    stores = [open_store(url) for _ in range(6)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        await stores[0].create("s", messages=[b"1"])
+        assert [m.data for m in await read_all(stores[5], "s")] == [b"1"]
+    finally:
+        await asyncio.gather(*(s.aclose() for s in stores))
+    parsed = parse_url(url)
+    conn = await asyncpg.connect(parsed.dsn)
+    try:
+        versions = await conn.fetch(
+            f"SELECT version FROM {quote_ident(parsed.schema)}.schema_version ORDER BY version"
+        )
+    finally:
+        await conn.close()
+    assert [row[0] for row in versions] == list(range(1, len(MIGRATIONS) + 1))
+
+
+async def test_data_survives_reopen(url: str) -> None:
+    async with open_store(url) as store:
+        await store.create("s", messages=[b"a", b"b"])
+        await store.kv_put("ns", "k", b"v")
+    async with open_store(url) as store:
+        assert [m.data for m in await read_all(store, "s")] == [b"a", b"b"]
+        assert await store.kv_get("ns", "k") == b"v"
+
+
+def test_schema_option_must_be_an_identifier() -> None:
+    with pytest.raises(BackendUnavailable):
+        open_store("postgresql://localhost/db?schema=bad;name")
+    assert parse_url("postgresql://localhost/db?schema=abc&sslmode=disable").schema == "abc"
+    assert parse_url("postgresql://localhost/db?search_path=x1").schema == "x1"
+    assert parse_url("postgresql://localhost/db").schema == "public"
+    assert "schema" not in parse_url("postgresql://localhost/db?schema=abc").dsn
+
+
+def test_notification_payloads_stay_under_the_limit() -> None:
+    names = {f"stream/{i:05d}/{'x' * 40}" for i in range(2000)}
+    payloads = notification_payloads(names)
+    assert len(payloads) > 1
+    assert all(len(p.encode()) < 8000 for p in payloads)
+    assert {n for p in payloads for n in orjson.loads(p)} == names
+    assert notification_payloads(["y" * 9000]) == ['["*"]']
