@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import traceback
 import uuid as uuid_module
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -22,9 +22,10 @@ import orjson
 from streams import StreamsError
 
 from ._collections import Actions, Collections, Database
-from ._errors import ContextError, DuplicateEntity, EntityNotFound
+from ._errors import ContextError, DuplicateEntity, EntityNotFound, ReplayDivergence
 from ._manifest import (
     ChildEntry,
+    ContextEntry,
     ManifestEntry,
     ScheduleEntry,
     SharedStateEntry,
@@ -164,8 +165,10 @@ class HandlerContext:
         run_id: str,
         flush: Callable[[list[dict[str, Any]]], Any],
         runs_before: int = 0,
+        replaying: bool = False,
     ) -> None:
         self._runtime = runtime
+        self.replaying = replaying
         self._type = entity_type
         self._url = url
         self._view = view
@@ -186,6 +189,9 @@ class HandlerContext:
         self.parent: str | None = created.get("parent_url")
         self._db: Database | None = None
         self._actions: _Namespace | None = None
+        self._agent: Any = None
+        self._context_sources: dict[str, Any] = {}
+        self._context_budget = 0
         self.sleeping = False
         self.current_message: InboxMessage | None = None
 
@@ -225,7 +231,11 @@ class HandlerContext:
         event: dict[str, Any] = {
             "type": type_,
             "key": key,
-            "headers": {"operation": operation, "timestamp": _iso(self._clock_now())},
+            "headers": {
+                "operation": operation,
+                "timestamp": _iso(self._clock_now()),
+                "txid": self.run_id,
+            },
         }
         if operation != "delete":
             event["value"] = value
@@ -244,6 +254,8 @@ class HandlerContext:
     def _journaled(self, key: str, produce: Callable[[], Any]) -> Any:
         if key in self._journal:
             return self._journal[key]
+        if self.replaying:
+            raise ReplayDivergence(f"wake {self.run_id}: {key} was not recorded")
         value = produce()
         self._record(key, value)
         return value
@@ -307,7 +319,12 @@ class HandlerContext:
         """
         target = parse_url(url)
         payload = await self._runtime.check_send(
-            target, payload, type, pending_spawns=self.effects.spawns, self_url=self._url
+            target,
+            payload,
+            type,
+            pending_spawns=self.effects.spawns,
+            self_url=self._url,
+            exists=self.replaying,
         )
         key = f"{self.entity_id}.{self.run_id}.{self._next('send')}"
         if after_ms is None:
@@ -634,6 +651,8 @@ class HandlerContext:
         self._counters[key] = 1
         if key in self._journal:
             return self._journal[key]
+        if self.replaying:
+            raise ReplayDivergence(f"wake {self.run_id}: step {id!r} was not recorded")
         result = await call_maybe_async(fn)
         try:
             orjson.dumps(result)
@@ -645,7 +664,7 @@ class HandlerContext:
 
     async def flush_journal(self) -> None:
         """Write pending journal entries now (fenced by this wake's lease)."""
-        if self.effects.journal:
+        if self.effects.journal and not self.replaying:
             entries, self.effects.journal = self.effects.journal, []
             changes = [
                 self._change("steps", f"{e['wake_id']}/{e['name']}", e, "insert") for e in entries
@@ -664,7 +683,8 @@ class HandlerContext:
         Raises:
             LeaseLost: (internally) when the lease was lost; the wake then stops.
         """
-        await call_maybe_async(self._flush, [self._change(collection, key, value, operation)])
+        if not self.replaying:
+            await call_maybe_async(self._flush, [self._change(collection, key, value, operation)])
 
     @property
     def runtime_tools(self) -> list[Any]:
@@ -673,11 +693,141 @@ class HandlerContext:
 
         return runtime_tools(self)
 
-    # -- placeholders of later features ------------------------------------------------------
+    # -- agents and context -----------------------------------------------------------------
 
-    def use_agent(self, *args: Any, **kwargs: Any) -> Any:
-        """Configure the model loop (see ``entities.agent``)."""
-        raise NotImplementedError("agents arrive with the entities.agent package")
+    def use_agent(
+        self,
+        system_prompt: str,
+        model: Any = "test:scripted",
+        *,
+        tools: Sequence[Any] = (),
+        max_rounds: int = 8,
+        temperature: float | None = None,
+        max_tokens: int = 4096,
+        test_responses: Any = None,
+        get_api_key: Callable[[str], str | None] | None = None,
+        history: int = 20,
+    ) -> Any:
+        """Configure this wake's agent (then ``await ctx.agent.run()``).
+
+        ``model`` is ``"anthropic:NAME"``, ``"openai:NAME"`` or a model client; with
+        ``test_responses`` the scripted test model answers instead (no key, no network).
+
+        Raises:
+            ContextError: an invalid configuration (duplicate tool names, max_rounds < 1).
+        """
+        from .agent._loop import Agent, AgentConfig
+
+        config = AgentConfig(
+            system_prompt,
+            model,
+            tuple(tools),
+            max_rounds,
+            temperature,
+            max_tokens,
+            test_responses,
+            get_api_key,
+            history,
+        )
+        try:
+            self._agent = Agent(self, config)
+        except ValueError as exc:
+            raise ContextError(str(exc)) from None
+        return self._agent
+
+    @property
+    def agent(self) -> Any:
+        """The agent configured by :meth:`use_agent` in this wake.
+
+        Raises:
+            ContextError: ``use_agent`` was not called.
+        """
+        if self._agent is None:
+            raise ContextError("call ctx.use_agent(...) before ctx.agent")
+        return self._agent
+
+    async def timeline_messages(
+        self, *, since: str | None = None, last: int | None = None
+    ) -> list[Any]:
+        """The entity's timeline as model messages: inbox messages as ``user``, replies as
+        ``assistant`` (this wake's replies included), oldest first; ``since`` an offset,
+        ``last`` the most recent N."""
+        from .agent._window import timeline
+
+        events: list[dict[str, Any]] = []
+        offset = "-1"
+        while True:
+            batch, offset = await self._runtime.read(self.entity_url, offset, limit=1000)
+            events.extend(e for e in batch if e["type"] in ("inbox", "texts"))
+            if len(batch) < 1000:
+                break
+        events.extend(e for e in self.effects.own if e["type"] == "texts")
+        return timeline(events, since=since, last=last)
+
+    def insert_context(
+        self,
+        id: str,
+        content: str,
+        *,
+        name: str | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> ContextEntry:
+        """Add or replace a durable context entry; it appears in every model call."""
+        entry = ContextEntry(
+            id=f"context:{id}",
+            name=name or id,
+            content=content,
+            attrs=dict(attrs or {}),
+            inserted_at=self._clock_now(),
+        )
+        self._put_manifest(entry)
+        return entry
+
+    def remove_context(self, id: str) -> bool:
+        """Remove a context entry; returns whether it existed."""
+        rows = self._view.setdefault("manifests", {})
+        key = f"context:{id}"
+        if rows.pop(key, None) is None:
+            return False
+        self._emit("manifests", key, None, "delete")
+        return True
+
+    def get_context(self, id: str) -> ContextEntry | None:
+        """A context entry by id, or ``None``."""
+        entry = self.manifest.get(f"context:{id}")
+        return entry if isinstance(entry, ContextEntry) else None
+
+    def list_context(self) -> list[ContextEntry]:
+        """Every context entry, oldest first."""
+        entries = [e for e in self.manifest.values() if isinstance(e, ContextEntry)]
+        return sorted(entries, key=lambda e: (e.inserted_at, e.id))
+
+    def use_context(self, *, source_budget: int, sources: Mapping[str, Any]) -> None:
+        """Declare context sources for this wake's model calls: ``{name: {"content": text |
+        messages | fn, "max": tokens, "cache": "pinned"|"stable"|"slow-changing"|"volatile"}}``.
+
+        Raises:
+            ContextError: non-volatile maxima over the budget, a missing max, an unknown tier.
+        """
+        from .agent._window import ContextSource, check_sources
+
+        parsed = {
+            n: v if isinstance(v, ContextSource) else ContextSource(**dict(v))
+            for n, v in sources.items()
+        }
+        check_sources(source_budget, parsed)
+        self._context_budget = source_budget
+        self._context_sources = parsed
+
+    async def composed_context(self) -> str:
+        """The context block the agent adds to its system prompt: context entries, then the
+        ``use_context`` sources within their budget."""
+        from .agent._window import compose
+
+        parts = [f'<context name="{e.name}">\n{e.content}\n</context>' for e in self.list_context()]
+        if self._context_sources:
+            parts.append(await compose(self._context_budget, self._context_sources))
+        return "\n".join(parts)
 
 
 class _Namespace:

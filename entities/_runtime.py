@@ -42,6 +42,7 @@ __all__ = ["EntityInfo", "Runtime", "SendReceipt"]
 
 logger = logging.getLogger("entities")
 TAG_NS = "tag"
+APP_NS = "app"  # entity type -> where its code was loaded from (for replay)
 JSON = "application/json"
 
 
@@ -50,13 +51,19 @@ def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
-def event(type_: str, key: str, value: Any, ts: float, operation: str = "insert") -> bytes:
-    """Encode one State Protocol change event."""
-    body: dict[str, Any] = {
-        "type": type_,
-        "key": key,
-        "headers": {"operation": operation, "timestamp": iso(ts)},
-    }
+def event(
+    type_: str,
+    key: str,
+    value: Any,
+    ts: float,
+    operation: str = "insert",
+    txid: str | None = None,
+) -> bytes:
+    """Encode one State Protocol change event (``txid``: the wake that wrote it)."""
+    headers: dict[str, Any] = {"operation": operation, "timestamp": iso(ts)}
+    if txid is not None:
+        headers["txid"] = txid
+    body: dict[str, Any] = {"type": type_, "key": key, "headers": headers}
     if operation != "delete":
         body["value"] = value
     return orjson.dumps(body)
@@ -161,6 +168,9 @@ class Runtime:
         if self._owns_store and not self._opened:
             await self.store.open()
         self._opened = True
+        if self.registry.source:
+            source = self.registry.source.encode()
+            await self.store.commit([KvPut(APP_NS, t.name, source) for t in self.registry.list()])
 
     async def aclose(self) -> None:
         """Close the store (when the runtime opened it)."""
@@ -322,6 +332,7 @@ class Runtime:
         *,
         pending_spawns: Sequence[Any] = (),
         self_url: EntityURL | None = None,
+        exists: bool = False,
     ) -> Any:
         """Validate a send before it is buffered or committed; return the checked payload.
 
@@ -329,7 +340,11 @@ class Runtime:
             UnknownEntityType, EntityNotFound, EntityStopped, SchemaValidationFailed.
         """
         entity_type = self.registry.get(target.type)
-        if target != self_url and not any(s.target == target for s in pending_spawns):
+        if (
+            not exists
+            and target != self_url
+            and not any(s.target == target for s in pending_spawns)
+        ):
             found = await self.record(target.url)
             if found is None:
                 raise EntityNotFound(f"no entity at {target.url}")
@@ -552,6 +567,19 @@ class Runtime:
         if self._local_worker is None:
             self._local_worker = Worker(self)
         return int(await self._local_worker.run_until_idle(max_wakes=max_wakes))
+
+    async def replay(self, url: str, *, wake: int | str | None = None) -> Any:
+        """Re-execute recorded wakes of ``url`` against their journal, with no network and no
+        writes; returns a :class:`~entities.ReplayReport` (``.ok``, ``.wakes``, divergences
+        naming the wake, the step or write, expected and got).
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+            EntitiesError: no such wake.
+        """
+        from ._replay import replay
+
+        return await replay(self, url, wake=wake)
 
     async def advance(self, seconds: float) -> int:
         """Move a virtual clock forward by ``seconds``, firing timers in due order and running

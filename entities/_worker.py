@@ -355,7 +355,7 @@ class Worker:
                 if (e.get("value") or {}).get("kind") == "child_finished":
                     e["value"]["other_children"] = others
         wake = _wake_event(
-            claim, inflight, events, wake_events, first_wake=not view.get("manifests")
+            claim.url, inflight, events, wake_events, first_wake=not view.get("manifests")
         )
         lock = anyio.Lock()
 
@@ -402,9 +402,11 @@ class Worker:
         duration = rt.clock.now() - started
         if error is None:
             run = _run_value(inflight, wake, "completed", duration)
+            run["sends"] = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
+            run["spawns"] = [s.target.url for s in ctx.effects.spawns]
             await self._finish(
                 claim,
-                [event("runs", inflight.wake_id, run, rt.clock.now())],
+                [event("runs", inflight.wake_id, run, rt.clock.now(), txid=inflight.wake_id)],
                 [ctx],
                 view,
                 snapshot_offset,
@@ -696,7 +698,7 @@ class Worker:
         status = "dead_lettered" if final else "failed"
         run = _run_value(inflight, wake, status, duration, error=error)
         failure = [
-            event("runs", inflight.wake_id, run, now),
+            event("runs", inflight.wake_id, run, now, txid=inflight.wake_id),
             event(
                 "errors",
                 f"{inflight.wake_id}.{inflight.attempt}",
@@ -965,7 +967,7 @@ def _wake_id(low: str, high: str) -> str:
 
 
 def _wake_event(
-    claim: Claim,
+    url: EntityURL,
     inflight: Inflight,
     events: list[dict[str, Any]],
     wake_events: list[dict[str, Any]],
@@ -1013,7 +1015,7 @@ def _wake_event(
         event_count=len(wake_events),
         payload=payload,
         summary=summary,
-        full_ref=f"{claim.url.stream}?offset={inflight.from_offset}",
+        full_ref=f"{url.stream}?offset={inflight.from_offset}",
         first_wake=first_wake,
         messages=tuple(messages),
         wakes=tuple(others),

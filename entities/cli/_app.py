@@ -45,4 +45,8 @@ def load_registry(spec: str) -> Registry:
     registry = getattr(module, attr, None)
     if not isinstance(registry, Registry):
         raise click.BadParameter(f"{spec!r} is not an entities.Registry")
+    if target.endswith(".py") or "/" in target:
+        registry.source = f"{Path(target).resolve()}:{attr}"
+    else:
+        registry.source = spec
     return registry

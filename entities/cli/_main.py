@@ -287,14 +287,28 @@ async def _dead_letter(rt: Runtime, url: str, after: str) -> str | None:
     return None
 
 
+async def _recorded_app(db: str, type_: str) -> str:
+    from streams import open_store
+
+    from .._runtime import APP_NS
+
+    async with open_store(db) as store:
+        source = await store.kv_get(APP_NS, type_)
+    if source is None:
+        raise click.ClickException(
+            f"no code is recorded for type {type_!r} in {db}; pass --app module:attr"
+        )
+    return source.decode()
+
+
 @cli.command()
 @click.argument("url")
 @click.option(
     "--app",
     "app",
     default=None,
-    help="APP (module:attr or file.py:attr); default: "
-    "the examples module matching the URL's type, e.g. examples/assistant.py:registry.",
+    help="APP (module:attr or file.py:attr); default: where `entities run/serve/worker` "
+    "last loaded the URL's type from (recorded in the store).",
 )
 @db_option
 @click.option("--wake", "wake", default=None, help="Only the N-th wake (1-based) or a wake id.")
@@ -305,7 +319,9 @@ def replay(url: str, app: str | None, db: str, wake: str | None, as_json: bool) 
     from .._urls import parse_url
 
     target = parse_url(url)
-    registry = load_registry(app or f"examples/{target.type}.py:registry")
+    if app is None:
+        app = anyio.run(_recorded_app, db, target.type)
+    registry = load_registry(app)
     which: int | str | None = int(wake) if wake and wake.isdigit() else wake
 
     async def main() -> Any:

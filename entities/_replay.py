@@ -1,0 +1,284 @@
+"""Replay: re-execute recorded wakes against their journal and report any divergence.
+
+A wake's inputs are all in its entity's stream: the state before it (the fold up to its
+``to_offset``), its events (``from_offset``, ``to_offset``], and its journal (``steps`` written
+under its wake id). Replay rebuilds them, runs the handler with a context that never calls out (a
+step missing from the journal is a divergence, not a call), and compares what the handler did
+with what the wake committed (every change event carries the wake id as ``txid``): state writes,
+replies, tags, manifest entries, tool calls, sends and spawns. Nothing is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ._context import HandlerContext
+from ._errors import EntitiesError, ReplayDivergence
+from ._records import VIEW_TYPES, WAKE_TYPES
+from ._urls import parse_url
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+__all__ = ["Divergence", "ReplayReport", "WakeReplay", "replay"]
+
+# what a wake's commit holds that replay compares (live progress and bookkeeping excluded)
+_NOT_COMPARED = frozenset({"steps", "text_deltas", "runs", "errors", "wakes", "inbox"})
+
+
+def _compared(type_: str) -> bool:
+    return type_ not in _NOT_COMPARED
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    """One difference between a recorded wake and its replay."""
+
+    wake_id: str
+    where: str  # e.g. "state:totals/total", "step w0-2.agent1.model1", "sends[0]"
+    expected: Any
+    got: Any
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "wake_id": self.wake_id,
+            "where": self.where,
+            "expected": self.expected,
+            "got": self.got,
+            "message": self.message,
+        }
+
+
+@dataclass(slots=True)
+class WakeReplay:
+    """The replay of one recorded wake."""
+
+    index: int
+    wake_id: str
+    status: str
+    divergences: list[Divergence] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.divergences
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """What :func:`replay` found."""
+
+    url: str
+    wakes: list[WakeReplay] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(w.ok for w in self.wakes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "ok": self.ok,
+            "wakes": [
+                {
+                    "index": w.index,
+                    "wake_id": w.wake_id,
+                    "status": w.status,
+                    "ok": w.ok,
+                    "divergences": [d.to_json() for d in w.divergences],
+                }
+                for w in self.wakes
+            ],
+        }
+
+
+def _recorded_runs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The final run record of every wake that ran the handler, in order."""
+    runs: dict[str, dict[str, Any]] = {}
+    for e in events:
+        value = e.get("value") or {}
+        if e["type"] == "runs" and value.get("wake_id") == e["key"]:
+            if value.get("status") in ("completed", "dead_lettered"):
+                runs[e["key"]] = value
+    return list(runs.values())
+
+
+async def replay(rt: Runtime, url: str, *, wake: int | str | None = None) -> ReplayReport:
+    """Replay the recorded wakes of ``url`` (all, the N-th (1-based), or one wake id).
+
+    Raises:
+        EntityNotFound: no entity at ``url``.
+        EntitiesError: no such wake.
+    """
+    target = parse_url(url)
+    entity_type = rt.registry.get(target.type)
+    events: list[dict[str, Any]] = []
+    offset = "-1"
+    while True:
+        batch, offset = await rt.read(target.url, offset, limit=5000)
+        events.extend(batch)
+        if len(batch) < 5000:
+            break
+    runs = _recorded_runs(events)
+    chosen = list(enumerate(runs, start=1))
+    if wake is not None:
+        chosen = [(i, r) for i, r in chosen if wake in (i, r["wake_id"], str(i))]
+        if not chosen:
+            raise EntitiesError(f"{target.url} has no recorded wake {wake!r} ({len(runs)} wakes)")
+    report = ReplayReport(target.url)
+    for index, run in chosen:
+        report.wakes.append(await _replay_one(rt, entity_type, target, events, index, run))
+    return report
+
+
+async def _replay_one(
+    rt: Runtime,
+    entity_type: Any,
+    target: Any,
+    events: list[dict[str, Any]],
+    index: int,
+    run: dict[str, Any],
+) -> WakeReplay:
+    from ._worker import _invoke, _wake_event  # late import: the worker imports the runtime
+
+    wake_id, low, high = run["wake_id"], run["from_offset"], run["to_offset"]
+    view: dict[str, dict[str, Any]] = {}
+    inputs: list[dict[str, Any]] = []
+    journal: dict[str, Any] = {}
+    recorded: list[dict[str, Any]] = []
+    for e in events:
+        type_ = e["type"]
+        txid = (e.get("headers") or {}).get("txid")
+        if e["offset"] <= high and (type_ in VIEW_TYPES or type_.startswith("state:")):
+            table = view.setdefault(type_, {})
+            if e["headers"]["operation"] == "delete":
+                table.pop(e["key"], None)
+            else:
+                table[e["key"]] = e.get("value")
+        if (low == "-1" or e["offset"] > low) and e["offset"] <= high:
+            inputs.append(e)
+        value = e.get("value") or {}
+        if type_ == "steps" and value.get("wake_id") == wake_id:
+            journal[value["name"]] = value.get("result")
+        if txid == wake_id and _compared(type_):
+            recorded.append(e)
+    result = WakeReplay(index, wake_id, run["status"])
+    wake_events = [e for e in inputs if e["type"] in WAKE_TYPES]
+    if not wake_events:
+        return result
+
+    from ._records import Inflight
+
+    inflight = Inflight(
+        wake_id=wake_id, from_offset=low, to_offset=high, attempt=int(run.get("attempt", 1))
+    )
+    wake_event = _wake_event(
+        target, inflight, inputs, wake_events, first_wake=not view.get("manifests")
+    )
+    runs_before = sum(1 for r in _recorded_runs(events) if r["to_offset"] < low or r is run) - 1
+
+    async def nowhere(changes: list[dict[str, Any]]) -> None:
+        return None
+
+    ctx = HandlerContext(
+        runtime=rt,
+        entity_type=entity_type,
+        url=target,
+        view=view,
+        wake=wake_event,
+        events=inputs,
+        journal=journal,
+        run_id=wake_id,
+        flush=nowhere,
+        runs_before=max(0, runs_before),
+        replaying=True,
+    )
+    failed: BaseException | None = None
+    try:
+        await _invoke(entity_type, ctx, wake_event)
+    except ReplayDivergence as exc:
+        result.divergences.append(
+            Divergence(wake_id, "journal", "recorded", "missing", exc.message)
+        )
+        return result
+    except Exception as exc:
+        failed = exc
+    if run["status"] == "dead_lettered":
+        if failed is None:
+            result.divergences.append(
+                Divergence(
+                    wake_id,
+                    "outcome",
+                    "failure",
+                    "success",
+                    "the recorded wake failed; the replay did not",
+                )
+            )
+        return result
+    if failed is not None:
+        result.divergences.append(
+            Divergence(wake_id, "outcome", "success", repr(failed), f"the replay raised {failed!r}")
+        )
+        return result
+    got = [c for c in ctx.effects.own if _compared(c["type"])]
+    _compare(result, wake_id, [_shape(e) for e in recorded], [_shape(c) for c in got])
+    expected_sends = run.get("sends", [])
+    got_sends = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
+    for i in range(max(len(expected_sends), len(got_sends))):
+        want = expected_sends[i] if i < len(expected_sends) else None
+        have = got_sends[i] if i < len(got_sends) else None
+        if want != have:
+            result.divergences.append(
+                Divergence(wake_id, f"sends[{i}]", want, have, "a different message was sent")
+            )
+    expected_spawns = run.get("spawns", [])
+    got_spawns = [s.target.url for s in ctx.effects.spawns]
+    if expected_spawns != got_spawns:
+        result.divergences.append(
+            Divergence(
+                wake_id, "spawns", expected_spawns, got_spawns, "different children were spawned"
+            )
+        )
+    return result
+
+
+def _shape(event: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": event["type"],
+        "key": event["key"],
+        "operation": event["headers"]["operation"],
+        "value": _stable(event.get("value")),
+    }
+
+
+def _stable(value: Any) -> Any:
+    """A value with timing fields (which legitimately differ) blanked."""
+    if isinstance(value, dict):
+        return {
+            k: None if k in {"duration_ms", "started_at", "ended_at"} else _stable(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def _compare(
+    result: WakeReplay, wake_id: str, expected: list[dict[str, Any]], got: list[dict[str, Any]]
+) -> None:
+    for i in range(max(len(expected), len(got))):
+        want = expected[i] if i < len(expected) else None
+        have = got[i] if i < len(got) else None
+        if want == have:
+            continue
+        ref = want or have or {}
+        where = f"{ref.get('type')}/{ref.get('key')}"
+        if want is None:
+            message = f"the replay wrote {where} which the wake did not"
+        elif have is None:
+            message = f"the wake wrote {where} which the replay did not"
+        else:
+            message = f"write #{i + 1} differs at {where}"
+        result.divergences.append(Divergence(wake_id, where, want, have, message))
+        return  # the first difference; later ones usually follow from it

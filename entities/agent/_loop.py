@@ -1,0 +1,223 @@
+"""The model loop: model call -> tool calls -> repeat up to ``max_rounds`` -> final text.
+
+Every model response and every tool result is a journaled step of the wake (``ctx.step``), keyed
+by the run and round, so a redelivered wake (after a crash or a lost lease) re-uses what was
+recorded and calls the model only for what is missing; replay calls nothing at all. Text deltas
+are appended to the entity's stream as they arrive (``text_deltas``), the final text is the
+entity's reply (``texts``), and each tool call is recorded in ``tool_calls``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ._model import (
+    ChatMessage,
+    ModelClient,
+    ModelError,
+    ModelResponse,
+    ToolSpec,
+    Usage,
+    resolve_model,
+)
+from ._scripted import ScriptedModel, TestResponses
+from ._tools import Tool, ToolResult
+
+if TYPE_CHECKING:
+    from .._context import HandlerContext
+
+__all__ = ["Agent", "AgentConfig", "AgentRunResult"]
+
+logger = logging.getLogger("entities.agent")
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    """How ``ctx.use_agent`` configures the loop."""
+
+    system_prompt: str
+    model: str | ModelClient = "test:scripted"
+    tools: Sequence[Tool] = ()
+    max_rounds: int = 8
+    temperature: float | None = None
+    max_tokens: int = 4096
+    test_responses: TestResponses | None = None
+    get_api_key: Callable[[str], str | None] | None = None
+    history: int = 20  # timeline messages sent with each run (the last N)
+
+
+@dataclass(slots=True)
+class AgentRunResult:
+    """What ``await ctx.agent.run()`` returns."""
+
+    success: bool
+    text: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    error: str | None = None
+    rounds: int = 0
+
+
+class Agent:
+    """The agent bound to one wake (``ctx.agent``)."""
+
+    def __init__(self, ctx: HandlerContext, config: AgentConfig) -> None:
+        if config.max_rounds < 1:
+            raise ValueError("max_rounds must be at least 1")
+        names = [t.name for t in config.tools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tool names must be unique, got {names}")
+        self.ctx = ctx
+        self.config = config
+        self._tools = {t.name: t for t in config.tools}
+        self._client: ModelClient | None = None
+        self._runs = 0
+
+    def client(self) -> ModelClient:
+        """The model client (the scripted model when ``test_responses`` is set).
+
+        Raises:
+            ModelError: see :func:`resolve_model`.
+        """
+        if self._client is None:
+            if self.config.test_responses is not None:
+                self._client = ScriptedModel(
+                    self.config.test_responses, runs_before=self.ctx.runs_before
+                )
+            elif self.config.model == "test:scripted":
+                raise ModelError("the test model needs test_responses")
+            else:
+                self._client = resolve_model(self.config.model, get_api_key=self.config.get_api_key)
+        return self._client
+
+    async def run(self, input: str | None = None, *, reply: bool = True) -> AgentRunResult:
+        """Run the loop once: with ``input`` as the user's message, or else on the timeline
+        (the entity's recent inbox and replies, this wake's messages included).
+
+        With ``reply`` (the default) the final text is the entity's reply to the message being
+        handled. Failures (model errors, too many rounds) are returned, not raised.
+        """
+        ctx = self.ctx
+        self._runs += 1
+        run_key = f"{ctx.run_id}.agent{self._runs}"
+        messages = list(await ctx.timeline_messages(last=self.config.history))
+        if input is not None:
+            messages.append(ChatMessage(role="user", content=input))
+        system = await self._system_prompt()
+        specs = [ToolSpec(t.name, t.description, t.json_schema()) for t in self.config.tools]
+        record = ctx.record_run()
+        usage = Usage()
+        calls: list[dict[str, Any]] = []
+        text = ""
+        try:
+            for round_ in range(self.config.max_rounds):
+                step = f"{run_key}.model{round_}"
+                response = await self._model_call(step, system, messages, specs)
+                usage = usage + response.usage
+                messages.append(
+                    ChatMessage(
+                        role="assistant", content=response.text, tool_calls=response.tool_calls
+                    )
+                )
+                if not response.tool_calls:
+                    text = response.text
+                    break
+                for call in response.tool_calls:
+                    result = await self._tool_call(f"{run_key}.tool{round_}.{call.id}", call)
+                    calls.append(result)
+                    ctx._emit(
+                        "tool_calls",
+                        f"{run_key}.{round_}.{call.id}",
+                        dict(result, run_id=ctx.run_id, round=round_),
+                        "insert",
+                    )
+                    content = result["error"] if result["error"] else _as_text(result["result"])
+                    messages.append(
+                        ChatMessage(
+                            role="tool",
+                            content=content,
+                            tool_call_id=call.id,
+                            name=call.name,
+                            is_error=result["error"] is not None,
+                        )
+                    )
+            else:
+                record.end("failed", finish_reason="max_rounds")
+                error = f"no final answer within max_rounds={self.config.max_rounds}"
+                return AgentRunResult(False, text, calls, usage, error, self.config.max_rounds)
+        except ModelError as exc:
+            record.end("failed", finish_reason="model_error")
+            return AgentRunResult(False, text, calls, usage, str(exc), round_ + 1)
+        record.attach_response(text)
+        record.end("completed", finish_reason="stop")
+        if reply and text:
+            ctx.reply(text)
+        return AgentRunResult(True, text, calls, usage, None, round_ + 1)
+
+    async def _system_prompt(self) -> str:
+        parts = [self.config.system_prompt]
+        composed = await self.ctx.composed_context()
+        if composed:
+            parts.append(composed)
+        return "\n\n".join(p for p in parts if p)
+
+    async def _model_call(
+        self, step: str, system: str, messages: list[ChatMessage], specs: list[ToolSpec]
+    ) -> ModelResponse:
+        ctx = self.ctx
+        deltas = 0
+
+        async def on_text(delta: str) -> None:
+            nonlocal deltas
+            deltas += 1
+            await ctx.append_live(
+                "text_deltas",
+                f"{step}.{deltas}",
+                {"run_id": ctx.run_id, "step": step, "seq": deltas, "delta": delta},
+            )
+
+        async def call() -> dict[str, Any]:
+            started = time.perf_counter()
+            response = await self.client().complete(
+                system=system,
+                messages=messages,
+                tools=specs,
+                temperature=self.config.temperature,
+                max_tokens=self.config.max_tokens,
+                on_text=on_text,
+            )
+            data = response.to_json()
+            data["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            return data
+
+        recorded = await ctx.step(step, call)
+        return ModelResponse.from_json(recorded)
+
+    async def _tool_call(self, step: str, call: Any) -> dict[str, Any]:
+        tool = self._tools.get(call.name)
+
+        async def run() -> dict[str, Any]:
+            if tool is None:
+                known = ", ".join(sorted(self._tools)) or "none"
+                return ToolResult(
+                    call.name, call.arguments, error=f"unknown tool {call.name!r} (tools: {known})"
+                ).to_json()
+            return (await tool.call(call.arguments)).to_json()
+
+        result: dict[str, Any] = await self.ctx.step(step, run)
+        return result
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    import orjson
+
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return str(value)

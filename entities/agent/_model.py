@@ -1,0 +1,200 @@
+"""The model interface the agent loop talks to, and how ``provider:name`` strings resolve.
+
+A :class:`ModelClient` takes the system prompt, the conversation as :class:`ChatMessage` items
+and the tools, streams text deltas to ``on_text`` as they arrive, and returns a
+:class:`ModelResponse` (final text, tool calls, usage). Adapters for the official ``anthropic``
+and ``openai`` SDKs live in ``_anthropic.py`` / ``_openai.py`` (imported lazily: they are optional
+extras); :class:`ScriptedModel` is the test model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+__all__ = [
+    "ChatMessage",
+    "ModelClient",
+    "ModelError",
+    "ModelResponse",
+    "TextCallback",
+    "ToolCall",
+    "ToolSpec",
+    "Usage",
+    "resolve_model",
+]
+
+TextCallback = Callable[[str], Awaitable[None]]
+
+
+class ModelError(Exception):
+    """A model call failed (provider error, missing SDK or key, bad response)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A tool as a model sees it."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]  # JSON schema of the arguments object
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One tool call the model asked for."""
+
+    id: str
+    name: str
+    arguments: Any  # normally a dict; whatever the model sent when it is not valid JSON
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "arguments": self.arguments}
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One conversation item, provider-neutral.
+
+    ``role="assistant"`` may carry ``tool_calls``; ``role="tool"`` answers one call
+    (``tool_call_id``, ``name``, ``content`` = the result or error as text).
+    """
+
+    role: Literal["user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+    is_error: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "content": self.content,
+            "tool_calls": [c.to_json() for c in self.tool_calls],
+            "tool_call_id": self.tool_call_id,
+            "name": self.name,
+            "is_error": self.is_error,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ChatMessage:
+        return cls(
+            role=data["role"],
+            content=data.get("content") or "",
+            tool_calls=tuple(ToolCall(**c) for c in data.get("tool_calls") or ()),
+            tool_call_id=data.get("tool_call_id"),
+            name=data.get("name"),
+            is_error=bool(data.get("is_error")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelResponse:
+    """What one model call produced."""
+
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    usage: Usage = field(default_factory=Usage)
+    stop_reason: str = "end_turn"
+    model: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "tool_calls": [c.to_json() for c in self.tool_calls],
+            "usage": {
+                "input_tokens": self.usage.input_tokens,
+                "output_tokens": self.usage.output_tokens,
+            },
+            "stop_reason": self.stop_reason,
+            "model": self.model,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelResponse:
+        usage = data.get("usage") or {}
+        return cls(
+            text=data.get("text") or "",
+            tool_calls=tuple(ToolCall(**c) for c in data.get("tool_calls") or ()),
+            usage=Usage(int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))),
+            stop_reason=data.get("stop_reason") or "end_turn",
+            model=data.get("model") or "",
+        )
+
+
+class ModelClient(Protocol):
+    """What the agent loop needs from a model."""
+
+    name: str
+
+    async def complete(
+        self,
+        *,
+        system: str,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[ToolSpec],
+        temperature: float | None = None,
+        max_tokens: int = 4096,
+        on_text: TextCallback | None = None,
+    ) -> ModelResponse:
+        """One model call; stream text deltas to ``on_text``.
+
+        Raises:
+            ModelError: the provider failed or answered something unusable.
+        """
+        ...
+
+
+def resolve_model(
+    model: str | ModelClient,
+    *,
+    get_api_key: Callable[[str], str | None] | None = None,
+) -> ModelClient:
+    """A client for ``provider:name`` (``anthropic:...``, ``openai:...``) or a client as is.
+
+    The API key comes from ``get_api_key(provider)`` or the environment
+    (``ANTHROPIC_API_KEY``, ``OPENAI_API_KEY``); ``ANTHROPIC_BASE_URL`` / ``OPENAI_BASE_URL``
+    point the SDKs elsewhere (a proxy, or a local fake in tests).
+
+    Raises:
+        ModelError: unknown provider, a missing SDK (names the extra to install) or a missing key.
+    """
+    if not isinstance(model, str):
+        return model
+    provider, _, name = model.partition(":")
+    if not name:
+        raise ModelError(f"models are addressed as provider:name, got {model!r}")
+    key = get_api_key(provider) if get_api_key else None
+    if provider == "anthropic":
+        from ._anthropic import AnthropicModel  # type: ignore[import-not-found,unused-ignore]
+
+        key = key or os.environ.get("ANTHROPIC_API_KEY")
+        if not key:
+            raise ModelError("set ANTHROPIC_API_KEY (or pass get_api_key) to use anthropic:")
+        return AnthropicModel(  # type: ignore[no-any-return,unused-ignore]
+            name, api_key=key, base_url=os.environ.get("ANTHROPIC_BASE_URL")
+        )
+    if provider == "openai":
+        from ._openai import OpenAIModel  # type: ignore[import-not-found,unused-ignore]
+
+        key = key or os.environ.get("OPENAI_API_KEY")
+        if not key:
+            raise ModelError("set OPENAI_API_KEY (or pass get_api_key) to use openai:")
+        return OpenAIModel(  # type: ignore[no-any-return,unused-ignore]
+            name, api_key=key, base_url=os.environ.get("OPENAI_BASE_URL")
+        )
+    raise ModelError(f"unknown model provider {provider!r}: use anthropic: or openai:")

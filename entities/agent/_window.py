@@ -1,0 +1,148 @@
+"""Context composition: the timeline as model messages, durable context entries, and
+``use_context`` source budgets with cache tiers."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from .._errors import ContextError
+from ._model import ChatMessage
+
+__all__ = [
+    "ContextSource",
+    "check_sources",
+    "compose",
+    "estimate_tokens",
+    "payload_text",
+    "timeline",
+    "truncate_tokens",
+]
+
+Tier = Literal["pinned", "stable", "slow-changing", "volatile"]
+TIERS: tuple[Tier, ...] = ("pinned", "stable", "slow-changing", "volatile")
+
+
+def estimate_tokens(text: str) -> int:
+    """A quick token estimate (about four characters per token)."""
+    return math.ceil(len(text) / 4)
+
+
+def truncate_tokens(text: str, budget: int) -> str:
+    """``text`` cut to about ``budget`` tokens, with a marker when cut."""
+    if estimate_tokens(text) <= budget:
+        return text
+    keep = max(0, budget * 4 - 16)
+    return text[:keep] + "\n…(truncated)"
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSource:
+    """One ``use_context`` source: content (text, messages, or a function returning either),
+    its token ``max`` and cache tier."""
+
+    content: Any
+    max: int | None = None
+    cache: Tier = "volatile"
+
+
+def check_sources(budget: int, sources: Mapping[str, ContextSource]) -> None:
+    """Validate a ``use_context`` declaration.
+
+    Raises:
+        ContextError: an unknown tier, a missing ``max`` on a non-volatile source, or
+            non-volatile maxima adding up to more than the budget.
+    """
+    fixed = 0
+    for name, source in sources.items():
+        if source.cache not in TIERS:
+            raise ContextError(f"context source {name!r}: unknown cache tier {source.cache!r}")
+        if source.cache != "volatile":
+            if source.max is None:
+                raise ContextError(f"context source {name!r} needs a max (it is not volatile)")
+            fixed += source.max
+    if fixed > budget:
+        raise ContextError(f"context sources need {fixed} tokens but the budget is {budget}")
+
+
+async def compose(budget: int, sources: Mapping[str, ContextSource]) -> str:
+    """Assemble sources in tier order (pinned, stable, slow-changing, volatile), each cut to its
+    ``max``; volatile sources share what the others left of ``budget``."""
+    rendered: dict[str, str] = {}
+    for name, source in sources.items():
+        value = source.content() if callable(source.content) else source.content
+        if inspect.isawaitable(value):
+            value = await value
+        rendered[name] = _render(value)
+    parts: list[str] = []
+    used = 0
+    volatile = [n for n, s in sources.items() if s.cache == "volatile"]
+    for tier in TIERS[:-1]:
+        for name, source in sources.items():
+            if source.cache == tier:
+                text = truncate_tokens(rendered[name], source.max or 0)
+                used += estimate_tokens(text)
+                parts.append(f'<context source="{name}">\n{text}\n</context>')
+    left = max(0, budget - used)
+    for name in volatile:
+        share = left // max(1, len(volatile))
+        limit = sources[name].max
+        cap = share if limit is None else min(share, limit)
+        text = truncate_tokens(rendered[name], cap)
+        parts.append(f'<context source="{name}">\n{text}\n</context>')
+    return "\n".join(parts)
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence):
+        lines = []
+        for item in value:
+            if isinstance(item, ChatMessage):
+                lines.append(f"{item.role}: {item.content}")
+            elif isinstance(item, Mapping):
+                when = f"[{item['timestamp']}] " if "timestamp" in item else ""
+                lines.append(f"{when}{item.get('role', 'note')}: {item.get('content', '')}")
+            else:
+                lines.append(str(item))
+        return "\n".join(lines)
+    return orjson.dumps(value).decode()
+
+
+def payload_text(payload: Any) -> str:
+    """How an inbox payload reads to a model: its ``text``, or compact JSON."""
+    if isinstance(payload, Mapping) and isinstance(payload.get("text"), str):
+        return str(payload["text"])
+    if isinstance(payload, str):
+        return payload
+    return orjson.dumps(payload).decode()
+
+
+def timeline(
+    events: Sequence[Mapping[str, Any]],
+    *,
+    since: str | None = None,
+    last: int | None = None,
+) -> list[ChatMessage]:
+    """Project stream events into model messages: inbox -> user, replies -> assistant, and each
+    agent round's tool calls with their results."""
+    out: list[ChatMessage] = []
+    for e in events:
+        if since is not None and str(e.get("offset", "")) <= since:
+            continue
+        value = e.get("value") or {}
+        if e.get("type") == "inbox":
+            out.append(ChatMessage(role="user", content=payload_text(value.get("payload"))))
+        elif e.get("type") == "texts" and value.get("value") is not None:
+            out.append(ChatMessage(role="assistant", content=payload_text(value.get("value"))))
+    if last is not None:
+        out = out[-last:] if last > 0 else []
+    while out and out[0].role != "user":  # a window starts with the user's turn
+        out.pop(0)
+    return out
