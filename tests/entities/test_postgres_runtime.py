@@ -1,0 +1,119 @@
+"""The entity runtime on PostgreSQL: two runtimes on two store objects (as two processes would
+hold) with a running worker each share the counters; NOTIFY carries wake-ups between them."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from entities import Runtime
+from streams import open_store
+from tests import _postgres
+from tests.entities.test_properties import _scenario, sends
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from examples.counter import registry
+
+pytestmark = _postgres.marks()
+
+
+@pytest.fixture
+async def url() -> AsyncIterator[str]:
+    _postgres.check()
+    fresh = _postgres.fresh_url()
+    yield fresh
+    await _postgres.drop_schema(fresh)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=sends)
+def test_random_interleavings_match_the_sequential_sums_postgres(
+    plan: list[tuple[int, int, bool]],
+) -> None:
+    _postgres.check()
+
+    async def main() -> None:
+        url = _postgres.fresh_url()
+        try:
+            await _scenario(url, plan)
+        finally:
+            await _postgres.drop_schema(url)
+
+    asyncio.run(main())
+
+
+async def total_of(rt: Runtime, url: str) -> int:
+    state = await rt.state_of(url)
+    return int(state["totals"].get("total", {"value": 0})["value"])
+
+
+async def test_many_sends_from_two_runtimes_sum_exactly(url: str) -> None:
+    async with open_store(url) as store_a, open_store(url) as store_b:
+        a = Runtime(registry, store_a, worker_id="a")
+        b = Runtime(registry, store_b, worker_id="b")
+        counters = [f"/counter/n{i}" for i in range(5)]
+        for counter in counters:
+            await a.spawn(counter)
+        expected = dict.fromkeys(counters, 0)
+        sends = []
+        for n in range(300):
+            counter = counters[n % len(counters)]
+            expected[counter] += n
+            sends.append(((a, b)[n % 2], counter, n))
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.worker(concurrency=4, poll_interval=1.0).run, stop)
+            tg.start_soon(b.worker(concurrency=4, poll_interval=1.0).run, stop)
+            await asyncio.gather(*(rt.send(c, {"add": v}) for rt, c, v in sends))
+            with anyio.fail_after(30):
+                while await store_a.kv_scan("pending"):
+                    await store_a.wait_signal("kv:pending", 0.05)
+            stop.set()
+        for counter in counters:
+            assert await total_of(b, counter) == expected[counter]
+            events, _ = await a.read(counter)
+            inbox = [e["key"] for e in events if e["type"] == "inbox"]
+            answered = [e["value"]["in_reply_to"] for e in events if e["type"] == "texts"]
+            assert len(inbox) == 60
+            assert sorted(inbox) == sorted(answered)  # every message answered exactly once
+
+
+async def test_a_send_via_one_store_wakes_the_worker_on_another_within_milliseconds(
+    url: str,
+) -> None:
+    async with open_store(url) as store_a, open_store(url) as store_b:
+        a = Runtime(registry, store_a, worker_id="a")
+        b = Runtime(registry, store_b, worker_id="b")
+        await b.spawn("/counter/live")
+        stream = "counter/live/main"
+        latencies = []
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            # the worker polls only every 10 s: a prompt wake can only come from NOTIFY
+            tg.start_soon(a.worker(poll_interval=10.0).run, stop)
+            await asyncio.sleep(0.2)
+            for n in range(15):
+                started = time.perf_counter()
+                receipt = await b.send("/counter/live", {"add": n})
+                offset = receipt.offset
+                replied = False
+                with anyio.fail_after(5):
+                    while not replied:
+                        await store_b.wait(stream, offset, 5)
+                        events, offset = await b.read("/counter/live", offset)
+                        replied = any(
+                            e["type"] == "texts" and e["value"]["in_reply_to"] == receipt.key
+                            for e in events
+                        )
+                latencies.append(time.perf_counter() - started)
+            stop.set()
+        # send committed via B -> NOTIFY -> A's worker wakes, runs and commits -> B sees the reply
+        assert statistics.median(latencies[1:]) < 0.05, latencies
