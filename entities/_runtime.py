@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -34,7 +34,7 @@ from streams import (
 
 from ._clock import Clock, SystemClock
 from ._errors import DuplicateEntity, EntityNotFound, EntityStopped
-from ._records import ENTITY_NS, PENDING_NS, EntityRecord
+from ._records import ENTITY_NS, PENDING_NS, WAKE_TYPES, EntityRecord
 from ._registry import Registry
 from ._urls import EntityURL, parse_url
 
@@ -99,6 +99,7 @@ class EntityInfo:
     owner: str | None
     pending: bool
     tags: dict[str, str] = field(default_factory=dict)
+    queue: int = 0  # wake events waiting (inbox messages, child/observer/cron wakes)
 
     @property
     def stream(self) -> str:
@@ -116,6 +117,7 @@ class EntityInfo:
             "last_active": iso(self.last_active) if self.last_active else None,
             "runs": self.runs,
             "pending": self.pending,
+            "queue": self.queue,
             "streams": {"main": f"{self.url}/main"},
         }
 
@@ -197,7 +199,26 @@ class Runtime:
         record = found[0]
         pending = await self.store.kv_get(PENDING_NS, record.url) is not None
         tags = await self._tags(record.url)
-        return _info(record, pending, tags)
+        info = _info(record, pending, tags)
+        return replace(info, queue=await self.queue_depth(record)) if pending else info
+
+    async def queue_depth(self, record: EntityRecord, *, cap: int = 10_000) -> int:
+        """How many wake events (inbox messages and other wakes) wait after the entity's
+        acknowledged offset (counted up to ``cap``)."""
+        target = parse_url(record.url)
+        count, offset = 0, record.acked
+        while count < cap:
+            try:
+                result = await self.store.read(target.stream, offset, limit=1000, renew_ttl=False)
+            except (StreamNotFound, StreamGone):
+                return 0
+            for message in result.messages:
+                if orjson.loads(message.data).get("type") in WAKE_TYPES:
+                    count += 1
+            offset = result.next_offset
+            if result.up_to_date or not result.messages:
+                break
+        return min(count, cap)
 
     async def get(self, url: str) -> EntityInfo:
         """Like :meth:`lookup`, raising :class:`EntityNotFound` when there is no entity."""
@@ -238,7 +259,10 @@ class Runtime:
                 name, _, wanted = tag.partition("=")
                 if name not in entity_tags or (wanted and entity_tags[name] != wanted):
                     continue
-            result.append(_info(record, record.url in pending, entity_tags))
+            info = _info(record, record.url in pending, entity_tags)
+            if info.pending:
+                info = replace(info, queue=await self.queue_depth(record))
+            result.append(info)
         return result
 
     # -- writes from outside a wake -------------------------------------------------------------

@@ -402,6 +402,7 @@ class Worker:
         duration = rt.clock.now() - started
         if error is None:
             run = _run_value(inflight, wake, "completed", duration)
+            run["epoch"], run["worker"] = claim.record.epoch, claim.record.owner
             run["sends"] = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
             run["spawns"] = [s.target.url for s in ctx.effects.spawns]
             await self._finish(
@@ -697,6 +698,7 @@ class Worker:
         final = inflight.attempt >= entity_type.max_attempts
         status = "dead_lettered" if final else "failed"
         run = _run_value(inflight, wake, status, duration, error=error)
+        run["epoch"], run["worker"] = claim.record.epoch, claim.record.owner
         failure = [
             event("runs", inflight.wake_id, run, now, txid=inflight.wake_id),
             event(

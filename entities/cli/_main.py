@@ -240,14 +240,19 @@ async def _run_attached(
         result: list[Any] = []
         failure: list[str] = []
 
+        open_line: list[bool] = []
+
         async def watch() -> None:
             offset = "-1"
+            shown = receipt.offset
             while not stop.is_set():
                 tail = (await rt.store.head(f"{url.strip('/')}/main")).next_offset
                 # Errors first: an on_error reply commits together with the error, so the
                 # replies read next sees it and wins.
                 error = await _dead_letter(rt, url, receipt.offset)
                 found = await rt.replies(url, receipt.key, after="-1")
+                if not as_json:  # partials precede the reply in the stream: all shown by now
+                    shown = await _show_deltas(rt, url, shown, open_line)
                 if found:
                     result.extend(found)
                     stop.set()
@@ -264,6 +269,8 @@ async def _run_attached(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch)
                 await rt.worker(poll_interval=0.2).run(stop)
+        if open_line and open_line[-1]:
+            click.echo("", err=True)  # end the line of streamed partials
         if scope.cancelled_caught:
             click.echo(f"error: no reply within {timeout_s} s", err=True)
             return 2
@@ -276,6 +283,21 @@ async def _run_attached(
             else:
                 click.echo(value)
         return 0
+
+
+async def _show_deltas(rt: Runtime, url: str, after: str, open_line: list[bool]) -> str:
+    """Print the ``text_deltas`` (streamed partials) appended after ``after`` to stderr, as
+    they arrive; return the offset read up to."""
+    while True:
+        events, offset = await rt.read(url, after, limit=1000)
+        for item in events:
+            delta = (item.get("value") or {}).get("delta")
+            if item["type"] == "text_deltas" and isinstance(delta, str) and delta:
+                click.echo(delta, nl=False, err=True)
+                open_line.append(not delta.endswith("\n"))
+        if len(events) < 1000:
+            return offset
+        after = offset
 
 
 async def _dead_letter(rt: Runtime, url: str, after: str) -> str | None:
@@ -473,12 +495,11 @@ def ps(
     if as_json:
         click.echo(_json(items))
         return
-    click.echo(f"{'URL':<40} {'STATUS':<8} {'RUNS':>5} {'PENDING':<8} {'CREATED':<25} LAST ACTIVE")
+    click.echo(f"{'URL':<40} {'STATUS':<8} {'RUNS':>5} {'QUEUE':>5} {'CREATED':<25} LAST ACTIVE")
     for e in items:
         click.echo(
-            f"{e['url']:<40} {e['status']:<8} {e['runs']:>5} "
-            f"{'yes' if e['pending'] else 'no':<8} {e['created_at']:<25} "
-            f"{e['last_active'] or ''}"
+            f"{e['url']:<40} {e['status']:<8} {e['runs']:>5} {e.get('queue', 0):>5} "
+            f"{e['created_at']:<25} {e['last_active'] or ''}"
         )
 
 

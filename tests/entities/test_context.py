@@ -371,3 +371,21 @@ async def test_typed_inbox_validates_at_send_time() -> None:
             await rt.send("/t/a", {"n": 1}, type="unknown")
         events, _ = await rt.read("/t/a")
         assert [e["value"]["message_type"] for e in events if e["type"] == "inbox"] == ["ping"]
+
+
+async def test_queue_depth_counts_waiting_wake_events() -> None:
+    registry = Registry()
+
+    @registry.define("t")
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        return None
+
+    async with make_runtime(registry) as rt:
+        await rt.spawn("/t/q")
+        for n in range(3):
+            await rt.send("/t/q", {"n": n})
+        assert (await rt.get("/t/q")).queue == 4  # the first wake and three messages
+        assert [e.queue for e in await rt.list_entities(type="t")] == [4]
+        await rt.run_until_idle()
+        info = await rt.get("/t/q")
+        assert info.queue == 0 and not info.pending
