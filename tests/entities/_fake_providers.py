@@ -83,7 +83,8 @@ class FakeTurn:
     ``stop_reason`` is in the neutral (Anthropic) vocabulary; default ``tool_use`` when there
     are tool calls, else ``end_turn``. ``status`` other than 200 answers an HTTP error whose
     message is ``error``. ``fail_after`` sends a provider error event after that many events
-    of a successful stream. ``delay`` waits before answering, ``chunk_delay`` between events.
+    of a successful stream; ``cut_after`` ends the stream there without one (a dropped
+    connection). ``delay`` waits before answering, ``chunk_delay`` between events.
     """
 
     text: str | Sequence[str] = ""
@@ -94,6 +95,7 @@ class FakeTurn:
     status: int = 200
     error: str = "fake provider error"
     fail_after: int | None = None
+    cut_after: int | None = None
     delay: float = 0.0
     chunk_delay: float = 0.0
 
@@ -297,6 +299,8 @@ async def _sse(events: list[_Event], turn: FakeTurn) -> AsyncIterator[bytes]:
     for n, (name, data) in enumerate(events):
         if turn.fail_after is not None and n == turn.fail_after:
             yield _frame(*_stream_error(name, turn.error))
+            return
+        if turn.cut_after is not None and n == turn.cut_after:
             return
         if n and turn.chunk_delay:
             await asyncio.sleep(turn.chunk_delay)

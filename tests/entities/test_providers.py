@@ -470,6 +470,35 @@ async def test_openai_via_resolve_model_and_env(
     assert only_request(fake_provider).headers["authorization"] == "Bearer openai-k"
 
 
+# --- both ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+async def test_a_cut_stream_is_model_error(fake_provider: FakeProvider, provider: str) -> None:
+    fake_provider.script(FakeTurn(text=["a", "b", "c"], cut_after=4))
+    model = (
+        anthropic_model(fake_provider) if provider == "anthropic" else openai_model(fake_provider)
+    )
+    with pytest.raises(ModelError, match="ended"):
+        await model.complete(system=SYSTEM, messages=QUESTION, tools=())
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+async def test_on_text_errors_propagate_unchanged(
+    fake_provider: FakeProvider, provider: str
+) -> None:
+    fake_provider.script(FakeTurn(text=["a", "b"]))
+    model = (
+        anthropic_model(fake_provider) if provider == "anthropic" else openai_model(fake_provider)
+    )
+
+    async def on_text(text: str) -> None:
+        raise LookupError(f"consumer failed on {text!r}")
+
+    with pytest.raises(LookupError, match="consumer failed on 'a'"):
+        await model.complete(system=SYSTEM, messages=QUESTION, tools=(), on_text=on_text)
+
+
 # --- resolution and connection errors ----------------------------------------------------------
 
 
