@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+import os
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias, overload
 
@@ -236,6 +237,68 @@ class Registry:
             return fn
 
         return decorator
+
+    def define_process(
+        self,
+        name: str,
+        *,
+        command: Sequence[str],
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        env_allowlist: Iterable[str] | None = None,
+        timeout_s: float = 60,
+        kill_grace_s: float = 5,
+        streaming: bool = True,
+        max_reply_chars: int = 8000,
+        description: str = "",
+        max_attempts: int = 1,
+    ) -> EntityType:
+        """Define a subprocess agent: each inbox message runs ``command`` once, speaking the
+        agentproc protocol (wire 0.1 and 0.4; see ``entities._process``).
+
+        ``env`` values may use ``${VAR}`` (the worker's environment; only the names in
+        ``env_allowlist`` when it is given) and ``{{MESSAGE}}``/``{{SESSION_ID}}``/
+        ``{{SESSION_NAME}}`` (also in ``command``). The program inherits the worker's
+        environment. The session id lives in the ``sessions`` state collection.
+
+        Raises:
+            DefinitionError: the name is taken or invalid, ``command`` is empty, or an option is
+                out of range.
+        """
+        from ._process import ProcessAgent, ProcessSession, ProcessSpec
+
+        argv = [str(part) for part in command] if not isinstance(command, str) else []
+        if not argv or not argv[0]:
+            raise DefinitionError("command must be a non-empty list of strings")
+        if timeout_s <= 0 or kill_grace_s < 0:
+            raise DefinitionError("timeout_s must be positive and kill_grace_s not negative")
+        if max_reply_chars < 1:
+            raise DefinitionError("max_reply_chars must be at least 1")
+        if max_attempts < 1:
+            raise DefinitionError("max_attempts must be at least 1")
+        check_segment(name, "type")
+        spec = ProcessSpec(
+            command=tuple(argv),
+            cwd=None if cwd is None else os.fspath(cwd),
+            env=dict(env or {}),
+            env_allowlist=None if env_allowlist is None else frozenset(env_allowlist),
+            timeout_s=float(timeout_s),
+            kill_grace_s=float(kill_grace_s),
+            streaming=streaming,
+            max_reply_chars=max_reply_chars,
+        )
+        agent = ProcessAgent(spec)
+        return self.add(
+            EntityType(
+                name=name,
+                handler=agent.handle,
+                description=description or f"subprocess agent: {' '.join(argv)}",
+                state={"sessions": collection(ProcessSession)},
+                on_error=agent.on_error,
+                max_attempts=max_attempts,
+                options={"process": spec},
+            )
+        )
 
     def add(self, entity_type: EntityType) -> EntityType:
         """Register a prepared :class:`EntityType` (used by ``define_process``).

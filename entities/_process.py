@@ -1,0 +1,725 @@
+"""Subprocess agents: any agent CLI as a durable entity (the agentproc protocol).
+
+``Registry.define_process(name, command=[...])`` defines an entity type whose wakes run the
+program once per inbox message. The bridge speaks agentproc wire 0.1 and wire 0.4 at once:
+
+* input: the ``AGENT_*`` environment variables (wire 0.1) **and** one
+  ``{"type": "turn", ...}`` JSON line on stdin, then EOF (wire 0.4). A 0.1 program ignores
+  stdin, a 0.4 program ignores the environment;
+* output: each stdout line is an ``AGENT_PARTIAL:`` / ``AGENT_SESSION:`` / ``AGENT_ERROR:``
+  prefix line (0.1), a JSON object whose ``type`` is ``partial`` / ``result`` / ``error``
+  (0.4), or else reply body text (0.1). stderr is log output; its tail is kept for failures.
+
+What the entity does with a turn:
+
+* partials are appended to the entity's stream as they arrive (``text_deltas``, keyed
+  ``{wake_id}.{message_key}.{n}``), unless ``streaming=False`` (0.1: dropped entirely);
+* the reply (the 0.4 ``result`` text, else the 0.1 body, else the streamed partials) is recorded
+  with ``ctx.reply``, cut at ``max_reply_chars`` with :data:`TRUNCATION_MARKER`;
+* the session id (0.1: the last ``AGENT_SESSION:`` wins; 0.4: the first non-empty
+  ``session_id``) is stored in the ``sessions`` state collection and passed back next turn;
+* the whole outcome of a completed turn is journaled (``ctx.step("process:<message key>")``):
+  a re-run or replay of the wake reuses it and does not run the program again;
+* failures fail the run: an error line raises :class:`AgentError` (the agent's text is the
+  caller's reply once the wake is given up), a timeout (SIGTERM, ``kill_grace_s``, SIGKILL)
+  raises :class:`ProcessTimeout` with exit code 124, any other non-zero exit raises
+  :class:`ProcessFailed` with the stderr tail. Failed turns are not journaled, so with
+  ``max_attempts > 1`` a retry runs the program again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from subprocess import PIPE
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+from pydantic import BaseModel
+
+from ._errors import EntitiesError
+
+if TYPE_CHECKING:
+    from anyio.abc import ByteReceiveStream, Process
+
+    from ._context import HandlerContext
+    from ._wake import InboxMessage, WakeEvent
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_SUCCESS",
+    "EXIT_TIMEOUT",
+    "TRUNCATION_MARKER",
+    "AgentError",
+    "ProcessAgent",
+    "ProcessFailed",
+    "ProcessSession",
+    "ProcessSpec",
+    "ProcessTimeout",
+    "Turn",
+    "TurnResult",
+    "classify_line",
+    "run_turn",
+]
+
+logger = logging.getLogger("entities.process")
+
+WIRE_01 = "0.1"
+WIRE_04 = "0.4"
+EXIT_SUCCESS = 0
+EXIT_ERROR = 1
+EXIT_TIMEOUT = 124
+TRUNCATION_MARKER = "\n\n…(truncated)"
+STDERR_WINDOW = 8192  # bytes of stderr kept for failure reports
+STDERR_TAIL_CHARS = 2000  # characters of it shown in a failure's message
+DRAIN_AFTER_EXIT_S = 2.0  # how long to wait for the pipes to drain once the program exited
+
+PREFIX_PARTIAL = "AGENT_PARTIAL:"
+PREFIX_SESSION = "AGENT_SESSION:"
+PREFIX_ERROR = "AGENT_ERROR:"
+_AGENT_VARS = (
+    "AGENT_MESSAGE",
+    "AGENT_SESSION_ID",
+    "AGENT_SESSION_NAME",
+    "AGENT_FROM_USER",
+    "AGENT_STREAMING",
+    "AGENT_PROTOCOL_VERSION",
+    "AGENT_IMAGE_URL",
+    "AGENT_FILE_URL",
+    "AGENT_ATTACHMENTS",
+)
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+class ProcessFailed(EntitiesError):
+    """A subprocess agent's turn failed: it could not start, or exited non-zero without an
+    error line (``result.stderr_tail`` says why). The run is recorded as failed."""
+
+    code = "PROCESS_FAILED"
+
+    def __init__(
+        self,
+        message: str,
+        result: TurnResult,
+        *,
+        message_key: str | None = None,
+        completed: Sequence[CompletedTurn] = (),
+    ) -> None:
+        super().__init__(message)
+        self.result = result
+        self.message_key = message_key
+        self.completed = list(completed)  # earlier turns of the same wake that succeeded
+
+
+class AgentError(ProcessFailed):
+    """The agent reported an error for the user (``AGENT_ERROR:`` or ``{"type": "error"}``).
+
+    ``user_message`` is the agent's text; it becomes the caller's reply (``{"error": ...}``)
+    when the wake is given up."""
+
+    code = "AGENT_ERROR"
+
+    @property
+    def user_message(self) -> str:
+        return self.result.error
+
+
+class ProcessTimeout(ProcessFailed):
+    """The agent ran past ``timeout_s`` and was stopped (SIGTERM, grace, SIGKILL); exit 124."""
+
+    code = "PROCESS_TIMEOUT"
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+class ProcessSession(BaseModel):
+    """A row of a process entity's ``sessions`` collection: the agent's session id per
+    session name (``"default"`` unless a message names one)."""
+
+    key: str
+    session_id: str
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSpec:
+    """How to run the agent program (the bridge-side profile)."""
+
+    command: tuple[str, ...]
+    cwd: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    env_allowlist: frozenset[str] | None = None
+    timeout_s: float = 60.0
+    kill_grace_s: float = 5.0
+    streaming: bool = True
+    max_reply_chars: int = 8000
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One turn's input."""
+
+    message: str
+    session_id: str = ""
+    session_name: str = "default"
+    from_user: str = ""
+    attachments: tuple[Mapping[str, Any], ...] = ()
+    image_url: str = ""
+    file_url: str = ""
+
+
+@dataclass(slots=True)
+class TurnResult:
+    """What one run of the program produced (JSON-ready with :meth:`to_json`)."""
+
+    reply: str = ""
+    session_id: str = ""
+    error: str = ""
+    exit_code: int = 0
+    timed_out: bool = False
+    partials: list[str] = field(default_factory=list)
+    truncated: bool = False
+    stderr_tail: str = ""
+    duration_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the turn succeeded (exit 0, no error line, no timeout)."""
+        return self.exit_code == EXIT_SUCCESS and not self.error and not self.timed_out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reply": self.reply,
+            "session_id": self.session_id,
+            "error": self.error,
+            "exit_code": self.exit_code,
+            "timed_out": self.timed_out,
+            "partials": list(self.partials),
+            "truncated": self.truncated,
+            "stderr_tail": self.stderr_tail,
+            "duration_ms": self.duration_ms,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TurnResult:
+        return cls(
+            reply=str(data.get("reply", "")),
+            session_id=str(data.get("session_id", "")),
+            error=str(data.get("error", "")),
+            exit_code=int(data.get("exit_code", 0)),
+            timed_out=bool(data.get("timed_out", False)),
+            partials=[str(p) for p in data.get("partials", [])],
+            truncated=bool(data.get("truncated", False)),
+            stderr_tail=str(data.get("stderr_tail", "")),
+            duration_ms=float(data.get("duration_ms", 0.0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedTurn:
+    """A turn that succeeded earlier in a wake that later failed (re-applied by ``on_error``)."""
+
+    message_key: str
+    reply: str
+    session_name: str
+    session_id: str
+
+
+# -- line classification ------------------------------------------------------------------------
+
+
+def _decode_value(raw: str) -> str:
+    """Wire 0.1 payload: a JSON string is decoded; any other JSON value or bare text is kept."""
+    text = raw.strip()
+    if not text:
+        return ""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    return value if isinstance(value, str) else text
+
+
+def classify_line(line: str) -> tuple[str, str, str | None]:
+    """Classify one stdout line as ``(kind, value, session_id)``.
+
+    ``kind`` is ``partial``, ``session``, ``error`` (both wires), ``result`` (0.4) or ``body``
+    (0.1 reply text). ``session_id`` is the optional field of a 0.4 event (``None`` if absent
+    or empty). A line that is a JSON object whose ``type`` is not one of ``partial``, ``result``
+    or ``error`` is body text.
+    """
+    if line.startswith(PREFIX_PARTIAL):
+        return "partial", _decode_value(line[len(PREFIX_PARTIAL) :]), None
+    if line.startswith(PREFIX_SESSION):
+        return "session", line[len(PREFIX_SESSION) :].strip(), None
+    if line.startswith(PREFIX_ERROR):
+        return "error", _decode_value(line[len(PREFIX_ERROR) :]), None
+    stripped = line.strip()
+    if stripped.startswith("{"):
+        try:
+            obj = orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict) and obj.get("type") in ("partial", "result", "error"):
+            kind = str(obj["type"])
+            text = obj.get("message" if kind == "error" else "text")
+            session = obj.get("session_id")
+            return (
+                kind,
+                text if isinstance(text, str) else "",
+                session if isinstance(session, str) and session else None,
+            )
+    return "body", line, None
+
+
+# -- running one turn ---------------------------------------------------------------------------
+
+
+def _substitute(value: str, turn: Turn) -> str:
+    return (
+        value.replace("{{MESSAGE}}", turn.message)
+        .replace("{{SESSION_ID}}", turn.session_id)
+        .replace("{{SESSION_NAME}}", turn.session_name)
+    )
+
+
+def _expand(value: str, allowlist: frozenset[str] | None) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if allowlist is not None and name not in allowlist:
+            logger.warning("env_allowlist blocked ${%s}; it expands to an empty string", name)
+            return ""
+        return os.environ.get(name, "")
+
+    return _ENV_REF.sub(replace, value)
+
+
+def _environment(spec: ProcessSpec, turn: Turn) -> dict[str, str]:
+    """The child's environment: the worker's, then the spec's ``env`` (``${VAR}`` expanded
+    against the worker's environment, limited by ``env_allowlist``), then the ``AGENT_*``
+    variables of wire 0.1."""
+    env = {k: v for k, v in os.environ.items() if k not in _AGENT_VARS}
+    for key, value in spec.env.items():
+        env[key] = _expand(_substitute(str(value), turn), spec.env_allowlist)
+    env.update(
+        AGENT_MESSAGE=turn.message,
+        AGENT_SESSION_ID=turn.session_id,
+        AGENT_SESSION_NAME=turn.session_name,
+        AGENT_FROM_USER=turn.from_user,
+        AGENT_STREAMING="1" if spec.streaming else "0",
+        AGENT_PROTOCOL_VERSION=WIRE_01,
+    )
+    if turn.image_url:
+        env["AGENT_IMAGE_URL"] = turn.image_url
+    if turn.file_url:
+        env["AGENT_FILE_URL"] = turn.file_url
+    if turn.attachments:
+        env["AGENT_ATTACHMENTS"] = orjson.dumps([dict(a) for a in turn.attachments]).decode()
+    return env
+
+
+def _turn_line(turn: Turn) -> bytes:
+    data: dict[str, Any] = {
+        "type": "turn",
+        "message": turn.message,
+        "session_id": turn.session_id,
+        "session_name": turn.session_name,
+        "protocol_version": WIRE_04,
+    }
+    if turn.attachments:
+        data["attachments"] = [dict(a) for a in turn.attachments]
+    return orjson.dumps(data) + b"\n"
+
+
+def _exit_code(returncode: int | None) -> int:
+    if returncode is None:
+        return EXIT_ERROR
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _signal_group(proc: Process, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.send_signal(sig)
+        except (ProcessLookupError, OSError):
+            pass
+
+
+async def _lines(stream: ByteReceiveStream) -> AsyncIterator[str]:
+    """Yield the decoded lines of ``stream`` (without line ends) until EOF."""
+    buffer = b""
+    while True:
+        try:
+            chunk = await stream.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            break
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            yield raw.decode("utf-8", errors="replace").rstrip("\r")
+    if buffer:
+        yield buffer.decode("utf-8", errors="replace").rstrip("\r")
+
+
+class _Collector:
+    """Folds classified stdout lines into a :class:`TurnResult`."""
+
+    def __init__(self, streaming: bool) -> None:
+        self.streaming = streaming
+        self.body: list[str] = []
+        self.result_text: str | None = None
+        self.session_01 = ""  # the last AGENT_SESSION: wins
+        self.session_04 = ""  # the first non-empty session_id wins
+        self.error = ""
+        self.partials: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        """Take one line; return a partial to forward now, if any."""
+        kind, value, session = classify_line(line)
+        if session and not self.session_04:
+            self.session_04 = session
+        if kind == "session":
+            self.session_01 = value
+            return None
+        if kind == "error":
+            if not self.error:
+                self.error = value or "agent error"
+            return None
+        if self.error:  # anything after an error is discarded
+            logger.debug("discarding %s line after an error line", kind)
+            return None
+        if kind == "partial":
+            if self.streaming and value:
+                self.partials.append(value)
+                return value
+            return None
+        if kind == "result":
+            if self.result_text is None:
+                self.result_text = value
+            return None
+        self.body.append(value)
+        return None
+
+    def reply(self) -> str:
+        if self.error:
+            return ""
+        if self.result_text is not None:
+            return self.result_text
+        body = "\n".join(self.body)
+        if not body.strip() and self.partials:
+            return "".join(self.partials)  # everything went out as partials
+        return body
+
+
+async def run_turn(
+    spec: ProcessSpec,
+    turn: Turn,
+    *,
+    on_partial: Callable[[str], Awaitable[None]] | None = None,
+) -> TurnResult:
+    """Run the program once for ``turn`` and return what it produced.
+
+    ``on_partial`` is awaited for each partial as it arrives (not when ``spec.streaming`` is
+    off). The result carries the failure instead of raising it: check :attr:`TurnResult.ok`.
+    The program runs in its own process group; when this call is cancelled the group is killed.
+
+    Raises:
+        Whatever ``on_partial`` raises (the program is then killed).
+    """
+    started = time.monotonic()
+    collector = _Collector(spec.streaming)
+    result = TurnResult()
+    stderr_window = bytearray()
+    argv = [_substitute(a, turn) for a in spec.command]
+    try:
+        proc = await anyio.open_process(
+            argv,
+            stdin=PIPE,
+            stdout=PIPE,
+            stderr=PIPE,
+            cwd=spec.cwd,
+            env=_environment(spec, turn),
+            start_new_session=True,
+        )
+    except OSError as exc:
+        logger.warning("cannot start %s: %s", argv[0], exc)
+        result.exit_code = EXIT_ERROR
+        result.stderr_tail = f"failed to start {argv[0]!r}: {exc}"
+        result.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        return result
+    logger.debug("started %s (pid %d)", argv, proc.pid)
+    timed_out = False
+    stdout_done = anyio.Event()
+    stderr_done = anyio.Event()
+    send, receive = anyio.create_memory_object_stream[str](max_buffer_size=math.inf)
+
+    async def write_turn() -> None:
+        assert proc.stdin is not None
+        try:
+            await proc.stdin.send(_turn_line(turn))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # a wire-0.1 program may exit without reading stdin
+        finally:
+            try:
+                await proc.stdin.aclose()
+            except (anyio.BrokenResourceError, OSError):
+                pass
+
+    async def read_stdout() -> None:
+        assert proc.stdout is not None
+        try:
+            async for line in _lines(proc.stdout):
+                forward = collector.feed(line)
+                if forward is not None:
+                    try:
+                        send.send_nowait(forward)
+                    except anyio.ClosedResourceError:
+                        pass  # the turn is over (a grandchild kept the pipe open)
+        finally:
+            stdout_done.set()
+            send.close()
+
+    async def read_stderr() -> None:
+        assert proc.stderr is not None
+        try:
+            async for line in _lines(proc.stderr):
+                logger.debug("agent stderr: %s", line)
+                stderr_window.extend(line.encode() + b"\n")
+                if len(stderr_window) > STDERR_WINDOW:
+                    del stderr_window[: len(stderr_window) - STDERR_WINDOW]
+        finally:
+            stderr_done.set()
+
+    async def watchdog() -> None:
+        nonlocal timed_out
+        with anyio.move_on_after(spec.timeout_s):
+            await proc.wait()
+            return
+        timed_out = True
+        logger.warning("%s ran past %s s: SIGTERM", argv[0], spec.timeout_s)
+        _signal_group(proc, signal.SIGTERM)
+        with anyio.move_on_after(spec.kill_grace_s):
+            await proc.wait()
+            return
+        logger.warning("%s ignored SIGTERM for %s s: SIGKILL", argv[0], spec.kill_grace_s)
+        _signal_group(proc, signal.SIGKILL)
+        await proc.wait()
+
+    async def drain_after_exit() -> None:
+        await proc.wait()
+        # A grandchild may hold the pipes open: give them a moment, then stop reading.
+        with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
+            await stdout_done.wait()
+            await stderr_done.wait()
+        send.close()
+
+    error: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write_turn)
+            tg.start_soon(read_stderr)
+            tg.start_soon(watchdog)
+            tg.start_soon(drain_after_exit)
+            tg.start_soon(read_stdout)
+            # Partials are forwarded from this task, and what ``on_partial`` raises (e.g. a
+            # lost lease) is re-raised as itself once the helpers are stopped.
+            async with receive:
+                async for text in receive:
+                    if on_partial is None:
+                        continue
+                    try:
+                        await on_partial(text)
+                    except anyio.get_cancelled_exc_class():
+                        raise
+                    except BaseException as exc:
+                        error = exc
+                        _signal_group(proc, signal.SIGKILL)
+                        break
+            await proc.wait()
+            tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+    finally:
+        if proc.returncode is None:
+            _signal_group(proc, signal.SIGKILL)
+            with anyio.CancelScope(shield=True):
+                await proc.wait()
+        with anyio.CancelScope(shield=True):
+            await proc.aclose()
+    result.timed_out = timed_out
+    result.session_id = collector.session_01 or collector.session_04
+    result.error = collector.error
+    result.partials = list(collector.partials)
+    result.stderr_tail = stderr_window.decode("utf-8", errors="replace")[-STDERR_TAIL_CHARS:]
+    code = _exit_code(proc.returncode)
+    if timed_out:
+        result.exit_code = EXIT_TIMEOUT
+    elif result.error:
+        result.exit_code = EXIT_ERROR if code == EXIT_SUCCESS else code
+    else:
+        result.exit_code = code
+    reply = collector.reply() if result.ok else ""
+    if len(reply) > spec.max_reply_chars:
+        reply = reply[: spec.max_reply_chars] + TRUNCATION_MARKER
+        result.truncated = True
+    result.reply = reply
+    result.duration_ms = round((time.monotonic() - started) * 1000, 3)
+    logger.info(
+        "%s exited %d%s in %.0f ms",
+        argv[0],
+        result.exit_code,
+        " (timed out)" if timed_out else "",
+        result.duration_ms,
+    )
+    return result
+
+
+# -- the entity type ----------------------------------------------------------------------------
+
+
+def _text_of(message: InboxMessage) -> str:
+    text = message.text
+    if text is not None:
+        return text
+    if message.payload is None:
+        return ""
+    return orjson.dumps(message.payload).decode()
+
+
+def _field(payload: Any, name: str) -> Any:
+    return payload.get(name) if isinstance(payload, dict) else None
+
+
+class ProcessAgent:
+    """The handler and ``on_error`` hook of a process entity type (see the module docs)."""
+
+    def __init__(self, spec: ProcessSpec) -> None:
+        self.spec = spec
+
+    def turn_for(self, message: InboxMessage, session_id: str, session_name: str) -> Turn:
+        """The :class:`Turn` for an inbox message: its text (or its JSON payload), the
+        payload's ``attachments`` list (of objects), ``image_url`` and ``file_url``."""
+        payload = message.payload
+        attachments = _field(payload, "attachments")
+        image_url = _field(payload, "image_url")
+        file_url = _field(payload, "file_url")
+        return Turn(
+            message=_text_of(message),
+            session_id=session_id,
+            session_name=session_name,
+            from_user=message.sender or "",
+            attachments=tuple(a for a in attachments or () if isinstance(a, dict))
+            if isinstance(attachments, list)
+            else (),
+            image_url=image_url if isinstance(image_url, str) else "",
+            file_url=file_url if isinstance(file_url, str) else "",
+        )
+
+    async def handle(self, ctx: HandlerContext, wake: WakeEvent) -> None:
+        """Run the program once per inbox message of the wake (a journaled step each).
+
+        Raises:
+            AgentError: the agent sent an error line.
+            ProcessTimeout: the agent ran past ``timeout_s``.
+            ProcessFailed: the agent could not start or exited non-zero.
+        """
+        completed: list[CompletedTurn] = []
+        sessions = ctx.state.sessions
+        for message in wake.messages:
+            name = _field(message.payload, "session_name")
+            session_name = name if isinstance(name, str) and name else "default"
+            row = sessions.get(session_name)
+            turn = self.turn_for(message, row.session_id if row else "", session_name)
+            count = 0
+
+            async def on_partial(text: str, message: InboxMessage = message) -> None:
+                nonlocal count
+                count += 1
+                await ctx.append_live(
+                    "text_deltas",
+                    f"{wake.wake_id}.{message.key}.{count}",
+                    {
+                        "run_id": ctx.run_id,
+                        "in_reply_to": message.key,
+                        "attempt": wake.attempt,
+                        "seq": count,
+                        "delta": text,
+                    },
+                )
+
+            async def run(
+                turn: Turn = turn,
+                message: InboxMessage = message,
+                on_partial: Callable[[str], Awaitable[None]] = on_partial,
+            ) -> dict[str, Any]:
+                outcome = await run_turn(self.spec, turn, on_partial=on_partial)
+                if not outcome.ok:
+                    raise _failure(outcome, message.key, completed)
+                return outcome.to_json()
+
+            result = TurnResult.from_json(await ctx.step(f"process:{message.key}", run))
+            ctx.reply(result.reply, to=message)
+            if result.session_id:
+                sessions.upsert(
+                    ProcessSession(
+                        key=session_name, session_id=result.session_id, updated_at=ctx.now()
+                    )
+                )
+            completed.append(
+                CompletedTurn(message.key, result.reply, session_name, result.session_id)
+            )
+
+    async def on_error(self, ctx: HandlerContext, error: BaseException) -> None:
+        """When a wake is given up: keep the replies and sessions of the turns that completed
+        before the failure, and answer an :class:`AgentError` with ``{"error": text}``."""
+        if not isinstance(error, ProcessFailed):
+            return
+        for done in error.completed:
+            ctx.reply(done.reply, to=done.message_key)
+            if done.session_id:
+                ctx.state.sessions.upsert(
+                    ProcessSession(
+                        key=done.session_name, session_id=done.session_id, updated_at=ctx.now()
+                    )
+                )
+        if isinstance(error, AgentError) and error.message_key is not None:
+            ctx.reply({"error": error.user_message}, to=error.message_key)
+
+
+def _failure(result: TurnResult, message_key: str, completed: Sequence[CompletedTurn]) -> Exception:
+    tail = result.stderr_tail.strip()
+    if result.timed_out:
+        return ProcessTimeout(
+            f"agent timed out (exit {result.exit_code})"
+            + (f"; stderr tail:\n{tail}" if tail else ""),
+            result,
+            message_key=message_key,
+            completed=completed,
+        )
+    if result.error:
+        return AgentError(
+            f"agent error (exit {result.exit_code}): {result.error}",
+            result,
+            message_key=message_key,
+            completed=completed,
+        )
+    return ProcessFailed(
+        f"agent exited with code {result.exit_code} without an error line; "
+        + (f"stderr tail:\n{tail}" if tail else "no stderr output"),
+        result,
+        message_key=message_key,
+        completed=completed,
+    )
