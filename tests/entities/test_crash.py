@@ -17,7 +17,8 @@ After the last restart every counter must settle, and then, for every counter:
 - every inbox message has exactly one reply, and the replies are the running totals in inbox
   order (each message applied exactly once, in order, across crashes and redeliveries);
 - the final ``totals.total.value`` is the sum of the inbox;
-- at least one wake was redelivered (a kill did land mid-wake).
+- in split mode, at least one wake was redelivered (the kills are timed to land mid-wake; in
+  serve mode they land mid-wake only most of the time).
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ async def _killer(
             if done.is_set():
                 return kills
             await asyncio.sleep(0.002)
-        await deployment.until_a_wake_runs(http, rng.uniform(0.3, 1.0))
+        # split: wait for a wake for sure (the worker polls each second); serve: best effort
+        await deployment.until_a_wake_runs(http, 5.0 if deployment.marks else rng.uniform(0.1, 0.5))
         deployment.victim.kill()
         kills += 1
         await asyncio.sleep(rng.uniform(0.0, 0.2))
@@ -269,4 +271,5 @@ async def test_sigkill_loses_and_doubles_nothing(deployment: Deployment, tmp_pat
             redelivered += sum(
                 1 for e in events if e["type"] == "runs" and e["value"]["attempt"] > 1
             )
-    assert redelivered >= 1, ("no kill hit a wake in flight", context)
+    if deployment.marks is not None:  # split mode kills only once a wake is in flight
+        assert redelivered >= 1, ("no kill hit a wake in flight", context)
