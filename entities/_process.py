@@ -23,12 +23,14 @@ What the entity does with a turn:
 * failures fail the run: an error line raises :class:`AgentError` (the agent's text is the
   caller's reply once the wake is given up), a timeout (SIGTERM, ``kill_grace_s``, SIGKILL)
   raises :class:`ProcessTimeout` with exit code 124, any other non-zero exit raises
-  :class:`ProcessFailed` with the stderr tail. Failed turns are not journaled, so with
-  ``max_attempts > 1`` a retry runs the program again.
+  :class:`ProcessFailed` with the stderr tail. A failed turn is journaled under its attempt
+  (``process:<message key>:failed@<attempt>``), so with ``max_attempts > 1`` a retry runs the
+  program again, while ``entities replay`` of the failed attempt fails the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -44,7 +46,7 @@ import anyio
 import orjson
 from pydantic import BaseModel
 
-from ._errors import EntitiesError
+from ._errors import EntitiesError, ReplayDivergence
 
 if TYPE_CHECKING:
     from anyio.abc import ByteReceiveStream, Process
@@ -662,15 +664,27 @@ class ProcessAgent:
 
             async def run(
                 turn: Turn = turn,
-                message: InboxMessage = message,
                 on_partial: Callable[[str], Awaitable[None]] = on_partial,
             ) -> dict[str, Any]:
                 outcome = await run_turn(self.spec, turn, on_partial=on_partial)
                 if not outcome.ok:
-                    raise _failure(outcome, message.key, completed)
+                    raise _TurnFailed(outcome)
                 return outcome.to_json()
 
-            result = TurnResult.from_json(await ctx.step(f"process:{message.key}", run))
+            # A completed turn is journaled under one id for every attempt: a retry or a
+            # redelivery reuses it. A failed one is journaled under this attempt's id (so a
+            # retry runs the program again, and a replay of the failed attempt fails alike).
+            failed_id = f"process:{message.key}:failed@{wake.attempt}"
+            try:
+                data = await ctx.step(f"process:{message.key}", run)
+            except _TurnFailed as exc:
+                failed = exc.result.to_json()
+                data = await ctx.step(failed_id, functools.partial(dict, failed))
+            except ReplayDivergence:  # replaying a failed attempt: its failure was recorded
+                data = await ctx.step(failed_id, _not_recorded)
+            result = TurnResult.from_json(data)
+            if not result.ok:
+                raise _failure(result, message.key, completed)
             ctx.reply(result.reply, to=message)
             if result.session_id:
                 sessions.upsert(
@@ -697,6 +711,16 @@ class ProcessAgent:
                 )
         if isinstance(error, AgentError) and error.message_key is not None:
             ctx.reply({"error": error.user_message}, to=error.message_key)
+
+
+class _TurnFailed(Exception):
+    def __init__(self, result: TurnResult) -> None:
+        super().__init__(result.error or f"exit {result.exit_code}")
+        self.result = result
+
+
+def _not_recorded() -> Any:
+    raise AssertionError("unreachable: a replay never calls a step")  # pragma: no cover
 
 
 def _failure(result: TurnResult, message_key: str, completed: Sequence[CompletedTurn]) -> Exception:

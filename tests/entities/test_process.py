@@ -417,6 +417,33 @@ async def test_a_redelivered_wake_does_not_run_the_program_again(sdk: Sdk, tmp_p
         assert run["status"] == "completed" and run["attempt"] == 2
 
 
+async def test_replay_reuses_the_journal_for_completed_and_failed_turns(
+    sdk: Sdk, tmp_path: Path
+) -> None:
+    count = tmp_path / "runs.txt"
+    registry = Registry()
+    registry.define_process(
+        "agent",
+        command=[str(sdk.python), str(AGENT)],
+        env={"TEST_AGENT_COUNT_FILE": str(count)},
+    )
+    async with runtime(registry) as rt:
+        await rt.spawn("/agent/p")
+        for text in ("hello", "whoami", "fail-protocol", "fail-crash"):
+            await rt.send("/agent/p", text)
+            await rt.run_until_idle()
+        assert len(count.read_text().splitlines()) == 4
+        report = await rt.replay("/agent/p")
+        assert [w.status for w in report.wakes][-4:] == [
+            "completed",
+            "completed",
+            "dead_lettered",
+            "dead_lettered",
+        ]
+        assert report.ok, report.to_json()
+        assert len(count.read_text().splitlines()) == 4  # replay ran nothing
+
+
 def test_define_process_validates_its_options() -> None:
     from entities import DefinitionError
 
