@@ -38,6 +38,9 @@ from ._observe import cron as cron
 from ._observe import db as db
 from ._observe import entities as entities
 from ._observe import entity as entity
+from ._process import AgentError as AgentError
+from ._process import ProcessFailed as ProcessFailed
+from ._process import ProcessTimeout as ProcessTimeout
 from ._registry import CollectionDef as CollectionDef
 from ._registry import EntityType as EntityType
 from ._registry import Registry as Registry
@@ -54,6 +57,7 @@ from ._worker import Worker as Worker
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgentError",
     "ChildEntry",
     "Clock",
     "Collection",
@@ -75,6 +79,8 @@ __all__ = [
     "InvalidEntityURL",
     "LeaseLost",
     "ManifestEntry",
+    "ProcessFailed",
+    "ProcessTimeout",
     "Registry",
     "ReplayDivergence",
     "RunHandle",
