@@ -194,9 +194,9 @@ def test_sigterm_to_serve_mid_wake_with_a_live_reader(
             code = server.proc.wait(15)  # type: ignore[union-attr]
             elapsed = time.monotonic() - started
     assert "event: data" in lines
-    assert ended < 3, ended
+    assert ended < 3.5, ended  # not held until the 5 s graceful-shutdown timeout
     assert code == 0, server.output()
-    assert elapsed < 4, elapsed
+    assert elapsed < 6, elapsed
     assert "Traceback" not in server.output() and "ERROR" not in server.output()
     replies, count, settled = arun(lambda rt: outcome(rt, "/slow/s1", key), app, db)
     assert replies == ["done"], "the in-flight wake was not drained before exit"
