@@ -30,13 +30,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
 
-from .._errors import StreamGone, StreamNotFound, StreamsError
+from .._errors import InvalidRequest, StreamGone, StreamNotFound, StreamsError
 from .._offsets import format_offset, parse_offset
 from ._engine import Batch, Effects, Loader, ProducerRecord, StreamRecord, full, read_plan
 from ._postgres_schema import PostgresUrl, advisory_key, migrate, parse_url
@@ -70,6 +70,7 @@ _UPSERT_STREAM = (
     "last_stream_seq=excluded.last_stream_seq, deleted=excluded.deleted, "
     "fork_count=excluded.fork_count"
 )
+_T = TypeVar("_T")
 _MAX_GROUP_OPS = 2048
 _MAX_ATTEMPTS = 20
 _PAYLOAD_LIMIT = 7900  # PostgreSQL rejects NOTIFY payloads of 8000 bytes or more
@@ -117,6 +118,14 @@ def _from_record(r: StreamRecord) -> tuple[object, ...]:
             r.last_stream_seq, r.deleted, r.fork_count, r.fork_sub_offset)  # fmt: skip
 
 
+async def _fetchval(conn: Any, sql: str, *args: Any) -> Any:
+    return await conn.fetchval(sql, *args)
+
+
+async def _fetch(conn: Any, sql: str, *args: Any) -> list[Any]:
+    return list(await conn.fetch(sql, *args))
+
+
 def _kv_upper(prefix: str, end: str | None) -> str:
     # keys starting with ``prefix`` sort between ``prefix`` and ``prefix + U+10FFFF`` (COLLATE "C")
     upper = prefix + "\U0010ffff"
@@ -140,6 +149,14 @@ def notification_payloads(names: Iterable[str]) -> list[str]:
     if chunk:
         payloads.append(orjson.dumps(chunk).decode())
     return payloads
+
+
+class _NotCommitted(Exception):
+    """The writer connection failed before ``COMMIT`` was sent: safe to run the group again."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Pending:
@@ -533,13 +550,29 @@ class PostgresStore(Store):
                     continue
                 group.append(more)
                 count += len(more.ops)
-            try:
-                await self._commit_group(group)
-            except Exception as exc:  # a database failure: fail every call in the group
-                logger.exception("group commit failed")
+            await self._commit_isolated(group)
+
+    async def _commit_isolated(self, group: list[_Pending]) -> None:
+        """Commit ``group``; if the database rejects it, commit its calls one by one, so data
+        the database cannot store (a NUL in a path, say) fails only the call that carries it."""
+        try:
+            await self._commit_group(group)
+        except Exception as exc:
+            rejected = isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _DISCONNECTED)
+            if len(group) > 1 and rejected:
+                logger.warning("group commit failed (%s); committing its calls one by one", exc)
                 for pending in group:
                     if not pending.future.done():
-                        pending.future.set_exception(exc)
+                        await self._commit_isolated([pending])
+                return
+            error: Exception = exc
+            if isinstance(exc, asyncpg.DataError):  # e.g. a NUL character in a path or key
+                error = InvalidRequest(f"the database rejected the data: {exc}")
+            else:
+                logger.exception("commit failed")
+            for pending in group:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
 
     async def _commit_group(self, group: list[_Pending]) -> None:
         attempt = 0
@@ -553,12 +586,17 @@ class PostgresStore(Store):
                 logger.debug("group commit retried after %s", type(exc).__name__)
                 await asyncio.sleep(0.001 * attempt)
                 continue
-            except _DISCONNECTED:
+            except _NotCommitted as lost:
+                # the connection dropped before COMMIT was sent: nothing was applied
                 if attempt >= 3:
-                    raise
-                logger.warning("writer connection lost; reconnecting", exc_info=True)
+                    raise lost.error from None
+                logger.warning("writer connection lost (%s); reconnecting", lost.error)
                 await self._reconnect_writer()
                 continue
+            except _DISCONNECTED:
+                # lost during COMMIT: the outcome is unknown, so the callers must find out
+                await self._reconnect_writer()
+                raise
             break
         for pending, outcome in zip(group, outcomes, strict=True):
             if pending.future.done():
@@ -601,55 +639,97 @@ class PostgresStore(Store):
             {advisory_key(schema, "s", p) for p in paths}
             | {advisory_key(schema, "k", ns, key) for ns, key in kv_keys}
         )
-        async with conn.transaction():
-            if locks:
-                await conn.execute(
-                    "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k", locks
+        if conn.is_closed():
+            raise _NotCommitted(ConnectionError("writer connection closed"))
+        transaction = conn.transaction()
+        try:
+            await transaction.start()
+            loader, outcomes = await self._apply(
+                conn, group, paths, kv_keys, creates, producers, locks
+            )
+        except _DISCONNECTED as exc:
+            raise _NotCommitted(exc) from exc
+        except BaseException:
+            with contextlib.suppress(*_DISCONNECTED):
+                await transaction.rollback()
+            raise
+        await transaction.commit()
+        return loader, outcomes
+
+    async def _apply(
+        self,
+        conn: Any,
+        group: list[_Pending],
+        paths: set[str],
+        kv_keys: set[tuple[str, str]],
+        creates: int,
+        producers: list[tuple[str, str]],
+        locks: list[int],
+    ) -> tuple[_GroupLoader, list[list[OpResult] | StreamsError]]:
+        """The transaction's body: lock, load, validate every call, persist, notify."""
+        if locks:
+            await conn.execute(
+                "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k", locks
+            )
+        ids: list[int] = []
+        if creates:
+            ids = list(
+                await conn.fetchval(
+                    "SELECT array_agg(nextval('stream_ids')) FROM generate_series(1, $1)",
+                    creates,
                 )
-            ids: list[int] = []
-            if creates:
-                ids = list(
-                    await conn.fetchval(
-                        "SELECT array_agg(nextval('stream_ids')) FROM generate_series(1, $1)",
-                        creates,
-                    )
-                )
-                ids.reverse()
-            loader = _GroupLoader(conn, ids)
-            await loader.prefetch(sorted(paths))
-            await loader.prefetch_kv(sorted(kv_keys))
-            wanted_producers = []
-            for path, producer_id in producers:
-                record = loader.rows.get(path)
-                if record is not None:
-                    wanted_producers.append((record.id, producer_id))
-            await loader.prefetch_producers(wanted_producers)
-            outcomes: list[list[OpResult] | StreamsError] = []
-            now = time.time()
-            for pending in group:
-                batch = Batch(loader, now)
-                try:
-                    results = await batch.apply(pending.ops)
-                except StreamsError as exc:
-                    outcomes.append(exc)
-                    continue
-                loader.merge(batch.effects)
-                outcomes.append(results)
-            effects = loader.effects
-            await _persist(conn, effects)
-            for payload in notification_payloads(effects.touched):
-                await conn.execute("SELECT pg_notify($1, $2)", self._parsed.channel, payload)
+            )
+            ids.reverse()
+        loader = _GroupLoader(conn, ids)
+        await loader.prefetch(sorted(paths))
+        await loader.prefetch_kv(sorted(kv_keys))
+        wanted_producers = []
+        for path, producer_id in producers:
+            record = loader.rows.get(path)
+            if record is not None:
+                wanted_producers.append((record.id, producer_id))
+        await loader.prefetch_producers(wanted_producers)
+        outcomes: list[list[OpResult] | StreamsError] = []
+        now = time.time()
+        for pending in group:
+            batch = Batch(loader, now)
+            try:
+                results = await batch.apply(pending.ops)
+            except StreamsError as exc:
+                outcomes.append(exc)
+                continue
+            loader.merge(batch.effects)
+            outcomes.append(results)
+        effects = loader.effects
+        await _persist(conn, effects)
+        for payload in notification_payloads(effects.touched):
+            await conn.execute("SELECT pg_notify($1, $2)", self._parsed.channel, payload)
         return loader, outcomes
 
     # -- reads -----------------------------------------------------------------------------
 
-    def _readers(self) -> Any:
-        if self._pool is None:
-            raise StreamsError("store is not open", path="")
-        return self._pool
+    async def _reading(self, fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """``fn(conn, *args)`` on a pooled connection; run again once if the connection turns
+        out to be dead (reads are idempotent)."""
+        for attempt in (1, 2):
+            if self._pool is None:
+                raise StreamsError("store is not open", path="")
+            try:
+                async with self._pool.acquire() as conn:
+                    return await fn(conn, *args)
+            except _DISCONNECTED:
+                if attempt == 2:
+                    raise
+                logger.warning("reader connection lost; retrying the read", exc_info=True)
+            except asyncpg.DataError as exc:  # e.g. a NUL character in a path or key
+                raise InvalidRequest(f"the database rejected the data: {exc}") from None
+        raise AssertionError("unreachable")
 
     async def head(self, path: str) -> StreamInfo:
-        row = await self._readers().fetchrow(
+        return await self._reading(self._head, path)
+
+    async def _head(self, conn: Any, path: str) -> StreamInfo:
+        row = await conn.fetchrow(
             f"SELECT {', '.join('s.' + c for c in _COLUMNS.split(', '))}, p.path AS parent_path "
             "FROM streams s LEFT JOIN streams p ON p.id = s.fork_parent WHERE s.path=$1",
             path,
@@ -675,41 +755,48 @@ class PostgresStore(Store):
         max_bytes: int | None = None,
         renew_ttl: bool = True,
     ) -> ReadResult:
+        result, ttl = await self._reading(self._read, path, offset, limit, max_bytes)
+        if renew_ttl and ttl:
+            await self.commit([Touch(path)])
+        return result
+
+    async def _read(
+        self, conn: Any, path: str, offset: str, limit: int, max_bytes: int | None
+    ) -> tuple[ReadResult, bool]:
+        """The read, and whether the stream has a TTL to renew."""
         parsed = parse_offset(offset, path=path)
-        async with self._readers().acquire() as conn:
-            row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM streams WHERE path=$1", path)
-            record = self._live(path, row)
-            start = record.length if parsed is None else min(parsed, record.length)
-            messages: list[Message] = []
-            size = 0
-            position = start
-            for sid, low, high in await read_plan(record, start, _ReadLoader(conn)):
+        row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM streams WHERE path=$1", path)
+        record = self._live(path, row)
+        start = record.length if parsed is None else min(parsed, record.length)
+        messages: list[Message] = []
+        size = 0
+        position = start
+        for sid, low, high in await read_plan(record, start, _ReadLoader(conn)):
+            if full(len(messages), size, limit, max_bytes):
+                break
+            rows = await conn.fetch(
+                "SELECT position, data FROM messages WHERE stream_id=$1 AND position>$2 "
+                "AND position<=$3 ORDER BY position LIMIT $4",
+                sid,
+                low,
+                high,
+                limit - len(messages),
+            )
+            for row_position, data in rows:
                 if full(len(messages), size, limit, max_bytes):
                     break
-                rows = await conn.fetch(
-                    "SELECT position, data FROM messages WHERE stream_id=$1 AND position>$2 "
-                    "AND position<=$3 ORDER BY position LIMIT $4",
-                    sid,
-                    low,
-                    high,
-                    limit - len(messages),
-                )
-                for row_position, data in rows:
-                    if full(len(messages), size, limit, max_bytes):
-                        break
-                    position = int(row_position)
-                    size += len(data)
-                    messages.append(Message(format_offset(position), bytes(data)))
-        if renew_ttl and record.ttl_seconds is not None:
-            await self.commit([Touch(path)])
+                position = int(row_position)
+                size += len(data)
+                messages.append(Message(format_offset(position), bytes(data)))
         up_to_date = position >= record.length
-        return ReadResult(
+        result = ReadResult(
             messages, format_offset(position), up_to_date, up_to_date and record.closed
         )
+        return result, record.ttl_seconds is not None
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
-        value = await self._readers().fetchval(
-            "SELECT value FROM kv WHERE namespace=$1 AND key=$2", namespace, key
+        value = await self._reading(
+            _fetchval, "SELECT value FROM kv WHERE namespace=$1 AND key=$2", namespace, key
         )
         return None if value is None else bytes(value)
 
@@ -721,7 +808,8 @@ class PostgresStore(Store):
         end: str | None = None,
         limit: int | None = None,
     ) -> list[tuple[str, bytes]]:
-        rows = await self._readers().fetch(
+        rows = await self._reading(
+            _fetch,
             "SELECT key, value FROM kv WHERE namespace=$1 AND key >= $2 AND key < $3 "
             "ORDER BY key LIMIT $4",
             namespace,

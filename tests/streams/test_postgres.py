@@ -127,6 +127,18 @@ async def test_concurrent_creates_of_one_path_create_it_once(two: tuple[Store, S
     assert sum(r.created for r in results) == 5
 
 
+async def test_data_the_database_rejects_fails_only_its_own_commit(
+    two: tuple[Store, Store],
+) -> None:
+    a, _b = two
+    results = await asyncio.gather(
+        a.create("ok-1"), a.create("bad\x00path"), a.create("ok-2"), return_exceptions=True
+    )
+    assert isinstance(results[1], streams.InvalidRequest)
+    assert [type(r) for r in (results[0], results[2])] == [streams.CreateResult] * 2
+    assert (await a.head("ok-2")).path == "ok-2"
+
+
 async def test_wait_on_one_store_wakes_when_another_appends(two: tuple[Store, Store]) -> None:
     a, b = two
     await a.create("live")
@@ -191,6 +203,28 @@ async def test_listener_reconnects_and_wakes_waiters(two: tuple[Store, Store]) -
         if await waiter:
             break
         assert time.monotonic() < deadline, "LISTEN did not come back"
+
+
+async def test_writer_and_readers_reconnect_after_their_connections_are_killed(
+    two: tuple[Store, Store],
+) -> None:
+    a, _b = two
+    await a.create("s", messages=[b"1"])
+    await a.kv_put("ns", "k", b"v")
+    conn = await asyncpg.connect(parse_url(a.url).dsn)
+    try:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name IN ('streams-writer', 'streams-reader')"
+        )
+        assert killed >= 4
+    finally:
+        await conn.close()
+    await asyncio.sleep(0.1)
+    assert (await a.append("s", [b"2"])).next_offset == streams.format_offset(2)
+    assert [m.data for m in await read_all(a, "s")] == [b"1", b"2"]
+    assert await a.kv_get("ns", "k") == b"v"
+    assert await a.kv_scan("ns") == [("k", b"v")]
 
 
 async def test_migrations_run_concurrently_from_several_stores(url: str) -> None:
