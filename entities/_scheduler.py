@@ -128,10 +128,9 @@ def debounce_timer(
 def arm_ops(timer: TimerValue, replaces: str | None = None) -> list[Op]:
     """Operations that store a timer (and make it the schedule's current one)."""
     key = timer_key(timer.due, timer.owner, timer.schedule_id)
-    ops: list[Op] = [
-        KvPut(TIMER_NS, key, timer.dump()),
-        KvPut(SCHEDULE_NS, schedule_key(timer.owner, timer.schedule_id), key.encode()),
-    ]
+    ops: list[Op] = [KvPut(TIMER_NS, key, timer.dump())]
+    if timer.kind != "future_send":  # a one-shot send is cancelled by deleting its timer row
+        ops.append(KvPut(SCHEDULE_NS, schedule_key(timer.owner, timer.schedule_id), key.encode()))
     if replaces is not None and replaces != key:
         ops.insert(0, KvPut(TIMER_NS, replaces, None))
     return ops
@@ -267,6 +266,8 @@ def _timer_ops(
     late_ms = round(max(0.0, now - timer.due) * 1000, 3)
     ops: list[Op]
     if timer.kind == "future_send":
+        # one-shot: the timer row is the whole schedule (cancel deletes it), so checking and
+        # deleting that row is enough for exactly-once
         target = url_of(timer.target or timer.owner)
         inbox = _inbox(timer.payload, timer.message_type, timer.owner, now)
         inbox["schedule_id"] = timer.schedule_id
@@ -274,8 +275,8 @@ def _timer_ops(
         message_key = timer.schedule_id.removeprefix("send:")
         status = {"status": "sent", "sent_at": iso(now), "late_ms": late_ms}
         ops = [
-            *checks,
-            KvPut(SCHEDULE_NS, index, None),
+            KvCheck(TIMER_NS, key, raw),
+            KvPut(TIMER_NS, key, None),
             Append(target.stream, [event("inbox", message_key, inbox, now)]),
             KvPut(PENDING_NS, target.url, mark),
             Append(owner.stream, [event("signals", timer.schedule_id, status, now)]),

@@ -9,8 +9,8 @@ from typing import Any
 
 from entities import HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
 from entities._records import SCHEDULE_NS, TIMER_NS
-from entities._scheduler import TimerValue, arm_ops, fire_due, schedule_key
-from streams import KvPut, Op
+from entities._scheduler import TimerValue, arm_ops, cancel_ops, fire_due, timer_key
+from streams import Op
 
 registry = Registry()
 
@@ -79,12 +79,15 @@ async def test_a_failing_timer_falls_back_to_one_by_one(tmp_path: Path) -> None:
         for i in range(20):
             ops.extend(arm_ops(_send(i, due + i / 1000, "/sink/gone" if i == 7 else "/sink/a")))
         await rt.store.commit(ops)
-        # timer 3 was replaced (its schedule now points elsewhere); /sink/gone was killed
-        await rt.store.commit([KvPut(SCHEDULE_NS, schedule_key("/src/s", "send:m3"), b"other")])
+        # a one-shot send is its timer row alone: no schedule index to keep in step
+        assert await rt.store.kv_scan(SCHEDULE_NS, "/src/s|") == []
+        # timer 3 is cancelled (its row deleted, as cancel_schedule does); /sink/gone was killed
+        key3 = timer_key(due + 3 / 1000, "/src/s", "send:m3")
+        await rt.store.commit(cancel_ops("/src/s", "send:m3", key3))
         await rt.kill("/sink/gone")
 
         assert await fire_due(rt.store, due + 1, batch=50) == 18
         assert await _inbox(rt, "/sink/a") == [i for i in range(20) if i not in (3, 7)]
-        assert await rt.store.kv_scan(TIMER_NS) == []  # the orphan and the undeliverable dropped
+        assert await rt.store.kv_scan(TIMER_NS) == []  # the undeliverable one was dropped
         assert await fire_due(rt.store, due + 2, batch=50) == 0
         assert await _inbox(rt, "/sink/a") == [i for i in range(20) if i not in (3, 7)]
