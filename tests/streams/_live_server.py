@@ -7,10 +7,21 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import pytest
 import uvicorn
 
 from streams.server import ServerSettings, serve_app
+from tests import _postgres
+
+# the backends a module-scoped live server runs over (postgres: where a server answers)
+SERVER_BACKENDS: list[Any] = [
+    "memory",
+    "sqlite",
+    pytest.param("postgres", marks=_postgres.marks()),
+]
 
 TEST_SETTINGS = ServerSettings(
     long_poll_timeout_s=0.5,
@@ -35,6 +46,22 @@ class LiveServer:
 
     def stream(self, name: str) -> str:
         return self.url + self.path(name)
+
+
+@contextlib.contextmanager
+def backend_db(backend: str, directory: Path) -> Iterator[str]:
+    """A fresh store URL of kind ``backend`` (a PostgreSQL schema is dropped afterwards)."""
+    if backend == "memory":
+        yield "memory://"
+    elif backend == "sqlite":
+        yield f"sqlite:///{directory / 'streams.db'}"
+    else:
+        _postgres.check()
+        url = _postgres.fresh_url()
+        try:
+            yield url
+        finally:
+            _postgres.drop_schema_sync(url)
 
 
 @contextlib.contextmanager

@@ -9,19 +9,24 @@ from collections.abc import Iterator
 import httpx2
 import pytest
 
-from tests.streams._live_server import TEST_SETTINGS, LiveServer, running_server
+from tests.streams._live_server import (
+    SERVER_BACKENDS,
+    TEST_SETTINGS,
+    LiveServer,
+    backend_db,
+    running_server,
+)
 
 ZERO = "0000000000000000_0000000000000000"
 
 
-@pytest.fixture(scope="module", params=["memory", "sqlite"])
+@pytest.fixture(scope="module", params=SERVER_BACKENDS)
 def live(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     """One server per backend for the module; each test works under its own path prefix."""
     directory = tmp_path_factory.mktemp("server")
-    db = "memory://" if request.param == "memory" else f"sqlite:///{directory / 'streams.db'}"
-    with running_server(db) as server:
+    with backend_db(request.param, directory) as db, running_server(db) as server:
         yield server
 
 

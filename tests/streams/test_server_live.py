@@ -12,20 +12,19 @@ from collections.abc import AsyncIterator, Iterator
 import httpx2
 import pytest
 
-from tests.streams._live_server import LiveServer, running_server
+from tests.streams._live_server import SERVER_BACKENDS, LiveServer, backend_db, running_server
 
 httpx2.alias_httpx()  # httpx_sse imports `httpx`; make that name resolve to httpx2
 
 from httpx_sse import ServerSentEvent, aconnect_sse  # noqa: E402
 
 
-@pytest.fixture(scope="module", params=["memory", "sqlite"])
+@pytest.fixture(scope="module", params=SERVER_BACKENDS)
 def live(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     directory = tmp_path_factory.mktemp("server")
-    db = "memory://" if request.param == "memory" else f"sqlite:///{directory / 'streams.db'}"
-    with running_server(db) as server:
+    with backend_db(request.param, directory) as db, running_server(db) as server:
         yield server
 
 
