@@ -237,6 +237,14 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def _bound_port(server: uvicorn.Server, default: int) -> int:
+    """The port the server listens on (``--port 0`` picks a free one)."""
+    for listener in server.servers:
+        for sock in listener.sockets:
+            return int(sock.getsockname()[1])
+    return default
+
+
 async def _exit_on_signals(server: uvicorn.Server) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -306,7 +314,7 @@ async def serve(
                     break
                 await anyio.sleep(0.01)
             if server.started and ready is not None:
-                result = ready(f"http://{options.host}:{options.port}")
+                result = ready(f"http://{options.host}:{_bound_port(server, options.port)}")
                 if result is not None:
                     await result
         outer.cancel_scope.cancel()

@@ -151,11 +151,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def test_types(server: Server) -> None:
+    from examples.all import registry
+
+    expected = {t.name for t in registry.list()}
+    assert {"chat", "counter"} <= expected
     lines = ok(*server.args("types")).splitlines()
-    names = sorted(line.split()[0] for line in lines)
-    assert names == ["chat", "counter"]
+    assert {line.split()[0] for line in lines} == expected
     described = orjson.loads(ok(*server.args("types", "--json")))
-    assert {t["name"] for t in described} == {"chat", "counter"}
+    assert {t["name"] for t in described} == expected
 
 
 def test_spawn_send_wait_ps_inspect_view_kill(server: Server) -> None:
@@ -341,3 +344,27 @@ def test_serve_on_a_port_in_use_fails_cleanly(server: Server, tmp_path: Path) ->
         "serve", "examples.all:registry", "--db", f"sqlite:///{tmp_path / 'p.db'}", "--port", port
     )
     assert f"cannot serve on 127.0.0.1:{port}" in message
+
+
+def test_serve_on_port_zero_reports_the_real_port(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            *(*entities_command(), "serve", "examples.all:registry", "--port", "0"),
+            *("--db", f"sqlite:///{tmp_path / 'z.db'}"),
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert first.startswith("entities: serving http://127.0.0.1:"), first
+        url = first.split()[2]
+        assert not url.endswith(":0")
+        assert orjson.loads(ok("ps", "--json", "--server", url)) == []
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0
