@@ -44,6 +44,12 @@ def make_registry() -> Registry:
         for message in wake.messages:
             ctx.reply(f"hello {ctx.args['name']}", to=message)
 
+    @registry.define("sleeper", description="Replies after half a second")
+    async def sleeper(ctx: HandlerContext, wake: WakeEvent) -> None:
+        for message in wake.messages:
+            await asyncio.sleep(0.5)
+            ctx.reply("awake", to=message)
+
     return registry
 
 
@@ -523,7 +529,7 @@ async def test_types(served: Served) -> None:
     response = await served.http.get("/_entities/types")
     assert response.status_code == 200
     by_name = {t["name"]: t for t in response.json()}
-    assert set(by_name) == {"counter", "chat", "greeter"}
+    assert set(by_name) == {t.name for t in examples_all.registry.list()} | {"greeter", "sleeper"}
     assert by_name["counter"]["inbox_schema"]["properties"]["add"]["type"] == "integer"
     assert by_name["counter"]["state"]["totals"]["primary_key"] == "key"
     assert by_name["greeter"]["args_schema"]["required"] == ["name"]
@@ -715,3 +721,28 @@ async def test_concurrent_sends_are_each_applied_once(served: Served) -> None:
         key = response.json()["key"]
         answer = await served.http.get(f"/_entities/entities/counter/c1/replies/{key}")
         assert len(answer.json()["replies"]) == 1
+
+
+async def test_kill_during_a_wake_fences_its_commit(served: Served) -> None:
+    assert (await spawn(served, "/sleeper/s1")).status_code == 201
+    await served.settle()
+    sent = await served.http.post("/_entities/entities/sleeper/s1/send", json={"payload": {}})
+    assert sent.status_code == 202
+    with anyio.fail_after(5):
+        while True:  # until the wake is in flight
+            info = (await served.http.get("/_entities/entities/sleeper/s1")).json()
+            if info["status"] == "running":
+                break
+            await asyncio.sleep(0.01)
+    killed = await served.http.delete("/_entities/entities/sleeper/s1")
+    assert killed.status_code == 200 and killed.json()["status"] == "stopped"
+    await asyncio.sleep(1.0)  # the handler finishes its sleep and tries to commit
+    events, _ = await served.runtime.read("/sleeper/s1")
+    assert events[-1]["type"] == "entity_stopped"
+    assert not [e for e in events if e["type"] == "texts"], "a fenced wake committed a reply"
+    answer = await served.http.get(
+        f"/_entities/entities/sleeper/s1/replies/{sent.json()['key']}", params={"wait_ms": 500}
+    )
+    assert answer.json()["replies"] == []
+    inspected = (await served.http.get("/_entities/entities/sleeper/s1")).json()
+    assert inspected["status"] == "stopped" and not inspected["pending"]
