@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import orjson
 import pytest
 
@@ -368,3 +369,37 @@ def test_serve_on_port_zero_reports_the_real_port(tmp_path: Path) -> None:
         proc.terminate()
         proc.communicate(timeout=10)
     assert proc.returncode == 0
+
+
+def test_view_pages_through_a_long_stream(server: Server) -> None:
+    ok(*server.args("spawn", "/chat/long"))
+    with httpx2.Client(base_url=server.url, timeout=30) as http:
+        for i in range(300):
+            response = http.post(
+                "/_entities/entities/chat/long/send", json={"payload": {"text": f"m{i}"}}
+            )
+            assert response.status_code == 202
+        wait_for_idle(http, "/chat/long")
+        events: list[Any] = []
+        offset = "-1"
+        while True:
+            page = http.get("/v1/stream/chat/long/main", params={"offset": offset})
+            events.extend(page.json())
+            offset = page.headers["stream-next-offset"]
+            if page.headers.get("stream-up-to-date") == "true":
+                break
+    assert len(events) > 1000  # more than one page of the streams server
+    viewed = [
+        orjson.loads(line) for line in ok(*server.args("view", "/chat/long", "--json")).splitlines()
+    ]
+    assert viewed == events
+
+
+def wait_for_idle(http: httpx2.Client, url: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        info = http.get(f"/_entities/entities{url}").json()
+        if not info["pending"] and info["status"] == "idle":
+            return
+        assert time.monotonic() < deadline, info
+        time.sleep(0.05)
