@@ -82,6 +82,7 @@ _RETRYABLE = (
 _DISCONNECTED = (
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # a protocol left mid-operation by a dropped link
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
     ConnectionError,
@@ -367,8 +368,9 @@ async def _persist(conn: Any, effects: Effects) -> None:
 class PostgresStore(Store):
     """A store in one PostgreSQL schema, shared safely by any number of processes."""
 
-    def __init__(self, url: str, *, readers: int = 4) -> None:
+    def __init__(self, url: str, *, readers: int = 4, connect_seconds: float = 15.0) -> None:
         super().__init__(url)
+        self._connect_seconds = connect_seconds
         self._parsed: PostgresUrl = parse_url(url)
         self._reader_count = max(1, readers)
         self._writer: Any = None
@@ -390,37 +392,76 @@ class PostgresStore(Store):
             server_settings={"search_path": self._parsed.search_path, "application_name": role},
         )
 
+    async def _connect_retrying(self, role: str, deadline: float) -> Any:
+        """:meth:`_connect`, retried with backoff until ``deadline`` while the server is
+        unreachable, starting up or shutting down."""
+        delay = 0.05
+        while True:
+            try:
+                return await self._connect(role)
+            except _DISCONNECTED as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("PostgreSQL unreachable (%s); retrying in %.2fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
     async def open(self) -> None:
-        """Connect, create the schema or migrate it, start the writer and the listener."""
-        self._writer = await self._connect()
-        try:
-            await migrate(self._writer, self._parsed.schema)
-            self._writer_pid = self._writer.get_server_pid()
-            self._pool = await asyncpg.create_pool(
-                self._parsed.dsn,
-                min_size=1,
-                max_size=self._reader_count,
-                server_settings={
-                    "search_path": self._parsed.search_path,
-                    "application_name": "streams-reader",
-                },
-            )
-            self._listener_task = asyncio.create_task(
-                self._run_listener(), name=f"streams-listen:{self._parsed.schema}"
-            )
-            await asyncio.wait(
-                [asyncio.ensure_future(self._listening.wait()), self._listener_task],
-                timeout=30,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if self._listener_task.done():
-                self._listener_task.result()
-        except BaseException:
-            await self._close_connections()
-            raise
+        """Connect, create the schema or migrate it, start the writer and the listener.
+
+        While the server is unreachable (or starting up) this retries for up to
+        ``connect_seconds`` before giving up.
+        """
+        deadline = time.monotonic() + self._connect_seconds
+        delay = 0.05
+        while True:
+            try:
+                await self._open_once(deadline)
+                break
+            except _DISCONNECTED as exc:
+                await self._close_connections()
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("opening the store failed (%s); retrying in %.2fs", exc, delay)
+            except BaseException:
+                await self._close_connections()
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
         self._task = asyncio.create_task(
             self._run_writer(), name=f"streams-writer:{self._parsed.schema}"
         )
+
+    async def _open_once(self, deadline: float) -> None:
+        self._writer = await self._connect_retrying("streams-writer", deadline)
+        await migrate(self._writer, self._parsed.schema)
+        self._writer_pid = self._writer.get_server_pid()
+        self._pool = await asyncpg.create_pool(
+            self._parsed.dsn,
+            min_size=1,
+            max_size=self._reader_count,
+            server_settings={
+                "search_path": self._parsed.search_path,
+                "application_name": "streams-reader",
+            },
+        )
+        self._listening = asyncio.Event()
+        self._listener_task = asyncio.create_task(
+            self._run_listener(), name=f"streams-listen:{self._parsed.schema}"
+        )
+        listening = asyncio.ensure_future(self._listening.wait())
+        try:
+            await asyncio.wait(
+                [listening, self._listener_task],
+                timeout=max(1.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            listening.cancel()
+        if self._listener_task.done():
+            self._listener_task.result()
+        elif not self._listening.is_set():
+            raise ConnectionError("the LISTEN connection did not come up in time")
 
     async def aclose(self) -> None:
         """Finish queued commits, stop the writer and the listener, close every connection."""
@@ -493,7 +534,7 @@ class PostgresStore(Store):
             if conn is not None:
                 conn.terminate()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 1.0)
 
     async def wait(self, path: str, offset: str, timeout: float) -> bool:  # noqa: ASYNC109
         """As :meth:`Store.wait`; a wake-up from another process is re-checked first."""
@@ -588,7 +629,7 @@ class PostgresStore(Store):
                 continue
             except _NotCommitted as lost:
                 # the connection dropped before COMMIT was sent: nothing was applied
-                if attempt >= 3:
+                if attempt >= _MAX_ATTEMPTS:
                     raise lost.error from None
                 logger.warning("writer connection lost (%s); reconnecting", lost.error)
                 await self._reconnect_writer()
@@ -610,8 +651,9 @@ class PostgresStore(Store):
     async def _reconnect_writer(self) -> None:
         if self._writer is not None:
             self._writer.terminate()
-        await asyncio.sleep(0.05)
-        self._writer = await self._connect()
+        self._writer = await self._connect_retrying(
+            "streams-writer", time.monotonic() + self._connect_seconds
+        )
         self._writer_pid = self._writer.get_server_pid()
 
     async def _transaction(
@@ -650,7 +692,7 @@ class PostgresStore(Store):
         except _DISCONNECTED as exc:
             raise _NotCommitted(exc) from exc
         except BaseException:
-            with contextlib.suppress(*_DISCONNECTED):
+            with contextlib.suppress(Exception):
                 await transaction.rollback()
             raise
         await transaction.commit()
@@ -709,21 +751,25 @@ class PostgresStore(Store):
     # -- reads -----------------------------------------------------------------------------
 
     async def _reading(self, fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        """``fn(conn, *args)`` on a pooled connection; run again once if the connection turns
-        out to be dead (reads are idempotent)."""
-        for attempt in (1, 2):
+        """``fn(conn, *args)`` on a pooled connection; run again (with backoff, up to
+        ``connect_seconds``) while connections fail, e.g. across a server restart (reads are
+        idempotent)."""
+        deadline = time.monotonic() + self._connect_seconds
+        delay = 0.02
+        while True:
             if self._pool is None:
                 raise StreamsError("store is not open", path="")
             try:
                 async with self._pool.acquire() as conn:
                     return await fn(conn, *args)
-            except _DISCONNECTED:
-                if attempt == 2:
+            except _DISCONNECTED as exc:
+                if time.monotonic() + delay > deadline:
                     raise
-                logger.warning("reader connection lost; retrying the read", exc_info=True)
+                logger.warning("read failed (%s); retrying in %.2fs", exc, delay)
             except asyncpg.DataError as exc:  # e.g. a NUL character in a path or key
                 raise InvalidRequest(f"the database rejected the data: {exc}") from None
-        raise AssertionError("unreachable")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def head(self, path: str) -> StreamInfo:
         return await self._reading(self._head, path)

@@ -227,6 +227,52 @@ async def test_writer_and_readers_reconnect_after_their_connections_are_killed(
     assert await a.kv_scan("ns") == [("k", b"v")]
 
 
+async def test_appends_survive_connections_killed_under_load(two: tuple[Store, Store]) -> None:
+    a, b = two
+    await a.create("s")
+    acked: set[bytes] = set()
+    unknown: set[bytes] = set()
+
+    async def writer(store: Store, name: str) -> None:
+        for n in range(40):
+            data = f"{name}-{n}".encode()
+            try:
+                await store.append("s", [data])
+            except Exception:  # lost during COMMIT: it may or may not have landed
+                unknown.add(data)
+            else:
+                acked.add(data)
+
+    async def killer() -> None:
+        conn = await asyncpg.connect(parse_url(a.url).dsn)
+        try:
+            for _ in range(3):
+                await asyncio.sleep(0.05)
+                await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'streams-%' AND pid <> pg_backend_pid()"
+                )
+        finally:
+            await conn.close()
+
+    await asyncio.gather(
+        killer(),
+        *(writer(store, f"{tag}{i}") for i in range(4) for tag, store in (("a", a), ("b", b))),
+    )
+    messages = await read_all(a, "s")
+    stored = [m.data for m in messages]
+    assert len(stored) == len(set(stored))  # nothing applied twice
+    assert acked <= set(stored) <= acked | unknown
+    assert [m.offset for m in messages] == [
+        streams.format_offset(i + 1) for i in range(len(messages))
+    ]
+    assert len(acked) >= 200  # most appends went through despite the kills
+    waiter = asyncio.create_task(b.wait("s", messages[-1].offset, 5))
+    await asyncio.sleep(0.3)
+    await a.append("s", [b"after"])  # and NOTIFY works again
+    assert await asyncio.wait_for(waiter, 5) is True
+
+
 async def test_migrations_run_concurrently_from_several_stores(url: str) -> None:
     stores = [open_store(url) for _ in range(6)]
     await asyncio.gather(*(s.open() for s in stores))
