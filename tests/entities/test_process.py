@@ -379,6 +379,27 @@ async def test_a_retried_wake_does_not_run_the_program_again(sdk: Sdk, tmp_path:
         assert statuses == ["failed", "completed"]
 
 
+async def test_a_failed_turn_is_retried_and_answered_once(sdk: Sdk, tmp_path: Path) -> None:
+    """With ``max_attempts=2`` an agent error runs the program twice; the caller gets one
+    error reply, when the wake is given up."""
+    count = tmp_path / "runs.txt"
+    registry = Registry()
+    registry.define_process(
+        "agent",
+        command=[str(sdk.python), str(AGENT)],
+        env={"TEST_AGENT_COUNT_FILE": str(count)},
+        max_attempts=2,
+    )
+    async with runtime(registry) as rt:
+        await rt.spawn("/agent/t")
+        receipt = await rt.send("/agent/t", "fail-protocol")
+        await rt.run_until_idle()
+        assert count.read_text().splitlines() == ["fail-protocol", "fail-protocol"]
+        assert await rt.replies("/agent/t", receipt.key) == [{"error": "bad input"}]
+        statuses = [e["value"]["status"] for e in await events_of(rt, "/agent/t", "runs")]
+        assert statuses == ["failed", "dead_lettered"]
+
+
 async def test_a_redelivered_wake_does_not_run_the_program_again(sdk: Sdk, tmp_path: Path) -> None:
     """The worker dies (its task is cancelled) after the turn was journaled and before the
     commit; once the lease expires another worker redelivers the wake from the journal."""
