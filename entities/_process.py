@@ -362,18 +362,21 @@ def _signal_group(proc: Process, sig: signal.Signals) -> None:
 
 async def _lines(stream: ByteReceiveStream) -> AsyncIterator[str]:
     """Yield the decoded lines of ``stream`` (without line ends) until EOF."""
-    buffer = b""
+    pending: list[bytes] = []  # the pieces of an unfinished line
     while True:
         try:
             chunk = await stream.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
             break
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
+        *complete, rest = chunk.split(b"\n")
         for raw in complete:
+            if pending:
+                raw, pending = b"".join([*pending, raw]), []
             yield raw.decode("utf-8", errors="replace").rstrip("\r")
-    if buffer:
-        yield buffer.decode("utf-8", errors="replace").rstrip("\r")
+        if rest:
+            pending.append(rest)
+    if pending:
+        yield b"".join(pending).decode("utf-8", errors="replace").rstrip("\r")
 
 
 class _Collector:

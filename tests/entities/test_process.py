@@ -150,6 +150,23 @@ def test_classify_line_both_wires() -> None:
     assert classify_line("plain text") == ("body", "plain text", None)
 
 
+async def test_lines_are_split_across_chunks() -> None:
+    from entities._process import _lines
+
+    class Chunks:
+        def __init__(self, chunks: list[bytes]) -> None:
+            self.chunks = chunks
+
+        async def receive(self) -> bytes:
+            if not self.chunks:
+                raise anyio.EndOfStream
+            return self.chunks.pop(0)
+
+    chunks = [b"ab", b"c\nd\xc3", b"\xbc\n", b"\n", b"f", b"g\r\nh"]
+    got = [line async for line in _lines(Chunks(chunks))]  # type: ignore[arg-type]
+    assert got == ["abc", "dü", "", "fg", "h"]
+
+
 PROFILES = ["hello", "fail-protocol", "fail-send-error", "fail-crash", "none", "whoami"]
 
 
