@@ -38,8 +38,18 @@ import orjson
 
 from .._errors import InvalidRequest, StreamGone, StreamNotFound, StreamsError
 from .._offsets import format_offset, parse_offset
-from ._engine import Batch, Effects, Loader, ProducerRecord, StreamRecord, full, read_plan
+from ._engine import Batch, StreamRecord, full, read_plan
 from ._postgres_schema import PostgresUrl, advisory_key, migrate, parse_url
+from ._postgres_sql import (
+    COLUMNS,
+    GroupLoader,
+    ReadLoader,
+    fetch,
+    fetchval,
+    kv_upper,
+    persist,
+    to_record,
+)
 from .base import (
     Append,
     Create,
@@ -58,18 +68,6 @@ __all__ = ["PostgresStore"]
 
 logger = logging.getLogger("streams.postgres")
 
-_COLUMNS = (
-    "id, path, content_type, created_at, last_access, length, ttl_seconds, expires_at, closed, "
-    "closed_by, fork_parent, fork_position, last_stream_seq, deleted, fork_count, fork_sub_offset"
-)
-_UPSERT_STREAM = (
-    f"INSERT INTO streams ({_COLUMNS}) "
-    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) "
-    "ON CONFLICT (id) DO UPDATE SET last_access=excluded.last_access, length=excluded.length, "
-    "closed=excluded.closed, closed_by=excluded.closed_by, "
-    "last_stream_seq=excluded.last_stream_seq, deleted=excluded.deleted, "
-    "fork_count=excluded.fork_count"
-)
 _T = TypeVar("_T")
 _MAX_GROUP_OPS = 2048
 _MAX_ATTEMPTS = 20
@@ -88,49 +86,6 @@ _DISCONNECTED = (
     ConnectionError,
     OSError,
 )
-
-
-def _to_record(row: Any) -> StreamRecord:
-    closed_by = row["closed_by"]
-    return StreamRecord(
-        id=int(row["id"]),
-        path=str(row["path"]),
-        content_type=str(row["content_type"]),
-        created_at=float(row["created_at"]),
-        last_access=float(row["last_access"]),
-        length=int(row["length"]),
-        ttl_seconds=None if row["ttl_seconds"] is None else int(row["ttl_seconds"]),
-        expires_at=None if row["expires_at"] is None else float(row["expires_at"]),
-        closed=bool(row["closed"]),
-        closed_by=None if closed_by is None else tuple(orjson.loads(closed_by)),
-        fork_parent=None if row["fork_parent"] is None else int(row["fork_parent"]),
-        fork_position=int(row["fork_position"]),
-        last_stream_seq=row["last_stream_seq"],
-        deleted=bool(row["deleted"]),
-        fork_count=int(row["fork_count"]),
-        fork_sub_offset=int(row["fork_sub_offset"]),
-    )
-
-
-def _from_record(r: StreamRecord) -> tuple[object, ...]:
-    closed_by = None if r.closed_by is None else orjson.dumps(list(r.closed_by)).decode()
-    return (r.id, r.path, r.content_type, r.created_at, r.last_access, r.length, r.ttl_seconds,
-            r.expires_at, r.closed, closed_by, r.fork_parent, r.fork_position,
-            r.last_stream_seq, r.deleted, r.fork_count, r.fork_sub_offset)  # fmt: skip
-
-
-async def _fetchval(conn: Any, sql: str, *args: Any) -> Any:
-    return await conn.fetchval(sql, *args)
-
-
-async def _fetch(conn: Any, sql: str, *args: Any) -> list[Any]:
-    return list(await conn.fetch(sql, *args))
-
-
-def _kv_upper(prefix: str, end: str | None) -> str:
-    # keys starting with ``prefix`` sort between ``prefix`` and ``prefix + U+10FFFF`` (COLLATE "C")
-    upper = prefix + "\U0010ffff"
-    return end if end is not None and end < upper else upper
 
 
 def notification_payloads(names: Iterable[str]) -> list[str]:
@@ -166,203 +121,6 @@ class _Pending:
     def __init__(self, ops: Sequence[Op], future: asyncio.Future[list[OpResult]]) -> None:
         self.ops = ops
         self.future = future
-
-
-class _GroupLoader(Loader):
-    """Records as one group's transaction sees them: earlier batches' effects, then the rows it
-    locked. Everything it reads it reads ``FOR UPDATE``."""
-
-    def __init__(self, conn: Any, ids: list[int]) -> None:
-        self.conn = conn
-        self.ids = ids  # stream ids reserved from the sequence for this group's creates
-        self.effects = Effects()
-        self.by_path: dict[str, StreamRecord | None] = {}  # from effects (None: purged)
-        self.rows: dict[str, StreamRecord | None] = {}  # locked rows by path (None: absent)
-        self.rows_by_id: dict[int, StreamRecord] = {}
-        self.producers: dict[tuple[int, str], ProducerRecord | None] = {}
-        self.kv_rows: dict[tuple[str, str], bytes | None] = {}
-
-    def merge(self, effects: Effects) -> None:
-        purged_paths = [
-            path
-            for path, record in self.by_path.items()
-            if record is not None and record.id in effects.purged
-        ]
-        for path in purged_paths:
-            self.by_path[path] = None
-        for sid in effects.purged:
-            row = self.rows_by_id.get(sid)
-            if row is not None:
-                self.by_path[row.path] = None
-        self.effects.merge(effects)
-        for record in effects.streams.values():
-            self.by_path[record.path] = record
-
-    def _keep(self, record: StreamRecord) -> StreamRecord:
-        self.rows[record.path] = record
-        self.rows_by_id[record.id] = record
-        return record
-
-    async def stream(self, path: str) -> StreamRecord | None:
-        if path in self.by_path:
-            return self.by_path[path]
-        if path not in self.rows:
-            await self.prefetch([path])
-        record = self.rows[path]
-        return None if record is None or record.id in self.effects.purged else record
-
-    async def stream_by_id(self, stream_id: int) -> StreamRecord | None:
-        if stream_id in self.effects.purged:
-            return None
-        if stream_id in self.effects.streams:
-            return self.effects.streams[stream_id]
-        record = self.rows_by_id.get(stream_id)
-        if record is None:
-            row = await self.conn.fetchrow(
-                f"SELECT {_COLUMNS} FROM streams WHERE id=$1 FOR UPDATE", stream_id
-            )
-            if row is None:
-                return None
-            record = self._keep(_to_record(row))
-        if self.by_path.get(record.path, record) is None:
-            return None
-        return record
-
-    async def producer(self, stream_id: int, producer_id: str) -> ProducerRecord | None:
-        key = (stream_id, producer_id)
-        if key in self.effects.producers:
-            return self.effects.producers[key]
-        if key not in self.producers:
-            await self.prefetch_producers([key])
-        return self.producers[key]
-
-    def new_stream_id(self) -> int:
-        return self.ids.pop()
-
-    async def kv(self, namespace: str, key: str) -> bytes | None:
-        if (namespace, key) in self.effects.kv:
-            return self.effects.kv[(namespace, key)]
-        if (namespace, key) not in self.kv_rows:
-            await self.prefetch_kv([(namespace, key)])
-        return self.kv_rows[(namespace, key)]
-
-    async def prefetch(self, paths: Sequence[str]) -> None:
-        wanted = sorted(set(paths) - self.rows.keys())
-        if not wanted:
-            return
-        rows = await self.conn.fetch(
-            f"SELECT {_COLUMNS} FROM streams WHERE path = ANY($1::text[]) ORDER BY id FOR UPDATE",
-            wanted,
-        )
-        for path in wanted:
-            self.rows[path] = None
-        for row in rows:
-            self._keep(_to_record(row))
-
-    async def prefetch_producers(self, keys: Sequence[tuple[int, str]]) -> None:
-        wanted = sorted(set(keys) - self.producers.keys())
-        if not wanted:
-            return
-        rows = await self.conn.fetch(
-            "SELECT p.stream_id, p.producer_id, p.epoch, p.seq, p.length FROM producers p "
-            "JOIN unnest($1::bigint[], $2::text[]) AS w(stream_id, producer_id) "
-            "ON p.stream_id = w.stream_id AND p.producer_id = w.producer_id",
-            [k[0] for k in wanted],
-            [k[1] for k in wanted],
-        )
-        for key in wanted:
-            self.producers[key] = None
-        for row in rows:
-            record = ProducerRecord(int(row[0]), str(row[1]), int(row[2]), int(row[3]), int(row[4]))
-            self.producers[(record.stream_id, record.producer_id)] = record
-
-    async def prefetch_kv(self, keys: Sequence[tuple[str, str]]) -> None:
-        wanted = sorted(set(keys) - self.kv_rows.keys())
-        if not wanted:
-            return
-        rows = await self.conn.fetch(
-            "SELECT kv.namespace, kv.key, kv.value FROM kv "
-            "JOIN unnest($1::text[], $2::text[]) AS w(namespace, key) "
-            'ON kv.namespace = w.namespace COLLATE "C" AND kv.key = w.key COLLATE "C"',
-            [k[0] for k in wanted],
-            [k[1] for k in wanted],
-        )
-        for key in wanted:
-            self.kv_rows[key] = None
-        for row in rows:
-            self.kv_rows[(str(row[0]), str(row[1]))] = bytes(row[2])
-
-
-class _ReadLoader(Loader):
-    """Fork ancestors for a read plan, from a pooled connection."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-
-    async def stream(self, path: str) -> StreamRecord | None:
-        row = await self.conn.fetchrow(f"SELECT {_COLUMNS} FROM streams WHERE path=$1", path)
-        return None if row is None else _to_record(row)
-
-    async def stream_by_id(self, stream_id: int) -> StreamRecord | None:
-        row = await self.conn.fetchrow(f"SELECT {_COLUMNS} FROM streams WHERE id=$1", stream_id)
-        return None if row is None else _to_record(row)
-
-    async def producer(self, stream_id: int, producer_id: str) -> ProducerRecord | None:
-        raise NotImplementedError  # reads never consult producers
-
-    def new_stream_id(self) -> int:
-        raise NotImplementedError
-
-    async def kv(self, namespace: str, key: str) -> bytes | None:
-        raise NotImplementedError
-
-
-async def _persist(conn: Any, effects: Effects) -> None:
-    if effects.purged:
-        ids = sorted(effects.purged)
-        await conn.execute("DELETE FROM messages WHERE stream_id = ANY($1::bigint[])", ids)
-        await conn.execute("DELETE FROM producers WHERE stream_id = ANY($1::bigint[])", ids)
-        await conn.execute("DELETE FROM streams WHERE id = ANY($1::bigint[])", ids)
-    if effects.streams:
-        await conn.executemany(
-            _UPSERT_STREAM, [_from_record(r) for _sid, r in sorted(effects.streams.items())]
-        )
-    if effects.messages:
-        await conn.execute(
-            "INSERT INTO messages (stream_id, position, data) "
-            "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[])",
-            [m[0] for m in effects.messages],
-            [m[1] for m in effects.messages],
-            [m[2] for m in effects.messages],
-        )
-    if effects.producers:
-        await conn.executemany(
-            "INSERT INTO producers (stream_id, producer_id, epoch, seq, length) "
-            "VALUES ($1,$2,$3,$4,$5) ON CONFLICT (stream_id, producer_id) DO UPDATE SET "
-            "epoch=excluded.epoch, seq=excluded.seq, length=excluded.length",
-            [
-                (p.stream_id, p.producer_id, p.epoch, p.seq, p.length)
-                for _key, p in sorted(effects.producers.items())
-            ],
-        )
-    puts = sorted((ns, key, value) for (ns, key), value in effects.kv.items() if value is not None)
-    drops = sorted((ns, key) for (ns, key), value in effects.kv.items() if value is None)
-    if puts:
-        await conn.execute(
-            "INSERT INTO kv (namespace, key, value) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) "
-            "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value",
-            [p[0] for p in puts],
-            [p[1] for p in puts],
-            [p[2] for p in puts],
-        )
-    if drops:
-        await conn.execute(
-            "DELETE FROM kv USING unnest($1::text[], $2::text[]) AS d(namespace, key) "
-            'WHERE kv.namespace = d.namespace COLLATE "C" AND kv.key = d.key COLLATE "C"',
-            [d[0] for d in drops],
-            [d[1] for d in drops],
-        )
 
 
 class PostgresStore(Store):
@@ -658,7 +416,7 @@ class PostgresStore(Store):
 
     async def _transaction(
         self, group: list[_Pending]
-    ) -> tuple[_GroupLoader, list[list[OpResult] | StreamsError]]:
+    ) -> tuple[GroupLoader, list[list[OpResult] | StreamsError]]:
         conn = self._writer
         paths: set[str] = set()
         kv_keys: set[tuple[str, str]] = set()
@@ -707,7 +465,7 @@ class PostgresStore(Store):
         creates: int,
         producers: list[tuple[str, str]],
         locks: list[int],
-    ) -> tuple[_GroupLoader, list[list[OpResult] | StreamsError]]:
+    ) -> tuple[GroupLoader, list[list[OpResult] | StreamsError]]:
         """The transaction's body: lock, load, validate every call, persist, notify."""
         if locks:
             await conn.execute(
@@ -722,7 +480,7 @@ class PostgresStore(Store):
                 )
             )
             ids.reverse()
-        loader = _GroupLoader(conn, ids)
+        loader = GroupLoader(conn, ids)
         await loader.prefetch(sorted(paths))
         await loader.prefetch_kv(sorted(kv_keys))
         wanted_producers = []
@@ -743,7 +501,7 @@ class PostgresStore(Store):
             loader.merge(batch.effects)
             outcomes.append(results)
         effects = loader.effects
-        await _persist(conn, effects)
+        await persist(conn, effects)
         for payload in notification_payloads(effects.touched):
             await conn.execute("SELECT pg_notify($1, $2)", self._parsed.channel, payload)
         return loader, outcomes
@@ -776,7 +534,7 @@ class PostgresStore(Store):
 
     async def _head(self, conn: Any, path: str) -> StreamInfo:
         row = await conn.fetchrow(
-            f"SELECT {', '.join('s.' + c for c in _COLUMNS.split(', '))}, p.path AS parent_path "
+            f"SELECT {', '.join('s.' + c for c in COLUMNS.split(', '))}, p.path AS parent_path "
             "FROM streams s LEFT JOIN streams p ON p.id = s.fork_parent WHERE s.path=$1",
             path,
         )
@@ -785,7 +543,7 @@ class PostgresStore(Store):
 
     @staticmethod
     def _live(path: str, row: Any) -> StreamRecord:
-        record = None if row is None else _to_record(row)
+        record = None if row is None else to_record(row)
         if record is None or (not record.deleted and record.expired(time.time())):
             raise StreamNotFound(f"stream {path!r} not found", path=path)
         if record.deleted:
@@ -811,13 +569,13 @@ class PostgresStore(Store):
     ) -> tuple[ReadResult, bool]:
         """The read, and whether the stream has a TTL to renew."""
         parsed = parse_offset(offset, path=path)
-        row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM streams WHERE path=$1", path)
+        row = await conn.fetchrow(f"SELECT {COLUMNS} FROM streams WHERE path=$1", path)
         record = self._live(path, row)
         start = record.length if parsed is None else min(parsed, record.length)
         messages: list[Message] = []
         size = 0
         position = start
-        for sid, low, high in await read_plan(record, start, _ReadLoader(conn)):
+        for sid, low, high in await read_plan(record, start, ReadLoader(conn)):
             if full(len(messages), size, limit, max_bytes):
                 break
             rows = await conn.fetch(
@@ -842,7 +600,7 @@ class PostgresStore(Store):
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
         value = await self._reading(
-            _fetchval, "SELECT value FROM kv WHERE namespace=$1 AND key=$2", namespace, key
+            fetchval, "SELECT value FROM kv WHERE namespace=$1 AND key=$2", namespace, key
         )
         return None if value is None else bytes(value)
 
@@ -855,12 +613,12 @@ class PostgresStore(Store):
         limit: int | None = None,
     ) -> list[tuple[str, bytes]]:
         rows = await self._reading(
-            _fetch,
+            fetch,
             "SELECT key, value FROM kv WHERE namespace=$1 AND key >= $2 AND key < $3 "
             "ORDER BY key LIMIT $4",
             namespace,
             prefix,
-            _kv_upper(prefix, end),
+            kv_upper(prefix, end),
             limit,
         )
         return [(str(k), bytes(v)) for k, v in rows]

@@ -1,0 +1,276 @@
+"""SQL and record plumbing of the PostgreSQL backend: row <-> record conversion, the loader a
+group's transaction validates against (everything it reads it locks), the read-side loader, and
+persisting a group's effects in a handful of statements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from ._engine import Effects, Loader, ProducerRecord, StreamRecord
+
+__all__ = [
+    "COLUMNS",
+    "GroupLoader",
+    "ReadLoader",
+    "fetch",
+    "fetchval",
+    "kv_upper",
+    "persist",
+    "to_record",
+]
+
+COLUMNS = (
+    "id, path, content_type, created_at, last_access, length, ttl_seconds, expires_at, closed, "
+    "closed_by, fork_parent, fork_position, last_stream_seq, deleted, fork_count, fork_sub_offset"
+)
+UPSERT_STREAM = (
+    f"INSERT INTO streams ({COLUMNS}) "
+    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) "
+    "ON CONFLICT (id) DO UPDATE SET last_access=excluded.last_access, length=excluded.length, "
+    "closed=excluded.closed, closed_by=excluded.closed_by, "
+    "last_stream_seq=excluded.last_stream_seq, deleted=excluded.deleted, "
+    "fork_count=excluded.fork_count"
+)
+
+
+def to_record(row: Any) -> StreamRecord:
+    closed_by = row["closed_by"]
+    return StreamRecord(
+        id=int(row["id"]),
+        path=str(row["path"]),
+        content_type=str(row["content_type"]),
+        created_at=float(row["created_at"]),
+        last_access=float(row["last_access"]),
+        length=int(row["length"]),
+        ttl_seconds=None if row["ttl_seconds"] is None else int(row["ttl_seconds"]),
+        expires_at=None if row["expires_at"] is None else float(row["expires_at"]),
+        closed=bool(row["closed"]),
+        closed_by=None if closed_by is None else tuple(orjson.loads(closed_by)),
+        fork_parent=None if row["fork_parent"] is None else int(row["fork_parent"]),
+        fork_position=int(row["fork_position"]),
+        last_stream_seq=row["last_stream_seq"],
+        deleted=bool(row["deleted"]),
+        fork_count=int(row["fork_count"]),
+        fork_sub_offset=int(row["fork_sub_offset"]),
+    )
+
+
+def from_record(r: StreamRecord) -> tuple[object, ...]:
+    closed_by = None if r.closed_by is None else orjson.dumps(list(r.closed_by)).decode()
+    return (r.id, r.path, r.content_type, r.created_at, r.last_access, r.length, r.ttl_seconds,
+            r.expires_at, r.closed, closed_by, r.fork_parent, r.fork_position,
+            r.last_stream_seq, r.deleted, r.fork_count, r.fork_sub_offset)  # fmt: skip
+
+
+async def fetchval(conn: Any, sql: str, *args: Any) -> Any:
+    return await conn.fetchval(sql, *args)
+
+
+async def fetch(conn: Any, sql: str, *args: Any) -> list[Any]:
+    return list(await conn.fetch(sql, *args))
+
+
+def kv_upper(prefix: str, end: str | None) -> str:
+    # keys starting with ``prefix`` sort between ``prefix`` and ``prefix + U+10FFFF`` (COLLATE "C")
+    upper = prefix + "\U0010ffff"
+    return end if end is not None and end < upper else upper
+
+
+class GroupLoader(Loader):
+    """Records as one group's transaction sees them: earlier batches' effects, then the rows it
+    locked. Everything it reads it reads ``FOR UPDATE``."""
+
+    def __init__(self, conn: Any, ids: list[int]) -> None:
+        self.conn = conn
+        self.ids = ids  # stream ids reserved from the sequence for this group's creates
+        self.effects = Effects()
+        self.by_path: dict[str, StreamRecord | None] = {}  # from effects (None: purged)
+        self.rows: dict[str, StreamRecord | None] = {}  # locked rows by path (None: absent)
+        self.rows_by_id: dict[int, StreamRecord] = {}
+        self.producers: dict[tuple[int, str], ProducerRecord | None] = {}
+        self.kv_rows: dict[tuple[str, str], bytes | None] = {}
+
+    def merge(self, effects: Effects) -> None:
+        purged_paths = [
+            path
+            for path, record in self.by_path.items()
+            if record is not None and record.id in effects.purged
+        ]
+        for path in purged_paths:
+            self.by_path[path] = None
+        for sid in effects.purged:
+            row = self.rows_by_id.get(sid)
+            if row is not None:
+                self.by_path[row.path] = None
+        self.effects.merge(effects)
+        for record in effects.streams.values():
+            self.by_path[record.path] = record
+
+    def _keep(self, record: StreamRecord) -> StreamRecord:
+        self.rows[record.path] = record
+        self.rows_by_id[record.id] = record
+        return record
+
+    async def stream(self, path: str) -> StreamRecord | None:
+        if path in self.by_path:
+            return self.by_path[path]
+        if path not in self.rows:
+            await self.prefetch([path])
+        record = self.rows[path]
+        return None if record is None or record.id in self.effects.purged else record
+
+    async def stream_by_id(self, stream_id: int) -> StreamRecord | None:
+        if stream_id in self.effects.purged:
+            return None
+        if stream_id in self.effects.streams:
+            return self.effects.streams[stream_id]
+        record = self.rows_by_id.get(stream_id)
+        if record is None:
+            row = await self.conn.fetchrow(
+                f"SELECT {COLUMNS} FROM streams WHERE id=$1 FOR UPDATE", stream_id
+            )
+            if row is None:
+                return None
+            record = self._keep(to_record(row))
+        if self.by_path.get(record.path, record) is None:
+            return None
+        return record
+
+    async def producer(self, stream_id: int, producer_id: str) -> ProducerRecord | None:
+        key = (stream_id, producer_id)
+        if key in self.effects.producers:
+            return self.effects.producers[key]
+        if key not in self.producers:
+            await self.prefetch_producers([key])
+        return self.producers[key]
+
+    def new_stream_id(self) -> int:
+        return self.ids.pop()
+
+    async def kv(self, namespace: str, key: str) -> bytes | None:
+        if (namespace, key) in self.effects.kv:
+            return self.effects.kv[(namespace, key)]
+        if (namespace, key) not in self.kv_rows:
+            await self.prefetch_kv([(namespace, key)])
+        return self.kv_rows[(namespace, key)]
+
+    async def prefetch(self, paths: Sequence[str]) -> None:
+        wanted = sorted(set(paths) - self.rows.keys())
+        if not wanted:
+            return
+        rows = await self.conn.fetch(
+            f"SELECT {COLUMNS} FROM streams WHERE path = ANY($1::text[]) ORDER BY id FOR UPDATE",
+            wanted,
+        )
+        for path in wanted:
+            self.rows[path] = None
+        for row in rows:
+            self._keep(to_record(row))
+
+    async def prefetch_producers(self, keys: Sequence[tuple[int, str]]) -> None:
+        wanted = sorted(set(keys) - self.producers.keys())
+        if not wanted:
+            return
+        rows = await self.conn.fetch(
+            "SELECT p.stream_id, p.producer_id, p.epoch, p.seq, p.length FROM producers p "
+            "JOIN unnest($1::bigint[], $2::text[]) AS w(stream_id, producer_id) "
+            "ON p.stream_id = w.stream_id AND p.producer_id = w.producer_id",
+            [k[0] for k in wanted],
+            [k[1] for k in wanted],
+        )
+        for key in wanted:
+            self.producers[key] = None
+        for row in rows:
+            record = ProducerRecord(int(row[0]), str(row[1]), int(row[2]), int(row[3]), int(row[4]))
+            self.producers[(record.stream_id, record.producer_id)] = record
+
+    async def prefetch_kv(self, keys: Sequence[tuple[str, str]]) -> None:
+        wanted = sorted(set(keys) - self.kv_rows.keys())
+        if not wanted:
+            return
+        rows = await self.conn.fetch(
+            "SELECT kv.namespace, kv.key, kv.value FROM kv "
+            "JOIN unnest($1::text[], $2::text[]) AS w(namespace, key) "
+            'ON kv.namespace = w.namespace COLLATE "C" AND kv.key = w.key COLLATE "C"',
+            [k[0] for k in wanted],
+            [k[1] for k in wanted],
+        )
+        for key in wanted:
+            self.kv_rows[key] = None
+        for row in rows:
+            self.kv_rows[(str(row[0]), str(row[1]))] = bytes(row[2])
+
+
+class ReadLoader(Loader):
+    """Fork ancestors for a read plan, from a pooled connection."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def stream(self, path: str) -> StreamRecord | None:
+        row = await self.conn.fetchrow(f"SELECT {COLUMNS} FROM streams WHERE path=$1", path)
+        return None if row is None else to_record(row)
+
+    async def stream_by_id(self, stream_id: int) -> StreamRecord | None:
+        row = await self.conn.fetchrow(f"SELECT {COLUMNS} FROM streams WHERE id=$1", stream_id)
+        return None if row is None else to_record(row)
+
+    async def producer(self, stream_id: int, producer_id: str) -> ProducerRecord | None:
+        raise NotImplementedError  # reads never consult producers
+
+    def new_stream_id(self) -> int:
+        raise NotImplementedError
+
+    async def kv(self, namespace: str, key: str) -> bytes | None:
+        raise NotImplementedError
+
+
+async def persist(conn: Any, effects: Effects) -> None:
+    if effects.purged:
+        ids = sorted(effects.purged)
+        await conn.execute("DELETE FROM messages WHERE stream_id = ANY($1::bigint[])", ids)
+        await conn.execute("DELETE FROM producers WHERE stream_id = ANY($1::bigint[])", ids)
+        await conn.execute("DELETE FROM streams WHERE id = ANY($1::bigint[])", ids)
+    if effects.streams:
+        await conn.executemany(
+            UPSERT_STREAM, [from_record(r) for _sid, r in sorted(effects.streams.items())]
+        )
+    if effects.messages:
+        await conn.execute(
+            "INSERT INTO messages (stream_id, position, data) "
+            "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[])",
+            [m[0] for m in effects.messages],
+            [m[1] for m in effects.messages],
+            [m[2] for m in effects.messages],
+        )
+    if effects.producers:
+        await conn.executemany(
+            "INSERT INTO producers (stream_id, producer_id, epoch, seq, length) "
+            "VALUES ($1,$2,$3,$4,$5) ON CONFLICT (stream_id, producer_id) DO UPDATE SET "
+            "epoch=excluded.epoch, seq=excluded.seq, length=excluded.length",
+            [
+                (p.stream_id, p.producer_id, p.epoch, p.seq, p.length)
+                for _key, p in sorted(effects.producers.items())
+            ],
+        )
+    puts = sorted((ns, key, value) for (ns, key), value in effects.kv.items() if value is not None)
+    drops = sorted((ns, key) for (ns, key), value in effects.kv.items() if value is None)
+    if puts:
+        await conn.execute(
+            "INSERT INTO kv (namespace, key, value) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) "
+            "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value",
+            [p[0] for p in puts],
+            [p[1] for p in puts],
+            [p[2] for p in puts],
+        )
+    if drops:
+        await conn.execute(
+            "DELETE FROM kv USING unnest($1::text[], $2::text[]) AS d(namespace, key) "
+            'WHERE kv.namespace = d.namespace COLLATE "C" AND kv.key = d.key COLLATE "C"',
+            [d[0] for d in drops],
+            [d[1] for d in drops],
+        )
