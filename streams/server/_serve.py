@@ -10,7 +10,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from .. import open_store
-from ._app import create_app
+from ._app import StreamsApp, create_app
 from ._settings import ServerSettings
 
 __all__ = ["serve", "serve_app"]
@@ -19,20 +19,25 @@ logger = logging.getLogger("streams.server")
 
 
 class _StoreApp:
-    """Opens the store at startup (inside the server's event loop) and closes it at shutdown."""
+    """Opens the store at startup (inside the server's event loop) and closes it at shutdown.
+
+    It needs the ASGI lifespan (uvicorn's default, ``lifespan="on"``).
+    """
 
     def __init__(self, url: str, settings: ServerSettings) -> None:
         self.url = url
         self.settings = settings
+        self.app: StreamsApp | None = None
 
     @contextlib.asynccontextmanager
     async def _running(self) -> AsyncIterator[None]:
         async with open_store(self.url) as store:
-            self.app = create_app(store, settings=self.settings)
+            app = self.app = create_app(store, settings=self.settings)
             try:
                 yield
             finally:
-                await self.app.aclose()
+                self.app = None
+                await app.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -51,6 +56,8 @@ class _StoreApp:
             await running.__aexit__(None, None, None)
             await send({"type": "lifespan.shutdown.complete"})
             return
+        if self.app is None:
+            raise RuntimeError("the store is not open: run this app with the ASGI lifespan on")
         await self.app(scope, receive, send)
 
 
