@@ -458,6 +458,107 @@ class Runtime:
             except StreamClosed:
                 return
 
+    async def schedules(self, url: str) -> list[dict[str, Any]]:
+        """The entity's schedules (cron and delayed sends) from its manifest.
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+        """
+        view = await self.view(url)
+        return [v for v in view.get("manifests", {}).values() if v.get("kind") == "schedule"]
+
+    async def schedule_cron(
+        self,
+        url: str,
+        id: str,
+        expression: str,
+        *,
+        timezone: str = "UTC",
+        payload: Any = None,
+    ) -> dict[str, Any]:
+        """Create or replace a cron schedule of the entity from outside a wake (what
+        ``ctx.schedule_cron`` does inside one). Returns the manifest entry.
+
+        Raises:
+            EntityNotFound, EntityStopped: no such (running) entity.
+            ContextError: an invalid expression or timezone.
+        """
+        from ._manifest import ScheduleEntry
+        from ._scheduler import TimerValue, arm_ops, next_cron, timer_key
+
+        target = parse_url(url)
+        await self.get(target.url)
+        schedule_id = f"cron:{id}"
+        fire_at = next_cron(expression, timezone, self.clock.now())
+        current = next(
+            (s for s in await self.schedules(target.url) if s["id"] == schedule_id), None
+        )
+        replaces = None
+        if current and current.get("fire_at") is not None:
+            replaces = timer_key(current["fire_at"], target.url, schedule_id)
+        timer = TimerValue(
+            kind="cron",
+            owner=target.url,
+            schedule_id=schedule_id,
+            due=fire_at,
+            payload=payload,
+            expression=expression,
+            timezone=timezone,
+        )
+        entry = ScheduleEntry(
+            id=schedule_id,
+            schedule_type="cron",
+            expression=expression,
+            timezone=timezone,
+            fire_at=fire_at,
+            payload=payload,
+            status="active",
+        ).model_dump(mode="json")
+        now = self.clock.now()
+        operation = "update" if current else "insert"
+        await self._external(
+            target,
+            [event("manifests", schedule_id, entry, now, operation)],
+            arm_ops(timer, replaces),
+        )
+        return entry
+
+    async def cancel_schedule(self, url: str, id: str) -> bool:
+        """Cancel a cron schedule (by id) or a pending delayed send (by message key) from
+        outside a wake; returns whether it existed.
+
+        Raises:
+            EntityNotFound, EntityStopped: no such (running) entity.
+        """
+        from ._scheduler import cancel_ops, timer_key
+
+        target = parse_url(url)
+        for entry in await self.schedules(target.url):
+            if entry["id"] in (f"cron:{id}", f"send:{id}", id) and entry.get("status") in (
+                "active",
+                "pending",
+            ):
+                key = None
+                if entry.get("fire_at") is not None:
+                    key = timer_key(entry["fire_at"], target.url, entry["id"])
+                data = dict(entry, status="cancelled")
+                now = self.clock.now()
+                await self._external(
+                    target,
+                    [event("manifests", entry["id"], data, now, "update")],
+                    cancel_ops(target.url, entry["id"], key),
+                )
+                return True
+        return False
+
+    async def _external(self, target: EntityURL, events: list[bytes], ops: list[Op]) -> None:
+        try:
+            await self.store.commit([Append(target.stream, events), *ops])
+        except StreamClosed:
+            raise EntityStopped(f"entity {target.url} was stopped") from None
+        except (StreamNotFound, StreamGone):
+            raise EntityNotFound(f"no entity at {target.url}") from None
+
     async def set_tag(self, url: str, key: str, value: str) -> None:
         """Set a tag from outside a wake (recorded in the entity's stream).
 

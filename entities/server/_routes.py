@@ -53,6 +53,13 @@ class SendBody(BaseModel):
     sender: str | None = Field(default=None, alias="from")
 
 
+class CronBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    expression: str
+    timezone: str = "UTC"
+    payload: Any = None
+
+
 class TagBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     value: str
@@ -192,6 +199,23 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
                         await runtime.store.wait(target.stream, head.next_offset, 5.0)
         return json_response({"key": key, "replies": found})
 
+    async def schedules(request: Request) -> Response:
+        target = _target(request)
+        return json_response(await runtime.schedules(target.url))
+
+    async def schedule(request: Request) -> Response:
+        target = _target(request)
+        schedule_id = request.path_params["schedule"]
+        if request.method == "DELETE":
+            if not await runtime.cancel_schedule(target.url, schedule_id):
+                raise _Problem(404, "SCHEDULE_NOT_FOUND", f"no schedule {schedule_id!r}")
+            return json_response({"cancelled": schedule_id})
+        body = await _body(request, CronBody, max_body_bytes)
+        entry = await runtime.schedule_cron(
+            target.url, schedule_id, body.expression, timezone=body.timezone, payload=body.payload
+        )
+        return json_response(entry)
+
     base = "/_entities/entities/{type}/{id}"
     return [
         Route("/_entities/types", guarded(types), methods=["GET"]),
@@ -201,5 +225,7 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         Route(base, guarded(kill), methods=["DELETE"]),
         Route(base + "/send", guarded(send), methods=["POST"]),
         Route(base + "/tags/{key}", guarded(tag), methods=["POST", "PUT", "DELETE"]),
+        Route(base + "/schedules", guarded(schedules), methods=["GET"]),
+        Route(base + "/schedules/{schedule}", guarded(schedule), methods=["PUT", "DELETE"]),
         Route(base + "/replies/{key}", guarded(replies), methods=["GET"]),
     ]
