@@ -49,6 +49,7 @@ from ._records import (
 from ._registry import EntityType, call_maybe_async
 from ._runtime import JSON, TAG_NS, Runtime, _inbox, event, new_token
 from ._scheduler import (
+    FIRE_BATCH,
     arm_ops,
     cancel_ops,
     debounce_timer,
@@ -133,12 +134,27 @@ class Worker:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stopper, stop)
                 tg.start_soon(self._heartbeats)
+                failures = 0
                 while not stop.is_set():
                     self._kick = anyio.Event()
-                    await fire_due(self.rt.store, self.rt.clock.now())
-                    next_timer = await next_due(self.rt.store)
-                    next_blocked = await self._dispatch(tg)
                     timeout = self.poll_interval
+                    try:
+                        # one batch per turn, so wakes of delivered timers interleave with
+                        # firing the rest (an overdue timer makes the next turn immediate)
+                        await fire_due(self.rt.store, self.rt.clock.now(), limit=FIRE_BATCH)
+                        next_timer = await next_due(self.rt.store)
+                        next_blocked = await self._dispatch(tg)
+                        failures = 0
+                    except Exception as exc:  # e.g. the database restarts: retry, backing off
+                        failures += 1
+                        logger.warning(
+                            "worker loop failed (%s: %s); retrying", type(exc).__name__, exc
+                        )
+                        next_timer = next_blocked = None
+                        timeout = min(timeout, 0.05 * 2 ** min(failures, 8))
+                        with anyio.move_on_after(timeout):
+                            await stop.wait()
+                        continue
                     for due in (next_timer, next_blocked):
                         if due is not None:
                             timeout = max(0.0, min(timeout, due - self.rt.clock.now()))
@@ -616,6 +632,9 @@ class Worker:
                             ]
                         )
                     except ConditionFailed:
+                        continue
+                    except Exception as exc:  # e.g. the database restarts: try next round
+                        logger.warning("lease renewal of %s failed: %r", claim.url, exc)
                         continue
                     claim.record, claim.raw = renewed, raw
 
