@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import anyio
 import asyncpg
 import orjson
 import pytest
@@ -23,6 +26,8 @@ from streams._backends.postgres import PostgresStore, notification_payloads
 from tests import _postgres
 
 pytestmark = _postgres.marks()
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -81,6 +86,52 @@ async def test_concurrent_appends_from_two_stores_are_gapless_and_contiguous(
         index += size
     offsets = {offset for acked in acks for offset, _size in acked}
     assert len(offsets) == sum(len(acked) for acked in acks)  # no two batches share a tail
+
+
+_APPENDER = """
+import asyncio, sys
+import orjson
+import streams
+
+async def main(url, name, batches):
+    async with streams.open_store(url) as store:
+        for batch in range(batches):
+            size = 1 + batch % 3
+            await store.append("s", [orjson.dumps([name, batch, i]) for i in range(size)])
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_separate_processes_append_gapless_and_wake_each_other(url: str) -> None:
+    async with open_store(url) as store:
+        await store.create("s")
+        seen = 0
+        woken = 0
+        procs = [
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _APPENDER, url, f"p{i}", "60", cwd=ROOT
+            )
+            for i in range(3)
+        ]
+        expected = 3 * sum(1 + b % 3 for b in range(60))
+        with anyio.fail_after(60):
+            while seen < expected:  # only NOTIFY from the other processes wakes this wait
+                if await store.wait("s", streams.format_offset(seen), 10):
+                    woken += 1
+                seen = streams.parse_offset((await store.head("s")).next_offset) or 0
+        assert [await p.wait() for p in procs] == [0, 0, 0]
+        messages = await read_all(store, "s")
+    assert woken > 0
+    decoded = [orjson.loads(m.data) for m in messages]
+    assert len(decoded) == expected
+    assert [m.offset for m in messages] == [streams.format_offset(i + 1) for i in range(expected)]
+    index = 0
+    while index < len(decoded):
+        name, batch, _ = decoded[index]
+        size = 1 + batch % 3
+        assert decoded[index : index + size] == [[name, batch, i] for i in range(size)]
+        index += size
 
 
 async def test_compare_and_set_race_has_exactly_one_winner(two: tuple[Store, Store]) -> None:
