@@ -115,6 +115,12 @@ class _NotCommitted(Exception):
         self.error = error
 
 
+async def _keep_session(_conn: Any) -> None:
+    """The pool's reset on release: nothing. Reads change no session state (no temporary
+    tables, settings, LISTEN or advisory locks), so asyncpg's default reset query (``RESET ALL;
+    UNLISTEN *; ...``, a round trip after every read) is pure overhead."""
+
+
 class _Pending:
     __slots__ = ("future", "ops")
 
@@ -202,6 +208,7 @@ class PostgresStore(Store):
                 "search_path": self._parsed.search_path,
                 "application_name": "streams-reader",
             },
+            reset=_keep_session,
         )
         self._listening = asyncio.Event()
         self._listener_task = asyncio.create_task(
