@@ -176,13 +176,15 @@ class Worker:
         self._poke()
 
     async def _dispatch(self, tg: anyio.abc.TaskGroup) -> float | None:
+        if len(self._active) >= self.concurrency:
+            return None  # no free lane (a finishing wake pokes this loop): skip the scan
         now = self.rt.clock.now()
         next_due: float | None = None
         pending = await self.rt.store.kv_scan(PENDING_NS)
         if pending:
             shift = random.randrange(len(pending))
             pending = pending[shift:] + pending[:shift]
-        for url, token in pending:
+        for url, _token in pending:
             if len(self._active) >= self.concurrency:
                 break
             blocked = self._blocked.get(url)
@@ -194,12 +196,15 @@ class Worker:
             if url in self._active:
                 continue
             self._active.add(url)
-            tg.start_soon(self._process, url, token)
+            tg.start_soon(self._process, url)
         return next_due
 
-    async def _process(self, url: str, token: bytes) -> None:
+    async def _process(self, url: str) -> None:
         try:
-            claim = await self.claim(url, token)
+            # the scan that found ``url`` may be stale by now: another worker may have run its
+            # wake meanwhile. ``claim`` re-reads the pending mark (one point read) rather than
+            # claim an entity with nothing to do (an empty wake: two commits)
+            claim = await self.claim(url)
             if claim is not None:
                 await self.run_wake(claim)
                 self.wakes += 1
