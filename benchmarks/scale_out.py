@@ -1,0 +1,365 @@
+"""Scale-out on PostgreSQL: wake throughput with 1, 2 and 4 worker processes, and the latency
+from a send in one process to the handler in another.
+
+    python benchmarks/scale_out.py [--quick] [--db postgresql://user@host:port/db]
+
+The database is ``--db``, else ``ENTITIES_BENCH_POSTGRES_URL``, else ``ENTITIES_TEST_POSTGRES_URL``,
+else ``postgresql://postgres@127.0.0.1:5432/test``; every measurement uses a fresh schema, dropped
+afterwards.
+
+- ``workers_1`` / ``workers_2`` / ``workers_4``: wakes per second. 1,000 counters are spawned and
+  each is sent N messages while no worker runs; then K worker processes (multiprocessing, each
+  ``Runtime(...).worker().run(stop)`` on its own store, concurrency 64) are released together
+  and timed until nothing is pending. A wake takes all of its entity's waiting messages, so this
+  is about one wake per counter per round; rounds repeat (fresh N messages each, workers paused
+  at a barrier meanwhile) and the median round counts.
+- ``p50_ms`` / ``p99_ms``: send-to-handler latency across processes: the benchmark process sends
+  (wall clock taken just before ``Runtime.send``), one worker process runs the wake, and its
+  handler replies with the wall clock at which it started (LISTEN/NOTIFY carries the wake-up).
+
+Prints a table, then, as its last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+import uuid
+from multiprocessing.synchronize import Barrier, Event
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import anyio
+from pydantic import BaseModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from entities import HandlerContext, Registry, Runtime, WakeEvent, collection
+
+DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/test"
+COUNTERS = 1000
+
+registry = Registry()
+
+
+class Total(BaseModel):
+    key: str
+    value: int = 0
+
+
+@registry.define(
+    "counter",
+    description="adds; replies with the total and the wall clock at which the handler started",
+    state={"totals": collection(Total, primary_key="key")},
+)
+async def counter(ctx: HandlerContext, wake: WakeEvent) -> None:
+    started = time.time()
+    totals = ctx.db.collections.totals
+    current = totals.get("total")
+    total = 0 if current is None else current.value
+    for message in wake.messages:
+        total += int(message.payload.get("add", 0))
+        ctx.reply({"total": total, "started": started}, to=message)
+    if wake.messages:
+        row = Total(key="total", value=total)
+        if current is None:
+            ctx.db.actions.totals_insert(row=row)
+        else:
+            ctx.db.actions.totals_update(key="total", updater=row)
+
+
+# -- worker processes ------------------------------------------------------------------------
+
+
+def _worker_process(db: str, index: int, gate: Barrier, stop: Event, rounds: int, out: Any) -> None:
+    """One worker process: open the store, then for each round wait at the barrier with the
+    others and the benchmark, run wakes until told to pause, and report how many it ran."""
+    profile_dir = os.environ.get("SCALE_OUT_PROFILE")
+    if not profile_dir:
+        anyio.run(_worker_main, db, index, gate, stop, rounds, out)
+        return
+    import cProfile
+
+    with cProfile.Profile() as profile:  # a diagnostic: SCALE_OUT_PROFILE=DIR
+        anyio.run(_worker_main, db, index, gate, stop, rounds, out)
+    profile.dump_stats(str(Path(profile_dir) / f"worker-{os.getpid()}.prof"))
+
+
+async def _worker_main(
+    db: str, index: int, gate: Barrier, stop: Event, rounds: int, out: Any
+) -> None:
+    async with Runtime(registry, db, worker_id=f"bench-{index}", lease_seconds=30) as rt:
+        worker = rt.worker()
+        for _ in range(rounds):
+            await anyio.to_thread.run_sync(gate.wait)  # ready: go together
+            paused = anyio.Event()
+
+            async def watch(paused: anyio.Event = paused) -> None:
+                await anyio.to_thread.run_sync(stop.wait)
+                paused.set()
+
+            before, cpu = worker.wakes, time.process_time()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                await worker.run(paused)
+                tg.cancel_scope.cancel()
+            out.put((worker.wakes - before, time.process_time() - cpu))
+            await anyio.to_thread.run_sync(gate.wait)  # paused: the benchmark may reset
+
+
+def _spin(loops: int) -> None:
+    total = 0
+    for i in range(loops):
+        total += i * i
+
+
+def cpu_parallelism(processes: int, loops: int = 3_000_000) -> float:
+    """How many pure-Python processes this machine runs in parallel right now: ``processes``
+    spinning together, relative to one alone (2.0 on two idle cores; less when other load
+    competes). Read the wake speed-ups against this."""
+    ctx = multiprocessing.get_context("fork")
+
+    def run(count: int) -> float:
+        procs = [ctx.Process(target=_spin, args=(loops,)) for _ in range(count)]
+        start = time.perf_counter()
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+        return time.perf_counter() - start
+
+    alone = min(run(1) for _ in range(2))
+    together = min(run(processes) for _ in range(2))
+    return processes * alone / together
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def fresh_url(base: str) -> str:
+    parts = urlsplit(base)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in {"schema", "search_path"}]
+    query.append(("schema", f"bench_{uuid.uuid4().hex[:16]}"))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+async def drop_schema(url: str) -> None:
+    import asyncpg
+
+    from streams._backends._postgres_schema import parse_url, quote_ident
+
+    parsed = parse_url(url)
+    conn = await asyncpg.connect(parsed.dsn, timeout=10)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(parsed.schema)} CASCADE")
+    finally:
+        await conn.close()
+
+
+async def _bulk(calls: list[Any], width: int = 256) -> None:
+    """Run the coroutine functions ``calls`` with at most ``width`` in flight."""
+    limiter = anyio.Semaphore(width)
+
+    async def one(call: Any) -> None:
+        async with limiter:
+            await call()
+
+    async with anyio.create_task_group() as tg:
+        for call in calls:
+            tg.start_soon(one, call)
+
+
+async def pending_count(rt: Runtime) -> int:
+    from entities._records import PENDING_NS
+
+    return len(await rt.store.kv_scan(PENDING_NS, limit=1))
+
+
+async def wait_idle(rt: Runtime, interval: float = 0.01) -> None:
+    """Return once no entity is pending (polled every ``interval`` seconds)."""
+    while True:
+        if not await pending_count(rt):
+            return
+        await anyio.sleep(interval)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+# -- measurements -----------------------------------------------------------------------------
+
+
+async def measure_throughput(base: str, workers: int, messages: int, rounds: int) -> dict[str, Any]:
+    """Median wakes/s over ``rounds`` rounds with ``workers`` worker processes."""
+    db = fresh_url(base)
+    ctx = multiprocessing.get_context("spawn")
+    gate = ctx.Barrier(workers + 1, timeout=120)
+    stop = ctx.Event()
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker_process, args=(db, i, gate, stop, rounds, out), daemon=True)
+        for i in range(workers)
+    ]
+    rates: list[float] = []
+    wakes_seen: list[int] = []
+    cpu_ms: list[float] = []  # worker CPU per wake, summed over the worker processes
+    try:
+        async with Runtime(registry, db) as rt:  # creates the schema before the workers open it
+            for proc in procs:
+                proc.start()
+            urls = [f"/counter/c{i}" for i in range(COUNTERS)]
+            await _bulk([lambda u=u: rt.spawn(u) for u in urls])
+            for round_ in range(rounds):
+                await _bulk(
+                    [
+                        lambda u=u, m=m: rt.send(u, {"add": 1 + m})
+                        for m in range(messages)
+                        for u in urls
+                    ]
+                )
+                await anyio.to_thread.run_sync(gate.wait)  # everyone ready: go
+                start = time.perf_counter()
+                await wait_idle(rt)
+                elapsed = time.perf_counter() - start
+                stop.set()
+                reports = [out.get(timeout=60) for _ in procs]
+                wakes = sum(w for w, _ in reports)
+                cpu_ms.append(1000 * sum(c for _, c in reports) / max(1, wakes))
+                await anyio.to_thread.run_sync(gate.wait)  # everyone paused
+                stop.clear()
+                rates.append(wakes / elapsed)
+                wakes_seen.append(wakes)
+                del round_
+            # every message of every round was applied exactly once
+            expected = rounds * sum(1 + m for m in range(messages))
+            for url in (urls[0], urls[len(urls) // 2], urls[-1]):
+                state = await rt.state_of(url)
+                got = state["totals"].get("total", {"value": None})["value"]
+                assert got == expected, (url, got, expected)
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        await drop_schema(db)
+    return {
+        "workers": workers,
+        "wakes_per_s": statistics.median(rates),
+        "rounds": [round(r) for r in rates],
+        "wakes": wakes_seen,
+        "worker_cpu_ms_per_wake": statistics.median(cpu_ms),
+    }
+
+
+async def measure_latency(base: str, samples: int) -> list[float]:
+    """Send-to-handler latency (ms) with the handler in another process."""
+    db = fresh_url(base)
+    ctx = multiprocessing.get_context("spawn")
+    gate = ctx.Barrier(2, timeout=120)
+    stop = ctx.Event()
+    out = ctx.Queue()
+    proc = ctx.Process(target=_worker_process, args=(db, 0, gate, stop, 1, out), daemon=True)
+    latencies: list[float] = []
+    try:
+        async with Runtime(registry, db) as rt:
+            proc.start()
+            targets = [f"/counter/l{i}" for i in range(20)]
+            for url in targets:
+                await rt.spawn(url)
+            await anyio.to_thread.run_sync(gate.wait)
+            await wait_idle(rt)  # the spawns' first wakes
+            for seq in range(samples + 20):
+                url = targets[seq % len(targets)]
+                sent = time.time()
+                receipt = await rt.send(url, {"add": 1})
+                stream = url.lstrip("/") + "/main"
+                offset = receipt.offset
+                deadline = time.monotonic() + 10
+                replies: list[Any] = []
+                while not replies:
+                    assert time.monotonic() < deadline, "no reply within 10 s"
+                    await rt.store.wait(stream, offset, 1.0)
+                    replies = await rt.replies(url, receipt.key, after=receipt.offset)
+                    offset = (await rt.store.head(stream)).next_offset
+                if seq >= 20:  # the first 20 warm up
+                    latencies.append((replies[0]["started"] - sent) * 1000)
+                await anyio.sleep(0.002)
+            stop.set()
+            out.get(timeout=60)
+            await anyio.to_thread.run_sync(gate.wait)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        await drop_schema(db)
+    return latencies
+
+
+async def main(base: str, quick: bool) -> dict[str, Any]:
+    messages = 3 if quick else 10
+    rounds = 2 if quick else 4
+    samples = 200 if quick else 1000
+    results = {}
+    for workers in (1, 2, 4):
+        results[workers] = await measure_throughput(base, workers, messages, rounds)
+    latencies = await measure_latency(base, samples)
+    parallel = {k: cpu_parallelism(k) for k in (2, 4)}
+    w1 = results[1]["wakes_per_s"]
+    figures: dict[str, Any] = {
+        "workers_1": round(w1),
+        "workers_2": round(results[2]["wakes_per_s"]),
+        "workers_4": round(results[4]["wakes_per_s"]),
+        "speedup_2": round(results[2]["wakes_per_s"] / w1, 2),
+        "speedup_4": round(results[4]["wakes_per_s"] / w1, 2),
+        "cpu_parallelism_2": round(parallel[2], 2),
+        "cpu_parallelism_4": round(parallel[4], 2),
+        "p50_ms": round(statistics.median(latencies), 3),
+        "p99_ms": round(percentile(latencies, 99), 3),
+        "counters": COUNTERS,
+        "messages_per_counter_per_round": messages,
+        "cpus": os.cpu_count(),
+    }
+    print(
+        f"{'worker processes':<18}{'wakes/s':>10}{'speed-up':>10}{'CPU ms/wake':>13}"
+        "   rounds (wakes/s)"
+    )
+    for workers, result in results.items():
+        speedup = result["wakes_per_s"] / w1
+        cpu = result["worker_cpu_ms_per_wake"]
+        print(
+            f"{workers:<18}{result['wakes_per_s']:>10.0f}{speedup:>10.2f}{cpu:>13.3f}"
+            f"   {result['rounds']}"
+        )
+    print(
+        f"CPU parallelism available now (pure-Python processes vs one alone): "
+        f"2 -> {parallel[2]:.2f}, 4 -> {parallel[4]:.2f}"
+    )
+    print(
+        f"send-to-handler across processes: p50 {figures['p50_ms']} ms, "
+        f"p99 {figures['p99_ms']} ms ({len(latencies)} samples)"
+    )
+    return figures
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller run (well under a minute)")
+    parser.add_argument("--db", default=None, help="PostgreSQL URL (a fresh schema is used)")
+    options = parser.parse_args()
+    base = (
+        options.db
+        or os.environ.get("ENTITIES_BENCH_POSTGRES_URL")
+        or os.environ.get("ENTITIES_TEST_POSTGRES_URL")
+        or DEFAULT_DB
+    )
+    print(json.dumps(anyio.run(main, base, options.quick)))
