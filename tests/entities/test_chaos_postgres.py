@@ -390,11 +390,20 @@ async def test_workers_killed(shared_db: str, tmp_path: Path, cleanup: list[Depl
     cleanup.append(deployment)
 
     async def kill_workers(
-        d: Deployment, _ledger: Ledger, done: asyncio.Event, rng: random.Random
+        d: Deployment, ledger: Ledger, done: asyncio.Event, rng: random.Random
     ) -> int:
+        """Every 200-500 ms, or after 120 more answered sends if that comes first (so a fast
+        machine sees as many kills), SIGKILL a random worker and restart it."""
         kills = 0
         while not done.is_set():
-            await asyncio.sleep(rng.uniform(0.2, 0.5))
+            answered = len(ledger.acked) + len(ledger.unknown)
+            deadline = time.monotonic() + rng.uniform(0.2, 0.5)
+            while time.monotonic() < deadline and not done.is_set():
+                if len(ledger.acked) + len(ledger.unknown) >= answered + 120:
+                    break
+                await asyncio.sleep(0.005)
+            if done.is_set():
+                break
             victim = rng.choice(d.workers)
             victim.kill()
             kills += 1
