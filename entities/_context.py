@@ -369,33 +369,19 @@ class HandlerContext:
         Raises:
             ContextError: an invalid expression or timezone.
         """
-        from ._scheduler import TimerValue, next_cron, timer_key
+        from ._scheduler import cron_schedule
 
-        schedule_id = f"cron:{id}"
-        fire_at = next_cron(expression, timezone, self._clock_now())
-        existing = self._view.get("manifests", {}).get(schedule_id)
-        replaces = None
-        if existing and existing.get("fire_at") is not None:
-            replaces = timer_key(existing["fire_at"], self.entity_url, schedule_id)
-        timer = TimerValue(
-            kind="cron",
-            owner=self.entity_url,
-            schedule_id=schedule_id,
-            due=fire_at,
-            payload=payload,
-            expression=expression,
+        existing = self._view.get("manifests", {}).get(f"cron:{id}")
+        timer, replaces, entry = cron_schedule(
+            self.entity_url,
+            id,
+            expression,
             timezone=timezone,
-        )
-        self.effects.timers.append(PendingTimer(timer, schedule_id, replaces))
-        entry = ScheduleEntry(
-            id=schedule_id,
-            schedule_type="cron",
-            expression=expression,
-            timezone=timezone,
-            fire_at=fire_at,
             payload=payload,
-            status="active",
+            now=self._clock_now(),
+            existing=existing,
         )
+        self.effects.timers.append(PendingTimer(timer, timer.schedule_id, replaces))
         self._put_manifest(entry)
         return entry
 

@@ -483,37 +483,24 @@ class Runtime:
             EntityNotFound, EntityStopped: no such (running) entity.
             ContextError: an invalid expression or timezone.
         """
-        from ._manifest import ScheduleEntry
-        from ._scheduler import TimerValue, arm_ops, next_cron, timer_key
+        from ._scheduler import arm_ops, cron_schedule
 
         target = parse_url(url)
         await self.get(target.url)
-        schedule_id = f"cron:{id}"
-        fire_at = next_cron(expression, timezone, self.clock.now())
         current = next(
-            (s for s in await self.schedules(target.url) if s["id"] == schedule_id), None
+            (s for s in await self.schedules(target.url) if s["id"] == f"cron:{id}"), None
         )
-        replaces = None
-        if current and current.get("fire_at") is not None:
-            replaces = timer_key(current["fire_at"], target.url, schedule_id)
-        timer = TimerValue(
-            kind="cron",
-            owner=target.url,
-            schedule_id=schedule_id,
-            due=fire_at,
-            payload=payload,
-            expression=expression,
+        timer, replaces, schedule = cron_schedule(
+            target.url,
+            id,
+            expression,
             timezone=timezone,
+            payload=payload,
+            now=self.clock.now(),
+            existing=current,
         )
-        entry = ScheduleEntry(
-            id=schedule_id,
-            schedule_type="cron",
-            expression=expression,
-            timezone=timezone,
-            fire_at=fire_at,
-            payload=payload,
-            status="active",
-        ).model_dump(mode="json")
+        entry = schedule.model_dump(mode="json")
+        schedule_id = timer.schedule_id
         now = self.clock.now()
         operation = "update" if current else "insert"
         await self._external(

@@ -18,6 +18,7 @@ time after *now*: after downtime there is one tick, never a burst.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -40,6 +41,7 @@ from streams import (
 )
 
 from ._errors import ContextError
+from ._manifest import ScheduleEntry
 from ._records import PENDING_NS, SCHEDULE_NS, TIMER_NS
 from ._urls import EntityURL, parse_url
 
@@ -123,6 +125,48 @@ def debounce_timer(
         due=now + debounce_ms / 1000,
         payload={"source": source, "changes": changes, "timeout_ms": timeout_ms},
     )
+
+
+def cron_schedule(
+    owner: str,
+    id: str,
+    expression: str,
+    *,
+    timezone: str,
+    payload: Any,
+    now: float,
+    existing: Mapping[str, Any] | None,
+) -> tuple[TimerValue, str | None, ScheduleEntry]:
+    """A cron schedule's timer, the timer it replaces (if ``existing`` had one) and its manifest
+    entry; shared by ``ctx.schedule_cron`` and ``Runtime.schedule_cron``.
+
+    Raises:
+        ContextError: invalid expression or unknown timezone.
+    """
+    schedule_id = f"cron:{id}"
+    fire_at = next_cron(expression, timezone, now)
+    replaces = None
+    if existing and existing.get("fire_at") is not None:
+        replaces = timer_key(existing["fire_at"], owner, schedule_id)
+    timer = TimerValue(
+        kind="cron",
+        owner=owner,
+        schedule_id=schedule_id,
+        due=fire_at,
+        payload=payload,
+        expression=expression,
+        timezone=timezone,
+    )
+    entry = ScheduleEntry(
+        id=schedule_id,
+        schedule_type="cron",
+        expression=expression,
+        timezone=timezone,
+        fire_at=fire_at,
+        payload=payload,
+        status="active",
+    )
+    return timer, replaces, entry
 
 
 def arm_ops(timer: TimerValue, replaces: str | None = None) -> list[Op]:
