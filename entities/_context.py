@@ -744,10 +744,10 @@ class HandlerContext:
         offset = "-1"
         while True:
             batch, offset = await self._runtime.read(self.entity_url, offset, limit=1000)
-            events.extend(e for e in batch if e["type"] in ("inbox", "texts"))
+            events.extend(e for e in batch if e["type"] in ("inbox", "texts", "tool_calls"))
             if len(batch) < 1000:
                 break
-        events.extend(e for e in self.effects.own if e["type"] == "texts")
+        events.extend(e for e in self.effects.own if e["type"] in ("texts", "tool_calls"))
         return timeline(events, since=since, last=last)
 
     def insert_context(

@@ -132,7 +132,7 @@ class Agent:
                     ctx._emit(
                         "tool_calls",
                         f"{run_key}.{round_}.{call.id}",
-                        dict(result, run_id=ctx.run_id, round=round_),
+                        dict(result, run_id=ctx.run_id, round=round_, call_id=call.id),
                         "insert",
                     )
                     content = result["error"] if result["error"] else _as_text(result["result"])

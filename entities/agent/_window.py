@@ -12,7 +12,7 @@ from typing import Any, Literal
 import orjson
 
 from .._errors import ContextError
-from ._model import ChatMessage
+from ._model import ChatMessage, ToolCall
 
 __all__ = [
     "ContextSource",
@@ -133,14 +133,47 @@ def timeline(
     """Project stream events into model messages: inbox -> user, replies -> assistant, and each
     agent round's tool calls with their results."""
     out: list[ChatMessage] = []
+    calls: list[ToolCall] = []
+    results: list[ChatMessage] = []
+    round_of: tuple[Any, Any] | None = None
+
+    def flush_round() -> None:
+        if calls:
+            out.append(ChatMessage(role="assistant", tool_calls=tuple(calls)))
+            out.extend(results)
+        calls.clear()
+        results.clear()
+
     for e in events:
         if since is not None and str(e.get("offset", "")) <= since:
             continue
         value = e.get("value") or {}
-        if e.get("type") == "inbox":
+        type_ = e.get("type")
+        if type_ == "tool_calls" and value.get("call_id"):
+            this_round = (value.get("run_id"), value.get("round"))
+            if this_round != round_of:
+                flush_round()
+                round_of = this_round
+            calls.append(ToolCall(value["call_id"], value.get("name", ""), value.get("arguments")))
+            error = value.get("error")
+            content = error if error else payload_text(value.get("result"))
+            results.append(
+                ChatMessage(
+                    role="tool",
+                    content=content,
+                    tool_call_id=value["call_id"],
+                    name=value.get("name"),
+                    is_error=bool(error),
+                )
+            )
+            continue
+        flush_round()
+        round_of = None
+        if type_ == "inbox":
             out.append(ChatMessage(role="user", content=payload_text(value.get("payload"))))
-        elif e.get("type") == "texts" and value.get("value") is not None:
+        elif type_ == "texts" and value.get("value") is not None:
             out.append(ChatMessage(role="assistant", content=payload_text(value.get("value"))))
+    flush_round()
     if last is not None:
         out = out[-last:] if last > 0 else []
     while out and out[0].role != "user":  # a window starts with the user's turn

@@ -234,3 +234,35 @@ async def test_replay_reports_injected_nondeterminism() -> None:
         assert divergence.where == "state:rows/bad"
         assert divergence.expected["value"]["value"] != divergence.got["value"]["value"]
         assert (await rt.replay("/r/x", wake=1)).ok
+
+
+async def test_timeline_projects_tool_calls_of_earlier_runs() -> None:
+    windows: list[list[tuple[str, str, tuple[str, ...]]]] = []
+    registry = Registry()
+
+    def script(request: ScriptRequest) -> Any:
+        windows.append(
+            [(m.role, m.content, tuple(c.name for c in m.tool_calls)) for m in request.messages]
+        )
+        if request.last_user_text == "add" and not request.tool_results:
+            return ModelResponse(tool_calls=(ToolCall("c9", "add", {"a": 1, "b": 2}),))
+        return "ok"
+
+    @registry.define("a")
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        if wake.messages:
+            ctx.use_agent("sys", tools=[assistant.add], test_responses=script)
+            await ctx.agent.run()
+
+    async with Runtime(registry, clock=VirtualClock()) as rt:
+        await rt.spawn("/a/x")
+        for text in ("add", "again"):
+            await rt.send("/a/x", {"text": text})
+            await rt.run_until_idle()
+    assert windows[-1] == [
+        ("user", "add", ()),
+        ("assistant", "", ("add",)),
+        ("tool", "3", ()),
+        ("assistant", "ok", ()),
+        ("user", "again", ()),
+    ]
