@@ -321,6 +321,20 @@ class Worker:
                 loaded = await self._load(target, record.acked, None)
             except (StreamNotFound, StreamGone):
                 return None
+            if not any(e["type"] in WAKE_TYPES for e in loaded.events):
+                # nothing to run (another worker ran the wake since the mark was read, or a
+                # conservative re-mark): no empty wake; clear the mark if it is still the one
+                # read and the record is still the one loaded from
+                try:
+                    await rt.store.commit(
+                        [
+                            KvCheck(ENTITY_NS, target.url, raw),
+                            KvPut(PENDING_NS, target.url, None, only_if=True, expect=token),
+                        ]
+                    )
+                except ConditionFailed:
+                    return _STALE
+                return None
             inflight = Inflight(
                 wake_id=_wake_id(record.acked, loaded.to_offset),
                 from_offset=record.acked,
