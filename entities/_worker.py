@@ -184,7 +184,7 @@ class Worker:
         if pending:
             shift = random.randrange(len(pending))
             pending = pending[shift:] + pending[:shift]
-        for url, _token in pending:
+        for url, token in pending:
             if len(self._active) >= self.concurrency:
                 break
             blocked = self._blocked.get(url)
@@ -196,15 +196,14 @@ class Worker:
             if url in self._active:
                 continue
             self._active.add(url)
-            tg.start_soon(self._process, url)
+            tg.start_soon(self._process, url, token)
         return next_due
 
-    async def _process(self, url: str) -> None:
+    async def _process(self, url: str, token: bytes) -> None:
         try:
-            # the scan that found ``url`` may be stale by now: another worker may have run its
-            # wake meanwhile. ``claim`` re-reads the pending mark (one point read) rather than
-            # claim an entity with nothing to do (an empty wake: two commits)
-            claim = await self.claim(url)
+            # the scan that found ``url`` may be stale by now (another worker may have run its
+            # wake meanwhile): the claim then finds no wake event and only clears the mark
+            claim = await self.claim(url, token)
             if claim is not None:
                 await self.run_wake(claim)
                 self.wakes += 1
