@@ -121,6 +121,20 @@ async def _keep_session(_conn: Any) -> None:
     UNLISTEN *; ...``, a round trip after every read) is pure overhead."""
 
 
+_NEVER = 2**62  # a position no stream reaches: "read nothing" (offset "now")
+# A read in one statement: the stream's record and, when the stream is no fork, up to $3 of its
+# messages after position $2 (a fork's earlier positions live in its ancestors: read_plan).
+_READ = (
+    f"SELECT {', '.join('s.' + c for c in COLUMNS.split(', '))}, "
+    "m.positions AS m_positions, m.data AS m_data FROM streams s LEFT JOIN LATERAL ("
+    "SELECT array_agg(x.position ORDER BY x.position) AS positions, "
+    "array_agg(x.data ORDER BY x.position) AS data FROM ("
+    "SELECT position, data FROM messages WHERE s.fork_parent IS NULL AND stream_id = s.id "
+    "AND position > $2 AND position <= s.length ORDER BY position LIMIT $3) x) m ON true "
+    "WHERE s.path = $1"
+)
+
+
 class _Pending:
     __slots__ = ("future", "ops")
 
@@ -576,13 +590,26 @@ class PostgresStore(Store):
     ) -> tuple[ReadResult, bool]:
         """The read, and whether the stream has a TTL to renew."""
         parsed = parse_offset(offset, path=path)
-        row = await conn.fetchrow(f"SELECT {COLUMNS} FROM streams WHERE path=$1", path)
+        # one round trip: the record, and (unless it is a fork) the messages after the offset
+        row = await conn.fetchrow(_READ, path, _NEVER if parsed is None else parsed, limit)
         record = self._live(path, row)
         start = record.length if parsed is None else min(parsed, record.length)
         messages: list[Message] = []
         size = 0
         position = start
-        for sid, low, high in await read_plan(record, start, ReadLoader(conn)):
+        if record.fork_parent is None:
+            for row_position, data in zip(
+                row["m_positions"] or (), row["m_data"] or (), strict=True
+            ):
+                if full(len(messages), size, limit, max_bytes):
+                    break
+                position = int(row_position)
+                size += len(data)
+                messages.append(Message(format_offset(position), bytes(data)))
+        plan = (
+            [] if record.fork_parent is None else await read_plan(record, start, ReadLoader(conn))
+        )
+        for sid, low, high in plan:
             if full(len(messages), size, limit, max_bytes):
                 break
             rows = await conn.fetch(
