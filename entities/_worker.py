@@ -49,7 +49,6 @@ from ._records import (
 from ._registry import EntityType, call_maybe_async
 from ._runtime import JSON, TAG_NS, Runtime, _inbox, event, new_token
 from ._scheduler import (
-    FIRE_BATCH,
     arm_ops,
     cancel_ops,
     debounce_timer,
@@ -64,6 +63,9 @@ from ._wake import InboxMessage, WakeEvent
 __all__ = ["Claim", "Worker"]
 
 logger = logging.getLogger("entities.worker")
+
+# timers fired per turn of the worker loop: small, so the wakes they cause run in between
+FIRE_TURN = 100
 
 
 @dataclass(slots=True)
@@ -141,7 +143,7 @@ class Worker:
                     try:
                         # one batch per turn, so wakes of delivered timers interleave with
                         # firing the rest (an overdue timer makes the next turn immediate)
-                        await fire_due(self.rt.store, self.rt.clock.now(), limit=FIRE_BATCH)
+                        await fire_due(self.rt.store, self.rt.clock.now(), limit=FIRE_TURN)
                         next_timer = await next_due(self.rt.store)
                         next_blocked = await self._dispatch(tg)
                         failures = 0
