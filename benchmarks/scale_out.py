@@ -17,6 +17,11 @@ afterwards.
   (wall clock taken just before ``Runtime.send``), one worker process runs the wake, and its
   handler replies with the wall clock at which it started (LISTEN/NOTIFY carries the wake-up).
 
+Also printed: each round's worker CPU per wake (summed over the worker processes) and
+``cpu_parallelism_2`` / ``cpu_parallelism_4``, how many pure-Python processes the machine runs
+in parallel at the time (2.0 on two idle cores), to read the speed-ups against.
+``SCALE_OUT_PROFILE=DIR`` writes a cProfile of every worker process into DIR.
+
 Prints a table, then, as its last line, one JSON object.
 """
 

@@ -44,7 +44,9 @@ from tests import _postgres
 
 from ._support import EntitiesProcess, free_port
 
-pytestmark = [*_postgres.marks(), pytest.mark.slow]
+# test_workers_killed skips (or fails under ENTITIES_REQUIRE_POSTGRES=1) in its shared_db fixture
+# where no test server answers; test_postgres_restarts runs its own cluster
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 logger = logging.getLogger(__name__)
 
