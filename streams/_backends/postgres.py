@@ -39,6 +39,7 @@ import orjson
 from .._errors import InvalidRequest, StreamGone, StreamNotFound, StreamsError
 from .._offsets import format_offset, parse_offset
 from ._engine import Batch, StreamRecord, full, read_plan
+from ._group import CommitQueue, Pending
 from ._postgres_schema import PostgresUrl, advisory_key, migrate, parse_url
 from ._postgres_sql import (
     COLUMNS,
@@ -69,7 +70,6 @@ __all__ = ["PostgresStore"]
 logger = logging.getLogger("streams.postgres")
 
 _T = TypeVar("_T")
-_MAX_GROUP_OPS = 2048
 _MAX_ATTEMPTS = 20
 _PAYLOAD_LIMIT = 7900  # PostgreSQL rejects NOTIFY payloads of 8000 bytes or more
 _RETRYABLE = (
@@ -135,14 +135,6 @@ _READ = (
 )
 
 
-class _Pending:
-    __slots__ = ("future", "ops")
-
-    def __init__(self, ops: Sequence[Op], future: asyncio.Future[list[OpResult]]) -> None:
-        self.ops = ops
-        self.future = future
-
-
 class PostgresStore(Store):
     """A store in one PostgreSQL schema, shared safely by any number of processes."""
 
@@ -153,7 +145,7 @@ class PostgresStore(Store):
         self._reader_count = max(1, readers)
         self._writer: Any = None
         self._pool: Any = None
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._queue = CommitQueue()
         self._task: asyncio.Task[None] | None = None
         self._listener_task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
@@ -245,7 +237,7 @@ class PostgresStore(Store):
     async def aclose(self) -> None:
         """Finish queued commits, stop the writer and the listener, close every connection."""
         if self._task is not None:
-            await self._queue.put(None)
+            await self._queue.stop()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
@@ -348,31 +340,13 @@ class PostgresStore(Store):
     # -- writes ----------------------------------------------------------------------------
 
     async def commit(self, ops: Sequence[Op]) -> list[OpResult]:
-        if self._task is None or self._task.done():
-            raise StreamsError("store is not open", path="")
-        future: asyncio.Future[list[OpResult]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(ops, future))
-        return await future
+        return await self._queue.submit(ops, self._task)
 
     async def _run_writer(self) -> None:
-        stopping = False  # set by aclose's None; commits queued behind it still run
-        while not (stopping and self._queue.empty()):
-            item = await self._queue.get()
-            if item is None:
-                stopping = True
-                continue
-            group = [item]
-            count = len(item.ops)
-            while count < _MAX_GROUP_OPS and not self._queue.empty():
-                more = self._queue.get_nowait()
-                if more is None:
-                    stopping = True
-                    continue
-                group.append(more)
-                count += len(more.ops)
+        async for group in self._queue.groups():
             await self._commit_isolated(group)
 
-    async def _commit_isolated(self, group: list[_Pending]) -> None:
+    async def _commit_isolated(self, group: list[Pending]) -> None:
         """Commit ``group``; if the database rejects it, commit its calls one by one, so data
         the database cannot store (a NUL in a path, say) fails only the call that carries it."""
         try:
@@ -394,7 +368,7 @@ class PostgresStore(Store):
                 if not pending.future.done():
                     pending.future.set_exception(error)
 
-    async def _commit_group(self, group: list[_Pending]) -> None:
+    async def _commit_group(self, group: list[Pending]) -> None:
         attempt = 0
         while True:
             attempt += 1
@@ -436,7 +410,7 @@ class PostgresStore(Store):
         self._writer_pid = self._writer.get_server_pid()
 
     async def _transaction(
-        self, group: list[_Pending]
+        self, group: list[Pending]
     ) -> tuple[GroupLoader, list[list[OpResult] | StreamsError]]:
         conn = self._writer
         paths: set[str] = set()
@@ -480,7 +454,7 @@ class PostgresStore(Store):
     async def _apply(
         self,
         conn: Any,
-        group: list[_Pending],
+        group: list[Pending],
         paths: set[str],
         kv_keys: set[tuple[str, str]],
         creates: int,

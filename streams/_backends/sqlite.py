@@ -47,6 +47,7 @@ from ._engine import (
     plan_ranges,
     read_plan,
 )
+from ._group import CommitQueue, Pending
 from .base import KvCheck, KvPut, Message, Op, OpResult, ReadResult, Store, StreamInfo, Touch
 
 __all__ = ["SqliteStore"]
@@ -122,7 +123,6 @@ _INLINE_MAX_BYTES = 512 * 1024
 # thread runs a passive checkpoint after about this much WAL growth instead.
 _CHECKPOINT_BYTES = 4 * 1024 * 1024
 _T = TypeVar("_T")
-_MAX_GROUP_OPS = 2048
 
 
 def _to_record(row: Sequence[object]) -> StreamRecord:
@@ -186,14 +186,6 @@ def sqlite_path(url: str) -> Path:
     if not raw or raw == ":memory:":
         raise BackendUnavailable(f"sqlite URL needs a file path, got {url!r}")
     return Path(raw)
-
-
-class _Pending:
-    __slots__ = ("future", "ops")
-
-    def __init__(self, ops: Sequence[Op], future: asyncio.Future[list[OpResult]]) -> None:
-        self.ops = ops
-        self.future = future
 
 
 class _Cache:
@@ -691,7 +683,7 @@ class SqliteStore(Store):
         self._reader_locks: list[asyncio.Lock] = []
         self._inline_reader: _InlineReader | None = None
         self._next_reader = 0
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._queue = CommitQueue()
         self._task: asyncio.Task[None] | None = None
         self._cache = _Cache()
         self._data_version: int | None = None
@@ -717,7 +709,7 @@ class SqliteStore(Store):
     async def aclose(self) -> None:
         """Finish queued commits, stop the writer and close every connection."""
         if self._task is not None:
-            await self._queue.put(None)
+            await self._queue.stop()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
@@ -734,28 +726,10 @@ class SqliteStore(Store):
     # -- writes ----------------------------------------------------------------------------
 
     async def commit(self, ops: Sequence[Op]) -> list[OpResult]:
-        if self._task is None or self._task.done():
-            raise StreamsError("store is not open", path="")
-        future: asyncio.Future[list[OpResult]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(ops, future))
-        return await future
+        return await self._queue.submit(ops, self._task)
 
     async def _run_writer(self) -> None:
-        stopping = False  # set by aclose's None; commits queued behind it still run
-        while not (stopping and self._queue.empty()):
-            item = await self._queue.get()
-            if item is None:
-                stopping = True
-                continue
-            group = [item]
-            count = len(item.ops)
-            while count < _MAX_GROUP_OPS and not self._queue.empty():
-                more = self._queue.get_nowait()
-                if more is None:
-                    stopping = True
-                    continue
-                group.append(more)
-                count += len(more.ops)
+        async for group in self._queue.groups():
             try:
                 await self._commit_group(group)
             except Exception as exc:  # a database failure: fail every call in the group
@@ -766,7 +740,7 @@ class SqliteStore(Store):
                     if not pending.future.done():
                         pending.future.set_exception(exc)
 
-    async def _commit_group(self, group: list[_Pending]) -> None:
+    async def _commit_group(self, group: list[Pending]) -> None:
         writer = self._writer
         assert writer is not None
         version = self._data_version
@@ -803,7 +777,7 @@ class SqliteStore(Store):
         await writer.wrote(sum(len(m[2]) for m in loader.effects.messages) + 256 * len(group))
 
     async def _validate(
-        self, group: list[_Pending], writer: _WriterConnection, next_id: int
+        self, group: list[Pending], writer: _WriterConnection, next_id: int
     ) -> tuple[_GroupLoader, list[list[OpResult] | StreamsError]]:
         """Apply every call's ops in order; failed calls contribute no effects."""
         loader = _GroupLoader(writer, self._cache, next_id)
@@ -831,7 +805,7 @@ class SqliteStore(Store):
 
     def _publish(
         self,
-        group: list[_Pending],
+        group: list[Pending],
         loader: _GroupLoader,
         outcomes: list[list[OpResult] | StreamsError],
     ) -> None:

@@ -1,0 +1,72 @@
+"""The queue behind group commit, shared by the SQLite and PostgreSQL backends.
+
+``commit`` calls enqueue their operations and wait; the backend's writer task takes whatever is
+queued (up to a bound), validates and persists it as one transaction, and answers each caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from .._errors import StreamsError
+from .base import Op, OpResult
+
+__all__ = ["CommitQueue", "Pending"]
+
+MAX_GROUP_OPS = 2048
+
+
+class Pending:
+    """One ``commit`` call waiting in the queue."""
+
+    __slots__ = ("future", "ops")
+
+    def __init__(self, ops: Sequence[Op], future: asyncio.Future[list[OpResult]]) -> None:
+        self.ops = ops
+        self.future = future
+
+
+class CommitQueue:
+    """Calls queue here; :meth:`groups` hands them to the writer in bounded groups."""
+
+    def __init__(self, max_ops: int = MAX_GROUP_OPS) -> None:
+        self._queue: asyncio.Queue[Pending | None] = asyncio.Queue()
+        self._max_ops = max_ops
+
+    async def submit(self, ops: Sequence[Op], writer: asyncio.Task[None] | None) -> list[OpResult]:
+        """Queue ``ops`` and wait for the writer's answer.
+
+        Raises:
+            StreamsError: the store is not open (no running writer); otherwise whatever the
+                writer set for this call.
+        """
+        if writer is None or writer.done():
+            raise StreamsError("store is not open", path="")
+        future: asyncio.Future[list[OpResult]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(Pending(ops, future))
+        return await future
+
+    async def stop(self) -> None:
+        """Let the writer finish what is queued, then end :meth:`groups`."""
+        await self._queue.put(None)
+
+    async def groups(self) -> AsyncIterator[list[Pending]]:
+        """The queued calls in groups of up to ``max_ops`` operations, until :meth:`stop` and
+        everything queued before or after it is handed out."""
+        stopping = False  # set by stop()'s marker; calls queued behind it still run
+        while not (stopping and self._queue.empty()):
+            item = await self._queue.get()
+            if item is None:
+                stopping = True
+                continue
+            group = [item]
+            count = len(item.ops)
+            while count < self._max_ops and not self._queue.empty():
+                more = self._queue.get_nowait()
+                if more is None:
+                    stopping = True
+                    continue
+                group.append(more)
+                count += len(more.ops)
+            yield group
