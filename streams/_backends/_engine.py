@@ -55,6 +55,7 @@ __all__ = [
     "full",
     "media_type",
     "read_plan",
+    "readable",
 ]
 
 
@@ -498,6 +499,20 @@ async def read_plan(record: StreamRecord, start: int, loader: Loader) -> list[tu
             break
         chain.append(parent)
     return plan_ranges(chain, start)
+
+
+def readable(record: StreamRecord | None, path: str) -> StreamRecord:
+    """``record`` if a reader may see it now.
+
+    Raises:
+        StreamNotFound: no record, or it expired.
+        StreamGone: deleted, kept only for its forks.
+    """
+    if record is None or (not record.deleted and record.expired(time.time())):
+        raise StreamNotFound(f"stream {path!r} not found", path=path)
+    if record.deleted:
+        raise StreamGone(f"stream {path!r} was deleted", path=path)
+    return record
 
 
 def full(count: int, size: int, limit: int, max_bytes: int | None) -> bool:

@@ -7,9 +7,8 @@ from collections.abc import Sequence
 
 import anyio
 
-from .._errors import StreamGone, StreamNotFound
 from .._offsets import format_offset, parse_offset
-from ._engine import Batch, Loader, ProducerRecord, StreamRecord, full, read_plan
+from ._engine import Batch, Loader, ProducerRecord, StreamRecord, full, read_plan, readable
 from .base import Message, Op, OpResult, ReadResult, Store, StreamInfo
 
 __all__ = ["MemoryStore"]
@@ -88,11 +87,7 @@ class MemoryStore(Store):
     def _record(self, path: str) -> StreamRecord:
         sid = self._paths.get(path)
         record = None if sid is None else self._streams.get(sid)
-        if record is None or (not record.deleted and record.expired(time.time())):
-            raise StreamNotFound(f"stream {path!r} not found", path=path)
-        if record.deleted:
-            raise StreamGone(f"stream {path!r} was deleted", path=path)
-        return record
+        return readable(record, path)
 
     async def head(self, path: str) -> StreamInfo:
         record = self._record(path)

@@ -36,9 +36,9 @@ from typing import Any, TypeVar
 import asyncpg
 import orjson
 
-from .._errors import InvalidRequest, StreamGone, StreamNotFound, StreamsError
+from .._errors import InvalidRequest, StreamsError
 from .._offsets import format_offset, parse_offset
-from ._engine import Batch, StreamRecord, full, read_plan
+from ._engine import Batch, StreamRecord, full, read_plan, readable
 from ._group import CommitQueue, Pending
 from ._postgres_schema import PostgresUrl, advisory_key, migrate, parse_url
 from ._postgres_sql import (
@@ -539,11 +539,7 @@ class PostgresStore(Store):
     @staticmethod
     def _live(path: str, row: Any) -> StreamRecord:
         record = None if row is None else to_record(row)
-        if record is None or (not record.deleted and record.expired(time.time())):
-            raise StreamNotFound(f"stream {path!r} not found", path=path)
-        if record.deleted:
-            raise StreamGone(f"stream {path!r} was deleted", path=path)
-        return record
+        return readable(record, path)
 
     async def read(
         self,

@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiosqlite
 import orjson
 
-from .._errors import BackendUnavailable, StreamGone, StreamNotFound, StreamsError
+from .._errors import BackendUnavailable, StreamsError
 from .._offsets import format_offset, parse_offset
 from ._engine import (
     Batch,
@@ -46,6 +46,7 @@ from ._engine import (
     needs_parent,
     plan_ranges,
     read_plan,
+    readable,
 )
 from ._group import CommitQueue, Pending
 from .base import KvCheck, KvPut, Message, Op, OpResult, ReadResult, Store, StreamInfo, Touch
@@ -595,11 +596,7 @@ class _InlineReader:
 
     def live(self, path: str) -> StreamRecord:
         record = self.stream(path)
-        if record is None or (not record.deleted and record.expired(time.time())):
-            raise StreamNotFound(f"stream {path!r} not found", path=path)
-        if record.deleted:
-            raise StreamGone(f"stream {path!r} was deleted", path=path)
-        return record
+        return readable(record, path)
 
     def head(self, path: str) -> StreamInfo:
         record = self.live(path)
@@ -843,11 +840,7 @@ class SqliteStore(Store):
 
     async def _record(self, conn: aiosqlite.Connection, path: str) -> StreamRecord:
         record = await _ReadLoader(conn).stream(path)
-        if record is None or (not record.deleted and record.expired(time.time())):
-            raise StreamNotFound(f"stream {path!r} not found", path=path)
-        if record.deleted:
-            raise StreamGone(f"stream {path!r} was deleted", path=path)
-        return record
+        return readable(record, path)
 
     async def head(self, path: str) -> StreamInfo:
         if self._inline_reader is not None:
