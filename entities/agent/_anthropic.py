@@ -15,7 +15,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._model import ChatMessage, ModelError, ModelResponse, TextCallback, ToolCall, ToolSpec, Usage
+from ._model import (
+    ChatMessage,
+    ModelError,
+    ModelResponse,
+    SdkModel,
+    TextCallback,
+    ToolCall,
+    ToolSpec,
+    Usage,
+)
 
 try:
     import anthropic
@@ -39,11 +48,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["AnthropicModel"]
 
-DEFAULT_TIMEOUT_S = 600.0
-DEFAULT_MAX_RETRIES = 2
 
-
-class AnthropicModel:
+class AnthropicModel(SdkModel):
     """A :class:`~entities.agent.ModelClient` for the Anthropic Messages API.
 
     ``name`` is the model id (``claude-...``); :attr:`name` on the instance is
@@ -56,26 +62,8 @@ class AnthropicModel:
         ModelError: ``api_key`` is empty.
     """
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        api_key: str,
-        base_url: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-    ) -> None:
-        if not api_key:
-            raise ModelError("an API key is required for anthropic: (set ANTHROPIC_API_KEY)")
-        self.model = name
-        self.name = f"anthropic:{name}"
-        self._api_key = api_key
-        self._base_url = base_url
-        self._timeout = timeout
-        self._max_retries = max_retries
-
-    def __repr__(self) -> str:
-        return f"AnthropicModel({self.model!r}, base_url={self._base_url!r})"
+    provider = "anthropic"
+    key_env = "ANTHROPIC_API_KEY"
 
     async def complete(
         self,

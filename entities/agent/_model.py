@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 __all__ = [
     "ChatMessage",
     "ModelClient",
     "ModelError",
     "ModelResponse",
+    "SdkModel",
     "TextCallback",
     "ToolCall",
     "ToolSpec",
@@ -134,6 +135,43 @@ class ModelResponse:
             stop_reason=data.get("stop_reason") or "end_turn",
             model=data.get("model") or "",
         )
+
+
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_MAX_RETRIES = 2
+
+
+class SdkModel:
+    """What the SDK-backed clients share: the model id, the key, the endpoint and the SDK's
+    timeout and retries. Subclasses set ``provider`` and ``key_env`` and implement ``complete``.
+
+    Raises:
+        ModelError: ``api_key`` is empty.
+    """
+
+    provider: ClassVar[str] = ""
+    key_env: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+    ) -> None:
+        if not api_key:
+            raise ModelError(f"an API key is required for {self.provider}: (set {self.key_env})")
+        self.model = name
+        self.name = f"{self.provider}:{name}"
+        self._api_key = api_key
+        self._base_url = base_url
+        self._timeout = timeout
+        self._max_retries = max_retries
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.model!r}, base_url={self._base_url!r})"
 
 
 class ModelClient(Protocol):

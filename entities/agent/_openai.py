@@ -16,7 +16,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._model import ChatMessage, ModelError, ModelResponse, TextCallback, ToolCall, ToolSpec, Usage
+from ._model import (
+    ChatMessage,
+    ModelError,
+    ModelResponse,
+    SdkModel,
+    TextCallback,
+    ToolCall,
+    ToolSpec,
+    Usage,
+)
 
 try:
     import openai
@@ -30,8 +39,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["OpenAIModel"]
 
-DEFAULT_TIMEOUT_S = 600.0
-DEFAULT_MAX_RETRIES = 2
 
 # Chat Completions finish reasons in the provider-neutral (Anthropic-style) vocabulary.
 _STOP_REASONS = {
@@ -43,7 +50,7 @@ _STOP_REASONS = {
 }
 
 
-class OpenAIModel:
+class OpenAIModel(SdkModel):
     """A :class:`~entities.agent.ModelClient` for the OpenAI Chat Completions API.
 
     ``name`` is the model id; :attr:`name` on the instance is ``"openai:<model id>"``.
@@ -56,26 +63,8 @@ class OpenAIModel:
         ModelError: ``api_key`` is empty.
     """
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        api_key: str,
-        base_url: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-    ) -> None:
-        if not api_key:
-            raise ModelError("an API key is required for openai: (set OPENAI_API_KEY)")
-        self.model = name
-        self.name = f"openai:{name}"
-        self._api_key = api_key
-        self._base_url = base_url
-        self._timeout = timeout
-        self._max_retries = max_retries
-
-    def __repr__(self) -> str:
-        return f"OpenAIModel({self.model!r}, base_url={self._base_url!r})"
+    provider = "openai"
+    key_env = "OPENAI_API_KEY"
 
     async def complete(
         self,
