@@ -241,6 +241,25 @@ class _Cache:
             self.producers.popitem(last=False)
 
 
+def _enable_wal(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
+    """Switch the file to WAL. The switch needs the database to itself and SQLite does not wait
+    for it (no busy handler), so when another process is opening or migrating the same new file
+    at that moment, retry until ``timeout``.
+
+    Raises:
+        sqlite3.OperationalError: still locked after ``timeout`` seconds, or any other error.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class _WriterConnection:
     """The writer: a stdlib ``sqlite3`` connection used only from its own thread.
 
@@ -265,7 +284,7 @@ class _WriterConnection:
             try:
                 conn.execute("PRAGMA busy_timeout = 10000")
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
-                conn.execute("PRAGMA journal_mode = WAL")
+                _enable_wal(conn)
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
                 _migrate(conn)
             except BaseException:
