@@ -38,9 +38,11 @@ from .base import (
     Delete,
     KvCheck,
     KvPut,
+    Message,
     Op,
     OpResult,
     ProducerState,
+    ReadResult,
     StreamInfo,
     Touch,
     check_append,
@@ -51,8 +53,8 @@ __all__ = [
     "Effects",
     "Loader",
     "ProducerRecord",
+    "ReadBuilder",
     "StreamRecord",
-    "full",
     "media_type",
     "read_plan",
     "readable",
@@ -515,8 +517,43 @@ def readable(record: StreamRecord | None, path: str) -> StreamRecord:
     return record
 
 
-def full(count: int, size: int, limit: int, max_bytes: int | None) -> bool:
-    """Whether a read holding ``count`` messages of ``size`` bytes must stop (never at zero)."""
-    if count == 0:
-        return False
-    return count >= limit or (max_bytes is not None and size >= max_bytes)
+class ReadBuilder:
+    """One read's answer as it is collected: messages up to ``limit`` and about ``max_bytes``
+    (never fewer than one when one is available), then the :class:`ReadResult`."""
+
+    __slots__ = ("limit", "max_bytes", "messages", "position", "size")
+
+    def __init__(self, start: int, limit: int, max_bytes: int | None) -> None:
+        self.position = start
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self.messages: list[Message] = []
+        self.size = 0
+
+    @property
+    def full(self) -> bool:
+        """Whether the read must stop (never while it holds nothing)."""
+        count = len(self.messages)
+        if count == 0:
+            return False
+        return count >= self.limit or (self.max_bytes is not None and self.size >= self.max_bytes)
+
+    @property
+    def room(self) -> int:
+        """How many more messages the read may hold."""
+        return self.limit - len(self.messages)
+
+    def add(self, position: int, data: bytes) -> bool:
+        """Add the message ending at ``position``; ``False`` (nothing added) once full."""
+        if self.full:
+            return False
+        self.position = position
+        self.size += len(data)
+        self.messages.append(Message(format_offset(position), data))
+        return True
+
+    def result(self, record: StreamRecord) -> ReadResult:
+        up_to_date = self.position >= record.length
+        return ReadResult(
+            self.messages, format_offset(self.position), up_to_date, up_to_date and record.closed
+        )

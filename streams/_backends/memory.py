@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import anyio
 
-from .._offsets import format_offset, parse_offset
-from ._engine import Batch, Loader, ProducerRecord, StreamRecord, full, read_plan, readable
-from .base import Message, Op, OpResult, ReadResult, Store, StreamInfo
+from .._offsets import parse_offset
+from ._engine import Batch, Loader, ProducerRecord, ReadBuilder, StreamRecord, read_plan, readable
+from .base import Op, OpResult, ReadResult, Store, StreamInfo
 
 __all__ = ["MemoryStore"]
 
@@ -108,24 +108,15 @@ class MemoryStore(Store):
         start = record.length if parsed is None else min(parsed, record.length)
         if renew_ttl and record.ttl_seconds is not None:
             record.last_access = time.time()
-        messages: list[Message] = []
-        size = 0
-        position = start
+        read = ReadBuilder(start, limit, max_bytes)
         for sid, low, high in await read_plan(record, start, self._loader):
             owner = self._streams[sid]
             own_low = owner.fork_position if owner.fork_parent is not None else 0
             stored = self._messages.get(sid, [])
             for index in range(low - own_low, high - own_low):
-                if full(len(messages), size, limit, max_bytes):
+                if not read.add(own_low + index + 1, stored[index]):
                     break
-                data = stored[index]
-                position = own_low + index + 1
-                size += len(data)
-                messages.append(Message(format_offset(position), data))
-        up_to_date = position >= record.length
-        return ReadResult(
-            messages, format_offset(position), up_to_date, up_to_date and record.closed
-        )
+        return read.result(record)
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
         return self._kv.get(namespace, {}).get(key)

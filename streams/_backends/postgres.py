@@ -37,8 +37,8 @@ import asyncpg
 import orjson
 
 from .._errors import InvalidRequest, StreamsError
-from .._offsets import format_offset, parse_offset
-from ._engine import Batch, StreamRecord, full, read_plan, readable
+from .._offsets import parse_offset
+from ._engine import Batch, ReadBuilder, StreamRecord, read_plan, readable
 from ._group import CommitQueue, Pending
 from ._postgres_schema import PostgresUrl, advisory_key, migrate, parse_url
 from ._postgres_sql import (
@@ -56,7 +56,6 @@ from .base import (
     Create,
     KvCheck,
     KvPut,
-    Message,
     Op,
     OpResult,
     ReadResult,
@@ -564,23 +563,18 @@ class PostgresStore(Store):
         row = await conn.fetchrow(_READ, path, _NEVER if parsed is None else parsed, limit)
         record = self._live(path, row)
         start = record.length if parsed is None else min(parsed, record.length)
-        messages: list[Message] = []
-        size = 0
-        position = start
+        read = ReadBuilder(start, limit, max_bytes)
         if record.fork_parent is None:
             for row_position, data in zip(
                 row["m_positions"] or (), row["m_data"] or (), strict=True
             ):
-                if full(len(messages), size, limit, max_bytes):
+                if not read.add(int(row_position), bytes(data)):
                     break
-                position = int(row_position)
-                size += len(data)
-                messages.append(Message(format_offset(position), bytes(data)))
         plan = (
             [] if record.fork_parent is None else await read_plan(record, start, ReadLoader(conn))
         )
         for sid, low, high in plan:
-            if full(len(messages), size, limit, max_bytes):
+            if read.full:
                 break
             rows = await conn.fetch(
                 "SELECT position, data FROM messages WHERE stream_id=$1 AND position>$2 "
@@ -588,19 +582,12 @@ class PostgresStore(Store):
                 sid,
                 low,
                 high,
-                limit - len(messages),
+                read.room,
             )
             for row_position, data in rows:
-                if full(len(messages), size, limit, max_bytes):
+                if not read.add(int(row_position), bytes(data)):
                     break
-                position = int(row_position)
-                size += len(data)
-                messages.append(Message(format_offset(position), bytes(data)))
-        up_to_date = position >= record.length
-        result = ReadResult(
-            messages, format_offset(position), up_to_date, up_to_date and record.closed
-        )
-        return result, record.ttl_seconds is not None
+        return read.result(record), record.ttl_seconds is not None
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
         value = await self._reading(

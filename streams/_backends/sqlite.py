@@ -35,21 +35,21 @@ import aiosqlite
 import orjson
 
 from .._errors import BackendUnavailable, StreamsError
-from .._offsets import format_offset, parse_offset
+from .._offsets import parse_offset
 from ._engine import (
     Batch,
     Effects,
     Loader,
     ProducerRecord,
+    ReadBuilder,
     StreamRecord,
-    full,
     needs_parent,
     plan_ranges,
     read_plan,
     readable,
 )
 from ._group import CommitQueue, Pending
-from .base import KvCheck, KvPut, Message, Op, OpResult, ReadResult, Store, StreamInfo, Touch
+from .base import KvCheck, KvPut, Op, OpResult, ReadResult, Store, StreamInfo, Touch
 
 __all__ = ["SqliteStore"]
 
@@ -641,28 +641,19 @@ class _InlineReader:
         parsed = parse_offset(offset, path=path)
         record = self.live(path)
         start = record.length if parsed is None else min(parsed, record.length)
-        messages: list[Message] = []
-        size = 0
-        position = start
+        read = ReadBuilder(start, limit, max_bytes)
         for sid, low, high in self.plan(record, start):
-            if full(len(messages), size, limit, max_bytes):
+            if read.full:
                 break
             rows = self.conn.execute(
                 "SELECT position, data FROM messages WHERE stream_id=? AND position>? "
                 "AND position<=? ORDER BY position LIMIT ?",
-                (sid, low, high, limit - len(messages)),
+                (sid, low, high, read.room),
             ).fetchall()
             for row_position, data in rows:
-                if full(len(messages), size, limit, max_bytes):
+                if not read.add(int(row_position), bytes(data)):
                     break
-                position = int(row_position)
-                size += len(data)
-                messages.append(Message(format_offset(position), bytes(data)))
-        up_to_date = position >= record.length
-        result = ReadResult(
-            messages, format_offset(position), up_to_date, up_to_date and record.closed
-        )
-        return result, record.ttl_seconds is not None
+        return read.result(record), record.ttl_seconds is not None
 
     def kv_get(self, namespace: str, key: str) -> bytes | None:
         row = self._row("SELECT value FROM kv WHERE namespace=? AND key=?", (namespace, key))
@@ -907,30 +898,22 @@ class SqliteStore(Store):
         # messages committed after the record was read never leak into this answer.
         record = await self._record(conn, path)
         start = record.length if parsed is None else min(parsed, record.length)
-        messages: list[Message] = []
-        size = 0
-        position = start
+        read = ReadBuilder(start, limit, max_bytes)
         for sid, low, high in await read_plan(record, start, _ReadLoader(conn)):
-            if full(len(messages), size, limit, max_bytes):
+            if read.full:
                 break
             async with conn.execute(
                 "SELECT position, data FROM messages WHERE stream_id=? AND position>? "
                 "AND position<=? ORDER BY position LIMIT ?",
-                (sid, low, high, limit - len(messages)),
+                (sid, low, high, read.room),
             ) as cursor:
                 rows = await cursor.fetchall()
             for row_position, data in rows:
-                if full(len(messages), size, limit, max_bytes):
+                if not read.add(int(row_position), bytes(data)):
                     break
-                position = int(row_position)
-                size += len(data)
-                messages.append(Message(format_offset(position), bytes(data)))
         if renew_ttl and record.ttl_seconds is not None:
             await self.commit([Touch(path)])
-        up_to_date = position >= record.length
-        return ReadResult(
-            messages, format_offset(position), up_to_date, up_to_date and record.closed
-        )
+        return read.result(record)
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
         if self._inline_reader is not None:
