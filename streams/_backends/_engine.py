@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from .._errors import (
@@ -492,11 +492,15 @@ def needs_parent(chain: Sequence[StreamRecord], start: int) -> int | None:
     return last.fork_parent
 
 
-async def read_plan(record: StreamRecord, start: int, loader: Loader) -> list[tuple[int, int, int]]:
-    """:func:`plan_ranges` for ``record``, loading the ancestors it needs."""
+async def read_plan(
+    record: StreamRecord,
+    start: int,
+    stream_by_id: Callable[[int], Awaitable[StreamRecord | None]],
+) -> list[tuple[int, int, int]]:
+    """:func:`plan_ranges` for ``record``, loading the ancestors it needs by id."""
     chain = [record]
     while (parent_id := needs_parent(chain, start)) is not None:
-        parent = await loader.stream_by_id(parent_id)
+        parent = await stream_by_id(parent_id)
         if parent is None:
             break
         chain.append(parent)

@@ -204,7 +204,7 @@ class GroupLoader(Loader):
             self.kv_rows[(str(row[0]), str(row[1]))] = bytes(row[2])
 
 
-class ReadLoader(Loader):
+class ReadLoader:
     """Fork ancestors for a read plan, from a pooled connection."""
 
     def __init__(self, conn: Any) -> None:
@@ -217,15 +217,6 @@ class ReadLoader(Loader):
     async def stream_by_id(self, stream_id: int) -> StreamRecord | None:
         row = await self.conn.fetchrow(f"SELECT {COLUMNS} FROM streams WHERE id=$1", stream_id)
         return None if row is None else to_record(row)
-
-    async def producer(self, stream_id: int, producer_id: str) -> ProducerRecord | None:
-        raise NotImplementedError  # reads never consult producers
-
-    def new_stream_id(self) -> int:
-        raise NotImplementedError
-
-    async def kv(self, namespace: str, key: str) -> bytes | None:
-        raise NotImplementedError
 
 
 async def persist(conn: Any, effects: Effects) -> None:

@@ -109,7 +109,7 @@ class MemoryStore(Store):
         if renew_ttl and record.ttl_seconds is not None:
             record.last_access = time.time()
         read = ReadBuilder(start, limit, max_bytes)
-        for sid, low, high in await read_plan(record, start, self._loader):
+        for sid, low, high in await read_plan(record, start, self._loader.stream_by_id):
             owner = self._streams[sid]
             own_low = owner.fork_position if owner.fork_parent is not None else 0
             stored = self._messages.get(sid, [])

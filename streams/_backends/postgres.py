@@ -571,7 +571,9 @@ class PostgresStore(Store):
                 if not read.add(int(row_position), bytes(data)):
                     break
         plan = (
-            [] if record.fork_parent is None else await read_plan(record, start, ReadLoader(conn))
+            []
+            if record.fork_parent is None
+            else await read_plan(record, start, ReadLoader(conn).stream_by_id)
         )
         for sid, low, high in plan:
             if read.full:

@@ -552,7 +552,9 @@ class _GroupLoader(Loader):
                     self.kv_read[(namespace, key)] = found.get(key)
 
 
-class _ReadLoader(Loader):
+class _ReadLoader:
+    """Stream records for a read, from an aiosqlite reader connection."""
+
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self.conn = conn
 
@@ -567,15 +569,6 @@ class _ReadLoader(Loader):
         ) as c:
             row = await c.fetchone()
         return None if row is None else _to_record(row)
-
-    async def producer(self, stream_id: int, producer_id: str) -> ProducerRecord | None:
-        raise NotImplementedError  # reads never consult producers
-
-    def new_stream_id(self) -> int:
-        raise NotImplementedError
-
-    async def kv(self, namespace: str, key: str) -> bytes | None:
-        raise NotImplementedError
 
 
 _INLINE_READ_LIMIT = 1000
@@ -899,7 +892,7 @@ class SqliteStore(Store):
         record = await self._record(conn, path)
         start = record.length if parsed is None else min(parsed, record.length)
         read = ReadBuilder(start, limit, max_bytes)
-        for sid, low, high in await read_plan(record, start, _ReadLoader(conn)):
+        for sid, low, high in await read_plan(record, start, _ReadLoader(conn).stream_by_id):
             if read.full:
                 break
             async with conn.execute(
