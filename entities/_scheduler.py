@@ -17,6 +17,7 @@ time after *now*: after downtime there is one tick, never a burst.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -40,16 +41,40 @@ from streams import (
     StreamNotFound,
 )
 
-from ._errors import ContextError
+from ._errors import ContextError, EntitiesError
 from ._manifest import ScheduleEntry
 from ._records import PENDING_NS, SCHEDULE_NS, TIMER_NS
 from ._urls import EntityURL, parse_url
 
-__all__ = ["TimerValue", "fire_due", "next_cron", "next_due", "schedule_key", "timer_key"]
+__all__ = [
+    "TimerValue",
+    "fire_due",
+    "fire_rows",
+    "fire_turn",
+    "next_cron",
+    "next_due",
+    "schedule_key",
+    "timer_key",
+]
 
 logger = logging.getLogger("entities.scheduler")
 FIRE_BATCH = 500  # timers fired together in one transaction
 FIRE_CONCURRENCY = 256  # timers in flight at once when fired one by one
+# Timer rows that cannot be decoded (written by something else, or corrupted) are moved here,
+# key and bytes unchanged, instead of blocking the timers due after them.
+BAD_TIMER_NS = "timer_bad"
+
+
+class _BadTimer(Exception):
+    """A timer row that does not decode as a :class:`TimerValue`."""
+
+    def __init__(self, key: str, raw: bytes, reason: Exception) -> None:
+        super().__init__(f"timer {key!r} cannot be decoded: {reason}")
+        self.ops: list[Op] = [
+            KvCheck(TIMER_NS, key, raw),
+            KvPut(TIMER_NS, key, None),
+            KvPut(BAD_TIMER_NS, key, raw),
+        ]
 
 
 class TimerValue(BaseModel):
@@ -69,6 +94,9 @@ class TimerValue(BaseModel):
 
     def dump(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"))
+
+
+_SEND_FIELDS = frozenset(TimerValue.model_fields)
 
 
 def timer_key(due: float, owner: str, schedule_id: str) -> str:
@@ -196,6 +224,24 @@ async def next_due(store: Store) -> float | None:
     return float(first[0][0].split("|", 1)[0])
 
 
+async def fire_turn(store: Store, now: float, limit: int) -> tuple[int, float | None]:
+    """One look at the timers for a running worker: fire what is due at ``now`` (up to
+    ``limit``) and return ``(fired, next)``, where ``next`` is when to look again: the due time
+    of the first timer left (``now`` when more than ``limit`` were due), or ``None`` if none is
+    left. One scan serves both.
+    """
+    rows = await store.kv_scan(TIMER_NS, "", limit=limit + 1)
+    cutoff = f"{now:017.6f}|~"
+    due = [row for row in rows[:limit] if row[0] < cutoff]
+    fired = await fire_rows(store, due, now) if due else 0
+    if len(due) < len(rows):
+        try:
+            return fired, min(now, float(rows[len(due)][0].split("|", 1)[0]))
+        except ValueError:  # not a key timer_key wrote: it never comes due
+            return fired, None
+    return fired, None
+
+
 async def fire_due(
     store: Store,
     now: float,
@@ -215,27 +261,105 @@ async def fire_due(
     """
     cutoff = f"{now:017.6f}|~"
     due = await store.kv_scan(TIMER_NS, "", end=cutoff, limit=limit)
+    return await fire_rows(store, due, now, batch=batch, concurrency=concurrency)
+
+
+async def fire_rows(
+    store: Store,
+    due: list[tuple[str, bytes]],
+    now: float,
+    *,
+    batch: int = FIRE_BATCH,
+    concurrency: int = FIRE_CONCURRENCY,
+) -> int:
+    """Fire the timer rows ``due`` (as scanned, in due order); see :func:`fire_due`."""
     fired = 0
     for start in range(0, len(due), max(1, batch)):
         chunk = due[start : start + max(1, batch)]
-        if len(chunk) > 1 and await _fire_batch(store, chunk, now):
-            fired += len(chunk)
-        else:
-            fired += await _fire_each(store, chunk, now, concurrency)
+        done = await _fire_batch(store, chunk, now) if len(chunk) > 1 else None
+        if done is None:
+            done = await _fire_each(store, chunk, now, concurrency)
+        fired += done
     return fired
 
 
-async def _fire_batch(store: Store, chunk: list[tuple[str, bytes]], now: float) -> bool:
-    """Fire every timer of ``chunk`` in one transaction; ``False`` if it could not commit."""
-    from ._runtime import new_token  # late import: no cycle at load
+async def _fire_batch(store: Store, chunk: list[tuple[str, bytes]], now: float) -> int | None:
+    """Fire every timer of ``chunk`` in one transaction and return how many fired (rows set
+    aside as undecodable do not count); ``None`` if it could not commit."""
+    ops, set_aside = _batch_ops(chunk, now)
+    try:
+        await store.commit(ops)
+    except (ConditionFailed, StreamNotFound, StreamGone, StreamClosed):
+        return None
+    return len(chunk) - set_aside
+
+
+def _batch_ops(chunk: list[tuple[str, bytes]], now: float) -> tuple[list[Op], int]:
+    """The operations that fire every timer of ``chunk`` together: every timer's checks, one
+    pending mark per woken entity and one append per stream.
+
+    Delayed sends (the bulk of timers) take a lean path: no model validation (the row was
+    written by :meth:`TimerValue.dump`) and no per-timer op lists; anything else, or a row that
+    does not look like a current delayed send, goes through :func:`_timer_ops`.
+    """
+    from ._runtime import event, iso, new_token  # late import: no cycle at load
 
     kv_ops: list[Op] = []
     appends: dict[str, list[bytes]] = {}
     pending: dict[str, Op] = {}
     urls: dict[str, EntityURL] = {}
     token = new_token()  # fresh per transaction: a wake claimed earlier cannot clear these marks
+    stamp = iso(now)
+    sent = orjson.dumps({"status": "sent", "sent_at": stamp})[:-1]  # + ',"late_ms":..}'
+    set_aside = 0
     for key, raw in chunk:
-        ops, _index = _timer_ops(key, raw, now, urls, token)
+        try:
+            timer = orjson.loads(raw)
+            lean = type(timer) is dict and timer.get("kind") == "future_send"
+            if lean and timer.keys() == _SEND_FIELDS and timer["v"] == 1:
+                owner = timer["owner"]
+                if not (type(timer["due"]) is float and type(timer["schedule_id"]) is str):
+                    raise ValueError("not a delayed send")
+                owner_url = urls.get(owner) or urls.setdefault(owner, parse_url(owner))
+                target_text = timer["target"] or owner
+                target = urls.get(target_text) or urls.setdefault(
+                    target_text, parse_url(target_text)
+                )
+            else:
+                lean = False
+        except (ValueError, TypeError, EntitiesError):
+            lean = False  # let the full decoding below say what is wrong
+        if lean:
+            schedule_id = timer["schedule_id"]
+            due = timer["due"]
+            inbox = {
+                "from": owner,
+                "payload": timer["payload"],
+                "message_type": timer["message_type"],
+                "timestamp": stamp,
+                "ts": now,
+                "schedule_id": schedule_id,
+                "due": due,
+            }
+            message_key = schedule_id.removeprefix("send:")
+            late_ms = round(max(0.0, now - due) * 1000, 3)
+            kv_ops.append(KvCheck(TIMER_NS, key, raw))
+            kv_ops.append(KvPut(TIMER_NS, key, None))
+            if target.url not in pending:
+                pending[target.url] = KvPut(PENDING_NS, target.url, token)
+            appends.setdefault(target.stream, []).append(event("inbox", message_key, inbox, now))
+            status = orjson.Fragment(sent + b',"late_ms":' + orjson.dumps(late_ms) + b"}")
+            appends.setdefault(owner_url.stream, []).append(
+                event("signals", schedule_id, status, now)
+            )
+            continue
+        try:
+            ops, _index = _timer_ops(key, raw, now, urls, token)
+        except _BadTimer as bad:
+            logger.error("%s; moved to namespace %r", bad, BAD_TIMER_NS)
+            kv_ops.extend(bad.ops)
+            set_aside += 1
+            continue
         for op in ops:
             if isinstance(op, Append):
                 appends.setdefault(op.path, []).extend(op.messages)
@@ -248,11 +372,7 @@ async def _fire_batch(store: Store, chunk: list[tuple[str, bytes]], now: float) 
         *pending.values(),
         *(Append(path, messages) for path, messages in appends.items()),
     ]
-    try:
-        await store.commit(merged)
-    except (ConditionFailed, StreamNotFound, StreamGone, StreamClosed):
-        return False
-    return True
+    return merged, set_aside
 
 
 async def _fire_each(
@@ -299,8 +419,13 @@ def _timer_ops(
             parsed = memo[text] = parse_url(text)
         return parsed
 
-    timer = TimerValue.model_validate(orjson.loads(raw))
-    owner = url_of(timer.owner)
+    try:
+        timer = TimerValue.model_validate(orjson.loads(raw))
+        owner = url_of(timer.owner)
+        if timer.target is not None:
+            url_of(timer.target)
+    except (ValueError, TypeError, EntitiesError) as exc:  # JSON, validation, bad URLs
+        raise _BadTimer(key, raw, exc) from None
     index = schedule_key(timer.owner, timer.schedule_id)
     checks: list[Op] = [
         KvCheck(TIMER_NS, key, raw),
@@ -360,7 +485,13 @@ def _timer_ops(
 async def _fire_one(store: Store, key: str, raw: bytes, now: float) -> int:
     """Fire one timer in one transaction; 1 if it fired here, 0 if not (fired elsewhere,
     cancelled or replaced, or its target is gone)."""
-    ops, index = _timer_ops(key, raw, now)
+    try:
+        ops, index = _timer_ops(key, raw, now)
+    except _BadTimer as bad:
+        logger.error("%s; moved to namespace %r", bad, BAD_TIMER_NS)
+        with contextlib.suppress(ConditionFailed):
+            await store.commit(bad.ops)
+        return 0
     try:
         await store.commit(ops)
         return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -53,7 +54,7 @@ from ._scheduler import (
     cancel_ops,
     debounce_timer,
     fire_due,
-    next_due,
+    fire_turn,
     schedule_key,
     timeout_timer,
 )
@@ -66,6 +67,10 @@ logger = logging.getLogger("entities.worker")
 
 # timers fired per turn of the worker loop: small, so the wakes they cause run in between
 FIRE_TURN = 100
+# while timers keep coming due, the worker looks at them at most this often (seconds, real time)
+TIMER_TICK = 0.002
+# wakes one entity may run back to back on its lane while lanes are free (see ``_process``)
+FOLLOW_ON = 8
 
 
 @dataclass(slots=True)
@@ -85,6 +90,8 @@ class Claim:
     raw: bytes
     token: bytes
     loaded: _Loaded | None = None
+    # set by the wake's commit: the entity has more to do (its pending mark outlived the wake)
+    more: bool = False
 
 
 _STALE = object()
@@ -113,6 +120,7 @@ class Worker:
         self._active: set[str] = set()
         self._blocked: dict[str, float] = {}
         self._kick = anyio.Event()
+        self._timers_dirty = True
         self._idle = anyio.Event()
         self.wakes = 0
         self.cache_size = runtime.cache_entities if cache_size is None else cache_size
@@ -125,13 +133,24 @@ class Worker:
     def _poke(self) -> None:
         self._kick.set()
 
+    def _timers_changed(self) -> None:
+        self._timers_dirty = True
+        self._kick.set()
+
     async def run(self, stop: anyio.Event) -> None:
         """Process wakes until ``stop`` is set, then finish in-flight wakes (up to
         ``drain_seconds``; the rest are released and redelivered later)."""
         removers = [
             self.rt.store.listen(f"kv:{PENDING_NS}", self._poke),
-            self.rt.store.listen(f"kv:{TIMER_NS}", self._poke),
+            self.rt.store.listen(f"kv:{TIMER_NS}", self._timers_changed),
         ]
+        clock = self.rt.clock
+        # Timers are looked at (one scan, see ``fire_turn``) when one comes due, when the timer
+        # table changed, or every poll interval; and, while timers keep coming due, at most
+        # once per TIMER_TICK (real time), so a dense run of them fires in batches instead of
+        # one scan and one commit per timer.
+        next_timer: float | None = None
+        looked_at = -math.inf
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stopper, stop)
@@ -140,11 +159,24 @@ class Worker:
                 while not stop.is_set():
                     self._kick = anyio.Event()
                     timeout = self.poll_interval
+                    timer_in: float | None = None  # seconds until the timers want a look
                     try:
-                        # one batch per turn, so wakes of delivered timers interleave with
-                        # firing the rest (an overdue timer makes the next turn immediate)
-                        await fire_due(self.rt.store, self.rt.clock.now(), limit=FIRE_TURN)
-                        next_timer = await next_due(self.rt.store)
+                        now, tick = clock.now(), time.monotonic()
+                        wanted = (
+                            self._timers_dirty
+                            or (next_timer is not None and next_timer <= now)
+                            or tick - looked_at >= self.poll_interval
+                        )
+                        if wanted and tick - looked_at >= TIMER_TICK:
+                            self._timers_dirty = False
+                            looked_at = tick
+                            # one batch per look, so wakes of delivered timers interleave with
+                            # firing the rest (more left due makes the next look come soon)
+                            _fired, next_timer = await fire_turn(self.rt.store, now, FIRE_TURN)
+                        if wanted and looked_at != tick:
+                            timer_in = looked_at + TIMER_TICK - tick  # too soon: wait the tick
+                        elif next_timer is not None:
+                            timer_in = max(next_timer - clock.now(), TIMER_TICK)
                         next_blocked = await self._dispatch(tg)
                         failures = 0
                     except Exception as exc:  # e.g. the database restarts: retry, backing off
@@ -153,14 +185,16 @@ class Worker:
                             "worker loop failed (%s: %s); retrying", type(exc).__name__, exc
                         )
                         next_timer = next_blocked = None
+                        self._timers_dirty = True
                         timeout = min(timeout, 0.05 * 2 ** min(failures, 8))
                         with anyio.move_on_after(timeout):
                             await stop.wait()
                         continue
-                    for due in (next_timer, next_blocked):
-                        if due is not None:
-                            timeout = max(0.0, min(timeout, due - self.rt.clock.now()))
-                    if self.rt.clock.virtual:
+                    if timer_in is not None:
+                        timeout = max(0.0, min(timeout, timer_in))
+                    if next_blocked is not None:
+                        timeout = max(0.0, min(timeout, next_blocked - clock.now()))
+                    if clock.virtual:
                         timeout = min(timeout, 0.05)
                     with anyio.move_on_after(timeout):
                         await self._kick.wait()
@@ -201,14 +235,21 @@ class Worker:
             tg.start_soon(self._process, url, token)
         return next_due
 
-    async def _process(self, url: str, token: bytes) -> None:
+    async def _process(self, url: str, token: bytes | None) -> None:
         try:
-            # the scan that found ``url`` may be stale by now (another worker may have run its
-            # wake meanwhile): the claim then finds no wake event and only clears the mark
-            claim = await self.claim(url, token)
-            if claim is not None:
+            for _ in range(FOLLOW_ON):
+                # the scan that found ``url`` may be stale by now (another worker may have run
+                # its wake meanwhile): the claim then finds no wake event and only clears the mark
+                claim = await self.claim(url, token)
+                if claim is None:
+                    break
                 await self.run_wake(claim)
                 self.wakes += 1
+                # more arrived while it ran: take the next wake right away, unless other
+                # entities wait for a lane (then this one queues behind them, for fairness)
+                if not claim.more or len(self._active) >= self.concurrency:
+                    break
+                token = None  # the claim reads the current mark
         except Exception:
             logger.exception("wake of %s failed in the runtime", url)
             self._blocked[url] = self.rt.clock.now() + 1.0
@@ -918,8 +959,10 @@ class Worker:
             ops.append(KvPut(PENDING_NS, target.url, new_token()))
         done_raw = done.dump()
         ops.append(KvPut(ENTITY_NS, claim.url.url, done_raw))
-        ops.append(KvPut(PENDING_NS, claim.url.url, None, only_if=True, expect=claim.token))
-        if self_pending or inflight.attempt > 1:
+        clear = KvPut(PENDING_NS, claim.url.url, None, only_if=True, expect=claim.token)
+        ops.append(clear)
+        claim.more = self_pending or inflight.attempt > 1
+        if claim.more:
             # A redelivered or retried wake runs the event range of an earlier claim, but the
             # pending token it holds may stand for later messages: keep the entity pending
             # (at worst one empty wake follows) rather than strand them unprocessed.
@@ -929,7 +972,10 @@ class Worker:
             ops.append(KvPut(SNAPSHOT_NS, claim.url.url, orjson.dumps(snap)))
         for _attempt in range(8):
             try:
-                await rt.store.commit(ops)
+                results = await rt.store.commit(ops)
+                # the mark was not ours to clear: more arrived while the wake ran
+                cleared = next(r for op, r in zip(ops, results, strict=True) if op is clear)
+                claim.more = claim.more or cleared is False
                 break
             except (StreamClosed, StreamNotFound, StreamGone) as exc:
                 if exc.path == claim.url.stream or not exc.path:

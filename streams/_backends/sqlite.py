@@ -267,9 +267,12 @@ class _WriterConnection:
     instead of one thread round trip per statement.
     """
 
-    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, checkpointer: _Checkpointer
+    ) -> None:
         self.conn = conn
         self.executor = executor
+        self.checkpointer = checkpointer
         self.waits_for_locks = True
         self.wal_bytes = 0
         mode = conn.execute("PRAGMA journal_mode").fetchone()
@@ -297,7 +300,7 @@ class _WriterConnection:
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(conn, executor)
+        return cls(conn, executor, _Checkpointer(path, synchronous))
 
     async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -329,11 +332,18 @@ class _WriterConnection:
         return _commit_if_unchanged(self.conn, effects, version, begun=True)
 
     async def wrote(self, size: int) -> None:
-        """Account for ``size`` bytes of WAL growth; checkpoint (passively) now and then."""
+        """Account for ``size`` bytes of WAL growth; checkpoint (passively) now and then.
+
+        The bulk of a checkpoint runs beside the writer (see :class:`_Checkpointer`); once it
+        is done, the few frames committed meanwhile are copied here, between commits, so the
+        WAL is wholly copied and the next commit starts it over instead of growing it.
+        """
         self.wal_bytes += size
-        if self.wal_bytes >= _CHECKPOINT_BYTES:
-            self.wal_bytes = 0
+        if self.checkpointer.take_finished():
             await self.run(lambda: self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+        elif self.wal_bytes >= _CHECKPOINT_BYTES:
+            self.wal_bytes = 0
+            self.checkpointer.start()
 
     async def fetchone(self, sql: str, params: Sequence[object] = ()) -> Any:
         return await self.run(lambda: self.conn.execute(sql, params).fetchone())
@@ -342,7 +352,60 @@ class _WriterConnection:
         return await self.run(lambda: self.conn.execute(sql, params).fetchall())
 
     async def close(self) -> None:
+        await self.checkpointer.close()
         await self.run(self.conn.close)
+        self.executor.shutdown(wait=True)
+
+
+class _Checkpointer:
+    """Passive WAL checkpoints on a connection and thread of their own.
+
+    Copying the WAL back into the database (and the fsyncs around it) takes milliseconds to tens
+    of milliseconds; on the writer's thread it held up every commit queued behind it. A passive
+    checkpoint runs beside writers (they keep appending to the WAL), so here it delays nothing.
+    At most one runs at a time; a failure is logged and the next one retries.
+    """
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streams-checkpoint")
+        self.conn: sqlite3.Connection | None = None
+        self.running: asyncio.Future[None] | None = None
+        self.runs = 0
+
+    def start(self) -> None:
+        if self.running is not None:
+            return  # one is still copying (or its catch-up is due): growth is counted anew
+        self.running = asyncio.get_running_loop().run_in_executor(self.executor, self._run)
+        self.running.add_done_callback(self._done)
+
+    def take_finished(self) -> bool:
+        """Whether a checkpoint finished since the last call."""
+        finished = self.running is not None and self.running.done()
+        if finished:
+            self.running = None
+        return finished
+
+    def _run(self) -> None:
+        if self.conn is None:
+            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        self.runs += 1
+
+    @staticmethod
+    def _done(future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            logger.warning("WAL checkpoint failed: %s", future.exception())
+
+    async def close(self) -> None:
+        if self.running is not None:
+            with contextlib.suppress(Exception):
+                await self.running
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self.executor, conn.close)
         self.executor.shutdown(wait=True)
 
 
@@ -445,12 +508,34 @@ def _persist(conn: sqlite3.Connection, effects: Effects) -> None:
 class _GroupLoader(Loader):
     """Records as one group sees them: earlier batches' effects, cache, then the database."""
 
-    def __init__(self, conn: _WriterConnection, cache: _Cache, next_id: int) -> None:
+    def __init__(
+        self,
+        conn: _WriterConnection,
+        cache: _Cache,
+        next_id: int,
+        inline: sqlite3.Connection | None = None,
+    ) -> None:
         self.conn = conn
         self.cache = cache
         self.effects = Effects()
         self.next_id = next_id
         self.kv_read: dict[tuple[str, str], bytes | None] = {}  # see prefetch_kv
+        # Cache misses are read on the event loop's thread through ``inline`` (a WAL reader)
+        # instead of a hop to the writer thread. That sees what the writer would: nothing is
+        # written before validation ends, and if another process commits meanwhile the commit's
+        # ``data_version`` check fails and the group is validated again under the write lock
+        # (where nobody else can commit, so the reader and the writer agree).
+        self.inline = inline
+
+    async def _fetchone(self, sql: str, params: Sequence[object]) -> Any:
+        if self.inline is not None:
+            return self.inline.execute(sql, params).fetchone()
+        return await self.conn.fetchone(sql, params)
+
+    async def _fetchall(self, sql: str, params: Sequence[object]) -> list[Any]:
+        if self.inline is not None:
+            return self.inline.execute(sql, params).fetchall()
+        return await self.conn.fetchall(sql, params)
 
     async def stream(self, path: str) -> StreamRecord | None:
         for record in self.effects.streams.values():
@@ -461,7 +546,7 @@ class _GroupLoader(Loader):
             return None if cached.id in self.effects.purged else cached
         if path in self.cache.absent:
             return None
-        row = await self.conn.fetchone(f"SELECT {_COLUMNS} FROM streams WHERE path=?", (path,))
+        row = await self._fetchone(f"SELECT {_COLUMNS} FROM streams WHERE path=?", (path,))
         if row is None:
             self.cache.absent.add(path)
             return None
@@ -477,7 +562,7 @@ class _GroupLoader(Loader):
         path = self.cache.ids.get(stream_id)
         if path is not None and path in self.cache.streams:
             return self.cache.streams[path]
-        row = await self.conn.fetchone(f"SELECT {_COLUMNS} FROM streams WHERE id=?", (stream_id,))
+        row = await self._fetchone(f"SELECT {_COLUMNS} FROM streams WHERE id=?", (stream_id,))
         if row is None:
             return None
         record = _to_record(row)
@@ -491,7 +576,7 @@ class _GroupLoader(Loader):
         cached = self.cache.producers.get(key)
         if cached is not None:
             return cached
-        row = await self.conn.fetchone(
+        row = await self._fetchone(
             "SELECT epoch, seq, length FROM producers WHERE stream_id=? AND producer_id=?", key
         )
         if row is None:
@@ -511,7 +596,7 @@ class _GroupLoader(Loader):
             return self.cache.kv[(namespace, key)]
         if (namespace, key) in self.kv_read:
             return self.kv_read[(namespace, key)]
-        row = await self.conn.fetchone(
+        row = await self._fetchone(
             "SELECT value FROM kv WHERE namespace=? AND key=?", (namespace, key)
         )
         value = None if row is None else bytes(row[0])
@@ -526,7 +611,7 @@ class _GroupLoader(Loader):
             chunk = missing[start : start + 500]
             marks = ",".join("?" * len(chunk))
             sql = f"SELECT {_COLUMNS} FROM streams WHERE path IN ({marks})"
-            rows = await self.conn.fetchall(sql, chunk)
+            rows = await self._fetchall(sql, chunk)
             found = set()
             for row in rows:
                 record = _to_record(row)
@@ -546,7 +631,7 @@ class _GroupLoader(Loader):
                 chunk = names[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 sql = f"SELECT key, value FROM kv WHERE namespace=? AND key IN ({marks})"
-                rows = await self.conn.fetchall(sql, [namespace, *chunk])
+                rows = await self._fetchall(sql, [namespace, *chunk])
                 found = {str(k): bytes(v) for k, v in rows}
                 for key in chunk:
                     self.kv_read[(namespace, key)] = found.get(key)
@@ -780,7 +865,9 @@ class SqliteStore(Store):
         self, group: list[Pending], writer: _WriterConnection, next_id: int
     ) -> tuple[_GroupLoader, list[list[OpResult] | StreamsError]]:
         """Apply every call's ops in order; failed calls contribute no effects."""
-        loader = _GroupLoader(writer, self._cache, next_id)
+        reader = self._inline_reader
+        inline = reader.conn if reader is not None and writer.wal else None
+        loader = _GroupLoader(writer, self._cache, next_id, inline)
         await loader.prefetch(
             op.path for p in group for op in p.ops if not isinstance(op, KvPut | KvCheck)
         )

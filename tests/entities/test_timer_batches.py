@@ -9,8 +9,15 @@ from typing import Any
 
 from entities import HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
 from entities._records import SCHEDULE_NS, TIMER_NS
-from entities._scheduler import TimerValue, arm_ops, cancel_ops, fire_due, timer_key
-from streams import Op
+from entities._scheduler import (
+    BAD_TIMER_NS,
+    TimerValue,
+    arm_ops,
+    cancel_ops,
+    fire_due,
+    timer_key,
+)
+from streams import KvPut, Op
 
 registry = Registry()
 
@@ -91,3 +98,45 @@ async def test_a_failing_timer_falls_back_to_one_by_one(tmp_path: Path) -> None:
         assert await rt.store.kv_scan(TIMER_NS) == []  # the undeliverable one was dropped
         assert await fire_due(rt.store, due + 2, batch=50) == 0
         assert await _inbox(rt, "/sink/a") == [i for i in range(20) if i not in (3, 7)]
+
+
+async def test_an_undecodable_timer_row_is_set_aside_and_the_rest_fire(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    async with Runtime(registry, f"sqlite:///{tmp_path / 'q.db'}", clock=clock) as rt:
+        await rt.spawn("/sink/a")
+        await rt.spawn("/src/s")
+        await rt.run_until_idle()
+        due = clock.now() + 1
+        ops: list[Op] = []
+        for i in range(10):
+            ops.extend(arm_ops(_send(i, due + i / 1000, "/sink/a")))
+        bad = {
+            # not JSON; JSON of the wrong shape; a delayed send with a bad target URL
+            timer_key(due + 0.0025, "/src/s", "send:x1"): b"\xff not json",
+            timer_key(due + 0.0035, "/src/s", "send:x2"): b'{"kind": "future_send"}',
+            timer_key(due + 0.0045, "/src/s", "send:x3"): _send(99, due, "/sink/a")
+            .model_copy(update={"target": "no url here"})
+            .dump(),
+        }
+        ops.extend(KvPut(TIMER_NS, key, raw) for key, raw in bad.items())
+        await rt.store.commit(ops)
+        for batch in (50, 1):  # the batched path, then the one-by-one path
+            assert await fire_due(rt.store, due + 1, batch=batch) == (10 if batch == 50 else 0)
+        assert await _inbox(rt, "/sink/a") == list(range(10))
+        assert await rt.store.kv_scan(TIMER_NS) == []
+        assert dict(await rt.store.kv_scan(BAD_TIMER_NS)) == bad
+
+
+async def test_one_by_one_firing_sets_bad_rows_aside_too(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    async with Runtime(registry, f"sqlite:///{tmp_path / 'o.db'}", clock=clock) as rt:
+        await rt.spawn("/sink/a")
+        await rt.spawn("/src/s")
+        await rt.run_until_idle()
+        due = clock.now() + 1
+        key = timer_key(due, "/src/s", "send:bad")
+        await rt.store.commit([*arm_ops(_send(1, due, "/sink/a")), KvPut(TIMER_NS, key, b"[]")])
+        assert await fire_due(rt.store, due + 1, batch=1) == 1
+        assert await _inbox(rt, "/sink/a") == [1]
+        assert await rt.store.kv_scan(TIMER_NS) == []
+        assert await rt.store.kv_scan(BAD_TIMER_NS) == [(key, b"[]")]

@@ -135,7 +135,9 @@ async def check_stream(
     assert (await store.head(path)).next_offset == format_offset(len(messages))
     by_offset = {m.offset: i for i, m in enumerate(messages)}
     for line in acked:
-        task_s, batch_s, size_s, next_offset = line.split()
+        fields = line.split()
+        assert len(fields) == 4, f"ack line {line!r} is not 'task batch size offset'"
+        task_s, batch_s, size_s, next_offset = fields
         end = by_offset[next_offset]
         got = [m.data for m in messages[end - int(size_s) + 1 : end + 1]]
         assert got == [payload(int(task_s), int(batch_s), i) for i in range(int(size_s))], line

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
 import streams
 from streams import BackendUnavailable, Producer, StreamNotFound, format_offset
+from streams._backends import sqlite as sqlite_backend
 
 
 def url_for(tmp_path: Path) -> str:
@@ -175,3 +177,45 @@ async def test_commits_queued_behind_close_are_written(tmp_path: Path) -> None:
         await store.append("s", [b"after close"])
     async with streams.open_store(url) as store:
         assert sorted(await read_all(store, "s")) == [b"0", b"1", b"2", b"3", b"4"]
+
+
+async def test_commits_do_not_wait_for_a_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints run on their own connection and thread: while one is stuck, appends go on
+    committing, and the WAL is checkpointed once it is released."""
+    started, release = threading.Event(), threading.Event()
+    original = sqlite_backend._Checkpointer._run
+
+    def stuck_run(self: sqlite_backend._Checkpointer) -> None:
+        started.set()
+        release.wait(30)
+        original(self)
+
+    monkeypatch.setattr(sqlite_backend._Checkpointer, "_run", stuck_run)
+    monkeypatch.setattr(sqlite_backend, "_CHECKPOINT_BYTES", 64 * 1024)
+    blob = b"x" * 4000
+    url = url_for(tmp_path)
+    written = 0
+    async with streams.open_store(url) as store:
+        await store.create("s")
+        while not started.is_set() and written < 1000:
+            await store.append("s", [blob] * 10)
+            written += 10
+        assert started.is_set()
+        for _ in range(20):  # all of these commit while the checkpoint is stuck
+            await asyncio.wait_for(store.append("s", [blob] * 10), timeout=5)
+            written += 10
+        release.set()
+        assert isinstance(store, sqlite_backend.SqliteStore)
+        writer = store._writer
+        assert writer is not None
+        for _ in range(500):  # the released checkpoint finishes; a later commit catches up
+            if writer.checkpointer.runs and writer.checkpointer.running is None:
+                break
+            await store.append("s", [b"y"])
+            written += 1
+            await asyncio.sleep(0.01)
+        assert writer.checkpointer.runs >= 1 and writer.checkpointer.running is None
+    async with streams.open_store(url) as store:
+        assert (await store.head("s")).next_offset == format_offset(written)

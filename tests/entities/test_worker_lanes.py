@@ -1,0 +1,93 @@
+"""How a running Worker shares its lanes: an entity whose inbox refills while its wake runs
+takes its next wake right away on the same lane (no trip through the dispatch loop), but only
+while lanes are free, so a busy entity never starves the others."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from entities import HandlerContext, Registry, Runtime, WakeEvent
+from entities._worker import FOLLOW_ON, Worker
+
+registry = Registry()
+handled: dict[str, int] = {}
+# (condition on ``handled``, event): each handler sets the events whose condition holds
+watchers: list[tuple[Callable[[], bool], anyio.Event]] = []
+
+
+def _count(url: str) -> None:
+    handled[url] = handled.get(url, 0) + 1
+    for condition, event in watchers:
+        if condition():
+            event.set()
+
+
+@registry.define("looper", description="sends itself a message on every wake, up to a limit")
+async def looper(ctx: HandlerContext, wake: WakeEvent) -> None:
+    _count(ctx.entity_url)
+    for message in wake.messages:
+        if message.payload["left"] > 0:
+            await ctx.send(ctx.entity_url, {"left": message.payload["left"] - 1})
+
+
+@registry.define("one", description="counts its wakes")
+async def one(ctx: HandlerContext, wake: WakeEvent) -> None:
+    _count(ctx.entity_url)
+
+
+class CountingWorker(Worker):
+    """Counts how often the dispatch loop hands an entity to a lane."""
+
+    dispatched: dict[str, int]
+
+    async def _process(self, url: str, token: bytes | None) -> None:
+        self.dispatched[url] = self.dispatched.get(url, 0) + 1
+        await super()._process(url, token)
+
+
+async def _run(rt: Runtime, worker: Worker, done: anyio.Event) -> None:
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run, stop)
+        with anyio.fail_after(20):
+            await done.wait()
+        stop.set()
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    handled.clear()
+    watchers.clear()
+
+
+async def test_a_refilled_inbox_is_taken_on_the_same_lane(tmp_path: Path) -> None:
+    async with Runtime(registry, f"sqlite:///{tmp_path / 'l.db'}") as rt:
+        await rt.spawn("/looper/a", initial_message={"left": 40})
+        worker = CountingWorker(rt, concurrency=4)
+        worker.dispatched = {}
+        done = anyio.Event()
+        watchers.append((lambda: handled.get("/looper/a", 0) >= 41, done))
+        await _run(rt, worker, done)
+        assert handled["/looper/a"] == 41  # one wake per message: each send follows a commit
+        # up to FOLLOW_ON wakes per dispatch: far fewer dispatches than wakes
+        assert worker.dispatched["/looper/a"] <= -(-41 // FOLLOW_ON) + 2
+
+
+async def test_a_busy_entity_does_not_starve_the_others(tmp_path: Path) -> None:
+    async with Runtime(registry, f"sqlite:///{tmp_path / 's.db'}") as rt:
+        await rt.spawn("/looper/busy", initial_message={"left": 1_000_000})
+        await rt.spawn("/looper/busy2", initial_message={"left": 1_000_000})
+        others = [f"/one/o{i}" for i in range(20)]
+        for url in others:
+            await rt.spawn(url, initial_message={})
+        # two lanes, both taken by endless loopers whenever they can: the others must get in
+        worker = Worker(rt, concurrency=2)
+        done = anyio.Event()
+        watchers.append((lambda: all(handled.get(url) for url in others), done))
+        await _run(rt, worker, done)
+        assert all(handled[url] == 1 for url in others)
+        assert handled["/looper/busy"] > 1 and handled["/looper/busy2"] > 1
