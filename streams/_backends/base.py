@@ -393,11 +393,14 @@ class Store(abc.ABC):
         namespace: str,
         prefix: str = "",
         *,
+        after: str | None = None,
         end: str | None = None,
         limit: int | None = None,
     ) -> list[tuple[str, bytes]]:
         """Return the side-table entries of ``namespace`` whose key starts with ``prefix``, in
-        key order, stopping before the first key ``>= end`` and after ``limit`` entries."""
+        key order, from the first key ``> after``, stopping before the first key ``>= end``
+        and after ``limit`` entries (``after`` the last key seen and ``limit`` page through a
+        large table)."""
 
     async def wait(self, path: str, offset: str, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until data after ``offset`` exists or the stream is closed; False on timeout.

@@ -126,11 +126,14 @@ class MemoryStore(Store):
         namespace: str,
         prefix: str = "",
         *,
+        after: str | None = None,
         end: str | None = None,
         limit: int | None = None,
     ) -> list[tuple[str, bytes]]:
         table = self._kv.get(namespace, {})
         rows = sorted(
-            (k, v) for k, v in table.items() if k.startswith(prefix) and (end is None or k < end)
+            (k, v)
+            for k, v in table.items()
+            if k.startswith(prefix) and (end is None or k < end) and (after is None or k > after)
         )
         return rows if limit is None else rows[:limit]

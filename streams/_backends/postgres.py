@@ -602,15 +602,17 @@ class PostgresStore(Store):
         namespace: str,
         prefix: str = "",
         *,
+        after: str | None = None,
         end: str | None = None,
         limit: int | None = None,
     ) -> list[tuple[str, bytes]]:
+        lower, low_op = (prefix, ">=") if after is None or after < prefix else (after, ">")
         rows = await self._reading(
             fetch,
-            "SELECT key, value FROM kv WHERE namespace=$1 AND key >= $2 AND key < $3 "
+            f"SELECT key, value FROM kv WHERE namespace=$1 AND key {low_op} $2 AND key < $3 "
             "ORDER BY key LIMIT $4",
             namespace,
-            prefix,
+            lower,
             kv_upper(prefix, end),
             limit,
         )

@@ -665,6 +665,18 @@ def _kv_bounds(prefix: str, end: str | None) -> str:
     return end if end is not None and end < upper else upper
 
 
+def _kv_scan_sql(
+    namespace: str, prefix: str, after: str | None, end: str | None, limit: int | None
+) -> tuple[str, tuple[object, ...]]:
+    """The query of a side-table scan (see :meth:`Store.kv_scan`) and its arguments."""
+    lower, low_op = (prefix, ">=") if after is None or after < prefix else (after, ">")
+    sql = (
+        f"SELECT key, value FROM kv WHERE namespace=? AND key {low_op} ? AND key < ? "
+        "ORDER BY key LIMIT ?"
+    )
+    return sql, (namespace, lower, _kv_bounds(prefix, end), -1 if limit is None else limit)
+
+
 class _InlineReader:
     """A stdlib ``sqlite3`` connection used on the event loop's own thread for small reads.
 
@@ -738,13 +750,10 @@ class _InlineReader:
         return None if row is None else bytes(row[0])
 
     def kv_scan(
-        self, namespace: str, prefix: str, end: str | None, limit: int | None
+        self, namespace: str, prefix: str, after: str | None, end: str | None, limit: int | None
     ) -> list[tuple[str, bytes]]:
-        rows = self.conn.execute(
-            "SELECT key, value FROM kv WHERE namespace=? AND key >= ? AND key < ? "
-            "ORDER BY key LIMIT ?",
-            (namespace, prefix, _kv_bounds(prefix, end), -1 if limit is None else limit),
-        ).fetchall()
+        sql, args = _kv_scan_sql(namespace, prefix, after, end, limit)
+        rows = self.conn.execute(sql, args).fetchall()
         return [(str(k), bytes(v)) for k, v in rows]
 
 
@@ -1012,29 +1021,25 @@ class SqliteStore(Store):
         namespace: str,
         prefix: str = "",
         *,
+        after: str | None = None,
         end: str | None = None,
         limit: int | None = None,
     ) -> list[tuple[str, bytes]]:
         if self._inline_reader is not None:
-            return self._inline_reader.kv_scan(namespace, prefix, end, limit)
-        return await _uncancellable(self._reading(self._kv_scan, namespace, prefix, end, limit))
+            return self._inline_reader.kv_scan(namespace, prefix, after, end, limit)
+        return await _uncancellable(
+            self._reading(self._kv_scan, namespace, prefix, after, end, limit)
+        )
 
     async def _kv_scan(
         self,
         conn: aiosqlite.Connection,
         namespace: str,
         prefix: str,
+        after: str | None,
         end: str | None,
         limit: int | None,
     ) -> list[tuple[str, bytes]]:
-        # keys starting with ``prefix`` sort between ``prefix`` and ``prefix + U+10FFFF``
-        upper = prefix + "\U0010ffff"
-        if end is not None and end < upper:
-            upper = end
-        async with conn.execute(
-            "SELECT key, value FROM kv WHERE namespace=? AND key >= ? AND key < ? "
-            "ORDER BY key LIMIT ?",
-            (namespace, prefix, upper, -1 if limit is None else limit),
-        ) as cursor:
+        async with conn.execute(*_kv_scan_sql(namespace, prefix, after, end, limit)) as cursor:
             rows = await cursor.fetchall()
         return [(str(k), bytes(v)) for k, v in rows]

@@ -823,6 +823,25 @@ async def test_kv_put_get_scan_delete(store: Store) -> None:
     assert await store.kv_get("other", "a/1") == b"elsewhere"
 
 
+async def test_kv_scan_pages_with_start_end_and_limit(store: Store) -> None:
+    for key in ["a/1", "a/2", "a/3", "a/4", "b/1"]:
+        await store.kv_put("ns", key, key.encode())
+
+    async def keys(*args: str, **kwargs: str | int | None) -> list[str]:
+        return [k for k, _ in await store.kv_scan("ns", *args, **kwargs)]  # type: ignore[arg-type]
+
+    assert await keys(after="a/2") == ["a/3", "a/4", "b/1"]
+    assert await keys("a/", after="a/3") == ["a/4"]  # both bounds hold
+    assert await keys("a/", after="0") == ["a/1", "a/2", "a/3", "a/4"]  # after is below the prefix
+    assert await keys("a/", after="a/4") == []
+    assert await keys(after="a/1", limit=2) == ["a/2", "a/3"]  # page on from the last key seen
+    assert await keys(after="a/1", end="a/4") == ["a/2", "a/3"]
+    # a full round from a cursor: after it to the end, then from the beginning through it
+    tail = await keys(after="a/3")
+    head = await keys(end="a/3\x01")
+    assert head + tail == ["a/1", "a/2", "a/3", "a/4", "b/1"]
+
+
 async def test_kv_values_are_byte_exact(store: Store) -> None:
     blob = bytes(range(256)) * 40
     await store.kv_put("ns", "blob", blob)
