@@ -69,8 +69,6 @@ logger = logging.getLogger("entities.worker")
 FIRE_TURN = 100
 # while timers keep coming due, the worker looks at them at most this often (seconds, real time)
 TIMER_TICK = 0.002
-# pending marks read per dispatch turn at least (see ``_pending_window``)
-PENDING_WINDOW = 64
 # wakes one entity may run back to back on its lane while lanes are free (see ``_process``)
 FOLLOW_ON = 8
 
@@ -123,7 +121,6 @@ class Worker:
         self._blocked: dict[str, float] = {}
         self._kick = anyio.Event()
         self._timers_dirty = True
-        self._cursor: str | None = None  # where the last window of pending marks ended
         self._idle = anyio.Event()
         self.wakes = 0
         self.cache_size = runtime.cache_entities if cache_size is None else cache_size
@@ -215,30 +212,17 @@ class Worker:
         self._poke()
 
     async def _dispatch(self, tg: anyio.abc.TaskGroup) -> float | None:
-        """Hand pending entities to free lanes, round robin over the pending table: each turn
-        reads a bounded window after where the last turn stopped (then from the start of the
-        table), so every pending entity gets its turn however many there are and however busy
-        the ones before it stay. Returns when a blocked entity may be retried, if sooner."""
         if len(self._active) >= self.concurrency:
             return None  # no free lane (a finishing wake pokes this loop): skip the scan
         now = self.rt.clock.now()
         next_due: float | None = None
-        limit = max(PENDING_WINDOW, 2 * (self.concurrency - len(self._active)))
-        store = self.rt.store
-        pending = await store.kv_scan(PENDING_NS, after=self._cursor, limit=limit)
-        if self._cursor is None:
-            if pending:  # a fresh round starts at a random place: workers do not move in step
-                shift = random.randrange(len(pending))
-                pending = pending[shift:] + pending[:shift]
-        elif len(pending) < limit:  # past the end: on from the start of the table
-            pending += await store.kv_scan(
-                PENDING_NS, end=self._cursor + "\x01", limit=limit - len(pending)
-            )
-        considered: str | None = None
+        pending = await self.rt.store.kv_scan(PENDING_NS)
+        if pending:
+            shift = random.randrange(len(pending))
+            pending = pending[shift:] + pending[:shift]
         for url, token in pending:
             if len(self._active) >= self.concurrency:
                 break
-            considered = url
             blocked = self._blocked.get(url)
             if blocked is not None:
                 if blocked > now:
@@ -249,9 +233,6 @@ class Worker:
                 continue
             self._active.add(url)
             tg.start_soon(self._process, url, token)
-        else:  # the whole window was gone through: next turn reads the next one
-            considered = pending[-1][0] if len(pending) >= limit else None
-        self._cursor = considered
         return next_due
 
     async def _process(self, url: str, token: bytes | None) -> None:

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from entities import HandlerContext, Registry, Runtime, WakeEvent
-from entities._worker import FOLLOW_ON, PENDING_WINDOW, Worker
+from entities._worker import FOLLOW_ON, Worker
 
 registry = Registry()
 handled: dict[str, int] = {}
@@ -91,20 +91,3 @@ async def test_a_busy_entity_does_not_starve_the_others(tmp_path: Path) -> None:
         await _run(rt, worker, done)
         assert all(handled[url] == 1 for url in others)
         assert handled["/looper/busy"] >= 1 and handled["/looper/busy2"] >= 1
-
-
-async def test_every_pending_entity_gets_a_turn_beyond_one_window(tmp_path: Path) -> None:
-    """More entities stay pending than one dispatch window reads (endless loopers, which sort
-    first): the window moves round robin over the pending table, so the entities after them
-    get their turn instead of never being read."""
-    async with Runtime(registry, f"sqlite:///{tmp_path / 'w.db'}") as rt:
-        for i in range(PENDING_WINDOW + 6):
-            await rt.spawn(f"/looper/a{i:03d}", initial_message={"left": 1_000_000})
-        others = [f"/one/z{i:02d}" for i in range(30)]
-        for url in others:
-            await rt.spawn(url, initial_message={})
-        worker = Worker(rt, concurrency=2)
-        done = anyio.Event()
-        watchers.append((lambda: all(handled.get(url) for url in others), done))
-        await _run(rt, worker, done)
-        assert all(handled[url] == 1 for url in others)
