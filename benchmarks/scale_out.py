@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections import Counter
 from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 from typing import Any
@@ -110,11 +111,12 @@ async def _worker_main(
                 paused.set()
 
             before, cpu = worker.wakes, time.process_time()
+            worker.claims.clear()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch)
                 await worker.run(paused)
                 tg.cancel_scope.cancel()
-            out.put((worker.wakes - before, time.process_time() - cpu))
+            out.put((worker.wakes - before, time.process_time() - cpu, dict(worker.claims)))
             await anyio.to_thread.run_sync(gate.wait)  # paused: the benchmark may reset
 
 
@@ -216,6 +218,7 @@ async def measure_throughput(base: str, workers: int, messages: int, rounds: int
     rates: list[float] = []
     wakes_seen: list[int] = []
     cpu_ms: list[float] = []  # worker CPU per wake, summed over the worker processes
+    claims: Counter[str] = Counter()
     try:
         async with Runtime(registry, db) as rt:  # creates the schema before the workers open it
             for proc in procs:
@@ -236,8 +239,10 @@ async def measure_throughput(base: str, workers: int, messages: int, rounds: int
                 elapsed = time.perf_counter() - start
                 stop.set()
                 reports = [out.get(timeout=60) for _ in procs]
-                wakes = sum(w for w, _ in reports)
-                cpu_ms.append(1000 * sum(c for _, c in reports) / max(1, wakes))
+                wakes = sum(w for w, _, _ in reports)
+                cpu_ms.append(1000 * sum(c for _, c, _ in reports) / max(1, wakes))
+                for _, _, outcomes in reports:
+                    claims.update(outcomes)
                 await anyio.to_thread.run_sync(gate.wait)  # everyone paused
                 stop.clear()
                 rates.append(wakes / elapsed)
@@ -262,6 +267,8 @@ async def measure_throughput(base: str, workers: int, messages: int, rounds: int
         "rounds": [round(r) for r in rates],
         "wakes": wakes_seen,
         "worker_cpu_ms_per_wake": statistics.median(cpu_ms),
+        # claim outcomes per wake run (won, lost to another worker, leased elsewhere, empty)
+        "claims_per_wake": {k: round(v / max(1, sum(wakes_seen)), 3) for k, v in claims.items()},
     }
 
 
@@ -343,7 +350,7 @@ async def main(base: str, quick: bool) -> dict[str, Any]:
         cpu = result["worker_cpu_ms_per_wake"]
         print(
             f"{workers:<18}{result['wakes_per_s']:>10.0f}{speedup:>10.2f}{cpu:>13.3f}"
-            f"   {result['rounds']}"
+            f"   {result['rounds']}  claims per wake: {result['claims_per_wake']}"
         )
     print(
         f"CPU parallelism available now (pure-Python processes vs one alone): "

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -116,7 +117,7 @@ async def measure_idle_memory(db: str, entities: int) -> float:
         for start in range(0, entities, batch):
             async with anyio.create_task_group() as tg:
                 for i in range(start, min(entities, start + batch)):
-                    tg.start_soon(lambda i=i: rt.spawn(f"/bench/m{i}", initial_message={"n": 1}))
+                    tg.start_soon(partial(rt.spawn, f"/bench/m{i}", initial_message={"n": 1}))
             await _drain(rt)
         gc.collect()
         after = tracemalloc.get_traced_memory()[0]

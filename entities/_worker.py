@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -123,6 +123,9 @@ class Worker:
         self._timers_dirty = True
         self._idle = anyio.Event()
         self.wakes = 0
+        # claim outcomes: won, lost (another claim committed first), held (leased elsewhere),
+        # empty (nothing to run by the time it was read): a measure of contention
+        self.claims: Counter[str] = Counter()
         self.cache_size = runtime.cache_entities if cache_size is None else cache_size
         self._records: OrderedDict[str, bytes] = OrderedDict()
         self._running: dict[str, tuple[Claim, anyio.Lock]] = {}
@@ -217,7 +220,7 @@ class Worker:
         now = self.rt.clock.now()
         next_due: float | None = None
         pending = await self.rt.store.kv_scan(PENDING_NS)
-        if pending:
+        if pending:  # workers sharing the table start at different places in it
             shift = random.randrange(len(pending))
             pending = pending[shift:] + pending[:shift]
         for url, token in pending:
@@ -351,6 +354,7 @@ class Worker:
             return None
         if record.owner is not None and record.lease_expires > now:
             self._blocked[target.url] = record.lease_expires
+            self.claims["held"] += 1
             return None
         if record.retry_at is not None and record.retry_at > now:
             self._blocked[target.url] = record.retry_at
@@ -364,6 +368,7 @@ class Worker:
             except (StreamNotFound, StreamGone):
                 return None
             if not any(e["type"] in WAKE_TYPES for e in loaded.events):
+                self.claims["empty"] += 1
                 # nothing to run (another worker ran the wake since the mark was read, or a
                 # conservative re-mark): no empty wake; clear the mark if it is still the one
                 # read and the record is still the one loaded from
@@ -400,7 +405,9 @@ class Worker:
                 [KvCheck(ENTITY_NS, target.url, raw), KvPut(ENTITY_NS, target.url, claimed_raw)]
             )
         except ConditionFailed:
+            self.claims["lost"] += 1
             return _STALE
+        self.claims["won"] += 1
         self._remember(target.url, claimed_raw)
         return Claim(target, claimed, claimed_raw, token, loaded)
 

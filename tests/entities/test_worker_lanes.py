@@ -73,6 +73,7 @@ async def test_a_refilled_inbox_is_taken_on_the_same_lane(tmp_path: Path) -> Non
         watchers.append((lambda: handled.get("/looper/a", 0) >= 41, done))
         await _run(rt, worker, done)
         assert handled["/looper/a"] == 41  # one wake per message: each send follows a commit
+        assert worker.claims["won"] == 41 and not worker.claims["lost"]  # alone: no contention
         # up to FOLLOW_ON wakes per dispatch: far fewer dispatches than wakes
         assert worker.dispatched["/looper/a"] <= -(-41 // FOLLOW_ON) + 2
 
