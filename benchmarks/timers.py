@@ -1,6 +1,6 @@
 """Durable timers under load: many delayed sends due within one second, on SQLite, real time.
 
-    python benchmarks/timers.py [--quick] [--sends N] [--sinks S]
+    python benchmarks/timers.py [--quick] [--sends N] [--sinks S] [--windows W]
 
 ``planner`` entities each schedule a slice of ``N`` future sends (``ctx.send(sink, {"i": i},
 after_ms=...)``) whose due times are spread evenly over one second that starts a few seconds
@@ -11,6 +11,11 @@ Lateness is the handler-side delivery time minus the timer's due time (the ``due
 stored with the delivered inbox event). The table also splits it into the scheduler's part
 (``fire``: the clock reading of the ``fire_due`` pass that delivered the timer minus its due
 time) and the wake's part (handler time minus that clock reading).
+
+The run is repeated in ``W`` windows (default 3, each on a fresh database): one window's p99
+is one sample on a noisy machine, so the latency figures are medians over the windows
+(``lateness_p99_ms_each`` lists them); ``scheduled`` is per window, ``delivered`` the fewest any
+window delivered, ``lost`` the most any window lost, ``duplicates`` the total over all windows.
 
 Prints a table, then, as the last line, one JSON object: ``scheduled``, ``delivered`` (distinct
 ``i`` seen by a handler), ``duplicates`` (handler deliveries of an ``i`` already seen, plus inbox
@@ -164,18 +169,39 @@ async def run(db: str, sends: int, sinks: int, planners: int, lead_s: float) -> 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     sends = args.sends or (2000 if args.quick else 10_000)
     planners = max(1, min(100, sends // 100))
-    with tempfile.TemporaryDirectory() as tmp:
-        result = await run(
-            f"sqlite:///{tmp}/timers.db", sends, args.sinks, planners, args.lead or 3.0
-        )
+    windows: list[dict[str, Any]] = []
+    for _ in range(max(1, args.windows)):  # one window is one sample: report the median
+        with tempfile.TemporaryDirectory() as tmp:
+            windows.append(
+                await run(
+                    f"sqlite:///{tmp}/timers.db", sends, args.sinks, planners, args.lead or 3.0
+                )
+            )
+    p99s = [w["lateness_p99_ms"] for w in windows]
+    result = dict(sorted(windows, key=lambda w: float(w["lateness_p99_ms"]))[len(windows) // 2])
+    # per window, and exactly once in every window: the fewest delivered, the most lost
+    result["delivered"] = min(int(w["delivered"]) for w in windows)
+    result["lost"] = max(int(w["lost"]) for w in windows)
+    for key in ("duplicates", "early"):
+        result[key] = sum(int(w[key]) for w in windows)
+    for key in ("lateness_p50_ms", "lateness_p99_ms", "fire_p99_ms", "wake_p99_ms"):
+        result[key] = round(statistics.median(float(w[key]) for w in windows), 3)
+    result["windows"] = len(windows)
+    result["lateness_p99_ms_each"] = p99s
     result["quick"] = args.quick
     result["loadavg_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine skews latency
     result["target_met"] = bool(
-        result["delivered"] == sends
+        result["delivered"] == result["scheduled"]
         and result["duplicates"] == 0
         and result["lateness_p99_ms"] <= 50.0
     )
-    print(f"{'measure':<26}{'value':>14}")
+    print(f"{'window':<8}{'p50 ms':>10}{'p99 ms':>10}{'fire p99':>10}{'wake p99':>10}")
+    for i, w in enumerate(windows, start=1):
+        print(
+            f"{i:<8}{w['lateness_p50_ms']:>10}{w['lateness_p99_ms']:>10}"
+            f"{w['fire_p99_ms']:>10}{w['wake_p99_ms']:>10}"
+        )
+    print(f"{'measure (median window)':<26}{'value':>14}")
     for key, value in result.items():
         print(f"{key:<26}{value!s:>14}")
     return result
@@ -187,5 +213,6 @@ if __name__ == "__main__":
     parser.add_argument("--sends", type=int, default=0, help="number of future sends")
     parser.add_argument("--sinks", type=int, default=10, help="number of sink entities")
     parser.add_argument("--lead", type=float, default=0.0, help="seconds before the window")
+    parser.add_argument("--windows", type=int, default=3, help="windows run (median reported)")
     figures = anyio.run(main, parser.parse_args())
     print(json.dumps(figures))
