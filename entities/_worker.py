@@ -142,7 +142,7 @@ class Worker:
 
     async def run(self, stop: anyio.Event) -> None:
         """Process wakes until ``stop`` is set, then finish in-flight wakes (up to
-        ``drain_seconds``; the rest are released and redelivered later)."""
+        ``drain_seconds``; the rest are cancelled, their leases released, and redelivered)."""
         removers = [
             self.rt.store.listen(f"kv:{PENDING_NS}", self._poke),
             self.rt.store.listen(f"kv:{TIMER_NS}", self._timers_changed),
@@ -246,7 +246,7 @@ class Worker:
                 claim = await self.claim(url, token)
                 if claim is None:
                     break
-                await self.run_wake(claim)
+                await self._run_or_release(claim)
                 self.wakes += 1
                 # more arrived while it ran: take the next wake right away, unless other
                 # entities wait for a lane (then this one queues behind them, for fairness)
@@ -299,13 +299,44 @@ class Worker:
             for url, token in queue:
                 claim = await self.claim(url, token)
                 if claim is not None:
-                    await self.run_wake(claim)
+                    await self._run_or_release(claim)
                     ran += 1
 
         async with anyio.create_task_group() as tg:
             for _ in range(min(self.concurrency, len(items))):
                 tg.start_soon(lane)
         return ran
+
+    async def _run_or_release(self, claim: Claim) -> None:
+        """:meth:`run_wake`; if it is cancelled (Ctrl-C, a timeout, the end of a drain), give
+        the lease back at once, keeping the wake's range, so the wake is redelivered now (as
+        its next attempt, with its journal) instead of after the lease expires."""
+        try:
+            await self.run_wake(claim)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._release(claim)
+            raise
+
+    async def _release(self, claim: Claim) -> None:
+        released = claim.record.model_copy(
+            update={"owner": None, "status": "idle", "lease_expires": 0.0}
+        )
+        raw = released.dump()
+        try:
+            await self.rt.store.commit(
+                [KvCheck(ENTITY_NS, claim.url.url, claim.raw), KvPut(ENTITY_NS, claim.url.url, raw)]
+            )
+        except ConditionFailed:  # the wake committed (or was fenced) after all
+            self._remember(claim.url.url, None)
+            return
+        except Exception as exc:  # e.g. the database is gone: the lease expires instead
+            logger.warning("could not release the lease of %s: %r", claim.url, exc)
+            self._remember(claim.url.url, None)
+            return
+        self._remember(claim.url.url, raw)
+        self._running.pop(claim.url.url, None)
+        logger.info("wake of %s was cancelled; its lease is released", claim.url)
 
     # -- claiming ---------------------------------------------------------------------------
 

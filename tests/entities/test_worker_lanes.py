@@ -39,6 +39,19 @@ async def one(ctx: HandlerContext, wake: WakeEvent) -> None:
     _count(ctx.entity_url)
 
 
+slow_started: list[anyio.Event] = []
+slow_attempts: list[int] = []
+
+
+@registry.define("slow", description="takes far longer than the test waits, the first time")
+async def slow(ctx: HandlerContext, wake: WakeEvent) -> None:
+    slow_attempts.append(len(slow_attempts) + 1)
+    _count(ctx.entity_url)
+    if len(slow_attempts) == 1:
+        slow_started[0].set()
+        await anyio.sleep(60)
+
+
 class CountingWorker(Worker):
     """Counts how often the dispatch loop hands an entity to a lane."""
 
@@ -91,3 +104,30 @@ async def test_a_busy_entity_does_not_starve_the_others(tmp_path: Path) -> None:
         watchers.append((lambda: all(handled.get(url) for url in others), done))
         await _run(rt, worker, done)
         assert all(handled[url] == 1 for url in others)
+
+
+async def test_a_cancelled_wake_gives_its_lease_back(tmp_path: Path) -> None:
+    """Ctrl-C (or a timeout, or the end of a drain) cancels a wake mid-handler: its lease is
+    released at once, keeping its range, so the next worker runs it now (as attempt 2), not
+    after the 30 s lease expires."""
+    slow_started[:] = [anyio.Event()]
+    slow_attempts.clear()
+    async with Runtime(registry, f"sqlite:///{tmp_path / 'c.db'}", lease_seconds=30) as rt:
+        await rt.spawn("/slow/s", initial_message={"go": 1})
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(Worker(rt).run, anyio.Event())
+                await slow_started[0].wait()
+                tg.cancel_scope.cancel()
+        found = await rt.record("/slow/s")
+        assert found is not None
+        record, _raw = found
+        assert record.owner is None and record.lease_expires == 0.0
+        assert record.inflight is not None and record.inflight.attempt == 1  # range kept
+        done = anyio.Event()
+        watchers.append((lambda: handled.get("/slow/s", 0) >= 2, done))
+        with anyio.fail_after(5):  # well before the lease would have expired
+            await _run(rt, Worker(rt), done)
+        assert slow_attempts == [1, 2]
+        found = await rt.record("/slow/s")
+        assert found is not None and found[0].inflight is None and found[0].owner is None
