@@ -68,14 +68,17 @@ class _HeaderLimit:
 
 
 class _BearerAuth:
-    """Reject every request without ``Authorization: Bearer <token>`` (CORS preflight aside)."""
+    """Reject every request without ``Authorization: Bearer <token>`` (CORS preflight aside,
+    and ``GET /``: the dev UI's page is static and holds no data; it asks for the token and
+    sends it with each of its requests)."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+        public = scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/"
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or public:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")

@@ -21,8 +21,28 @@ a{cursor:pointer;color:#0645ad}
 <tbody id="rows"></tbody></table>
 <h2 id="title"></h2><pre id="log"></pre>
 <script>
+// With `entities serve --token`, every request but this page needs the bearer token: asked for
+// once (on a 401) and kept for this tab only. The tail reads SSE through fetch, which (unlike
+// EventSource) can send the Authorization header.
+function headers(){
+  const t = sessionStorage.getItem('entities-token');
+  return t ? {Authorization: 'Bearer ' + t} : {};
+}
+async function call(path){
+  let r = await fetch(path, {headers: headers()});
+  if (r.status === 401) {
+    const t = prompt('Bearer token for this server');
+    if (t) {
+      sessionStorage.setItem('entities-token', t);
+      r = await fetch(path, {headers: headers()});
+    }
+  }
+  return r;
+}
 async function load(){
-  const r = await fetch('/_entities/entities'); const items = await r.json();
+  const r = await call('/_entities/entities');
+  if (!r.ok) { document.getElementById('rows').textContent = 'HTTP ' + r.status; return; }
+  const items = await r.json();
   const rows = document.getElementById('rows'); rows.textContent = '';
   for (const e of items){
     const tr = document.createElement('tr');
@@ -33,18 +53,33 @@ async function load(){
     rows.appendChild(tr);
   }
 }
-let source = null;
-function tail(url){
-  if (source) source.close();
+let reading = null;
+async function tail(url){
+  if (reading) reading.abort();
+  reading = new AbortController();
   document.getElementById('title').textContent = url;
   const log = document.getElementById('log'); log.textContent = '';
-  source = new EventSource('/v1/stream' + url + '/main?offset=-1&live=sse');
-  source.addEventListener('data', ev => {
-    for (const item of JSON.parse(ev.data)) {
-      log.textContent += JSON.stringify(item) + '\\n';
+  const r = await fetch('/v1/stream' + url + '/main?offset=-1&live=sse',
+                        {headers: headers(), signal: reading.signal});
+  if (!r.ok) { log.textContent = 'HTTP ' + r.status; return; }
+  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = '';
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf('\\n\\n')) >= 0) {  // one SSE event per blank line
+      const lines = buffer.slice(0, end).split('\\n'); buffer = buffer.slice(end + 2);
+      const kind = (lines.find(l => l.startsWith('event:')) || '').slice(6).trim();
+      const data = lines.filter(l => l.startsWith('data:')).map(l => l.slice(5).replace(/^ /, ''));
+      if (kind !== 'data' || !data.length) continue;
+      for (const item of JSON.parse(data.join('\\n'))) {
+        log.textContent += JSON.stringify(item) + '\\n';
+      }
+      log.scrollTop = log.scrollHeight;
     }
-    log.scrollTop = log.scrollHeight;
-  });
+  }
 }
 load(); setInterval(load, 3000);
 </script></body></html>

@@ -637,15 +637,29 @@ async def test_bearer_token(tmp_path: Path) -> None:
                         content=b'{"type":"x","key":"k","headers":{"operation":"insert"}}',
                         headers={**headers, "Content-Type": "application/json"},
                     ),
-                    anonymous.get("/", headers=headers),
+                    anonymous.head("/", headers=headers),
                 ]
                 for response in await asyncio.gather(*requests):
                     assert response.status_code == 401, (response.request.url, response.text)
-                    assert error_code(response) == "UNAUTHORIZED"
+                    if response.request.method != "HEAD":
+                        assert error_code(response) == "UNAUTHORIZED"
+            # the dev UI's page is static (no data) and open: it asks for the token itself
+            page = await anonymous.get("/")
+            assert page.status_code == 200 and "Authorization" in page.text
+            assert "counter/c1" not in page.text
         await asyncio.sleep(0.3)  # give a wrongly accepted send time to be processed
         assert await s.snapshot() == before
         assert (await s.http.get("/_entities/entities")).status_code == 200
         assert (await s.http.get("/v1/stream/counter/c1/main?offset=-1")).status_code == 200
+        # what the page does to tail a stream: SSE read through fetch with the header
+        sse = "/v1/stream/counter/c1/main?offset=-1&live=sse"
+        async with s.http.stream("GET", sse) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            with anyio.fail_after(5):
+                async for line in response.aiter_lines():
+                    if line.startswith("event: data"):
+                        break
 
 
 async def test_entity_streams_are_read_only_over_http(served: Served) -> None:
