@@ -10,13 +10,14 @@ close) visible after the given offset.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
 import anyio
 
-from .._errors import InvalidRequest
+from .._errors import InvalidRequest, StreamsError
 from .._offsets import format_offset, parse_offset
 
 __all__ = [
@@ -405,25 +406,39 @@ class Store(abc.ABC):
     async def wait(self, path: str, offset: str, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until data after ``offset`` exists or the stream is closed; False on timeout.
 
-        Writers in this process wake waiters directly; nothing polls.
+        Writers in this process wake waiters directly; nothing polls. A wake-up is a hint (a
+        backend may wake everything when another process commits): the stream is re-checked
+        before returning.
 
         Raises:
             StreamNotFound, StreamGone: no such stream.
             BadOffset: a malformed offset.
         """
-        waiters = self._notifier.enter(path)
-        try:
-            info = await self.head(path)
-            position = parse_offset(offset, path=path)
-            tail = parse_offset(info.next_offset)
-            if info.closed or (position is not None and tail is not None and tail > position):
-                return True
-            with anyio.move_on_after(timeout):
-                await waiters.event.wait()
-                return True
-            return False
-        finally:
-            self._notifier.leave(path, waiters)
+        deadline = time.monotonic() + timeout
+        position = parse_offset(offset, path=path)
+        woken = False
+        while True:
+            waiters = self._notifier.enter(path)
+            try:
+                try:
+                    info = await self.head(path)
+                except StreamsError:
+                    if woken:
+                        return True  # woken by a delete: let the caller find out
+                    raise
+                tail = parse_offset(info.next_offset)
+                if position is None:  # "now": whatever the tail is on the first look
+                    position = tail
+                if info.closed or (position is not None and tail is not None and tail > position):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                with anyio.move_on_after(remaining):
+                    await waiters.event.wait()
+                woken = True
+            finally:
+                self._notifier.leave(path, waiters)
 
     async def wait_signal(self, name: str, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until a commit in this process touches ``name``; False on timeout.
@@ -449,6 +464,10 @@ class Store(abc.ABC):
 
     def _notify(self, paths: set[str]) -> None:
         self._notifier.notify(paths)
+
+    def _notify_all(self) -> None:
+        """Wake every waiter and listener (something changed, what is not known)."""
+        self._notifier.notify(set(self._notifier._by_path) | set(self._notifier._listeners))
 
 
 def check_append(op: Append) -> None:

@@ -269,8 +269,9 @@ class PostgresStore(Store):
 
     def _wake(self, names: set[str]) -> None:
         if "*" in names:
-            names = set(self._notifier._by_path) | set(self._notifier._listeners)
-        self._notify(names)
+            self._notify_all()
+        else:
+            self._notify(names)
 
     async def _run_listener(self) -> None:
         """Keep one LISTEN connection; after a reconnect wake everything (we may have missed
@@ -305,36 +306,6 @@ class PostgresStore(Store):
                 conn.terminate()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
-
-    async def wait(self, path: str, offset: str, timeout: float) -> bool:  # noqa: ASYNC109
-        """As :meth:`Store.wait`; a wake-up from another process is re-checked first."""
-        deadline = time.monotonic() + timeout
-        position = parse_offset(offset, path=path)
-        woken = False
-        while True:
-            waiters = self._notifier.enter(path)
-            try:
-                try:
-                    info = await self.head(path)
-                except StreamsError:
-                    if woken:
-                        return True  # woken by a delete: let the caller find out
-                    raise
-                tail = parse_offset(info.next_offset)
-                if position is None:  # "now": whatever the tail is on the first look
-                    position = tail
-                if info.closed or (position is not None and tail is not None and tail > position):
-                    return True
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                try:
-                    await asyncio.wait_for(waiters.event.wait(), remaining)
-                except TimeoutError:
-                    return False
-                woken = True
-            finally:
-                self._notifier.leave(path, waiters)
 
     # -- writes ----------------------------------------------------------------------------
 

@@ -26,13 +26,11 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import aiosqlite
-import orjson
 
 from .._errors import BackendUnavailable, StreamsError
 from .._offsets import parse_offset
@@ -43,76 +41,28 @@ from ._engine import (
     ProducerRecord,
     ReadBuilder,
     StreamRecord,
-    needs_parent,
-    plan_ranges,
     read_plan,
     readable,
 )
 from ._group import CommitQueue, Pending
+from ._sqlite_io import (
+    COLUMNS,
+    INLINE_READ_LIMIT,
+    InlineReader,
+    WriterConnection,
+    begin,
+    commit_if_unchanged,
+    kv_scan_sql,
+    persist_and_commit,
+    rollback,
+    to_record,
+)
 from .base import KvCheck, KvPut, Op, OpResult, ReadResult, Store, StreamInfo, Touch
 
 __all__ = ["SqliteStore"]
 
 logger = logging.getLogger("streams.sqlite")
 
-_SCHEMA = [
-    # version 1
-    """
-    CREATE TABLE streams (
-        id INTEGER PRIMARY KEY,
-        path TEXT NOT NULL UNIQUE,
-        content_type TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        last_access REAL NOT NULL,
-        length INTEGER NOT NULL,
-        ttl_seconds INTEGER,
-        expires_at REAL,
-        closed INTEGER NOT NULL,
-        closed_by TEXT,
-        fork_parent INTEGER,
-        fork_position INTEGER NOT NULL,
-        last_stream_seq TEXT,
-        deleted INTEGER NOT NULL,
-        fork_count INTEGER NOT NULL
-    );
-    CREATE TABLE messages (
-        stream_id INTEGER NOT NULL,
-        position INTEGER NOT NULL,
-        data BLOB NOT NULL,
-        PRIMARY KEY (stream_id, position)
-    ) WITHOUT ROWID;
-    CREATE TABLE producers (
-        stream_id INTEGER NOT NULL,
-        producer_id TEXT NOT NULL,
-        epoch INTEGER NOT NULL,
-        seq INTEGER NOT NULL,
-        length INTEGER NOT NULL,
-        PRIMARY KEY (stream_id, producer_id)
-    ) WITHOUT ROWID;
-    CREATE TABLE kv (
-        namespace TEXT NOT NULL,
-        key TEXT NOT NULL,
-        value BLOB NOT NULL,
-        PRIMARY KEY (namespace, key)
-    ) WITHOUT ROWID;
-    """,
-    # version 2: forks cut inside a message (Stream-Fork-Sub-Offset)
-    """
-    ALTER TABLE streams ADD COLUMN fork_sub_offset INTEGER NOT NULL DEFAULT 0;
-    """,
-]
-
-_COLUMNS = (
-    "id, path, content_type, created_at, last_access, length, ttl_seconds, expires_at, closed, "
-    "closed_by, fork_parent, fork_position, last_stream_seq, deleted, fork_count, fork_sub_offset"
-)
-_UPSERT_STREAM = (
-    f"INSERT INTO streams ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-    "ON CONFLICT(id) DO UPDATE SET last_access=excluded.last_access, length=excluded.length, "
-    "closed=excluded.closed, closed_by=excluded.closed_by, "
-    "last_stream_seq=excluded.last_stream_seq, "
-    "deleted=excluded.deleted, fork_count=excluded.fork_count"
-)
 _CACHE_LIMIT = 4096
 _KV_CACHE_VALUE_LIMIT = 4096
 # Groups up to this size are written on the event loop's thread when commits do not fsync
@@ -120,39 +70,10 @@ _KV_CACHE_VALUE_LIMIT = 4096
 # wake-ups a hop costs. Larger groups, and every wait for a lock, go to the writer thread.
 _INLINE_MAX_MESSAGES = 512
 _INLINE_MAX_BYTES = 512 * 1024
-# Auto-checkpointing is off on the writer (it would run inside an inline commit); the writer
-# thread runs a passive checkpoint after about this much WAL growth instead.
-_CHECKPOINT_BYTES = 4 * 1024 * 1024
+# How often an open store looks for commits by other processes (``PRAGMA data_version``), so
+# their appends wake this process's waiters (SQLite has no cross-process notification).
+_WATCH_SECONDS = 0.05
 _T = TypeVar("_T")
-
-
-def _to_record(row: Sequence[object]) -> StreamRecord:
-    closed_by = row[9]
-    return StreamRecord(
-        id=int(row[0]),  # type: ignore[call-overload]
-        path=str(row[1]),
-        content_type=str(row[2]),
-        created_at=float(row[3]),  # type: ignore[arg-type]
-        last_access=float(row[4]),  # type: ignore[arg-type]
-        length=int(row[5]),  # type: ignore[call-overload]
-        ttl_seconds=None if row[6] is None else int(row[6]),  # type: ignore[call-overload]
-        expires_at=None if row[7] is None else float(row[7]),  # type: ignore[arg-type]
-        closed=bool(row[8]),
-        closed_by=None if closed_by is None else tuple(orjson.loads(str(closed_by))),
-        fork_parent=None if row[10] is None else int(row[10]),  # type: ignore[call-overload]
-        fork_position=int(row[11]),  # type: ignore[call-overload]
-        last_stream_seq=None if row[12] is None else str(row[12]),
-        deleted=bool(row[13]),
-        fork_count=int(row[14]),  # type: ignore[call-overload]
-        fork_sub_offset=int(row[15]),  # type: ignore[call-overload]
-    )
-
-
-def _from_record(r: StreamRecord) -> tuple[object, ...]:
-    closed_by = None if r.closed_by is None else orjson.dumps(list(r.closed_by)).decode()
-    return (r.id, r.path, r.content_type, r.created_at, r.last_access, r.length, r.ttl_seconds,
-            r.expires_at, int(r.closed), closed_by, r.fork_parent, r.fork_position,
-            r.last_stream_seq, int(r.deleted), r.fork_count, r.fork_sub_offset)  # fmt: skip
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -241,276 +162,12 @@ class _Cache:
             self.producers.popitem(last=False)
 
 
-def _enable_wal(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
-    """Switch the file to WAL. The switch needs the database to itself and SQLite does not wait
-    for it (no busy handler), so when another process is opening or migrating the same new file
-    at that moment, retry until ``timeout``.
-
-    Raises:
-        sqlite3.OperationalError: still locked after ``timeout`` seconds, or any other error.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
-class _WriterConnection:
-    """The writer: a stdlib ``sqlite3`` connection used only from its own thread.
-
-    Every :meth:`run` is one hop to that thread, so a whole group commit can be a single call
-    instead of one thread round trip per statement.
-    """
-
-    def __init__(
-        self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, checkpointer: _Checkpointer
-    ) -> None:
-        self.conn = conn
-        self.executor = executor
-        self.checkpointer = checkpointer
-        self.waits_for_locks = True
-        self.wal_bytes = 0
-        mode = conn.execute("PRAGMA journal_mode").fetchone()
-        self.wal = mode is not None and str(mode[0]).lower() == "wal"
-
-    @classmethod
-    async def open(cls, path: Path, synchronous: str) -> _WriterConnection:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streams-writer")
-
-        def connect() -> sqlite3.Connection:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            try:
-                conn.execute("PRAGMA busy_timeout = 10000")
-                conn.execute(f"PRAGMA synchronous = {synchronous}")
-                _enable_wal(conn)
-                conn.execute("PRAGMA wal_autocheckpoint = 0")
-                _migrate(conn)
-            except BaseException:
-                conn.close()
-                raise
-            return conn
-
-        try:
-            conn = await asyncio.get_running_loop().run_in_executor(executor, connect)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        return cls(conn, executor, _Checkpointer(path, synchronous))
-
-    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    def _lock_waits(self, wait: bool) -> None:
-        if wait != self.waits_for_locks:
-            self.conn.execute(f"PRAGMA busy_timeout = {10000 if wait else 0}")
-            self.waits_for_locks = wait
-
-    async def run_locking(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """``fn(conn, *args)`` on the writer thread, waiting for other processes' write locks."""
-
-        def call() -> _T:
-            self._lock_waits(True)
-            return fn(self.conn, *args)
-
-        return await self.run(call)
-
-    def commit_inline(self, effects: Effects, version: int) -> bool | None:
-        """:func:`_commit_if_unchanged` on the calling thread; ``None`` (nothing done) when
-        another connection holds the write lock, since waiting here would block the loop."""
-        self._lock_waits(False)
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                return None
-            raise
-        return _commit_if_unchanged(self.conn, effects, version, begun=True)
-
-    async def wrote(self, size: int) -> None:
-        """Account for ``size`` bytes of WAL growth; checkpoint (passively) now and then.
-
-        The bulk of a checkpoint runs beside the writer (see :class:`_Checkpointer`); once it
-        is done, the few frames committed meanwhile are copied here, between commits, so the
-        WAL is wholly copied and the next commit starts it over instead of growing it.
-        """
-        self.wal_bytes += size
-        if self.checkpointer.take_finished():
-            await self.run(lambda: self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
-        elif self.wal_bytes >= _CHECKPOINT_BYTES:
-            self.wal_bytes = 0
-            self.checkpointer.start()
-
-    async def fetchone(self, sql: str, params: Sequence[object] = ()) -> Any:
-        return await self.run(lambda: self.conn.execute(sql, params).fetchone())
-
-    async def fetchall(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
-        return await self.run(lambda: self.conn.execute(sql, params).fetchall())
-
-    async def close(self) -> None:
-        await self.checkpointer.close()
-        await self.run(self.conn.close)
-        self.executor.shutdown(wait=True)
-
-
-class _Checkpointer:
-    """Passive WAL checkpoints on a connection and thread of their own.
-
-    Copying the WAL back into the database (and the fsyncs around it) takes milliseconds to tens
-    of milliseconds; on the writer's thread it held up every commit queued behind it. A passive
-    checkpoint runs beside writers (they keep appending to the WAL), so here it delays nothing.
-    At most one runs at a time; a failure is logged and the next one retries.
-    """
-
-    def __init__(self, path: Path, synchronous: str) -> None:
-        self.path = path
-        self.synchronous = synchronous
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streams-checkpoint")
-        self.conn: sqlite3.Connection | None = None
-        self.running: asyncio.Future[None] | None = None
-        self.runs = 0
-
-    def start(self) -> None:
-        if self.running is not None:
-            return  # one is still copying (or its catch-up is due): growth is counted anew
-        self.running = asyncio.get_running_loop().run_in_executor(self.executor, self._run)
-        self.running.add_done_callback(self._done)
-
-    def take_finished(self) -> bool:
-        """Whether a checkpoint finished since the last call."""
-        finished = self.running is not None and self.running.done()
-        if finished:
-            self.running = None
-        return finished
-
-    def _run(self) -> None:
-        if self.conn is None:
-            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self.conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        self.runs += 1
-
-    @staticmethod
-    def _done(future: asyncio.Future[None]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            logger.warning("WAL checkpoint failed: %s", future.exception())
-
-    async def close(self) -> None:
-        if self.running is not None:
-            with contextlib.suppress(Exception):
-                await self.running
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self.executor, conn.close)
-        self.executor.shutdown(wait=True)
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-        version = 0 if row is None or row[0] is None else int(row[0])
-        for number, script in enumerate(_SCHEMA[version:], start=version + 1):
-            for statement in script.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-
-
-def _begin(conn: sqlite3.Connection) -> tuple[int, int]:
-    """``BEGIN IMMEDIATE``; return ``(data_version, max stream id)`` as the lock holder sees."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
-        next_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM streams").fetchone()[0])
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return version, next_id
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
-
-
-def _persist_and_commit(conn: sqlite3.Connection, effects: Effects) -> None:
-    """Write ``effects`` and ``COMMIT`` the open transaction (rolled back on any failure)."""
-    try:
-        _persist(conn, effects)
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-
-
-def _commit_if_unchanged(
-    conn: sqlite3.Connection, effects: Effects, version: int, *, begun: bool = False
-) -> bool:
-    """The fast path in one call: write ``effects`` unless another connection wrote since
-    ``version`` was read (then roll back and return False)."""
-    if not begun:
-        conn.execute("BEGIN IMMEDIATE")
-    try:
-        if int(conn.execute("PRAGMA data_version").fetchone()[0]) != version:
-            conn.execute("ROLLBACK")
-            return False
-    except BaseException:
-        _rollback(conn)
-        raise
-    _persist_and_commit(conn, effects)
-    return True
-
-
-def _persist(conn: sqlite3.Connection, effects: Effects) -> None:
-    if effects.purged:
-        ids = [(sid,) for sid in effects.purged]
-        conn.executemany("DELETE FROM messages WHERE stream_id=?", ids)
-        conn.executemany("DELETE FROM producers WHERE stream_id=?", ids)
-        conn.executemany("DELETE FROM streams WHERE id=?", ids)
-    if effects.streams:
-        conn.executemany(_UPSERT_STREAM, [_from_record(r) for r in effects.streams.values()])
-    if effects.messages:
-        conn.executemany(
-            "INSERT INTO messages (stream_id, position, data) VALUES (?,?,?)", effects.messages
-        )
-    if effects.producers:
-        conn.executemany(
-            "INSERT INTO producers (stream_id, producer_id, epoch, seq, length) "
-            "VALUES (?,?,?,?,?) ON CONFLICT(stream_id, producer_id) DO UPDATE SET "
-            "epoch=excluded.epoch, seq=excluded.seq, length=excluded.length",
-            [
-                (p.stream_id, p.producer_id, p.epoch, p.seq, p.length)
-                for p in effects.producers.values()
-            ],
-        )
-    puts = [(ns, key, value) for (ns, key), value in effects.kv.items() if value is not None]
-    drops = [(ns, key) for (ns, key), value in effects.kv.items() if value is None]
-    if puts:
-        conn.executemany(
-            "INSERT INTO kv (namespace, key, value) VALUES (?,?,?) "
-            "ON CONFLICT(namespace, key) DO UPDATE SET value=excluded.value",
-            puts,
-        )
-    if drops:
-        conn.executemany("DELETE FROM kv WHERE namespace=? AND key=?", drops)
-
-
 class _GroupLoader(Loader):
     """Records as one group sees them: earlier batches' effects, cache, then the database."""
 
     def __init__(
         self,
-        conn: _WriterConnection,
+        conn: WriterConnection,
         cache: _Cache,
         next_id: int,
         inline: sqlite3.Connection | None = None,
@@ -546,11 +203,11 @@ class _GroupLoader(Loader):
             return None if cached.id in self.effects.purged else cached
         if path in self.cache.absent:
             return None
-        row = await self._fetchone(f"SELECT {_COLUMNS} FROM streams WHERE path=?", (path,))
+        row = await self._fetchone(f"SELECT {COLUMNS} FROM streams WHERE path=?", (path,))
         if row is None:
             self.cache.absent.add(path)
             return None
-        record = _to_record(row)
+        record = to_record(row)
         self.cache.put(record)
         return None if record.id in self.effects.purged else record
 
@@ -562,10 +219,10 @@ class _GroupLoader(Loader):
         path = self.cache.ids.get(stream_id)
         if path is not None and path in self.cache.streams:
             return self.cache.streams[path]
-        row = await self._fetchone(f"SELECT {_COLUMNS} FROM streams WHERE id=?", (stream_id,))
+        row = await self._fetchone(f"SELECT {COLUMNS} FROM streams WHERE id=?", (stream_id,))
         if row is None:
             return None
-        record = _to_record(row)
+        record = to_record(row)
         self.cache.put(record)
         return record
 
@@ -610,11 +267,11 @@ class _GroupLoader(Loader):
         for start in range(0, len(missing), 500):
             chunk = missing[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            sql = f"SELECT {_COLUMNS} FROM streams WHERE path IN ({marks})"
+            sql = f"SELECT {COLUMNS} FROM streams WHERE path IN ({marks})"
             rows = await self._fetchall(sql, chunk)
             found = set()
             for row in rows:
-                record = _to_record(row)
+                record = to_record(row)
                 found.add(record.path)
                 self.cache.put(record)
             self.cache.absent.update(p for p in chunk if p not in found)
@@ -644,117 +301,16 @@ class _ReadLoader:
         self.conn = conn
 
     async def stream(self, path: str) -> StreamRecord | None:
-        async with self.conn.execute(f"SELECT {_COLUMNS} FROM streams WHERE path=?", (path,)) as c:
+        async with self.conn.execute(f"SELECT {COLUMNS} FROM streams WHERE path=?", (path,)) as c:
             row = await c.fetchone()
-        return None if row is None else _to_record(row)
+        return None if row is None else to_record(row)
 
     async def stream_by_id(self, stream_id: int) -> StreamRecord | None:
         async with self.conn.execute(
-            f"SELECT {_COLUMNS} FROM streams WHERE id=?", (stream_id,)
+            f"SELECT {COLUMNS} FROM streams WHERE id=?", (stream_id,)
         ) as c:
             row = await c.fetchone()
-        return None if row is None else _to_record(row)
-
-
-_INLINE_READ_LIMIT = 1000
-
-
-def _kv_bounds(prefix: str, end: str | None) -> str:
-    # keys starting with ``prefix`` sort between ``prefix`` and ``prefix + U+10FFFF``
-    upper = prefix + "\U0010ffff"
-    return end if end is not None and end < upper else upper
-
-
-def _kv_scan_sql(
-    namespace: str, prefix: str, after: str | None, end: str | None, limit: int | None
-) -> tuple[str, tuple[object, ...]]:
-    """The query of a side-table scan (see :meth:`Store.kv_scan`) and its arguments."""
-    lower, low_op = (prefix, ">=") if after is None or after < prefix else (after, ">")
-    sql = (
-        f"SELECT key, value FROM kv WHERE namespace=? AND key {low_op} ? AND key < ? "
-        "ORDER BY key LIMIT ?"
-    )
-    return sql, (namespace, lower, _kv_bounds(prefix, end), -1 if limit is None else limit)
-
-
-class _InlineReader:
-    """A stdlib ``sqlite3`` connection used on the event loop's own thread for small reads.
-
-    Reading a few rows from SQLite's page cache takes microseconds, less than one hop to a
-    reader thread and back, so small reads (a wake's tail, a side-table row) run inline.
-    Large reads still go to the aiosqlite reader threads. WAL lets it read beside the writer.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA busy_timeout = 1000")
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def _row(self, sql: str, args: Sequence[object]) -> Any:
-        return self.conn.execute(sql, args).fetchone()
-
-    def stream(self, path: str) -> StreamRecord | None:
-        row = self._row(f"SELECT {_COLUMNS} FROM streams WHERE path=?", (path,))
-        return None if row is None else _to_record(row)
-
-    def stream_by_id(self, stream_id: int) -> StreamRecord | None:
-        row = self._row(f"SELECT {_COLUMNS} FROM streams WHERE id=?", (stream_id,))
-        return None if row is None else _to_record(row)
-
-    def live(self, path: str) -> StreamRecord:
-        record = self.stream(path)
-        return readable(record, path)
-
-    def head(self, path: str) -> StreamInfo:
-        record = self.live(path)
-        parent = None
-        if record.fork_parent is not None:
-            parent = self.stream_by_id(record.fork_parent)
-        return record.info(None if parent is None else parent.path)
-
-    def plan(self, record: StreamRecord, start: int) -> list[tuple[int, int, int]]:
-        """Like :func:`read_plan`, synchronously."""
-        chain = [record]
-        while (parent_id := needs_parent(chain, start)) is not None:
-            parent = self.stream_by_id(parent_id)
-            if parent is None:
-                break
-            chain.append(parent)
-        return plan_ranges(chain, start)
-
-    def read(
-        self, path: str, offset: str, limit: int, max_bytes: int | None
-    ) -> tuple[ReadResult, bool]:
-        """The read, and whether the stream has a TTL to renew."""
-        parsed = parse_offset(offset, path=path)
-        record = self.live(path)
-        start = record.length if parsed is None else min(parsed, record.length)
-        read = ReadBuilder(start, limit, max_bytes)
-        for sid, low, high in self.plan(record, start):
-            if read.full:
-                break
-            rows = self.conn.execute(
-                "SELECT position, data FROM messages WHERE stream_id=? AND position>? "
-                "AND position<=? ORDER BY position LIMIT ?",
-                (sid, low, high, read.room),
-            ).fetchall()
-            for row_position, data in rows:
-                if not read.add(int(row_position), bytes(data)):
-                    break
-        return read.result(record), record.ttl_seconds is not None
-
-    def kv_get(self, namespace: str, key: str) -> bytes | None:
-        row = self._row("SELECT value FROM kv WHERE namespace=? AND key=?", (namespace, key))
-        return None if row is None else bytes(row[0])
-
-    def kv_scan(
-        self, namespace: str, prefix: str, after: str | None, end: str | None, limit: int | None
-    ) -> list[tuple[str, bytes]]:
-        sql, args = _kv_scan_sql(namespace, prefix, after, end, limit)
-        rows = self.conn.execute(sql, args).fetchall()
-        return [(str(k), bytes(v)) for k, v in rows]
+        return None if row is None else to_record(row)
 
 
 class SqliteStore(Store):
@@ -770,18 +326,21 @@ class SqliteStore(Store):
             raise BackendUnavailable(f"unknown synchronous mode {self._synchronous!r}")
         self._inline = self._synchronous in {"OFF", "NORMAL"}  # commits that never fsync
         self._reader_count = readers
-        self._writer: _WriterConnection | None = None
+        self._writer: WriterConnection | None = None
         self._readers: list[aiosqlite.Connection] = []
         # One logical read at a time per reader connection: interleaved statements on one
         # connection share its read snapshot, so a read could miss a commit it follows.
         self._reader_locks: list[asyncio.Lock] = []
-        self._inline_reader: _InlineReader | None = None
+        self._inline_reader: InlineReader | None = None
         self._next_reader = 0
         self._queue = CommitQueue()
         self._task: asyncio.Task[None] | None = None
         self._cache = _Cache()
         self._data_version: int | None = None
         self._next_id: int | None = None
+        self._commits = 0  # groups this store committed (see _watch)
+        self._shared = False  # another process was seen committing to the file
+        self._watcher: asyncio.Task[None] | None = None
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -792,16 +351,22 @@ class SqliteStore(Store):
     async def open(self) -> None:
         """Open the file (creating it and its folder), migrate, start the writer task."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await _WriterConnection.open(self.path, self._synchronous)
+        self._writer = await WriterConnection.open(self.path, self._synchronous)
         # Outside WAL mode (a filesystem without shared memory) every commit syncs.
         self._inline = self._inline and self._writer.wal
         self._readers = [await self._connect() for _ in range(self._reader_count)]
         self._reader_locks = [asyncio.Lock() for _ in self._readers]
-        self._inline_reader = _InlineReader(self.path)
+        self._inline_reader = InlineReader(self.path)
         self._task = asyncio.create_task(self._run_writer(), name=f"streams-writer:{self.path}")
+        self._watcher = asyncio.create_task(self._watch(), name=f"streams-watch:{self.path}")
 
     async def aclose(self) -> None:
         """Finish queued commits, stop the writer and close every connection."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self._task is not None:
             await self._queue.stop()
             with contextlib.suppress(asyncio.CancelledError):
@@ -849,29 +414,33 @@ class SqliteStore(Store):
                 if size <= _INLINE_MAX_BYTES:
                     done = writer.commit_inline(effects, version)
             if done is None:
-                done = await writer.run_locking(_commit_if_unchanged, effects, version)
+                done = await writer.run_locking(commit_if_unchanged, effects, version)
             if done:
                 self._publish(group, loader, outcomes)
                 await writer.wrote(size + 256 * len(group))
                 return
             self._cache.clear()
         # Slow path: hold the write lock while validating against fresh records.
-        version, next_id = await writer.run_locking(_begin)
+        version, next_id = await writer.run_locking(begin)
+        foreign = self._data_version is not None and version != self._data_version
         try:
             if version != self._data_version:
                 self._cache.clear()
             self._data_version = version
             self._next_id = next_id
             loader, outcomes = await self._validate(group, writer, next_id)
-            await writer.run(_persist_and_commit, writer.conn, loader.effects)
+            await writer.run(persist_and_commit, writer.conn, loader.effects)
         except BaseException:
-            await writer.run(_rollback, writer.conn)
+            await writer.run(rollback, writer.conn)
             raise
         self._publish(group, loader, outcomes)
+        if foreign:  # another process committed since our last commit: its waiters here too
+            self._shared = True
+            self._notify_all()
         await writer.wrote(sum(len(m[2]) for m in loader.effects.messages) + 256 * len(group))
 
     async def _validate(
-        self, group: list[Pending], writer: _WriterConnection, next_id: int
+        self, group: list[Pending], writer: WriterConnection, next_id: int
     ) -> tuple[_GroupLoader, list[list[OpResult] | StreamsError]]:
         """Apply every call's ops in order; failed calls contribute no effects."""
         reader = self._inline_reader
@@ -906,6 +475,7 @@ class SqliteStore(Store):
         outcomes: list[list[OpResult] | StreamsError],
     ) -> None:
         """The group's commit is durable: update the cache, answer the callers, wake waiters."""
+        self._commits += 1
         self._next_id = loader.next_id
         effects = loader.effects
         for sid in effects.purged:
@@ -924,6 +494,37 @@ class SqliteStore(Store):
             else:
                 pending.future.set_result(outcome)
         self._notify(effects.touched)
+
+    async def _watch(self) -> None:
+        """Wake this process's waiters when another process commits to the file.
+
+        Every ``_WATCH_SECONDS`` a connection of its own reads ``PRAGMA data_version``, which
+        moves with every commit by another connection (this store's writer included). Once a
+        move is seen with no commit of this store in between, another process writes here:
+        from then on every move wakes all waiters and listeners (they re-check what they wait
+        for), so a server's long-polls and SSE readers and a worker's dispatch see another
+        process's appends within ~50 ms. A store alone on its file never wakes anyone this way.
+        """
+        conn = await asyncio.to_thread(
+            sqlite3.connect, self.path, isolation_level=None, check_same_thread=False
+        )
+        try:
+            last = conn.execute("PRAGMA data_version").fetchone()[0]
+            commits = self._commits
+            while True:
+                await asyncio.sleep(_WATCH_SECONDS)
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if version == last:
+                    continue
+                if self._commits == commits:
+                    self._shared = True  # it moved, and not by us
+                last, commits = version, self._commits
+                if self._shared:
+                    self._notify_all()
+        except sqlite3.Error as exc:  # the file went away, say: fall back to timeouts
+            logger.warning("watching %s for other processes' commits stopped: %s", self.path, exc)
+        finally:
+            conn.close()
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -963,7 +564,7 @@ class SqliteStore(Store):
         renew_ttl: bool = True,
     ) -> ReadResult:
         reader = self._inline_reader
-        if reader is not None and limit <= _INLINE_READ_LIMIT:
+        if reader is not None and limit <= INLINE_READ_LIMIT:
             # a small read costs less than one hop to a reader thread: do it right here
             result, ttl = reader.read(path, offset, limit, max_bytes)
             if renew_ttl and ttl:
@@ -1040,6 +641,6 @@ class SqliteStore(Store):
         end: str | None,
         limit: int | None,
     ) -> list[tuple[str, bytes]]:
-        async with conn.execute(*_kv_scan_sql(namespace, prefix, after, end, limit)) as cursor:
+        async with conn.execute(*kv_scan_sql(namespace, prefix, after, end, limit)) as cursor:
             rows = await cursor.fetchall()
         return [(str(k), bytes(v)) for k, v in rows]

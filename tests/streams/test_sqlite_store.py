@@ -11,6 +11,7 @@ import pytest
 
 import streams
 from streams import BackendUnavailable, Producer, StreamNotFound, format_offset
+from streams._backends import _sqlite_io
 from streams._backends import sqlite as sqlite_backend
 
 
@@ -185,15 +186,15 @@ async def test_commits_do_not_wait_for_a_checkpoint(
     """Checkpoints run on their own connection and thread: while one is stuck, appends go on
     committing, and the WAL is checkpointed once it is released."""
     started, release = threading.Event(), threading.Event()
-    original = sqlite_backend._Checkpointer._run
+    original = _sqlite_io.Checkpointer._run
 
-    def stuck_run(self: sqlite_backend._Checkpointer) -> None:
+    def stuck_run(self: _sqlite_io.Checkpointer) -> None:
         started.set()
         release.wait(30)
         original(self)
 
-    monkeypatch.setattr(sqlite_backend._Checkpointer, "_run", stuck_run)
-    monkeypatch.setattr(sqlite_backend, "_CHECKPOINT_BYTES", 64 * 1024)
+    monkeypatch.setattr(_sqlite_io.Checkpointer, "_run", stuck_run)
+    monkeypatch.setattr(_sqlite_io, "CHECKPOINT_BYTES", 64 * 1024)
     blob = b"x" * 4000
     url = url_for(tmp_path)
     written = 0
@@ -219,3 +220,40 @@ async def test_commits_do_not_wait_for_a_checkpoint(
         assert writer.checkpointer.runs >= 1 and writer.checkpointer.running is None
     async with streams.open_store(url) as store:
         assert (await store.head("s")).next_offset == format_offset(written)
+
+
+async def test_waiters_see_another_processs_appends_promptly(tmp_path: Path) -> None:
+    """Two stores on one file stand in for two processes (a server and a worker): a reader
+    waiting in one is woken by an append in the other within the watch interval, not at its
+    timeout; listeners hear about it too. A store alone on its file wakes nobody spuriously."""
+    url = url_for(tmp_path)
+    async with streams.open_store(url) as server, streams.open_store(url) as worker:
+        await worker.create("s")
+        heard: list[str] = []
+        remove = server.listen("s", lambda: heard.append("s"))
+        tail = (await server.head("s")).next_offset
+        waiting = asyncio.create_task(server.wait("s", tail, 10.0))
+        await asyncio.sleep(0.3)  # the watcher has seen the create by now
+        assert not waiting.done()
+        started = asyncio.get_running_loop().time()
+        await worker.append("s", [b"x"])
+        assert await asyncio.wait_for(waiting, 2.0) is True
+        assert asyncio.get_running_loop().time() - started < 1.0
+        assert heard
+        remove()
+        # a wake-up that is not for this path: the wait re-checks and keeps waiting
+        await worker.create("other")
+        assert await server.wait("s", (await server.head("s")).next_offset, 0.3) is False
+
+
+async def test_a_store_alone_wakes_no_one_spuriously(tmp_path: Path) -> None:
+    async with streams.open_store(url_for(tmp_path)) as store:
+        await store.create("s")
+        heard: list[str] = []
+        remove = store.listen("other", lambda: heard.append("other"))
+        for i in range(20):
+            await store.append("s", [b"%d" % i])
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert heard == []  # its own commits are known precisely: no wake-everything
+        remove()
