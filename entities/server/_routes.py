@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from streams import BadOffset
 
-from .._errors import EntitiesError, SchemaValidationFailed
+from .._errors import EntitiesError, InvalidEntityURL, SchemaValidationFailed
 from .._runtime import Runtime
 from .._urls import EntityURL, check_segment, parse_url
 
@@ -51,6 +51,15 @@ class SendBody(BaseModel):
     payload: Any = None
     type: str | None = None
     sender: str | None = Field(default=None, alias="from")
+
+
+def _names_an_entity(sender: str) -> bool:
+    """Whether ``sender`` has the shape of an entity URL (``/type/id``)."""
+    try:
+        parse_url(sender)
+    except InvalidEntityURL:
+        return False
+    return True
 
 
 class CronBody(BaseModel):
@@ -160,6 +169,14 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         target = _target(request)
         runtime.registry.get(target.type)
         body = await _body(request, SendBody, max_body_bytes)
+        if body.sender is not None and _names_an_entity(body.sender):
+            raise _Problem(
+                422,
+                "INVALID_SENDER",
+                f"'from' {body.sender!r} names an entity: only the runtime sends as an entity "
+                "(a handler would take it for that entity's message). Name the sender in a way "
+                "of your own, e.g. 'user:alice' or '/_app/billing'.",
+            )
         receipt = await runtime.send(
             target.url, body.payload, type=body.type, sender=body.sender or "/_http/client"
         )

@@ -343,6 +343,30 @@ async def test_send_wrong_shape_is_422_and_changes_nothing(served: Served, body:
     assert await served.snapshot() == before
 
 
+@pytest.mark.parametrize("sender", ["/counter/c2", "counter/c1", "/chat/anyone"])
+async def test_send_as_an_entity_is_422_and_changes_nothing(served: Served, sender: str) -> None:
+    """Over HTTP, 'from' may not name an entity: a handler would take the message for that
+    entity's own (its replies, its authority). External senders name themselves."""
+    assert (await spawn(served, "/counter/c1")).status_code == 201
+    assert await send_and_wait(served, "/counter/c1", {"add": 1}) == [1]
+    before = await served.snapshot()
+    body = orjson.dumps({"payload": {"add": 1}, "from": sender})
+    response = await _send_raw(served, "/counter/c1", body)
+    assert response.status_code == 422, response.text
+    assert error_code(response) == "INVALID_SENDER"
+    assert await served.snapshot() == before
+    # a name of its own is fine, and is what the handler sees
+    body = orjson.dumps({"payload": {"add": 1}, "from": "user:alice"})
+    assert (await _send_raw(served, "/counter/c1", body)).status_code == 202
+    with anyio.fail_after(5):
+        while True:
+            events, _ = await served.runtime.read("/counter/c1", "-1")
+            senders = [e["value"]["from"] for e in events if e["type"] == "inbox"]
+            if "user:alice" in senders:
+                break
+            await anyio.sleep(0.02)
+
+
 async def test_oversize_bodies_are_413_and_change_nothing(served: Served) -> None:
     assert (await spawn(served, "/chat/c1")).status_code == 201
     before = await served.snapshot()
