@@ -69,6 +69,9 @@ class ScheduleEntry(_Entry):
     payload: Any = None
     message_type: str | None = None
     status: Literal["pending", "sent", "failed", "active", "cancelled"] = "pending"
+    # a delayed send, once delivered: when (epoch seconds) and how late after ``fire_at`` (ms)
+    sent_at: float | None = None
+    late_ms: float | None = None
 
 
 class ContextEntry(_Entry):

@@ -54,6 +54,7 @@ __all__ = [
     "next_cron",
     "next_due",
     "schedule_key",
+    "sent_entry",
     "timer_key",
 ]
 
@@ -97,6 +98,26 @@ class TimerValue(BaseModel):
 
 
 _SEND_FIELDS = frozenset(TimerValue.model_fields)
+
+
+def sent_entry(timer: Mapping[str, Any], now: float, late_ms: float) -> dict[str, Any]:
+    """The sender's ``schedule`` manifest entry of a delivered delayed send (status ``sent``),
+    as :class:`ScheduleEntry` dumps it; ``timer`` is the timer's fields."""
+    return {
+        "v": 1,
+        "id": timer["schedule_id"],
+        "kind": "schedule",
+        "schedule_type": "future_send",
+        "expression": None,
+        "timezone": None,
+        "fire_at": timer["due"],
+        "target_url": timer["target"],
+        "payload": timer["payload"],
+        "message_type": timer["message_type"],
+        "status": "sent",
+        "sent_at": now,
+        "late_ms": late_ms,
+    }
 
 
 def timer_key(due: float, owner: str, schedule_id: str) -> str:
@@ -310,7 +331,6 @@ def _batch_ops(chunk: list[tuple[str, bytes]], now: float) -> tuple[list[Op], in
     urls: dict[str, EntityURL] = {}
     token = new_token()  # fresh per transaction: a wake claimed earlier cannot clear these marks
     stamp = iso(now)
-    sent = orjson.dumps({"status": "sent", "sent_at": stamp})[:-1]  # + ',"late_ms":..}'
     set_aside = 0
     for key, raw in chunk:
         try:
@@ -348,9 +368,9 @@ def _batch_ops(chunk: list[tuple[str, bytes]], now: float) -> tuple[list[Op], in
             if target.url not in pending:
                 pending[target.url] = KvPut(PENDING_NS, target.url, token)
             appends.setdefault(target.stream, []).append(event("inbox", message_key, inbox, now))
-            status = orjson.Fragment(sent + b',"late_ms":' + orjson.dumps(late_ms) + b"}")
+            entry = sent_entry(timer, now, late_ms)
             appends.setdefault(owner_url.stream, []).append(
-                event("signals", schedule_id, status, now)
+                event("manifests", schedule_id, entry, now, operation="update")
             )
             continue
         try:
@@ -442,13 +462,16 @@ def _timer_ops(
         inbox["schedule_id"] = timer.schedule_id
         inbox["due"] = timer.due
         message_key = timer.schedule_id.removeprefix("send:")
-        status = {"status": "sent", "sent_at": iso(now), "late_ms": late_ms}
+        entry = sent_entry(timer.model_dump(mode="json"), now, late_ms)
         ops = [
             KvCheck(TIMER_NS, key, raw),
             KvPut(TIMER_NS, key, None),
             Append(target.stream, [event("inbox", message_key, inbox, now)]),
             KvPut(PENDING_NS, target.url, mark),
-            Append(owner.stream, [event("signals", timer.schedule_id, status, now)]),
+            Append(
+                owner.stream,
+                [event("manifests", timer.schedule_id, entry, now, operation="update")],
+            ),
         ]
     elif timer.kind in ("debounce", "timeout"):
         ops = _observation_ops(timer, checks, index, owner.url, owner.stream, late_ms, now)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from entities import HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
+from entities._manifest import ScheduleEntry
 from entities._records import SCHEDULE_NS, TIMER_NS
 from entities._scheduler import (
     BAD_TIMER_NS,
@@ -78,8 +79,12 @@ async def test_batches_fire_in_due_order_exactly_once(tmp_path: Path) -> None:
         assert await rt.store.kv_scan(TIMER_NS) == []
         assert await rt.store.kv_scan(SCHEDULE_NS) == []
         assert await _inbox(rt, "/sink/a") == list(range(1200))
-        signals = (await rt.view("/src/s"))["signals"]
-        assert len(signals) == 1200 and {s["status"] for s in signals.values()} == {"sent"}
+        # the sender's schedule entries say each send was delivered (status, when, how late)
+        manifests = (await rt.view("/src/s"))["manifests"]
+        sent = [ScheduleEntry.model_validate(e) for e in manifests.values()]
+        assert len(sent) == 1200 and {e.status for e in sent} == {"sent"}
+        assert all(e.sent_at is not None and e.late_ms is not None for e in sent)
+        assert {e.id for e in sent} == {f"send:m{i}" for i in range(1200)}
 
 
 async def test_a_failing_timer_falls_back_to_one_by_one(tmp_path: Path) -> None:

@@ -56,5 +56,10 @@ async def test_delayed_send_arrives_after_its_delay_once(tmp_path: Path) -> None
         assert inbox[0]["payload"] == {"tag": "t1"} and inbox[0]["from"] == "/delayer/d"
         assert inbox[0]["ts"] >= inbox[0]["due"] >= sent_at + 0.3
         assert await rt.store.kv_scan("timer") == []  # the timer is gone once fired
-        manifest = (await rt.view("/delayer/d"))["signals"]
-        assert [s["status"] for s in manifest.values()] == ["sent"]
+        # the sender's schedule entry went from pending to sent, with when and how late
+        entries = list((await rt.view("/delayer/d"))["manifests"].values())
+        assert [e["status"] for e in entries] == ["sent"]
+        assert entries[0]["sent_at"] >= entries[0]["fire_at"] and entries[0]["late_ms"] >= 0
+        assert entries[0]["target_url"] == "/catcher/c" and entries[0]["payload"] == {"tag": "t1"}
+        schedules = await rt.schedules("/delayer/d")
+        assert [s["status"] for s in schedules] == ["sent"]
