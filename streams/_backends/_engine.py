@@ -55,10 +55,23 @@ __all__ = [
     "ProducerRecord",
     "ReadBuilder",
     "StreamRecord",
+    "kv_range",
     "media_type",
     "read_plan",
     "readable",
 ]
+
+
+def kv_range(prefix: str, after: str | None, end: str | None) -> tuple[str, bool, str]:
+    """The key range of a side-table scan (see :meth:`Store.kv_scan`): ``(lower, inclusive,
+    upper)``, keys ``>= lower`` (``> lower`` unless ``inclusive``) and ``< upper``. Keys
+    starting with ``prefix`` sort between ``prefix`` and ``prefix + U+10FFFF``."""
+    upper = prefix + "\U0010ffff"
+    if end is not None and end < upper:
+        upper = end
+    if after is None or after < prefix:
+        return prefix, True, upper
+    return after, False, upper
 
 
 def media_type(content_type: str) -> str:

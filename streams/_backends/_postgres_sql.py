@@ -17,7 +17,6 @@ __all__ = [
     "ReadLoader",
     "fetch",
     "fetchval",
-    "kv_upper",
     "persist",
     "to_record",
 ]
@@ -71,12 +70,6 @@ async def fetchval(conn: Any, sql: str, *args: Any) -> Any:
 
 async def fetch(conn: Any, sql: str, *args: Any) -> list[Any]:
     return list(await conn.fetch(sql, *args))
-
-
-def kv_upper(prefix: str, end: str | None) -> str:
-    # keys starting with ``prefix`` sort between ``prefix`` and ``prefix + U+10FFFF`` (COLLATE "C")
-    upper = prefix + "\U0010ffff"
-    return end if end is not None and end < upper else upper
 
 
 class GroupLoader(Loader):

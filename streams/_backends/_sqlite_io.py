@@ -21,6 +21,7 @@ from ._engine import (
     Effects,
     ReadBuilder,
     StreamRecord,
+    kv_range,
     needs_parent,
     plan_ranges,
     readable,
@@ -40,7 +41,6 @@ __all__ = [
     "commit_if_unchanged",
     "enable_wal",
     "from_record",
-    "kv_bounds",
     "kv_scan_sql",
     "migrate",
     "persist",
@@ -414,22 +414,16 @@ def persist(conn: sqlite3.Connection, effects: Effects) -> None:
 INLINE_READ_LIMIT = 1000
 
 
-def kv_bounds(prefix: str, end: str | None) -> str:
-    # keys starting with ``prefix`` sort between ``prefix`` and ``prefix + U+10FFFF``
-    upper = prefix + "\U0010ffff"
-    return end if end is not None and end < upper else upper
-
-
 def kv_scan_sql(
     namespace: str, prefix: str, after: str | None, end: str | None, limit: int | None
 ) -> tuple[str, tuple[object, ...]]:
     """The query of a side-table scan (see :meth:`Store.kv_scan`) and its arguments."""
-    lower, low_op = (prefix, ">=") if after is None or after < prefix else (after, ">")
+    lower, inclusive, upper = kv_range(prefix, after, end)
     sql = (
-        f"SELECT key, value FROM kv WHERE namespace=? AND key {low_op} ? AND key < ? "
-        "ORDER BY key LIMIT ?"
+        f"SELECT key, value FROM kv WHERE namespace=? AND key {'>=' if inclusive else '>'} ? "
+        "AND key < ? ORDER BY key LIMIT ?"
     )
-    return sql, (namespace, lower, kv_bounds(prefix, end), -1 if limit is None else limit)
+    return sql, (namespace, lower, upper, -1 if limit is None else limit)
 
 
 class InlineReader:

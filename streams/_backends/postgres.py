@@ -38,7 +38,7 @@ import orjson
 
 from .._errors import InvalidRequest, StreamsError
 from .._offsets import parse_offset
-from ._engine import Batch, ReadBuilder, StreamRecord, read_plan, readable
+from ._engine import Batch, ReadBuilder, StreamRecord, kv_range, read_plan, readable
 from ._group import CommitQueue, Pending
 from ._postgres_schema import PostgresUrl, advisory_key, migrate, parse_url
 from ._postgres_sql import (
@@ -47,7 +47,6 @@ from ._postgres_sql import (
     ReadLoader,
     fetch,
     fetchval,
-    kv_upper,
     persist,
     to_record,
 )
@@ -577,14 +576,14 @@ class PostgresStore(Store):
         end: str | None = None,
         limit: int | None = None,
     ) -> list[tuple[str, bytes]]:
-        lower, low_op = (prefix, ">=") if after is None or after < prefix else (after, ">")
+        lower, inclusive, upper = kv_range(prefix, after, end)
         rows = await self._reading(
             fetch,
-            f"SELECT key, value FROM kv WHERE namespace=$1 AND key {low_op} $2 AND key < $3 "
-            "ORDER BY key LIMIT $4",
+            f"SELECT key, value FROM kv WHERE namespace=$1 AND key {'>=' if inclusive else '>'} "
+            "$2 AND key < $3 ORDER BY key LIMIT $4",
             namespace,
             lower,
-            kv_upper(prefix, end),
+            upper,
             limit,
         )
         return [(str(k), bytes(v)) for k, v in rows]
