@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from .._errors import (
@@ -28,6 +28,7 @@ from .._errors import (
     StreamExists,
     StreamGone,
     StreamNotFound,
+    StreamsError,
 )
 from .._offsets import format_offset, parse_offset
 from .base import (
@@ -55,6 +56,7 @@ __all__ = [
     "ProducerRecord",
     "ReadBuilder",
     "StreamRecord",
+    "apply_each",
     "kv_range",
     "media_type",
     "read_plan",
@@ -473,6 +475,26 @@ class Batch:
     def _renew(self, record: StreamRecord) -> None:
         record.last_access = self.now
         self._dirty(record)
+
+
+async def apply_each(
+    loader: Loader, calls: Iterable[Sequence[Op]], merge: Callable[[Effects], None]
+) -> list[list[OpResult] | StreamsError]:
+    """Validate a group's calls in order against ``loader``, each seeing the effects of the
+    calls before it (``merge`` adds a call's effects to the group's); a call that fails
+    contributes nothing, and its error is its outcome."""
+    outcomes: list[list[OpResult] | StreamsError] = []
+    now = time.time()
+    for ops in calls:
+        batch = Batch(loader, now)
+        try:
+            results = await batch.apply(ops)
+        except StreamsError as exc:
+            outcomes.append(exc)
+            continue
+        merge(batch.effects)
+        outcomes.append(results)
+    return outcomes
 
 
 def plan_ranges(chain: Sequence[StreamRecord], start: int) -> list[tuple[int, int, int]]:

@@ -239,6 +239,10 @@ class _Notifier:
             for callback in self._listeners.get(path, ()):
                 callback()
 
+    def notify_all(self) -> None:
+        """Wake every waiter and listener (something changed, what is not known)."""
+        self.notify(set(self._by_path) | set(self._listeners))
+
     def __len__(self) -> int:
         return len(self._by_path)
 
@@ -466,8 +470,7 @@ class Store(abc.ABC):
         self._notifier.notify(paths)
 
     def _notify_all(self) -> None:
-        """Wake every waiter and listener (something changed, what is not known)."""
-        self._notifier.notify(set(self._notifier._by_path) | set(self._notifier._listeners))
+        self._notifier.notify_all()
 
 
 def check_append(op: Append) -> None:

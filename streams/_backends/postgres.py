@@ -38,7 +38,7 @@ import orjson
 
 from .._errors import InvalidRequest, StreamsError
 from .._offsets import parse_offset
-from ._engine import Batch, ReadBuilder, StreamRecord, kv_range, read_plan, readable
+from ._engine import ReadBuilder, StreamRecord, apply_each, kv_range, read_plan, readable
 from ._group import CommitQueue, Pending
 from ._postgres_schema import PostgresUrl, advisory_key, migrate, parse_url
 from ._postgres_sql import (
@@ -453,17 +453,7 @@ class PostgresStore(Store):
             if record is not None:
                 wanted_producers.append((record.id, producer_id))
         await loader.prefetch_producers(wanted_producers)
-        outcomes: list[list[OpResult] | StreamsError] = []
-        now = time.time()
-        for pending in group:
-            batch = Batch(loader, now)
-            try:
-                results = await batch.apply(pending.ops)
-            except StreamsError as exc:
-                outcomes.append(exc)
-                continue
-            loader.merge(batch.effects)
-            outcomes.append(results)
+        outcomes = await apply_each(loader, (p.ops for p in group), loader.merge)
         effects = loader.effects
         await persist(conn, effects)
         for payload in notification_payloads(effects.touched):

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
@@ -35,12 +34,12 @@ import aiosqlite
 from .._errors import BackendUnavailable, StreamsError
 from .._offsets import parse_offset
 from ._engine import (
-    Batch,
     Effects,
     Loader,
     ProducerRecord,
     ReadBuilder,
     StreamRecord,
+    apply_each,
     read_plan,
     readable,
 )
@@ -455,17 +454,7 @@ class SqliteStore(Store):
             for op in p.ops
             if isinstance(op, KvCheck) or (isinstance(op, KvPut) and op.only_if)
         )
-        outcomes: list[list[OpResult] | StreamsError] = []
-        now = time.time()
-        for pending in group:
-            batch = Batch(loader, now)
-            try:
-                results = await batch.apply(pending.ops)
-            except StreamsError as exc:
-                outcomes.append(exc)
-                continue
-            loader.effects.merge(batch.effects)
-            outcomes.append(results)
+        outcomes = await apply_each(loader, (p.ops for p in group), loader.effects.merge)
         return loader, outcomes
 
     def _publish(
