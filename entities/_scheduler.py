@@ -125,6 +125,36 @@ def timer_key(due: float, owner: str, schedule_id: str) -> str:
     return f"{due:017.6f}|{owner}|{schedule_id}"
 
 
+def _delivery(timer: Mapping[str, Any], now: float) -> tuple[bytes, bytes]:
+    """A delayed send's two events when delivered at ``now``: the inbox message for its target
+    and the update of its schedule entry (``sent``) in the sender's manifest."""
+    from ._runtime import _inbox, event  # late import: no cycle at load
+
+    schedule_id = timer["schedule_id"]
+    inbox = _inbox(timer["payload"], timer["message_type"], timer["owner"], now)
+    inbox["schedule_id"] = schedule_id
+    inbox["due"] = timer["due"]
+    late_ms = round(max(0.0, now - timer["due"]) * 1000, 3)
+    entry = sent_entry(timer, now, late_ms)
+    return (
+        event("inbox", schedule_id.removeprefix("send:"), inbox, now),
+        event("manifests", schedule_id, entry, now, operation="update"),
+    )
+
+
+def _due_of(key: str) -> float | None:
+    """The due time a :func:`timer_key` starts with (``None`` for a key it did not write)."""
+    try:
+        return float(key.split("|", 1)[0])
+    except ValueError:
+        return None
+
+
+def _due_by(now: float) -> str:
+    """The first key past every timer due at ``now``: they sort below it."""
+    return f"{now:017.6f}|~"
+
+
 def schedule_key(owner: str, schedule_id: str) -> str:
     return f"{owner}|{schedule_id}"
 
@@ -240,9 +270,7 @@ def cancel_ops(owner: str, schedule_id: str, current_key: str | None) -> list[Op
 async def next_due(store: Store) -> float | None:
     """The due time of the earliest timer, or ``None``."""
     first = await store.kv_scan(TIMER_NS, "", limit=1)
-    if not first:
-        return None
-    return float(first[0][0].split("|", 1)[0])
+    return _due_of(first[0][0]) if first else None
 
 
 async def fire_turn(store: Store, now: float, limit: int) -> tuple[int, float | None]:
@@ -252,15 +280,13 @@ async def fire_turn(store: Store, now: float, limit: int) -> tuple[int, float | 
     left. One scan serves both.
     """
     rows = await store.kv_scan(TIMER_NS, "", limit=limit + 1)
-    cutoff = f"{now:017.6f}|~"
+    cutoff = _due_by(now)
     due = [row for row in rows[:limit] if row[0] < cutoff]
     fired = await fire_rows(store, due, now) if due else 0
-    if len(due) < len(rows):
-        try:
-            return fired, min(now, float(rows[len(due)][0].split("|", 1)[0]))
-        except ValueError:  # not a key timer_key wrote: it never comes due
-            return fired, None
-    return fired, None
+    if len(due) == len(rows):
+        return fired, None
+    after = _due_of(rows[len(due)][0])  # None: not a key timer_key wrote, never due
+    return fired, None if after is None else min(now, after)
 
 
 async def fire_due(
@@ -280,8 +306,7 @@ async def fire_due(
     per timer (up to ``concurrency`` in flight, which a group-committing store writes together),
     so one timer's failed check fails only that timer.
     """
-    cutoff = f"{now:017.6f}|~"
-    due = await store.kv_scan(TIMER_NS, "", end=cutoff, limit=limit)
+    due = await store.kv_scan(TIMER_NS, "", end=_due_by(now), limit=limit)
     return await fire_rows(store, due, now, batch=batch, concurrency=concurrency)
 
 
@@ -323,14 +348,13 @@ def _batch_ops(chunk: list[tuple[str, bytes]], now: float) -> tuple[list[Op], in
     written by :meth:`TimerValue.dump`) and no per-timer op lists; anything else, or a row that
     does not look like a current delayed send, goes through :func:`_timer_ops`.
     """
-    from ._runtime import event, iso, new_token  # late import: no cycle at load
+    from ._runtime import new_token  # late import: no cycle at load
 
     kv_ops: list[Op] = []
     appends: dict[str, list[bytes]] = {}
     pending: dict[str, Op] = {}
     urls: dict[str, EntityURL] = {}
     token = new_token()  # fresh per transaction: a wake claimed earlier cannot clear these marks
-    stamp = iso(now)
     set_aside = 0
     for key, raw in chunk:
         try:
@@ -350,28 +374,13 @@ def _batch_ops(chunk: list[tuple[str, bytes]], now: float) -> tuple[list[Op], in
         except (ValueError, TypeError, EntitiesError):
             lean = False  # let the full decoding below say what is wrong
         if lean:
-            schedule_id = timer["schedule_id"]
-            due = timer["due"]
-            inbox = {
-                "from": owner,
-                "payload": timer["payload"],
-                "message_type": timer["message_type"],
-                "timestamp": stamp,
-                "ts": now,
-                "schedule_id": schedule_id,
-                "due": due,
-            }
-            message_key = schedule_id.removeprefix("send:")
-            late_ms = round(max(0.0, now - due) * 1000, 3)
+            inbox, sent = _delivery(timer, now)
             kv_ops.append(KvCheck(TIMER_NS, key, raw))
             kv_ops.append(KvPut(TIMER_NS, key, None))
             if target.url not in pending:
                 pending[target.url] = KvPut(PENDING_NS, target.url, token)
-            appends.setdefault(target.stream, []).append(event("inbox", message_key, inbox, now))
-            entry = sent_entry(timer, now, late_ms)
-            appends.setdefault(owner_url.stream, []).append(
-                event("manifests", schedule_id, entry, now, operation="update")
-            )
+            appends.setdefault(target.stream, []).append(inbox)
+            appends.setdefault(owner_url.stream, []).append(sent)
             continue
         try:
             ops, _index = _timer_ops(key, raw, now, urls, token)
@@ -427,7 +436,7 @@ def _timer_ops(
     """The operations that fire one timer (checks first), and its schedule index key.
     ``urls`` memoises parsed entity URLs across the timers of one batch; ``token`` is the
     pending mark to write (one per transaction; a new one if not given)."""
-    from ._runtime import _inbox, event, iso, new_token  # late import: no cycle at load
+    from ._runtime import event, iso, new_token  # late import: no cycle at load
 
     mark = token or new_token()
 
@@ -458,20 +467,13 @@ def _timer_ops(
         # one-shot: the timer row is the whole schedule (cancel deletes it), so checking and
         # deleting that row is enough for exactly-once
         target = url_of(timer.target or timer.owner)
-        inbox = _inbox(timer.payload, timer.message_type, timer.owner, now)
-        inbox["schedule_id"] = timer.schedule_id
-        inbox["due"] = timer.due
-        message_key = timer.schedule_id.removeprefix("send:")
-        entry = sent_entry(timer.model_dump(mode="json"), now, late_ms)
+        inbox, sent = _delivery(timer.model_dump(mode="json"), now)
         ops = [
             KvCheck(TIMER_NS, key, raw),
             KvPut(TIMER_NS, key, None),
-            Append(target.stream, [event("inbox", message_key, inbox, now)]),
+            Append(target.stream, [inbox]),
             KvPut(PENDING_NS, target.url, mark),
-            Append(
-                owner.stream,
-                [event("manifests", timer.schedule_id, entry, now, operation="update")],
-            ),
+            Append(owner.stream, [sent]),
         ]
     elif timer.kind in ("debounce", "timeout"):
         ops = _observation_ops(timer, checks, index, owner.url, owner.stream, late_ms, now)
