@@ -9,6 +9,7 @@ extras); :class:`ScriptedModel` is the test model.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -197,6 +198,14 @@ class ModelClient(Protocol):
         ...
 
 
+# provider -> (module, class) of its client; the key and base URL come from {PROVIDER}_API_KEY
+# and {PROVIDER}_BASE_URL
+_PROVIDERS = {
+    "anthropic": ("._anthropic", "AnthropicModel"),
+    "openai": ("._openai", "OpenAIModel"),
+}
+
+
 def resolve_model(
     model: str | ModelClient,
     *,
@@ -216,23 +225,16 @@ def resolve_model(
     provider, _, name = model.partition(":")
     if not name:
         raise ModelError(f"models are addressed as provider:name, got {model!r}")
-    key = get_api_key(provider) if get_api_key else None
-    if provider == "anthropic":
-        from ._anthropic import AnthropicModel  # type: ignore[import-not-found,unused-ignore]
-
-        key = key or os.environ.get("ANTHROPIC_API_KEY")
-        if not key:
-            raise ModelError("set ANTHROPIC_API_KEY (or pass get_api_key) to use anthropic:")
-        return AnthropicModel(  # type: ignore[no-any-return,unused-ignore]
-            name, api_key=key, base_url=os.environ.get("ANTHROPIC_BASE_URL")
-        )
-    if provider == "openai":
-        from ._openai import OpenAIModel  # type: ignore[import-not-found,unused-ignore]
-
-        key = key or os.environ.get("OPENAI_API_KEY")
-        if not key:
-            raise ModelError("set OPENAI_API_KEY (or pass get_api_key) to use openai:")
-        return OpenAIModel(  # type: ignore[no-any-return,unused-ignore]
-            name, api_key=key, base_url=os.environ.get("OPENAI_BASE_URL")
-        )
-    raise ModelError(f"unknown model provider {provider!r}: use anthropic: or openai:")
+    client = _PROVIDERS.get(provider)
+    if client is None:
+        raise ModelError(f"unknown model provider {provider!r}: use anthropic: or openai:")
+    module, class_name = client
+    env = provider.upper()
+    key = (get_api_key(provider) if get_api_key else None) or os.environ.get(f"{env}_API_KEY")
+    if not key:
+        raise ModelError(f"set {env}_API_KEY (or pass get_api_key) to use {provider}:")
+    # imported on use: each provider's SDK is an optional extra
+    sdk_client = getattr(importlib.import_module(module, __package__), class_name)
+    base_url = os.environ.get(f"{env}_BASE_URL")
+    resolved: ModelClient = sdk_client(name, api_key=key, base_url=base_url)
+    return resolved
