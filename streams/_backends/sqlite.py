@@ -487,16 +487,15 @@ class SqliteStore(Store):
     async def _watch(self) -> None:
         """Wake this process's waiters when another process commits to the file.
 
-        Every ``_WATCH_SECONDS`` a connection of its own reads ``PRAGMA data_version``, which
-        moves with every commit by another connection (this store's writer included). Once a
+        Every ``_WATCH_SECONDS`` the inline reader's connection reads ``PRAGMA data_version``,
+        which moves with every commit by another connection (this store's writer included). Once a
         move is seen with no commit of this store in between, another process writes here:
         from then on every move wakes all waiters and listeners (they re-check what they wait
         for), so a server's long-polls and SSE readers and a worker's dispatch see another
         process's appends within ~50 ms. A store alone on its file never wakes anyone this way.
         """
-        conn = await asyncio.to_thread(
-            sqlite3.connect, self.path, isolation_level=None, check_same_thread=False
-        )
+        assert self._inline_reader is not None
+        conn = self._inline_reader.conn  # used on this thread only, like the watcher
         try:
             last = conn.execute("PRAGMA data_version").fetchone()[0]
             commits = self._commits
@@ -512,8 +511,6 @@ class SqliteStore(Store):
                     self._notify_all()
         except sqlite3.Error as exc:  # the file went away, say: fall back to timeouts
             logger.warning("watching %s for other processes' commits stopped: %s", self.path, exc)
-        finally:
-            conn.close()
 
     # -- reads -----------------------------------------------------------------------------
 
