@@ -6,6 +6,7 @@ through the ``entities`` CLI's worker and server), and send them messages by URL
 
 from __future__ import annotations
 
+from ._affinity import WorkerInfo as WorkerInfo
 from ._clock import Clock as Clock
 from ._clock import SystemClock as SystemClock
 from ._clock import VirtualClock as VirtualClock
@@ -98,6 +99,7 @@ __all__ = [
     "Wake",
     "WakeEvent",
     "Worker",
+    "WorkerInfo",
     "collection",
     "cron",
     "db",

@@ -19,6 +19,7 @@ __all__ = [
     "SCHEDULE_NS",
     "SNAPSHOT_NS",
     "TIMER_NS",
+    "WORKER_NS",
     "EntityRecord",
     "Inflight",
 ]
@@ -26,6 +27,7 @@ __all__ = [
 ENTITY_NS = "entity"
 PENDING_NS = "pending"
 SNAPSHOT_NS = "entity-snapshot"
+WORKER_NS = "worker"  # key: worker id -> {"expires": ..., "pid": ..., "host": ...} (presence)
 
 # Collection (event ``type``) names in an entity's main stream.
 BUILTIN_COLLECTIONS = (

@@ -33,6 +33,7 @@ from streams import (
     open_store,
 )
 
+from ._affinity import WorkerInfo, read_presence
 from ._clock import Clock, SystemClock
 from ._errors import DuplicateEntity, EntityNotFound, EntityStopped
 from ._records import ENTITY_NS, PENDING_NS, WAKE_TYPES, EntityRecord
@@ -233,6 +234,15 @@ class Runtime:
     async def _tags(self, url: str) -> dict[str, str]:
         rows = await self.store.kv_scan(TAG_NS, url + "\n")
         return {key.split("\n", 1)[1]: value.decode() for key, value in rows}
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The workers that announced themselves on this store (a running worker renews its
+        presence every second; a cleanly stopped one withdraws it; a crashed one shows as not
+        live until its record is forgotten an hour later), by id.
+
+        Raises whatever the store raises for a failed read.
+        """
+        return await read_presence(self.store, self.clock.now())
 
     async def list_entities(
         self,

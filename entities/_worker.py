@@ -34,6 +34,7 @@ from streams import (
     StreamNotFound,
 )
 
+from ._affinity import PRESENCE_SECONDS, Affinity
 from ._context import HandlerContext, format_exception
 from ._observe import OBSERVER_NS, change_summary, db_stream, matches
 from ._records import (
@@ -44,6 +45,7 @@ from ._records import (
     TIMER_NS,
     VIEW_TYPES,
     WAKE_TYPES,
+    WORKER_NS,
     EntityRecord,
     Inflight,
 )
@@ -130,6 +132,7 @@ class Worker:
         self._records: OrderedDict[str, bytes] = OrderedDict()
         self._running: dict[str, tuple[Claim, anyio.Lock]] = {}
         self._views: OrderedDict[str, tuple[str, dict[str, dict[str, Any]]]] = OrderedDict()
+        self.affinity = Affinity(runtime.store, runtime.worker_id)
 
     # -- loops ------------------------------------------------------------------------------
 
@@ -146,6 +149,7 @@ class Worker:
         removers = [
             self.rt.store.listen(f"kv:{PENDING_NS}", self._poke),
             self.rt.store.listen(f"kv:{TIMER_NS}", self._timers_changed),
+            self.rt.store.listen(f"kv:{WORKER_NS}", self.affinity.changed),
         ]
         clock = self.rt.clock
         # Timers are looked at (one scan, see ``fire_turn``) when one comes due, when the timer
@@ -154,10 +158,12 @@ class Worker:
         # one scan and one commit per timer.
         next_timer: float | None = None
         looked_at = -math.inf
+        await self._announce()  # before the first scan, so the others leave this one its share
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stopper, stop)
                 tg.start_soon(self._heartbeats)
+                tg.start_soon(self._presence)
                 failures = 0
                 while not stop.is_set():
                     self._kick = anyio.Event()
@@ -197,6 +203,9 @@ class Worker:
                         timeout = max(0.0, min(timeout, timer_in))
                     if next_blocked is not None:
                         timeout = max(0.0, min(timeout, next_blocked - clock.now()))
+                    steal_in = self.affinity.next_steal()
+                    if steal_in is not None:
+                        timeout = min(timeout, steal_in)
                     if clock.virtual:
                         timeout = min(timeout, 0.05)
                     with anyio.move_on_after(timeout):
@@ -209,6 +218,23 @@ class Worker:
         finally:
             for remove in removers:
                 remove()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                try:  # a clean stop: the others need not wait for the presence to expire
+                    await self.rt.store.commit([self.affinity.absence()])
+                except Exception as exc:
+                    logger.debug("could not remove the presence record: %r", exc)
+
+    async def _announce(self) -> None:
+        try:
+            await self.rt.store.commit([self.affinity.presence(self.rt.clock.now())])
+        except Exception as exc:  # e.g. the database restarts: the next round retries
+            logger.warning("presence renewal failed: %r", exc)
+
+    async def _presence(self) -> None:
+        """Keep announcing this worker to the others sharing the store."""
+        while True:
+            await anyio.sleep(PRESENCE_SECONDS)
+            await self._announce()
 
     async def _stopper(self, stop: anyio.Event) -> None:
         await stop.wait()
@@ -220,10 +246,9 @@ class Worker:
         now = self.rt.clock.now()
         next_due: float | None = None
         pending = await self.rt.store.kv_scan(PENDING_NS)
-        if pending:  # workers sharing the table start at different places in it
-            shift = random.randrange(len(pending))
-            pending = pending[shift:] + pending[:shift]
-        for url, token in pending:
+        await self.affinity.refresh(now)
+        # this worker's share of the pending entities first, then those waiting on others
+        for url, token in self.affinity.order(pending):
             if len(self._active) >= self.concurrency:
                 break
             blocked = self._blocked.get(url)

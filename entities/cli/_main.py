@@ -1,9 +1,10 @@
 """``entities`` commands. Server-side: ``serve``, ``worker``, ``run``. Client-side (over HTTP,
 ``--server`` / ``ENTITIES_URL``): ``spawn``, ``send``, ``view``, ``observe``, ``ps``, ``inspect``,
-``kill``, ``types``."""
+``kill``, ``types``, ``workers``."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import signal
@@ -501,6 +502,22 @@ def ps(
             f"{e['url']:<40} {e['status']:<8} {e['runs']:>5} {e.get('queue', 0):>5} "
             f"{e['created_at']:<25} {e['last_active'] or ''}"
         )
+
+
+@cli.command()
+@server_option
+@json_option
+def workers(server: str, as_json: bool) -> None:
+    """List the workers sharing the server's store (live: renewed in the last few seconds)."""
+    items = Client(server).request("GET", "/_entities/workers")
+    if as_json:
+        click.echo(_json(items))
+        return
+    click.echo(f"{'WORKER':<24} {'LIVE':<5} {'HOST':<24} {'PID':>8}  LAPSES AT")
+    for w in items:
+        lapses = datetime.datetime.fromtimestamp(w["expires"], datetime.UTC).isoformat()
+        live = "yes" if w["live"] else "no"
+        click.echo(f"{w['id']:<24} {live:<5} {w['host']:<24} {w['pid']:>8}  {lapses}")
 
 
 @cli.command()

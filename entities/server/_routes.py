@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import anyio
@@ -129,6 +130,9 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
     async def types(request: Request) -> Response:
         return json_response([t.describe() for t in runtime.registry.list()])
 
+    async def workers(request: Request) -> Response:
+        return json_response([dataclasses.asdict(w) for w in await runtime.workers()])
+
     async def list_entities(request: Request) -> Response:
         q = request.query_params
         found = await runtime.list_entities(
@@ -237,6 +241,7 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
     return [
         Route("/_entities/types", guarded(types), methods=["GET"]),
         Route("/_entities/entities", guarded(list_entities), methods=["GET"]),
+        Route("/_entities/workers", guarded(workers), methods=["GET"]),
         Route(base, guarded(spawn), methods=["PUT"]),
         Route(base, guarded(get_entity), methods=["GET", "HEAD"]),
         Route(base, guarded(kill), methods=["DELETE"]),

@@ -151,6 +151,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     assert process.proc is not None and process.proc.returncode == 0, process.output()
 
 
+def test_workers_lists_the_servers_own_worker(server: Server) -> None:
+    deadline = time.monotonic() + 10
+    listed: list[Any] = []
+    while not listed and time.monotonic() < deadline:  # it announces itself as it starts
+        listed = orjson.loads(ok(*server.args("workers", "--json")))
+        time.sleep(0.05)
+    assert [(w["pid"], w["live"]) for w in listed] == [(server.process.pid, True)]
+    assert listed[0]["expires"] > time.time()
+    table = ok(*server.args("workers")).splitlines()
+    assert table[0].split()[:2] == ["WORKER", "LIVE"]
+    assert table[1].split()[:2] == [listed[0]["id"], "yes"]
+
+
 def test_types(server: Server) -> None:
     from examples.all import registry
 

@@ -117,3 +117,45 @@ async def test_a_send_via_one_store_wakes_the_worker_on_another_within_milliseco
             stop.set()
         # send committed via B -> NOTIFY -> A's worker wakes, runs and commits -> B sees the reply
         assert statistics.median(latencies[1:]) < 0.05, latencies
+
+
+async def test_two_workers_each_run_their_own_share_of_the_entities(url: str) -> None:
+    """Entity affinity on PostgreSQL: two workers learn of each other through NOTIFY and each
+    runs the entities that prefer it (see tests/entities/test_affinity.py)."""
+    from tests.entities import test_affinity as probes
+
+    async with (
+        Runtime(probes.registry, url, worker_id="a") as rt_a,
+        Runtime(probes.registry, url, worker_id="b") as rt_b,
+    ):
+        worker_a, worker_b = rt_a.worker(), rt_b.worker()
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker_a.run, stop)
+            tg.start_soon(worker_b.run, stop)
+            with anyio.fail_after(10):  # both know of both
+                while not worker_a.affinity.live == worker_b.affinity.live == ("a", "b"):
+                    await anyio.sleep(0.01)
+                    await worker_a.affinity.refresh(rt_a.clock.now())
+                    await worker_b.affinity.refresh(rt_b.clock.now())
+            urls = [f"/probe/s{i}" for i in range(60)]
+            probes._expect(len(urls))
+            for target in urls:
+                await rt_a.spawn(target)
+            with anyio.fail_after(20):
+                await probes.all_ran.wait()
+            stop.set()
+        ran_on = {target: await probes.workers_of(rt_a, target) for target in urls}
+    assert all(len(workers) == 1 for workers in ran_on.values()), ran_on
+    assert {workers[0] for workers in ran_on.values()} == {"a", "b"}
+    preferred = sum(
+        1
+        for target, workers in ran_on.items()
+        if workers[0] == ("a" if worker_a.affinity.prefers(target) else "b")
+    )
+    # an entity runs elsewhere only after waiting STEAL_AFTER for its own worker: rare here
+    assert preferred >= 0.9 * len(urls), ran_on
+    assert worker_a.claims["lost"] + worker_b.claims["lost"] <= 3, (
+        worker_a.claims,
+        worker_b.claims,
+    )

@@ -1,0 +1,182 @@
+"""Worker presence and entity affinity: which live worker should run an entity's wakes.
+
+Every running worker keeps a presence record in the ``worker`` namespace (renewed every
+``PRESENCE_SECONDS``, taken for gone ``PRESENCE_TTL`` seconds after its last renewal). Each
+entity prefers one live worker, chosen by rendezvous hashing of the entity URL over the live
+worker ids, so workers sharing a store split the pending entities between them instead of all
+racing for the same ones: claims are rarely lost to another worker, and an entity's wakes keep
+landing on the worker whose caches (entity record, folded view) are warm.
+
+Affinity is a preference, never a rule: leases and fencing keep correctness whoever runs a wake.
+An entity preferred by another worker is taken once it has been seen pending for
+``STEAL_AFTER`` seconds (that worker is busy, slow or dead), so no entity waits on one worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from streams import ConditionFailed, KvPut, Store
+
+from ._records import WORKER_NS
+
+__all__ = [
+    "PRESENCE_SECONDS",
+    "PRESENCE_TTL",
+    "STEAL_AFTER",
+    "Affinity",
+    "WorkerInfo",
+    "read_presence",
+]
+
+# a running worker renews its presence record this often (seconds)
+PRESENCE_SECONDS = 1.0
+# a worker whose presence was not renewed for this long is taken for gone
+PRESENCE_TTL = 5.0
+# an entity preferred by another live worker is taken after waiting this long (seconds)
+STEAL_AFTER = 0.25
+# how often the list of live workers is re-read (seconds)
+REFRESH_SECONDS = 0.5
+_MAX_REMEMBERED = 100_000
+# presence records expired this long ago (seconds) are removed by the next worker that reads them
+_FORGET_AFTER = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker as its presence record describes it."""
+
+    id: str
+    host: str
+    pid: int
+    expires: float  # store clock time at which its presence lapses unless renewed
+    live: bool  # renewed recently enough to count (``expires`` is in the future)
+
+
+async def read_presence(store: Store, now: float) -> list[WorkerInfo]:
+    """Every worker that announced itself on ``store``, live or lapsed, by id.
+
+    Records a worker lapsed long ago (``_FORGET_AFTER``) are deleted on the way (a crashed
+    worker never withdraws its own). Raises whatever the store raises for a failed read.
+    """
+    found: list[WorkerInfo] = []
+    for key, raw in await store.kv_scan(WORKER_NS):
+        try:
+            value = orjson.loads(raw)
+            expires = float(value["expires"])
+            info = WorkerInfo(key, str(value.get("host", "")), int(value.get("pid", 0)),
+                              expires, expires > now)  # fmt: skip
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # not a presence record this version understands: ignore it
+        if expires < now - _FORGET_AFTER:
+            with contextlib.suppress(ConditionFailed):  # renewed or removed meanwhile
+                await store.commit([KvPut(WORKER_NS, key, None, only_if=True, expect=raw)])
+            continue
+        found.append(info)
+    return found
+
+
+def _weight(worker: str, url: str) -> int:
+    return zlib.crc32(f"{worker}|{url}".encode())
+
+
+class Affinity:
+    """One worker's view of the live workers, and the order it takes pending entities in."""
+
+    def __init__(self, store: Store, worker_id: str) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self.live: tuple[str, ...] = (worker_id,)
+        self._read_at = -float("inf")
+        self._changed = True  # the presence records changed since they were read
+        self._mine: dict[str, bool] = {}  # url -> preferred by this worker (for ``live``)
+        # others' entities: the pending mark seen, and when it was first seen
+        self._waiting: dict[str, tuple[bytes, float]] = {}
+
+    def presence(self, now: float) -> KvPut:
+        """The write that announces (or renews) this worker until ``now + PRESENCE_TTL``."""
+        value = {"expires": now + PRESENCE_TTL, "pid": os.getpid(), "host": socket.gethostname()}
+        return KvPut(WORKER_NS, self.worker_id, orjson.dumps(value))
+
+    def absence(self) -> KvPut:
+        """The write that removes this worker's presence record (a clean stop)."""
+        return KvPut(WORKER_NS, self.worker_id, None)
+
+    def changed(self) -> None:
+        """Note that the presence records changed (a store notification): read them again."""
+        self._changed = True
+
+    async def refresh(self, now: float) -> None:
+        """Re-read the live workers if they changed or the last read is older than
+        ``REFRESH_SECONDS`` (so expired ones drop out).
+
+        Raises whatever the store raises for a failed read.
+        """
+        tick = time.monotonic()
+        if not self._changed and tick - self._read_at < REFRESH_SECONDS:
+            return
+        self._read_at, self._changed = tick, False
+        live = {self.worker_id} | {w.id for w in await read_presence(self.store, now) if w.live}
+        ordered = tuple(sorted(live))
+        if ordered != self.live:
+            self.live = ordered
+            self._mine.clear()
+
+    def prefers(self, url: str) -> bool:
+        """Whether ``url`` prefers this worker among the live ones (rendezvous hashing)."""
+        mine = self._mine.get(url)
+        if mine is None:
+            if len(self._mine) >= _MAX_REMEMBERED:
+                self._mine.clear()
+            best = max(self.live, key=lambda worker: (_weight(worker, url), worker))
+            mine = self._mine[url] = best == self.worker_id
+        return mine
+
+    def order(self, pending: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """``pending`` in the order this worker should try them: its own entities first
+        (from a random place, so none is always last), then the entities of other workers
+        that have waited at least ``STEAL_AFTER`` seconds (oldest first)."""
+        if not pending:
+            return []
+        if len(self.live) == 1:
+            shift = random.randrange(len(pending))
+            return [*pending[shift:], *pending[:shift]]
+        tick = time.monotonic()
+        mine: list[tuple[str, bytes]] = []
+        theirs: list[tuple[float, str, bytes]] = []
+        waiting: dict[str, tuple[bytes, float]] = {}
+        for url, token in pending:
+            if self.prefers(url):
+                mine.append((url, token))
+                continue
+            seen = self._waiting.get(url)
+            since = seen[1] if seen is not None and seen[0] == token else tick
+            waiting[url] = (token, since)
+            if tick - since >= STEAL_AFTER:
+                theirs.append((since, url, token))
+        self._waiting = waiting
+        if mine:
+            shift = random.randrange(len(mine))
+            mine = [*mine[shift:], *mine[:shift]]
+        theirs.sort()
+        return [*mine, *((url, token) for _since, url, token in theirs)]
+
+    def next_steal(self) -> float | None:
+        """Seconds until the next entity of another worker, seen waiting but not yet for
+        ``STEAL_AFTER``, may be taken; ``None`` when there is none."""
+        tick = time.monotonic()
+        ready = [
+            since + STEAL_AFTER - tick
+            for _token, since in self._waiting.values()
+            if since + STEAL_AFTER > tick
+        ]
+        return min(ready) if ready else None

@@ -1,0 +1,128 @@
+"""Entity affinity between workers sharing a store: each live worker announces itself, every
+pending entity prefers one live worker (rendezvous hashing), workers take their own share first
+and step in for another's entity only after it has waited ``STEAL_AFTER`` seconds."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import orjson
+
+from entities import HandlerContext, Registry, Runtime, WakeEvent
+from entities._affinity import PRESENCE_TTL, STEAL_AFTER, Affinity
+from entities._records import WORKER_NS
+from streams import KvPut, open_store
+
+registry = Registry()
+ran: dict[str, list[float]] = {}  # url -> when its handler started (monotonic)
+expected = 0
+all_ran: anyio.Event  # set by _expect
+
+
+@registry.define("probe", description="records when it ran")
+async def probe(ctx: HandlerContext, wake: WakeEvent) -> None:
+    ran.setdefault(ctx.entity_url, []).append(time.monotonic())
+    if len(ran) >= expected:
+        all_ran.set()
+
+
+def _expect(count: int) -> None:
+    global expected, all_ran
+    ran.clear()
+    expected, all_ran = count, anyio.Event()
+
+
+async def workers_of(rt: Runtime, url: str) -> list[str]:
+    """The worker of each completed run of ``url`` (from its run records)."""
+    events, _next = await rt.read(url)
+    return [e["value"]["worker"] for e in events if e["type"] == "runs"]
+
+
+def _presence(worker: str, expires: float) -> KvPut:
+    return KvPut(WORKER_NS, worker, orjson.dumps({"expires": expires, "pid": 0, "host": "x"}))
+
+
+async def test_live_workers_split_the_pending_entities_between_them(tmp_path: Path) -> None:
+    async with open_store(f"sqlite:///{tmp_path / 'db.sqlite'}") as store:
+        now = time.time()
+        await store.commit([_presence("a", now + 60), _presence("b", now + 60)])
+        a, b = Affinity(store, "a"), Affinity(store, "b")
+        await a.refresh(now)
+        await b.refresh(now)
+        assert a.live == b.live == ("a", "b")
+        pending = [(f"/probe/p{i}", b"t") for i in range(400)]
+        mine_a = {u for u, _ in pending if a.prefers(u)}
+        mine_b = {u for u, _ in pending if b.prefers(u)}
+        assert mine_a.isdisjoint(mine_b)
+        assert mine_a | mine_b == {u for u, _ in pending}
+        assert 120 < len(mine_a) < 280  # a hash split, not everything on one side
+        # own share first; the other's entities are held back until they have waited
+        assert {u for u, _ in a.order(pending)} == mine_a
+        waited = a.next_steal()
+        assert waited is not None and 0 < waited <= STEAL_AFTER
+
+
+async def test_an_expired_or_unreadable_presence_is_not_a_live_worker(tmp_path: Path) -> None:
+    async with open_store(f"sqlite:///{tmp_path / 'db.sqlite'}") as store:
+        now = time.time()
+        await store.commit(
+            [
+                _presence("gone", now - 1),
+                KvPut(WORKER_NS, "garbled", b"not json"),
+                _presence("here", now + PRESENCE_TTL),
+            ]
+        )
+        me = Affinity(store, "me")
+        await me.refresh(now)
+        assert me.live == ("here", "me")
+
+
+async def test_another_live_workers_entities_are_taken_after_they_waited(tmp_path: Path) -> None:
+    """A worker that announced itself and then stopped taking work (stuck, or paused) does not
+    strand the entities that prefer it: the running worker takes them after STEAL_AFTER."""
+    async with Runtime(registry, f"sqlite:///{tmp_path / 'db.sqlite'}", worker_id="me") as rt:
+        await rt.store.commit([_presence("ghost", rt.clock.now() + 60)])
+        urls = [f"/probe/e{i}" for i in range(40)]
+        probe_of = Affinity(rt.store, "me")
+        await probe_of.refresh(rt.clock.now())
+        assert probe_of.live == ("ghost", "me")
+        own = [u for u in urls if probe_of.prefers(u)]
+        theirs = [u for u in urls if not probe_of.prefers(u)]
+        assert own and theirs
+        _expect(len(urls))
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rt.worker(poll_interval=5.0).run, stop)
+            sent = time.monotonic()
+            for url in urls:
+                await rt.spawn(url)
+            with anyio.fail_after(20):
+                await all_ran.wait()
+            stop.set()
+        # everything ran, once, on the only running worker
+        assert sorted(ran) == sorted(urls)
+        assert all(len(starts) == 1 for starts in ran.values())
+        for url in urls:
+            assert await workers_of(rt, url) == ["me"]
+        # the ghost's share waited its turn; this worker's own share did not
+        assert min(ran[u][0] for u in theirs) - sent >= STEAL_AFTER * 0.9
+        assert min(ran[u][0] for u in own) - sent < STEAL_AFTER
+
+
+async def test_a_worker_announces_itself_while_it_runs_and_withdraws_on_stop(
+    tmp_path: Path,
+) -> None:
+    async with Runtime(registry, f"sqlite:///{tmp_path / 'db.sqlite'}", worker_id="w1") as rt:
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            worker = rt.worker()
+            tg.start_soon(worker.run, stop)
+            with anyio.fail_after(10):
+                while await rt.store.kv_get(WORKER_NS, "w1") is None:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            record = orjson.loads(await rt.store.kv_get(WORKER_NS, "w1") or b"{}")
+            assert record["expires"] > rt.clock.now()
+            stop.set()
+        assert await rt.store.kv_get(WORKER_NS, "w1") is None
