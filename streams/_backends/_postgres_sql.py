@@ -16,7 +16,6 @@ __all__ = [
     "GroupLoader",
     "ReadLoader",
     "fetch",
-    "fetchval",
     "persist",
     "to_record",
 ]
@@ -62,10 +61,6 @@ def from_record(r: StreamRecord) -> tuple[object, ...]:
     return (r.id, r.path, r.content_type, r.created_at, r.last_access, r.length, r.ttl_seconds,
             r.expires_at, r.closed, closed_by, r.fork_parent, r.fork_position,
             r.last_stream_seq, r.deleted, r.fork_count, r.fork_sub_offset)  # fmt: skip
-
-
-async def fetchval(conn: Any, sql: str, *args: Any) -> Any:
-    return await conn.fetchval(sql, *args)
 
 
 async def fetch(conn: Any, sql: str, *args: Any) -> list[Any]:

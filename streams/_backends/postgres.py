@@ -21,7 +21,8 @@ been missed), and feeds what it hears to the in-process notifier: ``wait()``, ``
 re-checks the stream before returning.
 
 Reads use a connection pool. A read is bounded by the stream length it read first, so messages
-committed meanwhile never leak into its answer.
+committed meanwhile never leak into its answer. Concurrent reads of one kind (``kv_get``,
+``kv_scan``, ``read``) are coalesced into one query (see :mod:`._postgres_batch`).
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ from .._errors import InvalidRequest, StreamsError
 from .._offsets import parse_offset
 from ._engine import ReadBuilder, StreamRecord, apply_each, kv_range, read_plan, readable
 from ._group import CommitQueue, Pending
+from ._postgres_batch import ReadBatcher
 from ._postgres_schema import PostgresUrl, advisory_key, migrate, parse_url
 from ._postgres_sql import (
     COLUMNS,
     GroupLoader,
     ReadLoader,
     fetch,
-    fetchval,
     persist,
     to_record,
 )
@@ -131,6 +132,30 @@ _READ = (
     "AND position > $2 AND position <= s.length ORDER BY position LIMIT $3) x) m ON true "
     "WHERE s.path = $1"
 )
+# many stream reads in one round trip: (path, after, limit) each, answered by ordinal
+_READ_MANY = (
+    f"SELECT w.i, {', '.join('s.' + c for c in COLUMNS.split(', '))}, "
+    "m.positions AS m_positions, m.data AS m_data "
+    "FROM unnest($1::text[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS w(path, after, lim, i) "
+    "JOIN streams s ON s.path = w.path LEFT JOIN LATERAL ("
+    "SELECT array_agg(x.position ORDER BY x.position) AS positions, "
+    "array_agg(x.data ORDER BY x.position) AS data FROM ("
+    "SELECT position, data FROM messages WHERE s.fork_parent IS NULL AND stream_id = s.id "
+    "AND position > w.after AND position <= s.length ORDER BY position LIMIT w.lim) x) m ON true"
+)
+_KV_GET_MANY = (
+    "SELECT w.i, kv.value FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w(ns, key, i) "
+    'JOIN kv ON kv.namespace = w.ns COLLATE "C" AND kv.key = w.key COLLATE "C"'
+)
+_KV_SCAN_MANY = (
+    "SELECT w.i, k.key, k.value FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], "
+    "$5::bigint[]) WITH ORDINALITY AS w(ns, lower, inclusive, upper, lim, i) "
+    "CROSS JOIN LATERAL (SELECT kv.key, kv.value FROM kv "
+    'WHERE kv.namespace = w.ns COLLATE "C" AND kv.key >= w.lower COLLATE "C" '
+    'AND (w.inclusive OR kv.key > w.lower COLLATE "C") AND kv.key < w.upper COLLATE "C" '
+    "ORDER BY kv.key LIMIT w.lim) k ORDER BY w.i, k.key"
+)
+_KvScan = tuple[str, str, bool, str, int | None]
 
 
 class PostgresStore(Store):
@@ -148,6 +173,9 @@ class PostgresStore(Store):
         self._listener_task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         self._writer_pid: int | None = None
+        self._kv_gets = ReadBatcher(self._kv_get_many, parallel=2)
+        self._kv_scans = ReadBatcher(self._kv_scan_many, parallel=2)
+        self._reads = ReadBatcher(self._read_many, parallel=2)
 
     @property
     def schema(self) -> str:
@@ -242,6 +270,8 @@ class PostgresStore(Store):
         await self._close_connections()
 
     async def _close_connections(self) -> None:
+        for batcher in (self._kv_gets, self._kv_scans, self._reads):
+            await batcher.aclose()
         if self._listener_task is not None:
             self._listener_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -509,10 +539,38 @@ class PostgresStore(Store):
         max_bytes: int | None = None,
         renew_ttl: bool = True,
     ) -> ReadResult:
-        result, ttl = await self._reading(self._read, path, offset, limit, max_bytes)
+        parsed = parse_offset(offset, path=path)
+        # one round trip (shared with concurrent reads): the record and, unless the stream is a
+        # fork, the messages after the offset
+        row = await self._reads.get((path, _NEVER if parsed is None else parsed, limit))
+        record = self._live(path, row)
+        if record.fork_parent is not None:  # its history spans streams: read it on one connection
+            result, ttl = await self._reading(self._read, path, offset, limit, max_bytes)
+        else:
+            start = record.length if parsed is None else min(parsed, record.length)
+            read = ReadBuilder(start, limit, max_bytes)
+            for row_position, data in zip(
+                row["m_positions"] or (), row["m_data"] or (), strict=True
+            ):
+                if not read.add(int(row_position), bytes(data)):
+                    break
+            result, ttl = read.result(record), record.ttl_seconds is not None
         if renew_ttl and ttl:
             await self.commit([Touch(path)])
         return result
+
+    async def _read_many(self, wanted: Sequence[tuple[str, int, int]]) -> list[Any]:
+        rows = await self._reading(
+            fetch,
+            _READ_MANY,
+            [w[0] for w in wanted],
+            [w[1] for w in wanted],
+            [w[2] for w in wanted],
+        )
+        found: list[Any] = [None] * len(wanted)
+        for row in rows:
+            found[row["i"] - 1] = row
+        return found
 
     async def _read(
         self, conn: Any, path: str, offset: str, limit: int, max_bytes: int | None
@@ -552,10 +610,16 @@ class PostgresStore(Store):
         return read.result(record), record.ttl_seconds is not None
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
-        value = await self._reading(
-            fetchval, "SELECT value FROM kv WHERE namespace=$1 AND key=$2", namespace, key
+        return await self._kv_gets.get((namespace, key))
+
+    async def _kv_get_many(self, wanted: Sequence[tuple[str, str]]) -> list[bytes | None]:
+        rows = await self._reading(
+            fetch, _KV_GET_MANY, [w[0] for w in wanted], [w[1] for w in wanted]
         )
-        return None if value is None else bytes(value)
+        found: list[bytes | None] = [None] * len(wanted)
+        for i, value in rows:
+            found[i - 1] = bytes(value)
+        return found
 
     async def kv_scan(
         self,
@@ -567,13 +631,15 @@ class PostgresStore(Store):
         limit: int | None = None,
     ) -> list[tuple[str, bytes]]:
         lower, inclusive, upper = kv_range(prefix, after, end)
+        return await self._kv_scans.get((namespace, lower, inclusive, upper, limit))
+
+    async def _kv_scan_many(self, wanted: Sequence[_KvScan]) -> list[list[tuple[str, bytes]]]:
         rows = await self._reading(
             fetch,
-            f"SELECT key, value FROM kv WHERE namespace=$1 AND key {'>=' if inclusive else '>'} "
-            "$2 AND key < $3 ORDER BY key LIMIT $4",
-            namespace,
-            lower,
-            upper,
-            limit,
+            _KV_SCAN_MANY,
+            *([w[n] for w in wanted] for n in range(5)),
         )
-        return [(str(k), bytes(v)) for k, v in rows]
+        found: list[list[tuple[str, bytes]]] = [[] for _ in wanted]
+        for i, key, value in rows:
+            found[i - 1].append((str(key), bytes(value)))
+        return found

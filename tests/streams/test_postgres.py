@@ -11,8 +11,9 @@ import asyncio
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
@@ -368,3 +369,50 @@ def test_notification_payloads_stay_under_the_limit() -> None:
     assert all(len(p.encode()) < 8000 for p in payloads)
     assert {n for p in payloads for n in orjson.loads(p)} == names
     assert notification_payloads(["y" * 9000]) == ['["*"]']
+
+
+async def test_concurrent_reads_are_coalesced_and_answer_as_one_by_one(url: str) -> None:
+    """Reads made together share queries (see ``_postgres_batch``) yet each gets exactly what it
+    would get alone: missing keys and streams, scan bounds, limits, forks, TTL renewals."""
+    async with open_store(url) as store:
+        assert isinstance(store, PostgresStore)
+        await store.commit([KvPut("ns", f"k{i:02}", f"v{i}".encode()) for i in range(30)])
+        await store.commit([KvPut("other", "k05", b"x")])
+        for n in range(6):
+            await store.create(f"s{n}")
+            if n:
+                await store.append(f"s{n}", [f"{n}-{i}".encode() for i in range(n * 3)])
+        await store.create(
+            "fork", fork_from="s5", fork_offset=(await store.read("s5", limit=4)).next_offset
+        )
+        await store.append("fork", [b"own"])
+
+        calls: list[Callable[[], Awaitable[Any]]] = [
+            *(lambda k=k: store.kv_get("ns", k) for k in ("k00", "k07", "nope", "k29", "k07")),
+            lambda: store.kv_get("other", "k05"),
+            lambda: store.kv_scan("ns"),
+            lambda: store.kv_scan("ns", "k1"),
+            lambda: store.kv_scan("ns", after="k27"),
+            lambda: store.kv_scan("ns", end="k03"),
+            lambda: store.kv_scan("ns", limit=4),
+            lambda: store.kv_scan("missing"),
+            *(lambda n=n: store.read(f"s{n}") for n in range(6)),
+            lambda: store.read("s4", limit=5),
+            lambda: store.read("s5", max_bytes=8),
+            lambda: store.read("fork"),
+        ]
+        alone = [await call() for call in calls]
+        queries = 0
+        original = store._reading
+
+        async def counting(fn: Any, *args: Any) -> Any:
+            nonlocal queries
+            queries += 1
+            return await original(fn, *args)
+
+        store._reading = counting  # type: ignore[method-assign]
+        together = await asyncio.gather(*(call() for call in calls))
+        assert list(together) == alone
+        assert queries < len(calls) // 2, queries  # coalesced, not one query per read
+        with pytest.raises(streams.StreamNotFound):
+            await asyncio.gather(store.read("s1"), store.read("absent"))
