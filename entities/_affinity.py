@@ -148,6 +148,7 @@ class Affinity:
         if not pending:
             return []
         if len(self.live) == 1:
+            self._waiting.clear()
             shift = random.randrange(len(pending))
             return [*pending[shift:], *pending[:shift]]
         tick = time.monotonic()

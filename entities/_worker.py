@@ -121,6 +121,7 @@ class Worker:
         self.drain_seconds = drain_seconds
         self._active: set[str] = set()
         self._blocked: dict[str, float] = {}
+        self._held: dict[str, bytes] = {}  # blocked because leased elsewhere: the mark then
         self._kick = anyio.Event()
         self._timers_dirty = True
         self._idle = anyio.Event()
@@ -253,10 +254,13 @@ class Worker:
                 break
             blocked = self._blocked.get(url)
             if blocked is not None:
-                if blocked > now:
+                # leased elsewhere when last tried: worth a new try once the lease ends, or as
+                # soon as the entity was marked again (its holder finished, or more arrived)
+                if blocked > now and self._held.get(url, token) == token:
                     next_due = blocked if next_due is None else min(next_due, blocked)
                     continue
                 del self._blocked[url]
+                self._held.pop(url, None)
             if url in self._active:
                 continue
             self._active.add(url)
@@ -280,7 +284,7 @@ class Worker:
                 token = None  # the claim reads the current mark
         except Exception:
             logger.exception("wake of %s failed in the runtime", url)
-            self._blocked[url] = self.rt.clock.now() + 1.0
+            self._block(url, self.rt.clock.now() + 1.0)
         finally:
             self._active.discard(url)
             self._idle.set()
@@ -365,6 +369,15 @@ class Worker:
 
     # -- claiming ---------------------------------------------------------------------------
 
+    def _block(self, url: str, until: float, *, held: bytes | None = None) -> None:
+        """Do not try ``url`` again before ``until``; if it is ``held`` (leased elsewhere, under
+        that pending mark), try again as soon as its mark changes."""
+        self._blocked[url] = until
+        if held is None:
+            self._held.pop(url, None)
+        else:
+            self._held[url] = held
+
     def _remember(self, url: str, raw: bytes | None) -> None:
         if raw is None:
             self._records.pop(url, None)
@@ -409,13 +422,14 @@ class Worker:
             await rt.store.commit([KvPut(PENDING_NS, target.url, None, only_if=True, expect=token)])
             return None
         if record.owner is not None and record.lease_expires > now:
-            self._blocked[target.url] = record.lease_expires
+            self._block(target.url, record.lease_expires, held=token)
             self.claims["held"] += 1
             return None
         if record.retry_at is not None and record.retry_at > now:
-            self._blocked[target.url] = record.retry_at
+            self._block(target.url, record.retry_at)
             return None
         self._blocked.pop(target.url, None)
+        self._held.pop(target.url, None)
         inflight = record.inflight
         loaded: _Loaded | None = None
         if inflight is None:
@@ -935,7 +949,7 @@ class Worker:
             logger.info("failure record of %s was fenced", claim.url)
             retry_raw = None
         self._remember(claim.url.url, retry_raw)
-        self._blocked[claim.url.url] = retry.retry_at or now
+        self._block(claim.url.url, retry.retry_at or now)
 
     async def _finish(
         self,

@@ -12,8 +12,8 @@ import orjson
 
 from entities import HandlerContext, Registry, Runtime, WakeEvent
 from entities._affinity import PRESENCE_TTL, STEAL_AFTER, Affinity
-from entities._records import WORKER_NS
-from streams import KvPut, open_store
+from entities._records import ENTITY_NS, WORKER_NS
+from streams import KvCheck, KvPut, open_store
 
 registry = Registry()
 ran: dict[str, list[float]] = {}  # url -> when its handler started (monotonic)
@@ -126,3 +126,44 @@ async def test_a_worker_announces_itself_while_it_runs_and_withdraws_on_stop(
             assert record["expires"] > rt.clock.now()
             stop.set()
         assert await rt.store.kv_get(WORKER_NS, "w1") is None
+
+
+async def test_an_entity_found_leased_elsewhere_is_tried_again_when_its_mark_changes(
+    tmp_path: Path,
+) -> None:
+    """A worker that finds an entity leased by another worker does not wait for the lease to
+    run out when the holder finishes and the entity is marked again."""
+    async with Runtime(registry, f"sqlite:///{tmp_path / 'db.sqlite'}", worker_id="me") as rt:
+        url = "/probe/held"
+        _expect(1)
+        await rt.spawn(url)
+        await rt.run_until_idle()
+        found = await rt.record(url)
+        assert found is not None
+        idle, idle_raw = found
+        held = idle.model_copy(
+            update={"owner": "other", "status": "running", "lease_expires": rt.clock.now() + 60}
+        )
+        held_raw = held.dump()
+        await rt.store.commit([KvCheck(ENTITY_NS, url, idle_raw), KvPut(ENTITY_NS, url, held_raw)])
+        await rt.send(url, {"n": 1})
+        _expect(1)
+        worker = rt.worker(poll_interval=30.0)
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run, stop)
+            with anyio.fail_after(10):
+                while not worker.claims["held"]:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            # the other worker finishes (releases its lease); then one more message arrives
+            released = held.model_copy(
+                update={"owner": None, "status": "idle", "lease_expires": 0.0}
+            )
+            await rt.store.commit(
+                [KvCheck(ENTITY_NS, url, held_raw), KvPut(ENTITY_NS, url, released.dump())]
+            )
+            await rt.send(url, {"n": 2})
+            with anyio.fail_after(5):  # not the 60 s the lease had left
+                await all_ran.wait()
+            stop.set()
+        assert worker.claims["held"] == 1
