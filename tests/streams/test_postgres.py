@@ -344,6 +344,43 @@ async def test_migrations_run_concurrently_from_several_stores(url: str) -> None
     assert [row[0] for row in versions] == list(range(1, len(MIGRATIONS) + 1))
 
 
+async def test_a_version_1_schema_is_migrated_in_place(url: str) -> None:
+    """A schema created by an older release (version 1) keeps its data and gets the later
+    migrations (version 2: fillfactor 70 on the update-heavy tables) when a store opens it."""
+    parsed = parse_url(url)
+    schema = quote_ident(parsed.schema)
+    conn = await asyncpg.connect(parsed.dsn)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}; SET search_path TO {schema}")
+        await conn.execute(MIGRATIONS[0])
+        await conn.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, "
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now()); "
+            "INSERT INTO schema_version (version) VALUES (1); "
+            "INSERT INTO kv VALUES ('ns', 'old', 'kept')"
+        )
+    finally:
+        await conn.close()
+    async with open_store(url) as store:
+        assert await store.kv_get("ns", "old") == b"kept"
+        await store.kv_put("ns", "new", b"v")
+    conn = await asyncpg.connect(parsed.dsn)
+    try:
+        versions = await conn.fetch(f"SELECT version FROM {schema}.schema_version ORDER BY 1")
+        options = await conn.fetch(
+            "SELECT relname, reloptions FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = $1 AND relname IN ('kv', 'streams')",
+            parsed.schema,
+        )
+    finally:
+        await conn.close()
+    assert [row[0] for row in versions] == list(range(1, len(MIGRATIONS) + 1))
+    assert {row[0]: row[1] for row in options} == {
+        "kv": ["fillfactor=70"],
+        "streams": ["fillfactor=70"],
+    }
+
+
 async def test_data_survives_reopen(url: str) -> None:
     async with open_store(url) as store:
         await store.create("s", messages=[b"a", b"b"])
