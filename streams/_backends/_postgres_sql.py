@@ -24,11 +24,16 @@ COLUMNS = (
     "id, path, content_type, created_at, last_access, length, ttl_seconds, expires_at, closed, "
     "closed_by, fork_parent, fork_position, last_stream_seq, deleted, fork_count, fork_sub_offset"
 )
-UPSERT_STREAM = (
-    f"INSERT INTO streams ({COLUMNS}) "
-    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) "
-    "ON CONFLICT (id) DO UPDATE SET last_access=excluded.last_access, length=excluded.length, "
-    "closed=excluded.closed, closed_by=excluded.closed_by, "
+_STREAM_TYPES = (
+    "bigint", "text", "text", "float8", "float8", "bigint", "bigint", "float8", "boolean", "text",
+    "bigint", "bigint", "text", "boolean", "bigint", "bigint",
+)  # fmt: skip
+# every changed stream row of a group in one statement (one array per column)
+UPSERT_STREAMS = (
+    f"INSERT INTO streams ({COLUMNS}) SELECT * FROM unnest("
+    + ", ".join(f"${n}::{t}[]" for n, t in enumerate(_STREAM_TYPES, start=1))
+    + ") ON CONFLICT (id) DO UPDATE SET last_access=excluded.last_access, "
+    "length=excluded.length, closed=excluded.closed, closed_by=excluded.closed_by, "
     "last_stream_seq=excluded.last_stream_seq, deleted=excluded.deleted, "
     "fork_count=excluded.fork_count"
 )
@@ -214,9 +219,8 @@ async def persist(conn: Any, effects: Effects) -> None:
         await conn.execute("DELETE FROM producers WHERE stream_id = ANY($1::bigint[])", ids)
         await conn.execute("DELETE FROM streams WHERE id = ANY($1::bigint[])", ids)
     if effects.streams:
-        await conn.executemany(
-            UPSERT_STREAM, [from_record(r) for _sid, r in sorted(effects.streams.items())]
-        )
+        rows = [from_record(r) for _sid, r in sorted(effects.streams.items())]
+        await conn.execute(UPSERT_STREAMS, *(list(column) for column in zip(*rows, strict=True)))
     if effects.messages:
         await conn.execute(
             "INSERT INTO messages (stream_id, position, data) "
