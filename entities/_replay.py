@@ -140,7 +140,8 @@ async def _replay_one(
     index: int,
     run: dict[str, Any],
 ) -> WakeReplay:
-    from ._worker import _invoke, _wake_event  # late import: the worker imports the runtime
+    from ._wakes import wake_event as build_wake_event
+    from ._worker import _invoke  # late import: the worker imports the runtime
 
     wake_id, low, high = run["wake_id"], run["from_offset"], run["to_offset"]
     view: dict[str, dict[str, Any]] = {}
@@ -173,7 +174,7 @@ async def _replay_one(
     inflight = Inflight(
         wake_id=wake_id, from_offset=low, to_offset=high, attempt=int(run.get("attempt", 1))
     )
-    wake_event = _wake_event(
+    wake_event = build_wake_event(
         target, inflight, inputs, wake_events, first_wake=not view.get("manifests")
     )
     runs_before = sum(1 for r in _recorded_runs(events) if r["to_offset"] < low or r is run) - 1

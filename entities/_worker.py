@@ -25,7 +25,6 @@ import orjson
 from streams import (
     Append,
     ConditionFailed,
-    Create,
     KvCheck,
     KvPut,
     Op,
@@ -36,11 +35,10 @@ from streams import (
 
 from ._affinity import PRESENCE_SECONDS, Affinity
 from ._context import HandlerContext, format_exception
-from ._observe import OBSERVER_NS, change_summary, db_stream, matches
+from ._delivery import observer_ops, other_children, parent_ops
 from ._records import (
     ENTITY_NS,
     PENDING_NS,
-    SCHEDULE_NS,
     SNAPSHOT_NS,
     TIMER_NS,
     VIEW_TYPES,
@@ -50,18 +48,16 @@ from ._records import (
     Inflight,
 )
 from ._registry import EntityType, call_maybe_async
-from ._runtime import JSON, TAG_NS, Runtime, _inbox, event, new_token
+from ._runtime import TAG_NS, Runtime, _inbox, event, new_token
 from ._scheduler import (
     arm_ops,
     cancel_ops,
-    debounce_timer,
     fire_due,
     fire_turn,
-    schedule_key,
-    timeout_timer,
 )
 from ._urls import EntityURL, parse_url
-from ._wake import InboxMessage, WakeEvent
+from ._wake import WakeEvent
+from ._wakes import copy_view, events_between, run_value, wake_event, wake_id
 
 __all__ = ["Claim", "Worker"]
 
@@ -453,7 +449,7 @@ class Worker:
                     return _STALE
                 return None
             inflight = Inflight(
-                wake_id=_wake_id(record.acked, loaded.to_offset),
+                wake_id=wake_id(record.acked, loaded.to_offset),
                 from_offset=record.acked,
                 to_offset=loaded.to_offset,
             )
@@ -504,11 +500,11 @@ class Worker:
             if e["type"] == "wakes" and (e.get("value") or {}).get("kind") == "child_finished"
         }
         if finished:
-            others = await self._other_children(view, finished)
+            others = await other_children(self.rt, view, finished)
             for e in wake_events:
                 if (e.get("value") or {}).get("kind") == "child_finished":
                     e["value"]["other_children"] = others
-        wake = _wake_event(
+        wake = wake_event(
             claim.url, inflight, events, wake_events, first_wake=not view.get("manifests")
         )
         lock = anyio.Lock()
@@ -531,7 +527,7 @@ class Worker:
             runtime=rt,
             entity_type=entity_type,
             url=claim.url,
-            view=_copy_view(view),
+            view=copy_view(view),
             wake=wake,
             events=events,
             journal=journal,
@@ -555,7 +551,7 @@ class Worker:
         self._running.pop(claim.url.url, None)
         duration = rt.clock.now() - started
         if error is None:
-            run = _run_value(inflight, wake, "completed", duration)
+            run = run_value(inflight, wake, "completed", duration)
             run["epoch"], run["worker"] = claim.record.epoch, claim.record.owner
             run["sends"] = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
             run["spawns"] = [s.target.url for s in ctx.effects.spawns]
@@ -569,184 +565,6 @@ class Worker:
             )
             return
         await self._failed(claim, entity_type, ctx, wake, error, duration, view, snapshot_offset)
-
-    async def _notify_parent(
-        self,
-        claim: Claim,
-        contexts: Sequence[HandlerContext],
-        run_status: str,
-        error: str | None,
-        now: float,
-    ) -> list[Op]:
-        """Operations that wake the parent with ``finished_child`` (spawned with run_finished)."""
-        record = claim.record
-        if record.parent is None or record.parent_wake != "run_finished":
-            return []
-        found = await self.rt.record(record.parent)
-        if found is None or found[0].status == "stopped":
-            return []
-        replies = [r for ctx in contexts for r in ctx.effects.replies]
-        response = None if not replies else replies[0] if len(replies) == 1 else replies
-        inflight = record.inflight
-        assert inflight is not None
-        value = {
-            "kind": "child_finished",
-            "source": claim.url.url,
-            "finished_child": {
-                "url": claim.url.url,
-                "type": claim.url.type,
-                "run_status": run_status,
-                "response": response,
-                "error": error,
-            },
-        }
-        parent = parse_url(record.parent)
-        key = f"{claim.url.url}@{inflight.wake_id}"
-        return [
-            Append(parent.stream, [event("wakes", key, value, now)]),
-            KvPut(PENDING_NS, parent.url, new_token()),
-        ]
-
-    async def _observer_ops(
-        self,
-        claim: Claim,
-        contexts: Sequence[HandlerContext],
-        run_status: str | None,
-        error: str | None,
-        view: dict[str, dict[str, Any]],
-        now: float,
-    ) -> list[Op]:
-        """Observer-index updates, shared-db writes, and the wakes this commit owes observers."""
-        store = self.rt.store
-        url = claim.url.url
-        ops: list[Op] = []
-        own = [change for ctx in contexts for change in ctx.effects.own]
-        for ctx in contexts:
-            for key, value in ctx.effects.observers.items():
-                ops.append(KvPut(OBSERVER_NS, key, value))
-        rows = await store.kv_scan(OBSERVER_NS, f"{url}|")
-        if rows:
-            replies = [r for ctx in contexts for r in ctx.effects.replies]
-            finished = None
-            if run_status is not None:
-                finished = {
-                    "url": url,
-                    "type": claim.url.type,
-                    "run_status": run_status,
-                    "response": None
-                    if not replies
-                    else replies[0]
-                    if len(replies) == 1
-                    else replies,
-                    "error": error,
-                }
-            changes = change_summary(own)
-            for _key, raw in rows:
-                ops.extend(await self._deliver(orjson.loads(raw), url, changes, finished, now))
-        for ctx in contexts:
-            for db_id, handle in ctx.effects.shared.items():
-                stream = db_stream(db_id)
-                encoded = [orjson.dumps(e) for e in handle.events]
-                if db_id in ctx.effects.new_dbs:
-                    ops.append(Create(stream, content_type=JSON, messages=encoded, exclusive=True))
-                elif encoded:
-                    ops.append(Append(stream, encoded))
-                if encoded:
-                    changes = change_summary(handle.events)
-                    for _key, raw in await store.kv_scan(OBSERVER_NS, f"db:{db_id}|"):
-                        obs = orjson.loads(raw)
-                        if obs["observer"] != url:
-                            ops.extend(await self._deliver(obs, f"db:{db_id}", changes, None, now))
-        if any(change["type"] == "tags" for change in own):
-            before = {k: (v or {}).get("value") for k, v in view.get("tags", {}).items()}
-            after = dict(contexts[0].tags) if contexts else before
-            for _key, raw in await store.kv_scan(OBSERVER_NS, "entities:"):
-                obs = orjson.loads(raw)
-                wanted = dict(item.split("=", 1) for item in obs["source_ref"].split(",") if item)
-                was = all(before.get(k) == v for k, v in wanted.items())
-                now_in = all(after.get(k) == v for k, v in wanted.items())
-                if was != now_in and obs["observer"] != url:
-                    change = {
-                        "collection": "members",
-                        "kind": "insert" if now_in else "delete",
-                        "key": url,
-                    }
-                    ops.extend(
-                        await self._deliver(
-                            obs, f"entities:{obs['source_ref']}", [change], None, now
-                        )
-                    )
-        return ops
-
-    async def _deliver(
-        self,
-        observer: dict[str, Any],
-        source: str,
-        changes: list[dict[str, Any]],
-        finished: dict[str, Any] | None,
-        now: float,
-    ) -> list[Op]:
-        """Operations that wake one observer (or arm its debounce timer)."""
-        wake = observer["wake"]
-        target = parse_url(observer["observer"])
-        value: dict[str, Any]
-        if wake.get("on") == "run_finished":
-            if finished is None:
-                return []
-            shown = dict(finished)
-            if not wake.get("include_response", True):
-                shown["response"] = None
-            value = {"kind": "run_finished", "source": source, "finished": shown}
-        else:
-            matched = matches(wake, changes)
-            if not matched:
-                return []
-            if wake.get("debounce_ms"):
-                index = schedule_key(target.url, f"debounce:{source}")
-                current = await self.rt.store.kv_get(SCHEDULE_NS, index)
-                earlier: list[Any] = []
-                replaces = None
-                if current is not None:
-                    replaces = current.decode()
-                    raw = await self.rt.store.kv_get(TIMER_NS, replaces)
-                    if raw is not None:
-                        earlier = list((orjson.loads(raw).get("payload") or {}).get("changes", []))
-                timer = debounce_timer(
-                    target.url,
-                    source,
-                    wake["debounce_ms"],
-                    now,
-                    earlier + matched,
-                    wake.get("timeout_ms"),
-                )
-                return arm_ops(timer, replaces)
-            value = {"kind": "change", "source": source, "changes": matched}
-        ops: list[Op] = [
-            Append(target.stream, [event("wakes", f"{source}@{new_token().decode()}", value, now)]),
-            KvPut(PENDING_NS, target.url, new_token()),
-        ]
-        if wake.get("timeout_ms"):
-            ops.extend(arm_ops(timeout_timer(target.url, source, wake["timeout_ms"], now)))
-        return ops
-
-    async def _other_children(
-        self, view: dict[str, dict[str, Any]], finished: set[str]
-    ) -> list[dict[str, Any]]:
-        children = [v for v in view.get("manifests", {}).values() if v.get("kind") == "child"]
-        statuses: dict[str, str] = {}
-        for type_ in {c["entity_type"] for c in children}:
-            for _key, raw in await self.rt.store.kv_scan(ENTITY_NS, f"/{type_}/"):
-                record = EntityRecord.load(raw)
-                statuses[record.url] = record.status
-        return [
-            {
-                "url": c["entity_url"],
-                "type": c["entity_type"],
-                "status": statuses.get(c["entity_url"], "spawning"),
-            }
-            for c in children
-            if c["entity_url"] not in finished
-        ]
 
     async def _heartbeats(self) -> None:
         """Renew the leases of running wakes every third of the lease period (one loop for all
@@ -789,7 +607,7 @@ class Worker:
         offset = "-1"
         cached = self._views.get(url.url)
         if cached is not None and acked != "-1" and cached[0] <= acked:
-            offset, view = cached[0], _copy_view(cached[1])
+            offset, view = cached[0], copy_view(cached[1])
         else:
             saved = await rt.store.kv_get(SNAPSHOT_NS, url.url)
             if saved is not None:
@@ -854,7 +672,7 @@ class Worker:
         now = rt.clock.now()
         final = inflight.attempt >= entity_type.max_attempts
         status = "dead_lettered" if final else "failed"
-        run = _run_value(inflight, wake, status, duration, error=error)
+        run = run_value(inflight, wake, status, duration, error=error)
         run["epoch"], run["worker"] = claim.record.epoch, claim.record.owner
         failure = [
             event("runs", inflight.wake_id, run, now, txid=inflight.wake_id),
@@ -887,7 +705,7 @@ class Worker:
                     runtime=rt,
                     entity_type=entity_type,
                     url=claim.url,
-                    view=_copy_view(view),
+                    view=copy_view(view),
                     wake=wake,
                     events=ctx.events,
                     journal={},
@@ -1026,9 +844,13 @@ class Worker:
         if own:
             ops.append(Append(claim.url.stream, own))
         if not empty and run_status is not None:
-            ops.extend(await self._notify_parent(claim, contexts, run_status, error, now))
+            ops.extend(
+                await parent_ops(self.rt, claim.url, claim.record, contexts, run_status, error, now)
+            )
         if not empty:
-            ops.extend(await self._observer_ops(claim, contexts, run_status, error, view, now))
+            ops.extend(
+                await observer_ops(self.rt, claim.url, contexts, run_status, error, view, now)
+            )
         ops.extend(extra)
         for url, messages in by_target.items():
             target = parse_url(url)
@@ -1044,7 +866,7 @@ class Worker:
             # pending token it holds may stand for later messages: keep the entity pending
             # (at worst one empty wake follows) rather than strand them unprocessed.
             ops.append(KvPut(PENDING_NS, claim.url.url, new_token()))
-        if _events_between(snapshot_offset, inflight.to_offset) >= rt.snapshot_every:
+        if events_between(snapshot_offset, inflight.to_offset) >= rt.snapshot_every:
             snap = {"offset": inflight.to_offset, "collections": view}
             ops.append(KvPut(SNAPSHOT_NS, claim.url.url, orjson.dumps(snap)))
         for _attempt in range(8):
@@ -1112,97 +934,3 @@ def _without_path(ops: list[Op], path: str) -> list[Op]:
         if not (isinstance(op, Append) and op.path == path)
         and not (isinstance(op, KvPut) and op.namespace == PENDING_NS and op.key == url)
     ]
-
-
-def _copy_view(view: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {k: dict(v) for k, v in view.items()}
-
-
-def _position(offset: str) -> int:
-    return 0 if offset == "-1" else int(offset.rsplit("_", 1)[1])
-
-
-def _events_between(low: str, high: str) -> int:
-    return _position(high) - _position(low)
-
-
-def _wake_id(low: str, high: str) -> str:
-    return f"w{_position(low)}-{_position(high)}"
-
-
-def _wake_event(
-    url: EntityURL,
-    inflight: Inflight,
-    events: list[dict[str, Any]],
-    wake_events: list[dict[str, Any]],
-    *,
-    first_wake: bool,
-) -> WakeEvent:
-    messages = []
-    others = []
-    for item in wake_events:
-        value = item.get("value") or {}
-        if item["type"] == "inbox":
-            messages.append(
-                InboxMessage(
-                    key=item["key"],
-                    payload=value.get("payload"),
-                    sender=value.get("from"),
-                    message_type=value.get("message_type"),
-                    timestamp=float(value.get("ts") or 0.0),
-                    offset=item.get("offset", ""),
-                )
-            )
-        elif item["type"] == "entity_created":
-            others.append({"kind": "created", "source": value.get("parent_url"), **value})
-        else:
-            others.append(value)
-    last = wake_events[-1]
-    last_value = last.get("value") or {}
-    if last["type"] == "inbox":
-        payload = last_value.get("payload")
-        source = last_value.get("from")
-        summary = last_value.get("message_type") or "message"
-    elif last["type"] == "entity_created":
-        payload = last_value.get("args")
-        source = last_value.get("parent_url")
-        summary = "created"
-    else:
-        payload = last_value.get("payload", last_value)
-        source = last_value.get("source")
-        summary = last_value.get("kind", "wake")
-    return WakeEvent(
-        source=source,
-        type="message_received" if messages else "wake",
-        from_offset=inflight.from_offset,
-        to_offset=inflight.to_offset,
-        event_count=len(wake_events),
-        payload=payload,
-        summary=summary,
-        full_ref=f"{url.stream}?offset={inflight.from_offset}",
-        first_wake=first_wake,
-        messages=tuple(messages),
-        wakes=tuple(others),
-        wake_id=inflight.wake_id,
-        attempt=inflight.attempt,
-    )
-
-
-def _run_value(
-    inflight: Inflight,
-    wake: WakeEvent,
-    status: str,
-    duration: float,
-    *,
-    error: BaseException | None = None,
-) -> dict[str, Any]:
-    return {
-        "status": status,
-        "wake_id": inflight.wake_id,
-        "attempt": inflight.attempt,
-        "from_offset": inflight.from_offset,
-        "to_offset": inflight.to_offset,
-        "event_count": wake.event_count,
-        "duration_ms": round(duration * 1000, 3) if math.isfinite(duration) else None,
-        "error": None if error is None else f"{type(error).__name__}: {error}",
-    }
