@@ -19,8 +19,9 @@ afterwards.
   (wall clock taken just before ``Runtime.send``), one worker process runs the wake, and its
   handler replies with the wall clock at which it started (LISTEN/NOTIFY carries the wake-up).
 
-Also printed: each round's worker CPU per wake (summed over the worker processes) and
-``cpu_parallelism_2`` / ``cpu_parallelism_4``, how many pure-Python processes the machine runs
+Also printed: each round's worker CPU per wake (summed over the worker processes), PostgreSQL's
+CPU per wake (all of this machine's ``postgres`` processes, from /proc; ``-`` for a remote
+database), claim outcomes per wake, and ``cpu_parallelism_2`` / ``cpu_parallelism_4``, how many pure-Python processes the machine runs
 in parallel at the time (2.0 on two idle cores), to read the speed-ups against.
 ``SCALE_OUT_PROFILE=DIR`` writes a cProfile of every worker process into DIR.
 
@@ -129,6 +130,26 @@ def _spin(loops: int) -> None:
         total += i * i
 
 
+def postgres_cpu() -> float | None:
+    """CPU seconds used so far by this machine's PostgreSQL processes (``None`` where /proc
+    does not show them, e.g. a remote database). Read before and after a round."""
+    total, found = 0, False
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        if not stat[stat.index("(") + 1 : stat.rindex(")")].startswith("postgres"):
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+        found = True
+    return total / os.sysconf("SC_CLK_TCK") if found else None
+
+
 def cpu_parallelism(processes: int, loops: int = 3_000_000) -> float:
     """How many pure-Python processes this machine runs in parallel right now: ``processes``
     spinning together, relative to one alone (2.0 on two idle cores; less when other load
@@ -231,6 +252,7 @@ class Fleet:
         self.rates: list[float] = []
         self.wakes: list[int] = []
         self.cpu_ms: list[float] = []  # worker CPU per wake, summed over the worker processes
+        self.pg_ms: list[float] = []  # PostgreSQL CPU per wake (when it runs on this machine)
         self.claims: Counter[str] = Counter()
 
     async def start(self) -> None:
@@ -250,13 +272,15 @@ class Fleet:
                 ]
             )
             await anyio.to_thread.run_sync(self.gate.wait)  # everyone ready: go
-            start = time.perf_counter()
+            start, pg_before = time.perf_counter(), postgres_cpu()
             await wait_idle(rt)
-            elapsed = time.perf_counter() - start
+            elapsed, pg_after = time.perf_counter() - start, postgres_cpu()
         self.stop.set()
         reports = [self.out.get(timeout=60) for _ in self.procs]
         wakes = sum(w for w, _, _ in reports)
         self.cpu_ms.append(1000 * sum(c for _, c, _ in reports) / max(1, wakes))
+        if pg_before is not None and pg_after is not None:
+            self.pg_ms.append(1000 * (pg_after - pg_before) / max(1, wakes))
         for _, _, outcomes in reports:
             self.claims.update(outcomes)
         await anyio.to_thread.run_sync(self.gate.wait)  # everyone paused
@@ -291,6 +315,7 @@ class Fleet:
             "rounds": [round(r) for r in self.rates],
             "wakes": self.wakes,
             "worker_cpu_ms_per_wake": statistics.median(self.cpu_ms),
+            "postgres_cpu_ms_per_wake": statistics.median(self.pg_ms) if self.pg_ms else None,
             # claim outcomes per wake run (won, lost to another worker, leased elsewhere, empty)
             "claims_per_wake": {k: round(v / total, 3) for k, v in self.claims.items()},
         }
@@ -398,15 +423,20 @@ async def main(base: str, quick: bool) -> dict[str, Any]:
         "messages_per_counter_per_round": messages,
         "rounds": rounds,
         "cpus": os.cpu_count(),
+        "worker_cpu_ms_per_wake_1": round(results[1]["worker_cpu_ms_per_wake"], 3),
+        "postgres_cpu_ms_per_wake_1": None
+        if results[1]["postgres_cpu_ms_per_wake"] is None
+        else round(results[1]["postgres_cpu_ms_per_wake"], 3),
     }
     print(
         f"{'worker processes':<18}{'wakes/s':>10}{'speed-up':>10}{'CPU ms/wake':>13}"
-        "   rounds (wakes/s)"
+        f"{'PG ms/wake':>12}   rounds (wakes/s)"
     )
     for workers, result in results.items():
-        cpu = result["worker_cpu_ms_per_wake"]
+        cpu, pg = result["worker_cpu_ms_per_wake"], result["postgres_cpu_ms_per_wake"]
         print(
             f"{workers:<18}{result['wakes_per_s']:>10.0f}{speedups[workers]:>10.2f}{cpu:>13.3f}"
+            f"{'-' if pg is None else f'{pg:.3f}':>12}"
             f"   {result['rounds']}  claims per wake: {result['claims_per_wake']}"
         )
     print(
