@@ -21,8 +21,9 @@ afterwards.
 
 Also printed: each round's worker CPU per wake (summed over the worker processes), PostgreSQL's
 CPU per wake (all of this machine's ``postgres`` processes, from /proc; ``-`` for a remote
-database), claim outcomes per wake, and ``cpu_parallelism_2`` / ``cpu_parallelism_4``, how many pure-Python processes the machine runs
-in parallel at the time (2.0 on two idle cores), to read the speed-ups against.
+database), claim outcomes per wake, and ``cpu_parallelism_2`` / ``cpu_parallelism_4``, how many
+pure-Python processes the machine runs in parallel at the time (2.0 on two idle cores), to read
+the speed-ups against.
 ``SCALE_OUT_PROFILE=DIR`` writes a cProfile of every worker process into DIR.
 
 Prints a table, then, as its last line, one JSON object.
