@@ -243,6 +243,11 @@ class Worker:
         now = self.rt.clock.now()
         next_due: float | None = None
         pending = await self.rt.store.kv_scan(PENDING_NS)
+        if len(self._blocked) > 2 * len(pending) + 1024:  # forget entities no longer pending
+            marked = {url for url, _token in pending}
+            for url in [u for u in self._blocked if u not in marked]:
+                del self._blocked[url]
+                self._held.pop(url, None)
         await self.affinity.refresh(now)
         # this worker's share of the pending entities first, then those waiting on others
         for url, token in self.affinity.order(pending):

@@ -167,3 +167,17 @@ async def test_an_entity_found_leased_elsewhere_is_tried_again_when_its_mark_cha
                 await all_ran.wait()
             stop.set()
         assert worker.claims["held"] == 1
+
+
+async def test_a_worker_forgets_blocks_on_entities_no_longer_pending(tmp_path: Path) -> None:
+    """Entities a worker once found leased or backing off do not accumulate in its memory."""
+    async with Runtime(registry, f"sqlite:///{tmp_path / 'db.sqlite'}", worker_id="me") as rt:
+        worker = rt.worker()
+        await rt.spawn("/probe/still")  # pending: its first wake
+        far = rt.clock.now() + 60
+        worker._blocked.update({f"/probe/gone{i}": far for i in range(3000)})
+        worker._blocked["/probe/still"] = far
+        async with anyio.create_task_group() as tg:
+            await worker._dispatch(tg)
+            tg.cancel_scope.cancel()
+        assert worker._blocked == {"/probe/still": far}
