@@ -39,7 +39,9 @@ import httpx2
 import pytest
 
 from entities import Runtime
+from entities._records import ENTITY_NS, EntityRecord
 from examples.counter import registry
+from streams import open_store
 from tests import _postgres
 
 from ._support import EntitiesProcess, free_port
@@ -397,22 +399,35 @@ async def test_workers_killed(shared_db: str, tmp_path: Path, cleanup: list[Depl
         d: Deployment, ledger: Ledger, done: asyncio.Event, rng: random.Random
     ) -> int:
         """Every 200-500 ms, or after 120 more answered sends if that comes first (so a fast
-        machine sees as many kills), SIGKILL a random worker and restart it."""
+        machine sees as many kills), SIGKILL a worker and restart it: every other time one that
+        holds a lease at that moment (wakes take milliseconds, so a random victim is often
+        idle), else a random one."""
         kills = 0
-        while not done.is_set():
-            answered = len(ledger.acked) + len(ledger.unknown)
-            deadline = time.monotonic() + rng.uniform(0.2, 0.5)
-            while time.monotonic() < deadline and not done.is_set():
-                if len(ledger.acked) + len(ledger.unknown) >= answered + 120:
+        async with open_store(d.db) as store:
+            while not done.is_set():
+                answered = len(ledger.acked) + len(ledger.unknown)
+                deadline = time.monotonic() + rng.uniform(0.2, 0.5)
+                while time.monotonic() < deadline and not done.is_set():
+                    if len(ledger.acked) + len(ledger.unknown) >= answered + 120:
+                        break
+                    await asyncio.sleep(0.005)
+                if done.is_set():
                     break
-                await asyncio.sleep(0.005)
-            if done.is_set():
-                break
-            victim = rng.choice(d.workers)
-            victim.kill()
-            kills += 1
-            await asyncio.sleep(rng.uniform(0.0, 0.1))
-            victim.start()
+                busy: list[EntitiesProcess] = []
+                if kills % 2 == 0:
+                    owners = {
+                        record.owner
+                        for record in (
+                            EntityRecord.load(raw) for _key, raw in await store.kv_scan(ENTITY_NS)
+                        )
+                        if record.status == "running"
+                    }
+                    busy = [w for i, w in enumerate(d.workers) if f"w{i}" in owners]
+                victim = rng.choice(busy or d.workers)
+                victim.kill()
+                kills += 1
+                await asyncio.sleep(rng.uniform(0.0, 0.1))
+                victim.start()
         return kills
 
     ledger, kills, redelivered = await _scenario(deployment, 200, 2000, kill_workers, seed)
