@@ -121,18 +121,10 @@ async def _keep_session(_conn: Any) -> None:
 
 
 _NEVER = 2**62  # a position no stream reaches: "read nothing" (offset "now")
-# A read in one statement: the stream's record and, when the stream is no fork, up to $3 of its
-# messages after position $2 (a fork's earlier positions live in its ancestors: read_plan).
-_READ = (
-    f"SELECT {', '.join('s.' + c for c in COLUMNS.split(', '))}, "
-    "m.positions AS m_positions, m.data AS m_data FROM streams s LEFT JOIN LATERAL ("
-    "SELECT array_agg(x.position ORDER BY x.position) AS positions, "
-    "array_agg(x.data ORDER BY x.position) AS data FROM ("
-    "SELECT position, data FROM messages WHERE s.fork_parent IS NULL AND stream_id = s.id "
-    "AND position > $2 AND position <= s.length ORDER BY position LIMIT $3) x) m ON true "
-    "WHERE s.path = $1"
-)
-# many stream reads in one round trip: (path, after, limit) each, answered by ordinal
+# Stream reads in one statement, one row per (path $1[i], after $2[i], limit $3[i]) by ordinal i:
+# the stream's record and, when the stream is no fork, up to that limit of its messages after that
+# position (a fork's earlier positions live in its ancestors: read_plan). A missing stream has no
+# row.
 _READ_MANY = (
     f"SELECT w.i, {', '.join('s.' + c for c in COLUMNS.split(', '))}, "
     "m.positions AS m_positions, m.data AS m_data "
@@ -578,7 +570,9 @@ class PostgresStore(Store):
         """The read, and whether the stream has a TTL to renew."""
         parsed = parse_offset(offset, path=path)
         # one round trip: the record, and (unless it is a fork) the messages after the offset
-        row = await conn.fetchrow(_READ, path, _NEVER if parsed is None else parsed, limit)
+        row = await conn.fetchrow(
+            _READ_MANY, [path], [_NEVER if parsed is None else parsed], [limit]
+        )
         record = self._live(path, row)
         start = record.length if parsed is None else min(parsed, record.length)
         read = ReadBuilder(start, limit, max_bytes)
