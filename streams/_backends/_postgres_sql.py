@@ -15,6 +15,7 @@ __all__ = [
     "COLUMNS",
     "GroupLoader",
     "ReadLoader",
+    "columns",
     "fetch",
     "persist",
     "to_record",
@@ -66,6 +67,11 @@ def from_record(r: StreamRecord) -> tuple[object, ...]:
     return (r.id, r.path, r.content_type, r.created_at, r.last_access, r.length, r.ttl_seconds,
             r.expires_at, r.closed, closed_by, r.fork_parent, r.fork_position,
             r.last_stream_seq, r.deleted, r.fork_count, r.fork_sub_offset)  # fmt: skip
+
+
+def columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """``rows`` as one list per column: the arrays of an ``unnest(...)`` statement."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 async def fetch(conn: Any, sql: str, *args: Any) -> list[Any]:
@@ -220,7 +226,7 @@ async def persist(conn: Any, effects: Effects) -> None:
         await conn.execute("DELETE FROM streams WHERE id = ANY($1::bigint[])", ids)
     if effects.streams:
         rows = [from_record(r) for _sid, r in sorted(effects.streams.items())]
-        await conn.execute(UPSERT_STREAMS, *(list(column) for column in zip(*rows, strict=True)))
+        await conn.execute(UPSERT_STREAMS, *columns(rows))
     if effects.messages:
         await conn.execute(
             "INSERT INTO messages (stream_id, position, data) "

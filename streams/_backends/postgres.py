@@ -47,6 +47,7 @@ from ._postgres_sql import (
     COLUMNS,
     GroupLoader,
     ReadLoader,
+    columns,
     fetch,
     persist,
     to_record,
@@ -536,58 +537,34 @@ class PostgresStore(Store):
         # fork, the messages after the offset
         row = await self._reads.get((path, _NEVER if parsed is None else parsed, limit))
         record = self._live(path, row)
-        if record.fork_parent is not None:  # its history spans streams: read it on one connection
-            result, ttl = await self._reading(self._read, path, offset, limit, max_bytes)
-        else:
-            start = record.length if parsed is None else min(parsed, record.length)
+        start = record.length if parsed is None else min(parsed, record.length)
+        if record.fork_parent is None:
             read = ReadBuilder(start, limit, max_bytes)
             for row_position, data in zip(
                 row["m_positions"] or (), row["m_data"] or (), strict=True
             ):
                 if not read.add(int(row_position), bytes(data)):
                     break
-            result, ttl = read.result(record), record.ttl_seconds is not None
-        if renew_ttl and ttl:
+        else:  # its history spans its ancestors: read them on one connection
+            read = await self._reading(self._read_fork, record, start, limit, max_bytes)
+        if renew_ttl and record.ttl_seconds is not None:
             await self.commit([Touch(path)])
-        return result
+        return read.result(record)
 
     async def _read_many(self, wanted: Sequence[tuple[str, int, int]]) -> list[Any]:
-        rows = await self._reading(
-            fetch,
-            _READ_MANY,
-            [w[0] for w in wanted],
-            [w[1] for w in wanted],
-            [w[2] for w in wanted],
-        )
+        rows = await self._reading(fetch, _READ_MANY, *columns(wanted))
         found: list[Any] = [None] * len(wanted)
         for row in rows:
             found[row["i"] - 1] = row
         return found
 
-    async def _read(
-        self, conn: Any, path: str, offset: str, limit: int, max_bytes: int | None
-    ) -> tuple[ReadResult, bool]:
-        """The read, and whether the stream has a TTL to renew."""
-        parsed = parse_offset(offset, path=path)
-        # one round trip: the record, and (unless it is a fork) the messages after the offset
-        row = await conn.fetchrow(
-            _READ_MANY, [path], [_NEVER if parsed is None else parsed], [limit]
-        )
-        record = self._live(path, row)
-        start = record.length if parsed is None else min(parsed, record.length)
+    async def _read_fork(
+        self, conn: Any, record: StreamRecord, start: int, limit: int, max_bytes: int | None
+    ) -> ReadBuilder:
+        """The messages of fork ``record`` after ``start``, from the streams its history spans
+        (:func:`read_plan`); all read afresh if ``_reading`` runs it again."""
         read = ReadBuilder(start, limit, max_bytes)
-        if record.fork_parent is None:
-            for row_position, data in zip(
-                row["m_positions"] or (), row["m_data"] or (), strict=True
-            ):
-                if not read.add(int(row_position), bytes(data)):
-                    break
-        plan = (
-            []
-            if record.fork_parent is None
-            else await read_plan(record, start, ReadLoader(conn).stream_by_id)
-        )
-        for sid, low, high in plan:
+        for sid, low, high in await read_plan(record, start, ReadLoader(conn).stream_by_id):
             if read.full:
                 break
             rows = await conn.fetch(
@@ -601,15 +578,13 @@ class PostgresStore(Store):
             for row_position, data in rows:
                 if not read.add(int(row_position), bytes(data)):
                     break
-        return read.result(record), record.ttl_seconds is not None
+        return read
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
         return await self._kv_gets.get((namespace, key))
 
     async def _kv_get_many(self, wanted: Sequence[tuple[str, str]]) -> list[bytes | None]:
-        rows = await self._reading(
-            fetch, _KV_GET_MANY, [w[0] for w in wanted], [w[1] for w in wanted]
-        )
+        rows = await self._reading(fetch, _KV_GET_MANY, *columns(wanted))
         found: list[bytes | None] = [None] * len(wanted)
         for i, value in rows:
             found[i - 1] = bytes(value)
@@ -628,11 +603,7 @@ class PostgresStore(Store):
         return await self._kv_scans.get((namespace, lower, inclusive, upper, limit))
 
     async def _kv_scan_many(self, wanted: Sequence[_KvScan]) -> list[list[tuple[str, bytes]]]:
-        rows = await self._reading(
-            fetch,
-            _KV_SCAN_MANY,
-            *([w[n] for w in wanted] for n in range(5)),
-        )
+        rows = await self._reading(fetch, _KV_SCAN_MANY, *columns(wanted))
         found: list[list[tuple[str, bytes]]] = [[] for _ in wanted]
         for i, key, value in rows:
             found[i - 1].append((str(key), bytes(value)))
