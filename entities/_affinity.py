@@ -92,6 +92,14 @@ def _weight(worker: str, url: str) -> int:
     return zlib.crc32(f"{worker}|{url}".encode())
 
 
+def _rotated(items: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """``items`` from a random place on (then from the start), so none is always last."""
+    if not items:
+        return []
+    shift = random.randrange(len(items))
+    return [*items[shift:], *items[:shift]]
+
+
 class Affinity:
     """One worker's view of the live workers, and the order it takes pending entities in."""
 
@@ -104,6 +112,7 @@ class Affinity:
         self._mine: dict[str, bool] = {}  # url -> preferred by this worker (for ``live``)
         # others' entities: the pending mark seen, and when it was first seen
         self._waiting: dict[str, tuple[bytes, float]] = {}
+        self._next_steal: float | None = None  # when the next of them may be taken (monotonic)
 
     def presence(self, now: float) -> KvPut:
         """The write that announces (or renews) this worker until ``now + PRESENCE_TTL``."""
@@ -148,12 +157,10 @@ class Affinity:
         """``pending`` in the order this worker should try them: its own entities first
         (from a random place, so none is always last), then the entities of other workers
         that have waited at least ``STEAL_AFTER`` seconds (oldest first)."""
-        if not pending:
-            return []
+        self._next_steal = None
         if len(self.live) == 1:
             self._waiting.clear()
-            shift = random.randrange(len(pending))
-            return [*pending[shift:], *pending[:shift]]
+            return _rotated(pending)
         tick = time.monotonic()
         mine: list[tuple[str, bytes]] = []
         theirs: list[tuple[float, str, bytes]] = []
@@ -167,20 +174,17 @@ class Affinity:
             waiting[url] = (token, since)
             if tick - since >= STEAL_AFTER:
                 theirs.append((since, url, token))
+            elif self._next_steal is None or since + STEAL_AFTER < self._next_steal:
+                self._next_steal = since + STEAL_AFTER
         self._waiting = waiting
-        if mine:
-            shift = random.randrange(len(mine))
-            mine = [*mine[shift:], *mine[:shift]]
         theirs.sort()
-        return [*mine, *((url, token) for _since, url, token in theirs)]
+        return [*_rotated(mine), *((url, token) for _since, url, token in theirs)]
 
     def next_steal(self) -> float | None:
-        """Seconds until the next entity of another worker, seen waiting but not yet for
-        ``STEAL_AFTER``, may be taken; ``None`` when there is none."""
-        tick = time.monotonic()
-        ready = [
-            since + STEAL_AFTER - tick
-            for _token, since in self._waiting.values()
-            if since + STEAL_AFTER > tick
-        ]
-        return min(ready) if ready else None
+        """Seconds until the next entity of another worker, seen waiting (at the last
+        :meth:`order`) but not yet for ``STEAL_AFTER``, may be taken; ``None`` when there is
+        none. Computed by :meth:`order`, so this is cheap on every turn of the worker loop."""
+        if self._next_steal is None:
+            return None
+        left = self._next_steal - time.monotonic()
+        return left if left > 0 else None  # passed: the next look at the pending marks says

@@ -116,8 +116,8 @@ class Worker:
         self.poll_interval = poll_interval
         self.drain_seconds = drain_seconds
         self._active: set[str] = set()
-        self._blocked: dict[str, float] = {}
-        self._held: dict[str, bytes] = {}  # blocked because leased elsewhere: the mark then
+        # url -> (not before this time, the pending mark it was found leased elsewhere under)
+        self._blocked: dict[str, tuple[float, bytes | None]] = {}
         self._kick = anyio.Event()
         self._timers_dirty = True
         self._idle = anyio.Event()
@@ -247,7 +247,6 @@ class Worker:
             marked = {url for url, _token in pending}
             for url in [u for u in self._blocked if u not in marked]:
                 del self._blocked[url]
-                self._held.pop(url, None)
         await self.affinity.refresh(now)
         # this worker's share of the pending entities first, then those waiting on others
         for url, token in self.affinity.order(pending):
@@ -257,11 +256,11 @@ class Worker:
             if blocked is not None:
                 # leased elsewhere when last tried: worth a new try once the lease ends, or as
                 # soon as the entity was marked again (its holder finished, or more arrived)
-                if blocked > now and self._held.get(url, token) == token:
-                    next_due = blocked if next_due is None else min(next_due, blocked)
+                until, held = blocked
+                if until > now and held in (None, token):
+                    next_due = until if next_due is None else min(next_due, until)
                     continue
                 del self._blocked[url]
-                self._held.pop(url, None)
             if url in self._active:
                 continue
             self._active.add(url)
@@ -300,13 +299,13 @@ class Worker:
             if not pending:
                 return done
             now = self.rt.clock.now()
-            due = [(u, t) for u, t in pending if self._blocked.get(u, 0.0) <= now]
+            due = [(u, t) for u, t in pending if self._until(u) <= now]
             if max_wakes is not None:
                 due = due[: max_wakes - done]
             ran = await self._run_batch(due) if due else 0
             done += ran
             if ran == 0:
-                waits = [self._blocked[u] for u, _ in pending if u in self._blocked]
+                waits = [self._until(u) for u, _ in pending if u in self._blocked]
                 if waits and self.rt.clock.virtual:
                     self.rt.clock.set(min(waits))  # type: ignore[attr-defined]
                     continue
@@ -315,7 +314,7 @@ class Worker:
                 # claims found nothing to do (e.g. only empty marks were cleared): rescan once
                 if not await self.rt.store.kv_scan(PENDING_NS):
                     return done
-                if all(self._blocked.get(u, 0.0) > self.rt.clock.now() for u, _ in pending):
+                if all(self._until(u) > self.rt.clock.now() for u, _ in pending):
                     return done
         return done
 
@@ -373,11 +372,12 @@ class Worker:
     def _block(self, url: str, until: float, *, held: bytes | None = None) -> None:
         """Do not try ``url`` again before ``until``; if it is ``held`` (leased elsewhere, under
         that pending mark), try again as soon as its mark changes."""
-        self._blocked[url] = until
-        if held is None:
-            self._held.pop(url, None)
-        else:
-            self._held[url] = held
+        self._blocked[url] = (until, held)
+
+    def _until(self, url: str) -> float:
+        """When ``url`` may be tried again (0 when it is not blocked)."""
+        blocked = self._blocked.get(url)
+        return 0.0 if blocked is None else blocked[0]
 
     def _remember(self, url: str, raw: bytes | None) -> None:
         if raw is None:
@@ -430,7 +430,6 @@ class Worker:
             self._block(target.url, record.retry_at)
             return None
         self._blocked.pop(target.url, None)
-        self._held.pop(target.url, None)
         inflight = record.inflight
         loaded: _Loaded | None = None
         if inflight is None:

@@ -175,9 +175,10 @@ async def test_a_worker_forgets_blocks_on_entities_no_longer_pending(tmp_path: P
         worker = rt.worker()
         await rt.spawn("/probe/still")  # pending: its first wake
         far = rt.clock.now() + 60
-        worker._blocked.update({f"/probe/gone{i}": far for i in range(3000)})
-        worker._blocked["/probe/still"] = far
+        for i in range(3000):
+            worker._block(f"/probe/gone{i}", far)
+        worker._block("/probe/still", far)
         async with anyio.create_task_group() as tg:
             await worker._dispatch(tg)
             tg.cancel_scope.cancel()
-        assert worker._blocked == {"/probe/still": far}
+        assert worker._blocked == {"/probe/still": (far, None)}
