@@ -236,7 +236,7 @@ class Fleet:
 
     def __init__(self, base: str, workers: int, messages: int, rounds: int) -> None:
         self.db = fresh_url(base)
-        self.workers, self.messages, self.rounds = workers, messages, rounds
+        self.workers, self.messages = workers, messages
         ctx = multiprocessing.get_context("spawn")
         self.gate = ctx.Barrier(workers + 1, timeout=120)
         self.stop = ctx.Event()
@@ -389,12 +389,10 @@ async def measure_latency(base: str, samples: int) -> list[float]:
     return latencies
 
 
-def paired_speedup(fleets: dict[int, Fleet], count: int) -> float:
-    """Median over rounds of (wakes/s with ``count`` workers) / (wakes/s with one), each ratio
-    taken from rounds run back to back."""
-    return statistics.median(
-        n / one for n, one in zip(fleets[count].rates, fleets[1].rates, strict=True)
-    )
+def paired_ratios(fleets: dict[int, Fleet], count: int) -> list[float]:
+    """Per round, (wakes/s with ``count`` workers) / (wakes/s with one): rounds run back to
+    back."""
+    return [n / one for n, one in zip(fleets[count].rates, fleets[1].rates, strict=True)]
 
 
 async def main(base: str, quick: bool) -> dict[str, Any]:
@@ -406,16 +404,14 @@ async def main(base: str, quick: bool) -> dict[str, Any]:
     latencies = await measure_latency(base, samples)
     parallel = {k: cpu_parallelism(k) for k in (2, 4)}
     w1 = results[1]["wakes_per_s"]
-    speedups = {count: paired_speedup(fleets, count) for count in fleets}
+    speedups = {count: statistics.median(paired_ratios(fleets, count)) for count in fleets}
     figures: dict[str, Any] = {
         "workers_1": round(w1),
         "workers_2": round(results[2]["wakes_per_s"]),
         "workers_4": round(results[4]["wakes_per_s"]),
         "speedup_2": round(speedups[2], 2),
         "speedup_4": round(speedups[4], 2),
-        "speedup_2_each": [
-            round(n / one, 2) for n, one in zip(fleets[2].rates, fleets[1].rates, strict=True)
-        ],
+        "speedup_2_each": [round(ratio, 2) for ratio in paired_ratios(fleets, 2)],
         "cpu_parallelism_2": round(parallel[2], 2),
         "cpu_parallelism_4": round(parallel[4], 2),
         "p50_ms": round(statistics.median(latencies), 3),
