@@ -21,7 +21,9 @@ afterwards.
 
 Also printed: each round's worker CPU per wake (summed over the worker processes), PostgreSQL's
 CPU per wake (all of this machine's ``postgres`` processes, from /proc; ``-`` for a remote
-database), claim outcomes per wake, and ``cpu_parallelism_2`` / ``cpu_parallelism_4``, how many
+database), claim outcomes per wake, ``largest_share_2`` / ``largest_share_4``, the part of a
+round's wakes its busiest worker ran (a round lasts as long as that worker), and
+``cpu_parallelism_2`` / ``cpu_parallelism_4``, how many
 pure-Python processes the machine runs in parallel at the time (2.0 on two idle cores), to read
 the speed-ups against.
 ``SCALE_OUT_PROFILE=DIR`` writes a cProfile of every worker process into DIR.
@@ -255,6 +257,9 @@ class Fleet:
         self.cpu_ms: list[float] = []  # worker CPU per wake, summed over the worker processes
         self.pg_ms: list[float] = []  # PostgreSQL CPU per wake (when it runs on this machine)
         self.claims: Counter[str] = Counter()
+        # the busiest worker's part of a round's wakes (1/K is an even split of K workers; a
+        # round lasts as long as its busiest worker)
+        self.largest: list[float] = []
 
     async def start(self) -> None:
         async with Runtime(registry, self.db) as rt:  # creates the schema before the workers
@@ -284,6 +289,7 @@ class Fleet:
             self.pg_ms.append(1000 * (pg_after - pg_before) / max(1, wakes))
         for _, _, outcomes in reports:
             self.claims.update(outcomes)
+        self.largest.append(max(w for w, _, _ in reports) / max(1, wakes))
         await anyio.to_thread.run_sync(self.gate.wait)  # everyone paused
         self.stop.clear()
         self.rates.append(wakes / elapsed)
@@ -319,6 +325,7 @@ class Fleet:
             "postgres_cpu_ms_per_wake": statistics.median(self.pg_ms) if self.pg_ms else None,
             # claim outcomes per wake run (won, lost to another worker, leased elsewhere, empty)
             "claims_per_wake": {k: round(v / total, 3) for k, v in self.claims.items()},
+            "largest_share": statistics.median(self.largest),
         }
 
 
@@ -412,6 +419,8 @@ async def main(base: str, quick: bool) -> dict[str, Any]:
         "speedup_2": round(speedups[2], 2),
         "speedup_4": round(speedups[4], 2),
         "speedup_2_each": [round(ratio, 2) for ratio in paired_ratios(fleets, 2)],
+        "largest_share_2": round(results[2]["largest_share"], 3),
+        "largest_share_4": round(results[4]["largest_share"], 3),
         "cpu_parallelism_2": round(parallel[2], 2),
         "cpu_parallelism_4": round(parallel[4], 2),
         "p50_ms": round(statistics.median(latencies), 3),
@@ -427,18 +436,19 @@ async def main(base: str, quick: bool) -> dict[str, Any]:
     }
     print(
         f"{'worker processes':<18}{'wakes/s':>10}{'speed-up':>10}{'CPU ms/wake':>13}"
-        f"{'PG ms/wake':>12}   rounds (wakes/s)"
+        f"{'PG ms/wake':>12}{'busiest':>9}   rounds (wakes/s)"
     )
     for workers, result in results.items():
         cpu, pg = result["worker_cpu_ms_per_wake"], result["postgres_cpu_ms_per_wake"]
         print(
             f"{workers:<18}{result['wakes_per_s']:>10.0f}{speedups[workers]:>10.2f}{cpu:>13.3f}"
-            f"{'-' if pg is None else f'{pg:.3f}':>12}"
+            f"{'-' if pg is None else f'{pg:.3f}':>12}{result['largest_share']:>9.3f}"
             f"   {result['rounds']}  claims per wake: {result['claims_per_wake']}"
         )
     print(
         "speed-up: the median of per-round ratios, rounds of each worker count taken in turn; "
-        "wakes/s: the median round"
+        "wakes/s: the median round; busiest: the median part of a round's wakes run by its "
+        "busiest worker (1/K is an even split)"
     )
     print(
         f"CPU parallelism available now (pure-Python processes vs one alone): "
