@@ -27,37 +27,33 @@ from streams import (
     ConditionFailed,
     KvCheck,
     KvPut,
-    Op,
     StreamClosed,
     StreamGone,
     StreamNotFound,
 )
 
 from ._affinity import PRESENCE_SECONDS, Affinity
+from ._commit import wake_commit, without_path
 from ._context import HandlerContext, format_exception
-from ._delivery import observer_ops, other_children, parent_ops
+from ._delivery import other_children
 from ._records import (
     ENTITY_NS,
     PENDING_NS,
-    SNAPSHOT_NS,
     TIMER_NS,
-    VIEW_TYPES,
     WAKE_TYPES,
     WORKER_NS,
     EntityRecord,
     Inflight,
 )
 from ._registry import EntityType, call_maybe_async
-from ._runtime import TAG_NS, Runtime, _inbox, event, new_token
+from ._runtime import Runtime, event
 from ._scheduler import (
-    arm_ops,
-    cancel_ops,
     fire_due,
     fire_turn,
 )
 from ._urls import EntityURL, parse_url
 from ._wake import WakeEvent
-from ._wakes import copy_view, events_between, run_value, wake_event, wake_id
+from ._wakes import Loaded, copy_view, load_range, read_journal, run_value, wake_event, wake_id
 
 __all__ = ["Claim", "Worker"]
 
@@ -72,14 +68,6 @@ FOLLOW_ON = 8
 
 
 @dataclass(slots=True)
-class _Loaded:
-    view: dict[str, dict[str, Any]]
-    base_offset: str
-    events: list[dict[str, Any]]
-    to_offset: str
-
-
-@dataclass(slots=True)
 class Claim:
     """A lease on one entity, held by this worker for one wake."""
 
@@ -87,7 +75,7 @@ class Claim:
     record: EntityRecord
     raw: bytes
     token: bytes
-    loaded: _Loaded | None = None
+    loaded: Loaded | None = None
     # set by the wake's commit: the entity has more to do (its pending mark outlived the wake)
     more: bool = False
 
@@ -431,7 +419,7 @@ class Worker:
             return None
         self._blocked.pop(target.url, None)
         inflight = record.inflight
-        loaded: _Loaded | None = None
+        loaded: Loaded | None = None
         if inflight is None:
             try:
                 loaded = await self._load(target, record.acked, None)
@@ -598,66 +586,13 @@ class Worker:
                         continue
                     claim.record, claim.raw = renewed, raw
 
-    async def _load(self, url: EntityURL, acked: str, to_offset: str | None) -> _Loaded:
-        """The view at the end of the wake range and the events after ``acked``.
-
-        The range ends at ``to_offset`` or, when that is ``None``, at the current tail. The view
-        starts from this worker's cached view, else the stored snapshot, else the stream start,
-        and never from beyond ``acked`` (the stream is append-only, so any earlier fold stays
-        valid).
-        """
-        rt = self.rt
-        view: dict[str, dict[str, Any]] = {}
-        offset = "-1"
-        cached = self._views.get(url.url)
-        if cached is not None and acked != "-1" and cached[0] <= acked:
-            offset, view = cached[0], copy_view(cached[1])
-        else:
-            saved = await rt.store.kv_get(SNAPSHOT_NS, url.url)
-            if saved is not None:
-                snap = orjson.loads(saved)
-                if acked != "-1" and snap["offset"] <= acked:
-                    view, offset = snap["collections"], snap["offset"]
-        base_offset = offset
-        events: list[dict[str, Any]] = []
-        while True:
-            result = await rt.store.read(url.stream, offset, limit=1000, renew_ttl=False)
-            for message in result.messages:
-                if to_offset is not None and message.offset > to_offset:
-                    return _Loaded(view, base_offset, events, offset)
-                item = orjson.loads(message.data)
-                type_ = item.get("type")
-                if type_ in VIEW_TYPES or (type_ or "").startswith("state:"):
-                    table = view.setdefault(type_, {})
-                    if item["headers"]["operation"] == "delete":
-                        table.pop(item["key"], None)
-                    else:
-                        table[item["key"]] = item.get("value")
-                if acked == "-1" or message.offset > acked:
-                    item["offset"] = message.offset
-                    events.append(item)
-                offset = message.offset
-            if not result.messages or result.up_to_date:
-                end = offset if result.messages else result.next_offset
-                if to_offset is not None and end < to_offset:
-                    end = to_offset
-                return _Loaded(view, base_offset, events, end)
-            if to_offset is not None and offset >= to_offset:
-                return _Loaded(view, base_offset, events, offset)
+    async def _load(self, url: EntityURL, acked: str, to_offset: str | None) -> Loaded:
+        """The view and events of a wake range (see :func:`load_range`), folded from this
+        worker's cached view of ``url`` when it has one."""
+        return await load_range(self.rt.store, url, acked, to_offset, self._views.get(url.url))
 
     async def _journal(self, claim: Claim, inflight: Inflight) -> dict[str, Any]:
-        journal: dict[str, Any] = {}
-        offset = inflight.to_offset
-        while True:
-            result = await self.rt.store.read(claim.url.stream, offset, limit=2000, renew_ttl=False)
-            for message in result.messages:
-                item = orjson.loads(message.data)
-                value = item.get("value") or {}
-                if item.get("type") == "steps" and value.get("wake_id") == inflight.wake_id:
-                    journal[value["name"]] = value.get("result")
-            offset = result.next_offset
-            if result.up_to_date or not result.messages:
-                return journal
+        return await read_journal(self.rt.store, claim.url.stream, inflight)
 
     async def _failed(
         self,
@@ -789,90 +724,23 @@ class Worker:
         rt = self.rt
         inflight = claim.record.inflight
         assert inflight is not None
-        now = rt.clock.now()
-        own: list[bytes] = list(own_head)
-        by_target: dict[str, list[bytes]] = {}
-        extra: list[Op] = []
-        self_pending = False
-        for ctx in contexts:
-            for entry in ctx.effects.journal:
-                own.append(event("steps", f"{entry['wake_id']}/{entry['name']}", entry, now))
-            for change in ctx.effects.own:
-                own.append(orjson.dumps(change))
-                if change["type"] == "tags":
-                    value = change.get("value")
-                    encoded = None if value is None else str(value.get("value", "")).encode()
-                    extra.append(KvPut(TAG_NS, f"{claim.url.url}\n{change['key']}", encoded))
-            for timer in ctx.effects.timers:
-                if timer.timer is None:
-                    extra.extend(cancel_ops(claim.url.url, timer.schedule_id, timer.replaces))
-                else:
-                    extra.extend(arm_ops(timer.timer, timer.replaces))
-            for spawn in ctx.effects.spawns:
-                extra.extend(
-                    rt.spawn_ops(
-                        spawn.target,
-                        spawn.args,
-                        tags=spawn.tags,
-                        parent=claim.url.url,
-                        initial_message=spawn.initial_message,
-                        initial_message_type=spawn.initial_message_type,
-                        parent_wake=spawn.wake,
-                    )
-                )
-            for send in ctx.effects.sends:
-                message = event(
-                    "inbox",
-                    send.key,
-                    _inbox(send.payload, send.message_type, claim.url.url, now),
-                    now,
-                )
-                if send.target == claim.url:
-                    own.append(message)
-                    self_pending = True
-                else:
-                    by_target.setdefault(send.target.url, []).append(message)
-        done = claim.record.model_copy(
-            update={
-                "owner": None,
-                "status": "idle",
-                "acked": inflight.to_offset,
-                "inflight": None,
-                "retry_at": None,
-                "lease_expires": 0.0,
-                "runs": claim.record.runs + (0 if empty else 1),
-                "last_active": now,
-            }
+        commit = await wake_commit(
+            rt,
+            claim.url,
+            claim.record,
+            claim.raw,
+            claim.token,
+            own_head,
+            contexts,
+            view,
+            snapshot_offset,
+            rt.clock.now(),
+            empty=empty,
+            run_status=run_status,
+            error=error,
         )
-        ops: list[Op] = [KvCheck(ENTITY_NS, claim.url.url, claim.raw)]
-        if own:
-            ops.append(Append(claim.url.stream, own))
-        if not empty and run_status is not None:
-            ops.extend(
-                await parent_ops(self.rt, claim.url, claim.record, contexts, run_status, error, now)
-            )
-        if not empty:
-            ops.extend(
-                await observer_ops(self.rt, claim.url, contexts, run_status, error, view, now)
-            )
-        ops.extend(extra)
-        for url, messages in by_target.items():
-            target = parse_url(url)
-            ops.append(Append(target.stream, messages))
-            ops.append(KvPut(PENDING_NS, target.url, new_token()))
-        done_raw = done.dump()
-        ops.append(KvPut(ENTITY_NS, claim.url.url, done_raw))
-        clear = KvPut(PENDING_NS, claim.url.url, None, only_if=True, expect=claim.token)
-        ops.append(clear)
-        claim.more = self_pending or inflight.attempt > 1
-        if claim.more:
-            # A redelivered or retried wake runs the event range of an earlier claim, but the
-            # pending token it holds may stand for later messages: keep the entity pending
-            # (at worst one empty wake follows) rather than strand them unprocessed.
-            ops.append(KvPut(PENDING_NS, claim.url.url, new_token()))
-        if events_between(snapshot_offset, inflight.to_offset) >= rt.snapshot_every:
-            snap = {"offset": inflight.to_offset, "collections": view}
-            ops.append(KvPut(SNAPSHOT_NS, claim.url.url, orjson.dumps(snap)))
+        ops, clear = commit.ops, commit.clear
+        claim.more = commit.more
         for _attempt in range(8):
             try:
                 results = await rt.store.commit(ops)
@@ -893,12 +761,12 @@ class Worker:
                     claim.url,
                     exc.path,
                 )
-                ops = _without_path(ops, exc.path)
+                ops = without_path(ops, exc.path)
             except ConditionFailed:
                 logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
                 self._remember(claim.url.url, None)
                 return
-        self._remember(claim.url.url, done_raw)
+        self._remember(claim.url.url, commit.record)
         self._views[claim.url.url] = (inflight.to_offset, view)
         self._views.move_to_end(claim.url.url)
         while len(self._views) > self.cache_size:
@@ -927,14 +795,3 @@ async def _invoke(entity_type: EntityType, ctx: HandlerContext, wake: WakeEvent)
         wake = replace(wake, messages=tuple(remaining))
         ctx.wake = wake
     await call_maybe_async(entity_type.handler, ctx, wake)
-
-
-def _without_path(ops: list[Op], path: str) -> list[Op]:
-    """``ops`` minus the appends to ``path`` and the pending marks of its entity."""
-    url = "/" + path.removesuffix("/main")
-    return [
-        op
-        for op in ops
-        if not (isinstance(op, Append) and op.path == path)
-        and not (isinstance(op, KvPut) and op.namespace == PENDING_NS and op.key == url)
-    ]
