@@ -252,15 +252,16 @@ class Worker:
             if url in self._active:
                 continue
             self._active.add(url)
-            tg.start_soon(self._process, url, token)
+            tg.start_soon(self._process, url, token, not self.affinity.prefers(url))
         return next_due
 
-    async def _process(self, url: str, token: bytes | None) -> None:
+    async def _process(self, url: str, token: bytes | None, stolen: bool = False) -> None:
         try:
             for _ in range(FOLLOW_ON):
                 # the scan that found ``url`` may be stale by now (another worker may have run
                 # its wake meanwhile): the claim then finds no wake event and only clears the mark
-                claim = await self.claim(url, token)
+                claim = await self.claim(url, token, stolen=stolen)
+                stolen = False  # a follow-on wake is this worker's own
                 if claim is None:
                     break
                 await self._run_or_release(claim)
@@ -376,17 +377,26 @@ class Worker:
         while len(self._records) > self.cache_size:
             self._records.popitem(last=False)
 
-    async def claim(self, url: str, token: bytes | None = None) -> Claim | None:
+    async def claim(
+        self, url: str, token: bytes | None = None, *, stolen: bool = False
+    ) -> Claim | None:
         """Take the lease on ``url`` if it has work and nobody else holds it.
 
         The entity record may come from this worker's bounded cache: the compare-and-set of the
         claim fails if it is stale, and the claim is then retried once with a fresh read.
+        ``stolen``: ``url`` prefers another live worker, which may be running it right now; the
+        claim goes ahead only if the pending mark is still ``token`` (else that worker took it
+        since the scan) and reads the record fresh, so a collision costs two reads, not a failed
+        commit or a load.
         """
         target = parse_url(url)
-        if token is None:
-            token = await self.rt.store.kv_get(PENDING_NS, target.url)
-            if token is None:
+        if token is None or stolen:
+            current = await self.rt.store.kv_get(PENDING_NS, target.url)
+            if current is None or (token is not None and current != token):
                 return None
+            token = current
+        if stolen:
+            self._remember(target.url, None)
         for fresh in (False, True):
             raw = None if fresh else self._records.get(target.url)
             if raw is None:

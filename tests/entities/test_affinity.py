@@ -12,7 +12,7 @@ import orjson
 
 from entities import HandlerContext, Registry, Runtime, WakeEvent
 from entities._affinity import PRESENCE_TTL, STEAL_AFTER, Affinity
-from entities._records import ENTITY_NS, WORKER_NS
+from entities._records import ENTITY_NS, PENDING_NS, WORKER_NS
 from streams import KvCheck, KvPut, open_store
 
 registry = Registry()
@@ -199,3 +199,40 @@ async def test_a_worker_forgets_blocks_on_entities_no_longer_pending(tmp_path: P
             await worker._dispatch(tg)
             tg.cancel_scope.cancel()
         assert worker._blocked == {"/probe/still": (far, None)}
+
+
+async def test_a_stolen_claim_goes_ahead_only_under_the_mark_it_was_seen_with(
+    tmp_path: Path,
+) -> None:
+    """A worker stepping in for another checks the entity's pending mark and record afresh: when
+    the owner took the entity since the scan (mark gone or renewed), or holds its lease, the
+    claim stops there, without a load or a commit; under the mark it saw, it claims."""
+    async with Runtime(registry, f"sqlite:///{tmp_path / 'db.sqlite'}", worker_id="me") as rt:
+        url = "/probe/stolen"
+        _expect(1)
+        await rt.spawn(url)
+        await rt.run_until_idle()
+        await rt.send(url, {"n": 1})
+        seen = await rt.store.kv_get(PENDING_NS, url)
+        assert seen is not None
+        worker = rt.worker()
+        found = await rt.record(url)
+        assert found is not None
+        before = found[1]
+
+        # the owner ran it and it was marked again (another message): not under the seen mark
+        await rt.store.commit([KvPut(PENDING_NS, url, b"renewed")])
+        assert await worker.claim(url, seen, stolen=True) is None
+        # the mark is gone (the owner finished): nothing to take
+        await rt.store.commit([KvPut(PENDING_NS, url, None)])
+        assert await worker.claim(url, seen, stolen=True) is None
+        found = await rt.record(url)
+        assert found is not None and found[1] == before  # no claim was committed
+        assert sum(worker.claims.values()) == 0  # nor tried (no lost, held or empty claim)
+
+        # under the mark it saw, with a stale cached record: claimed from a fresh read
+        await rt.store.commit([KvPut(PENDING_NS, url, seen)])
+        worker._remember(url, b"{}")  # a stale cache entry: a stolen claim does not use it
+        claim = await worker.claim(url, seen, stolen=True)
+        assert claim is not None and claim.record.epoch == found[0].epoch + 1
+        assert worker.claims == {"won": 1}
