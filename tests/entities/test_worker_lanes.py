@@ -57,9 +57,9 @@ class CountingWorker(Worker):
 
     dispatched: dict[str, int]
 
-    async def _process(self, url: str, token: bytes | None) -> None:
+    async def _process(self, url: str, token: bytes | None, stolen: bool = False) -> None:
         self.dispatched[url] = self.dispatched.get(url, 0) + 1
-        await super()._process(url, token)
+        await super()._process(url, token, stolen)
 
 
 async def _run(rt: Runtime, worker: Worker, done: anyio.Event) -> None:
