@@ -9,7 +9,9 @@ keep landing on the worker whose caches (entity record, folded view) are warm.
 
 Affinity is a preference, never a rule: leases and fencing keep correctness whoever runs a wake.
 An entity preferred by another worker is taken once it has been seen pending for
-``STEAL_AFTER`` seconds (that worker is busy, slow or dead), so no entity waits on one worker.
+``STEAL_AFTER`` seconds (that worker is busy, slow or dead), so no entity waits on one worker;
+the claim of such an entity re-reads its pending mark and record first, and stops if that worker
+took it meanwhile (see ``Worker.claim``).
 """
 
 from __future__ import annotations
