@@ -395,9 +395,7 @@ class Worker:
             if current is None or (token is not None and current != token):
                 return None
             token = current
-        if stolen:
-            self._remember(target.url, None)
-        for fresh in (False, True):
+        for fresh in (stolen, True):  # a stolen claim skips the cache
             raw = None if fresh else self._records.get(target.url)
             if raw is None:
                 raw = await self.rt.store.kv_get(ENTITY_NS, target.url)
@@ -495,7 +493,9 @@ class Worker:
         if not wake_events:
             await self._finish(claim, [], [], view, snapshot_offset, empty=True)
             return
-        journal = await self._journal(claim, inflight) if inflight.attempt > 1 else {}
+        journal = {}
+        if inflight.attempt > 1:
+            journal = await read_journal(self.rt.store, claim.url.stream, inflight)
         finished = {
             e["value"]["finished_child"]["url"]
             for e in wake_events
@@ -600,9 +600,6 @@ class Worker:
         """The view and events of a wake range (see :func:`load_range`), folded from this
         worker's cached view of ``url`` when it has one."""
         return await load_range(self.rt.store, url, acked, to_offset, self._views.get(url.url))
-
-    async def _journal(self, claim: Claim, inflight: Inflight) -> dict[str, Any]:
-        return await read_journal(self.rt.store, claim.url.stream, inflight)
 
     async def _failed(
         self,
