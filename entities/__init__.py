@@ -14,6 +14,7 @@ from ._collections import Collection as Collection
 from ._context import EntityHandle as EntityHandle
 from ._context import HandlerContext as HandlerContext
 from ._context import RunHandle as RunHandle
+from ._errors import AgentError as AgentError
 from ._errors import ContextError as ContextError
 from ._errors import DefinitionError as DefinitionError
 from ._errors import DuplicateEntity as DuplicateEntity
@@ -22,6 +23,9 @@ from ._errors import EntityNotFound as EntityNotFound
 from ._errors import EntityStopped as EntityStopped
 from ._errors import InvalidEntityURL as InvalidEntityURL
 from ._errors import LeaseLost as LeaseLost
+from ._errors import ModelError as ModelError
+from ._errors import ProcessFailed as ProcessFailed
+from ._errors import ProcessTimeout as ProcessTimeout
 from ._errors import ReplayDivergence as ReplayDivergence
 from ._errors import SchemaValidationFailed as SchemaValidationFailed
 from ._errors import UnknownEntityType as UnknownEntityType
@@ -39,9 +43,6 @@ from ._observe import cron as cron
 from ._observe import db as db
 from ._observe import entities as entities
 from ._observe import entity as entity
-from ._process import AgentError as AgentError
-from ._process import ProcessFailed as ProcessFailed
-from ._process import ProcessTimeout as ProcessTimeout
 from ._registry import CollectionDef as CollectionDef
 from ._registry import EntityType as EntityType
 from ._registry import Registry as Registry
@@ -80,6 +81,7 @@ __all__ = [
     "InvalidEntityURL",
     "LeaseLost",
     "ManifestEntry",
+    "ModelError",
     "ProcessFailed",
     "ProcessTimeout",
     "Registry",

@@ -2,7 +2,7 @@
 
 The hierarchy::
 
-    EntitiesError                      base of everything raised here
+    EntitiesError                      base of everything raised here (``url``: the entity, if any)
     ├── DefinitionError                a bad ``registry.define`` call (duplicate name, bad schema)
     ├── UnknownEntityType              no type of that name is registered (HTTP 404)
     ├── InvalidEntityURL               not of the form ``/{type}/{id}`` (HTTP 400)
@@ -11,17 +11,28 @@ The hierarchy::
     ├── SchemaValidationFailed         args or a message fail their schema (HTTP 422)
     ├── EntityStopped                  the entity was killed and takes no more messages (HTTP 409)
     ├── ContextError                   misuse of the HandlerContext (e.g. writing a bad row)
-    ├── LeaseLost                      a wake's commit was fenced: another worker owns the entity
-    └── ReplayDivergence               a replayed wake did something other than what was recorded
+    ├── LeaseLost                      a wake's write was fenced: another worker owns the entity
+    ├── ReplayDivergence               a replayed wake did something other than what was recorded
+    ├── ModelError                     a model call failed or cannot be made (agents)
+    └── ProcessFailed                  a subprocess agent's turn failed (exit status, stderr tail)
+        ├── AgentError                 the agent reported an error meant for the user
+        └── ProcessTimeout             the agent ran past its timeout and was stopped
 
-Each error has a machine-readable ``code`` used in HTTP answers.
+Each error has a machine-readable ``code`` used in HTTP answers and an HTTP ``status``; errors
+about one entity carry its ``url`` (``None`` where none applies), as ``streams`` errors carry
+their stream's ``path``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._turns import CompletedTurn, TurnResult
 
 __all__ = [
+    "AgentError",
     "ContextError",
     "DefinitionError",
     "DuplicateEntity",
@@ -30,6 +41,9 @@ __all__ = [
     "EntityStopped",
     "InvalidEntityURL",
     "LeaseLost",
+    "ModelError",
+    "ProcessFailed",
+    "ProcessTimeout",
     "ReplayDivergence",
     "SchemaValidationFailed",
     "UnknownEntityType",
@@ -42,9 +56,10 @@ class EntitiesError(Exception):
     code = "ENTITIES_ERROR"
     status = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, url: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.url = url
 
 
 class DefinitionError(EntitiesError):
@@ -83,13 +98,16 @@ class DuplicateEntity(EntitiesError):
 
 
 class SchemaValidationFailed(EntitiesError):
-    """Raised when spawn args or an inbox message fail the type's pydantic schema."""
+    """Raised when spawn args or an inbox message fail the type's pydantic schema
+    (``errors``: pydantic's error list, as JSON-ready dicts)."""
 
     code = "SCHEMA_VALIDATION_FAILED"
     status = 422
 
-    def __init__(self, message: str, errors: list[Any] | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, errors: list[Any] | None = None, *, url: str | None = None
+    ) -> None:
+        super().__init__(message, url=url)
         self.errors = errors or []
 
 
@@ -108,7 +126,10 @@ class ContextError(EntitiesError):
 
 
 class LeaseLost(EntitiesError):
-    """Raised inside the runtime when a wake's lease was taken over; its effects are dropped."""
+    """Raised inside a wake by a write (a journaled step, live output) once the wake's lease
+    was taken over (it expired, or the entity was killed). The wake is cancelled at its next
+    await and nothing it buffered is committed, so catching this in handler code changes
+    nothing."""
 
     code = "LEASE_LOST"
     status = 409
@@ -119,3 +140,51 @@ class ReplayDivergence(EntitiesError):
 
     code = "REPLAY_DIVERGENCE"
     status = 409
+
+
+class ModelError(EntitiesError):
+    """Raised by model clients: a failed or refused call, a missing key or SDK, or a
+    conversation that cannot be sent. The agent loop turns it into a failed run result."""
+
+    code = "MODEL_ERROR"
+    status = 502
+
+
+class ProcessFailed(EntitiesError):
+    """A subprocess agent's turn failed: it could not start, or exited non-zero without an
+    error line (``result.stderr_tail`` says why). The run is recorded as failed."""
+
+    code = "PROCESS_FAILED"
+
+    def __init__(
+        self,
+        message: str,
+        result: TurnResult,
+        *,
+        message_key: str | None = None,
+        completed: Sequence[CompletedTurn] = (),
+        url: str | None = None,
+    ) -> None:
+        super().__init__(message, url=url)
+        self.result = result
+        self.message_key = message_key
+        self.completed = list(completed)  # earlier turns of the same wake that succeeded
+
+
+class AgentError(ProcessFailed):
+    """The agent reported an error for the user (``AGENT_ERROR:`` or ``{"type": "error"}``).
+
+    ``user_message`` is the agent's text; it becomes the caller's reply (``{"error": ...}``)
+    when the wake is given up."""
+
+    code = "AGENT_ERROR"
+
+    @property
+    def user_message(self) -> str:
+        return self.result.error
+
+
+class ProcessTimeout(ProcessFailed):
+    """The agent ran past ``timeout_s`` and was stopped (SIGTERM, grace, SIGKILL); exit 124."""
+
+    code = "PROCESS_TIMEOUT"

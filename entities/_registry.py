@@ -265,7 +265,8 @@ class Registry:
             DefinitionError: the name is taken or invalid, ``command`` is empty, or an option is
                 out of range.
         """
-        from ._process import ProcessAgent, ProcessSession, ProcessSpec
+        from ._process import ProcessAgent
+        from ._turns import ProcessSession, ProcessSpec
 
         argv = [str(part) for part in command] if not isinstance(command, str) else []
         if not argv or not argv[0]:

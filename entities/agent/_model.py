@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
+from .._errors import ModelError
+
 __all__ = [
     "ChatMessage",
     "ModelClient",
@@ -29,10 +31,6 @@ __all__ = [
 ]
 
 TextCallback = Callable[[str], Awaitable[None]]
-
-
-class ModelError(Exception):
-    """A model call failed (provider error, missing SDK or key, bad response)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,14 +23,8 @@ import anyio
 import pytest
 
 from entities import HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
-from entities._process import (
-    TRUNCATION_MARKER,
-    ProcessSpec,
-    Turn,
-    TurnResult,
-    classify_line,
-    run_turn,
-)
+from entities._process import run_turn
+from entities._turns import TRUNCATION_MARKER, ProcessSpec, Turn, TurnResult, classify_line
 
 from ._support import REPO, cli_env, entities_command
 
