@@ -4,7 +4,7 @@
 
 ``planner`` entities each schedule a slice of ``N`` future sends (``ctx.send(sink, {"i": i},
 after_ms=...)``) whose due times are spread evenly over one second that starts a few seconds
-later. One real :class:`~entities._worker.Worker` (``SystemClock``) fires the timers and runs the
+later. One real :class:`~entities.Worker` (``SystemClock``) fires the timers and runs the
 wakes; ``sink`` entities record, in the handler, ``time.time()`` for every message they get.
 
 Lateness is the handler-side delivery time minus the timer's due time (the ``due`` the scheduler

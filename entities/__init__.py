@@ -6,11 +6,12 @@ through the ``entities`` CLI's worker and server), and send them messages by URL
 
 from __future__ import annotations
 
-from ._affinity import WorkerInfo as WorkerInfo
 from ._clock import Clock as Clock
 from ._clock import SystemClock as SystemClock
 from ._clock import VirtualClock as VirtualClock
 from ._collections import Collection as Collection
+from ._collections import CollectionDef as CollectionDef
+from ._collections import collection as collection
 from ._context import EntityHandle as EntityHandle
 from ._context import HandlerContext as HandlerContext
 from ._context import RunHandle as RunHandle
@@ -43,13 +44,15 @@ from ._observe import cron as cron
 from ._observe import db as db
 from ._observe import entities as entities
 from ._observe import entity as entity
-from ._registry import CollectionDef as CollectionDef
+from ._pipeline.affinity import WorkerInfo as WorkerInfo
+from ._records import EntityInfo as EntityInfo
+from ._records import SendReceipt as SendReceipt
 from ._registry import EntityType as EntityType
 from ._registry import Registry as Registry
-from ._registry import collection as collection
-from ._runtime import EntityInfo as EntityInfo
+from ._replay import Divergence as Divergence
+from ._replay import ReplayReport as ReplayReport
+from ._replay import WakeReplay as WakeReplay
 from ._runtime import Runtime as Runtime
-from ._runtime import SendReceipt as SendReceipt
 from ._urls import EntityURL as EntityURL
 from ._urls import parse_url as parse_url
 from ._wake import InboxMessage as InboxMessage
@@ -67,6 +70,7 @@ __all__ = [
     "ContextEntry",
     "ContextError",
     "DefinitionError",
+    "Divergence",
     "DuplicateEntity",
     "EffectEntry",
     "EntitiesError",
@@ -86,6 +90,7 @@ __all__ = [
     "ProcessTimeout",
     "Registry",
     "ReplayDivergence",
+    "ReplayReport",
     "RunHandle",
     "Runtime",
     "ScheduleEntry",
@@ -100,6 +105,7 @@ __all__ = [
     "VirtualClock",
     "Wake",
     "WakeEvent",
+    "WakeReplay",
     "Worker",
     "WorkerInfo",
     "collection",

@@ -1,16 +1,52 @@
-"""Typed state collections inside a wake: reads see the wake's own buffered writes."""
+"""Typed state collections: their definitions (``collection(Model, primary_key=...)``) and, inside
+a wake, the collections themselves, whose reads see the wake's own buffered writes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from ._errors import ContextError
-from ._registry import CollectionDef
+from streams import Operation
 
-__all__ = ["Actions", "Backing", "Collection", "Collections", "Database"]
+from ._errors import ContextError, DefinitionError
+
+__all__ = [
+    "Actions",
+    "Backing",
+    "Collection",
+    "CollectionDef",
+    "Collections",
+    "Database",
+    "collection",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionDef:
+    """A user state collection: rows of ``model`` keyed by the field ``primary_key``."""
+
+    model: type[BaseModel]
+    primary_key: str = "key"
+    type: str | None = None  # the event type in the stream; default ``state:{name}``
+
+    def event_type(self, name: str) -> str:
+        return self.type or f"state:{name}"
+
+
+def collection(
+    model: type[BaseModel], *, primary_key: str = "key", type: str | None = None
+) -> CollectionDef:
+    """Declare a state collection of pydantic ``model`` rows keyed by ``primary_key``.
+
+    Raises:
+        DefinitionError: ``model`` has no field named ``primary_key``.
+    """
+    if primary_key not in model.model_fields:
+        raise DefinitionError(f"{model.__name__} has no field {primary_key!r} to use as key")
+    return CollectionDef(model, primary_key, type)
 
 
 class Backing(Protocol):
@@ -19,7 +55,9 @@ class Backing(Protocol):
 
     _view: dict[str, dict[str, Any]]
 
-    def _emit(self, type_: str, key: str, value: Any, operation: str, old: Any = None) -> None: ...
+    def _emit(
+        self, type_: str, key: str, value: Any, operation: Operation, old: Any = None
+    ) -> None: ...
 
 
 class Collection:
@@ -93,7 +131,7 @@ class Collection:
     def upsert(self, row: BaseModel | dict[str, Any]) -> None:
         """Insert or replace a row. Raises as :meth:`insert` for a row that does not fit."""
         key, data = self._coerce(row)
-        operation = "update" if key in self._rows() else "insert"
+        operation: Operation = "update" if key in self._rows() else "insert"
         old = self._rows().get(key)
         self._rows()[key] = data
         self._ctx._emit(self.event_type, key, data, operation, old)
@@ -138,7 +176,7 @@ class Collection:
 class Collections:
     """``ctx.db.collections.<name>`` / ``ctx.state.<name>``."""
 
-    def __init__(self, ctx: Backing, definitions: dict[str, CollectionDef]) -> None:
+    def __init__(self, ctx: Backing, definitions: Mapping[str, CollectionDef]) -> None:
         self._items = {name: Collection(ctx, name, d) for name, d in definitions.items()}
 
     def __getattr__(self, name: str) -> Collection:

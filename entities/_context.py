@@ -9,20 +9,22 @@ calling out again.
 
 from __future__ import annotations
 
-import time
 import traceback
 import uuid as uuid_module
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
-from streams import StreamsError
+from streams import Operation
 
-from ._collections import Actions, Collections, Database
+from ._calls import call_maybe_async
+from ._clock import Clock
+from ._collections import Actions, CollectionDef, Collections, Database
+from ._effects import Effects, PendingSend, PendingSpawn, PendingTimer
 from ._errors import ContextError, DuplicateEntity, EntityNotFound, ReplayDivergence
+from ._events import change
 from ._manifest import (
     ChildEntry,
     ContextEntry,
@@ -32,59 +34,79 @@ from ._manifest import (
     SourceEntry,
     manifest_adapter,
 )
-from ._observe import SharedState, Source, Wake, db_stream, observer_value
-from ._registry import EntityType, call_maybe_async
+from ._observe import SharedState, Source, Wake, observer_value
+from ._observe import db as db_source
+from ._records import EntityInfo
+from ._timers import TimerValue, cron_schedule, timeout_timer, timer_key
 from ._urls import EntityURL, check_segment, parse_url
 from ._wake import InboxMessage, WakeEvent
+from .agent import Agent, AgentConfig, ChatMessage, Tool, runtime_tools
+from .agent._window import ContextSource, check_sources, compose, timeline
 
-if TYPE_CHECKING:
-    from ._runtime import Runtime
+__all__ = [
+    "Definition",
+    "EntityHandle",
+    "HandlerContext",
+    "Host",
+    "InboxMessage",
+    "RunHandle",
+    "Validator",
+    "format_exception",
+]
 
-__all__ = ["EntityHandle", "HandlerContext", "InboxMessage", "RunHandle"]
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
-
-
-@dataclass(slots=True)
-class PendingSend:
-    target: EntityURL
-    payload: Any
-    message_type: str | None
-    key: str
+ActionsFactory = Callable[[Any], Mapping[str, Callable[..., Any]]]
 
 
-@dataclass(slots=True)
-class PendingSpawn:
-    target: EntityURL
-    args: dict[str, Any]
-    tags: dict[str, str]
-    initial_message: Any
-    initial_message_type: str | None
-    wake: str | None = "run_finished"
+class Validator(Protocol):
+    """What a handler may check about another entity type before it spawns one."""
+
+    def validate_args(self, args: Any) -> dict[str, Any]: ...
+
+    def validate_message(self, payload: Any, message_type: str | None) -> Any: ...
 
 
-@dataclass(slots=True)
-class PendingTimer:
-    timer: Any  # a TimerValue to arm, or None to cancel
-    schedule_id: str
-    replaces: str | None = None
+class Definition(Protocol):
+    """What a context needs of its own entity type: its state collections and actions."""
+
+    @property
+    def state(self) -> Mapping[str, CollectionDef]: ...
+
+    @property
+    def actions(self) -> ActionsFactory | None: ...
 
 
-@dataclass(slots=True)
-class Effects:
-    """The buffered durable effects of one wake."""
+class Host(Protocol):
+    """What a handler may reach beyond its own entity (a :class:`~entities.Runtime` is one):
+    the clock, checks before a send or spawn, and reads of other entities and shared dbs.
+    Every write goes through the wake's buffered effects instead."""
 
-    own: list[dict[str, Any]] = field(default_factory=list)
-    timers: list[PendingTimer] = field(default_factory=list)
-    observers: dict[str, bytes | None] = field(default_factory=dict)  # index key -> value
-    shared: dict[str, SharedState] = field(default_factory=dict)  # db id -> handle (writes)
-    new_dbs: set[str] = field(default_factory=set)
-    sends: list[PendingSend] = field(default_factory=list)
-    spawns: list[PendingSpawn] = field(default_factory=list)
-    journal: list[dict[str, Any]] = field(default_factory=list)  # not yet flushed
-    replies: list[Any] = field(default_factory=list)
+    @property
+    def clock(self) -> Clock: ...
+
+    def entity_type(self, name: str) -> Validator: ...
+
+    async def check_send(
+        self,
+        target: EntityURL,
+        payload: Any,
+        message_type: str | None,
+        *,
+        pending_spawns: Sequence[PendingSpawn] = (),
+        self_url: EntityURL | None = None,
+        exists: bool = False,
+    ) -> Any: ...
+
+    async def lookup(self, url: str) -> EntityInfo | None: ...
+
+    async def list_entities(self) -> list[EntityInfo]: ...
+
+    async def read(
+        self, url: str, offset: str = "-1", *, limit: int = 1000
+    ) -> tuple[list[dict[str, Any]], str]: ...
+
+    async def state_of(self, url: str) -> dict[str, dict[str, Any]]: ...
+
+    async def shared_state(self, id: str) -> dict[str, dict[str, Any]] | None: ...
 
 
 class EntityHandle:
@@ -102,12 +124,12 @@ class EntityHandle:
 
     async def status(self) -> str:
         """The entity's status (``spawning`` until the wake that spawned it commits)."""
-        info = await self._ctx._runtime.lookup(self.url)
+        info = await self._ctx._host.lookup(self.url)
         return "spawning" if info is None else info.status
 
     async def collection(self, name: str) -> dict[str, Any]:
         """The entity's committed rows of collection ``name`` (``key -> row``)."""
-        state = await self._ctx._runtime.state_of(self.url)
+        state = await self._ctx._host.state_of(self.url)
         return dict(state.get(name, {}))
 
     def __repr__(self) -> str:
@@ -155,8 +177,8 @@ class HandlerContext:
     def __init__(
         self,
         *,
-        runtime: Runtime,
-        entity_type: EntityType,
+        host: Host,
+        entity_type: Definition,
         url: EntityURL,
         view: dict[str, dict[str, Any]],
         wake: WakeEvent,
@@ -167,7 +189,7 @@ class HandlerContext:
         runs_before: int = 0,
         replaying: bool = False,
     ) -> None:
-        self._runtime = runtime
+        self._host = host
         self.replaying = replaying
         self._type = entity_type
         self._url = url
@@ -223,27 +245,16 @@ class HandlerContext:
     # -- internals ----------------------------------------------------------------------------
 
     def _clock_now(self) -> float:
-        return self._runtime.clock.now()
+        return self._host.clock.now()
 
     def _change(
-        self, type_: str, key: str, value: Any, operation: str, old: Any = None
+        self, type_: str, key: str, value: Any, operation: Operation, old: Any = None
     ) -> dict[str, Any]:
-        event: dict[str, Any] = {
-            "type": type_,
-            "key": key,
-            "headers": {
-                "operation": operation,
-                "timestamp": _iso(self._clock_now()),
-                "txid": self.run_id,
-            },
-        }
-        if operation != "delete":
-            event["value"] = value
-        if old is not None:
-            event["old_value"] = old
-        return event
+        return change(type_, key, value, self._clock_now(), operation, txid=self.run_id, old=old)
 
-    def _emit(self, type_: str, key: str, value: Any, operation: str, old: Any = None) -> None:
+    def _emit(
+        self, type_: str, key: str, value: Any, operation: Operation, old: Any = None
+    ) -> None:
         self.effects.own.append(self._change(type_, key, value, operation, old))
 
     def _next(self, counter: str) -> int:
@@ -318,7 +329,7 @@ class HandlerContext:
             InvalidEntityURL, EntityNotFound, EntityStopped, SchemaValidationFailed.
         """
         target = parse_url(url)
-        payload = await self._runtime.check_send(
+        payload = await self._host.check_send(
             target,
             payload,
             type,
@@ -332,8 +343,6 @@ class HandlerContext:
             return key
         if after_ms < 0:
             raise ContextError("after_ms must not be negative")
-        from ._scheduler import TimerValue
-
         fire_at = self._clock_now() + after_ms / 1000
         schedule_id = f"send:{key}"
         timer = TimerValue(
@@ -369,8 +378,6 @@ class HandlerContext:
         Raises:
             ContextError: an invalid expression or timezone.
         """
-        from ._scheduler import cron_schedule
-
         existing = self._view.get("manifests", {}).get(f"cron:{id}")
         timer, replaces, entry = cron_schedule(
             self.entity_url,
@@ -388,8 +395,6 @@ class HandlerContext:
     def cancel_schedule(self, id: str) -> bool:
         """Cancel a cron schedule (by its id) or a pending delayed send (by the message key
         ``send`` returned). Returns whether such a schedule existed."""
-        from ._scheduler import timer_key
-
         manifests = self._view.get("manifests", {})
         for schedule_id in (f"cron:{id}", f"send:{id}", id):
             entry = manifests.get(schedule_id)
@@ -426,14 +431,14 @@ class HandlerContext:
             )
         result: Any
         if source.type == "entity":
-            if await self._runtime.lookup(source.ref) is None:
+            if await self._host.lookup(source.ref) is None:
                 raise EntityNotFound(f"cannot observe {source.ref}: no such entity")
             result = EntityHandle(self, parse_url(source.ref))
         elif source.type == "db":
             result = await self._shared(source)
         else:
             tags = source.config.get("tags", {})
-            members = await self._runtime.list_entities()
+            members = await self._host.list_entities()
             result = [m.url for m in members if all(m.tags.get(k) == v for k, v in tags.items())]
         entry = SourceEntry(
             id=source.manifest_id,
@@ -448,8 +453,6 @@ class HandlerContext:
             index = f"{source.key}|{self.entity_url}"
             self.effects.observers[index] = observer_value(self.entity_url, source, condition)
             if condition.timeout_ms:
-                from ._scheduler import timeout_timer
-
                 timer = timeout_timer(
                     self.entity_url, source.key, condition.timeout_ms, self._clock_now()
                 )
@@ -479,17 +482,11 @@ class HandlerContext:
         Raises:
             ContextError: a db with that id exists and was not created by this entity.
         """
-        from ._observe import db as db_source
-
         source = db_source(id, schema)
         entry_id = f"shared:{id}"
         if entry_id in self._view.get("manifests", {}) or id in self.effects.new_dbs:
             return await self._shared(source)
-        try:
-            await self._runtime.store.head(db_stream(id))
-        except StreamsError:
-            pass
-        else:
+        if await self._host.shared_state(id) is not None:
             raise ContextError(f"shared state {id!r} already exists")
         self.effects.new_dbs.add(id)
         collections = {
@@ -506,25 +503,9 @@ class HandlerContext:
             return self.effects.shared[source.ref]
         if source.ref in self.effects.new_dbs:
             raise ContextError(f"shared state {source.ref!r} is being created")
-        view: dict[str, dict[str, Any]] = {}
-        offset = "-1"
-        while True:
-            try:
-                result = await self._runtime.store.read(
-                    db_stream(source.ref), offset, limit=5000, renew_ttl=False
-                )
-            except StreamsError:
-                raise EntityNotFound(f"no shared state {source.ref!r}") from None
-            for message in result.messages:
-                item = orjson.loads(message.data)
-                table = view.setdefault(item["type"], {})
-                if item["headers"]["operation"] == "delete":
-                    table.pop(item["key"], None)
-                else:
-                    table[item["key"]] = item.get("value")
-            offset = result.next_offset
-            if result.up_to_date or not result.messages:
-                break
+        view = await self._host.shared_state(source.ref)
+        if view is None:
+            raise EntityNotFound(f"no shared state {source.ref!r}")
         handle = SharedState(source.ref, source.schema, view)
         self.effects.shared[source.ref] = handle
         return handle
@@ -554,14 +535,14 @@ class HandlerContext:
             UnknownEntityType, InvalidEntityURL, SchemaValidationFailed: bad type, id or args.
             DuplicateEntity: the URL belongs to an entity that is not this one's child.
         """
-        entity_type = self._runtime.registry.get(type)
+        entity_type = self._host.entity_type(type)
         target = EntityURL(check_segment(type, "type"), check_segment(id, "id"))
         entry_id = f"child:{target.url}"
         if entry_id in self._view.get("manifests", {}):
             return EntityHandle(self, target)
         if any(s.target == target for s in self.effects.spawns):
             raise DuplicateEntity(f"{target.url} is already spawned in this wake")
-        if await self._runtime.lookup(target.url) is not None:
+        if await self._host.lookup(target.url) is not None:
             raise DuplicateEntity(f"entity {target.url} already exists")
         checked_args = entity_type.validate_args(dict(args or {}))
         if initial_message is not None:
@@ -585,7 +566,7 @@ class HandlerContext:
     def _put_manifest(self, entry: ManifestEntry) -> None:
         rows = self._view.setdefault("manifests", {})
         data = entry.model_dump(mode="json")
-        operation = "update" if entry.id in rows else "insert"
+        operation: Operation = "update" if entry.id in rows else "insert"
         rows[entry.id] = data
         self._emit("manifests", entry.id, data, operation)
 
@@ -594,7 +575,7 @@ class HandlerContext:
         if not key or not isinstance(value, str):
             raise ContextError("tags are non-empty string keys with string values")
         rows = self._view.setdefault("tags", {})
-        operation = "update" if key in rows else "insert"
+        operation: Operation = "update" if key in rows else "insert"
         rows[key] = {"value": value}
         self._emit("tags", key, {"value": value}, operation)
 
@@ -658,7 +639,7 @@ class HandlerContext:
             await call_maybe_async(self._flush, changes)
 
     async def append_live(
-        self, collection: str, key: str, value: Any, operation: str = "insert"
+        self, collection: str, key: str, value: Any, operation: Operation = "insert"
     ) -> None:
         """Append a change event to this entity's stream *now*, not at the end of the wake.
 
@@ -673,10 +654,8 @@ class HandlerContext:
             await call_maybe_async(self._flush, [self._change(collection, key, value, operation)])
 
     @property
-    def runtime_tools(self) -> list[Any]:
+    def runtime_tools(self) -> list[Tool]:
         """The host tools (send, spawn, schedules) bound to this wake, for agents."""
-        from .agent import runtime_tools
-
         return runtime_tools(self)
 
     # -- agents and context -----------------------------------------------------------------
@@ -702,8 +681,6 @@ class HandlerContext:
         Raises:
             ContextError: an invalid configuration (duplicate tool names, max_rounds < 1).
         """
-        from .agent._loop import Agent, AgentConfig
-
         config = AgentConfig(
             system_prompt,
             model,
@@ -734,16 +711,14 @@ class HandlerContext:
 
     async def timeline_messages(
         self, *, since: str | None = None, last: int | None = None
-    ) -> list[Any]:
+    ) -> list[ChatMessage]:
         """The entity's timeline as model messages: inbox messages as ``user``, replies as
         ``assistant`` (this wake's replies included), oldest first; ``since`` an offset,
         ``last`` the most recent N."""
-        from .agent._window import timeline
-
         events: list[dict[str, Any]] = []
         offset = "-1"
         while True:
-            batch, offset = await self._runtime.read(self.entity_url, offset, limit=1000)
+            batch, offset = await self._host.read(self.entity_url, offset, limit=1000)
             events.extend(e for e in batch if e["type"] in ("inbox", "texts", "tool_calls"))
             if len(batch) < 1000:
                 break
@@ -795,8 +770,6 @@ class HandlerContext:
         Raises:
             ContextError: non-volatile maxima over the budget, a missing max, an unknown tier.
         """
-        from .agent._window import ContextSource, check_sources
-
         parsed = {
             n: v if isinstance(v, ContextSource) else ContextSource(**dict(v))
             for n, v in sources.items()
@@ -808,8 +781,6 @@ class HandlerContext:
     async def composed_context(self) -> str:
         """The context block the agent adds to its system prompt: context entries, then the
         ``use_context`` sources within their budget."""
-        from .agent._window import compose
-
         parts = [f'<context name="{e.name}">\n{e.content}\n</context>' for e in self.list_context()]
         if self._context_sources:
             parts.append(await compose(self._context_budget, self._context_sources))

@@ -20,8 +20,11 @@ from typing import Any, Literal
 
 import orjson
 
-from ._collections import Collections
-from ._registry import CollectionDef
+from streams import Operation
+
+from ._collections import CollectionDef, Collections
+from ._events import change
+from ._urls import check_segment, parse_url
 
 __all__ = [
     "OBSERVER_NS",
@@ -106,16 +109,20 @@ class Source:
 
 
 def entity(url: str) -> Source:
-    """Observe the entity at ``url``."""
-    from ._urls import parse_url
+    """Observe the entity at ``url``.
 
+    Raises:
+        InvalidEntityURL: ``url`` is not ``/type/id``.
+    """
     return Source("entity", parse_url(url).url)
 
 
 def db(id: str, schema: Mapping[str, CollectionDef] | None = None) -> Source:
-    """Observe (and read and write) the shared-state db ``id`` made by ``ctx.mkdb``."""
-    from ._urls import check_segment
+    """Observe (and read and write) the shared-state db ``id`` made by ``ctx.mkdb``.
 
+    Raises:
+        InvalidEntityURL: ``id`` is not a valid segment.
+    """
     return Source("db", check_segment(id, "db id"), dict(schema or {}))
 
 
@@ -169,13 +176,10 @@ class SharedState:
         self.events: list[dict[str, Any]] = []
         self._collections = Collections(self, dict(schema))
 
-    def _emit(self, type_: str, key: str, value: Any, operation: str, old: Any = None) -> None:
-        event: dict[str, Any] = {"type": type_, "key": key, "headers": {"operation": operation}}
-        if operation != "delete":
-            event["value"] = value
-        if old is not None:
-            event["old_value"] = old
-        self.events.append(event)
+    def _emit(
+        self, type_: str, key: str, value: Any, operation: Operation, old: Any = None
+    ) -> None:
+        self.events.append(change(type_, key, value, None, operation, old=old))
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

@@ -1,4 +1,5 @@
-"""Records the runtime stores outside entity streams (side table ``entity``), and event names.
+"""Records the runtime stores outside entity streams (side-table namespaces), event names, and
+the views of an entity the control plane hands out.
 
 The entity record is the per-entity bookkeeping row: status, acknowledged offset, lease (owner,
 fencing epoch, expiry), the in-flight wake and retry state. It changes only by compare-and-set,
@@ -7,27 +8,37 @@ which is how leases and fencing work on every backend.
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict
 
+from ._events import iso
+
 __all__ = [
+    "APP_NS",
     "BUILTIN_COLLECTIONS",
     "ENTITY_NS",
     "PENDING_NS",
     "SCHEDULE_NS",
     "SNAPSHOT_NS",
+    "TAG_NS",
     "TIMER_NS",
     "WORKER_NS",
+    "EntityInfo",
     "EntityRecord",
     "Inflight",
+    "SendReceipt",
+    "info_of",
 ]
 
 ENTITY_NS = "entity"
 PENDING_NS = "pending"
 SNAPSHOT_NS = "entity-snapshot"
 WORKER_NS = "worker"  # key: worker id -> {"expires": ..., "pid": ..., "host": ...} (presence)
+TAG_NS = "tag"  # key: "{url}\n{tag}" -> value (what ``ps --tag`` and tag observers read)
+APP_NS = "app"  # key: entity type -> where its code was loaded from (for replay)
 
 # Collection (event ``type``) names in an entity's main stream.
 BUILTIN_COLLECTIONS = (
@@ -92,3 +103,71 @@ class EntityRecord(BaseModel):
     @classmethod
     def load(cls, data: bytes) -> EntityRecord:
         return cls.model_validate(orjson.loads(data))
+
+
+@dataclass(frozen=True, slots=True)
+class SendReceipt:
+    """What ``send`` returns: the message key and the offset after it in the entity's stream."""
+
+    url: str
+    key: str
+    offset: str
+
+
+@dataclass(frozen=True, slots=True)
+class EntityInfo:
+    """An entity's bookkeeping as seen from outside."""
+
+    url: str
+    type: str
+    id: str
+    status: str
+    parent: str | None
+    created_at: float
+    last_active: float
+    runs: int
+    acked: str
+    epoch: int
+    owner: str | None
+    pending: bool
+    tags: dict[str, str] = field(default_factory=dict)
+    queue: int = 0  # wake events waiting (inbox messages, child/observer/cron wakes)
+
+    @property
+    def stream(self) -> str:
+        return f"{self.type}/{self.id}/main"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "type": self.type,
+            "id": self.id,
+            "status": self.status,
+            "parent": self.parent,
+            "tags": self.tags,
+            "created_at": iso(self.created_at),
+            "last_active": iso(self.last_active) if self.last_active else None,
+            "runs": self.runs,
+            "pending": self.pending,
+            "queue": self.queue,
+            "streams": {"main": f"{self.url}/main"},
+        }
+
+
+def info_of(record: EntityRecord, pending: bool, tags: dict[str, str]) -> EntityInfo:
+    """The outside view of ``record``."""
+    return EntityInfo(
+        url=record.url,
+        type=record.type,
+        id=record.id,
+        status=record.status,
+        parent=record.parent,
+        created_at=record.created_at,
+        last_active=record.last_active,
+        runs=record.runs,
+        acked=record.acked,
+        epoch=record.epoch,
+        owner=record.owner,
+        pending=pending,
+        tags=tags,
+    )

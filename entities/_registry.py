@@ -2,60 +2,28 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias, overload
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeAlias, overload
 
 from pydantic import BaseModel, ValidationError
 
+from ._calls import call_maybe_async
+from ._collections import CollectionDef, collection
+from ._context import HandlerContext
 from ._errors import DefinitionError, SchemaValidationFailed, UnknownEntityType
+from ._process import ProcessAgent
+from ._turns import ProcessSession, ProcessSpec
 from ._urls import check_segment
+from ._wake import InboxMessage, WakeEvent
 
-if TYPE_CHECKING:
-    from ._context import HandlerContext, InboxMessage
-    from ._wake import WakeEvent
+__all__ = ["EntityType", "Handler", "Registry"]
 
-__all__ = ["CollectionDef", "EntityType", "Handler", "Registry", "collection"]
-
-Handler: TypeAlias = "Callable[[HandlerContext, WakeEvent], Awaitable[None] | None]"
-OnMessage: TypeAlias = "Callable[[HandlerContext, InboxMessage], Awaitable[Any] | Any]"
-OnError: TypeAlias = "Callable[[HandlerContext, BaseException], Awaitable[None] | None]"
-ActionsFactory: TypeAlias = "Callable[[Any], Mapping[str, Callable[..., Any]]]"
-
-
-@dataclass(frozen=True, slots=True)
-class CollectionDef:
-    """A user state collection: rows of ``model`` keyed by the field ``primary_key``."""
-
-    model: type[BaseModel]
-    primary_key: str = "key"
-    type: str | None = None  # the event type in the stream; default ``state:{name}``
-
-    def event_type(self, name: str) -> str:
-        return self.type or f"state:{name}"
-
-
-def collection(
-    model: type[BaseModel], *, primary_key: str = "key", type: str | None = None
-) -> CollectionDef:
-    """Declare a state collection of pydantic ``model`` rows keyed by ``primary_key``.
-
-    Raises:
-        DefinitionError: ``model`` has no field named ``primary_key``.
-    """
-    if primary_key not in model.model_fields:
-        raise DefinitionError(f"{model.__name__} has no field {primary_key!r} to use as key")
-    return CollectionDef(model, primary_key, type)
-
-
-async def call_maybe_async(fn: Callable[..., Any], *args: Any) -> Any:
-    """Call a sync or async function and return its result."""
-    result = fn(*args)
-    if inspect.isawaitable(result):
-        return await result
-    return result
+Handler: TypeAlias = Callable[[HandlerContext, WakeEvent], Awaitable[None] | None]
+OnMessage: TypeAlias = Callable[[HandlerContext, InboxMessage], Awaitable[Any] | Any]
+OnError: TypeAlias = Callable[[HandlerContext, BaseException], Awaitable[None] | None]
+ActionsFactory: TypeAlias = Callable[[Any], Mapping[str, Callable[..., Any]]]
 
 
 def _errors(exc: ValidationError) -> list[Any]:
@@ -123,6 +91,30 @@ class EntityType:
             raise SchemaValidationFailed(
                 f"message for {self.name!r} does not match {model.__name__}", _errors(exc)
             ) from None
+
+    async def invoke(self, ctx: HandlerContext, wake: WakeEvent) -> None:
+        """Run this type's code for one wake: ``on_message`` for each message first (a
+        message it answers is replied to and taken out of the wake), then the handler, unless
+        ``on_message`` answered everything and nothing else woke the entity.
+
+        Raises whatever the hook or the handler raises.
+        """
+        remaining = list(wake.messages)
+        if self.on_message is not None and wake.messages:
+            remaining = []
+            for message in wake.messages:
+                ctx.current_message = message
+                answer = await call_maybe_async(self.on_message, ctx, message)
+                if answer is None:
+                    remaining.append(message)
+                else:
+                    ctx.reply(answer, to=message)
+            ctx.current_message = None
+            if not remaining and not wake.wakes:
+                return
+            wake = replace(wake, messages=tuple(remaining))
+            ctx.wake = wake
+        await call_maybe_async(self.handler, ctx, wake)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description (for ``entities types`` and ``GET /_entities/types``)."""
@@ -265,9 +257,6 @@ class Registry:
             DefinitionError: the name is taken or invalid, ``command`` is empty, or an option is
                 out of range.
         """
-        from ._process import ProcessAgent
-        from ._turns import ProcessSession, ProcessSpec
-
         argv = [str(part) for part in command] if not isinstance(command, str) else []
         if not argv or not argv[0]:
             raise DefinitionError("command must be a non-empty list of strings")

@@ -11,17 +11,27 @@ replies, tags, manifest entries, tool calls, sends and spawns. Nothing is writte
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ._context import HandlerContext
+from streams import Materializer
+
+from ._context import HandlerContext, Host
+from ._effects import Effects
 from ._errors import EntitiesError, ReplayDivergence
-from ._records import VIEW_TYPES, WAKE_TYPES
-from ._urls import parse_url
+from ._pipeline.load import folded, wake_event
+from ._records import WAKE_TYPES, Inflight
+from ._registry import EntityType, Registry
+from ._urls import EntityURL, parse_url
 
-if TYPE_CHECKING:
-    from ._runtime import Runtime
+__all__ = ["Divergence", "ReplayHost", "ReplayReport", "WakeReplay", "replay"]
 
-__all__ = ["Divergence", "ReplayReport", "WakeReplay", "replay"]
+
+class ReplayHost(Host, Protocol):
+    """What replay needs (a :class:`~entities.Runtime` is one): the registry and reads."""
+
+    @property
+    def registry(self) -> Registry: ...
+
 
 # what a wake's commit holds that replay compares (live progress and bookkeeping excluded)
 _NOT_COMPARED = frozenset({"steps", "text_deltas", "runs", "errors", "wakes", "inbox"})
@@ -104,7 +114,7 @@ def _recorded_runs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(runs.values())
 
 
-async def replay(rt: Runtime, url: str, *, wake: int | str | None = None) -> ReplayReport:
+async def replay(rt: ReplayHost, url: str, *, wake: int | str | None = None) -> ReplayReport:
     """Replay the recorded wakes of ``url`` (all, the N-th (1-based), or one wake id).
 
     Raises:
@@ -125,57 +135,63 @@ async def replay(rt: Runtime, url: str, *, wake: int | str | None = None) -> Rep
     if wake is not None:
         chosen = [(i, r) for i, r in chosen if wake in (i, r["wake_id"], str(i))]
         if not chosen:
-            raise EntitiesError(f"{target.url} has no recorded wake {wake!r} ({len(runs)} wakes)")
+            raise EntitiesError(
+                f"{target.url} has no recorded wake {wake!r} ({len(runs)} wakes)", url=target.url
+            )
     report = ReplayReport(target.url)
     for index, run in chosen:
         report.wakes.append(await _replay_one(rt, entity_type, target, events, index, run))
     return report
 
 
+@dataclass(slots=True)
+class _Inputs:
+    """What a recorded wake started from: the view at the end of its range, its events, its
+    journal, and the writes it committed (to compare with)."""
+
+    view: dict[str, dict[str, Any]]
+    events: list[dict[str, Any]]
+    journal: dict[str, Any]
+    recorded: list[dict[str, Any]]
+
+
+def _inputs(events: list[dict[str, Any]], run: dict[str, Any]) -> _Inputs:
+    wake_id, low, high = run["wake_id"], run["from_offset"], run["to_offset"]
+    view = Materializer(types=folded)
+    found = _Inputs(view.collections, [], {}, [])
+    for e in events:
+        type_ = e["type"]
+        if e["offset"] <= high:
+            view.apply(e)
+            if low == "-1" or e["offset"] > low:
+                found.events.append(e)
+        value = e.get("value") or {}
+        if type_ == "steps" and value.get("wake_id") == wake_id:
+            found.journal[value["name"]] = value.get("result")
+        if (e.get("headers") or {}).get("txid") == wake_id and _compared(type_):
+            found.recorded.append(e)
+    return found
+
+
 async def _replay_one(
-    rt: Runtime,
-    entity_type: Any,
-    target: Any,
+    rt: ReplayHost,
+    entity_type: EntityType,
+    target: EntityURL,
     events: list[dict[str, Any]],
     index: int,
     run: dict[str, Any],
 ) -> WakeReplay:
-    from ._wakes import wake_event as build_wake_event
-    from ._worker import _invoke  # late import: the worker imports the runtime
-
     wake_id, low, high = run["wake_id"], run["from_offset"], run["to_offset"]
-    view: dict[str, dict[str, Any]] = {}
-    inputs: list[dict[str, Any]] = []
-    journal: dict[str, Any] = {}
-    recorded: list[dict[str, Any]] = []
-    for e in events:
-        type_ = e["type"]
-        txid = (e.get("headers") or {}).get("txid")
-        if e["offset"] <= high and (type_ in VIEW_TYPES or type_.startswith("state:")):
-            table = view.setdefault(type_, {})
-            if e["headers"]["operation"] == "delete":
-                table.pop(e["key"], None)
-            else:
-                table[e["key"]] = e.get("value")
-        if (low == "-1" or e["offset"] > low) and e["offset"] <= high:
-            inputs.append(e)
-        value = e.get("value") or {}
-        if type_ == "steps" and value.get("wake_id") == wake_id:
-            journal[value["name"]] = value.get("result")
-        if txid == wake_id and _compared(type_):
-            recorded.append(e)
+    inputs = _inputs(events, run)
     result = WakeReplay(index, wake_id, run["status"])
-    wake_events = [e for e in inputs if e["type"] in WAKE_TYPES]
+    wake_events = [e for e in inputs.events if e["type"] in WAKE_TYPES]
     if not wake_events:
         return result
-
-    from ._records import Inflight
-
     inflight = Inflight(
         wake_id=wake_id, from_offset=low, to_offset=high, attempt=int(run.get("attempt", 1))
     )
-    wake_event = build_wake_event(
-        target, inflight, inputs, wake_events, first_wake=not view.get("manifests")
+    wake = wake_event(
+        target, inflight, inputs.events, wake_events, first_wake=not inputs.view.get("manifests")
     )
     runs_before = sum(1 for r in _recorded_runs(events) if r["to_offset"] < low or r is run) - 1
 
@@ -183,13 +199,13 @@ async def _replay_one(
         return None
 
     ctx = HandlerContext(
-        runtime=rt,
+        host=rt,
         entity_type=entity_type,
         url=target,
-        view=view,
-        wake=wake_event,
-        events=inputs,
-        journal=journal,
+        view=inputs.view,
+        wake=wake,
+        events=inputs.events,
+        journal=inputs.journal,
         run_id=wake_id,
         flush=nowhere,
         runs_before=max(0, runs_before),
@@ -197,7 +213,7 @@ async def _replay_one(
     )
     failed: BaseException | None = None
     try:
-        await _invoke(entity_type, ctx, wake_event)
+        await entity_type.invoke(ctx, wake)
     except ReplayDivergence as exc:
         result.divergences.append(
             Divergence(wake_id, "journal", "recorded", "missing", exc.message)
@@ -205,6 +221,18 @@ async def _replay_one(
         return result
     except Exception as exc:
         failed = exc
+    if _outcome_differs(result, run, failed):
+        return result
+    got = [c for c in ctx.effects.own if _compared(c["type"])]
+    _compare(result, wake_id, [_shape(e) for e in inputs.recorded], [_shape(c) for c in got])
+    _compare_effects(result, run, ctx.effects)
+    return result
+
+
+def _outcome_differs(result: WakeReplay, run: dict[str, Any], failed: BaseException | None) -> bool:
+    """Record a divergence of outcome (failure against success); ``True`` when the wake's
+    writes are not worth comparing (it failed, either way)."""
+    wake_id = run["wake_id"]
     if run["status"] == "dead_lettered":
         if failed is None:
             result.divergences.append(
@@ -216,16 +244,20 @@ async def _replay_one(
                     "the recorded wake failed; the replay did not",
                 )
             )
-        return result
+        return True
     if failed is not None:
         result.divergences.append(
             Divergence(wake_id, "outcome", "success", repr(failed), f"the replay raised {failed!r}")
         )
-        return result
-    got = [c for c in ctx.effects.own if _compared(c["type"])]
-    _compare(result, wake_id, [_shape(e) for e in recorded], [_shape(c) for c in got])
+        return True
+    return False
+
+
+def _compare_effects(result: WakeReplay, run: dict[str, Any], effects: Effects) -> None:
+    """Compare the sends and spawns of the replay with those the run recorded."""
+    wake_id = run["wake_id"]
     expected_sends = run.get("sends", [])
-    got_sends = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
+    got_sends = [[s.target.url, s.message_type, s.payload] for s in effects.sends]
     for i in range(max(len(expected_sends), len(got_sends))):
         want = expected_sends[i] if i < len(expected_sends) else None
         have = got_sends[i] if i < len(got_sends) else None
@@ -234,14 +266,13 @@ async def _replay_one(
                 Divergence(wake_id, f"sends[{i}]", want, have, "a different message was sent")
             )
     expected_spawns = run.get("spawns", [])
-    got_spawns = [s.target.url for s in ctx.effects.spawns]
+    got_spawns = [s.target.url for s in effects.spawns]
     if expected_spawns != got_spawns:
         result.divergences.append(
             Divergence(
                 wake_id, "spawns", expected_spawns, got_spawns, "different children were spawned"
             )
         )
-    return result
 
 
 def _shape(event: dict[str, Any]) -> dict[str, Any]:

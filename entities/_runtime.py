@@ -8,12 +8,10 @@ pending entities with a compare-and-set lease and run their wakes.
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -21,109 +19,46 @@ import orjson
 from streams import (
     Append,
     ConditionFailed,
-    Create,
     KvCheck,
     KvPut,
     Op,
+    Operation,
     Store,
     StreamClosed,
     StreamExists,
     StreamGone,
     StreamNotFound,
+    materialize,
     open_store,
 )
 
-from ._affinity import WorkerInfo, read_presence
-from ._clock import Clock, SystemClock
+from ._clock import Clock, SystemClock, VirtualClock
+from ._effects import PendingSpawn
 from ._errors import DuplicateEntity, EntityNotFound, EntityStopped
-from ._records import ENTITY_NS, PENDING_NS, WAKE_TYPES, EntityRecord
-from ._registry import Registry
+from ._events import event, iso
+from ._observe import db_stream
+from ._pipeline.affinity import WorkerInfo, read_presence
+from ._pipeline.inbox import send_ops, spawn_ops
+from ._records import (
+    APP_NS,
+    ENTITY_NS,
+    PENDING_NS,
+    TAG_NS,
+    WAKE_TYPES,
+    EntityInfo,
+    EntityRecord,
+    SendReceipt,
+    info_of,
+)
+from ._registry import EntityType, Registry
+from ._replay import ReplayReport, replay
+from ._timers import arm_ops, cancel_ops, cron_schedule, next_due, timer_key
 from ._urls import EntityURL, parse_url
+from ._worker import Worker
 
 __all__ = ["EntityInfo", "Runtime", "SendReceipt"]
 
 logger = logging.getLogger("entities")
-TAG_NS = "tag"
-APP_NS = "app"  # entity type -> where its code was loaded from (for replay)
-JSON = "application/json"
-
-
-@functools.lru_cache(maxsize=4096)
-def iso(ts: float) -> str:
-    """RFC 3339 UTC timestamp with milliseconds (cached: a commit stamps many events with one
-    time)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
-
-
-def event(
-    type_: str,
-    key: str,
-    value: Any,
-    ts: float,
-    operation: str = "insert",
-    txid: str | None = None,
-) -> bytes:
-    """Encode one State Protocol change event (``txid``: the wake that wrote it)."""
-    headers: dict[str, Any] = {"operation": operation, "timestamp": iso(ts)}
-    if txid is not None:
-        headers["txid"] = txid
-    body: dict[str, Any] = {"type": type_, "key": key, "headers": headers}
-    if operation != "delete":
-        body["value"] = value
-    return orjson.dumps(body)
-
-
-def new_token() -> bytes:
-    return uuid.uuid4().hex.encode()
-
-
-@dataclass(frozen=True, slots=True)
-class SendReceipt:
-    """What ``send`` returns: the message key and the offset after it in the entity's stream."""
-
-    url: str
-    key: str
-    offset: str
-
-
-@dataclass(frozen=True, slots=True)
-class EntityInfo:
-    """An entity's bookkeeping as seen from outside."""
-
-    url: str
-    type: str
-    id: str
-    status: str
-    parent: str | None
-    created_at: float
-    last_active: float
-    runs: int
-    acked: str
-    epoch: int
-    owner: str | None
-    pending: bool
-    tags: dict[str, str] = field(default_factory=dict)
-    queue: int = 0  # wake events waiting (inbox messages, child/observer/cron wakes)
-
-    @property
-    def stream(self) -> str:
-        return f"{self.type}/{self.id}/main"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "type": self.type,
-            "id": self.id,
-            "status": self.status,
-            "parent": self.parent,
-            "tags": self.tags,
-            "created_at": iso(self.created_at),
-            "last_active": iso(self.last_active) if self.last_active else None,
-            "runs": self.runs,
-            "pending": self.pending,
-            "queue": self.queue,
-            "streams": {"main": f"{self.url}/main"},
-        }
 
 
 class Runtime:
@@ -160,7 +95,7 @@ class Runtime:
         self.snapshot_every = snapshot_every
         self.cache_entities = cache_entities
         self._opened = False
-        self._local_worker: Any = None
+        self._local_worker: Worker | None = None
 
     async def __aenter__(self) -> Runtime:
         await self.open()
@@ -203,7 +138,7 @@ class Runtime:
         record = found[0]
         pending = await self.store.kv_get(PENDING_NS, record.url) is not None
         tags = await self._tags(record.url)
-        info = _info(record, pending, tags)
+        info = info_of(record, pending, tags)
         return replace(info, queue=await self.queue_depth(record)) if pending else info
 
     async def queue_depth(self, record: EntityRecord, *, cap: int = 10_000) -> int:
@@ -228,7 +163,7 @@ class Runtime:
         """Like :meth:`lookup`, raising :class:`EntityNotFound` when there is no entity."""
         info = await self.lookup(url)
         if info is None:
-            raise EntityNotFound(f"no entity at {url}")
+            raise EntityNotFound(f"no entity at {url}", url=url)
         return info
 
     async def _tags(self, url: str) -> dict[str, str]:
@@ -272,58 +207,13 @@ class Runtime:
                 name, _, wanted = tag.partition("=")
                 if name not in entity_tags or (wanted and entity_tags[name] != wanted):
                     continue
-            info = _info(record, record.url in pending, entity_tags)
+            info = info_of(record, record.url in pending, entity_tags)
             if info.pending:
                 info = replace(info, queue=await self.queue_depth(record))
             result.append(info)
         return result
 
     # -- writes from outside a wake -------------------------------------------------------------
-
-    def spawn_ops(
-        self,
-        target: EntityURL,
-        args: dict[str, Any],
-        *,
-        tags: dict[str, str] | None = None,
-        parent: str | None = None,
-        initial_message: Any = None,
-        initial_message_type: str | None = None,
-        sender: str | None = None,
-        parent_wake: str | None = None,
-    ) -> list[Op]:
-        """The operations that create an entity (validated args expected). The new entity is
-        marked pending: its first wake (``first_wake``, with ``args``) follows."""
-        now = self.clock.now()
-        created = {
-            "entity_type": target.type,
-            "url": target.url,
-            "args": args,
-            "parent_url": parent,
-            "created_at": iso(now),
-        }
-        messages = [event("entity_created", "entity", created, now)]
-        ops: list[Op] = []
-        for name, value in (tags or {}).items():
-            messages.append(event("tags", name, {"value": value}, now))
-            ops.append(KvPut(TAG_NS, f"{target.url}\n{name}", value.encode()))
-        record = EntityRecord(
-            url=target.url,
-            type=target.type,
-            id=target.id,
-            parent=parent,
-            parent_wake="run_finished" if parent and parent_wake == "run_finished" else None,
-            created_at=now,
-            last_active=now,
-        )
-        if initial_message is not None:
-            key = uuid.uuid4().hex
-            value = _inbox(initial_message, initial_message_type, sender or parent, now)
-            messages.append(event("inbox", key, value, now))
-        ops.append(KvPut(PENDING_NS, target.url, new_token()))
-        ops.insert(0, Create(target.stream, content_type=JSON, messages=messages, exclusive=True))
-        ops.insert(1, KvPut(ENTITY_NS, target.url, record.dump(), only_if=True, expect=None))
-        return ops
 
     async def spawn(
         self,
@@ -347,9 +237,10 @@ class Runtime:
         checked = entity_type.validate_args(args)
         if initial_message is not None:
             initial_message = entity_type.validate_message(initial_message, initial_message_type)
-        ops = self.spawn_ops(
+        ops = spawn_ops(
             target,
             checked,
+            self.clock.now(),
             tags=tags,
             parent=parent,
             initial_message=initial_message,
@@ -358,7 +249,7 @@ class Runtime:
         try:
             await self.store.commit(ops)
         except (StreamExists, StreamGone):
-            raise DuplicateEntity(f"entity {target.url} already exists") from None
+            raise DuplicateEntity(f"entity {target.url} already exists", url=target.url) from None
         return await self.get(target.url)
 
     async def check_send(
@@ -367,7 +258,7 @@ class Runtime:
         payload: Any,
         message_type: str | None,
         *,
-        pending_spawns: Sequence[Any] = (),
+        pending_spawns: Sequence[PendingSpawn] = (),
         self_url: EntityURL | None = None,
         exists: bool = False,
     ) -> Any:
@@ -384,10 +275,18 @@ class Runtime:
         ):
             found = await self.record(target.url)
             if found is None:
-                raise EntityNotFound(f"no entity at {target.url}")
+                raise EntityNotFound(f"no entity at {target.url}", url=target.url)
             if found[0].status == "stopped":
-                raise EntityStopped(f"entity {target.url} was stopped")
+                raise EntityStopped(f"entity {target.url} was stopped", url=target.url)
         return entity_type.validate_message(payload, message_type)
+
+    def entity_type(self, name: str) -> EntityType:
+        """The registered type called ``name``.
+
+        Raises:
+            UnknownEntityType: no such type.
+        """
+        return self.registry.get(name)
 
     async def send(
         self,
@@ -407,18 +306,10 @@ class Runtime:
         """
         target = parse_url(url)
         payload = await self.check_send(target, payload, type)
-        now = self.clock.now()
         key = uuid.uuid4().hex
-        ops: list[Op] = [
-            Append(target.stream, [event("inbox", key, _inbox(payload, type, sender, now), now)]),
-            KvPut(PENDING_NS, target.url, new_token()),
-        ]
-        try:
-            result = (await self.store.commit(ops))[0]
-        except StreamClosed:
-            raise EntityStopped(f"entity {target.url} was stopped") from None
-        except (StreamNotFound, StreamGone):
-            raise EntityNotFound(f"no entity at {target.url}") from None
+        result = await self._commit_to(
+            target, send_ops(target, key, payload, type, sender, self.clock.now())
+        )
         assert result is not None and not isinstance(result, bool)
         return SendReceipt(target.url, key, getattr(result, "next_offset", ""))
 
@@ -432,7 +323,7 @@ class Runtime:
         while True:
             found = await self.record(target.url)
             if found is None:
-                raise EntityNotFound(f"no entity at {target.url}")
+                raise EntityNotFound(f"no entity at {target.url}", url=target.url)
             record, raw = found
             if record.status == "stopped":
                 return
@@ -496,8 +387,6 @@ class Runtime:
             EntityNotFound, EntityStopped: no such (running) entity.
             ContextError: an invalid expression or timezone.
         """
-        from ._scheduler import arm_ops, cron_schedule
-
         target = parse_url(url)
         await self.get(target.url)
         current = next(
@@ -515,7 +404,7 @@ class Runtime:
         entry = schedule.model_dump(mode="json")
         schedule_id = timer.schedule_id
         now = self.clock.now()
-        operation = "update" if current else "insert"
+        operation: Operation = "update" if current else "insert"
         await self._external(
             target,
             [event("manifests", schedule_id, entry, now, operation)],
@@ -530,8 +419,6 @@ class Runtime:
         Raises:
             EntityNotFound, EntityStopped: no such (running) entity.
         """
-        from ._scheduler import cancel_ops, timer_key
-
         target = parse_url(url)
         for entry in await self.schedules(target.url):
             if entry["id"] in (f"cron:{id}", f"send:{id}", id) and entry.get("status") in (
@@ -552,12 +439,26 @@ class Runtime:
         return False
 
     async def _external(self, target: EntityURL, events: list[bytes], ops: list[Op]) -> None:
+        """Append ``events`` to the entity's stream with ``ops``, from outside a wake.
+
+        Raises:
+            EntityNotFound, EntityStopped.
+        """
+        await self._commit_to(target, [Append(target.stream, events), *ops])
+
+    async def _commit_to(self, target: EntityURL, ops: list[Op]) -> Any:
+        """Commit ``ops`` that write to ``target``'s stream; return the first op's result.
+
+        Raises:
+            EntityNotFound: no entity at ``target``.
+            EntityStopped: the entity was killed (its stream is closed).
+        """
         try:
-            await self.store.commit([Append(target.stream, events), *ops])
+            return (await self.store.commit(ops))[0]
         except StreamClosed:
-            raise EntityStopped(f"entity {target.url} was stopped") from None
+            raise EntityStopped(f"entity {target.url} was stopped", url=target.url) from None
         except (StreamNotFound, StreamGone):
-            raise EntityNotFound(f"no entity at {target.url}") from None
+            raise EntityNotFound(f"no entity at {target.url}", url=target.url) from None
 
     async def set_tag(self, url: str, key: str, value: str) -> None:
         """Set a tag from outside a wake (recorded in the entity's stream).
@@ -574,18 +475,12 @@ class Runtime:
     async def _tag(self, url: str, key: str, value: str | None) -> None:
         target = parse_url(url)
         now = self.clock.now()
-        operation = "delete" if value is None else "insert"
-        payload = None if value is None else {"value": value}
-        ops: list[Op] = [
-            Append(target.stream, [event("tags", key, payload, now, operation)]),
-            KvPut(TAG_NS, f"{target.url}\n{key}", None if value is None else value.encode()),
-        ]
-        try:
-            await self.store.commit(ops)
-        except StreamClosed:
-            raise EntityStopped(f"entity {target.url} was stopped") from None
-        except (StreamNotFound, StreamGone):
-            raise EntityNotFound(f"no entity at {target.url}") from None
+        if value is None:
+            change = event("tags", key, None, now, "delete")
+        else:
+            change = event("tags", key, {"value": value}, now)
+        encoded = None if value is None else value.encode()
+        await self._external(target, [change], [KvPut(TAG_NS, f"{target.url}\n{key}", encoded)])
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -601,7 +496,7 @@ class Runtime:
         try:
             result = await self.store.read(target.stream, offset, limit=limit, renew_ttl=False)
         except (StreamNotFound, StreamGone):
-            raise EntityNotFound(f"no entity at {target.url}") from None
+            raise EntityNotFound(f"no entity at {target.url}", url=target.url) from None
         decoded = []
         for message in result.messages:
             item = orjson.loads(message.data)
@@ -615,18 +510,21 @@ class Runtime:
         Raises:
             EntityNotFound: no entity at ``url``.
         """
-        collections: dict[str, dict[str, Any]] = {}
-        offset = "-1"
-        while True:
-            batch, offset = await self.read(url, offset, limit=5000)
-            for item in batch:
-                table = collections.setdefault(item["type"], {})
-                if item["headers"]["operation"] == "delete":
-                    table.pop(item["key"], None)
-                else:
-                    table[item["key"]] = item.get("value")
-            if len(batch) < 5000:
-                return collections
+        target = parse_url(url)
+        try:
+            folded = await materialize(self.store, target.stream, use_snapshot=False, batch=5000)
+        except (StreamNotFound, StreamGone):
+            raise EntityNotFound(f"no entity at {target.url}", url=target.url) from None
+        return folded.collections
+
+    async def shared_state(self, id: str) -> dict[str, dict[str, Any]] | None:
+        """The collections of shared-state db ``id`` (``type -> key -> row``), or ``None`` if
+        there is no such db. Raises whatever the store raises for a failed read."""
+        try:
+            folded = await materialize(self.store, db_stream(id), use_snapshot=False, batch=5000)
+        except (StreamNotFound, StreamGone):
+            return None
+        return folded.collections
 
     async def state_of(self, url: str) -> dict[str, dict[str, Any]]:
         """The entity's user state collections by name (``name -> key -> row``).
@@ -687,13 +585,11 @@ class Runtime:
 
         With a virtual clock, time jumps to the next retry when only retries are left.
         """
-        from ._worker import Worker
-
         if self._local_worker is None:
             self._local_worker = Worker(self)
-        return int(await self._local_worker.run_until_idle(max_wakes=max_wakes))
+        return await self._local_worker.run_until_idle(max_wakes=max_wakes)
 
-    async def replay(self, url: str, *, wake: int | str | None = None) -> Any:
+    async def replay(self, url: str, *, wake: int | str | None = None) -> ReplayReport:
         """Re-execute recorded wakes of ``url`` against their journal, with no network and no
         writes; returns a :class:`~entities.ReplayReport` (``.ok``, ``.wakes``, divergences
         naming the wake, the step or write, expected and got).
@@ -702,8 +598,6 @@ class Runtime:
             EntityNotFound: no entity at ``url``.
             EntitiesError: no such wake.
         """
-        from ._replay import replay
-
         return await replay(self, url, wake=wake)
 
     async def advance(self, seconds: float) -> int:
@@ -713,9 +607,6 @@ class Runtime:
         Raises:
             TypeError: the runtime's clock is not virtual.
         """
-        from ._clock import VirtualClock
-        from ._scheduler import next_due
-
         if not isinstance(self.clock, VirtualClock):
             raise TypeError("advance() needs Runtime(clock=VirtualClock())")
         target = self.clock.now() + seconds
@@ -729,36 +620,6 @@ class Runtime:
         self.clock.set(target)
         return ran + await self.run_until_idle()
 
-    def worker(self, **options: Any) -> Any:
-        """A :class:`~entities._worker.Worker` over this runtime (``await worker.run(stop)``)."""
-        from ._worker import Worker
-
+    def worker(self, **options: Any) -> Worker:
+        """A :class:`~entities.Worker` over this runtime (``await worker.run(stop)``)."""
         return Worker(self, **options)
-
-
-def _inbox(payload: Any, message_type: str | None, sender: str | None, now: float) -> Any:
-    return {
-        "from": sender,
-        "payload": payload,
-        "message_type": message_type,
-        "timestamp": iso(now),
-        "ts": now,
-    }
-
-
-def _info(record: EntityRecord, pending: bool, tags: dict[str, str]) -> EntityInfo:
-    return EntityInfo(
-        url=record.url,
-        type=record.type,
-        id=record.id,
-        status=record.status,
-        parent=record.parent,
-        created_at=record.created_at,
-        last_active=record.last_active,
-        runs=record.runs,
-        acked=record.acked,
-        epoch=record.epoch,
-        owner=record.owner,
-        pending=pending,
-        tags=tags,
-    )

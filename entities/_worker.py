@@ -1,11 +1,10 @@
-"""Workers: claim pending entities with a fenced lease and run their wakes.
+"""Workers: the loop that drives the wake pipeline (:mod:`entities._pipeline`).
 
-A claim is a compare-and-set of the entity record that bumps its fencing ``epoch`` and records
-the in-flight wake's event range. Every later write of that wake (journal flushes, heartbeats,
-the final commit) is checked against the exact record bytes the worker wrote, so a worker whose
-lease was taken over (expiry, kill) can change nothing. The final commit holds the wake's state
-changes, replies, sends, spawns, run record, the new acknowledged offset and the release of the
-lease: one transaction.
+A running worker fires due timers, scans the pending marks, and runs wakes on up to
+``concurrency`` lanes: each lane claims an entity (a fenced lease), loads its wake, runs the
+entity type's code with a :class:`~entities.HandlerContext`, and commits the outcome. Heartbeats
+renew the leases of running wakes; a stop drains in-flight wakes, then cancels the rest and
+gives their leases back so they are redelivered at once.
 """
 
 from __future__ import annotations
@@ -14,48 +13,38 @@ import logging
 import math
 import random
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
+import anyio.abc
 import orjson
 
 from streams import (
     Append,
     ConditionFailed,
     KvCheck,
-    KvPut,
+    Store,
     StreamClosed,
     StreamGone,
     StreamNotFound,
 )
 
-from ._affinity import PRESENCE_SECONDS, Affinity
-from ._commit import wake_commit, without_path
-from ._context import HandlerContext, format_exception
-from ._delivery import other_children
-from ._records import (
-    ENTITY_NS,
-    PENDING_NS,
-    TIMER_NS,
-    WAKE_TYPES,
-    WORKER_NS,
-    EntityRecord,
-    Inflight,
-)
-from ._registry import EntityType, call_maybe_async
-from ._runtime import Runtime, event
-from ._scheduler import (
-    fire_due,
-    fire_turn,
-)
-from ._urls import EntityURL, parse_url
+from ._calls import call_maybe_async
+from ._context import HandlerContext, Host
+from ._effects import Effects
+from ._errors import LeaseLost
+from ._events import event
+from ._pipeline.affinity import PRESENCE_SECONDS, Affinity
+from ._pipeline.claim import Claim, Claimer
+from ._pipeline.commit import error_event, retry_commit, run_value, wake_commit, without_path
+from ._pipeline.deliver import other_children
+from ._pipeline.fire import fire_due, fire_turn
+from ._pipeline.load import View, copy_view, read_journal, wake_event
+from ._records import ENTITY_NS, PENDING_NS, TIMER_NS, WAKE_TYPES, WORKER_NS
+from ._registry import EntityType, Registry
 from ._wake import WakeEvent
-from ._wakes import Loaded, copy_view, load_range, read_journal, run_value, wake_event, wake_id
 
-__all__ = ["Claim", "Worker"]
+__all__ = ["Claim", "Worker", "WorkerHost"]
 
 logger = logging.getLogger("entities.worker")
 
@@ -67,24 +56,74 @@ TIMER_TICK = 0.002
 FOLLOW_ON = 8
 
 
-@dataclass(slots=True)
-class Claim:
-    """A lease on one entity, held by this worker for one wake."""
+class WorkerHost(Host, Protocol):
+    """What a worker runs on (a :class:`~entities.Runtime` is one): the store, the registry,
+    its settings, and what handlers may reach (:class:`~entities._context.Host`)."""
 
-    url: EntityURL
-    record: EntityRecord
-    raw: bytes
-    token: bytes
-    loaded: Loaded | None = None
-    # set by the wake's commit: the entity has more to do (its pending mark outlived the wake)
-    more: bool = False
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def worker_id(self) -> str: ...
+
+    @property
+    def concurrency(self) -> int: ...
+
+    @property
+    def lease_seconds(self) -> float: ...
+
+    @property
+    def retry_base_seconds(self) -> float: ...
+
+    @property
+    def retry_max_seconds(self) -> float: ...
+
+    @property
+    def snapshot_every(self) -> int: ...
+
+    @property
+    def cache_entities(self) -> int: ...
 
 
-_STALE = object()
+class _TimerLooks:
+    """When a running worker looks at the timers (one scan, see ``fire_turn``): when one comes
+    due, when the timer table changed, or every poll interval; and, while timers keep coming
+    due, at most once per ``TIMER_TICK`` (real time), so a dense run of them fires in batches
+    instead of one scan and one commit per timer."""
+
+    def __init__(self, poll_interval: float) -> None:
+        self.poll_interval = poll_interval
+        self.dirty = True  # the timer table changed since the last look
+        self.next: float | None = None  # store-clock time of the next due timer
+        self.looked_at = -math.inf  # monotonic time of the last look
+
+    async def turn(self, store: Store, now: float) -> float | None:
+        """Look if it is time to; return the seconds until the timers want the next look
+        (``None``: only the poll interval). Raises whatever the store raises."""
+        tick = time.monotonic()
+        wanted = (
+            self.dirty
+            or (self.next is not None and self.next <= now)
+            or tick - self.looked_at >= self.poll_interval
+        )
+        if wanted and tick - self.looked_at >= TIMER_TICK:
+            self.dirty = False
+            self.looked_at = tick
+            # one batch per look, so wakes of delivered timers interleave with firing the rest
+            # (more left due makes the next look come soon)
+            _fired, self.next = await fire_turn(store, now, FIRE_TURN)
+        if wanted and self.looked_at != tick:
+            return self.looked_at + TIMER_TICK - tick  # too soon: wait the tick
+        if self.next is not None:
+            return max(self.next - now, TIMER_TICK)
+        return None
 
 
 class Worker:
-    """Runs wakes for a :class:`Runtime`: ``await worker.run(stop_event)``.
+    """Runs wakes for a :class:`~entities.Runtime`: ``await worker.run(stop_event)``.
 
     ``concurrency`` bounds how many entities run at once; each entity runs at most one wake at a
     time across all workers sharing the store.
@@ -92,7 +131,7 @@ class Worker:
 
     def __init__(
         self,
-        runtime: Runtime,
+        runtime: WorkerHost,
         *,
         concurrency: int | None = None,
         poll_interval: float = 1.0,
@@ -104,20 +143,26 @@ class Worker:
         self.poll_interval = poll_interval
         self.drain_seconds = drain_seconds
         self._active: set[str] = set()
-        # url -> (not before this time, the pending mark it was found leased elsewhere under)
-        self._blocked: dict[str, tuple[float, bytes | None]] = {}
         self._kick = anyio.Event()
-        self._timers_dirty = True
+        self._timers = _TimerLooks(poll_interval)
         self._idle = anyio.Event()
         self.wakes = 0
-        # claim outcomes: won, lost (another claim committed first), held (leased elsewhere),
-        # empty (nothing to run by the time it was read): a measure of contention
-        self.claims: Counter[str] = Counter()
         self.cache_size = runtime.cache_entities if cache_size is None else cache_size
-        self._records: OrderedDict[str, bytes] = OrderedDict()
+        self.claimer = Claimer(
+            runtime.store,
+            runtime.clock,
+            runtime.worker_id,
+            lease_seconds=runtime.lease_seconds,
+            cache_size=self.cache_size,
+        )
         self._running: dict[str, tuple[Claim, anyio.Lock]] = {}
-        self._views: OrderedDict[str, tuple[str, dict[str, dict[str, Any]]]] = OrderedDict()
         self.affinity = Affinity(runtime.store, runtime.worker_id)
+
+    @property
+    def claims(self) -> Any:
+        """Claim outcomes so far (a ``Counter``): won, lost (another claim committed first),
+        held (leased elsewhere), empty (nothing to run by the time it was read)."""
+        return self.claimer.counts
 
     # -- loops ------------------------------------------------------------------------------
 
@@ -125,76 +170,25 @@ class Worker:
         self._kick.set()
 
     def _timers_changed(self) -> None:
-        self._timers_dirty = True
+        self._timers.dirty = True
         self._kick.set()
 
     async def run(self, stop: anyio.Event) -> None:
         """Process wakes until ``stop`` is set, then finish in-flight wakes (up to
         ``drain_seconds``; the rest are cancelled, their leases released, and redelivered)."""
+        store = self.rt.store
         removers = [
-            self.rt.store.listen(f"kv:{PENDING_NS}", self._poke),
-            self.rt.store.listen(f"kv:{TIMER_NS}", self._timers_changed),
-            self.rt.store.listen(f"kv:{WORKER_NS}", self.affinity.changed),
+            store.listen(f"kv:{PENDING_NS}", self._poke),
+            store.listen(f"kv:{TIMER_NS}", self._timers_changed),
+            store.listen(f"kv:{WORKER_NS}", self.affinity.changed),
         ]
-        clock = self.rt.clock
-        # Timers are looked at (one scan, see ``fire_turn``) when one comes due, when the timer
-        # table changed, or every poll interval; and, while timers keep coming due, at most
-        # once per TIMER_TICK (real time), so a dense run of them fires in batches instead of
-        # one scan and one commit per timer.
-        next_timer: float | None = None
-        looked_at = -math.inf
         await self._announce()  # before the first scan, so the others leave this one its share
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stopper, stop)
                 tg.start_soon(self._heartbeats)
                 tg.start_soon(self._presence)
-                failures = 0
-                while not stop.is_set():
-                    self._kick = anyio.Event()
-                    timeout = self.poll_interval
-                    timer_in: float | None = None  # seconds until the timers want a look
-                    try:
-                        now, tick = clock.now(), time.monotonic()
-                        wanted = (
-                            self._timers_dirty
-                            or (next_timer is not None and next_timer <= now)
-                            or tick - looked_at >= self.poll_interval
-                        )
-                        if wanted and tick - looked_at >= TIMER_TICK:
-                            self._timers_dirty = False
-                            looked_at = tick
-                            # one batch per look, so wakes of delivered timers interleave with
-                            # firing the rest (more left due makes the next look come soon)
-                            _fired, next_timer = await fire_turn(self.rt.store, now, FIRE_TURN)
-                        if wanted and looked_at != tick:
-                            timer_in = looked_at + TIMER_TICK - tick  # too soon: wait the tick
-                        elif next_timer is not None:
-                            timer_in = max(next_timer - clock.now(), TIMER_TICK)
-                        next_blocked = await self._dispatch(tg)
-                        failures = 0
-                    except Exception as exc:  # e.g. the database restarts: retry, backing off
-                        failures += 1
-                        logger.warning(
-                            "worker loop failed (%s: %s); retrying", type(exc).__name__, exc
-                        )
-                        next_timer = next_blocked = None
-                        self._timers_dirty = True
-                        timeout = min(timeout, 0.05 * 2 ** min(failures, 8))
-                        with anyio.move_on_after(timeout):
-                            await stop.wait()
-                        continue
-                    if timer_in is not None:
-                        timeout = max(0.0, min(timeout, timer_in))
-                    if next_blocked is not None:
-                        timeout = max(0.0, min(timeout, next_blocked - clock.now()))
-                    steal_in = self.affinity.next_steal()
-                    if steal_in is not None:
-                        timeout = min(timeout, steal_in)
-                    if clock.virtual:
-                        timeout = min(timeout, 0.05)
-                    with anyio.move_on_after(timeout):
-                        await self._kick.wait()
+                await self._loop(stop, tg)
                 with anyio.move_on_after(self.drain_seconds):
                     while self._active:
                         self._idle = anyio.Event()
@@ -205,9 +199,40 @@ class Worker:
                 remove()
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 try:  # a clean stop: the others need not wait for the presence to expire
-                    await self.rt.store.commit([self.affinity.absence()])
+                    await store.commit([self.affinity.absence()])
                 except Exception as exc:
                     logger.debug("could not remove the presence record: %r", exc)
+
+    async def _loop(self, stop: anyio.Event, tg: anyio.abc.TaskGroup) -> None:
+        """Fire timers and dispatch wakes until ``stop``, sleeping until the next thing is due
+        or a notification pokes the loop."""
+        clock = self.rt.clock
+        failures = 0
+        while not stop.is_set():
+            self._kick = anyio.Event()
+            timeout = self.poll_interval
+            try:
+                timer_in = await self._timers.turn(self.rt.store, clock.now())
+                next_blocked = await self._dispatch(tg)
+                failures = 0
+            except Exception as exc:  # e.g. the database restarts: retry, backing off
+                failures += 1
+                logger.warning("worker loop failed (%s: %s); retrying", type(exc).__name__, exc)
+                self._timers.next, self._timers.dirty = None, True
+                with anyio.move_on_after(min(timeout, 0.05 * 2 ** min(failures, 8))):
+                    await stop.wait()
+                continue
+            if timer_in is not None:
+                timeout = max(0.0, min(timeout, timer_in))
+            if next_blocked is not None:
+                timeout = max(0.0, min(timeout, next_blocked - clock.now()))
+            steal_in = self.affinity.next_steal()
+            if steal_in is not None:
+                timeout = min(timeout, steal_in)
+            if clock.virtual:
+                timeout = min(timeout, 0.05)
+            with anyio.move_on_after(timeout):
+                await self._kick.wait()
 
     async def _announce(self) -> None:
         try:
@@ -231,24 +256,16 @@ class Worker:
         now = self.rt.clock.now()
         next_due: float | None = None
         pending = await self.rt.store.kv_scan(PENDING_NS)
-        if len(self._blocked) > 2 * len(pending) + 1024:  # forget entities no longer pending
-            marked = {url for url, _token in pending}
-            for url in [u for u in self._blocked if u not in marked]:
-                del self._blocked[url]
+        self.claimer.forget_unmarked(pending)
         await self.affinity.refresh(now)
         # this worker's share of the pending entities first, then those waiting on others
         for url, token in self.affinity.order(pending):
             if len(self._active) >= self.concurrency:
                 break
-            blocked = self._blocked.get(url)
-            if blocked is not None:
-                # leased elsewhere when last tried: worth a new try once the lease ends, or as
-                # soon as the entity was marked again (its holder finished, or more arrived)
-                until, held = blocked
-                if until > now and held in (None, token):
-                    next_due = until if next_due is None else min(next_due, until)
-                    continue
-                del self._blocked[url]
+            until = self.claimer.ready(url, token, now)
+            if until is not None:
+                next_due = until if next_due is None else min(next_due, until)
+                continue
             if url in self._active:
                 continue
             self._active.add(url)
@@ -273,37 +290,41 @@ class Worker:
                 token = None  # the claim reads the current mark
         except Exception:
             logger.exception("wake of %s failed in the runtime", url)
-            self._block(url, self.rt.clock.now() + 1.0)
+            self.claimer.block(url, self.rt.clock.now() + 1.0)
         finally:
             self._active.discard(url)
             self._idle.set()
             self._poke()
 
     async def run_until_idle(self, *, max_wakes: int | None = None) -> int:
-        """Process due wakes until none is left (see :meth:`Runtime.run_until_idle`)."""
+        """Process due wakes until none is left (see :meth:`Runtime.run_until_idle`).
+
+        Raises whatever the store raises.
+        """
+        store, clock, until = self.rt.store, self.rt.clock, self.claimer.until
         done = 0
         while max_wakes is None or done < max_wakes:
-            await fire_due(self.rt.store, self.rt.clock.now())
-            pending = await self.rt.store.kv_scan(PENDING_NS)
+            await fire_due(store, clock.now())
+            pending = await store.kv_scan(PENDING_NS)
             if not pending:
                 return done
-            now = self.rt.clock.now()
-            due = [(u, t) for u, t in pending if self._until(u) <= now]
+            now = clock.now()
+            due = [(u, t) for u, t in pending if until(u) <= now]
             if max_wakes is not None:
                 due = due[: max_wakes - done]
             ran = await self._run_batch(due) if due else 0
             done += ran
             if ran == 0:
-                waits = [self._until(u) for u, _ in pending if u in self._blocked]
-                if waits and self.rt.clock.virtual:
-                    self.rt.clock.set(min(waits))  # type: ignore[attr-defined]
+                waits = [until(u) for u, _ in pending if u in self.claimer.blocked]
+                if waits and clock.virtual:
+                    clock.set(min(waits))  # type: ignore[attr-defined]
                     continue
                 if not due:
                     return done
                 # claims found nothing to do (e.g. only empty marks were cleared): rescan once
-                if not await self.rt.store.kv_scan(PENDING_NS):
+                if not await store.kv_scan(PENDING_NS):
                     return done
-                if all(self._until(u) > self.rt.clock.now() for u, _ in pending):
+                if all(until(u) > clock.now() for u, _ in pending):
                     return done
         return done
 
@@ -333,240 +354,17 @@ class Worker:
             await self.run_wake(claim)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await self._release(claim)
+                if await self.claimer.release(claim):
+                    self._running.pop(claim.url.url, None)
+                    logger.info("wake of %s was cancelled; its lease is released", claim.url)
             raise
-
-    async def _release(self, claim: Claim) -> None:
-        released = claim.record.model_copy(
-            update={"owner": None, "status": "idle", "lease_expires": 0.0}
-        )
-        raw = released.dump()
-        try:
-            await self.rt.store.commit(
-                [KvCheck(ENTITY_NS, claim.url.url, claim.raw), KvPut(ENTITY_NS, claim.url.url, raw)]
-            )
-        except ConditionFailed:  # the wake committed (or was fenced) after all
-            self._remember(claim.url.url, None)
-            return
-        except Exception as exc:  # e.g. the database is gone: the lease expires instead
-            logger.warning("could not release the lease of %s: %r", claim.url, exc)
-            self._remember(claim.url.url, None)
-            return
-        self._remember(claim.url.url, raw)
-        self._running.pop(claim.url.url, None)
-        logger.info("wake of %s was cancelled; its lease is released", claim.url)
-
-    # -- claiming ---------------------------------------------------------------------------
-
-    def _block(self, url: str, until: float, *, held: bytes | None = None) -> None:
-        """Do not try ``url`` again before ``until``; if it is ``held`` (leased elsewhere, under
-        that pending mark), try again as soon as its mark changes."""
-        self._blocked[url] = (until, held)
-
-    def _until(self, url: str) -> float:
-        """When ``url`` may be tried again (0 when it is not blocked)."""
-        blocked = self._blocked.get(url)
-        return 0.0 if blocked is None else blocked[0]
-
-    def _remember(self, url: str, raw: bytes | None) -> None:
-        if raw is None:
-            self._records.pop(url, None)
-            return
-        self._records[url] = raw
-        self._records.move_to_end(url)
-        while len(self._records) > self.cache_size:
-            self._records.popitem(last=False)
 
     async def claim(
         self, url: str, token: bytes | None = None, *, stolen: bool = False
     ) -> Claim | None:
-        """Take the lease on ``url`` if it has work and nobody else holds it.
-
-        The entity record may come from this worker's bounded cache: the compare-and-set of the
-        claim fails if it is stale, and the claim is then retried once with a fresh read.
-        ``stolen``: ``url`` prefers another live worker, which may be running it right now; the
-        claim goes ahead only if the pending mark is still ``token`` (else that worker took it
-        since the scan) and reads the record fresh, so a collision costs two reads, not a failed
-        commit or a load.
-        """
-        target = parse_url(url)
-        if token is None or stolen:
-            current = await self.rt.store.kv_get(PENDING_NS, target.url)
-            if current is None or (token is not None and current != token):
-                return None
-            token = current
-        for fresh in (stolen, True):  # a stolen claim skips the cache
-            raw = None if fresh else self._records.get(target.url)
-            if raw is None:
-                raw = await self.rt.store.kv_get(ENTITY_NS, target.url)
-                fresh = True
-            claim = await self._try_claim(target, raw, token)
-            if claim is not _STALE:
-                return claim  # type: ignore[return-value]
-            self._remember(target.url, None)
-            if fresh:
-                return None
-        return None
-
-    async def _try_claim(self, target: EntityURL, raw: bytes | None, token: bytes) -> object:
-        rt = self.rt
-        if raw is None:  # an orphan mark: drop it
-            await rt.store.commit([KvPut(PENDING_NS, target.url, None, only_if=True, expect=token)])
-            return None
-        record = EntityRecord.load(raw)
-        now = rt.clock.now()
-        if record.status == "stopped":
-            await rt.store.commit([KvPut(PENDING_NS, target.url, None, only_if=True, expect=token)])
-            return None
-        if record.owner is not None and record.lease_expires > now:
-            self._block(target.url, record.lease_expires, held=token)
-            self.claims["held"] += 1
-            return None
-        if record.retry_at is not None and record.retry_at > now:
-            self._block(target.url, record.retry_at)
-            return None
-        self._blocked.pop(target.url, None)
-        inflight = record.inflight
-        loaded: Loaded | None = None
-        if inflight is None:
-            try:
-                loaded = await self._load(target, record.acked, None)
-            except (StreamNotFound, StreamGone):
-                return None
-            if not any(e["type"] in WAKE_TYPES for e in loaded.events):
-                self.claims["empty"] += 1
-                # nothing to run (another worker ran the wake since the mark was read, or a
-                # conservative re-mark): no empty wake; clear the mark if it is still the one
-                # read and the record is still the one loaded from
-                try:
-                    await rt.store.commit(
-                        [
-                            KvCheck(ENTITY_NS, target.url, raw),
-                            KvPut(PENDING_NS, target.url, None, only_if=True, expect=token),
-                        ]
-                    )
-                except ConditionFailed:
-                    return _STALE
-                return None
-            inflight = Inflight(
-                wake_id=wake_id(record.acked, loaded.to_offset),
-                from_offset=record.acked,
-                to_offset=loaded.to_offset,
-            )
-        else:
-            inflight = inflight.model_copy(update={"attempt": inflight.attempt + 1})
-        claimed = record.model_copy(
-            update={
-                "owner": rt.worker_id,
-                "epoch": record.epoch + 1,
-                "lease_expires": now + rt.lease_seconds,
-                "inflight": inflight,
-                "status": "running",
-                "retry_at": None,
-            }
-        )
-        claimed_raw = claimed.dump()
-        try:
-            await rt.store.commit(
-                [KvCheck(ENTITY_NS, target.url, raw), KvPut(ENTITY_NS, target.url, claimed_raw)]
-            )
-        except ConditionFailed:
-            self.claims["lost"] += 1
-            return _STALE
-        self.claims["won"] += 1
-        self._remember(target.url, claimed_raw)
-        return Claim(target, claimed, claimed_raw, token, loaded)
-
-    # -- running ----------------------------------------------------------------------------
-
-    async def run_wake(self, claim: Claim) -> None:
-        """Run one claimed wake to its commit (or its recorded failure)."""
-        rt = self.rt
-        entity_type = rt.registry.get(claim.url.type)
-        inflight = claim.record.inflight
-        assert inflight is not None
-        loaded = claim.loaded
-        if loaded is None or loaded.to_offset != inflight.to_offset:
-            loaded = await self._load(claim.url, inflight.from_offset, inflight.to_offset)
-        view, snapshot_offset, events = loaded.view, loaded.base_offset, loaded.events
-        wake_events = [e for e in events if e["type"] in WAKE_TYPES]
-        if not wake_events:
-            await self._finish(claim, [], [], view, snapshot_offset, empty=True)
-            return
-        journal = {}
-        if inflight.attempt > 1:
-            journal = await read_journal(self.rt.store, claim.url.stream, inflight)
-        finished = {
-            e["value"]["finished_child"]["url"]
-            for e in wake_events
-            if e["type"] == "wakes" and (e.get("value") or {}).get("kind") == "child_finished"
-        }
-        if finished:
-            others = await other_children(self.rt, view, finished)
-            for e in wake_events:
-                if (e.get("value") or {}).get("kind") == "child_finished":
-                    e["value"]["other_children"] = others
-        wake = wake_event(
-            claim.url, inflight, events, wake_events, first_wake=not view.get("manifests")
-        )
-        lock = anyio.Lock()
-
-        async def flush(changes: list[dict[str, Any]]) -> None:
-            async with lock:
-                msgs = [orjson.dumps(change) for change in changes]
-                try:
-                    await rt.store.commit(
-                        [
-                            KvCheck(ENTITY_NS, claim.url.url, claim.raw),
-                            Append(claim.url.stream, msgs),
-                        ]
-                    )
-                except (ConditionFailed, StreamClosed):
-                    raise _Fenced() from None
-
-        started = rt.clock.now()
-        ctx = HandlerContext(
-            runtime=rt,
-            entity_type=entity_type,
-            url=claim.url,
-            view=copy_view(view),
-            wake=wake,
-            events=events,
-            journal=journal,
-            run_id=inflight.wake_id,
-            flush=flush,
-            runs_before=claim.record.runs,
-        )
-        error: BaseException | None = None
-        self._running[claim.url.url] = (claim, lock)
-        try:
-            await _invoke(entity_type, ctx, wake)
-        except _Fenced:
-            logger.info("wake %s of %s was fenced", inflight.wake_id, claim.url)
-            self._remember(claim.url.url, None)
-            self._running.pop(claim.url.url, None)
-            return
-        except Exception as exc:  # the handler failed: record it
-            error = exc
-        finally:
-            await lock.acquire()  # no heartbeat from here on: the final commit is ours
-        self._running.pop(claim.url.url, None)
-        duration = rt.clock.now() - started
-        if error is None:
-            run = run_value(inflight, wake, "completed", duration)
-            run["epoch"], run["worker"] = claim.record.epoch, claim.record.owner
-            run["sends"] = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
-            run["spawns"] = [s.target.url for s in ctx.effects.spawns]
-            await self._finish(
-                claim,
-                [event("runs", inflight.wake_id, run, rt.clock.now(), txid=inflight.wake_id)],
-                [ctx],
-                view,
-                snapshot_offset,
-                run_status="completed",
-            )
-            return
-        await self._failed(claim, entity_type, ctx, wake, error, duration, view, snapshot_offset)
+        """Take the lease on ``url`` if it has work and nobody else holds it (see
+        :meth:`~entities._pipeline.claim.Claimer.claim`). Raises whatever the store raises."""
+        return await self.claimer.claim(url, token, stolen=stolen)
 
     async def _heartbeats(self) -> None:
         """Renew the leases of running wakes every third of the lease period (one loop for all
@@ -578,28 +376,116 @@ class Worker:
                 if lock.locked():
                     continue
                 async with lock:
-                    renewed = claim.record.model_copy(
-                        update={"lease_expires": rt.clock.now() + rt.lease_seconds}
-                    )
-                    raw = renewed.dump()
                     try:
-                        await rt.store.commit(
-                            [
-                                KvCheck(ENTITY_NS, claim.url.url, claim.raw),
-                                KvPut(ENTITY_NS, claim.url.url, raw),
-                            ]
-                        )
-                    except ConditionFailed:
-                        continue
+                        await self.claimer.renew(claim)
                     except Exception as exc:  # e.g. the database restarts: try next round
                         logger.warning("lease renewal of %s failed: %r", claim.url, exc)
-                        continue
-                    claim.record, claim.raw = renewed, raw
 
-    async def _load(self, url: EntityURL, acked: str, to_offset: str | None) -> Loaded:
-        """The view and events of a wake range (see :func:`load_range`), folded from this
-        worker's cached view of ``url`` when it has one."""
-        return await load_range(self.rt.store, url, acked, to_offset, self._views.get(url.url))
+    # -- running ----------------------------------------------------------------------------
+
+    async def run_wake(self, claim: Claim) -> None:
+        """Run one claimed wake to its commit (or its recorded failure).
+
+        Raises whatever the store raises (the lease then expires and the wake is redelivered).
+        """
+        rt = self.rt
+        entity_type = rt.registry.get(claim.url.type)
+        inflight = claim.record.inflight
+        assert inflight is not None
+        loaded = claim.loaded
+        if loaded is None or loaded.to_offset != inflight.to_offset:
+            loaded = await self.claimer.load(claim.url, inflight.from_offset, inflight.to_offset)
+        view, base, events = loaded.view, loaded.base_offset, loaded.events
+        wake_events = [e for e in events if e["type"] in WAKE_TYPES]
+        if not wake_events:
+            await self._finish(claim, [], [], view, base, empty=True)
+            return
+        journal = {}
+        if inflight.attempt > 1:
+            journal = await read_journal(rt.store, claim.url.stream, inflight)
+        await self._note_other_children(view, wake_events)
+        wake = wake_event(
+            claim.url, inflight, events, wake_events, first_wake=not view.get("manifests")
+        )
+        lock = anyio.Lock()
+        scope = anyio.CancelScope()
+
+        async def flush(changes: list[dict[str, Any]]) -> None:
+            """Write live progress now, fenced by the claim; once fenced, cancel the wake."""
+            async with lock:
+                try:
+                    await rt.store.commit(
+                        [
+                            KvCheck(ENTITY_NS, claim.url.url, claim.raw),
+                            Append(claim.url.stream, [orjson.dumps(c) for c in changes]),
+                        ]
+                    )
+                except (ConditionFailed, StreamClosed):
+                    scope.cancel()
+                    message = f"wake {inflight.wake_id} of {claim.url} lost its lease"
+                    raise LeaseLost(message, url=claim.url.url) from None
+
+        ctx = self._context(claim, entity_type, view, wake, events, journal, flush)
+        started = rt.clock.now()
+        error: BaseException | None = None
+        self._running[claim.url.url] = (claim, lock)
+        with scope:
+            try:
+                await entity_type.invoke(ctx, wake)
+            except Exception as exc:  # the handler failed: record it
+                error = exc
+        self._running.pop(claim.url.url, None)
+        if scope.cancel_called:  # a write was fenced: another worker owns the entity now
+            logger.info("wake %s of %s was fenced", inflight.wake_id, claim.url)
+            self.claimer.remember(claim.url.url, None)
+            return
+        await lock.acquire()  # no heartbeat from here on: the final commit is ours
+        duration = rt.clock.now() - started
+        if error is not None:
+            await self._failed(claim, entity_type, ctx, wake, error, duration, view, base)
+            return
+        run = run_value(claim.record, wake, "completed", duration)
+        run["sends"] = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
+        run["spawns"] = [s.target.url for s in ctx.effects.spawns]
+        head = [event("runs", inflight.wake_id, run, rt.clock.now(), txid=inflight.wake_id)]
+        await self._finish(claim, head, [ctx.effects], view, base, run_status="completed")
+
+    def _context(
+        self,
+        claim: Claim,
+        entity_type: EntityType,
+        view: View,
+        wake: WakeEvent,
+        events: list[dict[str, Any]],
+        journal: dict[str, Any],
+        flush: Any,
+    ) -> HandlerContext:
+        """The context of one run of ``entity_type``'s code in the wake of ``claim``."""
+        inflight = claim.record.inflight
+        assert inflight is not None
+        return HandlerContext(
+            host=self.rt,
+            entity_type=entity_type,
+            url=claim.url,
+            view=copy_view(view),
+            wake=wake,
+            events=events,
+            journal=journal,
+            run_id=inflight.wake_id,
+            flush=flush,
+            runs_before=claim.record.runs,
+        )
+
+    async def _note_other_children(self, view: View, wake_events: list[dict[str, Any]]) -> None:
+        """Add ``other_children`` (with their status) to each ``child_finished`` wake event."""
+        finished = [
+            e for e in wake_events if (e.get("value") or {}).get("kind") == "child_finished"
+        ]
+        if finished:
+            done = {e["value"]["finished_child"]["url"] for e in finished}
+            others = await other_children(self.rt.store, view, done)
+            for e in finished:
+                e["value"]["other_children"] = others
 
     async def _failed(
         self,
@@ -609,32 +495,21 @@ class Worker:
         wake: WakeEvent,
         error: BaseException,
         duration: float,
-        view: dict[str, dict[str, Any]],
-        snapshot_offset: str,
+        view: View,
+        base: str,
     ) -> None:
+        """Record a failed attempt: retried with backoff, or, after ``max_attempts``,
+        dead-lettered with the effects of the type's ``on_error`` hook."""
         rt = self.rt
         inflight = claim.record.inflight
         assert inflight is not None
         now = rt.clock.now()
         final = inflight.attempt >= entity_type.max_attempts
-        status = "dead_lettered" if final else "failed"
-        run = run_value(inflight, wake, status, duration, error=error)
-        run["epoch"], run["worker"] = claim.record.epoch, claim.record.owner
-        failure = [
+        run = run_value(claim.record, wake, "dead_lettered" if final else "failed", duration,
+                        error=error)  # fmt: skip
+        head = [
             event("runs", inflight.wake_id, run, now, txid=inflight.wake_id),
-            event(
-                "errors",
-                f"{inflight.wake_id}.{inflight.attempt}",
-                {
-                    "run_id": inflight.wake_id,
-                    "attempt": inflight.attempt,
-                    "error": f"{type(error).__name__}: {error}",
-                    "type": type(error).__name__,
-                    "traceback": format_exception(error),
-                    "final": final,
-                },
-                now,
-            ),
+            error_event(inflight, error, now, final=final),
         ]
         logger.warning(
             "wake %s of %s failed (attempt %d/%d): %r",
@@ -645,83 +520,61 @@ class Worker:
             error,
         )
         if final:
-            contexts: list[HandlerContext] = []
-            if entity_type.on_error is not None:
-                hook_ctx = HandlerContext(
-                    runtime=rt,
-                    entity_type=entity_type,
-                    url=claim.url,
-                    view=copy_view(view),
-                    wake=wake,
-                    events=ctx.events,
-                    journal={},
-                    run_id=inflight.wake_id,
-                    flush=lambda entries: None,
-                    runs_before=claim.record.runs,
-                )
-                try:
-                    await call_maybe_async(entity_type.on_error, hook_ctx, error)
-                    contexts.append(hook_ctx)
-                except Exception as hook_error:
-                    logger.exception("on_error hook of %s failed", claim.url)
-                    failure.append(
-                        event(
-                            "errors",
-                            f"{inflight.wake_id}.on_error",
-                            {
-                                "run_id": inflight.wake_id,
-                                "error": repr(hook_error),
-                                "traceback": format_exception(hook_error),
-                                "final": True,
-                            },
-                            now,
-                        )
-                    )
-            await self._finish(
-                claim,
-                failure,
-                contexts,
-                view,
-                snapshot_offset,
-                run_status="failed",
-                error=f"{type(error).__name__}: {error}",
-            )
+            effects = await self._on_error(claim, entity_type, ctx, wake, error, view, head)
+            reason = f"{type(error).__name__}: {error}"
+            await self._finish(claim, head, effects, view, base, run_status="failed", error=reason)
             return
-        for entry in ctx.effects.journal:  # keep now()/uuid() stable for the next attempt
-            failure.append(event("steps", f"{entry['wake_id']}/{entry['name']}", entry, now))
         delay = min(rt.retry_max_seconds, rt.retry_base_seconds * 2 ** (inflight.attempt - 1))
         delay *= 0.8 + 0.4 * random.random()
-        retry = claim.record.model_copy(
-            update={
-                "owner": None,
-                "status": "idle",
-                "retry_at": now + delay,
-                "lease_expires": 0.0,
-                "last_active": now,
-            }
+        ops, retry, retry_raw = retry_commit(
+            claim.url, claim.record, claim.raw, head, ctx.effects, now, delay
         )
-        retry_raw: bytes | None = retry.dump()
+        remembered: bytes | None = retry_raw
         try:
-            await rt.store.commit(
-                [
-                    KvCheck(ENTITY_NS, claim.url.url, claim.raw),
-                    Append(claim.url.stream, failure),
-                    KvPut(ENTITY_NS, claim.url.url, retry_raw),
-                ]
-            )
+            await rt.store.commit(ops)
         except (ConditionFailed, StreamClosed):
             logger.info("failure record of %s was fenced", claim.url)
-            retry_raw = None
-        self._remember(claim.url.url, retry_raw)
-        self._block(claim.url.url, retry.retry_at or now)
+            remembered = None
+        self.claimer.remember(claim.url.url, remembered)
+        self.claimer.block(claim.url.url, retry.retry_at or now)
+
+    async def _on_error(
+        self,
+        claim: Claim,
+        entity_type: EntityType,
+        ctx: HandlerContext,
+        wake: WakeEvent,
+        error: BaseException,
+        view: View,
+        head: list[bytes],
+    ) -> list[Effects]:
+        """Run the type's ``on_error`` hook for a dead-lettered wake; its effects are kept. A
+        failing hook is recorded in ``head`` instead."""
+        if entity_type.on_error is None:
+            return []
+        inflight = claim.record.inflight
+        assert inflight is not None
+
+        async def nowhere(changes: list[dict[str, Any]]) -> None:
+            return None
+
+        hook_ctx = self._context(claim, entity_type, view, wake, ctx.events, {}, nowhere)
+        try:
+            await call_maybe_async(entity_type.on_error, hook_ctx, error)
+        except Exception as hook_error:
+            logger.exception("on_error hook of %s failed", claim.url)
+            now = self.rt.clock.now()
+            head.append(error_event(inflight, hook_error, now, final=True, hook=True))
+            return []
+        return [hook_ctx.effects]
 
     async def _finish(
         self,
         claim: Claim,
-        own_head: list[bytes],
-        contexts: Sequence[HandlerContext],
-        view: dict[str, dict[str, Any]],
-        snapshot_offset: str,
+        head: list[bytes],
+        effects: list[Effects],
+        view: View,
+        base: str,
         *,
         empty: bool = False,
         run_status: str | None = None,
@@ -732,16 +585,17 @@ class Worker:
         inflight = claim.record.inflight
         assert inflight is not None
         commit = await wake_commit(
-            rt,
+            rt.store,
             claim.url,
             claim.record,
             claim.raw,
             claim.token,
-            own_head,
-            contexts,
+            head,
+            effects,
             view,
-            snapshot_offset,
+            base,
             rt.clock.now(),
+            snapshot_every=rt.snapshot_every,
             empty=empty,
             run_status=run_status,
             error=error,
@@ -758,7 +612,7 @@ class Worker:
             except (StreamClosed, StreamNotFound, StreamGone) as exc:
                 if exc.path == claim.url.stream or not exc.path:
                     logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
-                    self._remember(claim.url.url, None)
+                    self.claimer.remember(claim.url.url, None)
                     return
                 # a recipient was killed or deleted after the handler checked it: drop what
                 # was addressed to it and commit the rest
@@ -771,34 +625,7 @@ class Worker:
                 ops = without_path(ops, exc.path)
             except ConditionFailed:
                 logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
-                self._remember(claim.url.url, None)
+                self.claimer.remember(claim.url.url, None)
                 return
-        self._remember(claim.url.url, commit.record)
-        self._views[claim.url.url] = (inflight.to_offset, view)
-        self._views.move_to_end(claim.url.url)
-        while len(self._views) > self.cache_size:
-            self._views.popitem(last=False)
-
-
-class _Fenced(BaseException):
-    """Raised inside a wake when its lease was lost; derived from BaseException so handler code
-    catching ``Exception`` cannot swallow it."""
-
-
-async def _invoke(entity_type: EntityType, ctx: HandlerContext, wake: WakeEvent) -> None:
-    remaining = list(wake.messages)
-    if entity_type.on_message is not None and wake.messages:
-        remaining = []
-        for message in wake.messages:
-            ctx.current_message = message
-            answer = await call_maybe_async(entity_type.on_message, ctx, message)
-            if answer is None:
-                remaining.append(message)
-            else:
-                ctx.reply(answer, to=message)
-        ctx.current_message = None
-        if not remaining and not wake.wakes:
-            return
-        wake = replace(wake, messages=tuple(remaining))
-        ctx.wake = wake
-    await call_maybe_async(entity_type.handler, ctx, wake)
+        self.claimer.remember(claim.url.url, commit.record)
+        self.claimer.remember_view(claim.url.url, inflight.to_offset, view)

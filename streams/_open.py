@@ -5,6 +5,8 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from ._backends.base import Store
+from ._backends.memory import MemoryStore
+from ._backends.sqlite import SqliteStore
 from ._errors import BackendUnavailable
 
 __all__ = ["open_store"]
@@ -22,15 +24,11 @@ def open_store(url: str) -> Store:
     """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
-        from ._backends.memory import MemoryStore
-
         return MemoryStore(url)
     if scheme == "sqlite":
-        from ._backends.sqlite import SqliteStore
-
         return SqliteStore(url)
     if scheme in {"postgres", "postgresql"}:
-        try:
+        try:  # the backend imports asyncpg, an optional dependency
             from ._backends.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
         except ImportError as exc:
             raise BackendUnavailable(

@@ -12,7 +12,7 @@ stream's whole history; :func:`save_snapshot` records one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import orjson
@@ -121,11 +121,20 @@ class Materializer:
         collections: dict[str, dict[str, Any]] | None = None,
         offset: str = START,
         *,
-        types: Iterable[str] | None = None,
+        types: Iterable[str] | Callable[[str], bool] | None = None,
     ) -> None:
+        """``types`` limits what is folded: the collection names to keep, or a predicate on a
+        name (e.g. a prefix test); ``None`` keeps every collection."""
         self.collections: dict[str, dict[str, Any]] = collections if collections is not None else {}
         self.offset = offset
-        self.types = None if types is None else frozenset(types)
+        self.types = types if types is None or callable(types) else frozenset(types)
+        self._wanted: Callable[[str], bool] | None = (
+            None
+            if self.types is None
+            else self.types.__contains__
+            if isinstance(self.types, frozenset)
+            else self.types
+        )
         self.applied = 0
 
     def apply(self, event: Mapping[str, Any]) -> None:
@@ -137,7 +146,7 @@ class Materializer:
                 self.collections.clear()
             return
         type_ = event["type"]
-        if self.types is not None and type_ not in self.types:
+        if self._wanted is not None and not self._wanted(type_):
             return
         if operation == "delete":
             table = self.collections.get(type_)
@@ -169,7 +178,9 @@ class Materializer:
         )
 
     @classmethod
-    def from_snapshot(cls, data: bytes, *, types: Iterable[str] | None = None) -> Materializer:
+    def from_snapshot(
+        cls, data: bytes, *, types: Iterable[str] | Callable[[str], bool] | None = None
+    ) -> Materializer:
         """Rebuild from :meth:`snapshot` output.
 
         Raises:

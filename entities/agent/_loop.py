@@ -13,12 +13,15 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import orjson
+
+from .._errors import ModelError
+from ._host import AgentContext
 from ._model import (
     ChatMessage,
     ModelClient,
-    ModelError,
     ModelResponse,
     ToolSpec,
     Usage,
@@ -26,9 +29,6 @@ from ._model import (
 )
 from ._scripted import ScriptedModel, TestResponses
 from ._tools import Tool, ToolResult
-
-if TYPE_CHECKING:
-    from .._context import HandlerContext
 
 __all__ = ["Agent", "AgentConfig", "AgentRunResult"]
 
@@ -65,7 +65,7 @@ class AgentRunResult:
 class Agent:
     """The agent bound to one wake (``ctx.agent``)."""
 
-    def __init__(self, ctx: HandlerContext, config: AgentConfig) -> None:
+    def __init__(self, ctx: AgentContext, config: AgentConfig) -> None:
         if config.max_rounds < 1:
             raise ValueError("max_rounds must be at least 1")
         names = [t.name for t in config.tools]
@@ -215,8 +215,6 @@ class Agent:
 def _as_text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    import orjson
-
     try:
         return orjson.dumps(value).decode()
     except TypeError:

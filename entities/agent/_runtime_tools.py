@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, Field
 
+from ._host import ToolContext
 from ._tools import Tool
-
-if TYPE_CHECKING:
-    from .._context import HandlerContext
 
 __all__ = ["runtime_tools"]
 
@@ -50,7 +48,7 @@ class NoArgs(BaseModel):
     pass
 
 
-def runtime_tools(ctx: HandlerContext) -> list[Tool]:
+def runtime_tools(ctx: ToolContext) -> list[Tool]:
     """The host tools bound to one wake's context (``ctx.runtime_tools``)."""
 
     async def send(args: SendArgs) -> dict[str, Any]:

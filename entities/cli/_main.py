@@ -15,10 +15,15 @@ import anyio
 import click
 import orjson
 
+from streams import open_store
 from streams.server import ServerSettings
 
 from .._errors import EntitiesError
+from .._records import APP_NS
 from .._runtime import Runtime
+from .._urls import parse_url
+from ..server import ServeOptions
+from ..server import serve as run_serve
 from ._app import load_registry
 from ._client import Client
 
@@ -110,9 +115,6 @@ def serve(
     lease_seconds: float,
 ) -> None:
     """Serve HTTP (control plane, Durable Streams, dev UI) with an embedded worker."""
-    from ..server import ServeOptions
-    from ..server import serve as run_serve
-
     registry = load_registry(app)
     settings = ServerSettings(long_poll_timeout_s=long_poll_ms / 1000, sse_max_duration_s=sse_max_s)
     options = ServeOptions(
@@ -311,10 +313,6 @@ async def _dead_letter(rt: Runtime, url: str, after: str) -> str | None:
 
 
 async def _recorded_app(db: str, type_: str) -> str:
-    from streams import open_store
-
-    from .._runtime import APP_NS
-
     async with open_store(db) as store:
         source = await store.kv_get(APP_NS, type_)
     if source is None:
@@ -339,8 +337,6 @@ async def _recorded_app(db: str, type_: str) -> str:
 def replay(url: str, app: str | None, db: str, wake: str | None, as_json: bool) -> None:
     """Re-execute URL's recorded wakes against their journal (no network, no writes) and
     report any divergence. Exits 1 when a wake diverged."""
-    from .._urls import parse_url
-
     target = parse_url(url)
     if app is None:
         app = anyio.run(_recorded_app, db, target.type)

@@ -481,8 +481,3 @@ def check_append(op: Append) -> None:
 
 def tail_offset(length: int) -> str:
     return format_offset(length)
-
-
-def resolve_read_start(path: str, offset: str, length: int) -> int:
-    position = parse_offset(offset, path=path)
-    return length if position is None else position

@@ -11,7 +11,7 @@ import anyio
 import orjson
 
 from entities import HandlerContext, Registry, Runtime, WakeEvent
-from entities._affinity import PRESENCE_TTL, STEAL_AFTER, Affinity
+from entities._pipeline.affinity import PRESENCE_TTL, STEAL_AFTER, Affinity
 from entities._records import ENTITY_NS, PENDING_NS, WORKER_NS
 from streams import KvCheck, KvPut, open_store
 
@@ -193,12 +193,12 @@ async def test_a_worker_forgets_blocks_on_entities_no_longer_pending(tmp_path: P
         await rt.spawn("/probe/still")  # pending: its first wake
         far = rt.clock.now() + 60
         for i in range(3000):
-            worker._block(f"/probe/gone{i}", far)
-        worker._block("/probe/still", far)
+            worker.claimer.block(f"/probe/gone{i}", far)
+        worker.claimer.block("/probe/still", far)
         async with anyio.create_task_group() as tg:
             await worker._dispatch(tg)
             tg.cancel_scope.cancel()
-        assert worker._blocked == {"/probe/still": (far, None)}
+        assert worker.claimer.blocked == {"/probe/still": (far, None)}
 
 
 async def test_a_stolen_claim_goes_ahead_only_under_the_mark_it_was_seen_with(
@@ -232,7 +232,7 @@ async def test_a_stolen_claim_goes_ahead_only_under_the_mark_it_was_seen_with(
 
         # under the mark it saw, with a stale cached record: claimed from a fresh read
         await rt.store.commit([KvPut(PENDING_NS, url, seen)])
-        worker._remember(url, b"{}")  # a stale cache entry: a stolen claim does not use it
+        worker.claimer.remember(url, b"{}")  # a stale cache entry: a stolen claim does not use it
         claim = await worker.claim(url, seen, stolen=True)
         assert claim is not None and claim.record.epoch == found[0].epoch + 1
         assert worker.claims == {"won": 1}

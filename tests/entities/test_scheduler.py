@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from entities import ContextError, HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
-from entities._scheduler import fire_due
+from entities._pipeline.fire import fire_due
 from streams import open_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))

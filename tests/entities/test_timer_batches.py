@@ -9,15 +9,9 @@ from typing import Any
 
 from entities import HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
 from entities._manifest import ScheduleEntry
+from entities._pipeline.fire import BAD_TIMER_NS, fire_due
 from entities._records import SCHEDULE_NS, TIMER_NS
-from entities._scheduler import (
-    BAD_TIMER_NS,
-    TimerValue,
-    arm_ops,
-    cancel_ops,
-    fire_due,
-    timer_key,
-)
+from entities._timers import TimerValue, arm_ops, cancel_ops, timer_key
 from streams import KvPut, Op
 
 registry = Registry()

@@ -1,4 +1,4 @@
-"""Worker presence and entity affinity: which live worker should run an entity's wakes.
+"""Stage 3 (with :mod:`.claim`), affinity: which live worker should run an entity's wakes.
 
 Every running worker keeps a presence record in the ``worker`` namespace (renewed every
 ``PRESENCE_SECONDS``, taken for gone ``PRESENCE_TTL`` seconds after its last renewal). Each
@@ -29,7 +29,7 @@ import orjson
 
 from streams import ConditionFailed, KvPut, Store
 
-from ._records import WORKER_NS
+from .._records import WORKER_NS
 
 __all__ = [
     "PRESENCE_SECONDS",

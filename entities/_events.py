@@ -1,0 +1,83 @@
+"""The one encoder of the change events the runtime writes to entity streams.
+
+Every event in an entity's stream is a State Protocol change event (see ``streams``):
+``{type, key, value?, old_value?, headers: {operation, txid?, timestamp?}}``, ``type`` naming a
+collection. :func:`change` builds one as a dict (what a wake buffers, and what replay and
+observers compare), :func:`event` as the bytes stored. The ``txid`` is the id of the wake that
+wrote it, which is how replay finds a wake's writes.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from typing import Any
+
+import orjson
+
+from streams import Operation
+from streams import change as state_change
+
+__all__ = ["JSON", "change", "event", "inbox_value", "iso", "new_token"]
+
+JSON = "application/json"
+
+
+@functools.lru_cache(maxsize=4096)
+def iso(ts: float) -> str:
+    """RFC 3339 UTC timestamp with milliseconds (cached: a commit stamps many events with one
+    time)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def change(
+    type_: str,
+    key: str,
+    value: Any,
+    ts: float | None,
+    operation: Operation = "insert",
+    *,
+    txid: str | None = None,
+    old: Any = None,
+) -> dict[str, Any]:
+    """One change event as a dict, stamped with ``ts`` (epoch seconds; ``None``: no
+    timestamp) and, when given, the wake id ``txid``. A delete carries no value."""
+    return state_change(
+        type_,
+        key,
+        None if operation == "delete" else value,
+        operation=operation,
+        old_value=old,
+        txid=txid,
+        timestamp=None if ts is None else iso(ts),
+    )
+
+
+def event(
+    type_: str,
+    key: str,
+    value: Any,
+    ts: float,
+    operation: Operation = "insert",
+    *,
+    txid: str | None = None,
+) -> bytes:
+    """One change event as the bytes stored in a stream (see :func:`change`)."""
+    return orjson.dumps(change(type_, key, value, ts, operation, txid=txid))
+
+
+def inbox_value(payload: Any, message_type: str | None, sender: str | None, now: float) -> Any:
+    """The value of an ``inbox`` event: one message to an entity."""
+    return {
+        "from": sender,
+        "payload": payload,
+        "message_type": message_type,
+        "timestamp": iso(now),
+        "ts": now,
+    }
+
+
+def new_token() -> bytes:
+    """A fresh pending mark: a wake claimed under an earlier mark cannot clear this one."""
+    return uuid.uuid4().hex.encode()

@@ -1,0 +1,290 @@
+"""Stage 3, the claim: take the lease on a pending entity for one wake.
+
+A claim is a compare-and-set of the entity record that bumps its fencing ``epoch`` and records
+the in-flight wake's event range (:class:`~entities._records.Inflight`). Every later write of
+that wake (journal flushes, heartbeats, the final commit) is checked against the exact record
+bytes the claim wrote, so a worker whose lease was taken over (expiry, kill) can change nothing.
+A redelivered wake (its lease expired, or it failed and is retried) keeps its range and counts
+one more attempt.
+
+A :class:`Claimer` is one worker's side of this: it keeps a bounded cache of the entity records
+it wrote last and of the views its wakes folded (so an entity's next wake on the same worker
+costs no record read and folds only new events), and remembers entities to leave alone for a
+while (leased elsewhere, or waiting to be retried). Which entities a worker tries first is
+:mod:`.affinity`'s business.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from streams import ConditionFailed, KvCheck, KvPut, Store, StreamGone, StreamNotFound
+
+from .._clock import Clock
+from .._records import ENTITY_NS, PENDING_NS, WAKE_TYPES, EntityRecord, Inflight
+from .._urls import EntityURL, parse_url
+from .load import Loaded, View, load_range, wake_id
+
+__all__ = ["Claim", "Claimer"]
+
+logger = logging.getLogger("entities.worker")
+
+
+@dataclass(slots=True)
+class Claim:
+    """A lease on one entity, held by this worker for one wake."""
+
+    url: EntityURL
+    record: EntityRecord
+    raw: bytes
+    token: bytes
+    loaded: Loaded | None = None
+    # set by the wake's commit: the entity has more to do (its pending mark outlived the wake)
+    more: bool = False
+
+
+_STALE = object()
+
+
+class Claimer:
+    """Claims and releases leases for one worker (``worker_id``), with its caches."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        worker_id: str,
+        *,
+        lease_seconds: float,
+        cache_size: int,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self.cache_size = cache_size
+        # claim outcomes: won, lost (another claim committed first), held (leased elsewhere),
+        # empty (nothing to run by the time it was read): a measure of contention
+        self.counts: Counter[str] = Counter()
+        self.records: OrderedDict[str, bytes] = OrderedDict()
+        self.views: OrderedDict[str, tuple[str, View]] = OrderedDict()
+        # url -> (not before this time, the pending mark it was found leased elsewhere under)
+        self.blocked: dict[str, tuple[float, bytes | None]] = {}
+
+    # -- what this worker remembers -------------------------------------------------------------
+
+    def block(self, url: str, until: float, *, held: bytes | None = None) -> None:
+        """Do not try ``url`` again before ``until``; if it is ``held`` (leased elsewhere, under
+        that pending mark), try again as soon as its mark changes."""
+        self.blocked[url] = (until, held)
+
+    def until(self, url: str) -> float:
+        """When ``url`` may be tried again (0 when it is not blocked)."""
+        blocked = self.blocked.get(url)
+        return 0.0 if blocked is None else blocked[0]
+
+    def ready(self, url: str, token: bytes, now: float) -> float | None:
+        """``None`` if ``url`` (pending under ``token``) may be tried now, else when to look
+        again: it was leased elsewhere when last tried, worth a new try once the lease ends,
+        or as soon as the entity was marked again (its holder finished, or more arrived)."""
+        blocked = self.blocked.get(url)
+        if blocked is None:
+            return None
+        until, held = blocked
+        if until > now and held in (None, token):
+            return until
+        del self.blocked[url]
+        return None
+
+    def forget_unmarked(self, pending: Sequence[tuple[str, bytes]]) -> None:
+        """Drop blocks on entities no longer pending, once they outnumber the pending ones
+        (they would otherwise accumulate for the life of the process)."""
+        if len(self.blocked) > 2 * len(pending) + 1024:
+            marked = {url for url, _token in pending}
+            for url in [u for u in self.blocked if u not in marked]:
+                del self.blocked[url]
+
+    def remember(self, url: str, raw: bytes | None) -> None:
+        """Cache the record bytes this worker just wrote for ``url`` (``None``: forget it)."""
+        if raw is None:
+            self.records.pop(url, None)
+            return
+        self.records[url] = raw
+        self.records.move_to_end(url)
+        while len(self.records) > self.cache_size:
+            self.records.popitem(last=False)
+
+    def remember_view(self, url: str, offset: str, view: View) -> None:
+        """Cache the view of ``url`` folded up to ``offset`` (its last committed wake)."""
+        self.views[url] = (offset, view)
+        self.views.move_to_end(url)
+        while len(self.views) > self.cache_size:
+            self.views.popitem(last=False)
+
+    async def load(self, url: EntityURL, acked: str, to_offset: str | None) -> Loaded:
+        """The view and events of a wake range (see :func:`~.load.load_range`), folded from
+        the cached view of ``url`` when there is one. Raises whatever the store raises."""
+        return await load_range(self.store, url, acked, to_offset, self.views.get(url.url))
+
+    # -- claiming -------------------------------------------------------------------------------
+
+    async def claim(
+        self, url: str, token: bytes | None = None, *, stolen: bool = False
+    ) -> Claim | None:
+        """Take the lease on ``url`` if it has work and nobody else holds it.
+
+        The entity record may come from this worker's bounded cache: the compare-and-set of the
+        claim fails if it is stale, and the claim is then retried once with a fresh read.
+        ``stolen``: ``url`` prefers another live worker, which may be running it right now; the
+        claim goes ahead only if the pending mark is still ``token`` (else that worker took it
+        since the scan) and reads the record fresh, so a collision costs two reads, not a failed
+        commit or a load.
+
+        Raises whatever the store raises.
+        """
+        target = parse_url(url)
+        if token is None or stolen:
+            current = await self.store.kv_get(PENDING_NS, target.url)
+            if current is None or (token is not None and current != token):
+                return None
+            token = current
+        for fresh in (stolen, True):  # a stolen claim skips the cache
+            raw = None if fresh else self.records.get(target.url)
+            if raw is None:
+                raw = await self.store.kv_get(ENTITY_NS, target.url)
+                fresh = True
+            claim = await self._try(target, raw, token)
+            if claim is not _STALE:
+                return claim  # type: ignore[return-value]
+            self.remember(target.url, None)
+            if fresh:
+                return None
+        return None
+
+    async def _clear(self, target: EntityURL, token: bytes, raw: bytes | None = None) -> None:
+        """Clear the pending mark if it is still ``token`` (and, with ``raw``, the record is
+        still that). Raises ConditionFailed when ``raw`` no longer holds."""
+        checks = [] if raw is None else [KvCheck(ENTITY_NS, target.url, raw)]
+        await self.store.commit(
+            [*checks, KvPut(PENDING_NS, target.url, None, only_if=True, expect=token)]
+        )
+
+    async def _try(self, target: EntityURL, raw: bytes | None, token: bytes) -> object:
+        """One compare-and-set attempt: a :class:`Claim`, ``None`` (nothing to do now), or
+        ``_STALE`` (the record read was out of date)."""
+        if raw is None:  # an orphan mark: drop it
+            await self._clear(target, token)
+            return None
+        record = EntityRecord.load(raw)
+        now = self.clock.now()
+        if record.status == "stopped":
+            await self._clear(target, token)
+            return None
+        if record.owner is not None and record.lease_expires > now:
+            self.block(target.url, record.lease_expires, held=token)
+            self.counts["held"] += 1
+            return None
+        if record.retry_at is not None and record.retry_at > now:
+            self.block(target.url, record.retry_at)
+            return None
+        self.blocked.pop(target.url, None)
+        inflight = record.inflight
+        loaded: Loaded | None = None
+        if inflight is None:
+            try:
+                loaded = await self.load(target, record.acked, None)
+            except (StreamNotFound, StreamGone):
+                return None
+            if not any(e["type"] in WAKE_TYPES for e in loaded.events):
+                self.counts["empty"] += 1
+                # nothing to run (another worker ran the wake since the mark was read, or a
+                # conservative re-mark): no empty wake; clear the mark if it is still the one
+                # read and the record is still the one loaded from
+                try:
+                    await self._clear(target, token, raw)
+                except ConditionFailed:
+                    return _STALE
+                return None
+            inflight = Inflight(
+                wake_id=wake_id(record.acked, loaded.to_offset),
+                from_offset=record.acked,
+                to_offset=loaded.to_offset,
+            )
+        else:
+            inflight = inflight.model_copy(update={"attempt": inflight.attempt + 1})
+        return await self._lease(target, record, raw, token, inflight, loaded, now)
+
+    async def _lease(
+        self,
+        target: EntityURL,
+        record: EntityRecord,
+        raw: bytes,
+        token: bytes,
+        inflight: Inflight,
+        loaded: Loaded | None,
+        now: float,
+    ) -> object:
+        """Write the claimed record (new epoch, lease, range) if ``raw`` still holds."""
+        claimed = record.model_copy(
+            update={
+                "owner": self.worker_id,
+                "epoch": record.epoch + 1,
+                "lease_expires": now + self.lease_seconds,
+                "inflight": inflight,
+                "status": "running",
+                "retry_at": None,
+            }
+        )
+        claimed_raw = claimed.dump()
+        try:
+            await self.store.commit(
+                [KvCheck(ENTITY_NS, target.url, raw), KvPut(ENTITY_NS, target.url, claimed_raw)]
+            )
+        except ConditionFailed:
+            self.counts["lost"] += 1
+            return _STALE
+        self.counts["won"] += 1
+        self.remember(target.url, claimed_raw)
+        return Claim(target, claimed, claimed_raw, token, loaded)
+
+    async def renew(self, claim: Claim) -> bool:
+        """Extend the lease of ``claim`` by ``lease_seconds`` from now; ``False`` if it was
+        taken over. Raises whatever else the store raises."""
+        renewed = claim.record.model_copy(
+            update={"lease_expires": self.clock.now() + self.lease_seconds}
+        )
+        raw = renewed.dump()
+        try:
+            await self.store.commit(
+                [KvCheck(ENTITY_NS, claim.url.url, claim.raw), KvPut(ENTITY_NS, claim.url.url, raw)]
+            )
+        except ConditionFailed:
+            return False
+        claim.record, claim.raw = renewed, raw
+        return True
+
+    async def release(self, claim: Claim) -> bool:
+        """Give the lease of ``claim`` back at once, keeping the wake's range, so the wake is
+        redelivered now (as its next attempt) instead of after the lease expires. ``False``
+        when it could not be (the wake committed or was fenced after all, or the store
+        failed: the lease then expires)."""
+        released = claim.record.model_copy(
+            update={"owner": None, "status": "idle", "lease_expires": 0.0}
+        )
+        raw = released.dump()
+        try:
+            await self.store.commit(
+                [KvCheck(ENTITY_NS, claim.url.url, claim.raw), KvPut(ENTITY_NS, claim.url.url, raw)]
+            )
+        except ConditionFailed:
+            self.remember(claim.url.url, None)
+            return False
+        except Exception as exc:  # e.g. the database is gone: the lease expires instead
+            logger.warning("could not release the lease of %s: %r", claim.url, exc)
+            self.remember(claim.url.url, None)
+            return False
+        self.remember(claim.url.url, raw)
+        return True

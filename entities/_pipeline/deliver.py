@@ -1,0 +1,230 @@
+"""Stage 6, delivery: what a wake's commit owes others, in the same transaction.
+
+A child spawned with ``wake="run_finished"`` wakes its parent with ``finished_child`` when a run
+of it ends; observers whose conditions match the committed changes get a ``wakes`` event (or
+their debounce timer is armed); writes to shared-state dbs are appended to them, and tag changes
+wake the observers of tag membership. All of it goes through the inbox (:mod:`.inbox`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from streams import Append, Create, KvPut, Op, Store
+
+from .._effects import Effects, response_of
+from .._events import JSON, event, new_token
+from .._observe import OBSERVER_NS, change_summary, db_stream, matches
+from .._records import ENTITY_NS, SCHEDULE_NS, TIMER_NS, EntityRecord
+from .._timers import arm_ops, debounce_timer, schedule_key, timeout_timer
+from .._urls import EntityURL, parse_url
+from .inbox import wake_ops
+from .load import View
+
+__all__ = ["deliver", "observer_ops", "other_children", "parent_ops"]
+
+
+async def parent_ops(
+    store: Store,
+    entity: EntityURL,
+    record: EntityRecord,
+    effects: Sequence[Effects],
+    run_status: str,
+    error: str | None,
+    now: float,
+) -> list[Op]:
+    """Operations that wake the parent with ``finished_child`` (if the entity was spawned with
+    ``wake="run_finished"`` and its parent still runs). Raises whatever the store raises."""
+    if record.parent is None or record.parent_wake != "run_finished":
+        return []
+    raw = await store.kv_get(ENTITY_NS, record.parent)
+    if raw is None or EntityRecord.load(raw).status == "stopped":
+        return []
+    inflight = record.inflight
+    assert inflight is not None
+    value = {
+        "kind": "child_finished",
+        "source": entity.url,
+        "finished_child": _finished(entity, run_status, response_of(effects), error),
+    }
+    key = f"{entity.url}@{inflight.wake_id}"
+    return wake_ops(parse_url(record.parent), [event("wakes", key, value, now)])
+
+
+def _finished(
+    entity: EntityURL, run_status: str, response: Any, error: str | None
+) -> dict[str, Any]:
+    return {
+        "url": entity.url,
+        "type": entity.type,
+        "run_status": run_status,
+        "response": response,
+        "error": error,
+    }
+
+
+async def observer_ops(
+    store: Store,
+    entity: EntityURL,
+    effects: Sequence[Effects],
+    run_status: str | None,
+    error: str | None,
+    view: View,
+    now: float,
+) -> list[Op]:
+    """Observer-index updates, shared-db writes, and the wakes this commit owes observers.
+    ``view`` is the entity's view before the wake (its tags are compared with the wake's tag
+    changes). Raises whatever the store raises."""
+    url = entity.url
+    ops: list[Op] = [KvPut(OBSERVER_NS, k, v) for e in effects for k, v in e.observers.items()]
+    own = [change for e in effects for change in e.own]
+    rows = await store.kv_scan(OBSERVER_NS, f"{url}|")
+    if rows:
+        finished = None
+        if run_status is not None:
+            finished = _finished(entity, run_status, response_of(effects), error)
+        changes = change_summary(own)
+        for _key, raw in rows:
+            ops.extend(await deliver(store, orjson.loads(raw), url, changes, finished, now))
+    for e in effects:
+        for db_id, handle in e.shared.items():
+            ops.extend(await _shared_ops(store, url, db_id, handle.events, db_id in e.new_dbs, now))
+    tag_changes = [change for change in own if change["type"] == "tags"]
+    if tag_changes:
+        ops.extend(await _membership_ops(store, url, view, tag_changes, now))
+    return ops
+
+
+async def _shared_ops(
+    store: Store,
+    url: str,
+    db_id: str,
+    events: Sequence[Mapping[str, Any]],
+    new: bool,
+    now: float,
+) -> list[Op]:
+    """A wake's writes to shared db ``db_id`` (creating it when ``new``), and the wakes of its
+    other observers."""
+    stream = db_stream(db_id)
+    encoded = [orjson.dumps(e) for e in events]
+    ops: list[Op] = []
+    if new:
+        ops.append(Create(stream, content_type=JSON, messages=encoded, exclusive=True))
+    elif encoded:
+        ops.append(Append(stream, encoded))
+    if encoded:
+        changes = change_summary(events)
+        for _key, raw in await store.kv_scan(OBSERVER_NS, f"db:{db_id}|"):
+            obs = orjson.loads(raw)
+            if obs["observer"] != url:
+                ops.extend(await deliver(store, obs, f"db:{db_id}", changes, None, now))
+    return ops
+
+
+async def _membership_ops(
+    store: Store,
+    url: str,
+    view: View,
+    tag_changes: Sequence[Mapping[str, Any]],
+    now: float,
+) -> list[Op]:
+    """Wakes of the observers of tag membership whose set ``url`` joined or left."""
+    before = {k: (v or {}).get("value") for k, v in view.get("tags", {}).items()}
+    after = dict(before)
+    for change in tag_changes:
+        if change["headers"]["operation"] == "delete":
+            after.pop(change["key"], None)
+        else:
+            after[change["key"]] = str((change.get("value") or {}).get("value"))
+    ops: list[Op] = []
+    for _key, raw in await store.kv_scan(OBSERVER_NS, "entities:"):
+        obs = orjson.loads(raw)
+        wanted = dict(item.split("=", 1) for item in obs["source_ref"].split(",") if item)
+        was = all(before.get(k) == v for k, v in wanted.items())
+        now_in = all(after.get(k) == v for k, v in wanted.items())
+        if was != now_in and obs["observer"] != url:
+            change = {"collection": "members", "kind": "insert" if now_in else "delete", "key": url}
+            source = f"entities:{obs['source_ref']}"
+            ops.extend(await deliver(store, obs, source, [change], None, now))
+    return ops
+
+
+async def deliver(
+    store: Store,
+    observer: dict[str, Any],
+    source: str,
+    changes: list[dict[str, Any]],
+    finished: dict[str, Any] | None,
+    now: float,
+) -> list[Op]:
+    """Operations that wake one observer (or arm its debounce timer). Raises whatever the
+    store raises reading a debounce timer."""
+    wake = observer["wake"]
+    target = parse_url(observer["observer"])
+    value: dict[str, Any]
+    if wake.get("on") == "run_finished":
+        if finished is None:
+            return []
+        shown = dict(finished)
+        if not wake.get("include_response", True):
+            shown["response"] = None
+        value = {"kind": "run_finished", "source": source, "finished": shown}
+    else:
+        matched = matches(wake, changes)
+        if not matched:
+            return []
+        if wake.get("debounce_ms"):
+            return await _debounce(store, target, wake, source, matched, now)
+        value = {"kind": "change", "source": source, "changes": matched}
+    key = f"{source}@{new_token().decode()}"
+    ops = wake_ops(target, [event("wakes", key, value, now)])
+    if wake.get("timeout_ms"):
+        ops.extend(arm_ops(timeout_timer(target.url, source, wake["timeout_ms"], now)))
+    return ops
+
+
+async def _debounce(
+    store: Store,
+    target: EntityURL,
+    wake: Mapping[str, Any],
+    source: str,
+    matched: list[dict[str, Any]],
+    now: float,
+) -> list[Op]:
+    """(Re)arm an observer's debounce timer, carrying the changes it has gathered so far."""
+    index = schedule_key(target.url, f"debounce:{source}")
+    current = await store.kv_get(SCHEDULE_NS, index)
+    earlier: list[Any] = []
+    replaces = None
+    if current is not None:
+        replaces = current.decode()
+        raw = await store.kv_get(TIMER_NS, replaces)
+        if raw is not None:
+            earlier = list((orjson.loads(raw).get("payload") or {}).get("changes", []))
+    timer = debounce_timer(
+        target.url, source, wake["debounce_ms"], now, earlier + matched, wake.get("timeout_ms")
+    )
+    return arm_ops(timer, replaces)
+
+
+async def other_children(store: Store, view: View, finished: set[str]) -> list[dict[str, Any]]:
+    """The parent's children other than ``finished``, with their status (``spawning`` until
+    the wake that spawned them committed). Raises whatever the store raises."""
+    children = [v for v in view.get("manifests", {}).values() if v.get("kind") == "child"]
+    statuses: dict[str, str] = {}
+    for type_ in {c["entity_type"] for c in children}:
+        for _key, raw in await store.kv_scan(ENTITY_NS, f"/{type_}/"):
+            record = EntityRecord.load(raw)
+            statuses[record.url] = record.status
+    return [
+        {
+            "url": c["entity_url"],
+            "type": c["entity_type"],
+            "status": statuses.get(c["entity_url"], "spawning"),
+        }
+        for c in children
+        if c["entity_url"] not in finished
+    ]
