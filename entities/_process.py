@@ -220,6 +220,184 @@ class _Collector:
         return body
 
 
+class _TurnRun:
+    """One run of the program for a turn: the process and what its helper tasks share.
+
+    :meth:`supervise` runs one task per concern (write the turn to stdin, read stdout, read
+    stderr, the timeout watchdog, the drain after exit) and forwards partials from the calling
+    task; :meth:`result` folds what they saw into a :class:`TurnResult`.
+    """
+
+    def __init__(self, spec: ProcessSpec, turn: Turn, proc: Process, name: str) -> None:
+        self.spec = spec
+        self.turn = turn
+        self.proc = proc
+        self.name = name  # argv[0], for the log
+        self.collector = _Collector(spec.streaming)
+        self.stderr_window = bytearray()
+        self.timed_out = False
+        self.stdout_done = anyio.Event()
+        self.stderr_done = anyio.Event()
+        self.send, self.receive = anyio.create_memory_object_stream[str](max_buffer_size=math.inf)
+
+    async def write_turn(self) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        try:
+            await stdin.send(_turn_line(self.turn))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # a wire-0.1 program may exit without reading stdin
+        finally:
+            try:
+                await stdin.aclose()
+            except (anyio.BrokenResourceError, OSError):
+                pass
+
+    async def read_stdout(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        try:
+            async for line in _lines(stdout):
+                forward = self.collector.feed(line)
+                if forward is not None:
+                    try:
+                        self.send.send_nowait(forward)
+                    except anyio.ClosedResourceError:
+                        pass  # the turn is over (a grandchild kept the pipe open)
+        finally:
+            self.stdout_done.set()
+            self.send.close()
+
+    async def read_stderr(self) -> None:
+        stderr = self.proc.stderr
+        assert stderr is not None
+        window = self.stderr_window
+        try:
+            async for line in _lines(stderr):
+                logger.debug("agent stderr: %s", line)
+                window.extend(line.encode() + b"\n")
+                if len(window) > STDERR_WINDOW:
+                    del window[: len(window) - STDERR_WINDOW]
+        finally:
+            self.stderr_done.set()
+
+    async def watchdog(self) -> None:
+        """Past ``timeout_s``: SIGTERM the process group, then SIGKILL after ``kill_grace_s``."""
+        proc, spec = self.proc, self.spec
+        with anyio.move_on_after(spec.timeout_s):
+            await proc.wait()
+            return
+        self.timed_out = True
+        logger.warning("%s ran past %s s: SIGTERM", self.name, spec.timeout_s)
+        _signal_group(proc, signal.SIGTERM)
+        with anyio.move_on_after(spec.kill_grace_s):
+            await proc.wait()
+            return
+        logger.warning("%s ignored SIGTERM for %s s: SIGKILL", self.name, spec.kill_grace_s)
+        _signal_group(proc, signal.SIGKILL)
+        await proc.wait()
+
+    async def drain_after_exit(self) -> None:
+        await self.proc.wait()
+        # A grandchild may hold the pipes open: give them a moment, then stop reading.
+        with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
+            await self.stdout_done.wait()
+            await self.stderr_done.wait()
+        self.send.close()
+
+    async def forward_partials(
+        self, on_partial: Callable[[str], Awaitable[None]] | None
+    ) -> BaseException | None:
+        """Await ``on_partial`` for each partial until the stream closes; return what it
+        raised (other than cancellation), after killing the process group, or ``None``."""
+        async with self.receive:
+            async for text in self.receive:
+                if on_partial is None:
+                    continue
+                try:
+                    await on_partial(text)
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as exc:
+                    _signal_group(self.proc, signal.SIGKILL)
+                    return exc
+        return None
+
+    async def supervise(self, on_partial: Callable[[str], Awaitable[None]] | None) -> None:
+        """Run the helpers until the program has exited; on the way out (also when cancelled)
+        kill the process group if it still runs, and close the process.
+
+        Raises:
+            Whatever ``on_partial`` raises (the program is then killed).
+        """
+        error: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.write_turn)
+                tg.start_soon(self.read_stderr)
+                tg.start_soon(self.watchdog)
+                tg.start_soon(self.drain_after_exit)
+                tg.start_soon(self.read_stdout)
+                # Partials are forwarded from this task, and what ``on_partial`` raises (e.g. a
+                # lost lease) is re-raised as itself once the helpers are stopped.
+                error = await self.forward_partials(on_partial)
+                await self.proc.wait()
+                tg.cancel_scope.cancel()
+            if error is not None:
+                raise error
+        finally:
+            if self.proc.returncode is None:
+                _signal_group(self.proc, signal.SIGKILL)
+                with anyio.CancelScope(shield=True):
+                    await self.proc.wait()
+            with anyio.CancelScope(shield=True):
+                await self.proc.aclose()
+
+    def exit_code(self) -> int:
+        """The turn's exit code: 124 on timeout, at least 1 after an error line."""
+        code = _exit_code(self.proc.returncode)
+        if self.timed_out:
+            return EXIT_TIMEOUT
+        if self.collector.error:
+            return EXIT_ERROR if code == EXIT_SUCCESS else code
+        return code
+
+    def result(self, started: float) -> TurnResult:
+        """The :class:`TurnResult` of the finished run (``started``: its ``time.monotonic()``)."""
+        collector = self.collector
+        result = TurnResult(
+            timed_out=self.timed_out,
+            session_id=collector.session_01 or collector.session_04,
+            error=collector.error,
+            partials=list(collector.partials),
+            stderr_tail=self.stderr_window.decode("utf-8", errors="replace")[-STDERR_TAIL_CHARS:],
+        )
+        result.exit_code = self.exit_code()
+        reply = collector.reply() if result.ok else ""
+        if len(reply) > self.spec.max_reply_chars:
+            reply = reply[: self.spec.max_reply_chars] + TRUNCATION_MARKER
+            result.truncated = True
+        result.reply = reply
+        result.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        logger.info(
+            "%s exited %d%s in %.0f ms",
+            self.name,
+            result.exit_code,
+            " (timed out)" if self.timed_out else "",
+            result.duration_ms,
+        )
+        return result
+
+
+def _start_failure(name: str, exc: OSError, started: float) -> TurnResult:
+    logger.warning("cannot start %s: %s", name, exc)
+    return TurnResult(
+        exit_code=EXIT_ERROR,
+        stderr_tail=f"failed to start {name!r}: {exc}",
+        duration_ms=round((time.monotonic() - started) * 1000, 3),
+    )
+
+
 async def run_turn(
     spec: ProcessSpec,
     turn: Turn,
@@ -236,9 +414,6 @@ async def run_turn(
         Whatever ``on_partial`` raises (the program is then killed).
     """
     started = time.monotonic()
-    collector = _Collector(spec.streaming)
-    result = TurnResult()
-    stderr_window = bytearray()
     argv = [_substitute(a, turn) for a in spec.command]
     try:
         proc = await anyio.open_process(
@@ -251,136 +426,11 @@ async def run_turn(
             start_new_session=True,
         )
     except OSError as exc:
-        logger.warning("cannot start %s: %s", argv[0], exc)
-        result.exit_code = EXIT_ERROR
-        result.stderr_tail = f"failed to start {argv[0]!r}: {exc}"
-        result.duration_ms = round((time.monotonic() - started) * 1000, 3)
-        return result
+        return _start_failure(argv[0], exc, started)
     logger.debug("started %s (pid %d)", argv, proc.pid)
-    timed_out = False
-    stdout_done = anyio.Event()
-    stderr_done = anyio.Event()
-    send, receive = anyio.create_memory_object_stream[str](max_buffer_size=math.inf)
-
-    async def write_turn() -> None:
-        assert proc.stdin is not None
-        try:
-            await proc.stdin.send(_turn_line(turn))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass  # a wire-0.1 program may exit without reading stdin
-        finally:
-            try:
-                await proc.stdin.aclose()
-            except (anyio.BrokenResourceError, OSError):
-                pass
-
-    async def read_stdout() -> None:
-        assert proc.stdout is not None
-        try:
-            async for line in _lines(proc.stdout):
-                forward = collector.feed(line)
-                if forward is not None:
-                    try:
-                        send.send_nowait(forward)
-                    except anyio.ClosedResourceError:
-                        pass  # the turn is over (a grandchild kept the pipe open)
-        finally:
-            stdout_done.set()
-            send.close()
-
-    async def read_stderr() -> None:
-        assert proc.stderr is not None
-        try:
-            async for line in _lines(proc.stderr):
-                logger.debug("agent stderr: %s", line)
-                stderr_window.extend(line.encode() + b"\n")
-                if len(stderr_window) > STDERR_WINDOW:
-                    del stderr_window[: len(stderr_window) - STDERR_WINDOW]
-        finally:
-            stderr_done.set()
-
-    async def watchdog() -> None:
-        nonlocal timed_out
-        with anyio.move_on_after(spec.timeout_s):
-            await proc.wait()
-            return
-        timed_out = True
-        logger.warning("%s ran past %s s: SIGTERM", argv[0], spec.timeout_s)
-        _signal_group(proc, signal.SIGTERM)
-        with anyio.move_on_after(spec.kill_grace_s):
-            await proc.wait()
-            return
-        logger.warning("%s ignored SIGTERM for %s s: SIGKILL", argv[0], spec.kill_grace_s)
-        _signal_group(proc, signal.SIGKILL)
-        await proc.wait()
-
-    async def drain_after_exit() -> None:
-        await proc.wait()
-        # A grandchild may hold the pipes open: give them a moment, then stop reading.
-        with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
-            await stdout_done.wait()
-            await stderr_done.wait()
-        send.close()
-
-    error: BaseException | None = None
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(write_turn)
-            tg.start_soon(read_stderr)
-            tg.start_soon(watchdog)
-            tg.start_soon(drain_after_exit)
-            tg.start_soon(read_stdout)
-            # Partials are forwarded from this task, and what ``on_partial`` raises (e.g. a
-            # lost lease) is re-raised as itself once the helpers are stopped.
-            async with receive:
-                async for text in receive:
-                    if on_partial is None:
-                        continue
-                    try:
-                        await on_partial(text)
-                    except anyio.get_cancelled_exc_class():
-                        raise
-                    except BaseException as exc:
-                        error = exc
-                        _signal_group(proc, signal.SIGKILL)
-                        break
-            await proc.wait()
-            tg.cancel_scope.cancel()
-        if error is not None:
-            raise error
-    finally:
-        if proc.returncode is None:
-            _signal_group(proc, signal.SIGKILL)
-            with anyio.CancelScope(shield=True):
-                await proc.wait()
-        with anyio.CancelScope(shield=True):
-            await proc.aclose()
-    result.timed_out = timed_out
-    result.session_id = collector.session_01 or collector.session_04
-    result.error = collector.error
-    result.partials = list(collector.partials)
-    result.stderr_tail = stderr_window.decode("utf-8", errors="replace")[-STDERR_TAIL_CHARS:]
-    code = _exit_code(proc.returncode)
-    if timed_out:
-        result.exit_code = EXIT_TIMEOUT
-    elif result.error:
-        result.exit_code = EXIT_ERROR if code == EXIT_SUCCESS else code
-    else:
-        result.exit_code = code
-    reply = collector.reply() if result.ok else ""
-    if len(reply) > spec.max_reply_chars:
-        reply = reply[: spec.max_reply_chars] + TRUNCATION_MARKER
-        result.truncated = True
-    result.reply = reply
-    result.duration_ms = round((time.monotonic() - started) * 1000, 3)
-    logger.info(
-        "%s exited %d%s in %.0f ms",
-        argv[0],
-        result.exit_code,
-        " (timed out)" if timed_out else "",
-        result.duration_ms,
-    )
-    return result
+    run = _TurnRun(spec, turn, proc, argv[0])
+    await run.supervise(on_partial)
+    return run.result(started)
 
 
 # -- the entity type ----------------------------------------------------------------------------
@@ -439,44 +489,7 @@ class ProcessAgent:
             session_name = name if isinstance(name, str) and name else "default"
             row = sessions.get(session_name)
             turn = self.turn_for(message, row.session_id if row else "", session_name)
-            count = 0
-
-            async def on_partial(text: str, message: InboxMessage = message) -> None:
-                nonlocal count
-                count += 1
-                await ctx.append_live(
-                    "text_deltas",
-                    f"{wake.wake_id}.{message.key}.{count}",
-                    {
-                        "run_id": ctx.run_id,
-                        "in_reply_to": message.key,
-                        "attempt": wake.attempt,
-                        "seq": count,
-                        "delta": text,
-                    },
-                )
-
-            async def run(
-                turn: Turn = turn,
-                on_partial: Callable[[str], Awaitable[None]] = on_partial,
-            ) -> dict[str, Any]:
-                outcome = await run_turn(self.spec, turn, on_partial=on_partial)
-                if not outcome.ok:
-                    raise _TurnFailed(outcome)
-                return outcome.to_json()
-
-            # A completed turn is journaled under one id for every attempt: a retry or a
-            # redelivery reuses it. A failed one is journaled under this attempt's id (so a
-            # retry runs the program again, and a replay of the failed attempt fails alike).
-            failed_id = f"process:{message.key}:failed@{wake.attempt}"
-            try:
-                data = await ctx.step(f"process:{message.key}", run)
-            except _TurnFailed as exc:
-                failed = exc.result.to_json()
-                data = await ctx.step(failed_id, functools.partial(dict, failed))
-            except ReplayDivergence:  # replaying a failed attempt: its failure was recorded
-                data = await ctx.step(failed_id, _not_recorded)
-            result = TurnResult.from_json(data)
+            result = await self._journaled_turn(ctx, wake, message, turn)
             if not result.ok:
                 raise _failure(result, message.key, completed)
             ctx.reply(result.reply, to=message)
@@ -489,6 +502,32 @@ class ProcessAgent:
             completed.append(
                 CompletedTurn(message.key, result.reply, session_name, result.session_id)
             )
+
+    async def _journaled_turn(
+        self, ctx: HandlerContext, wake: WakeEvent, message: InboxMessage, turn: Turn
+    ) -> TurnResult:
+        """Run ``turn`` (for ``message``) as a journaled step and return its result, failed or
+        not: a journaled outcome is reused instead of running the program again."""
+        on_partial = _partial_sink(ctx, wake, message)
+
+        async def run() -> dict[str, Any]:
+            outcome = await run_turn(self.spec, turn, on_partial=on_partial)
+            if not outcome.ok:
+                raise _TurnFailed(outcome)
+            return outcome.to_json()
+
+        # A completed turn is journaled under one id for every attempt: a retry or a
+        # redelivery reuses it. A failed one is journaled under this attempt's id (so a
+        # retry runs the program again, and a replay of the failed attempt fails alike).
+        failed_id = f"process:{message.key}:failed@{wake.attempt}"
+        try:
+            data = await ctx.step(f"process:{message.key}", run)
+        except _TurnFailed as exc:
+            failed = exc.result.to_json()
+            data = await ctx.step(failed_id, functools.partial(dict, failed))
+        except ReplayDivergence:  # replaying a failed attempt: its failure was recorded
+            data = await ctx.step(failed_id, _not_recorded)
+        return TurnResult.from_json(data)
 
     async def on_error(self, ctx: HandlerContext, error: BaseException) -> None:
         """When a wake is given up: keep the replies and sessions of the turns that completed
@@ -505,6 +544,31 @@ class ProcessAgent:
                 )
         if isinstance(error, AgentError) and error.message_key is not None:
             ctx.reply({"error": error.user_message}, to=error.message_key)
+
+
+def _partial_sink(
+    ctx: HandlerContext, wake: WakeEvent, message: InboxMessage
+) -> Callable[[str], Awaitable[None]]:
+    """An ``on_partial`` that appends each partial of ``message``'s turn to the entity's
+    ``text_deltas`` stream, keyed ``{wake_id}.{message_key}.{n}``."""
+    count = 0
+
+    async def on_partial(text: str) -> None:
+        nonlocal count
+        count += 1
+        await ctx.append_live(
+            "text_deltas",
+            f"{wake.wake_id}.{message.key}.{count}",
+            {
+                "run_id": ctx.run_id,
+                "in_reply_to": message.key,
+                "attempt": wake.attempt,
+                "seq": count,
+                "delta": text,
+            },
+        )
+
+    return on_partial
 
 
 class _TurnFailed(Exception):
