@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -109,41 +110,52 @@ def _target(request: Request) -> EntityURL:
         raise _Problem(exc.status, exc.code, exc.message) from None
 
 
-def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> list[Route]:
-    """The ``/_entities`` routes over ``runtime``."""
+_Endpoint = Callable[[Request], Awaitable[Response]]
 
-    def guarded(fn: Any) -> Any:
-        async def endpoint(request: Request) -> Response:
-            try:
-                return await fn(request)  # type: ignore[no-any-return]
-            except _Problem as problem:
-                return problem.response
-            except SchemaValidationFailed as exc:
-                return error_response(exc.status, exc.code, exc.message, exc.errors)
-            except EntitiesError as exc:
-                return error_response(exc.status, exc.code, exc.message)
-            except BadOffset as exc:
-                return error_response(400, "BAD_OFFSET", str(exc))
 
-        return endpoint
+def _guarded(fn: _Endpoint) -> _Endpoint:
+    """``fn`` with the control plane's errors answered as JSON error responses."""
 
-    async def types(request: Request) -> Response:
-        return json_response([t.describe() for t in runtime.registry.list()])
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except _Problem as problem:
+            return problem.response
+        except SchemaValidationFailed as exc:
+            return error_response(exc.status, exc.code, exc.message, exc.errors)
+        except EntitiesError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+        except BadOffset as exc:
+            return error_response(400, "BAD_OFFSET", str(exc))
 
-    async def workers(request: Request) -> Response:
-        return json_response([dataclasses.asdict(w) for w in await runtime.workers()])
+    return endpoint
 
-    async def list_entities(request: Request) -> Response:
+
+class _ControlPlane:
+    """The ``/_entities`` endpoints over one runtime, one method each."""
+
+    def __init__(self, runtime: Runtime, max_body_bytes: int) -> None:
+        self.runtime = runtime
+        self.max_body_bytes = max_body_bytes
+
+    async def types(self, request: Request) -> Response:
+        return json_response([t.describe() for t in self.runtime.registry.list()])
+
+    async def workers(self, request: Request) -> Response:
+        return json_response([dataclasses.asdict(w) for w in await self.runtime.workers()])
+
+    async def list_entities(self, request: Request) -> Response:
         q = request.query_params
-        found = await runtime.list_entities(
+        found = await self.runtime.list_entities(
             type=q.get("type"), status=q.get("status"), tag=q.get("tag"), parent=q.get("parent")
         )
         return json_response([info.to_json() for info in found])
 
-    async def spawn(request: Request) -> Response:
+    async def spawn(self, request: Request) -> Response:
+        runtime = self.runtime
         target = _target(request)
         runtime.registry.get(target.type)
-        body = await _body(request, SpawnBody, max_body_bytes)
+        body = await _body(request, SpawnBody, self.max_body_bytes)
         parent = None
         if body.parent is not None:  # must name an existing entity (``ps --parent`` lists by it)
             parent = (await runtime.get(parse_url(body.parent).url)).url
@@ -157,22 +169,23 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         )
         return json_response(info.to_json(), 201)
 
-    async def get_entity(request: Request) -> Response:
+    async def get_entity(self, request: Request) -> Response:
         target = _target(request)
         if request.method == "HEAD":
-            await runtime.get(target.url)
+            await self.runtime.get(target.url)
             return Response(status_code=200)
-        return json_response(await runtime.inspect(target.url))
+        return json_response(await self.runtime.inspect(target.url))
 
-    async def kill(request: Request) -> Response:
+    async def kill(self, request: Request) -> Response:
         target = _target(request)
-        await runtime.kill(target.url)
-        return json_response((await runtime.get(target.url)).to_json())
+        await self.runtime.kill(target.url)
+        return json_response((await self.runtime.get(target.url)).to_json())
 
-    async def send(request: Request) -> Response:
+    async def send(self, request: Request) -> Response:
+        runtime = self.runtime
         target = _target(request)
         runtime.registry.get(target.type)
-        body = await _body(request, SendBody, max_body_bytes)
+        body = await _body(request, SendBody, self.max_body_bytes)
         if body.sender is not None and _names_an_entity(body.sender):
             raise _Problem(
                 422,
@@ -188,17 +201,18 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
             {"url": receipt.url, "key": receipt.key, "offset": receipt.offset}, 202
         )
 
-    async def tag(request: Request) -> Response:
+    async def tag(self, request: Request) -> Response:
         target = _target(request)
         key = request.path_params["key"]
         if request.method == "DELETE":
-            await runtime.remove_tag(target.url, key)
+            await self.runtime.remove_tag(target.url, key)
         else:
-            body = await _body(request, TagBody, max_body_bytes)
-            await runtime.set_tag(target.url, key, body.value)
-        return json_response((await runtime.get(target.url)).to_json())
+            body = await _body(request, TagBody, self.max_body_bytes)
+            await self.runtime.set_tag(target.url, key, body.value)
+        return json_response((await self.runtime.get(target.url)).to_json())
 
-    async def replies(request: Request) -> Response:
+    async def replies(self, request: Request) -> Response:
+        runtime = self.runtime
         target = _target(request)
         key = request.path_params["key"]
         raw_wait = request.query_params.get("wait_ms", "0")
@@ -220,34 +234,39 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
                         await runtime.store.wait(target.stream, head.next_offset, 5.0)
         return json_response({"key": key, "replies": found})
 
-    async def schedules(request: Request) -> Response:
+    async def schedules(self, request: Request) -> Response:
         target = _target(request)
-        return json_response(await runtime.schedules(target.url))
+        return json_response(await self.runtime.schedules(target.url))
 
-    async def schedule(request: Request) -> Response:
+    async def schedule(self, request: Request) -> Response:
         target = _target(request)
         schedule_id = request.path_params["schedule"]
         if request.method == "DELETE":
-            if not await runtime.cancel_schedule(target.url, schedule_id):
+            if not await self.runtime.cancel_schedule(target.url, schedule_id):
                 raise _Problem(404, "SCHEDULE_NOT_FOUND", f"no schedule {schedule_id!r}")
             return json_response({"cancelled": schedule_id})
-        body = await _body(request, CronBody, max_body_bytes)
-        entry = await runtime.schedule_cron(
+        body = await _body(request, CronBody, self.max_body_bytes)
+        entry = await self.runtime.schedule_cron(
             target.url, schedule_id, body.expression, timezone=body.timezone, payload=body.payload
         )
         return json_response(entry)
 
+
+def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> list[Route]:
+    """The ``/_entities`` routes over ``runtime``."""
+    plane = _ControlPlane(runtime, max_body_bytes)
     base = "/_entities/entities/{type}/{id}"
-    return [
-        Route("/_entities/types", guarded(types), methods=["GET"]),
-        Route("/_entities/entities", guarded(list_entities), methods=["GET"]),
-        Route("/_entities/workers", guarded(workers), methods=["GET"]),
-        Route(base, guarded(spawn), methods=["PUT"]),
-        Route(base, guarded(get_entity), methods=["GET", "HEAD"]),
-        Route(base, guarded(kill), methods=["DELETE"]),
-        Route(base + "/send", guarded(send), methods=["POST"]),
-        Route(base + "/tags/{key}", guarded(tag), methods=["POST", "PUT", "DELETE"]),
-        Route(base + "/schedules", guarded(schedules), methods=["GET"]),
-        Route(base + "/schedules/{schedule}", guarded(schedule), methods=["PUT", "DELETE"]),
-        Route(base + "/replies/{key}", guarded(replies), methods=["GET"]),
+    table: list[tuple[str, _Endpoint, list[str]]] = [
+        ("/_entities/types", plane.types, ["GET"]),
+        ("/_entities/entities", plane.list_entities, ["GET"]),
+        ("/_entities/workers", plane.workers, ["GET"]),
+        (base, plane.spawn, ["PUT"]),
+        (base, plane.get_entity, ["GET", "HEAD"]),
+        (base, plane.kill, ["DELETE"]),
+        (base + "/send", plane.send, ["POST"]),
+        (base + "/tags/{key}", plane.tag, ["POST", "PUT", "DELETE"]),
+        (base + "/schedules", plane.schedules, ["GET"]),
+        (base + "/schedules/{schedule}", plane.schedule, ["PUT", "DELETE"]),
+        (base + "/replies/{key}", plane.replies, ["GET"]),
     ]
+    return [Route(path, _guarded(fn), methods=methods) for path, fn, methods in table]
