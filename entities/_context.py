@@ -9,22 +9,21 @@ calling out again.
 
 from __future__ import annotations
 
-import traceback
 import uuid as uuid_module
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
 from streams import Operation
 
 from ._calls import call_maybe_async
-from ._clock import Clock
-from ._collections import Actions, CollectionDef, Collections, Database
+from ._collections import Actions, Collections, Database
 from ._effects import Effects, PendingSend, PendingSpawn, PendingTimer
 from ._errors import ContextError, DuplicateEntity, EntityNotFound, ReplayDivergence
 from ._events import change
+from ._host import Definition, Host
 from ._manifest import (
     ChildEntry,
     ContextEntry,
@@ -36,77 +35,13 @@ from ._manifest import (
 )
 from ._observe import SharedState, Source, Wake, observer_value
 from ._observe import db as db_source
-from ._records import EntityInfo
 from ._timers import TimerValue, cron_schedule, timeout_timer, timer_key
 from ._urls import EntityURL, check_segment, parse_url
 from ._wake import InboxMessage, WakeEvent
 from .agent import Agent, AgentConfig, ChatMessage, Tool, runtime_tools
 from .agent._window import ContextSource, check_sources, compose, timeline
 
-__all__ = [
-    "Definition",
-    "EntityHandle",
-    "HandlerContext",
-    "Host",
-    "InboxMessage",
-    "RunHandle",
-    "Validator",
-    "format_exception",
-]
-
-ActionsFactory = Callable[[Any], Mapping[str, Callable[..., Any]]]
-
-
-class Validator(Protocol):
-    """What a handler may check about another entity type before it spawns one."""
-
-    def validate_args(self, args: Any) -> dict[str, Any]: ...
-
-    def validate_message(self, payload: Any, message_type: str | None) -> Any: ...
-
-
-class Definition(Protocol):
-    """What a context needs of its own entity type: its state collections and actions."""
-
-    @property
-    def state(self) -> Mapping[str, CollectionDef]: ...
-
-    @property
-    def actions(self) -> ActionsFactory | None: ...
-
-
-class Host(Protocol):
-    """What a handler may reach beyond its own entity (a :class:`~entities.Runtime` is one):
-    the clock, checks before a send or spawn, and reads of other entities and shared dbs.
-    Every write goes through the wake's buffered effects instead."""
-
-    @property
-    def clock(self) -> Clock: ...
-
-    def entity_type(self, name: str) -> Validator: ...
-
-    async def check_send(
-        self,
-        target: EntityURL,
-        payload: Any,
-        message_type: str | None,
-        *,
-        pending_spawns: Sequence[PendingSpawn] = (),
-        self_url: EntityURL | None = None,
-        exists: bool = False,
-    ) -> Any: ...
-
-    async def lookup(self, url: str) -> EntityInfo | None: ...
-
-    async def list_entities(self) -> list[EntityInfo]: ...
-
-    async def read(
-        self, url: str, offset: str = "-1", *, limit: int = 1000
-    ) -> tuple[list[dict[str, Any]], str]: ...
-
-    async def state_of(self, url: str) -> dict[str, dict[str, Any]]: ...
-
-    async def shared_state(self, id: str) -> dict[str, dict[str, Any]] | None: ...
+__all__ = ["EntityHandle", "HandlerContext", "InboxMessage", "RunHandle"]
 
 
 class EntityHandle:
@@ -799,7 +734,3 @@ class _Namespace:
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
-
-
-def format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

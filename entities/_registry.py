@@ -13,6 +13,7 @@ from ._calls import call_maybe_async
 from ._collections import CollectionDef, collection
 from ._context import HandlerContext
 from ._errors import DefinitionError, SchemaValidationFailed, UnknownEntityType
+from ._host import ActionsFactory
 from ._process import ProcessAgent
 from ._turns import ProcessSession, ProcessSpec
 from ._urls import check_segment
@@ -23,7 +24,6 @@ __all__ = ["EntityType", "Handler", "Registry"]
 Handler: TypeAlias = Callable[[HandlerContext, WakeEvent], Awaitable[None] | None]
 OnMessage: TypeAlias = Callable[[HandlerContext, InboxMessage], Awaitable[Any] | Any]
 OnError: TypeAlias = Callable[[HandlerContext, BaseException], Awaitable[None] | None]
-ActionsFactory: TypeAlias = Callable[[Any], Mapping[str, Callable[..., Any]]]
 
 
 def _errors(exc: ValidationError) -> list[Any]:

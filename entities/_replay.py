@@ -15,9 +15,10 @@ from typing import Any, Protocol
 
 from streams import Materializer
 
-from ._context import HandlerContext, Host
+from ._context import HandlerContext
 from ._effects import Effects
 from ._errors import EntitiesError, ReplayDivergence
+from ._host import Host
 from ._pipeline.load import folded, wake_event
 from ._records import WAKE_TYPES, Inflight
 from ._registry import EntityType, Registry

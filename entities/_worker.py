@@ -30,10 +30,11 @@ from streams import (
 )
 
 from ._calls import call_maybe_async
-from ._context import HandlerContext, Host
+from ._context import HandlerContext
 from ._effects import Effects
 from ._errors import LeaseLost
 from ._events import event
+from ._host import Host
 from ._pipeline.affinity import PRESENCE_SECONDS, Affinity
 from ._pipeline.claim import Claim, Claimer
 from ._pipeline.commit import error_event, retry_commit, run_value, wake_commit, without_path
