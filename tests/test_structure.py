@@ -43,10 +43,11 @@ def _resolve(name: str) -> str | None:
     return None
 
 
-def _imports(module: str, tree: ast.Module) -> Iterator[tuple[ast.AST, set[str]]]:
+def _imports(module: str, tree: ast.Module) -> Iterator[tuple[ast.stmt, set[str]]]:
     """Each import statement of ``module`` with the project modules it names."""
     base = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
     for node in ast.walk(tree):
+        targets: list[str]
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -139,7 +140,7 @@ def test_project_modules_are_imported_at_module_top() -> None:
     assert inner == []
 
 
-def _guarded(tree: ast.Module, node: ast.AST) -> bool:
+def _guarded(tree: ast.Module, node: ast.stmt) -> bool:
     """Whether ``node`` sits in a module-level ``if TYPE_CHECKING:`` block."""
     for statement in tree.body:
         if isinstance(statement, ast.If) and node in statement.body:
