@@ -29,8 +29,7 @@ from streams import (
     format_offset,
     parse_offset,
 )
-
-from .conftest import BACKENDS, drop_store, make_store_url
+from tests._stores import BACKENDS, drop_store, make_store_url
 
 PROPERTY_SETTINGS = settings(
     max_examples=150,
