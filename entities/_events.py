@@ -3,7 +3,8 @@
 Every event in an entity's stream is a State Protocol change event (see ``streams``):
 ``{type, key, value?, old_value?, headers: {operation, txid?, timestamp?}}``, ``type`` naming a
 collection. :func:`change` builds one as a dict (what a wake buffers, and what replay and
-observers compare), :func:`event` as the bytes stored. The ``txid`` is the id of the wake that
+observers compare), :func:`event` as the bytes stored (:func:`encode` turns the first into the
+second). The ``txid`` is the id of the wake that
 wrote it, which is how replay finds a wake's writes.
 """
 
@@ -14,12 +15,11 @@ import time
 import uuid
 from typing import Any
 
-import orjson
-
 from streams import Operation
 from streams import change as state_change
+from streams import encode_event as encode
 
-__all__ = ["JSON", "change", "event", "inbox_value", "iso", "new_token"]
+__all__ = ["JSON", "change", "encode", "event", "inbox_value", "iso", "new_token"]
 
 JSON = "application/json"
 
@@ -64,7 +64,7 @@ def event(
     txid: str | None = None,
 ) -> bytes:
     """One change event as the bytes stored in a stream (see :func:`change`)."""
-    return orjson.dumps(change(type_, key, value, ts, operation, txid=txid))
+    return encode(change(type_, key, value, ts, operation, txid=txid))
 
 
 def inbox_value(payload: Any, message_type: str | None, sender: str | None, now: float) -> Any:

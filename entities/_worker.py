@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.abc
-import orjson
 
 from streams import (
     Append,
@@ -33,7 +32,7 @@ from ._calls import call_maybe_async
 from ._context import HandlerContext
 from ._effects import Effects
 from ._errors import LeaseLost
-from ._events import event
+from ._events import encode, event
 from ._host import Host
 from ._pipeline.affinity import PRESENCE_SECONDS, Affinity
 from ._pipeline.claim import Claim, Claimer
@@ -418,7 +417,7 @@ class Worker:
                     await rt.store.commit(
                         [
                             KvCheck(ENTITY_NS, claim.url.url, claim.raw),
-                            Append(claim.url.stream, [orjson.dumps(c) for c in changes]),
+                            Append(claim.url.stream, [encode(c) for c in changes]),
                         ]
                     )
                 except (ConditionFailed, StreamClosed):

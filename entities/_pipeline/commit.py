@@ -19,12 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from streams import Append, KvCheck, KvPut, Op, Store
 
 from .._effects import Effects
-from .._events import event, new_token
+from .._events import encode, event, new_token
 from .._records import ENTITY_NS, PENDING_NS, SNAPSHOT_NS, TAG_NS, EntityRecord, Inflight
 from .._timers import arm_ops, cancel_ops
 from .._urls import EntityURL
@@ -125,7 +123,7 @@ def _effect_ops(
     self_pending = False
     for e in effects:
         for change in e.own:
-            own.append(orjson.dumps(change))
+            own.append(encode(change))
             if change["type"] == "tags":
                 value = change.get("value")
                 encoded = None if value is None else str(value.get("value", "")).encode()

@@ -16,7 +16,7 @@ import orjson
 from streams import Append, Create, KvPut, Op, Store
 
 from .._effects import Effects, response_of
-from .._events import JSON, event, new_token
+from .._events import JSON, encode, event, new_token
 from .._observe import OBSERVER_NS, change_summary, db_stream, matches
 from .._records import ENTITY_NS, SCHEDULE_NS, TIMER_NS, EntityRecord
 from .._timers import arm_ops, debounce_timer, schedule_key, timeout_timer
@@ -109,7 +109,7 @@ async def _shared_ops(
     """A wake's writes to shared db ``db_id`` (creating it when ``new``), and the wakes of its
     other observers."""
     stream = db_stream(db_id)
-    encoded = [orjson.dumps(e) for e in events]
+    encoded = [encode(e) for e in events]
     ops: list[Op] = []
     if new:
         ops.append(Create(stream, content_type=JSON, messages=encoded, exclusive=True))
