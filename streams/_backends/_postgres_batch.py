@@ -7,6 +7,11 @@ small reads at once, one per running wake. While a query of a kind is in flight,
 that kind queue, and the next query takes all of them (up to ``max_batch``). A read is always
 answered by a query that started after the read was made, so reads still see every commit that
 finished before them.
+
+A drain gives its slot back in the same step in which it finds the queue empty (``_draining`` is
+a plain count, not the set of drain tasks, which shrinks only in a done-callback that runs after
+the callers a drain answered have woken): a caller that reads again as soon as it is answered
+always finds either a drain that will take its read or a free slot.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ class ReadBatcher(Generic[K, V]):
         self._max_batch = max_batch
         self._parallel = parallel
         self._queue: list[tuple[K, asyncio.Future[V]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._draining = 0  # drains running (each holds one of ``parallel`` slots)
+        self._tasks: set[asyncio.Task[None]] = set()  # for aclose
 
     async def get(self, key: K) -> V:
         """The value for ``key``, read by the next query of this kind.
@@ -45,7 +51,8 @@ class ReadBatcher(Generic[K, V]):
         """
         future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
         self._queue.append((key, future))
-        if len(self._tasks) < self._parallel:
+        if self._draining < self._parallel:
+            self._draining += 1
             task = asyncio.get_running_loop().create_task(self._drain())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -72,6 +79,8 @@ class ReadBatcher(Generic[K, V]):
         except BaseException:  # cancelled (the store closes): fail the reads of this run
             _fail(live, ConnectionError("the store closed while the read waited"))
             raise
+        finally:  # no await between the empty queue and here: the next read finds the slot
+            self._draining -= 1
 
     async def aclose(self) -> None:
         """Cancel the runs in flight; every read still waiting fails."""

@@ -125,3 +125,32 @@ async def test_parallel_queries_start_without_waiting_for_each_other() -> None:
     assert len(source.batches) == 2  # the third waits for one of them to finish
     source.gate.set()
     assert [await first, await second, await third] == [10, 20, 30]
+
+
+async def test_a_sequential_reader_is_answered_every_time() -> None:
+    """A caller woken by its answer reads again at once, before the finished drain task has
+    been cleaned up; that read must start a query of its own (it once waited forever)."""
+    source = Source()
+    batcher = ReadBatcher(source.run, parallel=1)
+
+    async def reader() -> list[int]:
+        return [await batcher.get(k) for k in range(20)]
+
+    assert await asyncio.wait_for(reader(), 2) == [k * 10 for k in range(20)]
+    assert source.batches == [[k] for k in range(20)]
+
+
+async def test_reads_after_two_queries_finish_together_are_answered() -> None:
+    source = Source()
+    source.gate = asyncio.Event()
+    batcher = ReadBatcher(source.run, max_batch=1, parallel=2)
+
+    async def reader(first: int, then: int) -> list[int]:
+        return [await batcher.get(first), await batcher.get(then)]
+
+    readers = [asyncio.ensure_future(reader(1, 3)), asyncio.ensure_future(reader(2, 4))]
+    await asyncio.sleep(0.01)
+    assert source.batches == [[1], [2]]  # both slots in flight
+    source.gate.set()  # both queries finish in the same turn of the loop
+    source.gate = None
+    assert await asyncio.wait_for(asyncio.gather(*readers), 2) == [[10, 30], [20, 40]]
