@@ -45,6 +45,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tests._live import serving_in_thread
+
 __all__ = [
     "FakeProvider",
     "FakeToolCall",
@@ -477,37 +479,16 @@ def running_fake(
     port: int = 0,
 ) -> Iterator[FakeProvider]:
     """Serve a :class:`FakeProvider` on 127.0.0.1 (``port`` 0: a free one) until the block
-    exits; uvicorn runs in a background thread with its own event loop.
+    exits; uvicorn runs in a background thread with its own event loop
+    (:func:`tests._live.serving_in_thread`).
 
     Raises:
         RuntimeError: uvicorn did not start or stop within 20 s.
     """
     fake = FakeProvider(responder, log_path=log_path)
-    config = uvicorn.Config(
-        fake.app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="off",
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="fake-provider", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the fake provider's uvicorn did not start")
-        time.sleep(0.01)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    fake.url = f"http://127.0.0.1:{bound}"
-    try:
+    with serving_in_thread(fake.app, port=port) as url:
+        fake.url = url
         yield fake
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        if thread.is_alive():
-            raise RuntimeError("the fake provider's uvicorn did not stop")
 
 
 @pytest.fixture

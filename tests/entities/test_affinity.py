@@ -1,11 +1,12 @@
 """Entity affinity between workers sharing a store: each live worker announces itself, every
 pending entity prefers one live worker (rendezvous hashing), workers take their own share first
-and step in for another's entity only after it has waited ``STEAL_AFTER`` seconds."""
+and step in for another's entity only after it has waited ``STEAL_AFTER`` seconds.
+
+One process here (other workers are presence records it reads), on every store backend."""
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import anyio
 import orjson
@@ -61,8 +62,8 @@ def test_the_split_is_even_for_worker_ids_that_differ_in_one_character() -> None
         assert all(abs(share - len(urls) * p) <= spread for share in shares), (ids, shares)
 
 
-async def test_live_workers_split_the_pending_entities_between_them(tmp_path: Path) -> None:
-    async with open_store(f"sqlite:///{tmp_path / 'db.sqlite'}") as store:
+async def test_live_workers_split_the_pending_entities_between_them(store_url: str) -> None:
+    async with open_store(store_url) as store:
         now = time.time()
         await store.commit([_presence("a", now + 60), _presence("b", now + 60)])
         a, b = Affinity(store, "a"), Affinity(store, "b")
@@ -81,8 +82,8 @@ async def test_live_workers_split_the_pending_entities_between_them(tmp_path: Pa
         assert waited is not None and 0 < waited <= STEAL_AFTER
 
 
-async def test_an_expired_or_unreadable_presence_is_not_a_live_worker(tmp_path: Path) -> None:
-    async with open_store(f"sqlite:///{tmp_path / 'db.sqlite'}") as store:
+async def test_an_expired_or_unreadable_presence_is_not_a_live_worker(store_url: str) -> None:
+    async with open_store(store_url) as store:
         now = time.time()
         await store.commit(
             [
@@ -96,10 +97,10 @@ async def test_an_expired_or_unreadable_presence_is_not_a_live_worker(tmp_path: 
         assert me.live == ("here", "me")
 
 
-async def test_another_live_workers_entities_are_taken_after_they_waited(tmp_path: Path) -> None:
+async def test_another_live_workers_entities_are_taken_after_they_waited(store_url: str) -> None:
     """A worker that announced itself and then stopped taking work (stuck, or paused) does not
     strand the entities that prefer it: the running worker takes them after STEAL_AFTER."""
-    async with Runtime(registry, f"sqlite:///{tmp_path / 'db.sqlite'}", worker_id="me") as rt:
+    async with Runtime(registry, store_url, worker_id="me") as rt:
         await rt.store.commit([_presence("ghost", rt.clock.now() + 60)])
         urls = [f"/probe/e{i}" for i in range(40)]
         probe_of = Affinity(rt.store, "me")
@@ -129,9 +130,9 @@ async def test_another_live_workers_entities_are_taken_after_they_waited(tmp_pat
 
 
 async def test_a_worker_announces_itself_while_it_runs_and_withdraws_on_stop(
-    tmp_path: Path,
+    store_url: str,
 ) -> None:
-    async with Runtime(registry, f"sqlite:///{tmp_path / 'db.sqlite'}", worker_id="w1") as rt:
+    async with Runtime(registry, store_url, worker_id="w1") as rt:
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             worker = rt.worker()
@@ -146,11 +147,11 @@ async def test_a_worker_announces_itself_while_it_runs_and_withdraws_on_stop(
 
 
 async def test_an_entity_found_leased_elsewhere_is_tried_again_when_its_mark_changes(
-    tmp_path: Path,
+    store_url: str,
 ) -> None:
     """A worker that finds an entity leased by another worker does not wait for the lease to
     run out when the holder finishes and the entity is marked again."""
-    async with Runtime(registry, f"sqlite:///{tmp_path / 'db.sqlite'}", worker_id="me") as rt:
+    async with Runtime(registry, store_url, worker_id="me") as rt:
         url = "/probe/held"
         _expect(1)
         await rt.spawn(url)
@@ -186,9 +187,9 @@ async def test_an_entity_found_leased_elsewhere_is_tried_again_when_its_mark_cha
         assert worker.claims["held"] == 1
 
 
-async def test_a_worker_forgets_blocks_on_entities_no_longer_pending(tmp_path: Path) -> None:
+async def test_a_worker_forgets_blocks_on_entities_no_longer_pending(store_url: str) -> None:
     """Entities a worker once found leased or backing off do not accumulate in its memory."""
-    async with Runtime(registry, f"sqlite:///{tmp_path / 'db.sqlite'}", worker_id="me") as rt:
+    async with Runtime(registry, store_url, worker_id="me") as rt:
         worker = rt.worker()
         await rt.spawn("/probe/still")  # pending: its first wake
         far = rt.clock.now() + 60
@@ -202,12 +203,12 @@ async def test_a_worker_forgets_blocks_on_entities_no_longer_pending(tmp_path: P
 
 
 async def test_a_stolen_claim_goes_ahead_only_under_the_mark_it_was_seen_with(
-    tmp_path: Path,
+    store_url: str,
 ) -> None:
     """A worker stepping in for another checks the entity's pending mark and record afresh: when
     the owner took the entity since the scan (mark gone or renewed), or holds its lease, the
     claim stops there, without a load or a commit; under the mark it saw, it claims."""
-    async with Runtime(registry, f"sqlite:///{tmp_path / 'db.sqlite'}", worker_id="me") as rt:
+    async with Runtime(registry, store_url, worker_id="me") as rt:
         url = "/probe/stolen"
         _expect(1)
         await rt.spawn(url)

@@ -1,11 +1,9 @@
 """The agent loop with the scripted test model: tools, validation, rounds, streaming, journal,
-context and replay."""
+context and replay, on every store backend."""
 
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +12,6 @@ from pydantic import BaseModel
 from entities import ContextError, HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
 from entities import collection as coll
 from entities.agent import ModelResponse, ScriptRequest, ToolCall, tool
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from examples import assistant
 
 
@@ -24,8 +20,8 @@ async def _events(rt: Runtime, url: str, type_: str) -> list[dict[str, Any]]:
     return [e for e in events if e["type"] == type_]
 
 
-async def test_assistant_example_calls_add_and_answers() -> None:
-    async with Runtime(assistant.registry, clock=VirtualClock()) as rt:
+async def test_assistant_example_calls_add_and_answers(store_url: str) -> None:
+    async with Runtime(assistant.registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/assistant/a1")
         receipt = await rt.send("/assistant/a1", {"text": "what is 2+3"})
         await rt.run_until_idle()
@@ -42,7 +38,7 @@ async def test_assistant_example_calls_add_and_answers() -> None:
         assert report.ok and len(report.wakes) == 1
 
 
-async def test_invalid_tool_arguments_go_back_to_the_model() -> None:
+async def test_invalid_tool_arguments_go_back_to_the_model(store_url: str) -> None:
     seen: list[Any] = []
 
     @tool
@@ -67,7 +63,7 @@ async def test_invalid_tool_arguments_go_back_to_the_model() -> None:
         ctx.use_agent("sys", tools=[double], test_responses=script)
         results.append(await ctx.agent.run())
 
-    async with Runtime(registry, clock=VirtualClock()) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/a/x", initial_message={"text": "go"})
         await rt.run_until_idle()
     assert seen[0][0] is True and "invalid arguments" in seen[0][1] and "n" in seen[0][1]
@@ -77,7 +73,7 @@ async def test_invalid_tool_arguments_go_back_to_the_model() -> None:
     assert [c["error"] is not None for c in result.tool_calls] == [True, True]
 
 
-async def test_round_limit_and_test_responses_by_prior_runs() -> None:
+async def test_round_limit_and_test_responses_by_prior_runs(store_url: str) -> None:
     registry = Registry()
     results: list[Any] = []
 
@@ -94,7 +90,7 @@ async def test_round_limit_and_test_responses_by_prior_runs() -> None:
             ctx.use_agent("sys", test_responses=["first", "second", "third"])
             results.append(await ctx.agent.run())
 
-    async with Runtime(registry, clock=VirtualClock()) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/loop/l", initial_message={"text": "hi"})
         await rt.run_until_idle()
         assert results[0].success is False and "max_rounds=3" in (results[0].error or "")
@@ -107,7 +103,7 @@ async def test_round_limit_and_test_responses_by_prior_runs() -> None:
         assert [r.text for r in results[1:]] == ["second", "third"]
 
 
-async def test_model_and_tool_steps_are_journaled_across_a_retry() -> None:
+async def test_model_and_tool_steps_are_journaled_across_a_retry(store_url: str) -> None:
     model_calls: list[int] = []
     tool_runs: list[int] = []
 
@@ -138,7 +134,7 @@ async def test_model_and_tool_steps_are_journaled_across_a_retry() -> None:
         if wake.attempt == 1:
             raise RuntimeError("crash after three model calls and two tool calls")
 
-    async with Runtime(registry, clock=VirtualClock()) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/a/x")
         await rt.run_until_idle()
         receipt = await rt.send("/a/x", {"text": "go"})
@@ -149,7 +145,7 @@ async def test_model_and_tool_steps_are_journaled_across_a_retry() -> None:
         assert await rt.replies("/a/x", receipt.key) == ["done"]
 
 
-async def test_context_entries_and_sources_reach_the_model() -> None:
+async def test_context_entries_and_sources_reach_the_model(store_url: str) -> None:
     systems: list[str] = []
     registry = Registry()
 
@@ -178,7 +174,7 @@ async def test_context_entries_and_sources_reach_the_model() -> None:
         ctx.use_agent("base prompt", test_responses=script)
         await ctx.agent.run()
 
-    async with Runtime(registry, clock=VirtualClock()) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/a/x")
         for text in ("one", "two"):
             await rt.send("/a/x", {"text": text})
@@ -190,7 +186,7 @@ async def test_context_entries_and_sources_reach_the_model() -> None:
     assert len(system) < 400  # the volatile source was cut to the budget
 
 
-async def test_timeline_messages_project_inbox_and_replies() -> None:
+async def test_timeline_messages_project_inbox_and_replies(store_url: str) -> None:
     registry = Registry()
     windows: list[list[tuple[str, str]]] = []
 
@@ -200,7 +196,7 @@ async def test_timeline_messages_project_inbox_and_replies() -> None:
             ctx.reply(f"echo {m.text}")
         windows.append([(m.role, m.content) for m in await ctx.timeline_messages(last=3)])
 
-    async with Runtime(registry, clock=VirtualClock()) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/a/x")
         for text in ("one", "two"):
             await rt.send("/a/x", {"text": text})
@@ -208,7 +204,7 @@ async def test_timeline_messages_project_inbox_and_replies() -> None:
     assert windows[-1] == [("user", "two"), ("assistant", "echo two")]
 
 
-async def test_replay_reports_injected_nondeterminism() -> None:
+async def test_replay_reports_injected_nondeterminism(store_url: str) -> None:
     class Row(BaseModel):
         key: str
         value: float
@@ -222,7 +218,7 @@ async def test_replay_reports_injected_nondeterminism() -> None:
             if m.payload.get("random"):
                 ctx.state.rows.upsert(Row(key="bad", value=random.random()))  # not journaled
 
-    async with Runtime(registry, clock=VirtualClock()) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/r/x")
         await rt.send("/r/x", {"random": False})
         await rt.run_until_idle()
@@ -236,7 +232,7 @@ async def test_replay_reports_injected_nondeterminism() -> None:
         assert (await rt.replay("/r/x", wake=1)).ok
 
 
-async def test_timeline_projects_tool_calls_of_earlier_runs() -> None:
+async def test_timeline_projects_tool_calls_of_earlier_runs(store_url: str) -> None:
     windows: list[list[tuple[str, str, tuple[str, ...]]]] = []
     registry = Registry()
 
@@ -254,7 +250,7 @@ async def test_timeline_projects_tool_calls_of_earlier_runs() -> None:
             ctx.use_agent("sys", tools=[assistant.add], test_responses=script)
             await ctx.agent.run()
 
-    async with Runtime(registry, clock=VirtualClock()) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/a/x")
         for text in ("add", "again"):
             await rt.send("/a/x", {"text": text})

@@ -1,5 +1,5 @@
 """Streamed model output is visible to a Durable Streams client (real SSE over uvicorn) while the
-agent's run is still going."""
+agent's run is still going, on every store backend."""
 
 from __future__ import annotations
 
@@ -8,19 +8,17 @@ from typing import Any
 import anyio
 import httpx2
 import orjson
-import uvicorn
 
 from entities import HandlerContext, Registry, Runtime, WakeEvent
 from entities.agent import ModelResponse, ScriptRequest, ToolCall, tool
 from entities.server import create_app
-
-from ._support import free_port
+from tests._live import serving
 
 httpx2.alias_httpx()  # httpx_sse imports `httpx`; make that name resolve to httpx2
 from httpx_sse import aconnect_sse  # noqa: E402
 
 
-async def test_text_deltas_reach_an_sse_reader_before_the_run_ends() -> None:
+async def test_text_deltas_reach_an_sse_reader_before_the_run_ends(store_url: str) -> None:
     gate = anyio.Event()
 
     @tool
@@ -44,23 +42,13 @@ async def test_text_deltas_reach_an_sse_reader_before_the_run_ends() -> None:
             ctx.use_agent("sys", tools=[wait_for_reader], test_responses=script)
             await ctx.agent.run()
 
-    port = free_port()
-    async with Runtime(registry, "memory://") as rt:
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(rt), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
-            )
-        )
+    async with Runtime(registry, store_url) as rt, serving(create_app(rt)) as base:
         stop = anyio.Event()
         seen: list[dict[str, Any]] = []
         async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve)
             tg.start_soon(rt.worker(poll_interval=0.1).run, stop)
-            with anyio.fail_after(10):
-                while not server.started:  # noqa: ASYNC110 (uvicorn has no startup event)
-                    await anyio.sleep(0.01)
             await rt.spawn("/a/x", initial_message={"text": "go"})
-            url = f"http://127.0.0.1:{port}/v1/stream/a/x/main"
+            url = f"{base}/v1/stream/a/x/main"
             with anyio.fail_after(20):
                 async with httpx2.AsyncClient(timeout=30) as client:
                     async with aconnect_sse(
@@ -78,7 +66,6 @@ async def test_text_deltas_reach_an_sse_reader_before_the_run_ends() -> None:
                             if any(e["type"] == "texts" for e in seen):
                                 break
             stop.set()
-            server.should_exit = True
     deltas = [e["value"]["delta"] for e in seen if e["type"] == "text_deltas"]
     assert "".join(deltas).startswith("Thinking hard about it Final answer")
     assert gate.is_set()

@@ -1,4 +1,4 @@
-"""Contract tests of the HandlerContext API, run in-process on the memory store."""
+"""Contract tests of the HandlerContext API, run in-process on every store backend."""
 
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ class Args(BaseModel):
     label: str = "x"
 
 
-def make_runtime(registry: Registry, **kwargs: Any) -> Runtime:
-    return Runtime(registry, "memory://", clock=VirtualClock(), **kwargs)
+def make_runtime(registry: Registry, store_url: str, **kwargs: Any) -> Runtime:
+    return Runtime(registry, store_url, clock=VirtualClock(), **kwargs)
 
 
-async def test_collections_read_their_own_writes_and_commit() -> None:
+async def test_collections_read_their_own_writes_and_commit(store_url: str) -> None:
     registry = Registry()
     seen: list[Any] = []
 
@@ -61,14 +61,14 @@ async def test_collections_read_their_own_writes_and_commit() -> None:
         with pytest.raises(ContextError):
             rows.insert({"key": "c", "value": "not a number"})
 
-    async with make_runtime(registry) as rt:
+    async with make_runtime(registry, store_url) as rt:
         await rt.spawn("/t/one", initial_message={"go": 1})
         assert await rt.run_until_idle() == 1
         assert seen == [Row(key="a", value=1), [11]]
         assert await rt.state_of("/t/one") == {"rows": {"a": {"key": "a", "value": 11}}}
 
 
-async def test_identity_args_tags_first_wake_and_manifest() -> None:
+async def test_identity_args_tags_first_wake_and_manifest(store_url: str) -> None:
     registry = Registry()
     wakes: list[dict[str, Any]] = []
     finished: list[dict[str, Any]] = []
@@ -98,7 +98,7 @@ async def test_identity_args_tags_first_wake_and_manifest() -> None:
         assert handle.url == "/child/c1"
         assert await handle.status() in {"spawning", "idle"}
 
-    async with make_runtime(registry) as rt:
+    async with make_runtime(registry, store_url) as rt:
         with pytest.raises(SchemaValidationFailed):
             await rt.spawn("/parent/p1", args={"start": "nope"})
         await rt.spawn("/parent/p1", args={"start": 3}, initial_message={"n": 1})
@@ -131,7 +131,7 @@ async def test_identity_args_tags_first_wake_and_manifest() -> None:
         assert await rt.list_entities(tag="phase=p1") == []
 
 
-async def test_spawn_of_existing_url_is_an_error() -> None:
+async def test_spawn_of_existing_url_is_an_error(store_url: str) -> None:
     registry = Registry()
     errors: list[BaseException] = []
 
@@ -146,7 +146,7 @@ async def test_spawn_of_existing_url_is_an_error() -> None:
         with pytest.raises(UnknownEntityType):
             await ctx.spawn("nope", "x")
 
-    async with make_runtime(registry) as rt:
+    async with make_runtime(registry, store_url) as rt:
         await rt.spawn("/t/other")
         await rt.spawn("/t/me", initial_message={})
         await rt.run_until_idle()
@@ -155,7 +155,7 @@ async def test_spawn_of_existing_url_is_an_error() -> None:
             await rt.spawn("/t/me")
 
 
-async def test_sends_between_entities_and_replies() -> None:
+async def test_sends_between_entities_and_replies(store_url: str) -> None:
     registry = Registry()
 
     @registry.define("echo")
@@ -174,7 +174,7 @@ async def test_sends_between_entities_and_replies() -> None:
                 with pytest.raises(EntityNotFound):
                     await ctx.send("/echo/missing", {})
 
-    async with make_runtime(registry) as rt:
+    async with make_runtime(registry, store_url) as rt:
         await rt.spawn("/echo/e")
         await rt.spawn("/relay/r")
         assert await rt.run_until_idle() == 2  # the first wakes
@@ -185,7 +185,7 @@ async def test_sends_between_entities_and_replies() -> None:
         assert replies == [{"hello": 1}]
 
 
-async def test_events_arriving_while_busy_are_coalesced_in_order() -> None:
+async def test_events_arriving_while_busy_are_coalesced_in_order(store_url: str) -> None:
     registry = Registry()
     batches: list[list[int]] = []
 
@@ -196,7 +196,7 @@ async def test_events_arriving_while_busy_are_coalesced_in_order() -> None:
         assert wake.type == "message_received"
         assert wake.from_offset < wake.to_offset
 
-    async with make_runtime(registry) as rt:
+    async with make_runtime(registry, store_url) as rt:
         await rt.spawn("/t/a")
         for n in range(5):
             await rt.send("/t/a", {"n": n})
@@ -207,7 +207,7 @@ async def test_events_arriving_while_busy_are_coalesced_in_order() -> None:
         assert batches == [[0, 1, 2, 3, 4], [5, 6, 7]]
 
 
-async def test_on_message_answers_directly_and_skips_the_handler() -> None:
+async def test_on_message_answers_directly_and_skips_the_handler(store_url: str) -> None:
     registry = Registry()
     handled: list[Any] = []
 
@@ -219,7 +219,7 @@ async def test_on_message_answers_directly_and_skips_the_handler() -> None:
         handled.extend(m.payload for m in wake.messages)
         ctx.reply("yes")
 
-    async with make_runtime(registry) as rt:
+    async with make_runtime(registry, store_url) as rt:
         await rt.spawn("/t/a")
         blocked = await rt.send("/t/a", {"blocked": True})
         await rt.run_until_idle()
@@ -231,7 +231,9 @@ async def test_on_message_answers_directly_and_skips_the_handler() -> None:
         assert await rt.replies("/t/a", allowed.key) == ["yes"]
 
 
-async def test_failures_retry_with_backoff_then_dead_letter_and_call_on_error() -> None:
+async def test_failures_retry_with_backoff_then_dead_letter_and_call_on_error(
+    store_url: str,
+) -> None:
     registry = Registry()
     attempts: list[int] = []
 
@@ -246,7 +248,7 @@ async def test_failures_retry_with_backoff_then_dead_letter_and_call_on_error() 
             raise ValueError("bad input")
 
     clock = VirtualClock()
-    async with Runtime(registry, "memory://", clock=clock) as rt:
+    async with Runtime(registry, store_url, clock=clock) as rt:
         await rt.spawn("/t/a")
         start = clock.now()
         receipt = await rt.send("/t/a", {"fail": True})
@@ -270,7 +272,7 @@ async def test_failures_retry_with_backoff_then_dead_letter_and_call_on_error() 
         assert (await rt.get("/t/a")).status == "idle"
 
 
-async def test_steps_now_and_uuid_are_journaled_across_retries() -> None:
+async def test_steps_now_and_uuid_are_journaled_across_retries(store_url: str) -> None:
     registry = Registry()
     calls: list[str] = []
     observed: list[tuple[Any, float, str]] = []
@@ -288,7 +290,7 @@ async def test_steps_now_and_uuid_are_journaled_across_retries() -> None:
         if wake.attempt == 1:
             raise RuntimeError("crash after the step")
 
-    async with make_runtime(registry) as rt:
+    async with make_runtime(registry, store_url) as rt:
         await rt.spawn("/t/a", initial_message={})
         await rt.run_until_idle()
         assert calls == ["expensive"]
@@ -296,7 +298,7 @@ async def test_steps_now_and_uuid_are_journaled_across_retries() -> None:
         assert observed[0][0] == {"answer": 42}
 
 
-async def test_record_run_and_sleep() -> None:
+async def test_record_run_and_sleep(store_url: str) -> None:
     registry = Registry()
 
     @registry.define("t")
@@ -306,7 +308,7 @@ async def test_record_run_and_sleep() -> None:
         run.end("completed", finish_reason="stop")
         ctx.sleep()
 
-    async with make_runtime(registry) as rt:
+    async with make_runtime(registry, store_url) as rt:
         await rt.spawn("/t/a", initial_message={})
         await rt.run_until_idle()
         events, _ = await rt.read("/t/a")
@@ -315,14 +317,14 @@ async def test_record_run_and_sleep() -> None:
         assert runs[-1]["response"] == "done"
 
 
-async def test_kill_stops_the_entity() -> None:
+async def test_kill_stops_the_entity(store_url: str) -> None:
     registry = Registry()
 
     @registry.define("t")
     async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
         ctx.reply("ok")
 
-    async with make_runtime(registry) as rt:
+    async with make_runtime(registry, store_url) as rt:
         await rt.spawn("/t/a")
         await rt.send("/t/a", {})
         await rt.kill("/t/a")
@@ -349,7 +351,7 @@ def test_registry_rules() -> None:
     assert registry.get("t").describe()["description"] == "d"
 
 
-async def test_typed_inbox_validates_at_send_time() -> None:
+async def test_typed_inbox_validates_at_send_time(store_url: str) -> None:
     class Ping(BaseModel):
         n: int
 
@@ -362,7 +364,7 @@ async def test_typed_inbox_validates_at_send_time() -> None:
     async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
         return None
 
-    async with make_runtime(registry) as rt:
+    async with make_runtime(registry, store_url) as rt:
         await rt.spawn("/t/a")
         await rt.send("/t/a", {"n": 1}, type="ping")
         with pytest.raises(SchemaValidationFailed):
@@ -373,14 +375,14 @@ async def test_typed_inbox_validates_at_send_time() -> None:
         assert [e["value"]["message_type"] for e in events if e["type"] == "inbox"] == ["ping"]
 
 
-async def test_queue_depth_counts_waiting_wake_events() -> None:
+async def test_queue_depth_counts_waiting_wake_events(store_url: str) -> None:
     registry = Registry()
 
     @registry.define("t")
     async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
         return None
 
-    async with make_runtime(registry) as rt:
+    async with make_runtime(registry, store_url) as rt:
         await rt.spawn("/t/q")
         for n in range(3):
             await rt.send("/t/q", {"n": n})

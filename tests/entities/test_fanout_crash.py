@@ -77,11 +77,12 @@ APP = textwrap.dedent(
 
 
 def _load(path: Path) -> ModuleType:
+    """Import the app written to ``path``, by file, as ``entities run`` loaded it in the killed
+    process (it lives in the test's directory, next to its marker and tick log). What it imports,
+    ``examples.fanout``, comes from the repository root: pytest's ``pythonpath``."""
     spec = importlib.util.spec_from_file_location(f"_fanout_crash_app_{id(path)}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     spec.loader.exec_module(module)
     return module
 

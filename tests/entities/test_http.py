@@ -1,4 +1,4 @@
-"""The HTTP control plane over a real uvicorn server, a real SQLite file and a running worker.
+"""The HTTP control plane over a real uvicorn server and a running worker, on every store backend.
 
 Every bad request must get a clear 4xx with ``{"error": {"code", "message"}}`` and leave the
 runtime exactly as it was (checked by listing and inspecting before and after).
@@ -7,23 +7,21 @@ runtime exactly as it was (checked by listing and inspecting before and after).
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx2
 import orjson
 import pytest
-import uvicorn
 from pydantic import BaseModel
 
 from entities import HandlerContext, Registry, Runtime, WakeEvent
 from entities.server import create_app
 from examples import all as examples_all
+from tests._live import serving as live_server
 
 TOKEN = "s3cret-token"
 MAX_BODY = 4096
@@ -82,45 +80,29 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(db: Path, *, token: str | None = None) -> AsyncIterator[Served]:
-    """A real uvicorn server on a free port plus a worker, over ``db``."""
-    async with Runtime(make_registry(), f"sqlite:///{db}") as runtime:
+async def serving(db: str, *, token: str | None = None) -> AsyncIterator[Served]:
+    """A real uvicorn server on a free port plus a worker, over the store at ``db``."""
+    async with Runtime(make_registry(), db) as runtime:
         app = create_app(runtime, token=token, max_body_bytes=MAX_BODY)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(
+        async with live_server(
             app,
-            log_level="warning",
-            lifespan="off",
             timeout_graceful_shutdown=2,
             h11_max_incomplete_event_size=256 * 1024,  # as serve() sets it: the app answers 431
-        )
-        server = uvicorn.Server(config)
-        server_task = asyncio.create_task(server.serve(sockets=[sock]))
-        stop = anyio.Event()
-        worker_task = asyncio.create_task(runtime.worker(poll_interval=0.2).run(stop))
-        try:
-            with anyio.fail_after(10):
-                while not server.started:
-                    assert not server_task.done(), "uvicorn exited early"
-                    await asyncio.sleep(0.01)
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
-            base = f"http://127.0.0.1:{port}"
-            async with httpx2.AsyncClient(base_url=base, headers=headers, timeout=10) as http:
-                yield Served(base, runtime, http)
-        finally:
-            stop.set()
-            server.should_exit = True
-            await server_task
-            await worker_task
-            sock.close()
+        ) as base:
+            stop = anyio.Event()
+            worker_task = asyncio.create_task(runtime.worker(poll_interval=0.2).run(stop))
+            try:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                async with httpx2.AsyncClient(base_url=base, headers=headers, timeout=10) as http:
+                    yield Served(base, runtime, http)
+            finally:
+                stop.set()
+                await worker_task
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    async with serving(tmp_path / "x.db") as s:
+async def served(store_url: str) -> AsyncIterator[Served]:
+    async with serving(store_url) as s:
         yield s
 
 
@@ -630,8 +612,8 @@ async def test_entity_stream_tails_over_sse(served: Served) -> None:
 # -- bearer token ------------------------------------------------------------------------------
 
 
-async def test_bearer_token(tmp_path: Path) -> None:
-    async with serving(tmp_path / "auth.db", token=TOKEN) as s:
+async def test_bearer_token(store_url: str) -> None:
+    async with serving(store_url, token=TOKEN) as s:
         created = await spawn(s, "/counter/c1")
         assert created.status_code == 201
         assert await send_and_wait(s, "/counter/c1", {"add": 5}) == [5]

@@ -47,10 +47,10 @@ def build(wake: Wake, seen: list[dict[str, Any]], source: Any = None) -> Registr
     return registry
 
 
-async def test_change_wakes_filter_collections_and_ops() -> None:
+async def test_change_wakes_filter_collections_and_ops(store_url: str) -> None:
     seen: list[dict[str, Any]] = []
     registry = build(Wake(on="change", collections=("rows",), ops=("insert",)), seen)
-    async with Runtime(registry, clock=VirtualClock()) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/src/s1")
         await rt.spawn("/watcher/w")
         await rt.run_until_idle()
@@ -64,10 +64,10 @@ async def test_change_wakes_filter_collections_and_ops() -> None:
         assert seen[0]["source"] == "/src/s1"
 
 
-async def test_run_finished_observation_carries_the_response() -> None:
+async def test_run_finished_observation_carries_the_response(store_url: str) -> None:
     seen: list[dict[str, Any]] = []
     registry = build(Wake(on="run_finished"), seen)
-    async with Runtime(registry, clock=VirtualClock()) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/src/s1")
         await rt.spawn("/watcher/w")
         await rt.run_until_idle()
@@ -78,11 +78,11 @@ async def test_run_finished_observation_carries_the_response() -> None:
         assert seen[-1]["finished"]["run_status"] == "completed"
 
 
-async def test_debounce_coalesces_changes_and_timeout_is_a_heartbeat() -> None:
+async def test_debounce_coalesces_changes_and_timeout_is_a_heartbeat(store_url: str) -> None:
     seen: list[dict[str, Any]] = []
     registry = build(Wake(on="change", debounce_ms=1000, timeout_ms=5000), seen)
     clock = VirtualClock()
-    async with Runtime(registry, clock=clock) as rt:
+    async with Runtime(registry, store_url, clock=clock) as rt:
         await rt.spawn("/src/s1")
         await rt.spawn("/watcher/w")
         await rt.run_until_idle()
@@ -103,7 +103,7 @@ async def test_debounce_coalesces_changes_and_timeout_is_a_heartbeat() -> None:
         assert [x["kind"] for x in seen] == ["change", "timeout", "timeout"]
 
 
-async def test_failed_attach_raises_never_empty_state() -> None:
+async def test_failed_attach_raises_never_empty_state(store_url: str) -> None:
     errors: list[BaseException] = []
     registry = Registry()
 
@@ -114,13 +114,13 @@ async def test_failed_attach_raises_never_empty_state() -> None:
                 await ctx.observe(source)
             errors.append(info.value)
 
-    async with Runtime(registry, clock=VirtualClock()) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/watcher/w")
         await rt.run_until_idle()
         assert len(errors) == 2
 
 
-async def test_shared_state_db_is_written_by_one_and_observed_by_another() -> None:
+async def test_shared_state_db_is_written_by_one_and_observed_by_another(store_url: str) -> None:
     registry = Registry()
     schema = {"rows": collection(Row)}
     seen: list[dict[str, Any]] = []
@@ -142,7 +142,7 @@ async def test_shared_state_db_is_written_by_one_and_observed_by_another() -> No
         reads.append([r.value for r in shared.rows.to_list()])
         seen.extend(x for x in w.wakes if x.get("kind") == "change")
 
-    async with Runtime(registry, clock=VirtualClock()) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/owner/o")
         await rt.run_until_idle()
         await rt.spawn("/reader/r")
@@ -153,10 +153,10 @@ async def test_shared_state_db_is_written_by_one_and_observed_by_another() -> No
         assert seen[0]["source"] == "db:board"
 
 
-async def test_tag_membership_wakes_on_join_and_leave() -> None:
+async def test_tag_membership_wakes_on_join_and_leave(store_url: str) -> None:
     seen: list[dict[str, Any]] = []
     registry = build(Wake(on="change"), seen, source=entities(tags={"team": "red"}))
-    async with Runtime(registry, clock=VirtualClock()) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/src/s1")
         await rt.spawn("/watcher/w")
         await rt.run_until_idle()

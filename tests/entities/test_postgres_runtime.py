@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import anyio
 import pytest
-from hypothesis import HealthCheck, given, settings
 
 from entities import Runtime
+from examples.counter import registry
 from streams import open_store
 from tests import _postgres
-from tests.entities.test_properties import _scenario, sends
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from examples.counter import registry
 
 pytestmark = _postgres.marks()
 
@@ -31,23 +25,6 @@ async def url() -> AsyncIterator[str]:
     fresh = _postgres.fresh_url()
     yield fresh
     await _postgres.drop_schema(fresh)
-
-
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(plan=sends)
-def test_random_interleavings_match_the_sequential_sums_postgres(
-    plan: list[tuple[int, int, bool]],
-) -> None:
-    _postgres.check()
-
-    async def main() -> None:
-        url = _postgres.fresh_url()
-        try:
-            await _scenario(url, plan)
-        finally:
-            await _postgres.drop_schema(url)
-
-    asyncio.run(main())
 
 
 async def total_of(rt: Runtime, url: str) -> int:

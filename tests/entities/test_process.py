@@ -244,11 +244,11 @@ async def test_missing_program_is_a_clear_failure(tmp_path: Path) -> None:
     assert "failed to start" in result.stderr_tail
 
 
-# -- as an entity -------------------------------------------------------------------------------
+# -- as an entity, on every store backend -------------------------------------------------------
 
 
-def runtime(registry: Registry) -> Runtime:
-    return Runtime(registry, "memory://", clock=VirtualClock())
+def runtime(registry: Registry, store_url: str) -> Runtime:
+    return Runtime(registry, store_url, clock=VirtualClock())
 
 
 async def events_of(rt: Runtime, url: str, type_: str) -> list[dict[str, Any]]:
@@ -256,10 +256,12 @@ async def events_of(rt: Runtime, url: str, type_: str) -> list[dict[str, Any]]:
     return [e for e in events if e["type"] == type_]
 
 
-async def test_entity_streams_partials_replies_and_carries_the_session(sdk: Sdk) -> None:
+async def test_entity_streams_partials_replies_and_carries_the_session(
+    sdk: Sdk, store_url: str
+) -> None:
     registry = Registry()
     registry.define_process("agent", command=[str(sdk.python), str(AGENT)], timeout_s=10)
-    async with runtime(registry) as rt:
+    async with runtime(registry, store_url) as rt:
         await rt.spawn("/agent/a")
         first = await rt.send("/agent/a", {"text": "hello"})
         await rt.run_until_idle()
@@ -288,7 +290,9 @@ async def test_entity_streams_partials_replies_and_carries_the_session(sdk: Sdk)
         assert reply.endswith('attachments: [{"type": "file", "url": "http://x/f.txt"}]')
 
 
-async def test_partials_are_visible_while_the_program_runs(sdk: Sdk, tmp_path: Path) -> None:
+async def test_partials_are_visible_while_the_program_runs(
+    sdk: Sdk, tmp_path: Path, store_url: str
+) -> None:
     gate = tmp_path / "gate"
     registry = Registry()
     registry.define_process(
@@ -297,7 +301,7 @@ async def test_partials_are_visible_while_the_program_runs(sdk: Sdk, tmp_path: P
         env={"TEST_AGENT_GATE_FILE": str(gate)},
         timeout_s=30,
     )
-    async with runtime(registry) as rt:
+    async with runtime(registry, store_url) as rt:
         await rt.spawn("/agent/g")
         receipt = await rt.send("/agent/g", "gated")
         async with anyio.create_task_group() as tg:
@@ -310,10 +314,10 @@ async def test_partials_are_visible_while_the_program_runs(sdk: Sdk, tmp_path: P
         assert await rt.replies("/agent/g", receipt.key) == ["done"]
 
 
-async def test_streaming_off_drops_partials(sdk: Sdk) -> None:
+async def test_streaming_off_drops_partials(sdk: Sdk, store_url: str) -> None:
     registry = Registry()
     registry.define_process("agent", command=[str(sdk.python), str(AGENT)], streaming=False)
-    async with runtime(registry) as rt:
+    async with runtime(registry, store_url) as rt:
         await rt.spawn("/agent/q")
         receipt = await rt.send("/agent/q", "hello")
         await rt.run_until_idle()
@@ -321,10 +325,10 @@ async def test_streaming_off_drops_partials(sdk: Sdk) -> None:
         assert await events_of(rt, "/agent/q", "text_deltas") == []
 
 
-async def test_agent_error_is_a_reply_and_a_failed_run(sdk: Sdk) -> None:
+async def test_agent_error_is_a_reply_and_a_failed_run(sdk: Sdk, store_url: str) -> None:
     registry = Registry()
     registry.define_process("agent", command=[str(sdk.python), str(AGENT)])
-    async with runtime(registry) as rt:
+    async with runtime(registry, store_url) as rt:
         await rt.spawn("/agent/e")
         ok = await rt.send("/agent/e", "hello")
         bad = await rt.send("/agent/e", "fail-send-error")  # same wake as "hello"
@@ -342,12 +346,14 @@ async def test_agent_error_is_a_reply_and_a_failed_run(sdk: Sdk) -> None:
 
 
 @pytest.mark.parametrize("message", ["fail-crash", "slow"])
-async def test_crash_and_timeout_fail_the_run_with_the_stderr_tail(sdk: Sdk, message: str) -> None:
+async def test_crash_and_timeout_fail_the_run_with_the_stderr_tail(
+    sdk: Sdk, message: str, store_url: str
+) -> None:
     registry = Registry()
     registry.define_process(
         "agent", command=[str(sdk.python), str(AGENT)], timeout_s=0.5, kill_grace_s=0.5
     )
-    async with runtime(registry) as rt:
+    async with runtime(registry, store_url) as rt:
         await rt.spawn("/agent/c")
         receipt = await rt.send("/agent/c", message)
         await rt.run_until_idle()
@@ -362,7 +368,9 @@ async def test_crash_and_timeout_fail_the_run_with_the_stderr_tail(sdk: Sdk, mes
             assert "timed out (exit 124)" in error["value"]["error"]
 
 
-async def test_a_retried_wake_does_not_run_the_program_again(sdk: Sdk, tmp_path: Path) -> None:
+async def test_a_retried_wake_does_not_run_the_program_again(
+    sdk: Sdk, tmp_path: Path, store_url: str
+) -> None:
     """The handler fails after the turn was journaled; the retry reuses the recorded turn."""
     count = tmp_path / "runs.txt"
     registry = Registry()
@@ -380,7 +388,7 @@ async def test_a_retried_wake_does_not_run_the_program_again(sdk: Sdk, tmp_path:
             raise RuntimeError("the worker hiccups after the program ran")
 
     defined.handler = flaky
-    async with runtime(registry) as rt:
+    async with runtime(registry, store_url) as rt:
         await rt.spawn("/agent/r")
         receipt = await rt.send("/agent/r", "hello")
         await rt.run_until_idle()
@@ -390,7 +398,9 @@ async def test_a_retried_wake_does_not_run_the_program_again(sdk: Sdk, tmp_path:
         assert statuses == ["failed", "completed"]
 
 
-async def test_a_failed_turn_is_retried_and_answered_once(sdk: Sdk, tmp_path: Path) -> None:
+async def test_a_failed_turn_is_retried_and_answered_once(
+    sdk: Sdk, tmp_path: Path, store_url: str
+) -> None:
     """With ``max_attempts=2`` an agent error runs the program twice; the caller gets one
     error reply, when the wake is given up."""
     count = tmp_path / "runs.txt"
@@ -401,7 +411,7 @@ async def test_a_failed_turn_is_retried_and_answered_once(sdk: Sdk, tmp_path: Pa
         env={"TEST_AGENT_COUNT_FILE": str(count)},
         max_attempts=2,
     )
-    async with runtime(registry) as rt:
+    async with runtime(registry, store_url) as rt:
         await rt.spawn("/agent/t")
         receipt = await rt.send("/agent/t", "fail-protocol")
         await rt.run_until_idle()
@@ -411,7 +421,9 @@ async def test_a_failed_turn_is_retried_and_answered_once(sdk: Sdk, tmp_path: Pa
         assert statuses == ["failed", "dead_lettered"]
 
 
-async def test_a_redelivered_wake_does_not_run_the_program_again(sdk: Sdk, tmp_path: Path) -> None:
+async def test_a_redelivered_wake_does_not_run_the_program_again(
+    sdk: Sdk, tmp_path: Path, store_url: str
+) -> None:
     """The worker dies (its task is cancelled) after the turn was journaled and before the
     commit; once the lease expires another worker redelivers the wake from the journal."""
     count = tmp_path / "runs.txt"
@@ -429,7 +441,7 @@ async def test_a_redelivered_wake_does_not_run_the_program_again(sdk: Sdk, tmp_p
             await anyio.sleep_forever()
 
     defined.handler = dies_after_the_turn
-    async with Runtime(registry, "memory://", clock=VirtualClock(), lease_seconds=5) as rt:
+    async with Runtime(registry, store_url, clock=VirtualClock(), lease_seconds=5) as rt:
         await rt.spawn("/agent/d")
         receipt = await rt.send("/agent/d", "hello")
         worker = rt.worker()
@@ -450,7 +462,7 @@ async def test_a_redelivered_wake_does_not_run_the_program_again(sdk: Sdk, tmp_p
 
 
 async def test_replay_reuses_the_journal_for_completed_and_failed_turns(
-    sdk: Sdk, tmp_path: Path
+    sdk: Sdk, tmp_path: Path, store_url: str
 ) -> None:
     count = tmp_path / "runs.txt"
     registry = Registry()
@@ -459,7 +471,7 @@ async def test_replay_reuses_the_journal_for_completed_and_failed_turns(
         command=[str(sdk.python), str(AGENT)],
         env={"TEST_AGENT_COUNT_FILE": str(count)},
     )
-    async with runtime(registry) as rt:
+    async with runtime(registry, store_url) as rt:
         await rt.spawn("/agent/p")
         for text in ("hello", "whoami", "fail-protocol", "fail-crash"):
             await rt.send("/agent/p", text)

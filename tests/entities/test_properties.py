@@ -1,24 +1,22 @@
 """Property: any interleaving of sends to many counters, processed by competing workers, gives
-exactly the sums a sequential model predicts (each message applied once)."""
+exactly the sums a sequential model predicts (each message applied once), on every store
+backend (each example on a fresh store)."""
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import tempfile
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from entities import Runtime
-from streams import open_store
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import anyio.lowlevel
-
 from examples.counter import registry
+from streams import open_store
+from tests._stores import drop_store, make_store_url
 
 sends = st.lists(
     st.tuples(st.integers(0, 5), st.integers(-50, 50), st.booleans()), min_size=1, max_size=40
@@ -57,18 +55,22 @@ async def _scenario(url: str, plan: list[tuple[int, int, bool]]) -> None:
             assert sorted(inbox) == sorted(answered)  # every message answered exactly once
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(plan=sends)
-def test_random_interleavings_match_the_sequential_sums_memory(
-    plan: list[tuple[int, int, bool]],
-) -> None:
-    asyncio.run(_scenario("memory://", plan))
+EXAMPLES = {"memory": 15, "sqlite": 8, "postgres": 8}  # examples per backend
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(plan=sends)
-def test_random_interleavings_match_the_sequential_sums_sqlite(
-    plan: list[tuple[int, int, bool]],
-) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(_scenario(f"sqlite:///{tmp}/p.db", plan))
+def test_random_interleavings_match_the_sequential_sums(backend: str) -> None:
+    @settings(
+        max_examples=EXAMPLES.get(backend, 8),
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(plan=sends)
+    def check(plan: list[tuple[int, int, bool]]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            url = make_store_url(backend, Path(tmp))
+            try:
+                asyncio.run(_scenario(url, plan))
+            finally:
+                asyncio.run(drop_store(url))
+
+    check()

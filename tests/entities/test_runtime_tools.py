@@ -31,7 +31,7 @@ async def test_tool_validates_arguments_and_returns_errors() -> None:
     assert failed.error == "RuntimeError: nope"
 
 
-async def test_runtime_tools_send_spawn_and_schedules() -> None:
+async def test_runtime_tools_send_spawn_and_schedules(store_url: str) -> None:
     registry = Registry()
     results: dict[str, Any] = {}
 
@@ -69,7 +69,7 @@ async def test_runtime_tools_send_spawn_and_schedules() -> None:
         results["missing"] = await tools["send_message"].call({"url": "/worker/none", "payload": 0})
 
     clock = VirtualClock()
-    async with Runtime(registry, clock=clock) as rt:
+    async with Runtime(registry, store_url, clock=clock) as rt:
         await rt.spawn("/boss/b")
         await rt.run_until_idle()
         assert results["spawn"].result == {"spawned": "/worker/w1"}

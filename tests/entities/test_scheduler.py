@@ -1,9 +1,8 @@
-"""Delayed sends, cron schedules and child fan-in, driven by a virtual clock."""
+"""Delayed sends, cron schedules and child fan-in, driven by a virtual clock, on every store
+backend (restarts and two schedulers: on the backends whose stores processes share)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -11,17 +10,15 @@ import pytest
 
 from entities import ContextError, HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
 from entities._pipeline.fire import fire_due
-from streams import open_store
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from examples import fanout
+from streams import open_store
 
 
 def _inbox(events: list[dict[str, Any]]) -> list[Any]:
     return [e["value"]["payload"] for e in events if e["type"] == "inbox"]
 
 
-async def test_delayed_send_fires_once_when_due() -> None:
+async def test_delayed_send_fires_once_when_due(store_url: str) -> None:
     registry = Registry()
     got: list[tuple[float, Any]] = []
 
@@ -34,7 +31,7 @@ async def test_delayed_send_fires_once_when_due() -> None:
                 await ctx.send(ctx.entity_url, {"later": True}, after_ms=500)
 
     clock = VirtualClock()
-    async with Runtime(registry, clock=clock) as rt:
+    async with Runtime(registry, store_url, clock=clock) as rt:
         start = clock.now()
         await rt.spawn("/t/a", initial_message={"go": 1})
         await rt.run_until_idle()
@@ -51,7 +48,7 @@ async def test_delayed_send_fires_once_when_due() -> None:
         assert _inbox(events) == [{"go": 1}, {"later": True}]
 
 
-async def test_cron_ticks_cancel_and_catch_up_without_burst() -> None:
+async def test_cron_ticks_cancel_and_catch_up_without_burst(store_url: str) -> None:
     registry = Registry()
     ticks: list[dict[str, Any]] = []
 
@@ -68,7 +65,7 @@ async def test_cron_ticks_cancel_and_catch_up_without_burst() -> None:
         ticks.extend(w for w in wake.wakes if w.get("kind") == "cron")
 
     clock = VirtualClock(start=1_700_000_000.0)  # 22:13:20 UTC: next minute is 40 s away
-    async with Runtime(registry, clock=clock) as rt:
+    async with Runtime(registry, store_url, clock=clock) as rt:
         await rt.spawn("/t/a", initial_message={"start": True, "bad": True})
         await rt.run_until_idle()
         await rt.advance(40 + 60 * 2 + 1)  # three minute boundaries
@@ -83,7 +80,8 @@ async def test_cron_ticks_cancel_and_catch_up_without_burst() -> None:
         assert len(ticks) == 4
 
 
-async def test_cron_survives_a_restart(tmp_path: Path) -> None:
+async def test_cron_survives_a_restart(shared_store_url: str) -> None:
+    """The process stops; another opens the same store: the cron fires on."""
     registry = Registry()
     ticks: list[float] = []
 
@@ -93,20 +91,20 @@ async def test_cron_survives_a_restart(tmp_path: Path) -> None:
             ctx.schedule_cron("hourly", "0 * * * *", timezone="Europe/Paris")
         ticks.extend(w["due"] for w in wake.wakes if w.get("kind") == "cron")
 
-    url = f"sqlite:///{tmp_path}/cron.db"
     clock = VirtualClock(start=1_700_000_000.0)
-    async with Runtime(registry, url, clock=clock) as rt:
+    async with Runtime(registry, shared_store_url, clock=clock) as rt:
         await rt.spawn("/t/a")
         await rt.run_until_idle()
     clock.advance(3600)  # the process is down for an hour
-    async with Runtime(registry, url, clock=clock) as rt:
+    async with Runtime(registry, shared_store_url, clock=clock) as rt:
         await rt.run_until_idle()
         assert len(ticks) == 1 and ticks[0] % 3600 == 0
         await rt.advance(3600)
         assert len(ticks) == 2 and ticks[1] - ticks[0] == 3600
 
 
-async def test_two_schedulers_fire_each_timer_once(tmp_path: Path) -> None:
+async def test_two_schedulers_fire_each_timer_once(shared_store_url: str) -> None:
+    """Two stores over one database (as two processes hold) fire the due timers together."""
     registry = Registry()
 
     @registry.define("t")
@@ -115,9 +113,8 @@ async def test_two_schedulers_fire_each_timer_once(tmp_path: Path) -> None:
             for i in range(200):
                 await ctx.send("/t/sink", {"i": i}, after_ms=10 + i % 7)
 
-    url = f"sqlite:///{tmp_path}/s.db"
     clock = VirtualClock()
-    async with open_store(url) as one, open_store(url) as two:
+    async with open_store(shared_store_url) as one, open_store(shared_store_url) as two:
         rt = Runtime(registry, one, clock=clock)
         await rt.spawn("/t/sink")
         await rt.spawn("/t/src")
@@ -137,8 +134,8 @@ async def test_two_schedulers_fire_each_timer_once(tmp_path: Path) -> None:
         assert sorted(payloads) == list(range(200))
 
 
-async def test_fanout_example_sums_squares() -> None:
-    async with Runtime(fanout.registry, clock=VirtualClock()) as rt:
+async def test_fanout_example_sums_squares(store_url: str) -> None:
+    async with Runtime(fanout.registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/fanout/f1")
         receipt = await rt.send("/fanout/f1", {"n": 5, "delay_ms": 200})
         await rt.run_until_idle()
@@ -150,9 +147,9 @@ async def test_fanout_example_sums_squares() -> None:
 
 
 @pytest.mark.slow
-async def test_a_thousand_children_fan_in_exactly_once() -> None:
+async def test_a_thousand_children_fan_in_exactly_once(store_url: str) -> None:
     n = 1000
-    async with Runtime(fanout.registry, clock=VirtualClock()) as rt:
+    async with Runtime(fanout.registry, store_url, clock=VirtualClock()) as rt:
         await rt.spawn("/fanout/big")
         receipt = await rt.send("/fanout/big", {"n": n, "delay_ms": 50})
         await rt.advance(1)

@@ -1,18 +1,16 @@
-"""Schedules from outside a wake: the Runtime API and the HTTP routes (real uvicorn)."""
+"""Schedules from outside a wake: the Runtime API and the HTTP routes (real uvicorn), on every
+store backend."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import httpx2
 import pytest
-import uvicorn
 
 from entities import ContextError, HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
 from entities.server import create_app
-
-from ._support import free_port
+from tests._live import serving
 
 
 def build(ticks: list[dict[str, Any]]) -> Registry:
@@ -25,10 +23,10 @@ def build(ticks: list[dict[str, Any]]) -> Registry:
     return registry
 
 
-async def test_runtime_schedule_cron_and_cancel() -> None:
+async def test_runtime_schedule_cron_and_cancel(store_url: str) -> None:
     ticks: list[dict[str, Any]] = []
     clock = VirtualClock(start=1_700_000_000.0)
-    async with Runtime(build(ticks), clock=clock) as rt:
+    async with Runtime(build(ticks), store_url, clock=clock) as rt:
         await rt.spawn("/t/a")
         await rt.run_until_idle()
         entry = await rt.schedule_cron("/t/a", "minutely", "* * * * *", payload={"p": 1})
@@ -46,38 +44,24 @@ async def test_runtime_schedule_cron_and_cancel() -> None:
         assert len(ticks) == 1  # the replaced and the cancelled timers never fired
 
 
-async def test_schedule_routes_over_http() -> None:
+async def test_schedule_routes_over_http(store_url: str) -> None:
     ticks: list[dict[str, Any]] = []
-    port = free_port()
-    async with Runtime(build(ticks), "memory://") as rt:
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(rt), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+    async with Runtime(build(ticks), store_url) as rt, serving(create_app(rt)) as url:
+        base = f"{url}/_entities/entities/t/a"
+        async with httpx2.AsyncClient(timeout=10) as http:
+            assert (await http.put(base, json={})).status_code == 201
+            put = await http.put(
+                f"{base}/schedules/daily",
+                json={"expression": "0 9 * * *", "timezone": "Europe/Paris"},
             )
-        )
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve)
-            with anyio.fail_after(10):
-                while not server.started:  # noqa: ASYNC110 (uvicorn has no startup event)
-                    await anyio.sleep(0.01)
-            base = f"http://127.0.0.1:{port}/_entities/entities/t/a"
-            async with httpx2.AsyncClient(timeout=10) as http:
-                assert (await http.put(base, json={})).status_code == 201
-                put = await http.put(
-                    f"{base}/schedules/daily",
-                    json={"expression": "0 9 * * *", "timezone": "Europe/Paris"},
-                )
-                assert put.status_code == 200 and put.json()["timezone"] == "Europe/Paris"
-                bad = await http.put(f"{base}/schedules/x", json={"expression": "nope"})
-                assert bad.status_code == 400 and bad.json()["error"]["code"] == "CONTEXT_ERROR"
-                shape = await http.put(f"{base}/schedules/x", json={"cron": "* * * * *"})
-                assert shape.status_code == 422
-                listed = await http.get(f"{base}/schedules")
-                assert [s["id"] for s in listed.json()] == ["cron:daily"]
-                assert (await http.delete(f"{base}/schedules/daily")).status_code == 200
-                assert (await http.delete(f"{base}/schedules/daily")).status_code == 404
-                missing = await http.get(
-                    f"http://127.0.0.1:{port}/_entities/entities/t/none/schedules"
-                )
-                assert missing.status_code == 404
-            server.should_exit = True
+            assert put.status_code == 200 and put.json()["timezone"] == "Europe/Paris"
+            bad = await http.put(f"{base}/schedules/x", json={"expression": "nope"})
+            assert bad.status_code == 400 and bad.json()["error"]["code"] == "CONTEXT_ERROR"
+            shape = await http.put(f"{base}/schedules/x", json={"cron": "* * * * *"})
+            assert shape.status_code == 422
+            listed = await http.get(f"{base}/schedules")
+            assert [s["id"] for s in listed.json()] == ["cron:daily"]
+            assert (await http.delete(f"{base}/schedules/daily")).status_code == 200
+            assert (await http.delete(f"{base}/schedules/daily")).status_code == 404
+            missing = await http.get(f"{url}/_entities/entities/t/none/schedules")
+            assert missing.status_code == 404

@@ -1,10 +1,9 @@
 """``fire_due`` fires due timers in batches (one transaction each) and falls back to one
 transaction per timer when a batch cannot commit: a cancelled or replaced timer, or a target
-that is gone, must not stop the others, and nothing may fire twice."""
+that is gone, must not stop the others, and nothing may fire twice. On every store backend."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from entities import HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
@@ -56,9 +55,9 @@ async def _inbox(rt: Runtime, url: str) -> list[Any]:
             return found
 
 
-async def test_batches_fire_in_due_order_exactly_once(tmp_path: Path) -> None:
+async def test_batches_fire_in_due_order_exactly_once(store_url: str) -> None:
     clock = VirtualClock()
-    async with Runtime(registry, f"sqlite:///{tmp_path / 'b.db'}", clock=clock) as rt:
+    async with Runtime(registry, store_url, clock=clock) as rt:
         await rt.spawn("/sink/a")
         await rt.spawn("/src/s")
         await rt.run_until_idle()
@@ -81,9 +80,9 @@ async def test_batches_fire_in_due_order_exactly_once(tmp_path: Path) -> None:
         assert {e.id for e in sent} == {f"send:m{i}" for i in range(1200)}
 
 
-async def test_a_failing_timer_falls_back_to_one_by_one(tmp_path: Path) -> None:
+async def test_a_failing_timer_falls_back_to_one_by_one(store_url: str) -> None:
     clock = VirtualClock()
-    async with Runtime(registry, f"sqlite:///{tmp_path / 'f.db'}", clock=clock) as rt:
+    async with Runtime(registry, store_url, clock=clock) as rt:
         await rt.spawn("/sink/a")
         await rt.spawn("/sink/gone")
         await rt.spawn("/src/s")
@@ -107,9 +106,9 @@ async def test_a_failing_timer_falls_back_to_one_by_one(tmp_path: Path) -> None:
         assert await _inbox(rt, "/sink/a") == [i for i in range(20) if i not in (3, 7)]
 
 
-async def test_an_undecodable_timer_row_is_set_aside_and_the_rest_fire(tmp_path: Path) -> None:
+async def test_an_undecodable_timer_row_is_set_aside_and_the_rest_fire(store_url: str) -> None:
     clock = VirtualClock()
-    async with Runtime(registry, f"sqlite:///{tmp_path / 'q.db'}", clock=clock) as rt:
+    async with Runtime(registry, store_url, clock=clock) as rt:
         due = await _sink_and_source(rt, clock)
         ops: list[Op] = []
         for i in range(10):
@@ -130,9 +129,9 @@ async def test_an_undecodable_timer_row_is_set_aside_and_the_rest_fire(tmp_path:
         assert dict(await rt.store.kv_scan(BAD_TIMER_NS)) == bad
 
 
-async def test_one_by_one_firing_sets_bad_rows_aside_too(tmp_path: Path) -> None:
+async def test_one_by_one_firing_sets_bad_rows_aside_too(store_url: str) -> None:
     clock = VirtualClock()
-    async with Runtime(registry, f"sqlite:///{tmp_path / 'o.db'}", clock=clock) as rt:
+    async with Runtime(registry, store_url, clock=clock) as rt:
         due = await _sink_and_source(rt, clock)
         key = timer_key(due, "/src/s", "send:bad")
         await rt.store.commit([*arm_ops(_send(1, due, "/sink/a")), KvPut(TIMER_NS, key, b"[]")])

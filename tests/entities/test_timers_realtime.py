@@ -1,9 +1,8 @@
-"""Delayed sends in real time: a running Worker over SQLite with the SystemClock."""
+"""Delayed sends in real time: a running Worker with the SystemClock, on every store backend."""
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,10 +28,10 @@ async def catcher(ctx: HandlerContext, wake: WakeEvent) -> None:
             event.set()
 
 
-async def test_delayed_send_arrives_after_its_delay_once(tmp_path: Path) -> None:
+async def test_delayed_send_arrives_after_its_delay_once(store_url: str) -> None:
     arrivals.clear()
     arrived[:] = [anyio.Event()]
-    async with Runtime(registry, f"sqlite:///{tmp_path / 't.db'}") as rt:
+    async with Runtime(registry, store_url) as rt:
         await rt.spawn("/catcher/c")
         await rt.spawn("/delayer/d")
         stop = anyio.Event()

@@ -1,11 +1,10 @@
 """How a running Worker shares its lanes: an entity whose inbox refills while its wake runs
 takes its next wake right away on the same lane (no trip through the dispatch loop), but only
-while lanes are free, so a busy entity never starves the others."""
+while lanes are free, so a busy entity never starves the others. On every store backend."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import anyio
 import pytest
@@ -77,8 +76,8 @@ def _reset() -> None:
     watchers.clear()
 
 
-async def test_a_refilled_inbox_is_taken_on_the_same_lane(tmp_path: Path) -> None:
-    async with Runtime(registry, f"sqlite:///{tmp_path / 'l.db'}") as rt:
+async def test_a_refilled_inbox_is_taken_on_the_same_lane(store_url: str) -> None:
+    async with Runtime(registry, store_url) as rt:
         await rt.spawn("/looper/a", initial_message={"left": 40})
         worker = CountingWorker(rt, concurrency=4)
         worker.dispatched = {}
@@ -91,8 +90,8 @@ async def test_a_refilled_inbox_is_taken_on_the_same_lane(tmp_path: Path) -> Non
         assert worker.dispatched["/looper/a"] <= -(-41 // FOLLOW_ON) + 2
 
 
-async def test_a_busy_entity_does_not_starve_the_others(tmp_path: Path) -> None:
-    async with Runtime(registry, f"sqlite:///{tmp_path / 's.db'}") as rt:
+async def test_a_busy_entity_does_not_starve_the_others(store_url: str) -> None:
+    async with Runtime(registry, store_url) as rt:
         await rt.spawn("/looper/busy", initial_message={"left": 1_000_000})
         await rt.spawn("/looper/busy2", initial_message={"left": 1_000_000})
         others = [f"/one/o{i}" for i in range(20)]
@@ -106,13 +105,13 @@ async def test_a_busy_entity_does_not_starve_the_others(tmp_path: Path) -> None:
         assert all(handled[url] == 1 for url in others)
 
 
-async def test_a_cancelled_wake_gives_its_lease_back(tmp_path: Path) -> None:
+async def test_a_cancelled_wake_gives_its_lease_back(store_url: str) -> None:
     """Ctrl-C (or a timeout, or the end of a drain) cancels a wake mid-handler: its lease is
     released at once, keeping its range, so the next worker runs it now (as attempt 2), not
     after the 30 s lease expires."""
     slow_started[:] = [anyio.Event()]
     slow_attempts.clear()
-    async with Runtime(registry, f"sqlite:///{tmp_path / 'c.db'}", lease_seconds=30) as rt:
+    async with Runtime(registry, store_url, lease_seconds=30) as rt:
         await rt.spawn("/slow/s", initial_message={"go": 1})
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:

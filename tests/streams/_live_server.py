@@ -1,20 +1,19 @@
-"""A real uvicorn serving ``streams.server`` on 127.0.0.1 (free port) in a background thread."""
+"""A real uvicorn serving ``streams.server`` on 127.0.0.1 (free port) in a background thread
+(:func:`tests._live.serving_in_thread`)."""
 
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from streams.server import ServerSettings, serve_app
 from tests import _postgres
+from tests._live import serving_in_thread
 
 # the backends a module-scoped live server runs over (postgres: where a server answers)
 SERVER_BACKENDS: list[Any] = [
@@ -67,27 +66,5 @@ def backend_db(backend: str, directory: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def running_server(db: str, settings: ServerSettings = TEST_SETTINGS) -> Iterator[LiveServer]:
     """Serve the store at ``db`` until the block exits; the store opens inside the server."""
-    config = uvicorn.Config(
-        serve_app(db, settings),
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        lifespan="on",
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield LiveServer(f"http://127.0.0.1:{port}")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        if thread.is_alive():
-            raise RuntimeError("uvicorn did not stop")
+    with serving_in_thread(serve_app(db, settings), lifespan="on") as url:
+        yield LiveServer(url)
