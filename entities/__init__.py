@@ -17,11 +17,13 @@ from ._context import HandlerContext as HandlerContext
 from ._context import RunHandle as RunHandle
 from ._errors import AgentError as AgentError
 from ._errors import ContextError as ContextError
+from ._errors import DeadLetterNotFound as DeadLetterNotFound
 from ._errors import DefinitionError as DefinitionError
 from ._errors import DuplicateEntity as DuplicateEntity
 from ._errors import EntitiesError as EntitiesError
 from ._errors import EntityNotFound as EntityNotFound
 from ._errors import EntityStopped as EntityStopped
+from ._errors import IdempotencyKeyReused as IdempotencyKeyReused
 from ._errors import InvalidEntityURL as InvalidEntityURL
 from ._errors import LeaseLost as LeaseLost
 from ._errors import ModelError as ModelError
@@ -30,6 +32,7 @@ from ._errors import ProcessTimeout as ProcessTimeout
 from ._errors import ReplayDivergence as ReplayDivergence
 from ._errors import SchemaValidationFailed as SchemaValidationFailed
 from ._errors import UnknownEntityType as UnknownEntityType
+from ._errors import WakeTimeout as WakeTimeout
 from ._manifest import ChildEntry as ChildEntry
 from ._manifest import ContextEntry as ContextEntry
 from ._manifest import EffectEntry as EffectEntry
@@ -45,6 +48,7 @@ from ._observe import db as db
 from ._observe import entities as entities
 from ._observe import entity as entity
 from ._pipeline.affinity import WorkerInfo as WorkerInfo
+from ._records import DeadLetter as DeadLetter
 from ._records import EntityInfo as EntityInfo
 from ._records import SendReceipt as SendReceipt
 from ._registry import EntityType as EntityType
@@ -69,6 +73,8 @@ __all__ = [
     "CollectionDef",
     "ContextEntry",
     "ContextError",
+    "DeadLetter",
+    "DeadLetterNotFound",
     "DefinitionError",
     "Divergence",
     "DuplicateEntity",
@@ -81,6 +87,7 @@ __all__ = [
     "EntityType",
     "EntityURL",
     "HandlerContext",
+    "IdempotencyKeyReused",
     "InboxMessage",
     "InvalidEntityURL",
     "LeaseLost",
@@ -106,6 +113,7 @@ __all__ = [
     "Wake",
     "WakeEvent",
     "WakeReplay",
+    "WakeTimeout",
     "Worker",
     "WorkerInfo",
     "collection",

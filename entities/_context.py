@@ -79,14 +79,18 @@ class RunHandle:
         self.key = key
         self._response: list[str] = []
         self._started = ctx._clock_now()
+        self.ended = False
         ctx._emit("runs", key, {"status": "started", "started_at": self._started}, "insert")
+        ctx._open_runs.append(self)
 
     def attach_response(self, text: str) -> None:
         """Add text to the run's recorded response."""
         self._response.append(text)
 
     def end(self, status: str = "completed", finish_reason: str | None = None) -> None:
-        """Record the run's outcome."""
+        """Record the run's outcome (a run left open is ended when its wake commits, with the
+        wake's outcome and ``finish_reason="wake_ended"``)."""
+        self.ended = True
         now = self._ctx._clock_now()
         value = {
             "status": status,
@@ -151,6 +155,7 @@ class HandlerContext:
         self._context_budget = 0
         self.sleeping = False
         self.current_message: InboxMessage | None = None
+        self._open_runs: list[RunHandle] = []
 
     def _build_state(self) -> Database:
         collections = Collections(self, self._type.state)
@@ -525,8 +530,15 @@ class HandlerContext:
         return RunHandle(self, f"{self.run_id}.run{self._next('run')}")
 
     def sleep(self) -> None:
-        """End this wake without further work; the entity stays idle until the next event."""
+        """Do not wake again for what arrives while this wake runs: when it commits, the entity
+        stays idle until the next event arrives (which then wakes it with everything since)."""
         self.sleeping = True
+
+    def end_open_runs(self, status: str) -> None:
+        """End every run of :meth:`record_run` the handler left open, as ``status``."""
+        for run in self._open_runs:
+            if not run.ended:
+                run.end(status, finish_reason="wake_ended")
 
     # -- journal ----------------------------------------------------------------------------
 

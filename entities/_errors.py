@@ -12,6 +12,9 @@ The hierarchy::
     ├── EntityStopped                  the entity was killed and takes no more messages (HTTP 409)
     ├── ContextError                   misuse of the HandlerContext (e.g. writing a bad row)
     ├── LeaseLost                      a wake's write was fenced: another worker owns the entity
+    ├── WakeTimeout                    a wake ran past its type's ``wake_timeout`` and was cancelled
+    ├── DeadLetterNotFound             no dead letter with that id (HTTP 404)
+    ├── IdempotencyKeyReused           an idempotency key sent again with another request (HTTP 422)
     ├── ReplayDivergence               a replayed wake did something other than what was recorded
     ├── ModelError                     a model call failed or cannot be made (agents)
     └── ProcessFailed                  a subprocess agent's turn failed (exit status, stderr tail)
@@ -34,11 +37,13 @@ if TYPE_CHECKING:
 __all__ = [
     "AgentError",
     "ContextError",
+    "DeadLetterNotFound",
     "DefinitionError",
     "DuplicateEntity",
     "EntitiesError",
     "EntityNotFound",
     "EntityStopped",
+    "IdempotencyKeyReused",
     "InvalidEntityURL",
     "LeaseLost",
     "ModelError",
@@ -47,6 +52,7 @@ __all__ = [
     "ReplayDivergence",
     "SchemaValidationFailed",
     "UnknownEntityType",
+    "WakeTimeout",
 ]
 
 
@@ -133,6 +139,29 @@ class LeaseLost(EntitiesError):
 
     code = "LEASE_LOST"
     status = 409
+
+
+class WakeTimeout(EntitiesError):
+    """Recorded as the error of a wake whose handler ran past its ``wake_timeout``: the handler
+    was cancelled and the attempt failed (retried, then dead-lettered, like any failure)."""
+
+    code = "WAKE_TIMEOUT"
+    status = 504
+
+
+class DeadLetterNotFound(EntitiesError):
+    """Raised when retrying or discarding a dead letter that does not exist (any more)."""
+
+    code = "DEAD_LETTER_NOT_FOUND"
+    status = 404
+
+
+class IdempotencyKeyReused(EntitiesError):
+    """Raised when an idempotency key comes again with a different request (another payload,
+    type or target): the key names one request, whose answer it keeps."""
+
+    code = "IDEMPOTENCY_KEY_REUSED"
+    status = 422
 
 
 class ReplayDivergence(EntitiesError):

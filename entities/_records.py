@@ -19,6 +19,7 @@ from ._events import iso
 __all__ = [
     "APP_NS",
     "BUILTIN_COLLECTIONS",
+    "DEAD_NS",
     "ENTITY_NS",
     "PENDING_NS",
     "SCHEDULE_NS",
@@ -26,6 +27,7 @@ __all__ = [
     "TAG_NS",
     "TIMER_NS",
     "WORKER_NS",
+    "DeadLetter",
     "EntityInfo",
     "EntityRecord",
     "Inflight",
@@ -39,6 +41,7 @@ SNAPSHOT_NS = "entity-snapshot"
 WORKER_NS = "worker"  # key: worker id -> {"expires": ..., "pid": ..., "host": ...} (presence)
 TAG_NS = "tag"  # key: "{url}\n{tag}" -> value (what ``ps --tag`` and tag observers read)
 APP_NS = "app"  # key: entity type -> where its code was loaded from (for replay)
+DEAD_NS = "dead"  # key: "{url}|{wake_id}" -> DeadLetter (a wake given up, until retried/discarded)
 
 # Collection (event ``type``) names in an entity's main stream.
 BUILTIN_COLLECTIONS = (
@@ -103,6 +106,49 @@ class EntityRecord(BaseModel):
     @classmethod
     def load(cls, data: bytes) -> EntityRecord:
         return cls.model_validate(orjson.loads(data))
+
+
+class DeadLetter(BaseModel):
+    """A wake given up after its last attempt (side table ``dead``, key ``{url}|{wake_id}``):
+    its events stay in the entity's stream, acknowledged; retrying delivers its messages again
+    as a new wake."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["dead_letter"] = "dead_letter"
+    v: int = 1
+    url: str
+    type: str
+    wake_id: str
+    from_offset: str
+    to_offset: str
+    attempts: int
+    error: str
+    error_type: str
+    at: float  # when it was given up (epoch seconds)
+    messages: int = 0  # inbox messages in its range
+
+    @property
+    def id(self) -> str:
+        """The id users name it by: ``{type}:{entity id}:{wake_id}`` (``:`` is in no segment)."""
+        return f"{self.type}:{self.url.rsplit('/', 1)[1]}:{self.wake_id}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.url}|{self.wake_id}"
+
+    @staticmethod
+    def key_of(id: str) -> str | None:
+        """The side-table key of the dead letter ``id`` (``None``: not an id's shape)."""
+        parts = id.split(":")
+        if len(parts) != 3 or not all(parts):
+            return None
+        return f"/{parts[0]}/{parts[1]}|{parts[2]}"
+
+    def to_json(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"kind", "v"})
+        data["id"] = self.id
+        data["time"] = iso(self.at)
+        return data
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,17 @@ __all__ = ["EntityType", "Handler", "Registry"]
 Handler: TypeAlias = Callable[[HandlerContext, WakeEvent], Awaitable[None] | None]
 OnMessage: TypeAlias = Callable[[HandlerContext, InboxMessage], Awaitable[Any] | Any]
 OnError: TypeAlias = Callable[[HandlerContext, BaseException], Awaitable[None] | None]
+OnCreate: TypeAlias = Callable[[HandlerContext], Awaitable[None] | None]
+OnStop: TypeAlias = Callable[[HandlerContext, str], Awaitable[None] | None]
+
+
+def _check_options(max_attempts: int, wake_timeout: float | None) -> None:
+    if max_attempts < 1:
+        raise DefinitionError("max_attempts must be at least 1")
+    if wake_timeout is not None and not wake_timeout > 0:
+        raise DefinitionError(
+            f"wake_timeout must be a positive number of seconds, not {wake_timeout}"
+        )
 
 
 def _errors(exc: ValidationError) -> list[Any]:
@@ -48,6 +59,9 @@ class EntityType:
     on_error: OnError | None = None
     max_attempts: int = 3
     options: dict[str, Any] = field(default_factory=dict)
+    on_create: OnCreate | None = None
+    on_stop: OnStop | None = None
+    wake_timeout: float | None = None  # seconds; None: the worker's default
 
     def validate_args(self, args: Any) -> dict[str, Any]:
         """Validate spawn args against ``args_schema``; return them as JSON-ready data.
@@ -93,12 +107,15 @@ class EntityType:
             ) from None
 
     async def invoke(self, ctx: HandlerContext, wake: WakeEvent) -> None:
-        """Run this type's code for one wake: ``on_message`` for each message first (a
-        message it answers is replied to and taken out of the wake), then the handler, unless
-        ``on_message`` answered everything and nothing else woke the entity.
+        """Run this type's code for one wake: ``on_create`` in the entity's first wake (the one
+        holding its creation), ``on_message`` for each message (a message it answers is replied
+        to and taken out of the wake), then the handler, unless ``on_message`` answered
+        everything and nothing else woke the entity.
 
         Raises whatever the hook or the handler raises.
         """
+        if self.on_create is not None and any(w.get("kind") == "created" for w in wake.wakes):
+            await call_maybe_async(self.on_create, ctx)
         remaining = list(wake.messages)
         if self.on_message is not None and wake.messages:
             remaining = []
@@ -159,7 +176,10 @@ class Registry:
         inbox: type[BaseModel] | Mapping[str, type[BaseModel]] | None = None,
         on_message: OnMessage | None = None,
         on_error: OnError | None = None,
+        on_create: OnCreate | None = None,
+        on_stop: OnStop | None = None,
         max_attempts: int = 3,
+        wake_timeout: float | None = None,
     ) -> EntityType: ...
 
     @overload
@@ -175,7 +195,10 @@ class Registry:
         inbox: type[BaseModel] | Mapping[str, type[BaseModel]] | None = None,
         on_message: OnMessage | None = None,
         on_error: OnError | None = None,
+        on_create: OnCreate | None = None,
+        on_stop: OnStop | None = None,
         max_attempts: int = 3,
+        wake_timeout: float | None = None,
     ) -> Callable[[Handler], Handler]: ...
 
     def define(
@@ -190,9 +213,18 @@ class Registry:
         inbox: type[BaseModel] | Mapping[str, type[BaseModel]] | None = None,
         on_message: OnMessage | None = None,
         on_error: OnError | None = None,
+        on_create: OnCreate | None = None,
+        on_stop: OnStop | None = None,
         max_attempts: int = 3,
+        wake_timeout: float | None = None,
     ) -> EntityType | Callable[[Handler], Handler]:
         """Define an entity type, directly (``handler=``) or as a decorator.
+
+        Hooks: ``on_message(ctx, message)`` may answer a message before the handler sees it;
+        ``on_create(ctx)`` runs once, in the entity's first wake, before the handler;
+        ``on_error(ctx, error)`` runs when a wake is dead-lettered; ``on_stop(ctx, reason)``
+        runs when a running wake is cancelled because the entity was killed (cleanup: its
+        writes are not committed). ``wake_timeout`` (seconds) overrides the worker's default.
 
         Raises:
             DefinitionError: the name is taken or invalid, or an option is out of range.
@@ -200,8 +232,7 @@ class Registry:
         check_segment(name, "type")
         if name in self._types:
             raise DefinitionError(f"entity type {name!r} is already defined")
-        if max_attempts < 1:
-            raise DefinitionError("max_attempts must be at least 1")
+        _check_options(max_attempts, wake_timeout)
 
         def register(fn: Handler) -> EntityType:
             if name in self._types:
@@ -217,6 +248,9 @@ class Registry:
                 on_message=on_message,
                 on_error=on_error,
                 max_attempts=max_attempts,
+                on_create=on_create,
+                on_stop=on_stop,
+                wake_timeout=wake_timeout,
             )
             self._types[name] = entity_type
             return entity_type
@@ -264,8 +298,7 @@ class Registry:
             raise DefinitionError("timeout_s must be positive and kill_grace_s not negative")
         if max_reply_chars < 1:
             raise DefinitionError("max_reply_chars must be at least 1")
-        if max_attempts < 1:
-            raise DefinitionError("max_attempts must be at least 1")
+        _check_options(max_attempts, None)
         check_segment(name, "type")
         spec = ProcessSpec(
             command=tuple(argv),

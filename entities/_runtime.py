@@ -60,6 +60,10 @@ __all__ = ["EntityInfo", "Runtime", "SendReceipt"]
 
 logger = logging.getLogger("entities")
 
+# how long a wake may run unless its type says otherwise (seconds): an agent run of many model
+# rounds and tool calls fits; a handler that hangs no longer holds its lane for ever
+DEFAULT_WAKE_TIMEOUT = 15 * 60.0
+
 
 class Runtime:
     """A runtime over one store. Use ``async with Runtime(registry, "sqlite:///x.db") as rt``.
@@ -82,7 +86,16 @@ class Runtime:
         retry_max_seconds: float = 60.0,
         snapshot_every: int = 200,
         cache_entities: int = 1024,
+        wake_timeout: float = DEFAULT_WAKE_TIMEOUT,
     ) -> None:
+        """``wake_timeout`` (seconds) is how long a wake may run when its type sets none: past
+        it, the handler is cancelled and the attempt fails (see ``registry.define``).
+
+        Raises:
+            ValueError: a timeout or lease that is not a positive number of seconds.
+        """
+        if not wake_timeout > 0 or not lease_seconds > 0:
+            raise ValueError("wake_timeout and lease_seconds must be positive numbers of seconds")
         self.registry = registry
         self._owns_store = isinstance(store, str)
         self.store: Store = open_store(store) if isinstance(store, str) else store
@@ -94,6 +107,7 @@ class Runtime:
         self.retry_max_seconds = retry_max_seconds
         self.snapshot_every = snapshot_every
         self.cache_entities = cache_entities
+        self.wake_timeout = wake_timeout
         self._opened = False
         self._local_worker: Worker | None = None
 
@@ -314,7 +328,10 @@ class Runtime:
         return SendReceipt(target.url, key, getattr(result, "next_offset", ""))
 
     async def kill(self, url: str, *, reason: str = "killed") -> None:
-        """Stop the entity for good: close its stream and fence any running wake.
+        """Stop the entity for good: close its stream and fence any running wake, which is
+        cancelled within a fraction of a second wherever it runs (its run is recorded as
+        ``cancelled``, and the type's ``on_stop`` hook runs there). The kill is recorded in the
+        ``signals`` collection.
 
         Raises:
             EntityNotFound: no entity at ``url``.
@@ -339,18 +356,7 @@ class Runtime:
             )
             ops: list[Op] = [
                 KvCheck(ENTITY_NS, target.url, raw),
-                Append(
-                    target.stream,
-                    [
-                        event(
-                            "entity_stopped",
-                            "entity",
-                            {"reason": reason, "timestamp": iso(now)},
-                            now,
-                        )
-                    ],
-                    close=True,
-                ),
+                Append(target.stream, _stop_events(record, reason, now), close=True),
                 KvPut(ENTITY_NS, target.url, stopped.dump()),
                 KvPut(PENDING_NS, target.url, None),
             ]
@@ -623,3 +629,25 @@ class Runtime:
     def worker(self, **options: Any) -> Worker:
         """A :class:`~entities.Worker` over this runtime (``await worker.run(stop)``)."""
         return Worker(self, **options)
+
+
+def _stop_events(record: EntityRecord, reason: str, now: float) -> list[bytes]:
+    """What a kill records: the signal, the run it cancels (if a wake was in flight), and the
+    entity's end."""
+    events = [event("signals", f"kill@{now:.6f}", {"signal": "kill", "reason": reason}, now)]
+    inflight = record.inflight
+    if inflight is not None:
+        cancelled = {
+            "status": "cancelled",
+            "wake_id": inflight.wake_id,
+            "attempt": inflight.attempt,
+            "from_offset": inflight.from_offset,
+            "to_offset": inflight.to_offset,
+            "reason": reason,
+            "epoch": record.epoch,
+            "worker": record.owner,
+        }
+        events.append(event("runs", inflight.wake_id, cancelled, now, txid=inflight.wake_id))
+    stop = {"reason": reason, "timestamp": iso(now)}
+    events.append(event("entity_stopped", "entity", stop, now))
+    return events

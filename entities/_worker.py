@@ -11,40 +11,22 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.abc
 
-from streams import (
-    Append,
-    ConditionFailed,
-    KvCheck,
-    Store,
-    StreamClosed,
-    StreamGone,
-    StreamNotFound,
-)
+from streams import Store
 
-from ._calls import call_maybe_async
-from ._context import HandlerContext
-from ._effects import Effects
-from ._errors import LeaseLost
-from ._events import encode, event
-from ._host import Host
 from ._pipeline.affinity import PRESENCE_SECONDS, Affinity
 from ._pipeline.claim import Claim, Claimer
-from ._pipeline.commit import error_event, retry_commit, run_value, wake_commit, without_path
-from ._pipeline.deliver import other_children
 from ._pipeline.fire import fire_due, fire_turn
-from ._pipeline.load import View, copy_view, read_journal, wake_event
-from ._records import ENTITY_NS, PENDING_NS, TIMER_NS, WAKE_TYPES, WORKER_NS
-from ._registry import EntityType, Registry
-from ._wake import WakeEvent
+from ._records import ENTITY_NS, PENDING_NS, TIMER_NS, WORKER_NS, EntityRecord
+from ._run import Running, WakeRunner, WorkerHost
 
 __all__ = ["Claim", "Worker", "WorkerHost"]
+
 
 logger = logging.getLogger("entities.worker")
 
@@ -54,38 +36,9 @@ FIRE_TURN = 100
 TIMER_TICK = 0.002
 # wakes one entity may run back to back on its lane while lanes are free (see ``_process``)
 FOLLOW_ON = 8
-
-
-class WorkerHost(Host, Protocol):
-    """What a worker runs on (a :class:`~entities.Runtime` is one): the store, the registry,
-    its settings, and what handlers may reach (:class:`~entities._context.Host`)."""
-
-    @property
-    def store(self) -> Store: ...
-
-    @property
-    def registry(self) -> Registry: ...
-
-    @property
-    def worker_id(self) -> str: ...
-
-    @property
-    def concurrency(self) -> int: ...
-
-    @property
-    def lease_seconds(self) -> float: ...
-
-    @property
-    def retry_base_seconds(self) -> float: ...
-
-    @property
-    def retry_max_seconds(self) -> float: ...
-
-    @property
-    def snapshot_every(self) -> int: ...
-
-    @property
-    def cache_entities(self) -> int: ...
+# a running entity's stream changed (another process may have killed it): how soon its record
+# is looked at, at the most (seconds)
+FENCE_LOOK = 0.1
 
 
 class _TimerLooks:
@@ -142,7 +95,7 @@ class Worker:
         self.concurrency = concurrency or runtime.concurrency
         self.poll_interval = poll_interval
         self.drain_seconds = drain_seconds
-        self._active: set[str] = set()
+        self._active: dict[str, object] = {}  # url -> the lane running it
         self._kick = anyio.Event()
         self._timers = _TimerLooks(poll_interval)
         self._idle = anyio.Event()
@@ -155,8 +108,10 @@ class Worker:
             lease_seconds=runtime.lease_seconds,
             cache_size=self.cache_size,
         )
-        self._running: dict[str, tuple[Claim, anyio.Lock]] = {}
+        self.runner = WakeRunner(runtime, self.claimer, self._free_lane)
         self.affinity = Affinity(runtime.store, runtime.worker_id)
+        self._suspects: set[str] = set()  # running entities whose stream changed (a kill?)
+        self._suspicion = anyio.Event()
 
     @property
     def claims(self) -> Any:
@@ -188,6 +143,7 @@ class Worker:
                 tg.start_soon(self._stopper, stop)
                 tg.start_soon(self._heartbeats)
                 tg.start_soon(self._presence)
+                tg.start_soon(self._watch_fences)
                 await self._loop(stop, tg)
                 with anyio.move_on_after(self.drain_seconds):
                     while self._active:
@@ -268,11 +224,21 @@ class Worker:
                 continue
             if url in self._active:
                 continue
-            self._active.add(url)
-            tg.start_soon(self._process, url, token, not self.affinity.prefers(url))
+            lane = self._active[url] = object()
+            tg.start_soon(self._process, url, token, not self.affinity.prefers(url), lane)
         return next_due
 
-    async def _process(self, url: str, token: bytes | None, stolen: bool = False) -> None:
+    def _free_lane(self, run: Running) -> None:
+        """A handler given up (it ignored its cancellation): its lane counts as free."""
+        url = run.claim.url.url
+        if run.lane is not None and self._active.get(url) is run.lane:
+            del self._active[url]
+            self._idle.set()
+            self._poke()
+
+    async def _process(
+        self, url: str, token: bytes | None, stolen: bool = False, lane: object | None = None
+    ) -> None:
         try:
             for _ in range(FOLLOW_ON):
                 # the scan that found ``url`` may be stale by now (another worker may have run
@@ -281,7 +247,7 @@ class Worker:
                 stolen = False  # a follow-on wake is this worker's own
                 if claim is None:
                     break
-                await self._run_or_release(claim)
+                await self._run_or_release(claim, lane)
                 self.wakes += 1
                 # more arrived while it ran: take the next wake right away, unless other
                 # entities wait for a lane (then this one queues behind them, for fairness)
@@ -292,7 +258,8 @@ class Worker:
             logger.exception("wake of %s failed in the runtime", url)
             self.claimer.block(url, self.rt.clock.now() + 1.0)
         finally:
-            self._active.discard(url)
+            if lane is None or self._active.get(url) is lane:
+                self._active.pop(url, None)
             self._idle.set()
             self._poke()
 
@@ -342,22 +309,37 @@ class Worker:
                     ran += 1
 
         async with anyio.create_task_group() as tg:
-            for _ in range(min(self.concurrency, len(items))):
-                tg.start_soon(lane)
+            tg.start_soon(self._watch_fences)
+            async with anyio.create_task_group() as lanes:
+                for _ in range(min(self.concurrency, len(items))):
+                    lanes.start_soon(lane)
+            tg.cancel_scope.cancel()
         return ran
 
-    async def _run_or_release(self, claim: Claim) -> None:
-        """:meth:`run_wake`; if it is cancelled (Ctrl-C, a timeout, the end of a drain), give
-        the lease back at once, keeping the wake's range, so the wake is redelivered now (as
-        its next attempt, with its journal) instead of after the lease expires."""
+    async def run_wake(self, claim: Claim) -> None:
+        """Run one claimed wake to its commit or its recorded failure (see
+        :meth:`~entities._run.WakeRunner.run_wake`). Raises whatever the store raises."""
+        await self.runner.run_wake(claim)
+
+    def stop(self, url: str, reason: str = "killed") -> bool:
+        """Cancel this worker's running wake of ``url``, if any (it is not committed)."""
+        return self.runner.stop(url, reason)
+
+    async def _run_or_release(self, claim: Claim, lane: object | None = None) -> None:
+        """Run the wake; if it is cancelled (Ctrl-C, the end of a drain), give the lease back at
+        once, keeping the wake's range, so the wake is redelivered now (as its next attempt,
+        with its journal) instead of after the lease expires."""
+        url = claim.url.url
+        unlisten = self.rt.store.listen(claim.url.stream, lambda: self._suspect(url))
         try:
-            await self.run_wake(claim)
+            await self.runner.run_wake(claim, lane)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 if await self.claimer.release(claim):
-                    self._running.pop(claim.url.url, None)
                     logger.info("wake of %s was cancelled; its lease is released", claim.url)
             raise
+        finally:
+            unlisten()
 
     async def claim(
         self, url: str, token: bytes | None = None, *, stolen: bool = False
@@ -368,264 +350,48 @@ class Worker:
 
     async def _heartbeats(self) -> None:
         """Renew the leases of running wakes every third of the lease period (one loop for all
-        wakes of this worker)."""
+        wakes of this worker); a wake whose lease was taken over, or whose entity was killed,
+        is cancelled."""
         rt = self.rt
         while True:
             await rt.clock.sleep(rt.lease_seconds / 3)
-            for claim, lock in list(self._running.values()):
-                if lock.locked():
+            for run in list(self.runner.running.values()):
+                if run.lock.locked():
                     continue
-                async with lock:
+                async with run.lock:
                     try:
-                        await self.claimer.renew(claim)
+                        if not await self.claimer.renew(run.claim):
+                            run.stop(await self._why_lost(run.claim.url.url))
                     except Exception as exc:  # e.g. the database restarts: try next round
-                        logger.warning("lease renewal of %s failed: %r", claim.url, exc)
+                        logger.warning("lease renewal of %s failed: %r", run.claim.url, exc)
 
-    # -- running ----------------------------------------------------------------------------
+    async def _why_lost(self, url: str) -> str:
+        raw = await self.rt.store.kv_get(ENTITY_NS, url)
+        stopped = raw is None or EntityRecord.load(raw).status == "stopped"
+        return "killed" if stopped else "fenced"
 
-    async def run_wake(self, claim: Claim) -> None:
-        """Run one claimed wake to its commit (or its recorded failure).
+    def _suspect(self, url: str) -> None:
+        self._suspects.add(url)
+        self._suspicion.set()
 
-        Raises whatever the store raises (the lease then expires and the wake is redelivered).
-        """
-        rt = self.rt
-        entity_type = rt.registry.get(claim.url.type)
-        inflight = claim.record.inflight
-        assert inflight is not None
-        loaded = claim.loaded
-        if loaded is None or loaded.to_offset != inflight.to_offset:
-            loaded = await self.claimer.load(claim.url, inflight.from_offset, inflight.to_offset)
-        view, base, events = loaded.view, loaded.base_offset, loaded.events
-        wake_events = [e for e in events if e["type"] in WAKE_TYPES]
-        if not wake_events:
-            await self._finish(claim, [], [], view, base, empty=True)
-            return
-        journal = {}
-        if inflight.attempt > 1:
-            journal = await read_journal(rt.store, claim.url.stream, inflight)
-        await self._note_other_children(view, wake_events)
-        wake = wake_event(
-            claim.url, inflight, events, wake_events, first_wake=not view.get("manifests")
-        )
-        lock = anyio.Lock()
-        scope = anyio.CancelScope()
-
-        async def flush(changes: list[dict[str, Any]]) -> None:
-            """Write live progress now, fenced by the claim; once fenced, cancel the wake."""
-            async with lock:
+    async def _watch_fences(self) -> None:
+        """Cancel, within a fraction of a second, a running wake whose entity another process
+        killed (or whose lease another worker took): a change to a running entity's stream
+        (a kill closes it) makes its record worth a look, at most every ``FENCE_LOOK`` s."""
+        while True:
+            await self._suspicion.wait()
+            self._suspicion = anyio.Event()
+            suspects, self._suspects = self._suspects, set()
+            for url in suspects:
+                run = self.runner.running.get(url)
+                if run is None or run.reason is not None:
+                    continue
                 try:
-                    await rt.store.commit(
-                        [
-                            KvCheck(ENTITY_NS, claim.url.url, claim.raw),
-                            Append(claim.url.stream, [encode(c) for c in changes]),
-                        ]
-                    )
-                except (ConditionFailed, StreamClosed):
-                    scope.cancel()
-                    message = f"wake {inflight.wake_id} of {claim.url} lost its lease"
-                    raise LeaseLost(message, url=claim.url.url) from None
-
-        ctx = self._context(claim, entity_type, view, wake, events, journal, flush)
-        started = rt.clock.now()
-        error: BaseException | None = None
-        self._running[claim.url.url] = (claim, lock)
-        with scope:
-            try:
-                await entity_type.invoke(ctx, wake)
-            except Exception as exc:  # the handler failed: record it
-                error = exc
-        self._running.pop(claim.url.url, None)
-        if scope.cancel_called:  # a write was fenced: another worker owns the entity now
-            logger.info("wake %s of %s was fenced", inflight.wake_id, claim.url)
-            self.claimer.remember(claim.url.url, None)
-            return
-        await lock.acquire()  # no heartbeat from here on: the final commit is ours
-        duration = rt.clock.now() - started
-        if error is not None:
-            await self._failed(claim, entity_type, ctx, wake, error, duration, view, base)
-            return
-        run = run_value(claim.record, wake, "completed", duration)
-        run["sends"] = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
-        run["spawns"] = [s.target.url for s in ctx.effects.spawns]
-        head = [event("runs", inflight.wake_id, run, rt.clock.now(), txid=inflight.wake_id)]
-        await self._finish(claim, head, [ctx.effects], view, base, run_status="completed")
-
-    def _context(
-        self,
-        claim: Claim,
-        entity_type: EntityType,
-        view: View,
-        wake: WakeEvent,
-        events: list[dict[str, Any]],
-        journal: dict[str, Any],
-        flush: Any,
-    ) -> HandlerContext:
-        """The context of one run of ``entity_type``'s code in the wake of ``claim``."""
-        inflight = claim.record.inflight
-        assert inflight is not None
-        return HandlerContext(
-            host=self.rt,
-            entity_type=entity_type,
-            url=claim.url,
-            view=copy_view(view),
-            wake=wake,
-            events=events,
-            journal=journal,
-            run_id=inflight.wake_id,
-            flush=flush,
-            runs_before=claim.record.runs,
-        )
-
-    async def _note_other_children(self, view: View, wake_events: list[dict[str, Any]]) -> None:
-        """Add ``other_children`` (with their status) to each ``child_finished`` wake event."""
-        finished = [
-            e for e in wake_events if (e.get("value") or {}).get("kind") == "child_finished"
-        ]
-        if finished:
-            done = {e["value"]["finished_child"]["url"] for e in finished}
-            others = await other_children(self.rt.store, view, done)
-            for e in finished:
-                e["value"]["other_children"] = others
-
-    async def _failed(
-        self,
-        claim: Claim,
-        entity_type: EntityType,
-        ctx: HandlerContext,
-        wake: WakeEvent,
-        error: BaseException,
-        duration: float,
-        view: View,
-        base: str,
-    ) -> None:
-        """Record a failed attempt: retried with backoff, or, after ``max_attempts``,
-        dead-lettered with the effects of the type's ``on_error`` hook."""
-        rt = self.rt
-        inflight = claim.record.inflight
-        assert inflight is not None
-        now = rt.clock.now()
-        final = inflight.attempt >= entity_type.max_attempts
-        run = run_value(claim.record, wake, "dead_lettered" if final else "failed", duration,
-                        error=error)  # fmt: skip
-        head = [
-            event("runs", inflight.wake_id, run, now, txid=inflight.wake_id),
-            error_event(inflight, error, now, final=final),
-        ]
-        logger.warning(
-            "wake %s of %s failed (attempt %d/%d): %r",
-            inflight.wake_id,
-            claim.url,
-            inflight.attempt,
-            entity_type.max_attempts,
-            error,
-        )
-        if final:
-            effects = await self._on_error(claim, entity_type, ctx, wake, error, view, head)
-            reason = f"{type(error).__name__}: {error}"
-            await self._finish(claim, head, effects, view, base, run_status="failed", error=reason)
-            return
-        delay = min(rt.retry_max_seconds, rt.retry_base_seconds * 2 ** (inflight.attempt - 1))
-        delay *= 0.8 + 0.4 * random.random()
-        ops, retry, retry_raw = retry_commit(
-            claim.url, claim.record, claim.raw, head, ctx.effects, now, delay
-        )
-        remembered: bytes | None = retry_raw
-        try:
-            await rt.store.commit(ops)
-        except (ConditionFailed, StreamClosed):
-            logger.info("failure record of %s was fenced", claim.url)
-            remembered = None
-        self.claimer.remember(claim.url.url, remembered)
-        self.claimer.block(claim.url.url, retry.retry_at or now)
-
-    async def _on_error(
-        self,
-        claim: Claim,
-        entity_type: EntityType,
-        ctx: HandlerContext,
-        wake: WakeEvent,
-        error: BaseException,
-        view: View,
-        head: list[bytes],
-    ) -> list[Effects]:
-        """Run the type's ``on_error`` hook for a dead-lettered wake; its effects are kept. A
-        failing hook is recorded in ``head`` instead."""
-        if entity_type.on_error is None:
-            return []
-        inflight = claim.record.inflight
-        assert inflight is not None
-
-        async def nowhere(changes: list[dict[str, Any]]) -> None:
-            return None
-
-        hook_ctx = self._context(claim, entity_type, view, wake, ctx.events, {}, nowhere)
-        try:
-            await call_maybe_async(entity_type.on_error, hook_ctx, error)
-        except Exception as hook_error:
-            logger.exception("on_error hook of %s failed", claim.url)
-            now = self.rt.clock.now()
-            head.append(error_event(inflight, hook_error, now, final=True, hook=True))
-            return []
-        return [hook_ctx.effects]
-
-    async def _finish(
-        self,
-        claim: Claim,
-        head: list[bytes],
-        effects: list[Effects],
-        view: View,
-        base: str,
-        *,
-        empty: bool = False,
-        run_status: str | None = None,
-        error: str | None = None,
-    ) -> None:
-        """Commit a finished wake: effects, acknowledged offset, lease release, one transaction."""
-        rt = self.rt
-        inflight = claim.record.inflight
-        assert inflight is not None
-        commit = await wake_commit(
-            rt.store,
-            claim.url,
-            claim.record,
-            claim.raw,
-            claim.token,
-            head,
-            effects,
-            view,
-            base,
-            rt.clock.now(),
-            snapshot_every=rt.snapshot_every,
-            empty=empty,
-            run_status=run_status,
-            error=error,
-        )
-        ops, clear = commit.ops, commit.clear
-        claim.more = commit.more
-        for _attempt in range(8):
-            try:
-                results = await rt.store.commit(ops)
-                # the mark was not ours to clear: more arrived while the wake ran
-                cleared = next(r for op, r in zip(ops, results, strict=True) if op is clear)
-                claim.more = claim.more or cleared is False
-                break
-            except (StreamClosed, StreamNotFound, StreamGone) as exc:
-                if exc.path == claim.url.stream or not exc.path:
-                    logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
-                    self.claimer.remember(claim.url.url, None)
-                    return
-                # a recipient was killed or deleted after the handler checked it: drop what
-                # was addressed to it and commit the rest
-                logger.warning(
-                    "wake %s of %s: %s is gone; its messages are dropped",
-                    inflight.wake_id,
-                    claim.url,
-                    exc.path,
-                )
-                ops = without_path(ops, exc.path)
-            except ConditionFailed:
-                logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
-                self.claimer.remember(claim.url.url, None)
-                return
-        self.claimer.remember(claim.url.url, commit.record)
-        self.claimer.remember_view(claim.url.url, inflight.to_offset, view)
+                    raw = await self.rt.store.kv_get(ENTITY_NS, url)
+                except Exception as exc:  # the heartbeat will look again
+                    logger.debug("fence check of %s failed: %r", url, exc)
+                    continue
+                if raw != run.claim.raw and self.runner.running.get(url) is run:
+                    stopped = raw is None or EntityRecord.load(raw).status == "stopped"
+                    run.stop("killed" if stopped else "fenced")
+            await anyio.sleep(FENCE_LOOK)

@@ -23,7 +23,16 @@ from streams import Append, KvCheck, KvPut, Op, Store
 
 from .._effects import Effects
 from .._events import encode, event, new_token
-from .._records import ENTITY_NS, PENDING_NS, SNAPSHOT_NS, TAG_NS, EntityRecord, Inflight
+from .._records import (
+    DEAD_NS,
+    ENTITY_NS,
+    PENDING_NS,
+    SNAPSHOT_NS,
+    TAG_NS,
+    DeadLetter,
+    EntityRecord,
+    Inflight,
+)
 from .._timers import arm_ops, cancel_ops
 from .._urls import EntityURL
 from .._wake import WakeEvent
@@ -33,6 +42,7 @@ from .load import View, events_between, snapshot
 
 __all__ = [
     "WakeCommit",
+    "dead_letter_op",
     "error_event",
     "format_exception",
     "retry_commit",
@@ -101,6 +111,27 @@ def error_event(
     value["traceback"] = format_exception(error)
     value["final"] = final
     return event("errors", key, value, now)
+
+
+def dead_letter_op(
+    url: EntityURL, record: EntityRecord, wake: WakeEvent, error: BaseException, now: float
+) -> KvPut:
+    """The dead-letter row of the wake ``record.inflight``, given up after its last attempt."""
+    inflight = record.inflight
+    assert inflight is not None
+    letter = DeadLetter(
+        url=url.url,
+        type=url.type,
+        wake_id=inflight.wake_id,
+        from_offset=inflight.from_offset,
+        to_offset=inflight.to_offset,
+        attempts=inflight.attempt,
+        error=f"{type(error).__name__}: {error}",
+        error_type=type(error).__name__,
+        at=now,
+        messages=len(wake.messages),
+    )
+    return KvPut(DEAD_NS, letter.key, letter.model_dump_json().encode())
 
 
 def _step_events(effects: Sequence[Effects], now: float) -> list[bytes]:
@@ -172,14 +203,18 @@ async def wake_commit(
     empty: bool = False,
     run_status: str | None = None,
     error: str | None = None,
+    sleeping: bool = False,
 ) -> WakeCommit:
     """The commit of the wake ``record.inflight`` of ``url``, claimed as ``raw`` under the
     pending mark ``token``: ``head`` (its run record and error rows) and ``effects`` first,
     checked against ``raw``, so a fenced wake changes nothing. ``view`` is the entity's view
     before the wake; a snapshot of it is stored once ``snapshot_every`` events have passed
-    since ``snapshot_offset``.
+    since ``snapshot_offset``. ``sleeping``: the handler asked not to be woken again for what
+    arrived while it ran (``ctx.sleep()``): the pending mark goes whatever it is now, and those
+    events wait for the next one.
 
-    Raises whatever the store raises for the reads behind parent and observer wakes.
+    Raises whatever the store raises for the reads behind parent and observer wakes, and
+    TypeError or ValueError for an effect that does not encode.
     """
     inflight = record.inflight
     assert inflight is not None
@@ -208,9 +243,12 @@ async def wake_commit(
     ops.extend(out.ops())
     done_raw = done.dump()
     ops.append(KvPut(ENTITY_NS, url.url, done_raw))
-    clear = KvPut(PENDING_NS, url.url, None, only_if=True, expect=token)
+    if sleeping:
+        clear = KvPut(PENDING_NS, url.url, None)
+    else:
+        clear = KvPut(PENDING_NS, url.url, None, only_if=True, expect=token)
     ops.append(clear)
-    more = self_pending or inflight.attempt > 1
+    more = self_pending or (inflight.attempt > 1 and not sleeping)
     if more:
         # A redelivered or retried wake runs the event range of an earlier claim, but the
         # pending token it holds may stand for later messages: keep the entity pending

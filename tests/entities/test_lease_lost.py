@@ -102,8 +102,15 @@ async def test_a_killed_entity_fences_live_output() -> None:
         holder["rt"] = rt
         await rt.spawn("/doomed/a")
         await rt.run_until_idle()
-        assert live == ["lost"]
+        # cancelled by the kill, or stopped by its fenced write: never past it
+        assert "written" not in live
         info = await rt.get("/doomed/a")
         assert info.status == "stopped" and info.runs == 0
         events, _ = await rt.read("/doomed/a")
-        assert [e["type"] for e in events] == ["entity_created", "entity_stopped"]
+        assert [e["type"] for e in events] == [
+            "entity_created",
+            "signals",
+            "runs",
+            "entity_stopped",
+        ]
+        assert events[2]["value"]["status"] == "cancelled"

@@ -56,9 +56,11 @@ class CountingWorker(Worker):
 
     dispatched: dict[str, int]
 
-    async def _process(self, url: str, token: bytes | None, stolen: bool = False) -> None:
+    async def _process(
+        self, url: str, token: bytes | None, stolen: bool = False, lane: object | None = None
+    ) -> None:
         self.dispatched[url] = self.dispatched.get(url, 0) + 1
-        await super()._process(url, token, stolen)
+        await super()._process(url, token, stolen, lane)
 
 
 async def _run(rt: Runtime, worker: Worker, done: anyio.Event) -> None:

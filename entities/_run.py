@@ -1,0 +1,502 @@
+"""Running one claimed wake: load it, run the type's code under a deadline, and commit what
+happened. Every wake ends, and visibly:
+
+* **completed**: its effects, run record, acknowledged offset and lease release commit together;
+* **failed**: the handler raised, ran past its ``wake_timeout`` (it is cancelled: its tasks,
+  model calls and subprocesses), or its effects could not be committed (a value that does not
+  encode, a child id someone else took...): the attempt is recorded and retried with backoff,
+  and after ``max_attempts`` the wake is dead-lettered (recorded, acknowledged, listed under
+  ``/_entities/dead-letters``) so the entity goes on with its next messages;
+* **cancelled**: the entity was killed, or another worker took the lease; the handler is
+  cancelled at its next await and nothing it buffered is committed (``on_stop`` runs after a
+  kill, for cleanup).
+
+A handler that ignores its cancellation for ``GRACE`` seconds past its deadline is given up:
+the failure is recorded for it and its lane is freed; whatever it does later is fenced.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+
+from streams import (
+    Append,
+    ConditionFailed,
+    KvCheck,
+    Store,
+    StreamClosed,
+    StreamGone,
+    StreamNotFound,
+    StreamsError,
+)
+
+from ._calls import call_maybe_async
+from ._context import HandlerContext
+from ._effects import Effects
+from ._errors import LeaseLost, WakeTimeout
+from ._events import encode, event
+from ._host import Host
+from ._pipeline.claim import Claim, Claimer
+from ._pipeline.commit import (
+    dead_letter_op,
+    error_event,
+    retry_commit,
+    run_value,
+    wake_commit,
+    without_path,
+)
+from ._pipeline.deliver import other_children
+from ._pipeline.load import View, copy_view, read_journal, wake_event
+from ._records import ENTITY_NS, WAKE_TYPES
+from ._registry import EntityType, Registry
+from ._wake import WakeEvent
+
+__all__ = ["GRACE", "Running", "WakeRunner", "WorkerHost"]
+
+logger = logging.getLogger("entities.worker")
+
+# seconds a cancelled handler has to end (and ``on_stop`` to clean up) before it is given up
+GRACE = 5.0
+
+
+class WorkerHost(Host, Protocol):
+    """What a worker runs on (a :class:`~entities.Runtime` is one): the store, the registry,
+    its settings, and what handlers may reach (:class:`~entities._host.Host`)."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def worker_id(self) -> str: ...
+
+    @property
+    def concurrency(self) -> int: ...
+
+    @property
+    def lease_seconds(self) -> float: ...
+
+    @property
+    def retry_base_seconds(self) -> float: ...
+
+    @property
+    def retry_max_seconds(self) -> float: ...
+
+    @property
+    def snapshot_every(self) -> int: ...
+
+    @property
+    def cache_entities(self) -> int: ...
+
+    @property
+    def wake_timeout(self) -> float: ...
+
+
+@dataclass(eq=False, slots=True)
+class Running:
+    """One wake's handler while it runs: its claim, how to stop it, and why it stopped."""
+
+    claim: Claim
+    lock: anyio.Lock  # held by heartbeats, live writes and the final commit
+    scope: anyio.CancelScope  # the handler's; its deadline is the wake timeout
+    lane: object | None = None  # the worker lane running it (freed if it is given up)
+    reason: str | None = None  # "killed" or "fenced" once stopped from outside
+    abandoned: bool = False  # it ignored its cancellation: given up, its lane freed
+
+    def stop(self, reason: str) -> None:
+        """Cancel the handler (at its next await) for ``reason``; the first reason wins."""
+        if self.reason is None:
+            self.reason = reason
+            self.scope.cancel()
+
+
+@dataclass(slots=True)
+class _Wake:
+    """A wake being run: what the commit of its outcome needs."""
+
+    claim: Claim
+    entity_type: EntityType
+    ctx: HandlerContext
+    wake: WakeEvent
+    view: View
+    base: str
+    started: float
+
+
+class _Poison(Exception):
+    """A wake's outcome could not be committed for a reason of its own (not the store's)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# errors of a commit that are the wake's own doing: a value that does not encode, a request
+# the store refuses (a child URL someone else took, a message too large...); anything else
+# (a lost connection) is the store's, and the lease expiry redelivers the wake
+_OWN_FAULTS = (TypeError, ValueError, OverflowError, StreamsError)
+
+
+class WakeRunner:
+    """Runs claimed wakes for a worker (see the module docstring)."""
+
+    def __init__(
+        self,
+        host: WorkerHost,
+        claimer: Claimer,
+        give_up: Callable[[Running], None] = lambda run: None,
+    ) -> None:
+        self.rt = host
+        self.claimer = claimer
+        self.running: dict[str, Running] = {}
+        self._give_up = give_up  # frees the lane of a handler given up
+
+    def stop(self, url: str, reason: str) -> bool:
+        """Cancel the running wake of ``url`` (if this runner runs one) for ``reason``."""
+        run = self.running.get(url)
+        if run is None:
+            return False
+        run.stop(reason)
+        return True
+
+    async def run_wake(self, claim: Claim, lane: object | None = None) -> None:
+        """Run one claimed wake to its commit (or its recorded failure).
+
+        Raises whatever the store raises (the lease then expires and the wake is redelivered).
+        """
+        rt = self.rt
+        entity_type = rt.registry.get(claim.url.type)
+        inflight = claim.record.inflight
+        assert inflight is not None
+        loaded = claim.loaded
+        if loaded is None or loaded.to_offset != inflight.to_offset:
+            loaded = await self.claimer.load(claim.url, inflight.from_offset, inflight.to_offset)
+        view, base, events = loaded.view, loaded.base_offset, loaded.events
+        wake_events = [e for e in events if e["type"] in WAKE_TYPES]
+        if not wake_events:
+            await self._finish(claim, [], [], view, base, empty=True)
+            return
+        journal = {}
+        if inflight.attempt > 1:
+            journal = await read_journal(rt.store, claim.url.stream, inflight)
+        await self._note_other_children(view, wake_events)
+        wake = wake_event(
+            claim.url, inflight, events, wake_events, first_wake=not view.get("manifests")
+        )
+        timeout = entity_type.wake_timeout or rt.wake_timeout
+        scope = anyio.CancelScope(deadline=anyio.current_time() + timeout)
+        run = Running(claim, anyio.Lock(), scope, lane)
+        ctx = self._context(claim, entity_type, view, wake, events, journal, self._flush(run))
+        current = _Wake(claim, entity_type, ctx, wake, view, base, rt.clock.now())
+        self.running[claim.url.url] = run
+        try:
+            error = await self._invoke(run, current, timeout)
+        finally:
+            if self.running.get(claim.url.url) is run:
+                del self.running[claim.url.url]
+        if run.abandoned:
+            return  # given up while it ignored its cancellation: the failure is recorded
+        if run.reason is not None:
+            await self._cancelled(run, current)
+            return
+        await run.lock.acquire()  # no heartbeat from here on: the final commit is ours
+        if error is None and scope.cancelled_caught:
+            error = WakeTimeout(
+                f"the wake ran past its timeout of {timeout:g} s", url=claim.url.url
+            )
+        await self._conclude(current, error)
+
+    async def _conclude(self, current: _Wake, error: BaseException | None) -> None:
+        """Commit the outcome of a handler run (or, if it cannot be committed, fail it)."""
+        if error is None:
+            try:
+                await self._completed(current)
+                return
+            except _Poison as poison:
+                error = poison.error
+                logger.warning("wake of %s could not be committed: %r", current.claim.url, error)
+        await self._failed(current, error)
+
+    async def _invoke(self, run: Running, current: _Wake, limit: float) -> BaseException | None:
+        """Run the type's code under ``run.scope``; what it raised, if anything. A handler
+        still running ``GRACE`` seconds past its deadline is given up."""
+        error: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watchdog, run, current, limit + GRACE)
+            with run.scope:
+                try:
+                    await current.entity_type.invoke(current.ctx, current.wake)
+                except Exception as exc:  # the handler failed: record it
+                    error = exc
+            tg.cancel_scope.cancel()
+        return error
+
+    async def _watchdog(self, run: Running, current: _Wake, limit: float) -> None:
+        await anyio.sleep(limit)
+        logger.error(
+            "wake of %s ignored its cancellation for %g s; its lane is given up", run.claim.url,
+            GRACE,
+        )  # fmt: skip
+        run.abandoned = True
+        if self.running.get(run.claim.url.url) is run:
+            del self.running[run.claim.url.url]
+        if run.reason is None:  # it timed out: record that for it
+            with anyio.CancelScope(shield=True):
+                async with run.lock:
+                    timeout = f"the wake ran past its timeout ({limit - GRACE:g} s) and ignored it"
+                    await self._failed(current, WakeTimeout(timeout, url=run.claim.url.url))
+        self._give_up(run)
+
+    def _flush(self, run: Running) -> Callable[[list[dict[str, Any]]], Awaitable[None]]:
+        """The live writer of ``run``: appends now, fenced by its claim; once fenced, it stops
+        the wake and raises :class:`LeaseLost`."""
+        store, claim = self.rt.store, run.claim
+
+        async def flush(changes: list[dict[str, Any]]) -> None:
+            async with run.lock:
+                try:
+                    await store.commit(
+                        [
+                            KvCheck(ENTITY_NS, claim.url.url, claim.raw),
+                            Append(claim.url.stream, [encode(c) for c in changes]),
+                        ]
+                    )
+                except (ConditionFailed, StreamClosed) as exc:
+                    run.stop("killed" if isinstance(exc, StreamClosed) else "fenced")
+                    raise LeaseLost(
+                        f"wake of {claim.url} lost its lease", url=claim.url.url
+                    ) from None
+
+        return flush
+
+    async def _cancelled(self, run: Running, current: _Wake) -> None:
+        """A wake stopped from outside: nothing of it commits; after a kill, ``on_stop``."""
+        claim = run.claim
+        self.claimer.remember(claim.url.url, None)
+        logger.info("wake of %s was cancelled (%s)", claim.url, run.reason)
+        hook = current.entity_type.on_stop
+        if run.reason != "killed" or hook is None:
+            return
+        with anyio.move_on_after(GRACE):
+            try:
+                await call_maybe_async(hook, current.ctx, "killed")
+            except Exception:
+                logger.exception("on_stop hook of %s failed", claim.url)
+
+    def _context(
+        self,
+        claim: Claim,
+        entity_type: EntityType,
+        view: View,
+        wake: WakeEvent,
+        events: list[dict[str, Any]],
+        journal: dict[str, Any],
+        flush: Callable[[list[dict[str, Any]]], Any],
+    ) -> HandlerContext:
+        """The context of one run of ``entity_type``'s code in the wake of ``claim``."""
+        inflight = claim.record.inflight
+        assert inflight is not None
+        return HandlerContext(
+            host=self.rt,
+            entity_type=entity_type,
+            url=claim.url,
+            view=copy_view(view),
+            wake=wake,
+            events=events,
+            journal=journal,
+            run_id=inflight.wake_id,
+            flush=flush,
+            runs_before=claim.record.runs,
+        )
+
+    async def _note_other_children(self, view: View, wake_events: list[dict[str, Any]]) -> None:
+        """Add ``other_children`` (with their status) to each ``child_finished`` wake event."""
+        finished = [
+            e for e in wake_events if (e.get("value") or {}).get("kind") == "child_finished"
+        ]
+        if finished:
+            done = {e["value"]["finished_child"]["url"] for e in finished}
+            others = await other_children(self.rt.store, view, done)
+            for e in finished:
+                e["value"]["other_children"] = others
+
+    async def _completed(self, current: _Wake) -> None:
+        """Commit a completed run. Raises _Poison when its effects cannot be committed."""
+        claim, ctx, now = current.claim, current.ctx, self.rt.clock.now()
+        inflight = claim.record.inflight
+        assert inflight is not None
+        ctx.end_open_runs("completed")
+        run = run_value(claim.record, current.wake, "completed", now - current.started)
+        run["sends"] = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
+        run["spawns"] = [s.target.url for s in ctx.effects.spawns]
+        head = [event("runs", inflight.wake_id, run, now, txid=inflight.wake_id)]
+        await self._finish(
+            claim,
+            head,
+            [ctx.effects],
+            current.view,
+            current.base,
+            run_status="completed",
+            sleeping=ctx.sleeping,
+        )
+
+    async def _failed(self, current: _Wake, error: BaseException) -> None:
+        """Record a failed attempt: retried with backoff, or, after ``max_attempts``,
+        dead-lettered with the effects of the type's ``on_error`` hook."""
+        rt, claim, entity_type = self.rt, current.claim, current.entity_type
+        inflight = claim.record.inflight
+        assert inflight is not None
+        now = rt.clock.now()
+        final = inflight.attempt >= entity_type.max_attempts
+        status = "dead_lettered" if final else "failed"
+        run = run_value(claim.record, current.wake, status, now - current.started, error=error)
+        if isinstance(error, WakeTimeout):
+            run["reason"] = "timeout"
+        head = [
+            event("runs", inflight.wake_id, run, now, txid=inflight.wake_id),
+            error_event(inflight, error, now, final=final),
+        ]
+        logger.warning(
+            "wake %s of %s failed (attempt %d/%d): %r",
+            inflight.wake_id,
+            claim.url,
+            inflight.attempt,
+            entity_type.max_attempts,
+            error,
+        )
+        if final:
+            await self._dead_letter(current, error, head)
+            return
+        delay = min(rt.retry_max_seconds, rt.retry_base_seconds * 2 ** (inflight.attempt - 1))
+        delay *= 0.8 + 0.4 * random.random()
+        ops, retry, retry_raw = retry_commit(
+            claim.url, claim.record, claim.raw, head, current.ctx.effects, now, delay
+        )
+        remembered: bytes | None = retry_raw
+        try:
+            await rt.store.commit(ops)
+        except (ConditionFailed, StreamClosed):
+            logger.info("failure record of %s was fenced", claim.url)
+            remembered = None
+        self.claimer.remember(claim.url.url, remembered)
+        self.claimer.block(claim.url.url, retry.retry_at or now)
+
+    async def _dead_letter(self, current: _Wake, error: BaseException, head: list[bytes]) -> None:
+        """Give the wake up: record it as a dead letter and acknowledge it, with what the
+        ``on_error`` hook did (unless that cannot be committed either)."""
+        claim = current.claim
+        effects = await self._on_error(current, error, head)
+        reason = f"{type(error).__name__}: {error}"
+        letter = dead_letter_op(claim.url, claim.record, current.wake, error, self.rt.clock.now())
+        try:
+            await self._finish(
+                claim, [*head], effects, current.view, current.base, run_status="failed",
+                error=reason, extra=[letter],
+            )  # fmt: skip
+        except _Poison as poison:  # the hook's effects do not commit: drop them, keep the rest
+            inflight = claim.record.inflight
+            assert inflight is not None
+            now = self.rt.clock.now()
+            head.append(error_event(inflight, poison.error, now, final=True, hook=True))
+            await self._finish(
+                claim, head, [], current.view, current.base, run_status="failed", error=reason,
+                extra=[letter],
+            )  # fmt: skip
+
+    async def _on_error(
+        self, current: _Wake, error: BaseException, head: list[bytes]
+    ) -> list[Effects]:
+        """Run the type's ``on_error`` hook for a dead-lettered wake; its effects are kept. A
+        failing hook is recorded in ``head`` instead."""
+        claim, entity_type = current.claim, current.entity_type
+        if entity_type.on_error is None:
+            return []
+        inflight = claim.record.inflight
+        assert inflight is not None
+
+        async def nowhere(changes: list[dict[str, Any]]) -> None:
+            return None
+
+        hook_ctx = self._context(
+            claim, entity_type, current.view, current.wake, current.ctx.events, {}, nowhere
+        )
+        try:
+            with anyio.fail_after(GRACE * 2):
+                await call_maybe_async(entity_type.on_error, hook_ctx, error)
+        except Exception as hook_error:
+            logger.exception("on_error hook of %s failed", claim.url)
+            now = self.rt.clock.now()
+            head.append(error_event(inflight, hook_error, now, final=True, hook=True))
+            return []
+        hook_ctx.end_open_runs("failed")
+        return [hook_ctx.effects]
+
+    async def _finish(
+        self,
+        claim: Claim,
+        head: list[bytes],
+        effects: list[Effects],
+        view: View,
+        base: str,
+        *,
+        empty: bool = False,
+        run_status: str | None = None,
+        error: str | None = None,
+        sleeping: bool = False,
+        extra: list[Any] | None = None,
+    ) -> None:
+        """Commit a finished wake: effects, acknowledged offset, lease release, one transaction.
+
+        Raises:
+            _Poison: the commit failed for a reason of the wake's own.
+        """
+        rt = self.rt
+        inflight = claim.record.inflight
+        assert inflight is not None
+        try:
+            commit = await wake_commit(
+                rt.store, claim.url, claim.record, claim.raw, claim.token, head, effects, view,
+                base, rt.clock.now(), snapshot_every=rt.snapshot_every, empty=empty,
+                run_status=run_status, error=error, sleeping=sleeping,
+            )  # fmt: skip
+        except _OWN_FAULTS as exc:
+            raise _Poison(exc) from exc
+        ops, clear = [*commit.ops, *(extra or ())], commit.clear
+        claim.more = commit.more
+        for _attempt in range(8):
+            try:
+                results = await rt.store.commit(ops)
+                # the mark was not ours to clear: more arrived while the wake ran
+                cleared = next(r for op, r in zip(ops, results, strict=True) if op is clear)
+                claim.more = claim.more or cleared is False
+                break
+            except (StreamClosed, StreamNotFound, StreamGone) as exc:
+                if exc.path == claim.url.stream or not exc.path:
+                    logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
+                    self.claimer.remember(claim.url.url, None)
+                    return
+                # a recipient was killed or deleted after the handler checked it: drop what
+                # was addressed to it and commit the rest
+                logger.warning(
+                    "wake %s of %s: %s is gone; its messages are dropped",
+                    inflight.wake_id,
+                    claim.url,
+                    exc.path,
+                )
+                ops = without_path(ops, exc.path)
+            except ConditionFailed:
+                logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
+                self.claimer.remember(claim.url.url, None)
+                return
+            except _OWN_FAULTS as exc:
+                raise _Poison(exc) from exc
+        self.claimer.remember(claim.url.url, commit.record)
+        self.claimer.remember_view(claim.url.url, inflight.to_offset, view)
