@@ -35,6 +35,7 @@ from ._manifest import (
 )
 from ._observe import SharedState, Source, Wake, observer_value
 from ._observe import db as db_source
+from ._observe import entity as entity_source
 from ._timers import TimerValue, cron_schedule, timeout_timer, timer_key
 from ._urls import EntityURL, check_segment, parse_url
 from ._wake import InboxMessage, WakeEvent
@@ -463,17 +464,25 @@ class HandlerContext:
         initial_message: Any = None,
         initial_message_type: str | None = None,
         tags: Mapping[str, str] | None = None,
-        wake: Any = "run_finished",
+        wake: Wake | str | Mapping[str, Any] | None = "run_finished",
         observe: bool = True,
     ) -> EntityHandle:
         """Create a child entity when this wake commits, recorded as a ``child`` manifest entry.
+
+        ``wake`` says when the child wakes this entity: ``"run_finished"`` (the default; also
+        ``Wake(on="run_finished")`` or ``{"on": "run_finished"}``) after each run of the child,
+        with ``finished_child``; a ``change`` condition (``Wake(on="change", ...)``) when the
+        child's collections change, like :meth:`observe`; ``None`` (or ``observe=False``)
+        never.
 
         Spawning is create-once: calling it again with the same ``(type, id)`` (in this or a
         later wake) returns the existing child's handle without creating anything.
 
         Raises:
             UnknownEntityType, InvalidEntityURL, SchemaValidationFailed: bad type, id or args.
-            DuplicateEntity: the URL belongs to an entity that is not this one's child.
+            ContextError: an invalid wake condition.
+            DuplicateEntity: the URL belongs to an entity that is not this one's child (another
+                client or entity created it); the handler may catch it.
         """
         entity_type = self._host.entity_type(type)
         target = EntityURL(check_segment(type, "type"), check_segment(id, "id"))
@@ -481,12 +490,18 @@ class HandlerContext:
         if entry_id in self._view.get("manifests", {}):
             return EntityHandle(self, target)
         if any(s.target == target for s in self.effects.spawns):
-            raise DuplicateEntity(f"{target.url} is already spawned in this wake")
-        if await self._host.lookup(target.url) is not None:
-            raise DuplicateEntity(f"entity {target.url} already exists")
+            raise DuplicateEntity(f"{target.url} is already spawned in this wake", url=target.url)
+        # in replay the child exists: this very wake created it
+        if not self.replaying and await self._host.lookup(target.url) is not None:
+            raise DuplicateEntity(f"entity {target.url} already exists", url=target.url)
+        try:
+            condition = None if wake is None or not observe else Wake.parse(wake)
+        except (TypeError, ValueError) as exc:
+            raise ContextError(f"invalid wake condition: {exc}") from None
         checked_args = entity_type.validate_args(dict(args or {}))
         if initial_message is not None:
             initial_message = entity_type.validate_message(initial_message, initial_message_type)
+        finished = condition is not None and condition.on == "run_finished"
         self.effects.spawns.append(
             PendingSpawn(
                 target,
@@ -494,11 +509,16 @@ class HandlerContext:
                 dict(tags or {}),
                 initial_message,
                 initial_message_type,
-                wake if wake == "run_finished" else None,
+                "run_finished" if finished else None,
             )
         )
+        if condition is not None and not finished:  # wake on the child's changes
+            source = entity_source(target.url)
+            index = f"{source.key}|{self.entity_url}"
+            self.effects.observers[index] = observer_value(self.entity_url, source, condition)
+        shown = wake if isinstance(wake, str) or wake is None else condition and condition.to_json()
         entry = ChildEntry(
-            id=entry_id, entity_type=type, entity_url=target.url, wake=wake, observed=observe
+            id=entry_id, entity_type=type, entity_url=target.url, wake=shown, observed=observe
         )
         self._put_manifest(entry)
         return EntityHandle(self, target)

@@ -15,6 +15,7 @@ The hierarchy::
     ├── WakeTimeout                    a wake ran past its type's ``wake_timeout`` and was cancelled
     ├── DeadLetterNotFound             no dead letter with that id (HTTP 404)
     ├── IdempotencyKeyReused           an idempotency key sent again with another request (HTTP 422)
+    ├── InvalidIdempotencyKey          not 1-256 printable ASCII characters (HTTP 422)
     ├── ReplayDivergence               a replayed wake did something other than what was recorded
     ├── ModelError                     a model call failed or cannot be made (agents)
     └── ProcessFailed                  a subprocess agent's turn failed (exit status, stderr tail)
@@ -45,6 +46,7 @@ __all__ = [
     "EntityStopped",
     "IdempotencyKeyReused",
     "InvalidEntityURL",
+    "InvalidIdempotencyKey",
     "LeaseLost",
     "ModelError",
     "ProcessFailed",
@@ -161,6 +163,14 @@ class IdempotencyKeyReused(EntitiesError):
     type or target): the key names one request, whose answer it keeps."""
 
     code = "IDEMPOTENCY_KEY_REUSED"
+    status = 422
+
+
+class InvalidIdempotencyKey(EntitiesError):
+    """Raised for an idempotency key that is empty, longer than 256 characters or not printable
+    ASCII."""
+
+    code = "INVALID_IDEMPOTENCY_KEY"
     status = 422
 
 

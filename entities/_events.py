@@ -13,13 +13,23 @@ from __future__ import annotations
 import functools
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from streams import Operation
 from streams import change as state_change
 from streams import encode_event as encode
 
-__all__ = ["JSON", "change", "encode", "event", "inbox_value", "iso", "new_token"]
+__all__ = [
+    "JSON",
+    "change",
+    "encode",
+    "event",
+    "from_iso",
+    "inbox_value",
+    "iso",
+    "new_token",
+]
 
 JSON = "application/json"
 
@@ -29,6 +39,17 @@ def iso(ts: float) -> str:
     """RFC 3339 UTC timestamp with milliseconds (cached: a commit stamps many events with one
     time)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def from_iso(text: str) -> float:
+    """The epoch seconds of an :func:`iso` timestamp: the middle of the millisecond it names,
+    so that :func:`iso` of the result gives ``text`` again.
+
+    Raises:
+        ValueError: not such a timestamp.
+    """
+    parsed = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return parsed.timestamp() + 0.0005
 
 
 def change(

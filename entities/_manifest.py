@@ -72,6 +72,7 @@ class ScheduleEntry(_Entry):
     # a delayed send, once delivered: when (epoch seconds) and how late after ``fire_at`` (ms)
     sent_at: float | None = None
     late_ms: float | None = None
+    reason: str | None = None  # why a delayed send failed (its target was stopped or deleted)
 
 
 class ContextEntry(_Entry):

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from ._events import iso
+from ._events import from_iso, iso
 
 __all__ = [
     "APP_NS",
@@ -31,6 +31,7 @@ __all__ = [
     "EntityInfo",
     "EntityRecord",
     "Inflight",
+    "Outcome",
     "SendReceipt",
     "info_of",
 ]
@@ -151,6 +152,22 @@ class DeadLetter(BaseModel):
         return data
 
 
+@dataclass(slots=True)
+class Outcome:
+    """What became of one message: the replies to it, and the status of the wake that took it
+    (``pending`` until a wake ran it; ``failed`` while it is being retried; then
+    ``completed``, ``dead_lettered`` or ``cancelled``) with that wake's error, if any."""
+
+    replies: list[Any] = field(default_factory=list)
+    status: str = "pending"
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Whether the wake was given up (dead-lettered or cancelled): no reply will come."""
+        return self.status in ("dead_lettered", "cancelled")
+
+
 @dataclass(frozen=True, slots=True)
 class SendReceipt:
     """What ``send`` returns: the message key and the offset after it in the entity's stream."""
@@ -158,6 +175,9 @@ class SendReceipt:
     url: str
     key: str
     offset: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "key": self.key, "offset": self.offset}
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +198,7 @@ class EntityInfo:
     pending: bool
     tags: dict[str, str] = field(default_factory=dict)
     queue: int = 0  # wake events waiting (inbox messages, child/observer/cron wakes)
+    dead_letters: int = 0  # wakes given up, not yet retried or discarded
 
     @property
     def stream(self) -> str:
@@ -196,17 +217,45 @@ class EntityInfo:
             "runs": self.runs,
             "pending": self.pending,
             "queue": self.queue,
+            "dead_letters": self.dead_letters,
             "streams": {"main": f"{self.url}/main"},
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EntityInfo:
+        """The info :meth:`to_json` gave (fields it leaves out take their defaults), so that
+        ``to_json`` gives ``data`` again."""
+        last = data.get("last_active")
+        return cls(
+            url=data["url"],
+            type=data["type"],
+            id=data["id"],
+            status=data["status"],
+            parent=data.get("parent"),
+            created_at=from_iso(data["created_at"]),
+            last_active=0.0 if last is None else from_iso(last),
+            runs=data.get("runs", 0),
+            acked="-1",
+            epoch=0,
+            owner=None,
+            pending=data.get("pending", False),
+            tags=dict(data.get("tags") or {}),
+            queue=data.get("queue", 0),
+            dead_letters=data.get("dead_letters", 0),
+        )
 
-def info_of(record: EntityRecord, pending: bool, tags: dict[str, str]) -> EntityInfo:
-    """The outside view of ``record``."""
+
+def info_of(
+    record: EntityRecord, pending: bool, tags: dict[str, str], dead_letters: int = 0
+) -> EntityInfo:
+    """The outside view of ``record``: its status is ``failed`` while it is idle with dead
+    letters (``ps --status failed``)."""
+    failed = record.status == "idle" and dead_letters > 0
     return EntityInfo(
         url=record.url,
         type=record.type,
         id=record.id,
-        status=record.status,
+        status="failed" if failed else record.status,
         parent=record.parent,
         created_at=record.created_at,
         last_active=record.last_active,
@@ -216,4 +265,5 @@ def info_of(record: EntityRecord, pending: bool, tags: dict[str, str]) -> Entity
         owner=record.owner,
         pending=pending,
         tags=tags,
+        dead_letters=dead_letters,
     )

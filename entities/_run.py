@@ -100,24 +100,6 @@ class WorkerHost(Host, Protocol):
     def wake_timeout(self) -> float: ...
 
 
-@dataclass(eq=False, slots=True)
-class Running:
-    """One wake's handler while it runs: its claim, how to stop it, and why it stopped."""
-
-    claim: Claim
-    lock: anyio.Lock  # held by heartbeats, live writes and the final commit
-    scope: anyio.CancelScope  # the handler's; its deadline is the wake timeout
-    lane: object | None = None  # the worker lane running it (freed if it is given up)
-    reason: str | None = None  # "killed" or "fenced" once stopped from outside
-    abandoned: bool = False  # it ignored its cancellation: given up, its lane freed
-
-    def stop(self, reason: str) -> None:
-        """Cancel the handler (at its next await) for ``reason``; the first reason wins."""
-        if self.reason is None:
-            self.reason = reason
-            self.scope.cancel()
-
-
 @dataclass(slots=True)
 class _Wake:
     """A wake being run: what the commit of its outcome needs."""
@@ -129,6 +111,25 @@ class _Wake:
     view: View
     base: str
     started: float
+
+
+@dataclass(eq=False, slots=True)
+class Running:
+    """One wake's handler while it runs: its claim, how to stop it, and why it stopped."""
+
+    claim: Claim
+    lock: anyio.Lock  # held by heartbeats, live writes and the final commit
+    scope: anyio.CancelScope  # the handler's; its deadline is the wake timeout
+    current: _Wake | None = None  # what a give-up records
+    lane: object | None = None  # the worker lane running it (freed if it is given up)
+    reason: str | None = None  # "killed" or "fenced" once stopped from outside
+    abandoned: bool = False  # it ignored its cancellation: given up, its lane freed
+
+    def stop(self, reason: str) -> None:
+        """Cancel the handler (at its next await) for ``reason``; the first reason wins."""
+        if self.reason is None:
+            self.reason = reason
+            self.scope.cancel()
 
 
 class _Poison(Exception):
@@ -193,12 +194,17 @@ class WakeRunner:
         )
         timeout = entity_type.wake_timeout or rt.wake_timeout
         scope = anyio.CancelScope(deadline=anyio.current_time() + timeout)
-        run = Running(claim, anyio.Lock(), scope, lane)
+        run = Running(claim, anyio.Lock(), scope, lane=lane)
         ctx = self._context(claim, entity_type, view, wake, events, journal, self._flush(run))
-        current = _Wake(claim, entity_type, ctx, wake, view, base, rt.clock.now())
+        current = run.current = _Wake(claim, entity_type, ctx, wake, view, base, rt.clock.now())
         self.running[claim.url.url] = run
+        error: BaseException | None = None
         try:
-            error = await self._invoke(run, current, timeout)
+            with scope:
+                try:
+                    await entity_type.invoke(ctx, wake)
+                except Exception as exc:  # the handler failed: record it
+                    error = exc
         finally:
             if self.running.get(claim.url.url) is run:
                 del self.running[claim.url.url]
@@ -225,34 +231,26 @@ class WakeRunner:
                 logger.warning("wake of %s could not be committed: %r", current.claim.url, error)
         await self._failed(current, error)
 
-    async def _invoke(self, run: Running, current: _Wake, limit: float) -> BaseException | None:
-        """Run the type's code under ``run.scope``; what it raised, if anything. A handler
-        still running ``GRACE`` seconds past its deadline is given up."""
-        error: BaseException | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watchdog, run, current, limit + GRACE)
-            with run.scope:
-                try:
-                    await current.entity_type.invoke(current.ctx, current.wake)
-                except Exception as exc:  # the handler failed: record it
-                    error = exc
-            tg.cancel_scope.cancel()
-        return error
+    def overdue(self) -> list[Running]:
+        """Running handlers ``GRACE`` seconds past their deadline: they ignore cancellation."""
+        now = anyio.current_time()
+        return [run for run in self.running.values() if run.scope.deadline + GRACE < now]
 
-    async def _watchdog(self, run: Running, current: _Wake, limit: float) -> None:
-        await anyio.sleep(limit)
-        logger.error(
-            "wake of %s ignored its cancellation for %g s; its lane is given up", run.claim.url,
-            GRACE,
-        )  # fmt: skip
+    async def give_up(self, run: Running) -> None:
+        """Stop waiting for a handler that ignores its cancellation: record the failure for it
+        (a timeout, unless it was stopped from outside) and free its lane; what it does later
+        is fenced."""
+        url = run.claim.url
+        logger.error("wake of %s ignored its cancellation for %g s; it is given up", url, GRACE)
         run.abandoned = True
-        if self.running.get(run.claim.url.url) is run:
-            del self.running[run.claim.url.url]
-        if run.reason is None:  # it timed out: record that for it
+        if self.running.get(url.url) is run:
+            del self.running[url.url]
+        if run.reason is None and run.current is not None:
+            limit = run.current.entity_type.wake_timeout or self.rt.wake_timeout
+            message = f"the wake ran past its timeout ({limit:g} s) and ignored it"
             with anyio.CancelScope(shield=True):
                 async with run.lock:
-                    timeout = f"the wake ran past its timeout ({limit - GRACE:g} s) and ignored it"
-                    await self._failed(current, WakeTimeout(timeout, url=run.claim.url.url))
+                    await self._failed(run.current, WakeTimeout(message, url=url.url))
         self._give_up(run)
 
     def _flush(self, run: Running) -> Callable[[list[dict[str, Any]]], Awaitable[None]]:

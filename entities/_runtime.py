@@ -11,10 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
-
-import orjson
 
 from streams import (
     Append,
@@ -28,27 +25,35 @@ from streams import (
     StreamExists,
     StreamGone,
     StreamNotFound,
-    materialize,
     open_store,
 )
 
 from ._clock import Clock, SystemClock, VirtualClock
+from ._dead import dead_letters, discard_ops, find, retry_ops
 from ._effects import PendingSpawn
-from ._errors import DuplicateEntity, EntityNotFound, EntityStopped
+from ._errors import DeadLetterNotFound, DuplicateEntity, EntityNotFound, EntityStopped
 from ._events import event, iso
-from ._observe import db_stream
-from ._pipeline.affinity import WorkerInfo, read_presence
+from ._idempotency import (
+    RETENTION_SECONDS,
+    Remembered,
+    check_key,
+    fingerprint,
+    recall,
+    remember_ops,
+    slot_of,
+    store_answer,
+)
 from ._pipeline.inbox import send_ops, spawn_ops
+from ._reads import Reads
 from ._records import (
     APP_NS,
     ENTITY_NS,
     PENDING_NS,
     TAG_NS,
-    WAKE_TYPES,
+    DeadLetter,
     EntityInfo,
     EntityRecord,
     SendReceipt,
-    info_of,
 )
 from ._registry import EntityType, Registry
 from ._replay import ReplayReport, replay
@@ -65,7 +70,7 @@ logger = logging.getLogger("entities")
 DEFAULT_WAKE_TIMEOUT = 15 * 60.0
 
 
-class Runtime:
+class Runtime(Reads):
     """A runtime over one store. Use ``async with Runtime(registry, "sqlite:///x.db") as rt``.
 
     It is also the test kit: with the default ``memory://`` store and a
@@ -133,100 +138,6 @@ class Runtime:
             await self.store.aclose()
         self._opened = False
 
-    # -- lookups ------------------------------------------------------------------------------
-
-    async def record(self, url: str) -> tuple[EntityRecord, bytes] | None:
-        """The entity record and its stored bytes, or ``None``."""
-        raw = await self.store.kv_get(ENTITY_NS, parse_url(url).url)
-        return None if raw is None else (EntityRecord.load(raw), raw)
-
-    async def lookup(self, url: str) -> EntityInfo | None:
-        """Bookkeeping of the entity at ``url``, or ``None`` if there is none.
-
-        Raises:
-            InvalidEntityURL: ``url`` is not ``/type/id``.
-        """
-        found = await self.record(url)
-        if found is None:
-            return None
-        record = found[0]
-        pending = await self.store.kv_get(PENDING_NS, record.url) is not None
-        tags = await self._tags(record.url)
-        info = info_of(record, pending, tags)
-        return replace(info, queue=await self.queue_depth(record)) if pending else info
-
-    async def queue_depth(self, record: EntityRecord, *, cap: int = 10_000) -> int:
-        """How many wake events (inbox messages and other wakes) wait after the entity's
-        acknowledged offset (counted up to ``cap``)."""
-        target = parse_url(record.url)
-        count, offset = 0, record.acked
-        while count < cap:
-            try:
-                result = await self.store.read(target.stream, offset, limit=1000, renew_ttl=False)
-            except (StreamNotFound, StreamGone):
-                return 0
-            for message in result.messages:
-                if orjson.loads(message.data).get("type") in WAKE_TYPES:
-                    count += 1
-            offset = result.next_offset
-            if result.up_to_date or not result.messages:
-                break
-        return min(count, cap)
-
-    async def get(self, url: str) -> EntityInfo:
-        """Like :meth:`lookup`, raising :class:`EntityNotFound` when there is no entity."""
-        info = await self.lookup(url)
-        if info is None:
-            raise EntityNotFound(f"no entity at {url}", url=url)
-        return info
-
-    async def _tags(self, url: str) -> dict[str, str]:
-        rows = await self.store.kv_scan(TAG_NS, url + "\n")
-        return {key.split("\n", 1)[1]: value.decode() for key, value in rows}
-
-    async def workers(self) -> list[WorkerInfo]:
-        """The workers that announced themselves on this store (a running worker renews its
-        presence every second; a cleanly stopped one withdraws it; a crashed one shows as not
-        live until its record is forgotten an hour later), by id.
-
-        Raises whatever the store raises for a failed read.
-        """
-        return await read_presence(self.store, self.clock.now())
-
-    async def list_entities(
-        self,
-        *,
-        type: str | None = None,
-        status: str | None = None,
-        tag: str | None = None,
-        parent: str | None = None,
-    ) -> list[EntityInfo]:
-        """Entities, filtered by type, status, parent and ``tag`` (``key`` or ``key=value``)."""
-        prefix = f"/{type}/" if type else ""
-        rows = await self.store.kv_scan(ENTITY_NS, prefix)
-        pending = {k for k, _ in await self.store.kv_scan(PENDING_NS, prefix)}
-        tags: dict[str, dict[str, str]] = {}
-        for key, value in await self.store.kv_scan(TAG_NS, prefix):
-            url, name = key.split("\n", 1)
-            tags.setdefault(url, {})[name] = value.decode()
-        result = []
-        for _key, raw in rows:
-            record = EntityRecord.load(raw)
-            if status is not None and record.status != status:
-                continue
-            if parent is not None and record.parent != parent:
-                continue
-            entity_tags = tags.get(record.url, {})
-            if tag is not None:
-                name, _, wanted = tag.partition("=")
-                if name not in entity_tags or (wanted and entity_tags[name] != wanted):
-                    continue
-            info = info_of(record, record.url in pending, entity_tags)
-            if info.pending:
-                info = replace(info, queue=await self.queue_depth(record))
-            result.append(info)
-        return result
-
     # -- writes from outside a wake -------------------------------------------------------------
 
     async def spawn(
@@ -238,14 +149,22 @@ class Runtime:
         initial_message: Any = None,
         initial_message_type: str | None = None,
         parent: str | None = None,
+        idempotency_key: str | None = None,
     ) -> EntityInfo:
         """Create the entity at ``url`` (``/type/id``); its first wake follows.
+
+        With ``idempotency_key``, a second call with the same key (within a day) creates
+        nothing and returns what the first returned.
 
         Raises:
             InvalidEntityURL, UnknownEntityType: a bad URL or type.
             SchemaValidationFailed: ``args`` or the initial message fail their schema.
             DuplicateEntity: an entity exists at ``url``.
+            InvalidIdempotencyKey, IdempotencyKeyReused: a bad key, or one first used with
+                another request.
         """
+        if idempotency_key is not None:
+            check_key(idempotency_key)
         target = parse_url(url)
         entity_type = self.registry.get(target.type)
         checked = entity_type.validate_args(args)
@@ -260,11 +179,42 @@ class Runtime:
             initial_message=initial_message,
             initial_message_type=initial_message_type,
         )
+        if idempotency_key is not None:
+            request = fingerprint(checked, tags, initial_message, initial_message_type, parent)
+            return await self._spawn_once(target, ops, request, idempotency_key)
+        await self._create(target, ops)
+        return await self.get(target.url)
+
+    async def _create(self, target: EntityURL, ops: list[Op]) -> None:
         try:
             await self.store.commit(ops)
         except (StreamExists, StreamGone):
             raise DuplicateEntity(f"entity {target.url} already exists", url=target.url) from None
-        return await self.get(target.url)
+
+    async def _spawn_once(
+        self, target: EntityURL, ops: list[Op], request: str, key: str
+    ) -> EntityInfo:
+        """A spawn guarded by an idempotency key (see :mod:`entities._idempotency`)."""
+        slot = slot_of("spawn", target.url, key)
+        while True:
+            now = self.clock.now()
+            found, current = await recall(self.store, slot, request, now)
+            if found is not None:
+                if found.answer is None:  # the first request's process died before answering
+                    answer = (await self.get(target.url)).to_json()
+                    await store_answer(self.store, slot, found, answer)
+                    return EntityInfo.from_json(answer)
+                return EntityInfo.from_json(found.answer)
+            record = Remembered(
+                op="spawn", url=target.url, fingerprint=request, expires=now + RETENTION_SECONDS
+            )
+            try:
+                await self._create(target, [*ops, *remember_ops(slot, record, current)])
+            except ConditionFailed:
+                continue  # the same key, at the same time: answer as that request did
+            info = await self.get(target.url)
+            await store_answer(self.store, slot, record, info.to_json())
+            return info
 
     async def check_send(
         self,
@@ -309,23 +259,89 @@ class Runtime:
         *,
         type: str | None = None,
         sender: str | None = None,
+        idempotency_key: str | None = None,
     ) -> SendReceipt:
         """Append a message to the entity's inbox and mark it pending, atomically.
+
+        With ``idempotency_key``, a second call with the same key (within a day) appends
+        nothing and returns the first call's receipt: a client that lost its answer can send
+        again safely.
 
         Raises:
             InvalidEntityURL, UnknownEntityType: a bad URL or type.
             EntityNotFound: no entity at ``url``.
             EntityStopped: the entity was killed.
             SchemaValidationFailed: the payload fails the type's inbox schema.
+            InvalidIdempotencyKey, IdempotencyKeyReused: a bad key, or one first used with
+                another request.
         """
+        if idempotency_key is not None:
+            check_key(idempotency_key)
         target = parse_url(url)
         payload = await self.check_send(target, payload, type)
+        if idempotency_key is not None:
+            request = fingerprint(payload, type, sender)
+            return await self._send_once(target, payload, type, sender, request, idempotency_key)
         key = uuid.uuid4().hex
         result = await self._commit_to(
             target, send_ops(target, key, payload, type, sender, self.clock.now())
         )
         assert result is not None and not isinstance(result, bool)
         return SendReceipt(target.url, key, getattr(result, "next_offset", ""))
+
+    async def _send_once(
+        self,
+        target: EntityURL,
+        payload: Any,
+        message_type: str | None,
+        sender: str | None,
+        request: str,
+        idempotency_key: str,
+    ) -> SendReceipt:
+        """A send guarded by an idempotency key (see :mod:`entities._idempotency`)."""
+        slot = slot_of("send", target.url, idempotency_key)
+        while True:
+            now = self.clock.now()
+            found, current = await recall(self.store, slot, request, now)
+            if found is not None:
+                return await self._receipt_of(target, slot, found)
+            try:
+                after = (await self.store.head(target.stream)).next_offset
+            except (StreamNotFound, StreamGone):
+                raise EntityNotFound(f"no entity at {target.url}", url=target.url) from None
+            key = uuid.uuid4().hex
+            record = Remembered(
+                op="send",
+                url=target.url,
+                fingerprint=request,
+                expires=now + RETENTION_SECONDS,
+                message_key=key,
+                after=after,
+            )
+            ops = send_ops(target, key, payload, message_type, sender, now)
+            try:
+                result = await self._commit_to(target, [*ops, *remember_ops(slot, record, current)])
+            except ConditionFailed:
+                continue  # the same key, at the same time: answer as that request did
+            receipt = SendReceipt(target.url, key, result.next_offset)
+            await store_answer(self.store, slot, record, receipt.to_json())
+            return receipt
+
+    async def _receipt_of(self, target: EntityURL, slot: str, found: Remembered) -> SendReceipt:
+        """The receipt a send remembered; rebuilt from its message if its process died before
+        writing it (a short read from just before the message)."""
+        if found.answer is not None:
+            return SendReceipt(**found.answer)
+        offset = found.after or "-1"
+        while True:
+            events, offset = await self.read(target.url, offset, limit=1000)
+            for item in events:
+                if item["type"] == "inbox" and item["key"] == found.message_key:
+                    receipt = SendReceipt(target.url, item["key"], item["offset"])
+                    await store_answer(self.store, slot, found, receipt.to_json())
+                    return receipt
+            if len(events) < 1000:
+                raise EntityNotFound(f"the message of this key is not in {target.url}")
 
     async def kill(self, url: str, *, reason: str = "killed") -> None:
         """Stop the entity for good: close its stream and fence any running wake, which is
@@ -488,101 +504,45 @@ class Runtime:
         encoded = None if value is None else value.encode()
         await self._external(target, [change], [KvPut(TAG_NS, f"{target.url}\n{key}", encoded)])
 
-    # -- reading --------------------------------------------------------------------------------
+    # -- dead letters ---------------------------------------------------------------------------
 
-    async def read(
-        self, url: str, offset: str = "-1", *, limit: int = 1000
-    ) -> tuple[list[dict[str, Any]], str]:
-        """Decoded change events of the entity's stream after ``offset``, and the next offset.
+    async def dead_letters(
+        self, *, type: str | None = None, url: str | None = None
+    ) -> list[DeadLetter]:
+        """Wakes given up after their last attempt (all, of one type, or of one entity),
+        oldest first. Raises InvalidEntityURL for a bad ``url``."""
+        return await dead_letters(self.store, type=type, url=parse_url(url).url if url else None)
+
+    async def retry_dead_letter(self, id: str) -> DeadLetter:
+        """Deliver the events of dead letter ``id`` again, as a new wake (once, however often
+        this is called); the row goes. Returns the letter.
 
         Raises:
-            EntityNotFound: no entity at ``url``.
+            DeadLetterNotFound: no such dead letter (retried or discarded already).
+            EntityStopped, EntityNotFound: the entity was killed or is gone.
         """
-        target = parse_url(url)
+        letter, raw = await find(self.store, id)
+        target = parse_url(letter.url)
         try:
-            result = await self.store.read(target.stream, offset, limit=limit, renew_ttl=False)
+            await self._commit_to(target, await retry_ops(self.store, letter, raw))
+        except ConditionFailed:
+            raise DeadLetterNotFound(f"no dead letter {id!r}", url=letter.url) from None
         except (StreamNotFound, StreamGone):
-            raise EntityNotFound(f"no entity at {target.url}", url=target.url) from None
-        decoded = []
-        for message in result.messages:
-            item = orjson.loads(message.data)
-            item["offset"] = message.offset
-            decoded.append(item)
-        return decoded, result.next_offset
+            raise EntityNotFound(f"no entity at {letter.url}", url=letter.url) from None
+        return letter
 
-    async def view(self, url: str) -> dict[str, dict[str, Any]]:
-        """Every collection of the entity folded from its whole stream (``type -> key -> row``).
+    async def discard_dead_letter(self, id: str) -> DeadLetter:
+        """Drop dead letter ``id`` for good. Returns the letter.
 
         Raises:
-            EntityNotFound: no entity at ``url``.
+            DeadLetterNotFound: no such dead letter (retried or discarded already).
         """
-        target = parse_url(url)
+        letter, raw = await find(self.store, id)
         try:
-            folded = await materialize(self.store, target.stream, use_snapshot=False, batch=5000)
-        except (StreamNotFound, StreamGone):
-            raise EntityNotFound(f"no entity at {target.url}", url=target.url) from None
-        return folded.collections
-
-    async def shared_state(self, id: str) -> dict[str, dict[str, Any]] | None:
-        """The collections of shared-state db ``id`` (``type -> key -> row``), or ``None`` if
-        there is no such db. Raises whatever the store raises for a failed read."""
-        try:
-            folded = await materialize(self.store, db_stream(id), use_snapshot=False, batch=5000)
-        except (StreamNotFound, StreamGone):
-            return None
-        return folded.collections
-
-    async def state_of(self, url: str) -> dict[str, dict[str, Any]]:
-        """The entity's user state collections by name (``name -> key -> row``).
-
-        Raises:
-            EntityNotFound: no entity at ``url``.
-        """
-        target = parse_url(url)
-        view = await self.view(url)
-        entity_type = self.registry.get(target.type)
-        result: dict[str, dict[str, Any]] = {}
-        for name, definition in entity_type.state.items():
-            result[name] = view.get(definition.event_type(name), {})
-        for type_, rows in view.items():
-            if type_.startswith("state:") and type_[6:] not in result:
-                result[type_[6:]] = rows
-        return result
-
-    async def inspect(self, url: str) -> dict[str, Any]:
-        """Everything about an entity as JSON-ready data: bookkeeping, args, state, manifest.
-
-        Raises:
-            EntityNotFound: no entity at ``url``.
-        """
-        info = await self.get(url)
-        view = await self.view(url)
-        created = view.get("entity_created", {}).get("entity") or {}
-        data = info.to_json()
-        data["args"] = created.get("args", {})
-        data["state"] = await self.state_of(url)
-        data["manifest"] = view.get("manifests", {})
-        data["recent_runs"] = list(view.get("runs", {}).values())[-20:]
-        return data
-
-    async def replies(self, url: str, message_key: str, *, after: str = "-1") -> list[Any]:
-        """The replies recorded for one inbox message (in order), searching after ``after``
-        (e.g. the offset a :class:`SendReceipt` returned).
-
-        Raises:
-            EntityNotFound: no entity at ``url``.
-        """
-        found = []
-        offset = after
-        while True:
-            batch, offset = await self.read(url, offset, limit=5000)
-            for item in batch:
-                value = item.get("value")
-                if item["type"] == "texts" and isinstance(value, dict):
-                    if value.get("in_reply_to") == message_key:
-                        found.append(value.get("value"))
-            if len(batch) < 5000:
-                return found
+            await self.store.commit(discard_ops(letter, raw))
+        except ConditionFailed:
+            raise DeadLetterNotFound(f"no dead letter {id!r}", url=letter.url) from None
+        return letter
 
     # -- processing -----------------------------------------------------------------------------
 

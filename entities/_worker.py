@@ -19,6 +19,7 @@ import anyio.abc
 
 from streams import Store
 
+from ._idempotency import prune
 from ._pipeline.affinity import PRESENCE_SECONDS, Affinity
 from ._pipeline.claim import Claim, Claimer
 from ._pipeline.fire import fire_due, fire_turn
@@ -39,6 +40,10 @@ FOLLOW_ON = 8
 # a running entity's stream changed (another process may have killed it): how soon its record
 # is looked at, at the most (seconds)
 FENCE_LOOK = 0.1
+# how often handlers past their deadline and grace are looked for (seconds)
+OVERDUE_LOOK = 0.5
+# how often expired idempotency keys are removed (seconds)
+PRUNE_SECONDS = 60.0
 
 
 class _TimerLooks:
@@ -144,6 +149,7 @@ class Worker:
                 tg.start_soon(self._heartbeats)
                 tg.start_soon(self._presence)
                 tg.start_soon(self._watch_fences)
+                tg.start_soon(self._watch_overdue)
                 await self._loop(stop, tg)
                 with anyio.move_on_after(self.drain_seconds):
                     while self._active:
@@ -164,11 +170,15 @@ class Worker:
         or a notification pokes the loop."""
         clock = self.rt.clock
         failures = 0
+        pruned_at = time.monotonic()
         while not stop.is_set():
             self._kick = anyio.Event()
             timeout = self.poll_interval
             try:
                 timer_in = await self._timers.turn(self.rt.store, clock.now())
+                if time.monotonic() - pruned_at > PRUNE_SECONDS:
+                    pruned_at = time.monotonic()
+                    await prune(self.rt.store, clock.now())
                 next_blocked = await self._dispatch(tg)
                 failures = 0
             except Exception as exc:  # e.g. the database restarts: retry, backing off
@@ -310,6 +320,7 @@ class Worker:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch_fences)
+            tg.start_soon(self._watch_overdue)
             async with anyio.create_task_group() as lanes:
                 for _ in range(min(self.concurrency, len(items))):
                     lanes.start_soon(lane)
@@ -369,6 +380,17 @@ class Worker:
         raw = await self.rt.store.kv_get(ENTITY_NS, url)
         stopped = raw is None or EntityRecord.load(raw).status == "stopped"
         return "killed" if stopped else "fenced"
+
+    async def _watch_overdue(self) -> None:
+        """Give up handlers that ignore their cancellation (see ``WakeRunner.give_up``): one
+        look every ``OVERDUE_LOOK`` s for the whole worker, not a watchdog per wake."""
+        while True:
+            await anyio.sleep(OVERDUE_LOOK)
+            for run in self.runner.overdue():
+                try:
+                    await self.runner.give_up(run)
+                except Exception:  # the lease then expires: the wake is redelivered
+                    logger.exception("could not give up the wake of %s", run.claim.url)
 
     def _suspect(self, url: str) -> None:
         self._suspects.add(url)

@@ -28,6 +28,7 @@ import anyio
 import orjson
 
 from streams import (
+    Append,
     ConditionFailed,
     KvCheck,
     KvPut,
@@ -343,9 +344,26 @@ async def _fire_one(store: Store, key: str, raw: bytes, now: float) -> int:
         await _drop_orphan(store, key, raw)
     except (StreamNotFound, StreamGone, StreamClosed) as exc:
         logger.info("timer %s has nowhere to go (%s); dropped", key, exc)
+        drop: list[Op] = [KvCheck(TIMER_NS, key, raw), KvPut(TIMER_NS, key, None)]
+        with contextlib.suppress(ConditionFailed, StreamNotFound, StreamGone, StreamClosed):
+            await store.commit([*drop, *_undelivered(raw, exc, now)])
         with contextlib.suppress(ConditionFailed):
-            await store.commit([KvCheck(TIMER_NS, key, raw), KvPut(TIMER_NS, key, None)])
+            await store.commit(drop)  # the sender is gone too: just drop the timer
     return 0
+
+
+def _undelivered(raw: bytes, exc: Exception, now: float) -> list[Op]:
+    """For a delayed send whose target was stopped or deleted: the update of its schedule entry
+    in the sender's manifest to ``failed``, with the reason (nothing for other timers)."""
+    timer = orjson.loads(raw)
+    if timer.get("kind") != "future_send":
+        return []
+    sender = parse_url(timer["owner"])
+    target = timer["target"] or timer["owner"]
+    why = "stopped" if isinstance(exc, StreamClosed) else "gone"
+    entry = sent_entry(timer, now, round(max(0.0, now - timer["due"]) * 1000, 3))
+    entry.update(status="failed", sent_at=None, reason=f"the target {target} is {why}")
+    return [Append(sender.stream, [event("manifests", timer["schedule_id"], entry, now, "update")])]
 
 
 async def _drop_orphan(store: Store, key: str, raw: bytes) -> None:

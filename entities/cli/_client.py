@@ -14,6 +14,10 @@ import orjson
 __all__ = ["Client"]
 
 
+# how long a request with an idempotency key is retried while the server cannot be reached
+RETRY_SECONDS = 30.0
+
+
 class Client:
     """Talks to ``entities serve`` at ``base_url`` (bearer token from ``ENTITIES_TOKEN``)."""
 
@@ -23,24 +27,40 @@ class Client:
         self.base_url = base_url.rstrip("/")
         self.http = httpx2.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
-    def request(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
-        """Send one request; return the decoded JSON answer.
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        **params: Any,
+    ) -> Any:
+        """Send one request; return the decoded JSON answer. With ``idempotency_key`` (sent as
+        the ``Idempotency-Key`` header) a request whose connection failed is sent again, for up
+        to ``RETRY_SECONDS``: the server applies it once and answers the retry as the first.
 
         Raises:
             click.ClickException: the server is unreachable or answered with an error.
         """
         content = None if body is None else orjson.dumps(body)
         query = {k: v for k, v in params.items() if v is not None}
-        try:
-            response = self.http.request(
-                method,
-                path,
-                content=content,
-                params=query,
-                headers={"Content-Type": "application/json"} if content else None,
-            )
-        except httpx2.TransportError as exc:
-            raise self._unreachable(exc) from None
+        headers = {"Content-Type": "application/json"} if content else {}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        deadline = time.monotonic() + (RETRY_SECONDS if idempotency_key else 0)
+        delay = 0.1
+        while True:
+            try:
+                response = self.http.request(
+                    method, path, content=content, params=query, headers=headers or None
+                )
+                break
+            except httpx2.TransportError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise self._unreachable(exc) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
         if response.status_code >= 400:
             raise click.ClickException(_error_message(response))
         if not response.content:

@@ -19,8 +19,8 @@ from streams import open_store
 from streams.server import ServerSettings
 
 from .._errors import EntitiesError
-from .._records import APP_NS
-from .._runtime import Runtime
+from .._records import APP_NS, Outcome
+from .._runtime import DEFAULT_WAKE_TIMEOUT, Runtime
 from .._urls import parse_url
 from ..server import ServeOptions
 from ..server import serve as run_serve
@@ -51,6 +51,24 @@ lease_option = click.option(
     show_default=True,
     type=click.FloatRange(min=0.1),
     help="Wake lease: how soon another worker redelivers the wake of a crashed one.",
+)
+
+
+wake_timeout_option = click.option(
+    "--wake-timeout",
+    default=DEFAULT_WAKE_TIMEOUT,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a wake may run (unless its type sets wake_timeout); past it the handler is "
+    "cancelled and the attempt fails.",
+)
+
+
+idempotency_option = click.option(
+    "--idempotency-key",
+    default=None,
+    help="Apply this request once: sent again with the same key (within a day), it changes "
+    "nothing and gets the first answer; a failed connection is retried.",
 )
 
 
@@ -101,6 +119,7 @@ def cli(verbose: int) -> None:
 @click.option("--sse-max-s", default=60.0, show_default=True, type=float)
 @click.option("--max-body-bytes", default=1024 * 1024, show_default=True, type=int)
 @lease_option
+@wake_timeout_option
 def serve(
     app: str,
     db: str,
@@ -113,6 +132,7 @@ def serve(
     sse_max_s: float,
     max_body_bytes: int,
     lease_seconds: float,
+    wake_timeout: float,
 ) -> None:
     """Serve HTTP (control plane, Durable Streams, dev UI) with an embedded worker."""
     registry = load_registry(app)
@@ -134,7 +154,11 @@ def serve(
 
     async def main() -> None:
         async with Runtime(
-            registry, db, concurrency=concurrency, lease_seconds=lease_seconds
+            registry,
+            db,
+            concurrency=concurrency,
+            lease_seconds=lease_seconds,
+            wake_timeout=wake_timeout,
         ) as rt:
             await run_serve(rt, options, ready=ready)
 
@@ -150,15 +174,26 @@ def serve(
 @click.option("--concurrency", default=64, show_default=True, type=int)
 @click.option("--worker-id", default=None, help="Name of this worker (default: random).")
 @lease_option
+@wake_timeout_option
 def worker(
-    app: str, db: str, concurrency: int, worker_id: str | None, lease_seconds: float
+    app: str,
+    db: str,
+    concurrency: int,
+    worker_id: str | None,
+    lease_seconds: float,
+    wake_timeout: float,
 ) -> None:
     """Run wakes only (no HTTP). SIGTERM/SIGINT drain in-flight wakes, then exit."""
     registry = load_registry(app)
 
     async def main() -> None:
         async with Runtime(
-            registry, db, concurrency=concurrency, worker_id=worker_id, lease_seconds=lease_seconds
+            registry,
+            db,
+            concurrency=concurrency,
+            worker_id=worker_id,
+            lease_seconds=lease_seconds,
+            wake_timeout=wake_timeout,
         ) as rt:
             stop = anyio.Event()
             async with anyio.create_task_group() as tg:
@@ -186,6 +221,7 @@ async def _stop_on_signals(stop: anyio.Event) -> None:
 @click.option("--args", "args_json", default=None, help="Spawn args (JSON) if the entity is new.")
 @click.option("--timeout", default=300.0, show_default=True, type=float, help="Seconds to wait.")
 @lease_option
+@wake_timeout_option
 @json_option
 def run(
     app: str,
@@ -196,6 +232,7 @@ def run(
     args_json: str | None,
     timeout: float,
     lease_seconds: float,
+    wake_timeout: float,
     as_json: bool,
 ) -> None:
     """Spawn URL if needed, send MESSAGE, process it in this process, print the reply, exit.
@@ -216,6 +253,7 @@ def run(
         timeout,
         as_json,
         lease_seconds,
+        wake_timeout,
     )
     sys.exit(code)
 
@@ -230,62 +268,41 @@ async def _run_attached(
     timeout_s: float,
     as_json: bool,
     lease_seconds: float = 30.0,
+    wake_timeout: float = DEFAULT_WAKE_TIMEOUT,
 ) -> int:
-    async with Runtime(registry, db, lease_seconds=lease_seconds) as rt:
+    async with Runtime(registry, db, lease_seconds=lease_seconds, wake_timeout=wake_timeout) as rt:
         try:
             if await rt.lookup(url) is None:
                 await rt.spawn(url, args=args)
             receipt = await rt.send(url, payload, type=message_type, sender="/_cli/run")
-        except EntitiesError as exc:
+        except EntitiesError as exc:  # a bad URL, type or message: the caller's to fix
             click.echo(f"error: {exc.code}: {exc.message}", err=True)
-            return 1
+            return EXIT_USAGE
         stop = anyio.Event()
-        result: list[Any] = []
-        failure: list[str] = []
-
+        found = Outcome()
         open_line: list[bool] = []
+        stream = f"{url.strip('/')}/main"
 
         async def watch() -> None:
-            offset = "-1"
+            nonlocal found
             shown = receipt.offset
             while not stop.is_set():
-                tail = (await rt.store.head(f"{url.strip('/')}/main")).next_offset
-                # Errors first: an on_error reply commits together with the error, so the
-                # replies read next sees it and wins.
-                error = await _dead_letter(rt, url, receipt.offset)
-                found = await rt.replies(url, receipt.key, after="-1")
+                tail = (await rt.store.head(stream)).next_offset
+                found = await rt.outcome(url, receipt.key, after=receipt.offset)
                 if not as_json:  # partials precede the reply in the stream: all shown by now
                     shown = await _show_deltas(rt, url, shown, open_line)
-                if found:
-                    result.extend(found)
+                if found.replies or found.failed:
                     stop.set()
                     return
-                if error:
-                    failure.append(error)
-                    stop.set()
-                    return
-                await rt.store.wait(f"{url.strip('/')}/main", tail, 1.0)
-                offset = tail
-            del offset
+                await rt.store.wait(stream, tail, 1.0)
 
-        with anyio.move_on_after(timeout_s) as scope:
+        with anyio.move_on_after(timeout_s):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch)
                 await rt.worker(poll_interval=0.2).run(stop)
         if open_line and open_line[-1]:
             click.echo("", err=True)  # end the line of streamed partials
-        if scope.cancelled_caught:
-            click.echo(f"error: no reply within {timeout_s} s", err=True)
-            return 2
-        if failure:
-            click.echo(f"error: {failure[0]}", err=True)
-            return 1
-        for value in result:
-            if as_json or not isinstance(value, str):
-                click.echo(_json(value))
-            else:
-                click.echo(value)
-        return 0
+        return _report(found.replies, found.status, found.error, timeout_s, as_json)
 
 
 async def _show_deltas(rt: Runtime, url: str, after: str, open_line: list[bool]) -> str:
@@ -301,15 +318,6 @@ async def _show_deltas(rt: Runtime, url: str, after: str, open_line: list[bool])
         if len(events) < 1000:
             return offset
         after = offset
-
-
-async def _dead_letter(rt: Runtime, url: str, after: str) -> str | None:
-    events, _ = await rt.read(url, "-1", limit=100_000)
-    for item in events:
-        value = item.get("value") or {}
-        if item["type"] == "errors" and value.get("final") and item["offset"] > after:
-            return str(value.get("error"))
-    return None
 
 
 async def _recorded_app(db: str, type_: str) -> str:
@@ -380,9 +388,15 @@ def replay(url: str, app: str | None, db: str, wake: str | None, as_json: bool) 
 @server_option
 @click.option("--args", "args_json", default=None, help="Spawn args as JSON.")
 @click.option("--tag", "tags", multiple=True, help="key=value (repeatable).")
+@idempotency_option
 @json_option
 def spawn(
-    url: str, server: str, args_json: str | None, tags: tuple[str, ...], as_json: bool
+    url: str,
+    server: str,
+    args_json: str | None,
+    tags: tuple[str, ...],
+    idempotency_key: str | None,
+    as_json: bool,
 ) -> None:
     """Create the entity at URL (/type/id)."""
     body: dict[str, Any] = {"args": _parse_json(args_json, "--args") if args_json else None}
@@ -390,7 +404,9 @@ def spawn(
     if malformed:
         raise click.BadParameter(f"expected key=value, got {malformed[0]!r}", param_hint="--tag")
     body["tags"] = dict(t.split("=", 1) for t in tags)
-    info = Client(server).request("PUT", f"/_entities/entities{_path(url)}", body)
+    info = Client(server).request(
+        "PUT", f"/_entities/entities{_path(url)}", body, idempotency_key=idempotency_key
+    )
     click.echo(_json(info) if as_json else f"spawned {info['url']}")
 
 
@@ -404,11 +420,19 @@ def spawn(
     "wait_s",
     default=0.0,
     type=float,
-    help="Wait up to this many seconds for the reply and print it.",
+    help="Wait up to this many seconds for the reply and print it. Exit status: 0 replied, "
+    "1 the wake was given up (its error is printed), 3 no answer in time.",
 )
+@idempotency_option
 @json_option
 def send(
-    url: str, message: str, server: str, message_type: str | None, wait_s: float, as_json: bool
+    url: str,
+    message: str,
+    server: str,
+    message_type: str | None,
+    wait_s: float,
+    idempotency_key: str | None,
+    as_json: bool,
 ) -> None:
     """Send MESSAGE to URL (text is wrapped as {"text": ...} unless --json)."""
     client = Client(server, timeout=max(30.0, wait_s + 10))
@@ -416,6 +440,7 @@ def send(
         "POST",
         f"/_entities/entities{_path(url)}/send",
         {"payload": _message(message, as_json), "type": message_type},
+        idempotency_key=idempotency_key,
     )
     if wait_s <= 0:
         click.echo(_json(receipt) if as_json else f"sent {receipt['key']} to {receipt['url']}")
@@ -426,10 +451,29 @@ def send(
         wait_ms=int(wait_s * 1000),
         after=receipt["offset"],
     )
-    for value in answer["replies"]:
+    sys.exit(_report(answer["replies"], answer.get("status"), answer.get("error"), wait_s, as_json))
+
+
+# exit codes of ``send --wait`` and ``run``
+EXIT_COMPLETED, EXIT_FAILED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
+
+
+def _report(
+    replies: list[Any], status: str | None, error: str | None, wait_s: float, as_json: bool
+) -> int:
+    """Print the replies to a message (an ``on_error`` reply too) and, when its wake was given
+    up, the error (stderr); return the exit code."""
+    for value in replies:
         click.echo(_json(value) if as_json or not isinstance(value, str) else value)
-    if not answer["replies"]:
-        raise click.ClickException(f"no reply within {wait_s} s")
+    if status in ("dead_lettered", "cancelled"):
+        click.echo(
+            f"error: the wake was {status.replace('_', '-')}: {error or 'no error'}", err=True
+        )
+        return EXIT_FAILED
+    if not replies:
+        click.echo(f"error: no reply within {wait_s:g} s (status {status or 'pending'})", err=True)
+        return EXIT_NO_ANSWER
+    return EXIT_COMPLETED
 
 
 def _path(url: str) -> str:
@@ -473,7 +517,12 @@ def observe(url: str, server: str, offset: str, as_json: bool) -> None:
 @cli.command()
 @server_option
 @click.option("--type", "type_", default=None)
-@click.option("--status", default=None)
+@click.option(
+    "--status",
+    default=None,
+    type=click.Choice(["idle", "running", "stopped", "failed"]),
+    help="failed: idle with dead letters.",
+)
 @click.option("--tag", default=None, help="key or key=value")
 @click.option("--parent", default=None)
 @json_option
@@ -514,6 +563,41 @@ def workers(server: str, as_json: bool) -> None:
         lapses = datetime.datetime.fromtimestamp(w["expires"], datetime.UTC).isoformat()
         live = "yes" if w["live"] else "no"
         click.echo(f"{w['id']:<24} {live:<5} {w['host']:<24} {w['pid']:>8}  {lapses}")
+
+
+@cli.command("dead-letters")
+@server_option
+@click.option("--type", "type_", default=None, help="Only this entity type's.")
+@click.option("--url", default=None, help="Only this entity's.")
+@json_option
+def dead_letters(server: str, type_: str | None, url: str | None, as_json: bool) -> None:
+    """List wakes given up after their last attempt (retry them with `entities retry ID`)."""
+    items = Client(server).request("GET", "/_entities/dead-letters", type=type_, url=url)
+    if as_json:
+        click.echo(_json(items))
+        return
+    click.echo(f"{'ID':<40} {'ATTEMPTS':>8} {'MESSAGES':>8}  {'TIME':<25} ERROR")
+    for d in items:
+        error = d["error"] if len(d["error"]) <= 60 else d["error"][:57] + "..."
+        click.echo(f"{d['id']:<40} {d['attempts']:>8} {d['messages']:>8}  {d['time']:<25} {error}")
+
+
+@cli.command()
+@click.argument("id")
+@server_option
+def retry(id: str, server: str) -> None:
+    """Deliver the messages of dead letter ID again, as a new wake."""
+    done = Client(server).request("POST", f"/_entities/dead-letters/{id}/retry")
+    click.echo(f"retried {done['retried']} ({done['url']})")
+
+
+@cli.command()
+@click.argument("id")
+@server_option
+def discard(id: str, server: str) -> None:
+    """Drop dead letter ID for good."""
+    done = Client(server).request("DELETE", f"/_entities/dead-letters/{id}")
+    click.echo(f"discarded {done['discarded']}")
 
 
 @cli.command()

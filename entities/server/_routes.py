@@ -16,6 +16,7 @@ from starlette.routing import Route
 from streams import BadOffset
 
 from .._errors import EntitiesError, InvalidEntityURL, SchemaValidationFailed
+from .._idempotency import check_key
 from .._runtime import Runtime
 from .._urls import EntityURL, check_segment, parse_url
 
@@ -110,6 +111,12 @@ def _target(request: Request) -> EntityURL:
         raise _Problem(exc.status, exc.code, exc.message) from None
 
 
+def _idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key`` header, checked (1-256 printable ASCII characters)."""
+    key = request.headers.get("idempotency-key")
+    return None if key is None else check_key(key)
+
+
 _Endpoint = Callable[[Request], Awaitable[Response]]
 
 
@@ -154,6 +161,7 @@ class _ControlPlane:
     async def spawn(self, request: Request) -> Response:
         runtime = self.runtime
         target = _target(request)
+        key = _idempotency_key(request)
         runtime.registry.get(target.type)
         body = await _body(request, SpawnBody, self.max_body_bytes)
         parent = None
@@ -166,6 +174,7 @@ class _ControlPlane:
             initial_message=body.initial_message,
             initial_message_type=body.initial_message_type,
             parent=parent,
+            idempotency_key=key,
         )
         return json_response(info.to_json(), 201)
 
@@ -184,6 +193,7 @@ class _ControlPlane:
     async def send(self, request: Request) -> Response:
         runtime = self.runtime
         target = _target(request)
+        key = _idempotency_key(request)
         runtime.registry.get(target.type)
         body = await _body(request, SendBody, self.max_body_bytes)
         if body.sender is not None and _names_an_entity(body.sender):
@@ -195,11 +205,13 @@ class _ControlPlane:
                 "of your own, e.g. 'user:alice' or '/_app/billing'.",
             )
         receipt = await runtime.send(
-            target.url, body.payload, type=body.type, sender=body.sender or "/_http/client"
+            target.url,
+            body.payload,
+            type=body.type,
+            sender=body.sender or "/_http/client",
+            idempotency_key=key,
         )
-        return json_response(
-            {"url": receipt.url, "key": receipt.key, "offset": receipt.offset}, 202
-        )
+        return json_response(receipt.to_json(), 202)
 
     async def tag(self, request: Request) -> Response:
         target = _target(request)
@@ -220,19 +232,22 @@ class _ControlPlane:
         if not raw_wait.isdigit() or int(raw_wait) > 120_000:
             raise _Problem(400, "BAD_REQUEST", "wait_ms must be an integer from 0 to 120000")
         await runtime.get(target.url)
-        found: list[Any] = await runtime.replies(target.url, key, after=after)
-        if not found and raw_wait != "0":
+        found = await runtime.outcome(target.url, key, after=after)
+        if not found.replies and not found.failed and raw_wait != "0":
             # The first look above runs outside the deadline: a zero or tiny wait must still
-            # answer with what is already there.
+            # answer with what is already there. A wake given up ends the wait at once.
             with anyio.move_on_after(int(raw_wait) / 1000):
-                while not found:
+                while not found.replies and not found.failed:
                     head = await runtime.store.head(target.stream)
-                    found = await runtime.replies(target.url, key, after=after)
-                    if head.closed:  # a stopped entity: no reply can come any more
+                    found = await runtime.outcome(target.url, key, after=after)
+                    if head.closed and not found.replies:  # killed: no reply can come
+                        found.status = "cancelled" if found.status == "pending" else found.status
                         break
-                    if not found:
+                    if not found.replies and not found.failed:
                         await runtime.store.wait(target.stream, head.next_offset, 5.0)
-        return json_response({"key": key, "replies": found})
+        return json_response(
+            {"key": key, "replies": found.replies, "status": found.status, "error": found.error}
+        )
 
     async def schedules(self, request: Request) -> Response:
         target = _target(request)
@@ -251,6 +266,22 @@ class _ControlPlane:
         )
         return json_response(entry)
 
+    async def dead_letters(self, request: Request) -> Response:
+        q = request.query_params
+        url = q.get("url")
+        if url is not None:
+            url = parse_url(url).url
+        letters = await self.runtime.dead_letters(type=q.get("type"), url=url)
+        return json_response([letter.to_json() for letter in letters])
+
+    async def dead_letter(self, request: Request) -> Response:
+        id = request.path_params["id"]
+        if request.method == "DELETE":
+            letter = await self.runtime.discard_dead_letter(id)
+            return json_response({"discarded": letter.id})
+        letter = await self.runtime.retry_dead_letter(id)
+        return json_response({"retried": letter.id, "url": letter.url}, 202)
+
 
 def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> list[Route]:
     """The ``/_entities`` routes over ``runtime``."""
@@ -268,5 +299,8 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         (base + "/schedules", plane.schedules, ["GET"]),
         (base + "/schedules/{schedule}", plane.schedule, ["PUT", "DELETE"]),
         (base + "/replies/{key}", plane.replies, ["GET"]),
+        ("/_entities/dead-letters", plane.dead_letters, ["GET"]),
+        ("/_entities/dead-letters/{id}", plane.dead_letter, ["DELETE"]),
+        ("/_entities/dead-letters/{id}/retry", plane.dead_letter, ["POST"]),
     ]
     return [Route(path, _guarded(fn), methods=methods) for path, fn, methods in table]

@@ -90,8 +90,14 @@ def test_run_chat_replies_and_on_message_answers(tmp_path: Path) -> None:
     assert empty == "Please send a non-empty text message."
     second = ok("run", app, "/chat/c1", "again", "--db", db).strip()
     assert second == "You said 'again'. I remember 3 messages."
-    sorry = ok("run", app, "/chat/c1", "boom", "--db", db).strip()
-    assert sorry.startswith("Sorry, something went wrong")
+    # a failed run: the on_error hook's reply is printed, then the error, and the exit status
+    # says it failed (1)
+    sorry = entities("run", app, "/chat/c1", "boom", "--db", db)
+    assert sorry.code == 1, sorry
+    assert sorry.out.startswith("Sorry, something went wrong")
+    assert sorry.err.strip().endswith(
+        "error: the wake was dead-lettered: RuntimeError: the user asked for a failure"
+    )
 
 
 def test_run_bad_inputs(tmp_path: Path) -> None:
@@ -416,3 +422,38 @@ def wait_for_idle(http: httpx2.Client, url: str) -> None:
             return
         assert time.monotonic() < deadline, info
         time.sleep(0.05)
+
+
+def test_send_wait_tells_the_truth_and_dead_letters_can_be_retried(server: Server) -> None:
+    ok(*server.args("spawn", "/chat/dl"))
+    # a wake given up: the on_error reply, then the error; exit status 1
+    given_up = entities(*server.args("send", "/chat/dl", "boom", "--wait", "20"))
+    assert given_up.code == 1, given_up
+    assert given_up.out.startswith("Sorry, something went wrong")
+    assert "error: the wake was dead-lettered: RuntimeError" in given_up.err
+    # no answer in time: exit status 3 (a fanout job answers only when its children finish)
+    ok(*server.args("spawn", "/fanout/slow"))
+    late = entities(
+        *server.args("send", "/fanout/slow", '{"n": 1, "delay_ms": 60000}', "--json", "--wait", "1")
+    )
+    assert late.code == 3 and "no reply within 1 s" in late.err, late
+    assert "/chat/dl" in ok(*server.args("ps", "--status", "failed"))
+    [letter] = orjson.loads(ok(*server.args("dead-letters", "--url", "/chat/dl", "--json")))
+    assert letter["url"] == "/chat/dl" and letter["attempts"] == 1 and letter["messages"] == 1
+    assert letter["error"] == "RuntimeError: the user asked for a failure"
+    table = ok(*server.args("dead-letters"))
+    assert letter["id"] in table and "RuntimeError" in table
+    assert ok(*server.args("retry", letter["id"])).strip() == f"retried {letter['id']} (/chat/dl)"
+    assert "DEAD_LETTER_NOT_FOUND" in fails(*server.args("retry", letter["id"]))
+    assert "DEAD_LETTER_NOT_FOUND" in fails(*server.args("discard", "chat:dl:w9-9"))
+    # the retried "boom" fails again: a new dead letter, which can be discarded
+    deadline = time.monotonic() + 20
+    letters: list[Any] = []
+    while not letters:
+        assert time.monotonic() < deadline
+        letters = orjson.loads(ok(*server.args("dead-letters", "--url", "/chat/dl", "--json")))
+        time.sleep(0.1)
+    assert letters[0]["id"] != letter["id"]
+    assert ok(*server.args("discard", letters[0]["id"])).strip() == f"discarded {letters[0]['id']}"
+    assert orjson.loads(ok(*server.args("dead-letters", "--json"))) == []
+    assert "/chat/dl" not in ok(*server.args("ps", "--status", "failed"))

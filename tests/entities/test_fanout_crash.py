@@ -144,7 +144,7 @@ def test_parent_killed_after_children_finished_recovers_exactly_once(tmp_path: P
 
 async def _recover(registry: Registry, db: str, tmp_path: Path) -> None:
     ticks_log = tmp_path / "ticks.log"
-    children = [f"/square/f1-{i}" for i in range(1, N + 1)]
+    children = [f"/square/f1-1-{i}" for i in range(1, N + 1)]  # job 1 of /fanout/f1
     async with Runtime(registry, db, lease_seconds=1.0) as rt:
         # what the killed process left behind
         parent = await rt.get("/fanout/f1")

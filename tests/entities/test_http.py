@@ -256,10 +256,15 @@ async def test_replies_without_wait_and_unknown_key(served: Served) -> None:
             f"/_entities/entities/counter/c1/replies/{key}", params=params
         )
         assert again.status_code == 200
-        assert again.json() == {"key": key, "replies": [6]}, params
+        assert again.json() == {
+            "key": key,
+            "replies": [6],
+            "status": "completed",
+            "error": None,
+        }, params
     answer = await served.http.get("/_entities/entities/counter/c1/replies/nokey")
     assert answer.status_code == 200
-    assert answer.json() == {"key": "nokey", "replies": []}
+    assert answer.json() == {"key": "nokey", "replies": [], "status": "pending", "error": None}
     waited = await served.http.get(
         "/_entities/entities/counter/c1/replies/nokey", params={"wait_ms": 200}
     )
