@@ -92,6 +92,8 @@ class RunHandle:
         """Record the run's outcome (a run left open is ended when its wake commits, with the
         wake's outcome and ``finish_reason="wake_ended"``)."""
         self.ended = True
+        if self in self._ctx._open_runs:  # no cycle left behind once it is ended
+            self._ctx._open_runs.remove(self)
         now = self._ctx._clock_now()
         value = {
             "status": status,
@@ -556,9 +558,8 @@ class HandlerContext:
 
     def end_open_runs(self, status: str) -> None:
         """End every run of :meth:`record_run` the handler left open, as ``status``."""
-        for run in self._open_runs:
-            if not run.ended:
-                run.end(status, finish_reason="wake_ended")
+        for run in list(self._open_runs):
+            run.end(status, finish_reason="wake_ended")
 
     # -- journal ----------------------------------------------------------------------------
 

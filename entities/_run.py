@@ -1,4 +1,4 @@
-"""Running one claimed wake: load it, run the type's code under a deadline, and commit what
+"""Running one claimed wake: load it, run the type's code before a deadline, and commit what
 happened. Every wake ends, and visibly:
 
 * **completed**: its effects, run record, acknowledged offset and lease release commit together;
@@ -11,8 +11,10 @@ happened. Every wake ends, and visibly:
   cancelled at its next await and nothing it buffered is committed (``on_stop`` runs after a
   kill, for cleanup).
 
-A handler that ignores its cancellation for ``GRACE`` seconds past its deadline is given up:
-the failure is recorded for it and its lane is freed; whatever it does later is fenced.
+Deadlines are enforced by one sweep per worker (:meth:`WakeRunner.sweep`), not a timer per
+wake, so they cost the fast path nothing; a wake is cancelled within ``SWEEP_SECONDS`` of its
+deadline. A handler that ignores its cancellation for ``GRACE`` seconds more is given up: the
+failure is recorded for it and its lane is freed; whatever it does later is fenced.
 """
 
 from __future__ import annotations
@@ -57,12 +59,15 @@ from ._records import ENTITY_NS, WAKE_TYPES
 from ._registry import EntityType, Registry
 from ._wake import WakeEvent
 
-__all__ = ["GRACE", "Running", "WakeRunner", "WorkerHost"]
+__all__ = ["GRACE", "SWEEP_SECONDS", "Running", "WakeRunner", "WorkerHost"]
 
 logger = logging.getLogger("entities.worker")
 
 # seconds a cancelled handler has to end (and ``on_stop`` to clean up) before it is given up
 GRACE = 5.0
+# the longest a worker waits between two sweeps of its running wakes (seconds): it enforces
+# deadlines and starts watching for kills of wakes that run longer than this
+SWEEP_SECONDS = 0.25
 
 
 class WorkerHost(Host, Protocol):
@@ -119,11 +124,14 @@ class Running:
 
     claim: Claim
     lock: anyio.Lock  # held by heartbeats, live writes and the final commit
-    scope: anyio.CancelScope  # the handler's; its deadline is the wake timeout
+    scope: anyio.CancelScope  # the handler's
+    timeout: float  # seconds it may run
+    deadline: float  # when that is over (``anyio.current_time()``)
     current: _Wake | None = None  # what a give-up records
     lane: object | None = None  # the worker lane running it (freed if it is given up)
-    reason: str | None = None  # "killed" or "fenced" once stopped from outside
+    reason: str | None = None  # "timeout", "killed" or "fenced" once stopped
     abandoned: bool = False  # it ignored its cancellation: given up, its lane freed
+    unwatch: Callable[[], None] | None = None  # stops the watch for a kill, once started
 
     def stop(self, reason: str) -> None:
         """Cancel the handler (at its next await) for ``reason``; the first reason wins."""
@@ -193,14 +201,14 @@ class WakeRunner:
             claim.url, inflight, events, wake_events, first_wake=not view.get("manifests")
         )
         timeout = entity_type.wake_timeout or rt.wake_timeout
-        scope = anyio.CancelScope(deadline=anyio.current_time() + timeout)
-        run = Running(claim, anyio.Lock(), scope, lane=lane)
+        deadline = anyio.current_time() + timeout
+        run = Running(claim, anyio.Lock(), anyio.CancelScope(), timeout, deadline, lane=lane)
         ctx = self._context(claim, entity_type, view, wake, events, journal, self._flush(run))
         current = run.current = _Wake(claim, entity_type, ctx, wake, view, base, rt.clock.now())
         self.running[claim.url.url] = run
         error: BaseException | None = None
         try:
-            with scope:
+            with run.scope:
                 try:
                     await entity_type.invoke(ctx, wake)
                 except Exception as exc:  # the handler failed: record it
@@ -208,13 +216,16 @@ class WakeRunner:
         finally:
             if self.running.get(claim.url.url) is run:
                 del self.running[claim.url.url]
+            run.current = None  # run -> current -> ctx -> flush -> run: let refcounts free it
+            if run.unwatch is not None:
+                run.unwatch()
         if run.abandoned:
             return  # given up while it ignored its cancellation: the failure is recorded
-        if run.reason is not None:
+        if run.reason is not None and run.reason != "timeout":
             await self._cancelled(run, current)
             return
         await run.lock.acquire()  # no heartbeat from here on: the final commit is ours
-        if error is None and scope.cancelled_caught:
+        if run.reason == "timeout":
             error = WakeTimeout(
                 f"the wake ran past its timeout of {timeout:g} s", url=claim.url.url
             )
@@ -231,10 +242,28 @@ class WakeRunner:
                 logger.warning("wake of %s could not be committed: %r", current.claim.url, error)
         await self._failed(current, error)
 
-    def overdue(self) -> list[Running]:
-        """Running handlers ``GRACE`` seconds past their deadline: they ignore cancellation."""
+    def sweep(self, watch: Callable[[Running], None]) -> tuple[list[Running], float]:
+        """Cancel the handlers past their deadline, and ``watch`` those that have run since the
+        last sweep (a wake shorter than a sweep's interval costs no watch: a kill fences its
+        commit all the same). Returns the handlers ``GRACE`` seconds past their deadline as well
+        (they ignore their cancellation: give them up), and the seconds until the next sweep is
+        due (at most ``SWEEP_SECONDS``)."""
         now = anyio.current_time()
-        return [run for run in self.running.values() if run.scope.deadline + GRACE < now]
+        late: list[Running] = []
+        due = now + SWEEP_SECONDS
+        for run in list(self.running.values()):
+            if run.unwatch is None:
+                watch(run)
+            if run.reason is None:
+                if now >= run.deadline:
+                    run.stop("timeout")
+                else:
+                    due = min(due, run.deadline)
+            if now >= run.deadline + GRACE:
+                late.append(run)
+            else:
+                due = min(due, run.deadline + GRACE)
+        return late, max(due - now, 0.001)
 
     async def give_up(self, run: Running) -> None:
         """Stop waiting for a handler that ignores its cancellation: record the failure for it
@@ -245,9 +274,8 @@ class WakeRunner:
         run.abandoned = True
         if self.running.get(url.url) is run:
             del self.running[url.url]
-        if run.reason is None and run.current is not None:
-            limit = run.current.entity_type.wake_timeout or self.rt.wake_timeout
-            message = f"the wake ran past its timeout ({limit:g} s) and ignored it"
+        if run.reason in (None, "timeout") and run.current is not None:
+            message = f"the wake ran past its timeout ({run.timeout:g} s) and ignored it"
             with anyio.CancelScope(shield=True):
                 async with run.lock:
                     await self._failed(run.current, WakeTimeout(message, url=url.url))
@@ -467,7 +495,7 @@ class WakeRunner:
             )  # fmt: skip
         except _OWN_FAULTS as exc:
             raise _Poison(exc) from exc
-        ops, clear = [*commit.ops, *(extra or ())], commit.clear
+        ops, clear = (commit.ops + extra if extra else commit.ops), commit.clear
         claim.more = commit.more
         for _attempt in range(8):
             try:

@@ -40,8 +40,6 @@ FOLLOW_ON = 8
 # a running entity's stream changed (another process may have killed it): how soon its record
 # is looked at, at the most (seconds)
 FENCE_LOOK = 0.1
-# how often handlers past their deadline and grace are looked for (seconds)
-OVERDUE_LOOK = 0.5
 # how often expired idempotency keys are removed (seconds)
 PRUNE_SECONDS = 60.0
 
@@ -340,8 +338,6 @@ class Worker:
         """Run the wake; if it is cancelled (Ctrl-C, the end of a drain), give the lease back at
         once, keeping the wake's range, so the wake is redelivered now (as its next attempt,
         with its journal) instead of after the lease expires."""
-        url = claim.url.url
-        unlisten = self.rt.store.listen(claim.url.stream, lambda: self._suspect(url))
         try:
             await self.runner.run_wake(claim, lane)
         except anyio.get_cancelled_exc_class():
@@ -349,8 +345,6 @@ class Worker:
                 if await self.claimer.release(claim):
                     logger.info("wake of %s was cancelled; its lease is released", claim.url)
             raise
-        finally:
-            unlisten()
 
     async def claim(
         self, url: str, token: bytes | None = None, *, stolen: bool = False
@@ -382,24 +376,34 @@ class Worker:
         return "killed" if stopped else "fenced"
 
     async def _watch_overdue(self) -> None:
-        """Give up handlers that ignore their cancellation (see ``WakeRunner.give_up``): one
-        look every ``OVERDUE_LOOK`` s for the whole worker, not a watchdog per wake."""
+        """Enforce wake deadlines (see ``WakeRunner.sweep``): one sweep for the whole worker,
+        when the next deadline comes (at the latest every ``SWEEP_SECONDS``), not a timer per
+        wake; handlers that ignore their cancellation are given up."""
         while True:
-            await anyio.sleep(OVERDUE_LOOK)
-            for run in self.runner.overdue():
+            late, wait = self.runner.sweep(self._watch)
+            for run in late:
                 try:
                     await self.runner.give_up(run)
                 except Exception:  # the lease then expires: the wake is redelivered
                     logger.exception("could not give up the wake of %s", run.claim.url)
+            await anyio.sleep(wait)
+
+    def _watch(self, run: Running) -> None:
+        """Watch a running wake's stream (a kill closes it) from now on, and look at its
+        record at once (it may have been killed before the watch began)."""
+        url = run.claim.url.url
+        run.unwatch = self.rt.store.listen(run.claim.url.stream, lambda: self._suspect(url))
+        self._suspect(url)
 
     def _suspect(self, url: str) -> None:
         self._suspects.add(url)
         self._suspicion.set()
 
     async def _watch_fences(self) -> None:
-        """Cancel, within a fraction of a second, a running wake whose entity another process
-        killed (or whose lease another worker took): a change to a running entity's stream
-        (a kill closes it) makes its record worth a look, at most every ``FENCE_LOOK`` s."""
+        """Cancel, within a fraction of a second, a running wake whose entity was killed, here
+        or in another process (or whose lease another worker took): a change to a watched
+        entity's stream (a kill closes it) makes its record worth a look, at most every
+        ``FENCE_LOOK`` s."""
         while True:
             await self._suspicion.wait()
             self._suspicion = anyio.Event()
