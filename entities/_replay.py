@@ -13,13 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from streams import Materializer
-
 from ._context import HandlerContext
 from ._effects import Effects
 from ._errors import EntitiesError, ReplayDivergence
 from ._host import Host
-from ._pipeline.load import folded, wake_event
+from ._pipeline.load import view_fold, wake_event
 from ._records import WAKE_TYPES, Inflight
 from ._registry import EntityType, Registry
 from ._urls import EntityURL, parse_url
@@ -158,7 +156,7 @@ class _Inputs:
 
 def _inputs(events: list[dict[str, Any]], run: dict[str, Any]) -> _Inputs:
     wake_id, low, high = run["wake_id"], run["from_offset"], run["to_offset"]
-    view = Materializer(types=folded)
+    view = view_fold()
     found = _Inputs(view.collections, [], {}, [])
     for e in events:
         type_ = e["type"]

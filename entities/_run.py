@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -126,7 +127,7 @@ class Running:
     lock: anyio.Lock  # held by heartbeats, live writes and the final commit
     scope: anyio.CancelScope  # the handler's
     timeout: float  # seconds it may run
-    deadline: float  # when that is over (``anyio.current_time()``)
+    deadline: float  # when that is over (``time.monotonic()``)
     current: _Wake | None = None  # what a give-up records
     lane: object | None = None  # the worker lane running it (freed if it is given up)
     reason: str | None = None  # "timeout", "killed" or "fenced" once stopped
@@ -196,12 +197,13 @@ class WakeRunner:
         journal = {}
         if inflight.attempt > 1:
             journal = await read_journal(rt.store, claim.url.stream, inflight)
-        await self._note_other_children(view, wake_events)
+        if any(e["type"] == "wakes" for e in wake_events):
+            await self._note_other_children(view, wake_events)
         wake = wake_event(
             claim.url, inflight, events, wake_events, first_wake=not view.get("manifests")
         )
         timeout = entity_type.wake_timeout or rt.wake_timeout
-        deadline = anyio.current_time() + timeout
+        deadline = time.monotonic() + timeout
         run = Running(claim, anyio.Lock(), anyio.CancelScope(), timeout, deadline, lane=lane)
         ctx = self._context(claim, entity_type, view, wake, events, journal, self._flush(run))
         current = run.current = _Wake(claim, entity_type, ctx, wake, view, base, rt.clock.now())
@@ -248,7 +250,7 @@ class WakeRunner:
         commit all the same). Returns the handlers ``GRACE`` seconds past their deadline as well
         (they ignore their cancellation: give them up), and the seconds until the next sweep is
         due (at most ``SWEEP_SECONDS``)."""
-        now = anyio.current_time()
+        now = time.monotonic()
         late: list[Running] = []
         due = now + SWEEP_SECONDS
         for run in list(self.running.values()):

@@ -12,7 +12,7 @@ stream's whole history; :func:`save_snapshot` records one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import orjson
@@ -121,20 +121,15 @@ class Materializer:
         collections: dict[str, dict[str, Any]] | None = None,
         offset: str = START,
         *,
-        types: Iterable[str] | Callable[[str], bool] | None = None,
+        types: Iterable[str] | None = None,
+        prefixes: Iterable[str] = (),
     ) -> None:
-        """``types`` limits what is folded: the collection names to keep, or a predicate on a
-        name (e.g. a prefix test); ``None`` keeps every collection."""
+        """``types`` limits what is folded to those collection names and the names starting
+        with one of ``prefixes``; ``None`` keeps every collection."""
         self.collections: dict[str, dict[str, Any]] = collections if collections is not None else {}
         self.offset = offset
-        self.types = types if types is None or callable(types) else frozenset(types)
-        self._wanted: Callable[[str], bool] | None = (
-            None
-            if self.types is None
-            else self.types.__contains__
-            if isinstance(self.types, frozenset)
-            else self.types
-        )
+        self.types = None if types is None else frozenset(types)
+        self.prefixes = tuple(prefixes)
         self.applied = 0
 
     def apply(self, event: Mapping[str, Any]) -> None:
@@ -146,8 +141,9 @@ class Materializer:
                 self.collections.clear()
             return
         type_ = event["type"]
-        if self._wanted is not None and not self._wanted(type_):
-            return
+        if self.types is not None and type_ not in self.types:
+            if not (self.prefixes and type_.startswith(self.prefixes)):
+                return
         if operation == "delete":
             table = self.collections.get(type_)
             if table is not None:
@@ -179,7 +175,7 @@ class Materializer:
 
     @classmethod
     def from_snapshot(
-        cls, data: bytes, *, types: Iterable[str] | Callable[[str], bool] | None = None
+        cls, data: bytes, *, types: Iterable[str] | None = None, prefixes: Iterable[str] = ()
     ) -> Materializer:
         """Rebuild from :meth:`snapshot` output.
 
@@ -189,7 +185,7 @@ class Materializer:
         raw = orjson.loads(data)
         if raw.get("v") != _SNAPSHOT_VERSION:
             raise InvalidRequest(f"unknown snapshot version {raw.get('v')!r}")
-        return cls(raw["collections"], raw["offset"], types=types)
+        return cls(raw["collections"], raw["offset"], types=types, prefixes=prefixes)
 
 
 async def materialize(

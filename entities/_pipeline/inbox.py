@@ -78,7 +78,9 @@ class Deliveries:
     def ops(self, token: bytes | None = None) -> list[Op]:
         """The marks (all with ``token``, else one fresh mark for the transaction), then the
         appends."""
-        mark = token if token is not None else new_token()
+        if not self._marked and not self._appends:
+            return []
+        mark = token if token is not None or not self._marked else new_token()
         return [
             *(KvPut(PENDING_NS, url, mark) for url in self._marked),
             *(Append(path, messages) for path, messages in self._appends.items()),

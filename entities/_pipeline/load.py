@@ -33,6 +33,7 @@ __all__ = [
     "read_journal",
     "read_snapshot",
     "snapshot",
+    "view_fold",
     "wake_event",
     "wake_id",
 ]
@@ -40,10 +41,10 @@ __all__ = [
 View = dict[str, dict[str, Any]]  # collection (event type) -> key -> row
 
 
-def folded(type_: str) -> bool:
-    """Whether events of collection ``type_`` are part of an entity's view (the rest is
-    timeline, read on demand)."""
-    return type_ in VIEW_TYPES or type_.startswith("state:")
+def view_fold(view: View | None = None, offset: str = "-1") -> Materializer:
+    """A fold of an entity's view (its creation, manifest, tags, context and user state; the
+    rest of the stream is timeline, read on demand), starting from ``view`` at ``offset``."""
+    return Materializer(view, offset, types=VIEW_TYPES, prefixes=("state:",))
 
 
 def copy_view(view: View) -> View:
@@ -161,13 +162,13 @@ async def _start(
     stream's start; never beyond ``acked`` (the stream is append-only, so any earlier fold stays
     valid)."""
     if cached is not None and acked != "-1" and cached[0] <= acked:
-        return Materializer(copy_view(cached[1]), cached[0], types=folded)
+        return view_fold(copy_view(cached[1]), cached[0])
     saved = await store.kv_get(SNAPSHOT_NS, url.url)
     if saved is not None and acked != "-1":
         offset, view = read_snapshot(saved)
         if offset <= acked:
-            return Materializer(view, offset, types=folded)
-    return Materializer(types=folded)
+            return view_fold(view, offset)
+    return view_fold()
 
 
 async def load_range(

@@ -28,6 +28,8 @@ from entities import (
 )
 from entities._calls import call_maybe_async
 from entities._records import DEAD_NS, PENDING_NS
+from entities.agent._anthropic import AnthropicModel
+from tests.entities._fake_providers import FakeTurn, running_fake
 
 
 class Total(BaseModel):
@@ -192,12 +194,17 @@ async def test_a_kill_from_another_process_cancels_the_running_wake(
         await _kill_while_running(running, killing, "/stoppable/x")
 
 
-async def _kill_while_running(running: Runtime, killing: Runtime, url: str) -> None:
+async def _kill_while_running(
+    running: Runtime,
+    killing: Runtime,
+    url: str,
+    started: Callable[[], bool] = lambda: "started" in calls,
+) -> None:
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(running.worker(poll_interval=0.05).run, stop)
         with anyio.fail_after(10):
-            await until(lambda: "started" in calls)
+            await until(started)
             killed_at = time.monotonic()
             await killing.kill(url)
             await until(lambda: "on_stop" in calls)
@@ -337,3 +344,24 @@ async def test_a_kill_terminates_the_subprocess_of_a_running_process_agent(
             stop.set()
         runs = await runs_of(rt, "/proc/p")
         assert runs[-1]["status"] == "cancelled"
+
+
+async def test_a_kill_aborts_a_model_call_in_flight(tmp_path: Path) -> None:
+    """The provider answers only after 30 s; the kill cancels the wake (and with it the SDK's
+    request) at once instead of waiting for the model."""
+    with running_fake(log_path=tmp_path / "requests.jsonl") as fake:
+        fake.script(FakeTurn(text="too late", delay=30))
+        model = AnthropicModel("claude-fake-1", api_key="k", base_url=fake.url, max_retries=0)
+        agents = Registry()
+
+        @agents.define("bot", on_stop=on_stop)
+        async def bot(ctx: HandlerContext, wake: WakeEvent) -> None:
+            ctx.use_agent("You are slow.", model)
+            note("started", time.monotonic())
+            await ctx.agent.run()
+            note("after the kill")
+
+        async with Runtime(agents, f"sqlite:///{tmp_path / 'b.db'}") as rt:
+            await rt.spawn("/bot/b")
+            await rt.send("/bot/b", {"text": "hi"})
+            await _kill_while_running(rt, rt, "/bot/b", started=lambda: fake.count == 1)
