@@ -14,6 +14,12 @@ import orjson
 __all__ = ["Client"]
 
 
+class RequestRefused(click.ClickException):
+    """The server refused the request (a 4xx answer): the caller's to fix, exit status 2."""
+
+    exit_code = 2
+
+
 # how long a request with an idempotency key is retried while the server cannot be reached
 RETRY_SECONDS = 30.0
 
@@ -61,7 +67,9 @@ class Client:
                     raise self._unreachable(exc) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        if response.status_code >= 400:
+        if 400 <= response.status_code < 500:  # the request's fault: a usage error (exit 2)
+            raise RequestRefused(_error_message(response))
+        if response.status_code >= 500:
             raise click.ClickException(_error_message(response))
         if not response.content:
             return None

@@ -437,6 +437,8 @@ def test_send_wait_tells_the_truth_and_dead_letters_can_be_retried(server: Serve
         *server.args("send", "/fanout/slow", '{"n": 1, "delay_ms": 60000}', "--json", "--wait", "1")
     )
     assert late.code == 3 and "no reply within 1 s" in late.err, late
+    refused = entities(*server.args("send", "/chat/nobody", "hi", "--wait", "1"))
+    assert refused.code == 2 and "ENTITY_NOT_FOUND" in refused.err, refused  # a usage error
     assert "/chat/dl" in ok(*server.args("ps", "--status", "failed"))
     [letter] = orjson.loads(ok(*server.args("dead-letters", "--url", "/chat/dl", "--json")))
     assert letter["url"] == "/chat/dl" and letter["attempts"] == 1 and letter["messages"] == 1
