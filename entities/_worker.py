@@ -366,14 +366,10 @@ class Worker:
                 async with run.lock:
                     try:
                         if not await self.claimer.renew(run.claim):
-                            run.stop(await self._why_lost(run.claim.url.url))
+                            raw = await self.rt.store.kv_get(ENTITY_NS, run.claim.url.url)
+                            run.stop(_why_lost(raw))
                     except Exception as exc:  # e.g. the database restarts: try next round
                         logger.warning("lease renewal of %s failed: %r", run.claim.url, exc)
-
-    async def _why_lost(self, url: str) -> str:
-        raw = await self.rt.store.kv_get(ENTITY_NS, url)
-        stopped = raw is None or EntityRecord.load(raw).status == "stopped"
-        return "killed" if stopped else "fenced"
 
     async def _watch_overdue(self) -> None:
         """Enforce wake deadlines (see ``WakeRunner.sweep``): one sweep for the whole worker,
@@ -418,6 +414,12 @@ class Worker:
                     logger.debug("fence check of %s failed: %r", url, exc)
                     continue
                 if raw != run.claim.raw and self.runner.running.get(url) is run:
-                    stopped = raw is None or EntityRecord.load(raw).status == "stopped"
-                    run.stop("killed" if stopped else "fenced")
+                    run.stop(_why_lost(raw))
             await anyio.sleep(FENCE_LOOK)
+
+
+def _why_lost(raw: bytes | None) -> str:
+    """Why a wake lost its lease, from the entity record as it is now: ``killed`` (stopped or
+    gone) or ``fenced`` (another worker claimed it)."""
+    stopped = raw is None or EntityRecord.load(raw).status == "stopped"
+    return "killed" if stopped else "fenced"

@@ -285,3 +285,15 @@ async def test_snapshots_are_per_stream(store: Store) -> None:
     await save_snapshot(store, "a", await materialize(store, "a"))
     assert (await materialize(store, "b")).get("t", "k") == "b"
     assert (await materialize(store, "a")).get("t", "k") == "a"
+
+
+def test_a_materializer_keeps_named_collections_and_prefixes() -> None:
+    view = Materializer(types={"tags"}, prefixes=("state:",))
+    for type_ in ("tags", "state:rows", "inbox", "statefull"):
+        view.apply(change(type_, "k", {"t": type_}))
+    assert sorted(view.collections) == ["state:rows", "tags"]
+    assert view.applied == 2
+    again = Materializer.from_snapshot(view.snapshot(), types={"tags"}, prefixes=("state:",))
+    again.apply(change("state:other", "k", 1))
+    again.apply(change("texts", "k", 1))
+    assert sorted(again.collections) == ["state:other", "state:rows", "tags"]
