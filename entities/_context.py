@@ -18,6 +18,7 @@ import orjson
 
 from streams import Operation
 
+from . import _tracing as tracing
 from ._calls import call_maybe_async
 from ._collections import Actions, Collections, Database
 from ._effects import Effects, PendingSend, PendingSpawn, PendingTimer
@@ -588,7 +589,11 @@ class HandlerContext:
             return self._journal[key]
         if self.replaying:
             raise ReplayDivergence(f"wake {self.run_id}: step {id!r} was not recorded")
-        result = await call_maybe_async(fn)
+        if tracing.active():
+            with tracing.span(f"step {id}", {"entities.url": self.entity_url}):
+                result = await call_maybe_async(fn)
+        else:
+            result = await call_maybe_async(fn)
         try:
             orjson.dumps(result)
         except TypeError as exc:

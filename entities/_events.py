@@ -92,15 +92,25 @@ def event(
     return orjson.dumps(change(type_, key, value, ts, operation, txid=txid))
 
 
-def inbox_value(payload: Any, message_type: str | None, sender: str | None, now: float) -> Any:
-    """The value of an ``inbox`` event: one message to an entity."""
-    return {
+def inbox_value(
+    payload: Any,
+    message_type: str | None,
+    sender: str | None,
+    now: float,
+    trace: dict[str, str] | None = None,
+) -> Any:
+    """The value of an ``inbox`` event: one message to an entity (with ``trace``, the W3C trace
+    context of its sender, when tracing is on)."""
+    value = {
         "from": sender,
         "payload": payload,
         "message_type": message_type,
         "timestamp": iso(now),
         "ts": now,
     }
+    if trace is not None:
+        value["trace"] = trace
+    return value
 
 
 def new_token() -> bytes:

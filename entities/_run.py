@@ -39,12 +39,14 @@ from streams import (
     StreamsError,
 )
 
+from . import _tracing as tracing
 from ._calls import call_maybe_async
 from ._context import HandlerContext
 from ._effects import Effects
 from ._errors import LeaseLost, WakeTimeout
 from ._events import encode, event
 from ._host import Host
+from ._metrics import metrics
 from ._pipeline.claim import Claim, Claimer
 from ._pipeline.commit import (
     dead_letter_op,
@@ -63,6 +65,7 @@ from ._wake import WakeEvent
 __all__ = ["GRACE", "SWEEP_SECONDS", "Running", "WakeRunner", "WorkerHost"]
 
 logger = logging.getLogger("entities.worker")
+wake_log = logging.getLogger("entities.wake")
 
 # seconds a cancelled handler has to end (and ``on_stop`` to clean up) before it is given up
 GRACE = 5.0
@@ -203,16 +206,37 @@ class WakeRunner:
             claim.url, inflight, events, wake_events, first_wake=not view.get("manifests")
         )
         timeout = entity_type.wake_timeout or rt.wake_timeout
-        deadline = time.monotonic() + timeout
-        run = Running(claim, anyio.Lock(), anyio.CancelScope(), timeout, deadline, lane=lane)
+        begun = time.monotonic()
+        run = Running(claim, anyio.Lock(), anyio.CancelScope(), timeout, begun + timeout, lane=lane)
         ctx = self._context(claim, entity_type, view, wake, events, journal, self._flush(run))
-        current = run.current = _Wake(claim, entity_type, ctx, wake, view, base, rt.clock.now())
+        now = rt.clock.now()
+        current = run.current = _Wake(claim, entity_type, ctx, wake, view, base, now)
+        if inflight.attempt == 1 and wake.messages and wake.messages[0].timestamp > 0:
+            metrics.wake_started(entity_type.name, now - wake.messages[0].timestamp)
+        if tracing.active():
+            with tracing.span(
+                f"wake {entity_type.name}",
+                {"entities.url": claim.url.url, "entities.wake_id": inflight.wake_id,
+                 "entities.attempt": inflight.attempt},
+                links=[e["value"]["trace"] for e in wake_events if "trace" in e.get("value", ())],
+                kind="consumer",
+            ):  # fmt: skip
+                outcome = await self._run(run, current)
+        else:
+            outcome = await self._run(run, current)
+        if outcome is not None:
+            self._ended(current, outcome, time.monotonic() - begun)
+
+    async def _run(self, run: Running, current: _Wake) -> str | None:
+        """Run the handler of ``current`` and commit its outcome; return the outcome (``None``
+        when it was given up: :meth:`give_up` counted it)."""
+        claim, ctx, wake = run.claim, current.ctx, current.wake
         self.running[claim.url.url] = run
         error: BaseException | None = None
         try:
             with run.scope:
                 try:
-                    await entity_type.invoke(ctx, wake)
+                    await current.entity_type.invoke(ctx, wake)
                 except Exception as exc:  # the handler failed: record it
                     error = exc
         finally:
@@ -222,27 +246,43 @@ class WakeRunner:
             if run.unwatch is not None:
                 run.unwatch()
         if run.abandoned:
-            return  # given up while it ignored its cancellation: the failure is recorded
+            return None  # given up while it ignored its cancellation: the failure is recorded
         if run.reason is not None and run.reason != "timeout":
             await self._cancelled(run, current)
-            return
+            return "cancelled"
         await run.lock.acquire()  # no heartbeat from here on: the final commit is ours
         if run.reason == "timeout":
             error = WakeTimeout(
-                f"the wake ran past its timeout of {timeout:g} s", url=claim.url.url
+                f"the wake ran past its timeout of {run.timeout:g} s", url=claim.url.url
             )
-        await self._conclude(current, error)
+        return await self._conclude(current, error)
 
-    async def _conclude(self, current: _Wake, error: BaseException | None) -> None:
-        """Commit the outcome of a handler run (or, if it cannot be committed, fail it)."""
+    def _ended(self, current: _Wake, outcome: str, seconds: float) -> None:
+        """Count a wake's end and log it (one INFO line per wake, on ``entities.wake``)."""
+        type_ = current.entity_type.name
+        metrics.wake_ended(type_, outcome, seconds)
+        if wake_log.isEnabledFor(logging.INFO):
+            inflight = current.claim.record.inflight
+            attempt = inflight.attempt if inflight is not None else 1
+            url = current.claim.url.url
+            wake_log.info(
+                "wake %s %s attempt %d: %s in %.1f ms",
+                url, type_, attempt, outcome, seconds * 1000,
+                extra={"url": url, "type": type_, "attempt": attempt, "outcome": outcome,
+                       "duration_ms": round(seconds * 1000, 3)},
+            )  # fmt: skip
+
+    async def _conclude(self, current: _Wake, error: BaseException | None) -> str:
+        """Commit the outcome of a handler run (or, if it cannot be committed, fail it); return
+        the outcome."""
         if error is None:
             try:
                 await self._completed(current)
-                return
+                return "completed"
             except _Poison as poison:
                 error = poison.error
                 logger.warning("wake of %s could not be committed: %r", current.claim.url, error)
-        await self._failed(current, error)
+        return await self._failed(current, error)
 
     def sweep(self, watch: Callable[[Running], None]) -> tuple[list[Running], float]:
         """Cancel the handlers past their deadline, and ``watch`` those that have run since the
@@ -278,9 +318,11 @@ class WakeRunner:
             del self.running[url.url]
         if run.reason in (None, "timeout") and run.current is not None:
             message = f"the wake ran past its timeout ({run.timeout:g} s) and ignored it"
+            current = run.current
             with anyio.CancelScope(shield=True):
                 async with run.lock:
-                    await self._failed(run.current, WakeTimeout(message, url=url.url))
+                    outcome = await self._failed(current, WakeTimeout(message, url=url.url))
+            self._ended(current, outcome, run.timeout + GRACE)
         self._give_up(run)
 
     def _flush(self, run: Running) -> Callable[[list[dict[str, Any]]], Awaitable[None]]:
@@ -376,9 +418,10 @@ class WakeRunner:
             sleeping=ctx.sleeping,
         )
 
-    async def _failed(self, current: _Wake, error: BaseException) -> None:
+    async def _failed(self, current: _Wake, error: BaseException) -> str:
         """Record a failed attempt: retried with backoff, or, after ``max_attempts``,
-        dead-lettered with the effects of the type's ``on_error`` hook."""
+        dead-lettered with the effects of the type's ``on_error`` hook. Returns the outcome:
+        ``failed`` (or ``timeout``) or ``dead_lettered``."""
         rt, claim, entity_type = self.rt, current.claim, current.entity_type
         inflight = claim.record.inflight
         assert inflight is not None
@@ -401,8 +444,9 @@ class WakeRunner:
             error,
         )
         if final:
+            metrics.dead_letters.labels(entity_type.name).inc()
             await self._dead_letter(current, error, head)
-            return
+            return "dead_lettered"
         delay = min(rt.retry_max_seconds, rt.retry_base_seconds * 2 ** (inflight.attempt - 1))
         delay *= 0.8 + 0.4 * random.random()
         ops, retry, retry_raw = retry_commit(
@@ -416,6 +460,7 @@ class WakeRunner:
             remembered = None
         self.claimer.remember(claim.url.url, remembered)
         self.claimer.block(claim.url.url, retry.retry_at or now)
+        return "timeout" if isinstance(error, WakeTimeout) else "failed"
 
     async def _dead_letter(self, current: _Wake, error: BaseException, head: list[bytes]) -> None:
         """Give the wake up: record it as a dead letter and acknowledge it, with what the
@@ -501,7 +546,9 @@ class WakeRunner:
         claim.more = commit.more
         for _attempt in range(8):
             try:
+                began = time.perf_counter()
                 results = await rt.store.commit(ops)
+                metrics.wake_commit.observe(time.perf_counter() - began)
                 # the mark was not ours to clear: more arrived while the wake ran
                 cleared = next(r for op, r in zip(ops, results, strict=True) if op is clear)
                 claim.more = claim.more or cleared is False

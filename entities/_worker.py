@@ -113,8 +113,15 @@ class Worker:
         )
         self.runner = WakeRunner(runtime, self.claimer, self._free_lane)
         self.affinity = Affinity(runtime.store, runtime.worker_id)
+        self.alive_at: float | None = None  # when the loop last went round (time.monotonic)
         self._suspects: set[str] = set()  # running entities whose stream changed (a kill?)
         self._suspicion = anyio.Event()
+
+    def alive(self) -> bool:
+        """Whether the loop went round lately (it does at least every ``poll_interval`` while it
+        runs and its store answers)."""
+        limit = max(10.0, 3 * self.poll_interval)
+        return self.alive_at is not None and time.monotonic() - self.alive_at < limit
 
     @property
     def claims(self) -> Any:
@@ -155,6 +162,7 @@ class Worker:
                         await self._idle.wait()
                 tg.cancel_scope.cancel()
         finally:
+            self.alive_at = None
             for remove in removers:
                 remove()
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
@@ -179,6 +187,7 @@ class Worker:
                     await prune(self.rt.store, clock.now())
                 next_blocked = await self._dispatch(tg)
                 failures = 0
+                self.alive_at = time.monotonic()
             except Exception as exc:  # e.g. the database restarts: retry, backing off
                 failures += 1
                 logger.warning("worker loop failed (%s: %s); retrying", type(exc).__name__, exc)

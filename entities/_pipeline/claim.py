@@ -17,6 +17,7 @@ while (leased elsewhere, or waiting to be retried). Which entities a worker trie
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from streams import ConditionFailed, KvCheck, KvPut, Store, StreamGone, StreamNotFound
 
 from .._clock import Clock
+from .._metrics import metrics
 from .._records import ENTITY_NS, PENDING_NS, WAKE_TYPES, EntityRecord, Inflight
 from .._urls import EntityURL, parse_url
 from .load import Loaded, View, load_range, wake_id
@@ -158,6 +160,8 @@ class Claimer:
                 fresh = True
             claim = await self._try(target, raw, token)
             if claim is not _STALE:
+                if stolen and claim is not None:
+                    metrics.affinity_steals.inc()
                 return claim  # type: ignore[return-value]
             self.remember(target.url, None)
             if fresh:
@@ -239,6 +243,7 @@ class Claimer:
             }
         )
         claimed_raw = claimed.dump()
+        began = time.perf_counter()
         try:
             await self.store.commit(
                 [KvCheck(ENTITY_NS, target.url, raw), KvPut(ENTITY_NS, target.url, claimed_raw)]
@@ -246,6 +251,9 @@ class Claimer:
         except ConditionFailed:
             self.counts["lost"] += 1
             return _STALE
+        metrics.claim_commit.observe(time.perf_counter() - began)
+        if record.owner is not None and record.owner != self.worker_id:
+            metrics.expired_steals.inc()  # its worker stopped renewing: crashed or stuck
         self.counts["won"] += 1
         self.remember(target.url, claimed_raw)
         return Claim(target, claimed, claimed_raw, token, loaded)

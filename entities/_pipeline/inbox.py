@@ -17,6 +17,7 @@ from streams import Append, Create, KvPut, Op
 
 from .._events import JSON, event, inbox_value, iso, new_token
 from .._records import ENTITY_NS, PENDING_NS, TAG_NS, EntityRecord
+from .._tracing import carrier
 from .._urls import EntityURL
 
 __all__ = ["Deliveries", "message_event", "send_ops", "spawn_ops", "wake_ops"]
@@ -34,8 +35,8 @@ def wake_ops(target: EntityURL, events: Sequence[bytes], token: bytes | None = N
 def message_event(
     key: str, payload: Any, message_type: str | None, sender: str | None, now: float
 ) -> bytes:
-    """The ``inbox`` event of one message."""
-    return event("inbox", key, inbox_value(payload, message_type, sender, now), now)
+    """The ``inbox`` event of one message (carrying the sender's trace context, if any)."""
+    return event("inbox", key, inbox_value(payload, message_type, sender, now, carrier()), now)
 
 
 def send_ops(

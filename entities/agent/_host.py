@@ -30,6 +30,8 @@ class RunRecord(Protocol):
 class AgentContext(Protocol):
     """What :class:`~entities.agent.Agent` uses of its wake."""
 
+    entity_type: str
+
     @property
     def run_id(self) -> str: ...
 

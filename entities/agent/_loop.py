@@ -17,7 +17,9 @@ from typing import Any
 
 import orjson
 
+from .. import _tracing as tracing
 from .._errors import ModelError
+from .._metrics import metrics
 from ._host import AgentContext
 from ._model import (
     ChatMessage,
@@ -182,14 +184,28 @@ class Agent:
 
         async def call() -> dict[str, Any]:
             started = time.perf_counter()
-            response = await self.client().complete(
-                system=system,
-                messages=messages,
-                tools=specs,
-                temperature=self.config.temperature,
-                max_tokens=self.config.max_tokens,
-                on_text=on_text,
-            )
+            client = self.client()
+            provider = client.name.partition(":")[0]
+            with tracing.span(
+                f"model call {client.name}",
+                {"gen_ai.system": provider, "gen_ai.request.model": client.name,
+                 "entities.step": step},
+            ):  # fmt: skip
+                try:
+                    response = await client.complete(
+                        system=system,
+                        messages=messages,
+                        tools=specs,
+                        temperature=self.config.temperature,
+                        max_tokens=self.config.max_tokens,
+                        on_text=on_text,
+                    )
+                except Exception:
+                    metrics.model_calls.labels(ctx.entity_type, provider, "error").inc()
+                    raise
+            metrics.model_calls.labels(ctx.entity_type, provider, "ok").inc()
+            usage = response.usage
+            metrics.tokens(ctx.entity_type, provider, usage.input_tokens, usage.output_tokens)
             data = response.to_json()
             data["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
             return data
@@ -206,7 +222,11 @@ class Agent:
                 return ToolResult(
                     call.name, call.arguments, error=f"unknown tool {call.name!r} (tools: {known})"
                 ).to_json()
-            return (await tool.call(call.arguments)).to_json()
+            with tracing.span(f"tool call {call.name}", {"entities.step": step}) as span:
+                result = (await tool.call(call.arguments)).to_json()
+                if span is not None and result.get("error"):
+                    span.set_attribute("entities.tool_error", str(result["error"]))
+                return result
 
         result: dict[str, Any] = await self.ctx.step(step, run)
         return result

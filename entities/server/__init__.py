@@ -6,5 +6,6 @@ from __future__ import annotations
 from ._app import ServeOptions as ServeOptions
 from ._app import create_app as create_app
 from ._app import serve as serve
+from ._app import serve_metrics as serve_metrics
 
-__all__ = ["ServeOptions", "create_app", "serve"]
+__all__ = ["ServeOptions", "create_app", "serve", "serve_metrics"]

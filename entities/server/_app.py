@@ -23,11 +23,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from streams.server import ServerSettings
 from streams.server import create_app as create_streams_app
 
+from .. import _tracing as tracing
 from .._runtime import Runtime
+from .._worker import Worker
+from ._ops import PUBLIC_PATHS, ops_routes
 from ._routes import control_routes, error_response
 from ._ui import INDEX_HTML
 
-__all__ = ["ServeOptions", "create_app", "serve"]
+__all__ = ["ServeOptions", "create_app", "serve", "serve_metrics"]
 
 logger = logging.getLogger("entities.server")
 
@@ -77,7 +80,9 @@ class _BearerAuth:
         self.expected = f"Bearer {token}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        public = scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/"
+        public = scope["type"] == "http" and (
+            (scope["method"] == "GET" and scope["path"] == "/") or scope["path"] in PUBLIC_PATHS
+        )
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or public:
             await self.app(scope, receive, send)
             return
@@ -188,14 +193,18 @@ class _EndOnShutdown:
 def create_app(
     runtime: Runtime,
     *,
+    worker: Worker | None = None,
     token: str | None = None,
     max_body_bytes: int = 1024 * 1024,
     max_header_bytes: int = 64 * 1024,
     streams: ServerSettings | None = None,
 ) -> Starlette:
-    """The ASGI app: control plane (``/_entities``), streams (``/v1/stream``), dev UI (``/``).
+    """The ASGI app: control plane (``/_entities``), streams (``/v1/stream``), dev UI (``/``),
+    operations (``/metrics``, ``/healthz``, ``/readyz``: see ``_ops``; ``worker`` is the one
+    this process runs, if any, for the readiness check).
 
-    With ``token`` set, every request must carry ``Authorization: Bearer <token>``. Streams
+    With ``token`` set, every request must carry ``Authorization: Bearer <token>`` (but the
+    health checks). Streams
     are served read-only (writes get ``405 READ_ONLY``). Bodies over ``max_body_bytes`` get
     ``413``, headers (with the request target) over ``max_header_bytes`` get ``431``.
     """
@@ -210,8 +219,18 @@ def create_app(
     if token:
         middleware.append(Middleware(_BearerAuth, token=token))
     middleware.append(Middleware(_EndOnShutdown, closing=closing))
+    otel = tracing.asgi_middleware()
+    if otel is not None:  # a span per request (they are no-ops until a provider is set)
+        # one span per request: not one per message sent or received (an SSE tail sends many)
+        middleware.insert(
+            0,
+            Middleware(
+                otel, exclude_spans=["receive", "send"], tracer_provider=tracing.tracer_provider()
+            ),
+        )
     routes = [
         Route("/", index, methods=["GET"]),
+        *ops_routes(runtime, worker),
         *control_routes(runtime, max_body_bytes=max_body_bytes),
         Mount("/", app=_ReadOnly(streams_app, settings.base_path)),
     ]
@@ -270,8 +289,10 @@ async def serve(
     Raises:
         OSError: the server could not start (e.g. the port is in use).
     """
+    worker = runtime.worker() if options.worker else None
     app = create_app(
         runtime,
+        worker=worker,
         token=options.token,
         max_body_bytes=options.max_body_bytes,
         max_header_bytes=options.max_header_bytes,
@@ -295,13 +316,8 @@ async def serve(
         if threading.current_thread() is threading.main_thread():
             outer.start_soon(_exit_on_signals, server)
         async with anyio.create_task_group() as tg:
-            if options.worker:
-                worker = runtime.worker()
-
-                async def run_worker() -> None:
-                    await worker.run(stop)
-
-                tg.start_soon(run_worker)
+            if worker is not None:
+                tg.start_soon(worker.run, stop)
 
             async def run_server() -> None:
                 try:
@@ -321,5 +337,53 @@ async def serve(
                 if result is not None:
                     await result
         outer.cancel_scope.cancel()
+    if failed:
+        raise OSError(failed[0])
+
+
+async def serve_metrics(
+    runtime: Runtime,
+    worker: Worker | None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 9464,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` alone (for ``entities worker
+    --metrics-port``: a worker without the HTTP API) until cancelled; then stop listening.
+    ``ready`` gets the base URL once listening.
+
+    Raises:
+        OSError: the server could not start (e.g. the port is in use).
+    """
+    app = Starlette(routes=ops_routes(runtime, worker))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    server = _Server(config, lambda: None)
+    ended = anyio.Event()
+    failed: list[str] = []
+
+    async def run() -> None:
+        try:
+            with anyio.CancelScope(shield=True):  # stopped by should_exit, not cancelled
+                await server.serve()
+        except SystemExit:  # uvicorn's answer to a failed startup (it logged why)
+            failed.append(f"cannot serve metrics on {host}:{port}")
+        finally:
+            ended.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        try:
+            while not server.started:  # uvicorn has no "started" event to wait on
+                if ended.is_set():
+                    break
+                await anyio.sleep(0.01)
+            if server.started and ready is not None:
+                ready(f"http://{host}:{_bound_port(server, port)}")
+            await ended.wait()
+        finally:
+            server.should_exit = True  # a clean stop: uvicorn closes its sockets
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await ended.wait()
     if failed:
         raise OSError(failed[0])

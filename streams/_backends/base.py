@@ -388,6 +388,15 @@ class Store(abc.ABC):
             BadOffset: a malformed offset.
         """
 
+    async def schema_versions(self) -> tuple[int, int]:
+        """``(applied, expected)``: the schema version the database holds and the one this code
+        migrates to (equal once the store opened; a newer release may have migrated further).
+        ``(0, 0)`` for a store without a schema.
+
+        Raises whatever the store raises for a failed read.
+        """
+        return 0, 0
+
     @abc.abstractmethod
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
         """Return a side-table value, or ``None``."""

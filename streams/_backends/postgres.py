@@ -42,7 +42,7 @@ from .._offsets import parse_offset
 from ._engine import ReadBuilder, StreamRecord, apply_each, kv_range, read_plan, readable
 from ._group import CommitQueue, Pending
 from ._postgres_batch import ReadBatcher
-from ._postgres_schema import PostgresUrl, advisory_key, migrate, parse_url
+from ._postgres_schema import MIGRATIONS, PostgresUrl, advisory_key, migrate, parse_url, quote_ident
 from ._postgres_sql import (
     COLUMNS,
     GroupLoader,
@@ -579,6 +579,12 @@ class PostgresStore(Store):
                 if not read.add(int(row_position), bytes(data)):
                     break
         return read
+
+    async def schema_versions(self) -> tuple[int, int]:
+        table = f"{quote_ident(self._parsed.schema)}.schema_version"
+        rows = await self._reading(fetch, f"SELECT max(version) FROM {table}")
+        applied = rows[0][0] if rows else None
+        return (0 if applied is None else int(applied)), len(MIGRATIONS)
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
         return await self._kv_gets.get((namespace, key))

@@ -47,6 +47,7 @@ from ._group import CommitQueue, Pending
 from ._sqlite_io import (
     COLUMNS,
     INLINE_READ_LIMIT,
+    SCHEMA,
     InlineReader,
     WriterConnection,
     begin,
@@ -590,6 +591,14 @@ class SqliteStore(Store):
         if renew_ttl and record.ttl_seconds is not None:
             await self.commit([Touch(path)])
         return read.result(record)
+
+    async def schema_versions(self) -> tuple[int, int]:
+        async def read(conn: aiosqlite.Connection) -> int:
+            async with conn.execute("SELECT max(version) FROM schema_version") as cursor:
+                row = await cursor.fetchone()
+            return 0 if row is None or row[0] is None else int(row[0])
+
+        return await _uncancellable(self._reading(read)), len(SCHEMA)
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None:
         if self._inline_reader is not None:
