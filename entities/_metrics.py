@@ -5,19 +5,25 @@ Counters and histograms are this process's own: each process that runs wakes (``
 answers them alike; they are read when scraped (:func:`refresh_pending`), not kept up to date
 on the wake path.
 
-The wake path pays a few label-child lookups (cached per type) and histogram observations:
-see ``benchmarks/wakes.py``.
+The wake path pays a few dictionary lookups and list increments per wake (see ``_Family``);
+``benchmarks/wakes.py`` measures it.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
-from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from streams import Store, StreamsError
@@ -41,105 +47,155 @@ _DURATION_BUCKETS = (
 _COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
-class _Metrics:
-    """The runtime's metrics, with the label children of the wake path cached per type."""
+class _Histogram:
+    """One labelled histogram's buckets (``le`` bounds; the last is ``+Inf``) and sum."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.wakes = Counter(
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class _Family:
+    """A counter or histogram family, kept as plain numbers per label values.
+
+    prometheus-client's own metrics take a lock per update (several per histogram
+    observation); the wake path runs on one event loop thread and updates these instead,
+    several times cheaper, and :class:`_Collector` renders them with prometheus-client's
+    families when scraped.
+    """
+
+    def __init__(
+        self, name: str, doc: str, labels: tuple[str, ...], bounds: tuple[float, ...] | None
+    ) -> None:
+        self.name, self.doc, self.labels, self.bounds = name, doc, labels, bounds
+        self.counters: dict[tuple[str, ...], float] = {}
+        self.histograms: dict[tuple[str, ...], _Histogram] = {}
+
+    def inc(self, values: tuple[str, ...] = (), amount: float = 1) -> None:
+        self.counters[values] = self.counters.get(values, 0) + amount
+
+    def child(self, values: tuple[str, ...] = ()) -> _Histogram:
+        """The histogram of ``values`` (made on first use)."""
+        histogram = self.histograms.get(values)
+        if histogram is None:
+            assert self.bounds is not None
+            histogram = self.histograms[values] = _Histogram(self.bounds)
+        return histogram
+
+    def collect(self) -> Metric:
+        if self.bounds is None:
+            counter = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+            for values, amount in sorted(self.counters.items()):
+                counter.add_metric(list(values), amount)
+            return counter
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for values, histogram in sorted(self.histograms.items()):
+            running, buckets = 0, []
+            for bound, count in zip((*self.bounds, math.inf), histogram.counts, strict=True):
+                running += count
+                buckets.append(("+Inf" if math.isinf(bound) else repr(float(bound)), running))
+            family.add_metric(list(values), buckets, histogram.sum)
+        return family
+
+
+class _Metrics(Collector):
+    """The runtime's metrics (see the module docstring)."""
+
+    def __init__(self) -> None:
+        def counter(name: str, doc: str, *labels: str) -> _Family:
+            return _Family(name, doc, labels, None)
+
+        def histogram(name: str, doc: str, bounds: tuple[float, ...], *labels: str) -> _Family:
+            return _Family(name, doc, labels, bounds)
+
+        self.wakes = counter(
             "entities_wakes",
             "Wakes run to an end, by entity type and outcome (completed, failed, timeout, "
             "dead_lettered, cancelled).",
-            ["type", "outcome"],
-            registry=registry,
-        )
-        self.wake_duration = Histogram(
+            "type", "outcome",
+        )  # fmt: skip
+        self.wake_duration = histogram(
             "entities_wake_duration_seconds",
             "How long a wake took, from its start to its commit (handler and commit).",
-            ["type"],
-            buckets=_DURATION_BUCKETS,
-            registry=registry,
+            _DURATION_BUCKETS,
+            "type",
         )
-        self.send_to_start = Histogram(
+        self.send_to_start = histogram(
             "entities_send_to_start_seconds",
             "From a message's arrival in the inbox to the start of the wake that takes it "
             "(the oldest message of a wake; first attempts only).",
-            ["type"],
-            buckets=_DURATION_BUCKETS,
-            registry=registry,
+            _DURATION_BUCKETS,
+            "type",
         )
-        self.dead_letters = Counter(
-            "entities_dead_letters",
-            "Wakes given up after their last attempt, by entity type.",
-            ["type"],
-            registry=registry,
+        self.dead_letters = counter(
+            "entities_dead_letters", "Wakes given up after their last attempt, by type.", "type"
         )
-        self.timer_lateness = Histogram(
+        self.timer_lateness = histogram(
             "entities_timer_lateness_seconds",
-            "How late timers (sleeps, schedules, timeouts) fired past their due time.",
-            buckets=_DURATION_BUCKETS,
-            registry=registry,
+            "How late timers (delayed sends, schedules, timeouts) fired past their due time.",
+            _DURATION_BUCKETS,
         )
-        self.lease_steals = Counter(
+        self.lease_steals = counter(
             "entities_lease_steals",
             "Leases this process took over: ``expired`` (the holder stopped renewing it: it "
             "crashed or hung) or ``affinity`` (work stolen from a busy live worker).",
-            ["reason"],
-            registry=registry,
+            "reason",
         )
-        self.store_commit = Histogram(
+        self.store_commit = histogram(
             "entities_store_commit_seconds",
             "Latency of the store transactions of the wake path: claim, commit.",
-            ["op"],
-            buckets=_COMMIT_BUCKETS,
-            registry=registry,
+            _COMMIT_BUCKETS,
+            "op",
         )
-        self.model_tokens = Counter(
+        self.model_tokens = counter(
             "entities_model_tokens",
             "Model tokens used by agent runs, by entity type, provider and direction.",
-            ["type", "provider", "direction"],
-            registry=registry,
-        )
-        self.model_calls = Counter(
+            "type", "provider", "direction",
+        )  # fmt: skip
+        self.model_calls = counter(
             "entities_model_calls",
             "Model calls made by agent runs, by entity type, provider and outcome.",
-            ["type", "provider", "outcome"],
-            registry=registry,
-        )
-        self._ends: dict[tuple[str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
-        self._waits: dict[str, Any] = {}
-        self.expired_steals = self.lease_steals.labels("expired")
-        self.affinity_steals = self.lease_steals.labels("affinity")
-        self.claim_commit = self.store_commit.labels("claim")
-        self.wake_commit = self.store_commit.labels("commit")
+            "type", "provider", "outcome",
+        )  # fmt: skip
+        self.families = [
+            self.wakes, self.wake_duration, self.send_to_start, self.dead_letters,
+            self.timer_lateness, self.lease_steals, self.store_commit, self.model_tokens,
+            self.model_calls,
+        ]  # fmt: skip
+        self.claim_commit = self.store_commit.child(("claim",))
+        self.wake_commit = self.store_commit.child(("commit",))
+        self.lateness = self.timer_lateness.child()
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.collect()
 
     def wake_ended(self, type_: str, outcome: str, seconds: float) -> None:
         """Count a wake of ``type_`` that ended with ``outcome`` after ``seconds``."""
-        counter = self._ends.get((type_, outcome))
-        if counter is None:
-            counter = self._ends[type_, outcome] = self.wakes.labels(type_, outcome)
-        counter.inc()
-        histogram = self._durations.get(type_)
-        if histogram is None:
-            histogram = self._durations[type_] = self.wake_duration.labels(type_)
-        histogram.observe(seconds)
+        self.wakes.inc((type_, outcome))
+        self.wake_duration.child((type_,)).observe(seconds)
 
     def wake_started(self, type_: str, waited: float) -> None:
         """Observe the ``waited`` seconds of a wake's oldest message before its start."""
-        histogram = self._waits.get(type_)
-        if histogram is None:
-            histogram = self._waits[type_] = self.send_to_start.labels(type_)
-        histogram.observe(max(0.0, waited))
+        self.send_to_start.child((type_,)).observe(max(0.0, waited))
 
     def tokens(self, type_: str, provider: str, input: int, output: int) -> None:
         """Count the tokens of one model call."""
         if input:
-            self.model_tokens.labels(type_, provider, "input").inc(input)
+            self.model_tokens.inc((type_, provider, "input"), input)
         if output:
-            self.model_tokens.labels(type_, provider, "output").inc(output)
+            self.model_tokens.inc((type_, provider, "output"), output)
 
 
-metrics = _Metrics(REGISTRY)
+metrics = _Metrics()
+REGISTRY.register(metrics)
 
 
 class _Pending(Collector):

@@ -444,7 +444,7 @@ class WakeRunner:
             error,
         )
         if final:
-            metrics.dead_letters.labels(entity_type.name).inc()
+            metrics.dead_letters.inc((entity_type.name,))
             await self._dead_letter(current, error, head)
             return "dead_lettered"
         delay = min(rt.retry_max_seconds, rt.retry_base_seconds * 2 ** (inflight.attempt - 1))

@@ -12,6 +12,7 @@ path makes no span objects at all.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -34,11 +35,21 @@ if trace is not None:
     _NO_PROVIDER = (ProxyTracerProvider, trace.NoOpTracerProvider)
 
 
+_global = [False, -1.0]  # whether a global provider is set, and when that was looked up
+
+
 def active() -> bool:
-    """Whether spans are recorded: the extra is installed and a tracer provider is set."""
-    return trace is not None and (
-        _override is not None or not isinstance(trace.get_tracer_provider(), _NO_PROVIDER)
-    )
+    """Whether spans are recorded: the extra is installed and a tracer provider is set (a
+    global provider set while running is noticed within a second: the lookup reads the
+    environment, too slow for every wake)."""
+    if trace is None:
+        return False
+    if _override is not None:
+        return True
+    now = time.monotonic()
+    if now - _global[1] > 1.0:
+        _global[:] = [not isinstance(trace.get_tracer_provider(), _NO_PROVIDER), now]
+    return bool(_global[0])
 
 
 def tracer_provider() -> Any:

@@ -161,7 +161,7 @@ class Claimer:
             claim = await self._try(target, raw, token)
             if claim is not _STALE:
                 if stolen and claim is not None:
-                    metrics.affinity_steals.inc()
+                    metrics.lease_steals.inc(("affinity",))
                 return claim  # type: ignore[return-value]
             self.remember(target.url, None)
             if fresh:
@@ -253,7 +253,7 @@ class Claimer:
             return _STALE
         metrics.claim_commit.observe(time.perf_counter() - began)
         if record.owner is not None and record.owner != self.worker_id:
-            metrics.expired_steals.inc()  # its worker stopped renewing: crashed or stuck
+            metrics.lease_steals.inc(("expired",))  # its worker stopped renewing: crashed or stuck
         self.counts["won"] += 1
         self.remember(target.url, claimed_raw)
         return Claim(target, claimed, claimed_raw, token, loaded)

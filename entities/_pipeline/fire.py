@@ -218,7 +218,7 @@ def _deliver_send(out: Deliveries, timer: Mapping[str, Any], urls: _Urls, now: f
     value["schedule_id"] = schedule_id  # the message says which schedule it came from
     value["due"] = timer["due"]
     late_ms = round(max(0.0, now - timer["due"]) * 1000, 3)
-    metrics.timer_lateness.observe(late_ms / 1000)
+    metrics.lateness.observe(late_ms / 1000)
     entry = sent_entry(timer, now, late_ms)
     out.wake(target, [event("inbox", schedule_id.removeprefix("send:"), value, now)])
     out.append(owner.stream, [event("manifests", schedule_id, entry, now, "update")])
@@ -272,7 +272,7 @@ def _timer_ops(key: str, raw: bytes, now: float, out: Deliveries, urls: _Urls) -
         KvPut(TIMER_NS, key, None),
     ]
     late_ms = round(max(0.0, now - timer.due) * 1000, 3)
-    metrics.timer_lateness.observe(late_ms / 1000)
+    metrics.lateness.observe(late_ms / 1000)
     if timer.kind in ("debounce", "timeout"):
         return [*checks, *_observation(timer, owner, index, late_ms, now, out)]
     return [*checks, *_cron_tick(timer, owner, late_ms, now, out)]

@@ -201,9 +201,9 @@ class Agent:
                         on_text=on_text,
                     )
                 except Exception:
-                    metrics.model_calls.labels(ctx.entity_type, provider, "error").inc()
+                    metrics.model_calls.inc((ctx.entity_type, provider, "error"))
                     raise
-            metrics.model_calls.labels(ctx.entity_type, provider, "ok").inc()
+            metrics.model_calls.inc((ctx.entity_type, provider, "ok"))
             usage = response.usage
             metrics.tokens(ctx.entity_type, provider, usage.input_tokens, usage.output_tokens)
             data = response.to_json()
