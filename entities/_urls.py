@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import NamedTuple
 
 from ._errors import InvalidEntityURL
 
@@ -12,19 +12,35 @@ __all__ = ["EntityURL", "parse_url"]
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
 
 
-class EntityURL(NamedTuple):
-    """A parsed entity URL."""
+class EntityURL:
+    """A parsed entity URL: ``type``, ``id``, and the ``url`` (``/type/id``) and ``stream``
+    (``type/id/main``) they make, computed once (they are read many times per wake)."""
+
+    __slots__ = ("id", "stream", "type", "url")
 
     type: str
     id: str
+    url: str
+    stream: str
 
-    @property
-    def url(self) -> str:
-        return f"/{self.type}/{self.id}"
+    def __init__(self, type: str, id: str) -> None:
+        set_ = object.__setattr__
+        set_(self, "type", type)
+        set_(self, "id", id)
+        set_(self, "url", f"/{type}/{id}")
+        set_(self, "stream", f"{type}/{id}/main")
 
-    @property
-    def stream(self) -> str:
-        return f"{self.type}/{self.id}/main"
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"EntityURL is immutable (cannot set {name!r})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EntityURL) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __repr__(self) -> str:
+        return f"EntityURL(type={self.type!r}, id={self.id!r})"
 
     def __str__(self) -> str:
         return self.url
@@ -43,8 +59,10 @@ def check_segment(value: str, what: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=16384)
 def parse_url(url: str) -> EntityURL:
-    """Parse ``/type/id`` (a leading slash is optional).
+    """Parse ``/type/id`` (a leading slash is optional). Results are cached (a wake parses the
+    same few URLs several times); an :class:`EntityURL` is immutable.
 
     Raises:
         InvalidEntityURL: the URL is not two valid segments.

@@ -148,7 +148,10 @@ async def test_health_is_open_and_ready_checks_store_schema_and_worker(tmp_path:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(worker.run, stop)
                 with anyio.fail_after(10):
-                    while (ready := await client.get("/readyz")).status_code != 200:
+                    while True:
+                        ready = await client.get("/readyz")
+                        if ready.status_code == 200:
+                            break
                         await anyio.sleep(0.05)
                 assert ready.json() == {
                     "status": "ready",
@@ -275,10 +278,14 @@ async def test_serve_metrics_alone_for_a_worker_without_http(tmp_path: Path) -> 
             tg.start_soon(partial(serve_metrics, rt, worker, port=0, ready=urls.append))
             await rt.spawn("/ops-ok/w", initial_message="hi")
             with anyio.fail_after(10):
-                while not urls:
+                while True:
+                    if urls:
+                        break
                     await anyio.sleep(0.01)
                 async with httpx2.AsyncClient(base_url=urls[0]) as client:
-                    while (await client.get("/readyz")).status_code != 200:
+                    while True:
+                        if (await client.get("/readyz")).status_code == 200:
+                            break
                         await anyio.sleep(0.05)
                     text = (await client.get("/metrics")).text
                     assert "entities_wakes_total" in text

@@ -7,6 +7,7 @@ hypothesis and pytest-asyncio never share a loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from streams import (
     format_offset,
     parse_offset,
 )
+from streams._backends._engine import StreamRecord
 from tests._stores import BACKENDS, drop_store, make_store_url
 
 PROPERTY_SETTINGS = settings(
@@ -315,3 +317,23 @@ def test_idempotent_producers_match_the_model(
                 assert messages[position(model.offset) - 1].data == model.batches[-1][-1]
 
     run_with_store(backend, body)
+
+
+def test_stream_record_copy_carries_every_field() -> None:
+    # a field added to StreamRecord but not to copy() would silently reset on every commit
+    values: dict[str, object] = {}
+    for number, spec in enumerate(dataclasses.fields(StreamRecord)):
+        if spec.type in ("int", "int | None"):
+            values[spec.name] = 100 + number
+        elif spec.type in ("float", "float | None"):
+            values[spec.name] = 0.5 + number
+        elif spec.type == "bool":
+            values[spec.name] = True
+        elif spec.type == "tuple[str, int, int] | None":
+            values[spec.name] = ("producer", 1, 2)
+        else:
+            values[spec.name] = f"value-{number}"
+    record = StreamRecord(**values)  # type: ignore[arg-type]
+    copied = record.copy()
+    assert copied == record and copied is not record
+    assert {f.name: getattr(copied, f.name) for f in dataclasses.fields(StreamRecord)} == values
