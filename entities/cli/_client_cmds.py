@@ -116,8 +116,8 @@ def send(
 ) -> None:
     """Send MESSAGE to URL (text, sent as {"text": ...}, unless --json).
 
-    Prints the receipt; with --wait, the replies (--output json: one object {key, replies,
-    status, error})."""
+    Prints the receipt; with --wait, the replies (--output json: one object {url, key,
+    replies, status, error})."""
     client = Client(server, token, timeout=max(30.0, wait_s + 10))
     receipt = client.request(
         "POST",

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import click
+from click.core import ParameterSource
 
 from streams import BackendUnavailable, Store, open_store
 
@@ -103,8 +104,10 @@ def check_db_url(url: str, name: str = "--db") -> str:
 
 
 def _check_db_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    name = "ENTITIES_DB" if value == os.environ.get("ENTITIES_DB") else "--db"
-    return check_db_url(value, name)
+    from_env = (
+        ctx.get_parameter_source("db") is ParameterSource.DEFAULT and "ENTITIES_DB" in os.environ
+    )
+    return check_db_url(value, "ENTITIES_DB" if from_env else "--db")
 
 
 db_option = click.option(

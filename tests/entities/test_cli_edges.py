@@ -21,8 +21,9 @@ from click.testing import CliRunner, Result
 
 from entities.cli import _server_cmds as server_cmds
 from entities.cli import cli
-from entities.cli._db import FORMS
+from entities.cli._db import FORMS, sqlite_file
 from entities.cli._logs import OURS, UVICORN, JsonFormatter, adopt_uvicorn_loggers
+from streams._backends.sqlite import sqlite_path
 from tests import _postgres
 
 from ._support import REPO, EntitiesProcess, cli_env, entities_command, free_port
@@ -85,6 +86,13 @@ def test_the_db_from_the_environment_is_named_so(tmp_path: Path) -> None:
     result = invoke("replay", "/counter/c1", env={"ENTITIES_DB": "demo.db"})
     assert result.exit_code == 2
     assert one_line(result).startswith("error: ENTITIES_DB 'demo.db' is not a store URL; use ")
+    given = invoke("replay", "/counter/c1", "--db", "x.db", env={"ENTITIES_DB": "x.db"})
+    assert one_line(given).startswith("error: --db 'x.db' is not a store URL")
+
+
+def test_the_cli_reads_sqlite_paths_as_the_store_does() -> None:
+    for url in ["sqlite:///x.db", "sqlite:////tmp/x.db", "sqlite://x.db", "sqlite:///a/b.db?x=1"]:
+        assert sqlite_file(url) == sqlite_path(url), url
 
 
 def test_a_sqlite_url_without_a_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
