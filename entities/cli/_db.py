@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_DB",
     "FORMS",
     "DbProblem",
+    "Problem",
     "UsageProblem",
     "check_db_url",
     "db_option",
@@ -43,20 +44,21 @@ FORMS = "sqlite:///path/to/file.db, postgresql://user@host/db or memory://"
 SCHEMES = {"sqlite", "postgres", "postgresql", "memory"}
 
 
-class UsageProblem(click.ClickException):
-    """A mistake in the command line, told in one line (``error: ...``); exit status 2."""
+class Problem(click.ClickException):
+    """Why a command cannot go on, told in one line (``error: ...``); exit status 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class UsageProblem(Problem):
+    """A mistake in the command line, told in one line; exit status 2."""
 
     exit_code = 2
 
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
 
-
-class DbProblem(click.ClickException):
-    """A store that cannot be opened, told in one line (``error: ...``); exit status 1."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+class DbProblem(Problem):
+    """A store that cannot be opened; exit status 1."""
 
 
 def redact(url: str) -> str:

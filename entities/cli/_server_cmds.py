@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -33,7 +34,7 @@ from ._common import (
     report,
     wake_timeout_option,
 )
-from ._db import db_option, open_db, probe_postgres, redact, require_db
+from ._db import Problem, db_option, open_db, probe_postgres, redact, require_db
 from ._logs import adopt_uvicorn_loggers, json_logs
 
 __all__ = ["replay", "run", "serve", "worker"]
@@ -42,6 +43,26 @@ logger = logging.getLogger("entities.cli")
 
 # how long ``serve`` and ``worker`` wait for a PostgreSQL that does not answer yet
 DB_WAIT_SECONDS = 15.0
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail in one line when ``host:port`` cannot be listened on (in use, not an address of
+    this machine), before the store is opened and uvicorn logs it its own way.
+
+    Raises:
+        Problem: it cannot.
+    """
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise Problem(f"cannot serve on {host}:{port} ({reason.lower()})") from None
 
 
 def _announce(lines: list[str], message: str, **fields: Any) -> None:
@@ -96,6 +117,7 @@ def serve(
 
     A PostgreSQL --db that does not answer yet is waited for, up to 15 s."""
     registry = load_registry(app)
+    _check_port(host, port)
     probe_postgres(db, wait=DB_WAIT_SECONDS)
     settings = ServerSettings(long_poll_timeout_s=long_poll_ms / 1000, sse_max_duration_s=sse_max_s)
     options = ServeOptions(

@@ -374,10 +374,12 @@ def test_token_protected_server(tmp_path: Path) -> None:
 
 def test_serve_on_a_port_in_use_fails_cleanly(server: Server, tmp_path: Path) -> None:
     port = server.url.rsplit(":", 1)[1]
-    message = fails(
-        "serve", "examples.all:registry", "--db", f"sqlite:///{tmp_path / 'p.db'}", "--port", port
-    )
-    assert f"cannot serve on 127.0.0.1:{port}" in message
+    args = ["serve", "examples.all:registry", "--db", f"sqlite:///{tmp_path / 'p.db'}"]
+    for log_format in ("text", "json"):
+        result = entities("--log-format", log_format, *args, "--port", port)
+        assert result.code == 1 and result.out == "", result
+        assert result.err == f"error: cannot serve on 127.0.0.1:{port} (address already in use)\n"
+    assert not (tmp_path / "p.db").exists()  # said before the store was opened
 
 
 def test_serve_on_port_zero_reports_the_real_port(tmp_path: Path) -> None:
