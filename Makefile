@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 run: install
-	@echo "Serving the example entities (counter, chat, fanout, assistant) on http://127.0.0.1:4437; try, in another shell:"
-	@echo "  .venv/bin/entities send /counter/c1 '{\"add\": 2}' --json --wait 5   (after: .venv/bin/entities spawn /counter/c1)"
-	@echo "  .venv/bin/entities run examples/chat.py:registry /chat/c1 'hello' --db sqlite:///.entities/entities.db"
+	@echo "Serving the example entities (counter, chat, fanout, assistant, cli) on http://127.0.0.1:4437 (console: /ui/); try, in another shell:"
+	@echo "  .venv/bin/entities spawn /counter/c1"
+	@echo "  .venv/bin/entities send /counter/c1 '{\"add\": 2}' --json --wait 5    (--json: the message is JSON; prints the reply, 2)"
+	@echo "  .venv/bin/entities inspect /counter/c1"
+	@echo "  .venv/bin/entities run examples/chat.py:registry /chat/c1 'hello'    (same database: it shows up here too)"
 	$(BIN)/entities serve examples.all:registry --db sqlite:///.entities/entities.db
 
 serve-streams: install

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from entities import Registry
-from examples import assistant, chat, counter, fanout
+from examples import assistant, chat, cli_agent, counter, fanout
 
 registry = Registry()
-for _module in (counter, chat, fanout, assistant):
+for _module in (counter, chat, fanout, assistant, cli_agent):
     for _type in _module.registry.list():
         registry.add(_type)

@@ -5,8 +5,8 @@ With ``ENTITIES_MODEL`` unset it uses a scripted test model: asked "what is 2+3"
 (or ``openai:gpt-4.1-mini``) and the provider's API key in the environment it uses the real
 provider through its official SDK.
 
-    entities run examples/assistant.py:registry /assistant/a1 "what is 2+3" --db sqlite:///demo.db
-    entities replay /assistant/a1 --db sqlite:///demo.db
+    entities run examples/assistant.py:registry /assistant/a1 "what is 2+3"
+    entities replay /assistant/a1
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ program) runs once per message. Its partials stream into the entity's ``text_del
 the terminal), its reply is the entity's reply, and its session id is kept in the entity's
 state and handed back on the next message. ``fail`` shows an agent error.
 
-    entities run examples/cli_agent.py:registry /cli/c1 "hello" --db sqlite:///demo.db
-    entities run examples/cli_agent.py:registry /cli/c1 "again" --db sqlite:///demo.db
+    entities run examples/cli_agent.py:registry /cli/c1 "hello"
+    entities run examples/cli_agent.py:registry /cli/c1 "again"
 """
 
 from __future__ import annotations

@@ -20,16 +20,20 @@ class RequestRefused(click.ClickException):
     exit_code = 2
 
 
+TOKEN_HINT = "pass --token TOKEN or set ENTITIES_TOKEN (the token `entities serve --token` uses)"
+
+
 # how long a request with an idempotency key is retried while the server cannot be reached
 RETRY_SECONDS = 30.0
 
 
 class Client:
-    """Talks to ``entities serve`` at ``base_url`` (bearer token from ``ENTITIES_TOKEN``)."""
+    """Talks to ``entities serve`` at ``base_url`` (bearer ``token``, else ``ENTITIES_TOKEN``)."""
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
-        token = token or os.environ.get("ENTITIES_TOKEN")
+        token = token or os.environ.get("ENTITIES_TOKEN") or None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.token_sent = bool(token)
         self.base_url = base_url.rstrip("/")
         self.http = httpx2.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
@@ -67,13 +71,26 @@ class Client:
                     raise self._unreachable(exc) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        if 400 <= response.status_code < 500:  # the request's fault: a usage error (exit 2)
-            raise RequestRefused(_error_message(response))
-        if response.status_code >= 500:
-            raise click.ClickException(_error_message(response))
+        if response.status_code >= 400:
+            raise self._refused(response)
         if not response.content:
             return None
         return response.json()
+
+    def _refused(self, response: httpx2.Response) -> click.ClickException:
+        """The error for an error answer: a 4xx is the request's fault, a usage error (exit
+        status 2); a 5xx is the server's (exit status 1)."""
+        if response.status_code < 500:
+            return RequestRefused(self._error(response))
+        return click.ClickException(self._error(response))
+
+    def _error(self, response: httpx2.Response) -> str:
+        """What an error answer says; a ``401`` says how to give the token."""
+        if response.status_code == 401:
+            if self.token_sent:
+                return f"UNAUTHORIZED: the server refused the token given; {TOKEN_HINT}"
+            return f"UNAUTHORIZED: the server requires a bearer token; {TOKEN_HINT}"
+        return _error_message(response)
 
     def _unreachable(self, exc: Exception) -> click.ClickException:
         return click.ClickException(
@@ -91,7 +108,7 @@ class Client:
                 except httpx2.TransportError as exc:
                     raise self._unreachable(exc) from None
                 if response.status_code >= 400:
-                    raise click.ClickException(_error_message(response))
+                    raise self._refused(response)
                 offset = response.headers.get("stream-next-offset", offset)
                 for item in response.json():
                     yield item, offset
@@ -128,7 +145,7 @@ class Client:
                     raise _Reconnect(offset, served=False)
                 if response.status_code >= 400:
                     response.read()
-                    raise click.ClickException(_error_message(response))
+                    raise self._refused(response)
                 connected = True
                 kind = ""
                 data: list[str] = []

@@ -161,7 +161,7 @@ def test_workers_lists_the_servers_own_worker(server: Server) -> None:
     deadline = time.monotonic() + 10
     listed: list[Any] = []
     while not listed and time.monotonic() < deadline:  # it announces itself as it starts
-        listed = orjson.loads(ok(*server.args("workers", "--json")))
+        listed = orjson.loads(ok(*server.args("workers", "-o", "json")))
         time.sleep(0.05)
     assert [(w["pid"], w["live"]) for w in listed] == [(server.process.pid, True)]
     assert listed[0]["expires"] > time.time()
@@ -177,7 +177,7 @@ def test_types(server: Server) -> None:
     assert {"chat", "counter"} <= expected
     lines = ok(*server.args("types")).splitlines()
     assert {line.split()[0] for line in lines} == expected
-    described = orjson.loads(ok(*server.args("types", "--json")))
+    described = orjson.loads(ok(*server.args("types", "-o", "json")))
     assert {t["name"] for t in described} == expected
 
 
@@ -188,11 +188,13 @@ def test_spawn_send_wait_ps_inspect_view_kill(server: Server) -> None:
     assert "DUPLICATE_URL" in fails(*server.args("spawn", "/counter/k1"))
     assert ok(*server.args("send", "/counter/k1", '{"add": 3}', "--json", "--wait", "10")) == "3\n"
     assert ok(*server.args("send", "/counter/k1", '{"add": 4}', "--json", "--wait", "10")) == "7\n"
-    receipt = orjson.loads(ok(*server.args("send", "/counter/k1", '{"add": 1}', "--json")))
+    receipt = orjson.loads(
+        ok(*server.args("send", "/counter/k1", '{"add": 1}', "--json", "-o", "json"))
+    )
     assert receipt["url"] == "/counter/k1" and receipt["key"]
 
     def total() -> Any:
-        inspected = orjson.loads(ok(*server.args("inspect", "/counter/k1")))
+        inspected = orjson.loads(ok(*server.args("inspect", "/counter/k1", "-o", "json")))
         assert inspected["url"] == "/counter/k1"
         assert inspected["tags"] == {"team": "red"}
         return inspected["state"]["totals"]["total"]["value"]
@@ -203,15 +205,15 @@ def test_spawn_send_wait_ps_inspect_view_kill(server: Server) -> None:
     ).strip() in ("18",)
     assert total() == 18
 
-    listed = orjson.loads(ok(*server.args("ps", "--json")))
+    listed = orjson.loads(ok(*server.args("ps", "-o", "json")))
     assert "/counter/k1" in {item["url"] for item in listed}
-    by_tag = orjson.loads(ok(*server.args("ps", "--json", "--tag", "team=red")))
+    by_tag = orjson.loads(ok(*server.args("ps", "-o", "json", "--tag", "team=red")))
     assert [item["url"] for item in by_tag] == ["/counter/k1"]
     table = ok(*server.args("ps", "--type", "counter"))
     assert table.splitlines()[0].startswith("URL")
     assert any(line.startswith("/counter/k1") for line in table.splitlines()[1:])
 
-    viewed = ok(*server.args("view", "/counter/k1", "--json"))
+    viewed = ok(*server.args("view", "/counter/k1", "-o", "json"))
     events = [orjson.loads(line) for line in viewed.splitlines()]
     assert events[0]["type"] == "entity_created"
     payloads = [e["value"]["payload"] for e in events if e["type"] == "inbox"]
@@ -221,7 +223,7 @@ def test_spawn_send_wait_ps_inspect_view_kill(server: Server) -> None:
 
     assert ok(*server.args("kill", "/counter/k1")).strip() == "/counter/k1 stopped"
     assert "ENTITY_STOPPED" in fails(*server.args("send", "/counter/k1", '{"add": 1}', "--json"))
-    stopped = orjson.loads(ok(*server.args("ps", "--json", "--status", "stopped")))
+    stopped = orjson.loads(ok(*server.args("ps", "-o", "json", "--status", "stopped")))
     assert "/counter/k1" in {item["url"] for item in stopped}
     assert total() == 18
 
@@ -235,7 +237,7 @@ def test_chat_over_the_server(server: Server) -> None:
 
 
 def test_client_bad_inputs(server: Server) -> None:
-    before = ok(*server.args("ps", "--json"))
+    before = ok(*server.args("ps", "-o", "json"))
     assert "UNKNOWN_ENTITY_TYPE" in fails(*server.args("spawn", "/nosuch/x"))
     assert "UNKNOWN_ENTITY_TYPE" in fails(*server.args("send", "/nosuch/x", "hi"))
     assert "ENTITY_NOT_FOUND" in fails(
@@ -251,7 +253,7 @@ def test_client_bad_inputs(server: Server) -> None:
     assert "SCHEMA_VALIDATION_FAILED" in fails(
         *server.args("send", "/counter/k2", '{"add": "x"}', "--json")
     )
-    after = orjson.loads(ok(*server.args("ps", "--json")))
+    after = orjson.loads(ok(*server.args("ps", "-o", "json")))
     assert {i["url"] for i in after} == {i["url"] for i in orjson.loads(before)} | {"/counter/k2"}
 
 
@@ -304,7 +306,7 @@ def test_observe_tails_live_and_survives_a_server_restart(tmp_path: Path) -> Non
     url = f"http://127.0.0.1:{port}"
     ok("spawn", "/counter/o1", "--server", url)
     observer = subprocess.Popen(
-        [*entities_command(), "observe", "/counter/o1", "--json", "--server", url],
+        [*entities_command(), "observe", "/counter/o1", "-o", "json", "--server", url],
         cwd=REPO,
         env=cli_env(),
         stdout=subprocess.PIPE,
@@ -344,26 +346,40 @@ def test_token_protected_server(tmp_path: Path) -> None:
     process.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        assert "UNAUTHORIZED" in fails("spawn", "/counter/a", "--server", url)
-        wrong = {"ENTITIES_TOKEN": "nope"}
-        assert "UNAUTHORIZED" in fails("spawn", "/counter/a", "--server", url, env=wrong)
+        hint = "pass --token TOKEN or set ENTITIES_TOKEN"
+        for args in (["spawn", "/counter/a"], ["ps"], ["view", "/counter/a"]):
+            refused = entities(*args, "--server", url)
+            assert refused.code == 2, refused  # refused: a usage error
+            assert refused.err.strip() == (
+                f"Error: UNAUTHORIZED: the server requires a bearer token; {hint} "
+                "(the token `entities serve --token` uses)"
+            )
+        wrong = entities("spawn", "/counter/a", "--server", url, "--token", "nope")
+        assert wrong.code == 2 and "refused the token given" in wrong.err and hint in wrong.err
+        env_wrong = fails("spawn", "/counter/a", "--server", url, env={"ENTITIES_TOKEN": "nope"})
+        assert "refused the token given" in env_wrong
         right = {"ENTITIES_TOKEN": "tok3n"}
-        assert orjson.loads(ok("ps", "--json", "--server", url, env=right)) == []
-        ok("spawn", "/counter/a", "--server", url, env=right)
+        assert orjson.loads(ok("ps", "-o", "json", "--server", url, env=right)) == []
+        ok("spawn", "/counter/a", "--server", url, "--token", "tok3n")
         answer = ok(
             "send", "/counter/a", '{"add": 2}', "--json", "--wait", "10", "--server", url, env=right
         )
         assert answer.strip() == "2"
+        flag = ("--server", url, "--token", "tok3n")
+        assert ok("send", "/counter/a", '{"add": 1}', "--json", "--wait", "10", *flag) == "3\n"
+        assert ok("inspect", "/counter/a", *flag).startswith("/counter/a  (counter)")
     finally:
         process.stop()
 
 
 def test_serve_on_a_port_in_use_fails_cleanly(server: Server, tmp_path: Path) -> None:
     port = server.url.rsplit(":", 1)[1]
-    message = fails(
-        "serve", "examples.all:registry", "--db", f"sqlite:///{tmp_path / 'p.db'}", "--port", port
-    )
-    assert f"cannot serve on 127.0.0.1:{port}" in message
+    args = ["serve", "examples.all:registry", "--db", f"sqlite:///{tmp_path / 'p.db'}"]
+    for log_format in ("text", "json"):
+        result = entities("--log-format", log_format, *args, "--port", port)
+        assert result.code == 1 and result.out == "", result
+        assert result.err == f"error: cannot serve on 127.0.0.1:{port} (address already in use)\n"
+    assert not (tmp_path / "p.db").exists()  # said before the store was opened
 
 
 def test_serve_on_port_zero_reports_the_real_port(tmp_path: Path) -> None:
@@ -383,7 +399,7 @@ def test_serve_on_port_zero_reports_the_real_port(tmp_path: Path) -> None:
         assert first.startswith("entities: serving http://127.0.0.1:"), first
         url = first.split()[2]
         assert not url.endswith(":0")
-        assert orjson.loads(ok("ps", "--json", "--server", url)) == []
+        assert orjson.loads(ok("ps", "-o", "json", "--server", url)) == []
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
@@ -409,7 +425,8 @@ def test_view_pages_through_a_long_stream(server: Server) -> None:
                 break
     assert len(events) > 1000  # more than one page of the streams server
     viewed = [
-        orjson.loads(line) for line in ok(*server.args("view", "/chat/long", "--json")).splitlines()
+        orjson.loads(line)
+        for line in ok(*server.args("view", "/chat/long", "-o", "json")).splitlines()
     ]
     assert viewed == events
 
@@ -440,7 +457,7 @@ def test_send_wait_tells_the_truth_and_dead_letters_can_be_retried(server: Serve
     refused = entities(*server.args("send", "/chat/nobody", "hi", "--wait", "1"))
     assert refused.code == 2 and "ENTITY_NOT_FOUND" in refused.err, refused  # a usage error
     assert "/chat/dl" in ok(*server.args("ps", "--status", "failed"))
-    [letter] = orjson.loads(ok(*server.args("dead-letters", "--url", "/chat/dl", "--json")))
+    [letter] = orjson.loads(ok(*server.args("dead-letters", "--url", "/chat/dl", "-o", "json")))
     assert letter["url"] == "/chat/dl" and letter["attempts"] == 1 and letter["messages"] == 1
     assert letter["error"] == "RuntimeError: the user asked for a failure"
     table = ok(*server.args("dead-letters"))
@@ -453,9 +470,99 @@ def test_send_wait_tells_the_truth_and_dead_letters_can_be_retried(server: Serve
     letters: list[Any] = []
     while not letters:
         assert time.monotonic() < deadline
-        letters = orjson.loads(ok(*server.args("dead-letters", "--url", "/chat/dl", "--json")))
+        letters = orjson.loads(ok(*server.args("dead-letters", "--url", "/chat/dl", "-o", "json")))
         time.sleep(0.1)
     assert letters[0]["id"] != letter["id"]
     assert ok(*server.args("discard", letters[0]["id"])).strip() == f"discarded {letters[0]['id']}"
-    assert orjson.loads(ok(*server.args("dead-letters", "--json"))) == []
+    assert orjson.loads(ok(*server.args("dead-letters", "-o", "json"))) == []
     assert "/chat/dl" not in ok(*server.args("ps", "--status", "failed"))
+
+
+def test_inspect_summary(server: Server) -> None:
+    ok(*server.args("spawn", "/fanout/i1", "--tag", "team=blue"))
+    assert ok(
+        *server.args("send", "/fanout/i1", '{"n": 2, "delay_ms": 0}', "--json", "--wait", "20")
+    )
+    ok(*server.args("schedules", "/fanout/i1", "--set", "daily", "--cron", "0 9 * * *"))
+    lines = ok(*server.args("inspect", "/fanout/i1")).splitlines()
+    assert lines[0] == "/fanout/i1  (fanout)"
+    fields = {line[2:15].strip(): line[15:] for line in lines[1:] if line[2:3] != " "}
+    assert fields["status"] == "idle" and fields["parent"] == "-"
+    assert fields["tags"] == "team=blue" and fields["dead letters"] == "0"
+    assert int(fields["runs"]) >= 2 and "completed" in fields["last run"]
+    assert fields["created"].startswith("20") and fields["last active"].startswith("20")
+    assert "latest error" not in fields
+    assert "  children (2)" in lines and "  schedules (1)" in lines
+    children = [line.strip() for line in lines if line.startswith("    /square/")]
+    assert sorted(children) == ["/square/i1-1-1", "/square/i1-1-2"]
+    [cron] = [line.split() for line in lines if line.startswith("    cron:daily")]
+    assert cron[1:4] == ["cron", "active", "next"] and cron[5:7] == ["0", "9"]
+    assert lines[-1] == (
+        "(all of it, state and manifest included: entities inspect /fanout/i1 --output json)"
+    )
+    everything = orjson.loads(ok(*server.args("inspect", "/fanout/i1", "--output", "json")))
+    assert everything["url"] == "/fanout/i1" and "manifest" in everything
+    # a failed entity shows its dead letters and its latest error
+    ok(*server.args("spawn", "/chat/i2"))
+    assert entities(*server.args("send", "/chat/i2", "boom", "--wait", "20")).code == 1
+    failed = ok(*server.args("inspect", "/chat/i2"))
+    assert "  status       failed\n" in failed
+    assert "  dead letters 1 (entities dead-letters --url /chat/i2)\n" in failed
+    assert "  latest error RuntimeError: the user asked for a failure (wake " in failed
+
+
+def test_schedules_list_set_cancel(server: Server) -> None:
+    ok(*server.args("spawn", "/counter/s1"))
+    assert ok(*server.args("schedules", "/counter/s1")) == "no schedules\n"
+    assert orjson.loads(ok(*server.args("schedules", "/counter/s1", "-o", "json"))) == []
+    made = ok(
+        *server.args("schedules", "/counter/s1", "--set", "daily", "--cron", "0 9 * * *"),
+        *("--timezone", "Europe/Paris", "--payload", '{"add": 1}'),
+    ).splitlines()
+    assert made[0].split() == ["ID", "KIND", "STATUS", "WHEN", "WHAT"]
+    assert made[1].startswith("cron:daily") and '(Europe/Paris) {"add":1}' in made[1]
+    replaced = orjson.loads(
+        ok(
+            *server.args(
+                "schedules", "/counter/s1", "--set", "cron:daily", "--cron", "*/5 * * * *"
+            ),
+            *("-o", "json"),
+        )
+    )
+    assert replaced["id"] == "cron:daily" and replaced["expression"] == "*/5 * * * *"
+    assert replaced["timezone"] == "UTC" and replaced["status"] == "active"
+    [listed] = orjson.loads(ok(*server.args("schedules", "/counter/s1", "-o", "json")))
+    assert listed["expression"] == "*/5 * * * *"
+    table = ok(*server.args("schedules", "/counter/s1")).splitlines()
+    assert len(table) == 2 and "*/5 * * * * (UTC)" in table[1]
+    assert ok(*server.args("schedules", "/counter/s1", "--cancel", "daily")) == "cancelled daily\n"
+    [cancelled] = orjson.loads(ok(*server.args("schedules", "/counter/s1", "-o", "json")))
+    assert cancelled["status"] == "cancelled"
+    again = entities(*server.args("schedules", "/counter/s1", "--cancel", "daily"))
+    assert again.code == 2 and "SCHEDULE_NOT_FOUND" in again.err
+    bad = entities(*server.args("schedules", "/counter/s1", "--set", "x", "--cron", "nope"))
+    assert bad.code == 2 and "invalid cron expression 'nope'" in bad.err
+    assert "ENTITY_NOT_FOUND" in fails(*server.args("schedules", "/counter/ghost"))
+    assert "not valid JSON" in fails(
+        *server.args("schedules", "/counter/s1", "--set", "y", "--cron", "* * * * *"),
+        *("--payload", "{x"),
+    )
+
+
+def test_output_json_everywhere(server: Server) -> None:
+    spawned = orjson.loads(ok(*server.args("spawn", "/counter/j1", "-o", "json")))
+    assert spawned["url"] == "/counter/j1" and spawned["status"] == "idle"
+    answer = orjson.loads(
+        ok(
+            *server.args(
+                "send", "/counter/j1", '{"add": 4}', "--json", "--wait", "10", "-o", "json"
+            )
+        )
+    )
+    assert answer["url"] == "/counter/j1" and answer["replies"] == [4]
+    assert answer["status"] == "completed" and answer["error"] is None and answer["key"]
+    ok(*server.args("spawn", "/chat/j2"))
+    receipt = orjson.loads(ok(*server.args("send", "/chat/j2", "hi", "-o", "json")))
+    assert receipt["url"] == "/chat/j2" and receipt["key"] and receipt["offset"]
+    killed = orjson.loads(ok(*server.args("kill", "/counter/j1", "-o", "json")))
+    assert killed["status"] == "stopped"

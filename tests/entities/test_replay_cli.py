@@ -57,7 +57,19 @@ def test_replay_cli_exit_codes_and_report(tmp_path: Path) -> None:
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "wake 1" in bad.stdout and "wake 2" in bad.stdout and "DIVERGED" in bad.stdout
     assert "state:rolls/last" in bad.stdout
-    only_first = _run("replay", "/dice/d1", "--db", db, "--wake", "1", "--json")
+    only_first = _run("replay", "/dice/d1", "--db", db, "--wake", "1", "-o", "json")
     assert only_first.returncode == 0 and '"ok":true' in only_first.stdout
     missing = _run("replay", "/dice/d1", "--db", db, "--wake", "9")
     assert missing.returncode != 0 and "no recorded wake" in missing.stderr
+
+
+def test_replay_reads_only(tmp_path: Path) -> None:
+    """A database that is not there is an error, never created (nor its folder)."""
+    missing = tmp_path / "nowhere" / "x.db"
+    result = _run("replay", "/dice/d1", "--db", f"sqlite:///{missing}", "--app", "x.py:registry")
+    assert result.returncode == 2, result
+    assert result.stderr.strip() == f"error: no database at {missing} (--db sqlite:///{missing})"
+    assert not (tmp_path / "nowhere").exists()
+    bad_url = _run("replay", "/dice/d1", "--db", "dice.db")
+    assert bad_url.returncode == 2 and "is not a store URL" in bad_url.stderr, bad_url
+    assert "Traceback" not in bad_url.stderr

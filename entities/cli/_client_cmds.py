@@ -1,0 +1,293 @@
+"""Client commands, over HTTP to ``entities serve`` (``--server``, ``--token``): ``spawn``,
+``send``, ``view``, ``observe``, ``ps``, ``workers``, ``dead-letters``, ``retry``, ``discard``,
+``kill``, ``types``."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar, get_args
+
+import click
+
+from .._records import EntityRecord
+from ._client import Client
+from ._common import (
+    dumps,
+    idempotency_option,
+    message_json_option,
+    message_of,
+    old_json_flag,
+    output_option,
+    parse_json,
+    path_of,
+    report,
+    server_option,
+    token_option,
+)
+
+__all__ = [
+    "STATUSES",
+    "client_options",
+    "dead_letters",
+    "discard",
+    "kill",
+    "observe",
+    "ps",
+    "retry",
+    "send",
+    "spawn",
+    "types",
+    "view",
+    "workers",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# what ``ps --status`` may ask for: the record's statuses, and ``failed`` (idle with dead letters)
+STATUSES = (*get_args(EntityRecord.model_fields["status"].annotation), "failed")
+
+
+def client_options(fn: F) -> F:
+    """``--server`` and ``--token``."""
+    return server_option(token_option(fn))
+
+
+def _tags(tags: tuple[str, ...]) -> dict[str, str]:
+    malformed = [t for t in tags if "=" not in t or not t.split("=", 1)[0]]
+    if malformed:
+        raise click.BadParameter(f"expected key=value, got {malformed[0]!r}", param_hint="--tag")
+    return dict(t.split("=", 1) for t in tags)
+
+
+@click.command()
+@click.argument("url")
+@client_options
+@click.option("--args", "args_json", default=None, help="Spawn args as JSON.")
+@click.option("--tag", "tags", multiple=True, help="key=value (repeatable).")
+@idempotency_option
+@output_option
+@old_json_flag
+def spawn(
+    url: str,
+    server: str,
+    token: str | None,
+    args_json: str | None,
+    tags: tuple[str, ...],
+    idempotency_key: str | None,
+    output: str,
+) -> None:
+    """Create the entity at URL (/type/id)."""
+    body: dict[str, Any] = {"args": parse_json(args_json, "--args") if args_json else None}
+    body["tags"] = _tags(tags)
+    info = Client(server, token).request(
+        "PUT", f"/_entities/entities{path_of(url)}", body, idempotency_key=idempotency_key
+    )
+    click.echo(dumps(info) if output == "json" else f"spawned {info['url']}")
+
+
+@click.command()
+@click.argument("url")
+@click.argument("message")
+@client_options
+@click.option("--type", "message_type", default=None, help="Message type.")
+@click.option(
+    "--wait",
+    "wait_s",
+    default=0.0,
+    type=float,
+    help="Wait up to this many seconds for the reply and print it. Exit status: 0 replied, "
+    "1 the wake was given up (its error is printed), 2 refused, 3 no answer in time.",
+)
+@idempotency_option
+@message_json_option
+@output_option
+def send(
+    url: str,
+    message: str,
+    server: str,
+    token: str | None,
+    message_type: str | None,
+    wait_s: float,
+    idempotency_key: str | None,
+    message_is_json: bool,
+    output: str,
+) -> None:
+    """Send MESSAGE to URL (text, sent as {"text": ...}, unless --json).
+
+    Prints the receipt; with --wait, the replies (--output json: one object {url, key,
+    replies, status, error})."""
+    client = Client(server, token, timeout=max(30.0, wait_s + 10))
+    receipt = client.request(
+        "POST",
+        f"/_entities/entities{path_of(url)}/send",
+        {"payload": message_of(message, message_is_json), "type": message_type},
+        idempotency_key=idempotency_key,
+    )
+    if wait_s <= 0:
+        text = f"sent {receipt['key']} to {receipt['url']}"
+        click.echo(dumps(receipt) if output == "json" else text)
+        return
+    answer = client.request(
+        "GET",
+        f"/_entities/entities{path_of(url)}/replies/{receipt['key']}",
+        wait_ms=int(wait_s * 1000),
+        after=receipt["offset"],
+    )
+    extra = {"url": receipt["url"], "key": receipt["key"]}
+    status, error = answer.get("status"), answer.get("error")
+    sys.exit(report(answer["replies"], status, error, wait_s, output, extra))
+
+
+def _describe(item: dict[str, Any]) -> str:
+    operation = item.get("headers", {}).get("operation", "?")
+    text = dumps(item.get("value"))
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{item.get('type', '?'):<16} {operation:<7} {item.get('key', ''):<24} {text}"
+
+
+@click.command()
+@click.argument("url")
+@client_options
+@click.option("--from", "offset", default="-1", show_default=True, help="Start offset.")
+@output_option
+@old_json_flag
+def view(url: str, server: str, token: str | None, offset: str, output: str) -> None:
+    """Print an entity's stream once (--output json: one event per line)."""
+    for item, _ in Client(server, token).stream_events(path_of(url), offset, live=False):
+        click.echo(dumps(item) if output == "json" else _describe(item))
+
+
+@click.command()
+@click.argument("url")
+@client_options
+@click.option("--from", "offset", default="-1", show_default=True, help="Start offset.")
+@output_option
+@old_json_flag
+def observe(url: str, server: str, token: str | None, offset: str, output: str) -> None:
+    """Tail an entity's stream live, until Ctrl-C (--output json: one event per line)."""
+    try:
+        for item, _ in Client(server, token).stream_events(path_of(url), offset, live=True):
+            click.echo(dumps(item) if output == "json" else _describe(item))
+    except KeyboardInterrupt:
+        pass
+
+
+@click.command()
+@client_options
+@click.option("--type", "type_", default=None, help="Only entities of this type.")
+@click.option(
+    "--status",
+    default=None,
+    type=click.Choice(STATUSES),
+    help="Only entities in this status (failed: idle with dead letters).",
+)
+@click.option("--tag", default=None, help="Only entities with this tag: key or key=value.")
+@click.option("--parent", default=None, help="Only the children of this entity URL.")
+@output_option
+@old_json_flag
+def ps(
+    server: str,
+    token: str | None,
+    type_: str | None,
+    status: str | None,
+    tag: str | None,
+    parent: str | None,
+    output: str,
+) -> None:
+    """List entities."""
+    items = Client(server, token).request(
+        "GET", "/_entities/entities", type=type_, status=status, tag=tag, parent=parent
+    )
+    if output == "json":
+        click.echo(dumps(items))
+        return
+    click.echo(f"{'URL':<40} {'STATUS':<8} {'RUNS':>5} {'QUEUE':>5} {'CREATED':<25} LAST ACTIVE")
+    for e in items:
+        click.echo(
+            f"{e['url']:<40} {e['status']:<8} {e['runs']:>5} {e.get('queue', 0):>5} "
+            f"{e['created_at']:<25} {e['last_active'] or ''}"
+        )
+
+
+@click.command()
+@client_options
+@output_option
+@old_json_flag
+def workers(server: str, token: str | None, output: str) -> None:
+    """List the workers sharing the server's store (live: renewed in the last few seconds)."""
+    items = Client(server, token).request("GET", "/_entities/workers")
+    if output == "json":
+        click.echo(dumps(items))
+        return
+    click.echo(f"{'WORKER':<24} {'LIVE':<5} {'HOST':<24} {'PID':>8}  LAPSES AT")
+    for w in items:
+        lapses = datetime.datetime.fromtimestamp(w["expires"], datetime.UTC).isoformat()
+        live = "yes" if w["live"] else "no"
+        click.echo(f"{w['id']:<24} {live:<5} {w['host']:<24} {w['pid']:>8}  {lapses}")
+
+
+@click.command("dead-letters")
+@client_options
+@click.option("--type", "type_", default=None, help="Only this entity type's.")
+@click.option("--url", default=None, help="Only this entity's.")
+@output_option
+@old_json_flag
+def dead_letters(
+    server: str, token: str | None, type_: str | None, url: str | None, output: str
+) -> None:
+    """List wakes given up after their last attempt (retry them with `entities retry ID`)."""
+    items = Client(server, token).request("GET", "/_entities/dead-letters", type=type_, url=url)
+    if output == "json":
+        click.echo(dumps(items))
+        return
+    click.echo(f"{'ID':<40} {'ATTEMPTS':>8} {'MESSAGES':>8}  {'TIME':<25} ERROR")
+    for d in items:
+        error = d["error"] if len(d["error"]) <= 60 else d["error"][:57] + "..."
+        click.echo(f"{d['id']:<40} {d['attempts']:>8} {d['messages']:>8}  {d['time']:<25} {error}")
+
+
+@click.command()
+@click.argument("id")
+@client_options
+@output_option
+def retry(id: str, server: str, token: str | None, output: str) -> None:
+    """Deliver the messages of dead letter ID again, as a new wake."""
+    done = Client(server, token).request("POST", f"/_entities/dead-letters/{id}/retry")
+    click.echo(dumps(done) if output == "json" else f"retried {done['retried']} ({done['url']})")
+
+
+@click.command()
+@click.argument("id")
+@client_options
+@output_option
+def discard(id: str, server: str, token: str | None, output: str) -> None:
+    """Drop dead letter ID for good."""
+    done = Client(server, token).request("DELETE", f"/_entities/dead-letters/{id}")
+    click.echo(dumps(done) if output == "json" else f"discarded {done['discarded']}")
+
+
+@click.command()
+@click.argument("url")
+@client_options
+@output_option
+def kill(url: str, server: str, token: str | None, output: str) -> None:
+    """Stop an entity for good."""
+    info = Client(server, token).request("DELETE", f"/_entities/entities{path_of(url)}")
+    click.echo(dumps(info) if output == "json" else f"{info['url']} {info['status']}")
+
+
+@click.command()
+@client_options
+@output_option
+@old_json_flag
+def types(server: str, token: str | None, output: str) -> None:
+    """List the server's entity types."""
+    items = Client(server, token).request("GET", "/_entities/types")
+    if output == "json":
+        click.echo(dumps(items))
+        return
+    for t in items:
+        click.echo(f"{t['name']:<20} {t['description']}")
