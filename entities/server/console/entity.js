@@ -259,6 +259,13 @@ function place(parent, id, el, from, newestFirst) {
     old.replaceWith(el);
     return;
   }
+  // Wakes mostly come in order: look at the end they usually go to first.
+  const edge = newestFirst ? parent.firstElementChild : parent.lastElementChild;
+  if (!edge || Number(edge.dataset.from) <= from) {
+    if (newestFirst) parent.prepend(el);
+    else parent.append(el);
+    return;
+  }
   const after = [...parent.children].find((child) =>
     newestFirst ? Number(child.dataset.from) < from : Number(child.dataset.from) > from,
   );

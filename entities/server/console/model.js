@@ -24,7 +24,9 @@ export class EntityModel {
     this.events = []; // [{pos, event}] in stream order
     this.byPos = new Map(); // position -> event (triggers only)
     this.wakes = new Map(); // wake id -> Wake
-    this.lastInbox = 0; // position of the newest inbox event
+    this.owner = new Map(); // position -> the wake that took it
+    this.inbox = []; // positions of inbox events, ascending
+    this.covered = 0; // the highest position a known wake took
     this.closed = false;
   }
 
@@ -45,6 +47,8 @@ export class EntityModel {
         firstSeen: null,
       };
       this.wakes.set(id, wake);
+      for (let pos = wake.from + 1; pos <= wake.to; pos += 1) this.owner.set(pos, wake);
+      this.covered = Math.max(this.covered, wake.to);
     }
     return wake;
   }
@@ -72,8 +76,8 @@ export class EntityModel {
     const headers = event.headers || {};
     if (TRIGGERS.has(type)) {
       this.byPos.set(pos, event);
-      if (type === 'inbox') this.lastInbox = Math.max(this.lastInbox, pos);
-      const owner = this.ownerOf(pos);
+      if (type === 'inbox') this.inbox.push(pos);
+      const owner = this.owner.get(pos);
       return owner ? owner.id : '';
     }
     if (type === 'entity_stopped') this.closed = true;
@@ -116,14 +120,6 @@ export class EntityModel {
     else round.tools.set(callId, result);
   }
 
-  // The wake that covers position `pos`, if one is known.
-  ownerOf(pos) {
-    for (const wake of this.wakes.values()) {
-      if (wake.from < pos && pos <= wake.to) return wake;
-    }
-    return null;
-  }
-
   triggers(wake) {
     const found = [];
     for (let pos = wake.from + 1; pos <= wake.to; pos += 1) {
@@ -136,10 +132,9 @@ export class EntityModel {
   // Inbox messages no known wake covers yet (queued, or being taken by a wake that has not
   // written anything).
   queued() {
-    const covered = Math.max(0, ...[...this.wakes.values()].map((w) => w.to));
     const found = [];
-    for (const [pos, event] of this.byPos) {
-      if (pos > covered && event.type === 'inbox') found.push(event);
+    for (let i = this.inbox.length - 1; i >= 0 && this.inbox[i] > this.covered; i -= 1) {
+      found.unshift(this.byPos.get(this.inbox[i]));
     }
     return found;
   }
