@@ -263,6 +263,30 @@ async def test_send_box_reaches_the_entity(page: Page, tmp_path: Path) -> None:
         assert info["status"] == "stopped"
 
 
+async def test_manifest_children_and_schedule_countdown(page: Page, tmp_path: Path) -> None:
+    async with console(examples_registry(), tmp_path) as c:
+        await c.spawn("/fanout/f1")
+        sent = await c.http.post("/_entities/entities/fanout/f1/send", json={"payload": {"n": 2}})
+        assert sent.status_code == 202
+        cron = await c.http.put(
+            "/_entities/entities/fanout/f1/schedules/tick", json={"expression": "*/5 * * * *"}
+        )
+        assert cron.status_code == 200
+        await page.goto(c.base + "/ui/fanout/f1")
+        children = page.locator(".children")
+        await expect(children.locator("a.entity")).to_have_count(2)
+        await expect(children).to_contain_text("/square/f1-1-1")
+        await expect(children.locator(".badge")).to_have_text(["idle", "idle"])
+        await expect(page.locator(".conversation .msg.reply")).to_have_text("reply5")
+        countdown = page.locator(".schedules .countdown")
+        await expect(countdown).to_contain_text("in ")
+        first = await countdown.inner_text()
+        await expect(countdown).not_to_have_text(first)  # it ticks
+        await children.locator("a.entity", has_text="/square/f1-1-2").click()
+        await expect(page).to_have_url(c.base + "/ui/square/f1-1-2")
+        await expect(page.locator(".entity-head .meta")).to_contain_text("parent /fanout/f1")
+
+
 async def test_token_protected_server_after_one_prompt(page: Page, tmp_path: Path) -> None:
     async with console(examples_registry(), tmp_path, token=TOKEN) as c:
         await c.spawn("/counter/c1")
