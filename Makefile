@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 run: install
-	@echo "Serving the example entities (counter, chat, fanout, assistant) on http://127.0.0.1:4437; try, in another shell:"
+	@echo "Serving the example entities (counter, chat, fanout, assistant) on http://127.0.0.1:4437"
+	@echo "(open it in a browser for the console); try, in another shell:"
 	@echo "  .venv/bin/entities send /counter/c1 '{\"add\": 2}' --json --wait 5   (after: .venv/bin/entities spawn /counter/c1)"
 	@echo "  .venv/bin/entities run examples/chat.py:registry /chat/c1 'hello' --db sqlite:///.entities/entities.db"
 	$(BIN)/entities serve examples.all:registry --db sqlite:///.entities/entities.db
