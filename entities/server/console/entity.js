@@ -26,6 +26,8 @@ class EntityPage {
     this.refreshTimer = null;
     this.rendered = {};
     this.missing = false;
+    this.loading = false;
+    this.again = false;
     this.build();
   }
 
@@ -155,14 +157,25 @@ class EntityPage {
     this.refreshTimer = setTimeout(() => this.refresh(), 300);
   }
 
+  // One load at a time: a refresh asked for while one runs makes it run once more after.
   async refresh() {
     clearTimeout(this.refreshTimer);
-    if (this.signal.aborted) return;
-    try {
-      await this.load();
-    } catch (error) {
-      if (error.name !== 'AbortError') this.say(String(error), true);
+    if (this.loading) {
+      this.again = true;
+      return;
     }
+    this.loading = true;
+    do {
+      this.again = false;
+      if (this.signal.aborted) break;
+      try {
+        await this.load();
+      } catch (error) {
+        if (error.name !== 'AbortError') this.say(String(error), true);
+      }
+    } while (this.again);
+    this.loading = false;
+    clearTimeout(this.refreshTimer);
     if (!this.signal.aborted) this.refreshTimer = setTimeout(() => this.refresh(), REFRESH_MS);
   }
 
@@ -188,7 +201,7 @@ class EntityPage {
     }
     const entityType = (types || []).find((t) => t.name === info.data.type) || null;
     this.renderHead(info.data, entityType);
-    if (!this.sendSlot.childElementCount && info.data.status !== 'stopped') {
+    if (!this.sendSlot.childElementCount) {
       replace(this.sendSlot, sendBox(this.url, entityType, this.context()));
     }
     const data = {
@@ -227,6 +240,7 @@ class EntityPage {
       info.queue ? h('span', {}, ` · ${info.queue} queued`) : null,
     );
     this.actions.hidden = info.status === 'stopped';
+    this.sendSlot.hidden = info.status === 'stopped'; // a stopped entity takes no messages
   }
 
   showMissing(info, types) {

@@ -91,10 +91,10 @@ export function renderPanels(el, data, ctx) {
     statePanel(info.state || {}),
     childrenPanel(of('child'), children),
     schedulesPanel(schedules),
-    listPanel('Observed sources', of('source'), ['id', 'source_type', 'source_ref', 'wake']),
-    listPanel('Shared state', of('shared_state'), ['id', 'mode', 'collections']),
+    listPanel('Observed sources', of('source'), describeSource),
+    listPanel('Shared state', of('shared_state'), describeShared),
     contextPanel(of('context')),
-    listPanel('Effects', of('effect'), ['id', 'function_ref', 'config']),
+    listPanel('Effects', of('effect'), (e) => [h('b', {}, e.function_ref), ` ${short(e.config, 120)}`]),
     info.args && Object.keys(info.args).length
       ? section('Args', {}, h('pre', {}, json(info.args, 2)))
       : null,
@@ -179,12 +179,15 @@ function schedulesPanel(schedules) {
   return section(
     'Schedules',
     { class: 'panel schedules' },
-    table(schedules, ['id', 'schedule_type', 'when', 'status', 'next fire'], (column, _value, row) => {
+    table(schedules, ['id', 'when', 'status', 'next fire'], (column, _value, row) => {
+      if (column === 'id') return row.id.replace(/^cron:/, '');
       if (column === 'when') {
         return row.schedule_type === 'cron'
-          ? `${row.expression} (${row.timezone || 'UTC'})`
-          : `at ${new Date(row.fire_at * 1000).toLocaleString()} → ${row.target_url || ''}`;
+          ? `cron ${row.expression} (${row.timezone || 'UTC'})`
+          : [`send at ${new Date(row.fire_at * 1000).toLocaleString()} to `,
+            row.target_url ? entityLink(row.target_url) : '', ` ${short(row.payload, 60)}`];
       }
+      if (column === 'status') return badge(row.status);
       if (column === 'next fire') {
         if (!row.next_fire_at) return h('span', { class: 'muted' }, '—');
         return h('span', { class: 'countdown', dataset: { at: String(row.next_fire_at) } }, relative(row.next_fire_at));
@@ -205,7 +208,26 @@ function contextPanel(entries) {
   );
 }
 
-function listPanel(title, entries, columns) {
+function listPanel(title, entries, describe) {
   if (!entries.length) return null;
-  return section(title, {}, table(entries, columns));
+  return section(title, { class: `panel ${title.toLowerCase().replace(/ /g, '-')}` },
+    h('ul', { class: 'plain' }, entries.map((entry) => h('li', {}, describe(entry)))));
+}
+
+function describeSource(entry) {
+  const ref = entry.source_type === 'entity' ? entityLink(entry.source_ref) : h('b', {}, entry.source_ref);
+  return [`${entry.source_type} `, ref, entry.wake ? ` · wakes on ${short(compact(entry.wake), 120)}` : ''];
+}
+
+function describeShared(entry) {
+  const name = entry.id.replace(/^shared:/, '');
+  const collections = Object.keys(entry.collections || {});
+  return [h('b', {}, name), ` (${entry.mode === 'create' ? 'created here' : 'connected'})`,
+    collections.length ? ` · collections: ${collections.join(', ')}` : ''];
+}
+
+// A wake condition without its unset fields.
+function compact(value) {
+  if (!value || typeof value !== 'object') return value;
+  return Object.fromEntries(Object.entries(value).filter(([, v]) => v !== null && v !== undefined));
 }
