@@ -259,8 +259,32 @@ async def test_send_box_reaches_the_entity(page: Page, tmp_path: Path) -> None:
         await page.click("button:has-text('Kill')")
         await page.click("button:has-text('Confirm kill')")
         await expect(page.locator(".entity-head .badge")).to_have_text("stopped")
+        await expect(page.locator(".send-box")).to_be_hidden()
         info = (await c.http.get("/_entities/entities/counter/c1")).json()
         assert info["status"] == "stopped"
+
+
+async def test_spawn_from_the_list_and_from_a_missing_entity(page: Page, tmp_path: Path) -> None:
+    async with console(examples_registry(), tmp_path) as c:
+        await page.goto(c.base + "/ui/")
+        form = page.locator(".spawn-form")
+        await expect(form.locator("option[value=counter]")).to_have_count(1)
+        await form.locator("select").select_option("counter")
+        await form.locator("input[name=spawn-id]").fill("c7")
+        await form.locator("input[name=spawn-tags]").fill("team=red")
+        await form.locator("button[type=submit]").click()
+        await expect(page).to_have_url(c.base + "/ui/counter/c7")
+        await expect(page.locator(".entity-head .badge")).to_have_text("idle")
+        await expect(page.locator(".tags")).to_contain_text("team=red")
+        # a deep link to an entity that does not exist (yet) offers to spawn it
+        await page.goto(c.base + "/ui/chat/later")
+        await expect(page.locator(".notice")).to_contain_text("No entity at /chat/later")
+        here = page.locator("form.spawn-here")
+        await here.locator("textarea[name=initial_message]").fill("hello there")
+        await here.locator("button[type=submit]").click()
+        await expect(page.locator(".entity-head .badge")).to_have_text("idle")
+        await expect(page.locator(".conversation .msg.user")).to_contain_text("hello there")
+        await expect(page.locator(".notice")).to_be_hidden()
 
 
 async def test_manifest_children_and_schedule_countdown(page: Page, tmp_path: Path) -> None:
