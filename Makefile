@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve-streams test lint typecheck pytest conformance bench clean
+.PHONY: install run serve-streams test lint typecheck pytest browser conformance bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,7 +39,15 @@ lint: install
 typecheck: install
 	$(BIN)/mypy streams entities tests
 
-pytest: install
+# The console's browser tests drive Debian's Chromium at /usr/bin/chromium (Playwright's own
+# browser downloads are never used): installed here when missing and we are root (CI is);
+# otherwise those tests skip, or fail under ENTITIES_REQUIRE_BROWSER=1.
+browser:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] \
+		&& apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+		|| echo "no /usr/bin/chromium (apt-get install chromium): the console's browser tests skip"
+
+pytest: install browser
 	$(BIN)/pytest
 
 test: lint typecheck pytest

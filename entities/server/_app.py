@@ -15,9 +15,7 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streams.server import ServerSettings
@@ -26,9 +24,9 @@ from streams.server import create_app as create_streams_app
 from .. import _tracing as tracing
 from .._runtime import Runtime
 from .._worker import Worker
+from ._console import console_routes, is_console_path
 from ._ops import PUBLIC_PATHS, ops_routes
 from ._routes import control_routes, error_response
-from ._ui import INDEX_HTML
 
 __all__ = ["ServeOptions", "create_app", "serve", "serve_metrics"]
 
@@ -72,8 +70,8 @@ class _HeaderLimit:
 
 class _BearerAuth:
     """Reject every request without ``Authorization: Bearer <token>`` (CORS preflight aside,
-    and ``GET /``: the dev UI's page is static and holds no data; it asks for the token and
-    sends it with each of its requests)."""
+    and ``GET`` of the console's pages and assets, ``/`` and ``/ui/...``: they are static and
+    hold no data; the console asks for the token and sends it with each of its requests)."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
@@ -81,7 +79,8 @@ class _BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         public = scope["type"] == "http" and (
-            (scope["method"] == "GET" and scope["path"] == "/") or scope["path"] in PUBLIC_PATHS
+            (scope["method"] == "GET" and is_console_path(scope["path"]))
+            or scope["path"] in PUBLIC_PATHS
         )
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or public:
             await self.app(scope, receive, send)
@@ -199,7 +198,7 @@ def create_app(
     max_header_bytes: int = 64 * 1024,
     streams: ServerSettings | None = None,
 ) -> Starlette:
-    """The ASGI app: control plane (``/_entities``), streams (``/v1/stream``), dev UI (``/``),
+    """The ASGI app: control plane (``/_entities``), streams (``/v1/stream``), console (``/ui/``),
     operations (``/metrics``, ``/healthz``, ``/readyz``: see ``_ops``; ``worker`` is the one
     this process runs, if any, for the readiness check).
 
@@ -210,9 +209,6 @@ def create_app(
     """
     settings = streams or ServerSettings()
     streams_app = create_streams_app(runtime.store, settings=settings)
-
-    async def index(request: Request) -> Response:
-        return HTMLResponse(INDEX_HTML)
 
     closing = _Closing()
     middleware = [Middleware(_HeaderLimit, limit=max_header_bytes)]
@@ -229,8 +225,8 @@ def create_app(
             ),
         )
     routes = [
-        Route("/", index, methods=["GET"]),
         *ops_routes(runtime, worker),
+        *console_routes(),
         *control_routes(runtime, max_body_bytes=max_body_bytes),
         Mount("/", app=_ReadOnly(streams_app, settings.base_path)),
     ]

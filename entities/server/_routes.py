@@ -15,9 +15,10 @@ from starlette.routing import Route
 
 from streams import BadOffset
 
-from .._errors import EntitiesError, InvalidEntityURL, SchemaValidationFailed
+from .._errors import ContextError, EntitiesError, InvalidEntityURL, SchemaValidationFailed
 from .._idempotency import check_key
 from .._runtime import Runtime
+from .._timers import next_cron
 from .._urls import EntityURL, check_segment, parse_url
 
 __all__ = ["control_routes", "error_response", "json_response"]
@@ -115,6 +116,20 @@ def _idempotency_key(request: Request) -> str | None:
     """The request's ``Idempotency-Key`` header, checked (1-256 printable ASCII characters)."""
     key = request.headers.get("idempotency-key")
     return None if key is None else check_key(key)
+
+
+def _with_next_fire(schedule: dict[str, Any], now: float) -> dict[str, Any]:
+    """``schedule`` with ``next_fire_at`` (epoch seconds): when an active cron schedule fires
+    next, or a pending delayed send is due; ``None`` for the others."""
+    at: float | None = None
+    if schedule.get("schedule_type") == "cron" and schedule.get("status") == "active":
+        try:
+            at = next_cron(schedule["expression"], schedule.get("timezone") or "UTC", now)
+        except ContextError:
+            at = None
+    elif schedule.get("status") == "pending":
+        at = schedule.get("fire_at")
+    return {**schedule, "next_fire_at": at}
 
 
 _Endpoint = Callable[[Request], Awaitable[Response]]
@@ -251,7 +266,10 @@ class _ControlPlane:
 
     async def schedules(self, request: Request) -> Response:
         target = _target(request)
-        return json_response(await self.runtime.schedules(target.url))
+        now = self.runtime.clock.now()
+        return json_response(
+            [_with_next_fire(s, now) for s in await self.runtime.schedules(target.url)]
+        )
 
     async def schedule(self, request: Request) -> Response:
         target = _target(request)

@@ -87,6 +87,8 @@ class FakeTurn:
     message is ``error``. ``fail_after`` sends a provider error event after that many events
     of a successful stream; ``cut_after`` ends the stream there without one (a dropped
     connection). ``delay`` waits before answering, ``chunk_delay`` between events.
+    ``pause_after`` holds the stream after that many events until ``resume`` is set (a test
+    looks at the partial answer meanwhile).
     """
 
     text: str | Sequence[str] = ""
@@ -100,6 +102,8 @@ class FakeTurn:
     cut_after: int | None = None
     delay: float = 0.0
     chunk_delay: float = 0.0
+    pause_after: int | None = None
+    resume: threading.Event | None = field(default=None, compare=False)
 
     def deltas(self) -> list[str]:
         if isinstance(self.text, str):
@@ -306,6 +310,8 @@ async def _sse(events: list[_Event], turn: FakeTurn) -> AsyncIterator[bytes]:
             return
         if n and turn.chunk_delay:
             await asyncio.sleep(turn.chunk_delay)
+        if n == turn.pause_after and turn.resume is not None:
+            await asyncio.to_thread(turn.resume.wait)  # set from the test's thread
         yield _frame(name, data)
 
 

@@ -654,10 +654,16 @@ async def test_bearer_token(store_url: str) -> None:
                     assert response.status_code == 401, (response.request.url, response.text)
                     if response.request.method != "HEAD":
                         assert error_code(response) == "UNAUTHORIZED"
-            # the dev UI's page is static (no data) and open: it asks for the token itself
-            page = await anonymous.get("/")
-            assert page.status_code == 200 and "Authorization" in page.text
-            assert "counter/c1" not in page.text
+            # the console's pages and assets are static (no data) and open: the console asks
+            # for the token itself, and sends it with each of its requests
+            root = await anonymous.get("/")
+            assert root.status_code == 307 and root.headers["location"] == "/ui/"
+            for path in ("/ui/", "/ui/counter/c1", "/ui/assets/app.js", "/ui/assets/api.js"):
+                page = await anonymous.get(path)
+                assert page.status_code == 200, (path, page.text)
+                assert "counter/c1" not in page.text  # the same page for every entity
+            api_js = (await anonymous.get("/ui/assets/api.js")).text
+            assert "Authorization" in api_js and "sessionStorage" in api_js
         await asyncio.sleep(0.3)  # give a wrongly accepted send time to be processed
         assert await s.snapshot() == before
         assert (await s.http.get("/_entities/entities")).status_code == 200

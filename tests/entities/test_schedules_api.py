@@ -3,7 +3,10 @@ store backend."""
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx2
 import pytest
@@ -61,6 +64,11 @@ async def test_schedule_routes_over_http(store_url: str) -> None:
             assert shape.status_code == 422
             listed = await http.get(f"{base}/schedules")
             assert [s["id"] for s in listed.json()] == ["cron:daily"]
+            # when it fires next (the console counts down to it): 09:00 in Paris, within a day
+            next_fire = listed.json()[0]["next_fire_at"]
+            assert time.time() < next_fire <= time.time() + 86_400
+            paris = datetime.fromtimestamp(next_fire, ZoneInfo("Europe/Paris"))
+            assert (paris.hour, paris.minute, paris.second) == (9, 0, 0)
             assert (await http.delete(f"{base}/schedules/daily")).status_code == 200
             assert (await http.delete(f"{base}/schedules/daily")).status_code == 404
             missing = await http.get(f"{url}/_entities/entities/t/none/schedules")
