@@ -21,10 +21,6 @@ try:
     from opentelemetry.trace import Link, ProxyTracerProvider, SpanKind
 except ImportError:  # the optional extra is not installed
     trace = None  # type: ignore[assignment]
-try:
-    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-except ImportError:
-    OpenTelemetryMiddleware = None  # type: ignore[assignment,misc]
 
 __all__ = ["active", "asgi_middleware", "carrier", "span", "tracer_provider", "using"]
 
@@ -113,4 +109,10 @@ def span(
 def asgi_middleware() -> Any:
     """The OpenTelemetry ASGI middleware class (a span per HTTP request), or ``None`` without
     the extra."""
-    return OpenTelemetryMiddleware if trace is not None else None
+    if trace is None:
+        return None
+    try:  # imported here: 30 ms, which only a server needs (not every CLI command)
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    except ImportError:
+        return None
+    return OpenTelemetryMiddleware

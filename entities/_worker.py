@@ -19,12 +19,14 @@ import anyio.abc
 
 from streams import Store
 
+from ._errors import EntitiesError
 from ._idempotency import prune
 from ._pipeline.affinity import PRESENCE_SECONDS, Affinity
 from ._pipeline.claim import Claim, Claimer
 from ._pipeline.fire import fire_due, fire_turn
 from ._records import ENTITY_NS, PENDING_NS, TIMER_NS, WORKER_NS, EntityRecord
 from ._run import Running, WakeRunner, WorkerHost
+from ._urls import parse_url
 
 __all__ = ["Claim", "Worker", "WorkerHost"]
 
@@ -228,7 +230,7 @@ class Worker:
             return None  # no free lane (a finishing wake pokes this loop): skip the scan
         now = self.rt.clock.now()
         next_due: float | None = None
-        pending = await self.rt.store.kv_scan(PENDING_NS)
+        pending = self._ours(await self.rt.store.kv_scan(PENDING_NS))
         self.claimer.forget_unmarked(pending)
         await self.affinity.refresh(now)
         # this worker's share of the pending entities first, then those waiting on others
@@ -244,6 +246,19 @@ class Worker:
             lane = self._active[url] = object()
             tg.start_soon(self._process, url, token, not self.affinity.prefers(url), lane)
         return next_due
+
+    def _ours(self, pending: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """The pending entities of types this worker's registry defines: workers of other
+        apps may share the store (each runs its own types; the rest stay pending for them)."""
+        types = self.rt.registry
+        ours = []
+        for url, token in pending:
+            try:
+                if parse_url(url).type in types:
+                    ours.append((url, token))
+            except EntitiesError:
+                continue
+        return ours
 
     def _free_lane(self, run: Running) -> None:
         """A handler given up (it ignored its cancellation): its lane counts as free."""
@@ -289,7 +304,7 @@ class Worker:
         done = 0
         while max_wakes is None or done < max_wakes:
             await fire_due(store, clock.now())
-            pending = await store.kv_scan(PENDING_NS)
+            pending = self._ours(await store.kv_scan(PENDING_NS))
             if not pending:
                 return done
             now = clock.now()
@@ -306,7 +321,7 @@ class Worker:
                 if not due:
                     return done
                 # claims found nothing to do (e.g. only empty marks were cleared): rescan once
-                if not await store.kv_scan(PENDING_NS):
+                if not self._ours(await store.kv_scan(PENDING_NS)):
                     return done
                 if all(until(u) > clock.now() for u, _ in pending):
                     return done

@@ -6,6 +6,7 @@ import logging
 import signal
 import socket
 import sys
+from functools import partial
 from typing import Any
 
 import anyio
@@ -19,7 +20,7 @@ from .._registry import Registry
 from .._replay import ReplayReport
 from .._runtime import Runtime
 from .._urls import parse_url
-from ..server import ServeOptions
+from ..server import ServeOptions, serve_metrics
 from ..server import serve as run_serve
 from ._app import load_registry
 from ._common import (
@@ -167,6 +168,15 @@ def serve(
 @click.option("--worker-id", default=None, help="Name of this worker (default: random).")
 @lease_option
 @wake_timeout_option
+@click.option(
+    "--metrics-port",
+    default=None,
+    type=click.IntRange(min=0, max=65535),
+    help="Serve /metrics, /healthz and /readyz on this port (0: any free one).",
+)
+@click.option(
+    "--metrics-host", default="127.0.0.1", show_default=True, help="Address of --metrics-port."
+)
 def worker(
     app: str,
     db: str,
@@ -174,8 +184,11 @@ def worker(
     worker_id: str | None,
     lease_seconds: float,
     wake_timeout: float,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
-    """Run wakes only (no HTTP). SIGTERM/SIGINT drain in-flight wakes, then exit.
+    """Run wakes only (no HTTP API; with --metrics-port, the operations endpoints).
+    SIGTERM/SIGINT drain in-flight wakes, then exit.
 
     A PostgreSQL --db that does not answer yet is waited for, up to 15 s."""
     registry = load_registry(app)
@@ -202,10 +215,21 @@ def worker(
                     worker=rt.worker_id,
                     db=redact(db),
                 )
-                await rt.worker().run(stop)
+                runner = rt.worker()
+                if metrics_port is not None:
+                    serving = partial(serve_metrics, rt, runner, host=metrics_host)
+                    tg.start_soon(partial(serving, port=metrics_port, ready=_metrics_banner))
+                await runner.run(stop)
                 tg.cancel_scope.cancel()
 
-    anyio.run(main)
+    try:
+        anyio.run(main)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _metrics_banner(url: str) -> None:
+    _announce([f"entities: metrics on {url}/metrics"], "metrics served", url=f"{url}/metrics")
 
 
 async def _stop_on_signals(stop: anyio.Event) -> None:

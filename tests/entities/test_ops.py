@@ -5,6 +5,7 @@ commits, model tokens) and the per-wake log line."""
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from entities.server import create_app, serve_metrics
 from tests._live import serving
 from tests.entities._fake_providers import FakeProvider, FakeToolCall, FakeTurn
 from tests.entities._fake_providers import fake_provider as fake_provider
+from tests.entities._support import EntitiesProcess, free_port
 
 registry = Registry()
 
@@ -310,3 +312,26 @@ def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
     assert samples[("t_seconds_bucket", "+Inf")] == 5
     assert samples[("t_seconds_count", None)] == 5
     assert samples[("t_seconds_sum", None)] == pytest.approx(8.65)
+
+
+def test_worker_metrics_port_serves_the_operations_endpoints(tmp_path: Path) -> None:
+    port = free_port()
+    db = f"sqlite:///{tmp_path}/cli.db"
+    worker = EntitiesProcess(
+        ["worker", "examples.all:registry", "--db", db, "--metrics-port", str(port)],
+        log=tmp_path / "worker.log",
+        port=port,
+    )
+    worker.start()
+    try:
+        with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            deadline = time.monotonic() + 15
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, client.get("/readyz").text
+                time.sleep(0.05)
+            assert client.get("/healthz").json() == {"status": "ok"}
+            assert "entities_pending_entities" in client.get("/metrics").text
+    finally:
+        worker.stop()
+    assert worker.proc is not None and worker.proc.returncode == 0
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in worker.output()

@@ -5,6 +5,7 @@ while lanes are free, so a busy entity never starves the others. On every store 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import pytest
@@ -132,3 +133,28 @@ async def test_a_cancelled_wake_gives_its_lease_back(store_url: str) -> None:
         assert slow_attempts == [1, 2]
         found = await rt.record("/slow/s")
         assert found is not None and found[0].inflight is None and found[0].owner is None
+
+
+async def test_a_worker_claims_only_the_types_its_registry_defines(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/shared.db"
+    ours, theirs = Registry(), Registry()
+    seen: list[str] = []
+
+    @ours.define("mine")
+    async def mine(ctx: HandlerContext, wake: WakeEvent) -> None:
+        seen.append(ctx.entity_url)
+
+    @theirs.define("other")
+    async def other(ctx: HandlerContext, wake: WakeEvent) -> None:
+        seen.append(ctx.entity_url)
+
+    async with Runtime(theirs, db) as them:
+        await them.spawn("/other/o1", initial_message="for the other app")
+    async with Runtime(ours, db) as us:
+        await us.spawn("/mine/m1", initial_message="for us")
+        assert await us.run_until_idle() == 1  # the other app's entity is not ours to run
+        record = await us.get("/other/o1")
+        assert (record.status, record.runs) == ("idle", 0)
+    async with Runtime(theirs, db) as them:
+        assert await them.run_until_idle() == 1
+    assert seen == ["/mine/m1", "/other/o1"]
