@@ -399,10 +399,16 @@ async def test_workers_killed(shared_db: str, tmp_path: Path, cleanup: list[Depl
         d: Deployment, ledger: Ledger, done: asyncio.Event, rng: random.Random
     ) -> int:
         """Every 200-500 ms, or after 120 more answered sends if that comes first (so a fast
-        machine sees as many kills), SIGKILL a worker and restart it: every other time one that
-        holds a lease at that moment (wakes take milliseconds, so a random victim is often
-        idle), else a random one."""
+        machine sees as many kills), SIGKILL a worker and restart it: one seen holding a lease
+        (wakes take milliseconds, so a random victim is often idle) until a kill has caught a
+        wake in flight, then every other time; else a random one."""
         kills = 0
+        hit = False  # whether a kill has caught a worker in the middle of a wake yet
+
+        async def owners() -> set[str | None]:
+            records = (EntityRecord.load(raw) for _key, raw in await store.kv_scan(ENTITY_NS))
+            return {record.owner for record in records if record.status == "running"}
+
         async with open_store(d.db) as store:
             while not done.is_set():
                 answered = len(ledger.acked) + len(ledger.unknown)
@@ -414,18 +420,20 @@ async def test_workers_killed(shared_db: str, tmp_path: Path, cleanup: list[Depl
                 if done.is_set():
                     break
                 busy: list[EntitiesProcess] = []
-                if kills % 2 == 0:
-                    owners = {
-                        record.owner
-                        for record in (
-                            EntityRecord.load(raw) for _key, raw in await store.kv_scan(ENTITY_NS)
-                        )
-                        if record.status == "running"
-                    }
-                    busy = [w for i, w in enumerate(d.workers) if f"w{i}" in owners]
+                # every other kill: look (for up to a second) until a worker holds a lease,
+                # and kill it at once (a single look finds none about half of the time, and
+                # then no kill may hit a wake in flight)
+                patience = time.monotonic() + 1.0
+                while (kills % 2 == 0 or not hit) and not busy and time.monotonic() < patience:
+                    running = await owners()
+                    busy = [w for i, w in enumerate(d.workers) if f"w{i}" in running]
+                    if not busy:
+                        await asyncio.sleep(0.002)
                 victim = rng.choice(busy or d.workers)
                 victim.kill()
                 kills += 1
+                if busy and not hit:  # did the kill catch its wake before the commit?
+                    hit = f"w{d.workers.index(victim)}" in await owners()
                 await asyncio.sleep(rng.uniform(0.0, 0.1))
                 victim.start()
         return kills
