@@ -59,7 +59,7 @@ def check_segment(value: str, what: str) -> str:
     return value
 
 
-@functools.lru_cache(maxsize=16384)
+@functools.lru_cache(maxsize=4096)
 def parse_url(url: str) -> EntityURL:
     """Parse ``/type/id`` (a leading slash is optional). Results are cached (a wake parses the
     same few URLs several times); an :class:`EntityURL` is immutable.
