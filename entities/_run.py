@@ -136,6 +136,7 @@ class Running:
     reason: str | None = None  # "timeout", "killed" or "fenced" once stopped
     abandoned: bool = False  # it ignored its cancellation: given up, its lane freed
     unwatch: Callable[[], None] | None = None  # stops the watch for a kill, once started
+    swept: bool = False  # a sweep has seen it running (the next one starts its watch)
 
     def stop(self, reason: str) -> None:
         """Cancel the handler (at its next await) for ``reason``; the first reason wins."""
@@ -285,9 +286,9 @@ class WakeRunner:
         return await self._failed(current, error)
 
     def sweep(self, watch: Callable[[Running], None]) -> tuple[list[Running], float]:
-        """Cancel the handlers past their deadline, and ``watch`` those that have run since the
-        last sweep (a wake shorter than a sweep's interval costs no watch: a kill fences its
-        commit all the same). Returns the handlers ``GRACE`` seconds past their deadline as well
+        """Cancel the handlers past their deadline, and ``watch`` those that were running at
+        the last sweep already (a wake shorter than a sweep's interval costs no watch, nor the
+        look at its record that starts one: a kill fences its commit all the same). Returns the handlers ``GRACE`` seconds past their deadline as well
         (they ignore their cancellation: give them up), and the seconds until the next sweep is
         due (at most ``SWEEP_SECONDS``)."""
         now = time.monotonic()
@@ -295,7 +296,10 @@ class WakeRunner:
         due = now + SWEEP_SECONDS
         for run in list(self.running.values()):
             if run.unwatch is None:
-                watch(run)
+                if run.swept:
+                    watch(run)
+                else:
+                    run.swept = True
             if run.reason is None:
                 if now >= run.deadline:
                     run.stop("timeout")
