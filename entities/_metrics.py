@@ -1,11 +1,12 @@
-"""Prometheus metrics of the runtime (``GET /metrics``, or ``entities worker --metrics-port``).
+"""The runtime's metrics, as plain numbers (rendered in the Prometheus format by
+``entities.server``: ``GET /metrics``, or ``entities worker --metrics-port``).
 
 Counters and histograms are this process's own: each process that runs wakes (``serve``, every
 ``worker``) exposes what it ran. The pending gauges describe the whole store, so any process
 answers them alike; they are read when scraped (:func:`refresh_pending`), not kept up to date
 on the wake path.
 
-The wake path pays a few dictionary lookups and list increments per wake (see ``_Family``);
+The wake path pays a few dictionary lookups and list increments per wake (see ``Family``);
 ``benchmarks/wakes.py`` measures it.
 """
 
@@ -14,17 +15,8 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
 
 import orjson
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
 
 from streams import Store, StreamsError
 
@@ -33,11 +25,7 @@ from ._events import from_iso
 from ._records import ENTITY_NS, PENDING_NS, EntityRecord
 from ._urls import EntityURL, parse_url
 
-__all__ = ["CONTENT_TYPE", "REGISTRY", "metrics", "refresh_pending", "render"]
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-REGISTRY = CollectorRegistry(auto_describe=True)
+__all__ = ["Family", "metrics", "pending", "refresh_pending"]
 
 # seconds: from sub-millisecond trivial handlers to long agent turns
 _DURATION_BUCKETS = (
@@ -62,12 +50,12 @@ class _Histogram:
         self.sum += value
 
 
-class _Family:
+class Family:
     """A counter or histogram family, kept as plain numbers per label values.
 
     prometheus-client's own metrics take a lock per update (several per histogram
     observation); the wake path runs on one event loop thread and updates these instead,
-    several times cheaper, and :class:`_Collector` renders them with prometheus-client's
+    several times cheaper, and ``entities.server`` renders them with prometheus-client's
     families when scraped.
     """
 
@@ -89,31 +77,25 @@ class _Family:
             histogram = self.histograms[values] = _Histogram(self.bounds)
         return histogram
 
-    def collect(self) -> Metric:
-        if self.bounds is None:
-            counter = CounterMetricFamily(self.name, self.doc, labels=self.labels)
-            for values, amount in sorted(self.counters.items()):
-                counter.add_metric(list(values), amount)
-            return counter
-        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
-        for values, histogram in sorted(self.histograms.items()):
-            running, buckets = 0, []
-            for bound, count in zip((*self.bounds, math.inf), histogram.counts, strict=True):
-                running += count
-                buckets.append(("+Inf" if math.isinf(bound) else repr(float(bound)), running))
-            family.add_metric(list(values), buckets, histogram.sum)
-        return family
+    def buckets(self, histogram: _Histogram) -> list[tuple[float, int]]:
+        """``(le, cumulative count)`` of ``histogram``, ``+Inf`` last."""
+        running, out = 0, []
+        assert self.bounds is not None
+        for bound, count in zip((*self.bounds, math.inf), histogram.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
 
 
-class _Metrics(Collector):
+class _Metrics:
     """The runtime's metrics (see the module docstring)."""
 
     def __init__(self) -> None:
-        def counter(name: str, doc: str, *labels: str) -> _Family:
-            return _Family(name, doc, labels, None)
+        def counter(name: str, doc: str, *labels: str) -> Family:
+            return Family(name, doc, labels, None)
 
-        def histogram(name: str, doc: str, bounds: tuple[float, ...], *labels: str) -> _Family:
-            return _Family(name, doc, labels, bounds)
+        def histogram(name: str, doc: str, bounds: tuple[float, ...], *labels: str) -> Family:
+            return Family(name, doc, labels, bounds)
 
         self.wakes = counter(
             "entities_wakes",
@@ -173,10 +155,6 @@ class _Metrics(Collector):
         self.wake_commit = self.store_commit.child(("commit",))
         self.lateness = self.timer_lateness.child()
 
-    def collect(self) -> Iterator[Metric]:
-        for family in self.families:
-            yield family.collect()
-
     def wake_ended(self, type_: str, outcome: str, seconds: float) -> None:
         """Count a wake of ``type_`` that ended with ``outcome`` after ``seconds``."""
         self.wakes.inc((type_, outcome))
@@ -195,12 +173,11 @@ class _Metrics(Collector):
 
 
 metrics = _Metrics()
-REGISTRY.register(metrics)
 
 
-class _Pending(Collector):
-    """``entities_pending_entities`` and ``entities_oldest_pending_age_seconds`` by type, as
-    last read by :func:`refresh_pending`."""
+class _Pending:
+    """Pending entities and the age of their oldest unprocessed event, by type, as last read
+    by :func:`refresh_pending`."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
@@ -209,26 +186,8 @@ class _Pending(Collector):
         # pending at the same offset is not read again
         self.since: dict[str, tuple[str, float]] = {}
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        count = GaugeMetricFamily(
-            "entities_pending_entities",
-            "Entities with unprocessed events (a pending mark), by type.",
-            labels=["type"],
-        )
-        age = GaugeMetricFamily(
-            "entities_oldest_pending_age_seconds",
-            "Age of the oldest unprocessed event among pending entities, by type.",
-            labels=["type"],
-        )
-        for type_, n in sorted(self.counts.items()):
-            count.add_metric([type_], n)
-            age.add_metric([type_], self.ages.get(type_, 0.0))
-        yield count
-        yield age
 
-
-_pending = _Pending()
-REGISTRY.register(_pending)
+pending = _Pending()
 
 
 async def refresh_pending(store: Store, now: float | None = None) -> None:
@@ -249,12 +208,12 @@ async def refresh_pending(store: Store, now: float | None = None) -> None:
             continue
         type_ = target.type
         counts[type_] = counts.get(type_, 0) + 1
-        first = await _first_unacked(store, target, _pending.since.get(url))
+        first = await _first_unacked(store, target, pending.since.get(url))
         if first is None:
             continue
         since[url] = first
         ages[type_] = max(ages.get(type_, 0.0), max(0.0, now - first[1]))
-    _pending.counts, _pending.ages, _pending.since = counts, ages, since
+    pending.counts, pending.ages, pending.since = counts, ages, since
 
 
 async def _first_unacked(
@@ -277,8 +236,3 @@ async def _first_unacked(
         except (ValueError, KeyError, TypeError):
             return None
     return None
-
-
-def render() -> bytes:
-    """The metrics in the Prometheus text format."""
-    return generate_latest(REGISTRY)

@@ -288,9 +288,10 @@ class WakeRunner:
     def sweep(self, watch: Callable[[Running], None]) -> tuple[list[Running], float]:
         """Cancel the handlers past their deadline, and ``watch`` those that were running at
         the last sweep already (a wake shorter than a sweep's interval costs no watch, nor the
-        look at its record that starts one: a kill fences its commit all the same). Returns the handlers ``GRACE`` seconds past their deadline as well
-        (they ignore their cancellation: give them up), and the seconds until the next sweep is
-        due (at most ``SWEEP_SECONDS``)."""
+        look at its record that starts one: a kill fences its commit all the same). Returns
+        the handlers ``GRACE`` seconds past their deadline as well (they ignore their
+        cancellation: give them up), and the seconds until the next sweep is due (at most
+        ``SWEEP_SECONDS``)."""
         now = time.monotonic()
         late: list[Running] = []
         due = now + SWEEP_SECONDS

@@ -6,51 +6,55 @@ W3C trace context of its sender), and one per model call, tool call and journale
 
 Without the extra, or without a configured provider (``trace.set_tracer_provider``, or the
 ``opentelemetry-instrument`` launcher), every function here is a constant-time no-op: the wake
-path makes no span objects at all.
+path makes no span objects at all, and OpenTelemetry is not even imported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-try:
-    from opentelemetry import propagate, trace
-    from opentelemetry.trace import Link, ProxyTracerProvider, SpanKind
-except ImportError:  # the optional extra is not installed
-    trace = None  # type: ignore[assignment]
-
 __all__ = ["active", "asgi_middleware", "carrier", "span", "tracer_provider", "using"]
 
 _override: Any = None  # a provider set with using(), over the global one
-
-_NO_PROVIDER: tuple[type, ...] = ()
-if trace is not None:
-    _NO_PROVIDER = (ProxyTracerProvider, trace.NoOpTracerProvider)
-
-
 _global = [False, -1.0]  # whether a global provider is set, and when that was looked up
 
 
+def _api() -> Any:
+    """``opentelemetry.trace`` if the application has loaded it, else ``None``. This module
+    never imports OpenTelemetry on its own: an application that sets a tracer provider has
+    loaded it, and one that does not pays nothing (not even the import)."""
+    return sys.modules.get("opentelemetry.trace")
+
+
 def active() -> bool:
-    """Whether spans are recorded: the extra is installed and a tracer provider is set (a
-    global provider set while running is noticed within a second: the lookup reads the
-    environment, too slow for every wake)."""
-    if trace is None:
-        return False
+    """Whether spans are recorded: a tracer provider is set (a global provider set while
+    running is noticed within a second: the lookup reads the environment, too slow for every
+    wake)."""
     if _override is not None:
         return True
     now = time.monotonic()
     if now - _global[1] > 1.0:
-        _global[:] = [not isinstance(trace.get_tracer_provider(), _NO_PROVIDER), now]
+        api = _api()
+        _global[:] = [
+            api is not None
+            and not isinstance(
+                api.get_tracer_provider(), (api.ProxyTracerProvider, api.NoOpTracerProvider)
+            ),
+            now,
+        ]
     return bool(_global[0])
 
 
 def tracer_provider() -> Any:
     """The provider spans go to: the one of :func:`using`, else the global one."""
-    return _override if _override is not None else trace.get_tracer_provider()
+    if _override is not None:
+        return _override
+    api = _api()
+    return None if api is None else api.get_tracer_provider()
 
 
 @contextlib.contextmanager
@@ -58,6 +62,8 @@ def using(provider: Any) -> Iterator[None]:
     """Send this process's spans to ``provider`` (instead of the global one) inside the block:
     for tests and for hosts that keep several providers."""
     global _override
+    import opentelemetry.trace  # noqa: F401  (the SDK's provider has loaded it already)
+
     previous, _override = _override, provider
     try:
         yield
@@ -70,6 +76,8 @@ def carrier() -> dict[str, str] | None:
     ``None`` when there is no active span."""
     if not active():
         return None
+    from opentelemetry import propagate, trace
+
     if not trace.get_current_span().get_span_context().is_valid:
         return None
     out: dict[str, str] = {}
@@ -91,6 +99,9 @@ def span(
     if not active():
         yield None
         return
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import Link, SpanKind
+
     span_links = []
     for carried in links:
         context = trace.get_current_span(propagate.extract(dict(carried))).get_span_context()
@@ -108,10 +119,11 @@ def span(
 
 def asgi_middleware() -> Any:
     """The OpenTelemetry ASGI middleware class (a span per HTTP request), or ``None`` without
-    the extra."""
-    if trace is None:
+    the extra or when the application has not loaded OpenTelemetry (configure the provider
+    before the app is created)."""
+    if _api() is None:
         return None
-    try:  # imported here: 30 ms, which only a server needs (not every CLI command)
+    try:
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
     except ImportError:
         return None

@@ -17,10 +17,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .._metrics import CONTENT_TYPE, refresh_pending, render
+from .._metrics import refresh_pending
 from .._records import WORKER_NS
 from .._runtime import Runtime
 from .._worker import Worker
+from ._prometheus import CONTENT_TYPE, render
 
 __all__ = ["PUBLIC_PATHS", "ops_routes"]
 

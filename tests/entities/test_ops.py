@@ -16,10 +16,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from entities import HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
-from entities._metrics import REGISTRY, _Family, refresh_pending, render
+from entities._metrics import Family, refresh_pending
 from entities.agent import tool
 from entities.agent._anthropic import AnthropicModel
 from entities.server import create_app, serve_metrics
+from entities.server._prometheus import REGISTRY, family_metric, render
 from tests._live import serving
 from tests.entities._fake_providers import FakeProvider, FakeToolCall, FakeTurn
 from tests.entities._fake_providers import fake_provider as fake_provider
@@ -303,10 +304,10 @@ async def test_serve_metrics_alone_for_a_worker_without_http(tmp_path: Path) -> 
 
 
 def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
-    family = _Family("t_seconds", "test", ("type",), (0.1, 1.0))
+    family = Family("t_seconds", "test", ("type",), (0.1, 1.0))
     for seconds in (0.05, 0.1, 0.5, 1.0, 7.0):
         family.child(("a",)).observe(seconds)
-    samples = {(s.name, s.labels.get("le")): s.value for s in family.collect().samples}
+    samples = {(s.name, s.labels.get("le")): s.value for s in family_metric(family).samples}
     assert samples[("t_seconds_bucket", "0.1")] == 2  # 0.1 itself is in le="0.1"
     assert samples[("t_seconds_bucket", "1.0")] == 4
     assert samples[("t_seconds_bucket", "+Inf")] == 5

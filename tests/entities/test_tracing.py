@@ -161,7 +161,7 @@ def test_without_the_extra_nothing_is_traced(tmp_path: Path) -> None:
                 names = [m.cls.__name__ for m in app.user_middleware]
                 values = [orjson.loads(m.data).get("value") or {{}}
                           for m in (await rt.store.read("tr-child/c/main")).messages]
-                print(_tracing.trace is None, _tracing.active(), names,
+                print(_tracing._api() is None, _tracing.active(), names,
                       any("trace" in v for v in values if isinstance(v, dict)))
 
         anyio.run(main)
@@ -176,3 +176,38 @@ def test_without_the_extra_nothing_is_traced(tmp_path: Path) -> None:
         timeout=60,
     ).stdout.strip()
     assert out == "True False ['_HeaderLimit', '_EndOnShutdown'] False"
+
+
+def test_an_application_without_opentelemetry_does_not_load_it(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys, anyio
+        from entities import Registry, Runtime
+        from entities.server import create_app
+
+        registry = Registry()
+
+        @registry.define("plain")
+        async def plain(ctx, wake):
+            return None
+
+        async def main():
+            async with Runtime(registry, "sqlite:///{tmp_path}/p.db") as rt:
+                await rt.spawn("/plain/p", initial_message="x")
+                await rt.run_until_idle()
+                app = create_app(rt)
+                print([m.cls.__name__ for m in app.user_middleware],
+                      any(name.startswith("opentelemetry") for name in sys.modules))
+
+        anyio.run(main)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=60,
+    ).stdout.strip()
+    assert out == "['_HeaderLimit', '_EndOnShutdown'] False"
