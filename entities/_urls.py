@@ -9,7 +9,8 @@ from ._errors import InvalidEntityURL
 
 __all__ = ["EntityURL", "parse_url"]
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
+SEGMENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$"  # a type or an id, in full
+_SEGMENT = re.compile(SEGMENT_PATTERN)
 
 
 class EntityURL:

@@ -25,6 +25,7 @@ from .. import _tracing as tracing
 from .._runtime import Runtime
 from .._worker import Worker
 from ._console import console_routes, is_console_path
+from ._openapi import openapi_route
 from ._ops import PUBLIC_PATHS, ops_routes
 from ._routes import control_routes, error_response
 
@@ -226,6 +227,7 @@ def create_app(
         )
     routes = [
         *ops_routes(runtime, worker),
+        openapi_route(),
         *console_routes(),
         *control_routes(runtime, max_body_bytes=max_body_bytes),
         Mount("/", app=_ReadOnly(streams_app, settings.base_path)),

@@ -21,7 +21,15 @@ from .._runtime import Runtime
 from .._timers import next_cron
 from .._urls import EntityURL, check_segment, parse_url
 
-__all__ = ["control_routes", "error_response", "json_response"]
+__all__ = [
+    "CronBody",
+    "SendBody",
+    "SpawnBody",
+    "TagBody",
+    "control_routes",
+    "error_response",
+    "json_response",
+]
 
 
 def json_response(data: Any, status: int = 200) -> Response:
