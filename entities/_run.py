@@ -256,7 +256,18 @@ class WakeRunner:
             error = WakeTimeout(
                 f"the wake ran past its timeout of {run.timeout:g} s", url=claim.url.url
             )
-        return await self._conclude(current, error)
+        if error is None:  # commit the outcome (or, if it cannot be committed, fail it)
+            try:
+                head = self._completed(current)
+                await self._finish(
+                    claim, head, [ctx.effects], current.view, current.base,
+                    run_status="completed", sleeping=ctx.sleeping,
+                )  # fmt: skip
+                return "completed"
+            except _Poison as poison:
+                error = poison.error
+                logger.warning("wake of %s could not be committed: %r", claim.url, error)
+        return await self._failed(current, error)
 
     def _ended(self, current: _Wake, outcome: str, seconds: float) -> None:
         """Count a wake's end and log it (one INFO line per wake, on ``entities.wake``)."""
@@ -272,18 +283,6 @@ class WakeRunner:
                 extra={"url": url, "type": type_, "attempt": attempt, "outcome": outcome,
                        "duration_ms": round(seconds * 1000, 3)},
             )  # fmt: skip
-
-    async def _conclude(self, current: _Wake, error: BaseException | None) -> str:
-        """Commit the outcome of a handler run (or, if it cannot be committed, fail it); return
-        the outcome."""
-        if error is None:
-            try:
-                await self._completed(current)
-                return "completed"
-            except _Poison as poison:
-                error = poison.error
-                logger.warning("wake of %s could not be committed: %r", current.claim.url, error)
-        return await self._failed(current, error)
 
     def sweep(self, watch: Callable[[Running], None]) -> tuple[list[Running], float]:
         """Cancel the handlers past their deadline, and ``watch`` those that were running at
@@ -403,8 +402,8 @@ class WakeRunner:
             for e in finished:
                 e["value"]["other_children"] = others
 
-    async def _completed(self, current: _Wake) -> None:
-        """Commit a completed run. Raises _Poison when its effects cannot be committed."""
+    def _completed(self, current: _Wake) -> list[bytes]:
+        """The run record of a completed run (what :meth:`_finish` commits first)."""
         claim, ctx, now = current.claim, current.ctx, self.rt.clock.now()
         inflight = claim.record.inflight
         assert inflight is not None
@@ -412,16 +411,7 @@ class WakeRunner:
         run = run_value(claim.record, current.wake, "completed", now - current.started)
         run["sends"] = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
         run["spawns"] = [s.target.url for s in ctx.effects.spawns]
-        head = [event("runs", inflight.wake_id, run, now, txid=inflight.wake_id)]
-        await self._finish(
-            claim,
-            head,
-            [ctx.effects],
-            current.view,
-            current.base,
-            run_status="completed",
-            sleeping=ctx.sleeping,
-        )
+        return [event("runs", inflight.wake_id, run, now, txid=inflight.wake_id)]
 
     async def _failed(self, current: _Wake, error: BaseException) -> str:
         """Record a failed attempt: retried with backoff, or, after ``max_attempts``,

@@ -275,7 +275,7 @@ class Worker:
             for _ in range(FOLLOW_ON):
                 # the scan that found ``url`` may be stale by now (another worker may have run
                 # its wake meanwhile): the claim then finds no wake event and only clears the mark
-                claim = await self.claim(url, token, stolen=stolen)
+                claim = await self.claimer.claim(url, token, stolen=stolen)
                 stolen = False  # a follow-on wake is this worker's own
                 if claim is None:
                     break
@@ -335,7 +335,7 @@ class Worker:
         async def lane() -> None:
             nonlocal ran
             for url, token in queue:
-                claim = await self.claim(url, token)
+                claim = await self.claimer.claim(url, token)
                 if claim is not None:
                     await self._run_or_release(claim)
                     ran += 1

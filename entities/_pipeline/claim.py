@@ -219,32 +219,10 @@ class Claimer:
             )
         else:
             inflight = inflight.model_copy(update={"attempt": inflight.attempt + 1})
-        return await self._lease(target, record, raw, token, inflight, loaded, now)
-
-    async def _lease(
-        self,
-        target: EntityURL,
-        record: EntityRecord,
-        raw: bytes,
-        token: bytes,
-        inflight: Inflight,
-        loaded: Loaded | None,
-        now: float,
-    ) -> object:
-        """Write the claimed record (new epoch, lease, range) if ``raw`` still holds."""
-        claimed = record.model_copy(
-            update={
-                "owner": self.worker_id,
-                "epoch": record.epoch + 1,
-                "lease_expires": now + self.lease_seconds,
-                "inflight": inflight,
-                "status": "running",
-                "retry_at": None,
-            }
-        )
+        claimed = self._claimed(record, inflight, now)
         claimed_raw = claimed.dump()
         began = time.perf_counter()
-        try:
+        try:  # the claimed record (new epoch, lease, range), if ``raw`` still holds
             await self.store.commit(
                 [KvCheck(ENTITY_NS, target.url, raw), KvPut(ENTITY_NS, target.url, claimed_raw)]
             )
@@ -257,6 +235,19 @@ class Claimer:
         self.counts["won"] += 1
         self.remember(target.url, claimed_raw)
         return Claim(target, claimed, claimed_raw, token, loaded)
+
+    def _claimed(self, record: EntityRecord, inflight: Inflight, now: float) -> EntityRecord:
+        """``record`` leased to this worker: a new epoch, the lease, the wake's range."""
+        return record.model_copy(
+            update={
+                "owner": self.worker_id,
+                "epoch": record.epoch + 1,
+                "lease_expires": now + self.lease_seconds,
+                "inflight": inflight,
+                "status": "running",
+                "retry_at": None,
+            }
+        )
 
     async def renew(self, claim: Claim) -> bool:
         """Extend the lease of ``claim`` by ``lease_seconds`` from now; ``False`` if it was
