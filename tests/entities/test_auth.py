@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx2
 import pytest
 from click.testing import CliRunner
@@ -24,12 +23,12 @@ from entities.server import (
     ServeOptions,
     create_app,
     load_auth,
-    serve,
 )
 from entities.server._app import host_names
 from entities.server._auth import glob_regex
 from examples import all as examples_all
 from tests._live import serving
+from tests.entities._support import EntitiesProcess, free_port
 
 ALICE, BOB, ROOT, KILLER, MALLORY, SCOPED = (
     "alice-t0ken",
@@ -323,37 +322,41 @@ async def test_host_check_on_loopback_binds() -> None:
                     assert "--allowed-host" in error["message"]
 
 
-async def test_serve_wires_auth_cors_and_host_check() -> None:
-    """``serve()`` itself: the options reach the app (a loopback bind checks ``Host``)."""
-    auth = AuthConfig.model_validate(AUTH)
-    options = ServeOptions(port=0, worker=False, auth=auth, cors_origins=(LISTED,))
-    async with Runtime(examples_all.registry, "memory://") as runtime:
-        urls: list[str] = []
-        started = anyio.Event()
-
-        async def ready(url: str) -> None:
-            urls.append(url)
-            started.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: serve(runtime, options, ready=ready))
-            with anyio.fail_after(10):
-                await started.wait()
-            async with httpx2.AsyncClient(base_url=urls[0], timeout=10) as client:
-                evil = await client.get("/healthz", headers={"Host": "evil.example"})
-                assert evil.status_code == 421
-                alice = {"Authorization": f"Bearer {ALICE}"}
-                spawned = await client.put("/_entities/entities/counter/z", json={}, headers=alice)
-                assert spawned.status_code == 201
-                bob = {"Authorization": f"Bearer {BOB}"}
-                denied = await client.put("/_entities/entities/counter/y", json={}, headers=bob)
-                assert denied.status_code == 403
-                cors = await client.options(
-                    "/_entities/types",
-                    headers={"Origin": LISTED, "Access-Control-Request-Method": "GET"},
-                )
-                assert cors.headers["access-control-allow-origin"] == LISTED
-            tg.cancel_scope.cancel()
+def test_entities_serve_with_auth_cors_and_allowed_host(tmp_path: Path) -> None:
+    """``entities serve --auth FILE --cors-origin O --allowed-host H`` end to end: a loopback
+    bind checks ``Host``, grants apply, the listed origin gets its CORS headers."""
+    auth_file = tmp_path / "auth.json"
+    auth_file.write_text(json.dumps(AUTH))
+    port = free_port()
+    process = EntitiesProcess(
+        [
+            *("serve", "examples.all:registry", "--db", f"sqlite:///{tmp_path / 'a.db'}"),
+            *("--port", str(port), "--auth", str(auth_file), "--cors-origin", LISTED),
+            *("--allowed-host", "box.internal"),
+        ],
+        log=tmp_path / "serve.log",
+        port=port,
+    )
+    process.start()
+    try:
+        with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            assert client.get("/healthz", headers={"Host": "evil.example"}).status_code == 421
+            assert client.get("/healthz", headers={"Host": "box.internal:80"}).status_code == 200
+            assert client.get("/healthz", headers={"Host": f"localhost:{port}"}).status_code == 200
+            alice = {"Authorization": f"bearer {ALICE}"}
+            spawned = client.put("/_entities/entities/counter/z", json={}, headers=alice)
+            assert spawned.status_code == 201
+            bob = {"Authorization": f"Bearer {BOB}"}
+            denied = client.put("/_entities/entities/counter/y", json={}, headers=bob)
+            assert denied.status_code == 403 and "'spawn'" in error_of(denied)["message"]
+            assert client.get("/_entities/types").status_code == 401
+            cors = client.options(
+                "/_entities/types",
+                headers={"Origin": LISTED, "Access-Control-Request-Method": "GET"},
+            )
+            assert cors.headers["access-control-allow-origin"] == LISTED
+    finally:
+        process.stop()
 
 
 # -- the auth file ------------------------------------------------------------------------------
