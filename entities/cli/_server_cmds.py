@@ -20,7 +20,7 @@ from .._registry import Registry
 from .._replay import ReplayReport
 from .._runtime import Runtime
 from .._urls import parse_url
-from ..server import ServeOptions, serve_metrics
+from ..server import AuthConfig, AuthFileError, ServeOptions, load_auth, serve_metrics
 from ..server import serve as run_serve
 from ._app import load_registry
 from ._common import (
@@ -35,7 +35,7 @@ from ._common import (
     report,
     wake_timeout_option,
 )
-from ._db import Problem, db_option, open_db, probe_postgres, redact, require_db
+from ._db import Problem, UsageProblem, db_option, open_db, probe_postgres, redact, require_db
 from ._logs import adopt_uvicorn_loggers, json_logs
 
 __all__ = ["replay", "run", "serve", "worker"]
@@ -76,6 +76,26 @@ def _announce(lines: list[str], message: str, **fields: Any) -> None:
             click.echo(line, err=True)
 
 
+def _auth_of(auth_file: str | None, token: str | None) -> AuthConfig | None:
+    """The principals of ``--auth FILE``, if given.
+
+    Raises:
+        UsageProblem: the file is bad (the message names the field), or ``--token`` is given
+            too.
+    """
+    if auth_file is None:
+        return None
+    if token:
+        raise UsageProblem(
+            "--auth and --token (or ENTITIES_TOKEN) together: give the admin a principal in "
+            "the auth file instead"
+        )
+    try:
+        return load_auth(auth_file)
+    except AuthFileError as exc:
+        raise UsageProblem(f"--auth {exc}") from None
+
+
 @click.command()
 @click.argument("app")
 @db_option
@@ -85,7 +105,25 @@ def _announce(lines: list[str], message: str, **fields: Any) -> None:
     "--token",
     envvar="ENTITIES_TOKEN",
     default=None,
-    help="Require this bearer token on every request (env ENTITIES_TOKEN).",
+    help="Require this bearer token on every request (env ENTITIES_TOKEN): one admin.",
+)
+@click.option(
+    "--auth",
+    "auth_file",
+    default=None,
+    help="Principals, their tokens and grants (a JSON or .toml file); not with --token.",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="An origin (https://host[:port]) whose pages may call the control plane (repeatable).",
+)
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="A Host name to answer for besides the loopback names (repeatable).",
 )
 @click.option("--no-worker", is_flag=True, help="Serve HTTP only; run workers separately.")
 @click.option(
@@ -105,6 +143,9 @@ def serve(
     host: str,
     port: int,
     token: str | None,
+    auth_file: str | None,
+    cors_origins: tuple[str, ...],
+    allowed_hosts: tuple[str, ...],
     no_worker: bool,
     access_log: bool,
     concurrency: int,
@@ -117,6 +158,7 @@ def serve(
     """Serve HTTP (control plane, Durable Streams, console at /ui/) with an embedded worker.
 
     A PostgreSQL --db that does not answer yet is waited for, up to 15 s."""
+    auth = _auth_of(auth_file, token)
     registry = load_registry(app)
     _check_port(host, port)
     probe_postgres(db, wait=DB_WAIT_SECONDS)
@@ -125,6 +167,9 @@ def serve(
         host=host,
         port=port,
         token=token,
+        auth=auth,
+        cors_origins=cors_origins,
+        allowed_hosts=allowed_hosts,
         worker=not no_worker,
         max_body_bytes=max_body_bytes,
         streams=settings,

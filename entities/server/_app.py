@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -24,9 +23,11 @@ from streams.server import create_app as create_streams_app
 from .. import _tracing as tracing
 from .._runtime import Runtime
 from .._worker import Worker
-from ._console import console_routes, is_console_path
+from ._access import LOOPBACK_NAMES, Authorize, CrossSite, HostCheck, is_loopback
+from ._auth import AuthConfig
+from ._console import console_routes
 from ._openapi import openapi_route
-from ._ops import PUBLIC_PATHS, ops_routes
+from ._ops import ops_routes
 from ._routes import control_routes, error_response
 
 __all__ = ["ServeOptions", "create_app", "serve", "serve_metrics"]
@@ -36,11 +37,21 @@ logger = logging.getLogger("entities.server")
 
 @dataclass(frozen=True, slots=True)
 class ServeOptions:
-    """How ``entities serve`` runs: address, auth, limits, and whether to run a worker."""
+    """How ``entities serve`` runs: address, auth, limits, and whether to run a worker.
+
+    ``token`` is the one-admin shortcut, ``auth`` the principals and their grants (not both).
+    ``cors_origins`` are the origins whose pages may call the control plane. Bound to a
+    loopback address, the server answers only requests whose ``Host`` is a loopback name or
+    one of ``allowed_hosts``; bound elsewhere, ``allowed_hosts`` (when given) are the only names
+    it answers for.
+    """
 
     host: str = "127.0.0.1"
     port: int = 4437
     token: str | None = None
+    auth: AuthConfig | None = None
+    cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     worker: bool = True
     max_body_bytes: int = 1024 * 1024
     max_header_bytes: int = 64 * 1024
@@ -66,31 +77,6 @@ class _HeaderLimit:
                 )
                 await response(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
-
-
-class _BearerAuth:
-    """Reject every request without ``Authorization: Bearer <token>`` (CORS preflight aside,
-    and ``GET`` of the console's pages and assets, ``/`` and ``/ui/...``: they are static and
-    hold no data; the console asks for the token and sends it with each of its requests)."""
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        public = scope["type"] == "http" and (
-            (scope["method"] == "GET" and is_console_path(scope["path"]))
-            or scope["path"] in PUBLIC_PATHS
-        )
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or public:
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
-            response = error_response(401, "UNAUTHORIZED", "a valid bearer token is required")
-            await response(scope, receive, send)
-            return
         await self.app(scope, receive, send)
 
 
@@ -190,11 +176,23 @@ class _EndOnShutdown:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+def host_names(options: ServeOptions) -> tuple[str, ...] | None:
+    """The ``Host`` names a server run with ``options`` answers for (``None``: any)."""
+    if is_loopback(options.host):
+        return (*LOOPBACK_NAMES, *options.allowed_hosts)
+    if options.allowed_hosts:
+        return (*LOOPBACK_NAMES, options.host, *options.allowed_hosts)
+    return None
+
+
 def create_app(
     runtime: Runtime,
     *,
     worker: Worker | None = None,
     token: str | None = None,
+    auth: AuthConfig | None = None,
+    cors_origins: Sequence[str] = (),
+    allowed_hosts: Sequence[str] | None = None,
     max_body_bytes: int = 1024 * 1024,
     max_header_bytes: int = 64 * 1024,
     streams: ServerSettings | None = None,
@@ -204,17 +202,37 @@ def create_app(
     this process runs, if any, for the readiness check).
 
     With ``token`` set, every request must carry ``Authorization: Bearer <token>`` (but the
-    health checks). Streams
-    are served read-only (writes get ``405 READ_ONLY``). Bodies over ``max_body_bytes`` get
-    ``413``, headers (with the request target) over ``max_header_bytes`` get ``431``.
+    health checks and the console's static pages); with ``auth``, the token of one of its
+    principals, whose grants must allow what the request does (see ``_access``). Cross-origin
+    requests to all but the streams are refused unless from one of ``cors_origins``; with
+    ``allowed_hosts``, requests for another ``Host`` are refused. Streams are served read-only
+    (writes get ``405 READ_ONLY``). Bodies over ``max_body_bytes`` get ``413``, headers (with
+    the request target) over ``max_header_bytes`` get ``431``.
+
+    Raises:
+        ValueError: both ``token`` and ``auth`` are given.
     """
+    if token and auth is not None:
+        raise ValueError("give a token or an auth config, not both")
     settings = streams or ServerSettings()
     streams_app = create_streams_app(runtime.store, settings=settings)
 
     closing = _Closing()
     middleware = [Middleware(_HeaderLimit, limit=max_header_bytes)]
+    if allowed_hosts is not None:
+        middleware.append(Middleware(HostCheck, names=allowed_hosts))
+    middleware.append(
+        Middleware(
+            CrossSite,
+            origins=cors_origins,
+            streams_base=settings.base_path,
+            streams_origins=settings.cors_origins,
+        )
+    )
     if token:
-        middleware.append(Middleware(_BearerAuth, token=token))
+        auth = AuthConfig.single_token(token)
+    if auth is not None:
+        middleware.append(Middleware(Authorize, auth=auth, streams_base=settings.base_path))
     middleware.append(Middleware(_EndOnShutdown, closing=closing))
     otel = tracing.asgi_middleware()
     if otel is not None:  # a span per request (they are no-ops until a provider is set)
@@ -292,6 +310,9 @@ async def serve(
         runtime,
         worker=worker,
         token=options.token,
+        auth=options.auth,
+        cors_origins=options.cors_origins,
+        allowed_hosts=host_names(options),
         max_body_bytes=options.max_body_bytes,
         max_header_bytes=options.max_header_bytes,
         streams=options.streams,

@@ -27,7 +27,8 @@ __all__ = ["PUBLIC_PATHS", "ops_routes"]
 
 logger = logging.getLogger("entities.server")
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# no token needed: health checks for orchestrators, and the API document (it holds no data)
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 STORE_CHECK_SECONDS = 2.0
 
 

@@ -20,8 +20,10 @@ from .._idempotency import check_key
 from .._runtime import Runtime
 from .._timers import next_cron
 from .._urls import EntityURL, check_segment, parse_url
+from ._auth import Principal
 
 __all__ = [
+    "PRINCIPAL_KEY",
     "CronBody",
     "SendBody",
     "SpawnBody",
@@ -30,6 +32,8 @@ __all__ = [
     "error_response",
     "json_response",
 ]
+
+PRINCIPAL_KEY = "entities.principal"  # where ``_access.Authorize`` leaves the request's principal
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -140,6 +144,44 @@ def _with_next_fire(schedule: dict[str, Any], now: float) -> dict[str, Any]:
     return {**schedule, "next_fire_at": at}
 
 
+def _principal(request: Request) -> Principal | None:
+    """The principal that made ``request`` (``None`` when the server has no auth)."""
+    found = request.scope.get(PRINCIPAL_KEY)
+    return found if isinstance(found, Principal) else None
+
+
+def _sender(request: Request, target: EntityURL, named: str | None) -> str:
+    """The ``from`` of a message sent over HTTP: the principal's sender id (``principal:NAME``);
+    only a principal with ``admin`` on the target may name another; without auth, ``named``
+    or ``/_http/client``.
+
+    Raises:
+        _Problem: ``named`` is an entity URL (422), or another sender named by a non-admin (403).
+    """
+    if named is not None and _names_an_entity(named):
+        raise _Problem(
+            422,
+            "INVALID_SENDER",
+            f"'from' {named!r} names an entity: only the runtime sends as an entity "
+            "(a handler would take it for that entity's message). Name the sender in a way "
+            "of your own, e.g. 'user:alice' or '/_app/billing'.",
+        )
+    principal = _principal(request)
+    if principal is None:
+        return named or "/_http/client"
+    if named is None or named == principal.sender:
+        return principal.sender
+    if principal.allows("admin", target.url):
+        return named
+    raise _Problem(
+        403,
+        "FORBIDDEN_SENDER",
+        f"principal {principal.name!r} sends as {principal.sender!r}; naming another sender "
+        f"in 'from' needs 'admin' on {target.url}",
+        {"action": "admin", "url": target.url},
+    )
+
+
 _Endpoint = Callable[[Request], Awaitable[Response]]
 
 
@@ -179,6 +221,9 @@ class _ControlPlane:
         found = await self.runtime.list_entities(
             type=q.get("type"), status=q.get("status"), tag=q.get("tag"), parent=q.get("parent")
         )
+        principal = _principal(request)
+        if principal is not None:  # only what this principal may read
+            found = [info for info in found if principal.allows("read", info.url)]
         return json_response([info.to_json() for info in found])
 
     async def spawn(self, request: Request) -> Response:
@@ -187,16 +232,19 @@ class _ControlPlane:
         key = _idempotency_key(request)
         runtime.registry.get(target.type)
         body = await _body(request, SpawnBody, self.max_body_bytes)
-        parent = None
-        if body.parent is not None:  # must name an existing entity (``ps --parent`` lists by it)
-            parent = (await runtime.get(parse_url(body.parent).url)).url
+        if body.parent is not None:
+            raise _Problem(
+                422,
+                "INVALID_PARENT",
+                "'parent' is set by the runtime alone (an entity that spawns a child); "
+                "an entity spawned over HTTP has none",
+            )
         info = await runtime.spawn(
             target.url,
             args=body.args,
             tags=body.tags,
             initial_message=body.initial_message,
             initial_message_type=body.initial_message_type,
-            parent=parent,
             idempotency_key=key,
         )
         return json_response(info.to_json(), 201)
@@ -219,19 +267,12 @@ class _ControlPlane:
         key = _idempotency_key(request)
         runtime.registry.get(target.type)
         body = await _body(request, SendBody, self.max_body_bytes)
-        if body.sender is not None and _names_an_entity(body.sender):
-            raise _Problem(
-                422,
-                "INVALID_SENDER",
-                f"'from' {body.sender!r} names an entity: only the runtime sends as an entity "
-                "(a handler would take it for that entity's message). Name the sender in a way "
-                "of your own, e.g. 'user:alice' or '/_app/billing'.",
-            )
+        sender = _sender(request, target, body.sender)
         receipt = await runtime.send(
             target.url,
             body.payload,
             type=body.type,
-            sender=body.sender or "/_http/client",
+            sender=sender,
             idempotency_key=key,
         )
         return json_response(receipt.to_json(), 202)

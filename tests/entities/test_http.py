@@ -177,22 +177,21 @@ async def test_spawn_bad_args_is_422_and_creates_nothing(served: Served, body: A
 
 
 async def test_spawn_parent_and_initial_message_are_checked(served: Served) -> None:
+    """Only the runtime names an entity's parent (a child spawned by a wake): a spawn over HTTP
+    naming one is refused, like a send naming an entity as its sender."""
     assert (await spawn(served, "/counter/p1")).status_code == 201
     before = await served.snapshot()
     for body, status, code in [
-        ({"parent": "not a url"}, 400, "INVALID_URL"),
-        ({"parent": "/counter/ghost"}, 404, "ENTITY_NOT_FOUND"),
+        ({"parent": "not a url"}, 422, "INVALID_PARENT"),
+        ({"parent": "/counter/ghost"}, 422, "INVALID_PARENT"),
+        ({"parent": "/counter/p1"}, 422, "INVALID_PARENT"),
         ({"initial_message": {"add": "x"}}, 422, "SCHEMA_VALIDATION_FAILED"),
     ]:
         response = await spawn(served, "/counter/c1", body)
         assert response.status_code == status, (body, response.text)
         assert error_code(response) == code
     assert await served.snapshot() == before
-    child = await spawn(
-        served, "/counter/c1", {"parent": "counter/p1", "initial_message": {"add": 4}}
-    )
-    assert child.status_code == 201
-    assert child.json()["parent"] == "/counter/p1"
+    await served.runtime.spawn("/counter/c1", parent="/counter/p1", initial_message={"add": 4})
     await served.settle()
     children = (
         await served.http.get("/_entities/entities", params={"parent": "/counter/p1"})

@@ -175,7 +175,7 @@ def test_without_the_extra_nothing_is_traced(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parents[2],
         timeout=60,
     ).stdout.strip()
-    assert out == "True False ['_HeaderLimit', '_EndOnShutdown'] False"
+    assert out == "True False ['_HeaderLimit', 'CrossSite', '_EndOnShutdown'] False"
 
 
 def test_an_application_without_opentelemetry_does_not_load_it(tmp_path: Path) -> None:
@@ -210,4 +210,4 @@ def test_an_application_without_opentelemetry_does_not_load_it(tmp_path: Path) -
         cwd=Path(__file__).resolve().parents[2],
         timeout=60,
     ).stdout.strip()
-    assert out == "['_HeaderLimit', '_EndOnShutdown'] False"
+    assert out == "['_HeaderLimit', 'CrossSite', '_EndOnShutdown'] False"
