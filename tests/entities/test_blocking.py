@@ -5,15 +5,19 @@ loop. A real worker over SQLite."""
 from __future__ import annotations
 
 import logging
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 
 from entities import HandlerContext, Registry, Runtime, WakeEvent
+
+from ._support import EntitiesProcess, free_port
 
 registry = Registry()
 finished: dict[str, float] = {}
@@ -119,3 +123,78 @@ async def test_a_quick_handler_wakes_no_watchdog(
     assert worker.watchdog.episodes == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
+
+BLOCKING_APP = """
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from entities import HandlerContext, Registry, WakeEvent
+
+MARKS = Path({marks!r})
+
+registry = Registry()
+
+
+@registry.define("blocker")
+async def blocker(ctx: HandlerContext, wake: WakeEvent) -> None:
+    for message in wake.messages:
+        (MARKS / "started").write_text("started")
+        time.sleep(3.0)  # blocks the worker's event loop, not the server's
+        ctx.reply("done", to=message)
+"""
+
+
+def timed_get(http: httpx2.Client, path: str, **params: str) -> float:
+    began = time.monotonic()
+    response = http.get(path, params=params)
+    assert response.status_code == 200, response.text
+    return time.monotonic() - began
+
+
+@pytest.mark.slow
+def test_a_blocking_handler_does_not_freeze_entities_serve(tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    app = tmp_path / "blockapp.py"
+    app.write_text(textwrap.dedent(BLOCKING_APP.format(marks=str(marks))))
+    port = free_port()
+    server = EntitiesProcess(
+        ["serve", f"{app}:registry", "--db", f"sqlite:///{tmp_path / 's.db'}",
+         "--port", str(port)],
+        log=tmp_path / "serve.log",
+        port=port,
+    )  # fmt: skip
+    try:
+        server.start()
+        with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            assert http.put("/_entities/entities/blocker/b1", json={}).status_code == 201
+            sent = http.post("/_entities/entities/blocker/b1/send", json={"payload": {}})
+            assert sent.status_code == 202
+            deadline = time.monotonic() + 20
+            while not (marks / "started").exists():
+                assert time.monotonic() < deadline, server.output()
+                time.sleep(0.02)
+            began = time.monotonic()
+            latencies = [
+                timed_get(http, "/_entities/types"),
+                timed_get(http, "/v1/stream/blocker/b1/main", offset="-1"),
+                timed_get(http, "/_entities/entities/blocker/b1"),
+                timed_get(http, "/readyz"),
+            ]
+            assert time.monotonic() - began < 2.0  # all answered while the handler blocked
+            assert max(latencies) < 0.5, latencies
+            key = sent.json()["key"]
+            replied = http.get(
+                f"/_entities/entities/blocker/b1/replies/{key}", params={"wait_ms": "15000"}
+            )
+            assert replied.json()["replies"] == ["done"], replied.text  # the wake completes
+        server.stop()
+        assert server.proc is not None and server.proc.returncode == 0, server.output()
+        output = server.output()
+        assert "Traceback" not in output
+        assert "the handler of /blocker/b1 has blocked the worker's event loop" in output
+        assert "blockapp.py" in output
+    finally:
+        server.kill()
