@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import httpx2
 import pytest
 
@@ -29,6 +30,14 @@ def sync_sleeper(ctx: HandlerContext, wake: WakeEvent) -> None:
         time.sleep(float(message.payload["seconds"]))
         finished[ctx.entity_url] = time.monotonic()
         ctx.reply("slept", to=message)
+
+
+@registry.define("sync_stepper")
+def sync_stepper(ctx: HandlerContext, wake: WakeEvent) -> None:
+    for message in wake.messages:
+        # the context's async methods, from the handler's thread: run on the worker's loop
+        answer = anyio.from_thread.run(ctx.step, "answer", lambda: 41)
+        ctx.reply(answer + 1, to=message)
 
 
 @registry.define("quick")
@@ -79,6 +88,16 @@ async def test_a_sync_handler_that_sleeps_holds_no_other_wake(tmp_path: Path) ->
             stop.set()
         assert await rt.replies("/sync_sleeper/s", slow.key) == ["slept"]
         assert await rt.replies("/quick/q", fast.key) == ["quick"]
+
+
+async def test_a_sync_handler_awaits_the_context_through_from_thread(tmp_path: Path) -> None:
+    async with Runtime(registry, f"sqlite:///{tmp_path / 'b.db'}") as rt:
+        await rt.spawn("/sync_stepper/s")
+        receipt = await rt.send("/sync_stepper/s", {})
+        await rt.run_until_idle()
+        assert await rt.replies("/sync_stepper/s", receipt.key) == [42]
+        events, _ = await rt.read("/sync_stepper/s", "-1")
+        assert [e["value"]["result"] for e in events if e["type"] == "steps"] == [41]
 
 
 async def test_the_watchdog_names_a_handler_that_blocks_the_loop(
