@@ -1,9 +1,11 @@
 """Handlers cannot freeze the worker: a plain ``def`` handler runs on a thread (its blocking
 calls hold no other wake), and the watchdog names an ``async def`` handler that blocks the
-loop. A real worker over SQLite."""
+loop (a real worker over SQLite); and a real ``entities serve`` (SQLite, PostgreSQL) answers
+HTTP while one of its handlers blocks its worker's loop."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import textwrap
 import time
@@ -17,6 +19,7 @@ import httpx2
 import pytest
 
 from entities import HandlerContext, Registry, Runtime, WakeEvent
+from tests._stores import BACKENDS, drop_store, make_store_url
 
 from ._support import EntitiesProcess, free_port
 
@@ -173,15 +176,16 @@ def timed_get(http: httpx2.Client, path: str, **params: str) -> float:
 
 
 @pytest.mark.slow
-def test_a_blocking_handler_does_not_freeze_entities_serve(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id != "memory"])
+def test_a_blocking_handler_does_not_freeze_entities_serve(backend: str, tmp_path: Path) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
     app = tmp_path / "blockapp.py"
     app.write_text(textwrap.dedent(BLOCKING_APP.format(marks=str(marks))))
     port = free_port()
+    db = make_store_url(backend, tmp_path)
     server = EntitiesProcess(
-        ["serve", f"{app}:registry", "--db", f"sqlite:///{tmp_path / 's.db'}",
-         "--port", str(port)],
+        ["serve", f"{app}:registry", "--db", db, "--port", str(port)],
         log=tmp_path / "serve.log",
         port=port,
     )  # fmt: skip
@@ -217,3 +221,4 @@ def test_a_blocking_handler_does_not_freeze_entities_serve(tmp_path: Path) -> No
         assert "blockapp.py" in output
     finally:
         server.kill()
+        asyncio.run(drop_store(db))
