@@ -285,11 +285,13 @@ async def serve(
 
     The worker runs on a thread and event loop of its own, over a runtime of its own on the
     same store URL (see :mod:`entities.server._embedded`), so a handler that blocks its loop
-    does not hold the HTTP API; over a ``memory://`` store it shares the server's loop.
+    does not hold the HTTP API; over a ``memory://`` store (or a virtual clock) it shares the
+    server's loop.
 
     Raises:
         OSError: the server could not start (e.g. the port is in use).
         Exception: whatever opening the worker thread's store raised.
+        RuntimeError: the worker thread failed (it was logged; the server stopped).
     """
     embedded = EmbeddedWorker(runtime) if options.worker and can_embed(runtime) else None
     worker: Worker | None = None
@@ -304,6 +306,8 @@ async def serve(
             embedded.stop()
             with anyio.CancelScope(shield=True):
                 await embedded.wait()
+    if embedded is not None and embedded.failure is not None:
+        raise RuntimeError("the embedded worker failed") from embedded.failure
 
 
 async def _serve(
@@ -353,6 +357,8 @@ async def _serve(
                     failed.append(f"cannot serve on {options.host}:{options.port}")
                 finally:
                     stop.set()
+                    for listener in server.servers:  # cancelled: uvicorn closed none of them
+                        listener.close()
 
             tg.start_soon(run_server)
             while not server.started:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ import httpx2
 import pytest
 
 from entities import HandlerContext, Registry, Runtime, WakeEvent
+from entities.server import ServeOptions, serve
 from tests._stores import BACKENDS, drop_store, make_store_url
 
 from ._support import EntitiesProcess, free_port
@@ -41,6 +43,12 @@ def sync_stepper(ctx: HandlerContext, wake: WakeEvent) -> None:
         # the context's async methods, from the handler's thread: run on the worker's loop
         answer = anyio.from_thread.run(ctx.step, "answer", lambda: 41)
         ctx.reply(answer + 1, to=message)
+
+
+@registry.define("where")
+async def where(ctx: HandlerContext, wake: WakeEvent) -> None:
+    for message in wake.messages:
+        ctx.reply(threading.current_thread().name, to=message)
 
 
 @registry.define("quick")
@@ -222,3 +230,29 @@ def test_a_blocking_handler_does_not_freeze_entities_serve(backend: str, tmp_pat
     finally:
         server.kill()
         asyncio.run(drop_store(db))
+
+
+@pytest.mark.parametrize(
+    ("scheme", "thread"), [("sqlite", "entities-worker"), ("memory", "MainThread")]
+)
+async def test_serve_runs_its_worker_on_a_thread_of_its_own(
+    scheme: str, thread: str, tmp_path: Path
+) -> None:
+    """Over a store that can be opened twice, the wakes of ``serve()`` run on the worker's
+    thread (and the thread ends with ``serve``); over ``memory://``, on the server's loop."""
+    url = f"sqlite:///{tmp_path / 'e.db'}" if scheme == "sqlite" else "memory://"
+    base: list[str] = []
+    async with Runtime(registry, url) as rt, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: serve(rt, ServeOptions(port=0), ready=base.append))
+        await until(lambda: base)
+        async with httpx2.AsyncClient(base_url=base[0], timeout=10) as http:
+            assert (await http.put("/_entities/entities/where/w", json={})).status_code == 201
+            sent = await http.post("/_entities/entities/where/w/send", json={"payload": {}})
+            key = sent.json()["key"]
+            replied = await http.get(
+                f"/_entities/entities/where/w/replies/{key}", params={"wait_ms": "10000"}
+            )
+            assert replied.json()["replies"] == [thread]
+            assert (await http.get("/readyz")).status_code == 200
+        tg.cancel_scope.cancel()
+    assert not [t for t in threading.enumerate() if t.name == "entities-worker"]
