@@ -8,6 +8,11 @@ on the wake path.
 
 The wake path pays a few dictionary lookups and list increments per wake (see ``Family``);
 ``benchmarks/wakes.py`` measures it.
+
+Threads: under ``entities serve`` the worker updates these on its own thread (its event loop,
+see ``entities.server._embedded``) while the server's thread renders them for ``/metrics``,
+without a lock: each update is a single dictionary or list operation, atomic under the GIL, so
+a scrape may at worst see a histogram's count one observation apart from its buckets.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Any, TypeAlias, overload
 
 from pydantic import BaseModel, ValidationError
 
-from ._calls import call_maybe_async
+from ._calls import call_user
 from ._collections import CollectionDef, collection
 from ._context import HandlerContext
 from ._errors import DefinitionError, SchemaValidationFailed, UnknownEntityType
@@ -110,18 +110,19 @@ class EntityType:
         """Run this type's code for one wake: ``on_create`` in the entity's first wake (the one
         holding its creation), ``on_message`` for each message (a message it answers is replied
         to and taken out of the wake), then the handler, unless ``on_message`` answered
-        everything and nothing else woke the entity.
+        everything and nothing else woke the entity. A hook or handler that is a plain ``def``
+        runs on a worker thread (see :func:`~entities._calls.call_user`).
 
         Raises whatever the hook or the handler raises.
         """
         if self.on_create is not None and any(w.get("kind") == "created" for w in wake.wakes):
-            await call_maybe_async(self.on_create, ctx)
+            await call_user(self.on_create, ctx)
         remaining = list(wake.messages)
         if self.on_message is not None and wake.messages:
             remaining = []
             for message in wake.messages:
                 ctx.current_message = message
-                answer = await call_maybe_async(self.on_message, ctx, message)
+                answer = await call_user(self.on_message, ctx, message)
                 if answer is None:
                     remaining.append(message)
                 else:
@@ -131,7 +132,7 @@ class EntityType:
                 return
             wake = replace(wake, messages=tuple(remaining))
             ctx.wake = wake
-        await call_maybe_async(self.handler, ctx, wake)
+        await call_user(self.handler, ctx, wake)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description (for ``entities types`` and ``GET /_entities/types``)."""

@@ -40,7 +40,7 @@ from streams import (
 )
 
 from . import _tracing as tracing
-from ._calls import call_maybe_async
+from ._calls import call_user
 from ._context import HandlerContext
 from ._effects import Effects
 from ._errors import LeaseLost, WakeTimeout
@@ -361,7 +361,7 @@ class WakeRunner:
             return
         with anyio.move_on_after(GRACE):
             try:
-                await call_maybe_async(hook, current.ctx, "killed")
+                await call_user(hook, current.ctx, "killed")
             except Exception:
                 logger.exception("on_stop hook of %s failed", claim.url)
 
@@ -498,7 +498,7 @@ class WakeRunner:
         )
         try:
             with anyio.fail_after(GRACE * 2):
-                await call_maybe_async(entity_type.on_error, hook_ctx, error)
+                await call_user(entity_type.on_error, hook_ctx, error)
         except Exception as hook_error:
             logger.exception("on_error hook of %s failed", claim.url)
             now = self.rt.clock.now()

@@ -27,6 +27,7 @@ from ._pipeline.fire import fire_due, fire_turn
 from ._records import ENTITY_NS, PENDING_NS, TIMER_NS, WORKER_NS, EntityRecord
 from ._run import Running, WakeRunner, WorkerHost
 from ._urls import parse_url
+from ._watchdog import Watchdog
 
 __all__ = ["Claim", "Worker", "WorkerHost"]
 
@@ -114,6 +115,7 @@ class Worker:
             cache_size=self.cache_size,
         )
         self.runner = WakeRunner(runtime, self.claimer, self._free_lane)
+        self.watchdog = Watchdog(self.runner)  # names a handler that blocks the loop
         self.affinity = Affinity(runtime.store, runtime.worker_id)
         self.alive_at: float | None = None  # when the loop last went round (time.monotonic)
         self._suspects: set[str] = set()  # running entities whose stream changed (a kill?)
@@ -134,6 +136,14 @@ class Worker:
     # -- loops ------------------------------------------------------------------------------
 
     def _poke(self) -> None:
+        self._kick.set()
+
+    def notice(self, *, timers: bool = False) -> None:
+        """Look for pending wakes now (and, with ``timers``, at the timer table too). For a
+        writer whose commits this worker's store does not signal at once (``entities serve``'s
+        HTTP side writes through a store of its own). Call it on the worker's event loop."""
+        if timers:
+            self._timers.dirty = True
         self._kick.set()
 
     def _timers_changed(self) -> None:
@@ -157,6 +167,7 @@ class Worker:
                 tg.start_soon(self._presence)
                 tg.start_soon(self._watch_fences)
                 tg.start_soon(self._watch_overdue)
+                tg.start_soon(self.watchdog.run)
                 await self._loop(stop, tg)
                 with anyio.move_on_after(self.drain_seconds):
                     while self._active:

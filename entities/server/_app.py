@@ -26,6 +26,7 @@ from .._worker import Worker
 from ._access import LOOPBACK_NAMES, Authorize, CrossSite, HostCheck, is_loopback
 from ._auth import AuthConfig
 from ._console import console_routes
+from ._embedded import EmbeddedWorker, can_embed
 from ._openapi import openapi_route
 from ._ops import ops_routes
 from ._routes import control_routes, error_response
@@ -302,10 +303,42 @@ async def serve(
     up to ``options.shutdown_seconds`` to finish and in-flight wakes a graceful drain, and this
     returns normally.
 
+    The worker runs on a thread and event loop of its own, over a runtime of its own on the
+    same store URL (see :mod:`entities.server._embedded`), so a handler that blocks its loop
+    does not hold the HTTP API; over a ``memory://`` store (or a virtual clock) it shares the
+    server's loop.
+
     Raises:
         OSError: the server could not start (e.g. the port is in use).
+        Exception: whatever opening the worker thread's store raised.
+        RuntimeError: the worker thread failed (it was logged; the server stopped).
     """
-    worker = runtime.worker() if options.worker else None
+    embedded = EmbeddedWorker(runtime) if options.worker and can_embed(runtime) else None
+    worker: Worker | None = None
+    if embedded is not None:
+        worker = await embedded.start()
+    elif options.worker:
+        worker = runtime.worker()
+    try:
+        await _serve(runtime, options, worker, embedded, ready)
+    finally:
+        if embedded is not None:  # stopped already, unless this was cancelled
+            embedded.stop()
+            with anyio.CancelScope(shield=True):
+                await embedded.wait()
+    if embedded is not None and embedded.failure is not None:
+        raise RuntimeError("the embedded worker failed") from embedded.failure
+
+
+async def _serve(
+    runtime: Runtime,
+    options: ServeOptions,
+    worker: Worker | None,
+    embedded: EmbeddedWorker | None,
+    ready: Callable[[str], Awaitable[None] | None] | None,
+) -> None:
+    """:func:`serve` once its worker (if any) is started: ``embedded``, on its own thread, or
+    ``worker`` on this loop."""
     app = create_app(
         runtime,
         worker=worker,
@@ -335,7 +368,9 @@ async def serve(
         if threading.current_thread() is threading.main_thread():
             outer.start_soon(_exit_on_signals, server)
         async with anyio.create_task_group() as tg:
-            if worker is not None:
+            if embedded is not None:
+                tg.start_soon(_run_embedded, embedded, server, stop)
+            elif worker is not None:
                 tg.start_soon(worker.run, stop)
 
             async def run_server() -> None:
@@ -345,6 +380,8 @@ async def serve(
                     failed.append(f"cannot serve on {options.host}:{options.port}")
                 finally:
                     stop.set()
+                    for listener in server.servers:  # cancelled: uvicorn closed none of them
+                        listener.close()
 
             tg.start_soon(run_server)
             while not server.started:
@@ -358,6 +395,24 @@ async def serve(
         outer.cancel_scope.cancel()
     if failed:
         raise OSError(failed[0])
+
+
+async def _run_embedded(
+    embedded: EmbeddedWorker, server: uvicorn.Server, stop: anyio.Event
+) -> None:
+    """Until ``stop`` (the server ended), watch the worker thread; then stop it and wait for
+    its drain. A worker that ends by itself (it failed: logged) ends the server too."""
+    async with anyio.create_task_group() as tg:
+
+        async def on_stop() -> None:
+            await stop.wait()
+            embedded.stop()
+
+        tg.start_soon(on_stop)
+        await embedded.wait()
+        if not stop.is_set():  # nothing asked it to end
+            server.should_exit = True
+        tg.cancel_scope.cancel()
 
 
 async def serve_metrics(
