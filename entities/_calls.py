@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ async def call_maybe_async(fn: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
+@functools.lru_cache(maxsize=256)  # a handler is asked about on every wake
 def _is_async(fn: Callable[..., Any]) -> bool:
     """Whether calling ``fn`` only makes a coroutine (an ``async def``, a partial or bound
     method of one, or an object whose ``__call__`` is one)."""
@@ -37,7 +39,11 @@ async def call_user(fn: Callable[..., Any], *args: Any) -> Any:
     (a kill, a timeout, the end of a drain) the thread is abandoned: it runs to its end, but
     nothing it buffered afterwards is committed.
     """
-    if _is_async(fn):
+    try:
+        is_async = _is_async(fn)
+    except TypeError:  # not hashable: look each time
+        is_async = _is_async.__wrapped__(fn)
+    if is_async:
         return await fn(*args)
     result = await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
     if inspect.isawaitable(result):
