@@ -9,7 +9,9 @@ from ._errors import InvalidEntityURL
 
 __all__ = ["EntityURL", "parse_url"]
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
+# The whole segment must match (``fullmatch``): ``$`` alone would also accept a trailing newline,
+# and ``/counter/victim%0A`` would then name (and tag) ``/counter/victim``'s neighbour.
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]{0,127}")
 
 
 class EntityURL:
@@ -47,14 +49,16 @@ class EntityURL:
 
 
 def check_segment(value: str, what: str) -> str:
-    """Return ``value`` if it is a valid type or id segment.
+    """Return ``value`` if it is a valid type or id segment: 1-128 characters from
+    ``A-Z a-z 0-9 . _ ~ -``, the first a letter or digit, matched in full (no trailing newline).
 
     Raises:
         InvalidEntityURL: empty, too long, or with characters other than ``A-Za-z0-9._~-``.
     """
-    if not _SEGMENT.match(value):
+    if not _SEGMENT.fullmatch(value):
         raise InvalidEntityURL(
-            f"invalid entity {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ ~ -"
+            f"invalid entity {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ ~ - "
+            "(starting with a letter or digit)"
         )
     return value
 
