@@ -24,6 +24,9 @@ class ServerSettings:
         cache_max_age_s: ``max-age`` of cacheable catch-up reads.
         cors_origins: allowed CORS origins; ``("*",)`` allows any.
         max_path_length: longest accepted stream path.
+        allow_private_webhooks: let webhooks go to loopback, private, link-local and other
+            internal addresses (off: such URLs get ``400 WEBHOOK_URL_REJECTED`` and deliveries
+            to a host that now resolves to one are refused; see ``_webhook_guard``).
     """
 
     base_path: str = "/v1/stream"
@@ -36,6 +39,7 @@ class ServerSettings:
     cache_max_age_s: int = 60
     cors_origins: tuple[str, ...] = ("*",)
     max_path_length: int = 1024
+    allow_private_webhooks: bool = False
 
     def __post_init__(self) -> None:
         if not self.base_path.startswith("/") or self.base_path.endswith("/"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import ipaddress
 import logging
 import random
 import re
@@ -33,7 +32,6 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx2
 import orjson
@@ -42,6 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .. import KvPut, Store, StreamsError, format_offset, parse_offset
 from ._protocol import Problem
+from ._webhook_guard import resolve_webhook
 
 __all__ = ["Subscriptions", "matches"]
 
@@ -104,26 +103,6 @@ def _bad(message: str, code: str = "BAD_REQUEST") -> Problem:
     return Problem(400, code, message)
 
 
-def _webhook_url_ok(url: str) -> bool:
-    """Only http(s) URLs, and never private, link-local or otherwise internal addresses."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return False
-    try:
-        address = ipaddress.ip_address(parts.hostname)
-    except ValueError:
-        return True  # a host name (resolved at delivery time)
-    if address.is_loopback:
-        return True  # local development workers
-    return not (
-        address.is_private
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-    )
-
-
 def normalize_config(body: object, validate_path: Any) -> dict[str, Any]:
     """Check a subscription body and return its canonical configuration."""
     if not isinstance(body, dict):
@@ -160,9 +139,7 @@ def normalize_config(body: object, validate_path: Any) -> dict[str, Any]:
         url = webhook.get("url") if isinstance(webhook, dict) else None
         if not isinstance(url, str) or len(url) > 2048:
             raise _bad("a webhook subscription needs webhook.url")
-        if not _webhook_url_ok(url):
-            raise _bad(f"webhook URL {url[:200]!r} is not allowed", "WEBHOOK_URL_REJECTED")
-        config["webhook_url"] = url
+        config["webhook_url"] = url  # where it may go: Subscriptions.check_webhook
     else:
         wake_stream = body.get("wake_stream")
         if not isinstance(wake_stream, str):
@@ -178,8 +155,9 @@ def _b64url(data: bytes) -> str:
 class Subscriptions:
     """Every subscription of one store, its wakes, deliveries and leases."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, allow_private_webhooks: bool = False) -> None:
         self._store = store
+        self._allow_private = allow_private_webhooks
         self._subs: dict[str, Subscription] = {}
         self._loaded = False
         self._lock = asyncio.Lock()
@@ -315,6 +293,21 @@ class Subscriptions:
         return out
 
     # -- subscription CRUD ------------------------------------------------------------------
+
+    async def check_webhook(self, config: dict[str, Any]) -> None:
+        """Refuse a webhook URL whose host is (or resolves to) an internal address.
+
+        Raises:
+            Problem: ``400 WEBHOOK_URL_REJECTED``.
+        """
+        url = config["webhook_url"]
+        if url is None:
+            return
+        try:
+            await resolve_webhook(url, allow_private=self._allow_private)
+        except ValueError as exc:
+            message = f"webhook URL {url[:200]!r} is not allowed: {exc}"
+            raise _bad(message, "WEBHOOK_URL_REJECTED") from None
 
     async def put(self, sub_id: str, config: dict[str, Any], base_url: str) -> tuple[int, Any]:
         if not _ID.fullmatch(sub_id):
@@ -480,20 +473,39 @@ class Subscriptions:
                 "Content-Type": "application/json",
                 "Webhook-Signature": f"t={stamp},kid={self._kid},ed25519={signature}",
             }
-            try:
-                if self._http is None:
-                    self._http = httpx2.AsyncClient(timeout=10)
-                response = await self._http.post(url, content=body, headers=headers)
-                ok = response.is_success
-                answer = response.json() if ok and response.content else {}
-            except (httpx2.HTTPError, ValueError) as exc:
-                logger.warning("subscription %s: webhook delivery failed: %s", sub_id, exc)
-                ok, answer = False, {}
+            ok, answer = await self._post(sub_id, url, body, headers)
             if ok:
                 await self._delivered(sub_id, wake_id, answer)
                 return
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 60.0)
+
+    async def _post(
+        self, sub_id: str, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[bool, object]:
+        """POST one delivery to the address the webhook's host resolves to now, if allowed;
+        ``(ok, answer)``."""
+        try:
+            target = await resolve_webhook(url, allow_private=self._allow_private)
+        except ValueError as exc:  # it resolves elsewhere now (DNS rebinding, say)
+            logger.warning("subscription %s: webhook delivery refused: %s", sub_id, exc)
+            return False, {}
+        extensions: dict[str, Any] = {}
+        if target.host_header is not None:
+            headers = {**headers, "Host": target.host_header}
+        if target.sni_hostname is not None:
+            extensions["sni_hostname"] = target.sni_hostname
+        try:
+            if self._http is None:
+                self._http = httpx2.AsyncClient(timeout=10)
+            response = await self._http.post(
+                target.url, content=body, headers=headers, extensions=extensions
+            )
+            ok = response.is_success
+            return ok, response.json() if ok and response.content else {}
+        except (httpx2.HTTPError, ValueError) as exc:
+            logger.warning("subscription %s: webhook delivery failed: %s", sub_id, exc)
+            return False, {}
 
     async def _delivered(self, sub_id: str, wake_id: str, answer: object) -> None:
         async with self._lock:
