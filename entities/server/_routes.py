@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from streams import BadOffset
+from streams import BadOffset, StorageFull
 
 from .._errors import ContextError, EntitiesError, InvalidEntityURL, SchemaValidationFailed
 from .._idempotency import check_key
@@ -149,6 +149,8 @@ def _guarded(fn: _Endpoint) -> _Endpoint:
             return error_response(exc.status, exc.code, exc.message)
         except BadOffset as exc:
             return error_response(400, "BAD_OFFSET", str(exc))
+        except StorageFull as exc:
+            return error_response(507, "INSUFFICIENT_STORAGE", exc.message)
 
     return endpoint
 

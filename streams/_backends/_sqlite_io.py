@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +19,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from .._errors import StorageFull
 from .._offsets import parse_offset
 from ._engine import (
     Effects,
@@ -48,6 +51,7 @@ __all__ = [
     "persist",
     "persist_and_commit",
     "rollback",
+    "storage_full",
     "to_record",
 ]
 
@@ -126,6 +130,24 @@ CHECKPOINT_BYTES = 4 * 1024 * 1024
 # snapshots, copies everything and empties the file; commits queue behind it meanwhile.
 WAL_LIMIT_BYTES = 8 * 1024 * 1024
 _TRUNCATE_WAIT_MS = 2000
+
+
+def storage_full(exc: BaseException, path: Path) -> StorageFull | None:
+    """The :class:`StorageFull` that ``exc`` means, if it means the disk is full: SQLite's
+    ``SQLITE_FULL``, ``ENOSPC``/``EDQUOT``, or an I/O error while the disk has no room left
+    (growing the shared-memory file fails that way)."""
+    full = False
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        full = code == sqlite3.SQLITE_FULL
+        if code == sqlite3.SQLITE_IOERR:
+            with contextlib.suppress(OSError):
+                full = shutil.disk_usage(path.parent).free < 64 * 1024
+    elif isinstance(exc, OSError):
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full:
+        return None
+    return StorageFull(f"no space left on the device of {path}: {exc}")
 
 
 def to_record(row: Sequence[object]) -> StreamRecord:
