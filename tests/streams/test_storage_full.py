@@ -126,6 +126,14 @@ async def test_the_entities_control_plane_answers_507(tmpfs: Path) -> None:
             assert answer is not None, "no request was made"
             assert answer.status_code == 507, answer.text
             assert answer.json()["error"]["code"] == "INSUFFICIENT_STORAGE"
+            for _ in range(50):
+                sent = await http.post(
+                    "/_entities/entities/counter/c0/send", json={"payload": {"add": 1}}
+                )
+                if sent.status_code != 202:
+                    break
+            assert sent.status_code == 507, sent.text
+            assert sent.json()["error"]["code"] == "INSUFFICIENT_STORAGE"
             filler.unlink()
             later = await http.put("/_entities/entities/counter/later", json={})
             assert later.status_code == 201, later.text
