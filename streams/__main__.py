@@ -51,6 +51,12 @@ def main() -> None:
     "in every notation, after resolving the host).",
 )
 @click.option(
+    "--allow-loopback-webhooks",
+    is_flag=True,
+    help="Let webhooks go to loopback addresses (workers on this host); other internal "
+    "addresses stay refused.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -64,6 +70,7 @@ def serve_command(
     sse_max_s: float,
     max_body_bytes: int,
     allow_private_webhooks: bool,
+    allow_loopback_webhooks: bool,
     log_level: str,
 ) -> None:
     """Serve the Durable Streams protocol at http://HOST:PORT/v1/stream/{path}."""
@@ -73,6 +80,7 @@ def serve_command(
         sse_max_duration_s=sse_max_s,
         max_body_bytes=max_body_bytes,
         allow_private_webhooks=allow_private_webhooks,
+        allow_loopback_webhooks=allow_loopback_webhooks,
     )
     serve(db, host=host, port=port, settings=settings, log_level=log_level)
 

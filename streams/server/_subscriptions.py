@@ -155,9 +155,16 @@ def _b64url(data: bytes) -> str:
 class Subscriptions:
     """Every subscription of one store, its wakes, deliveries and leases."""
 
-    def __init__(self, store: Store, *, allow_private_webhooks: bool = False) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        allow_private_webhooks: bool = False,
+        allow_loopback_webhooks: bool = False,
+    ) -> None:
         self._store = store
         self._allow_private = allow_private_webhooks
+        self._allow_loopback = allow_loopback_webhooks
         self._subs: dict[str, Subscription] = {}
         self._loaded = False
         self._lock = asyncio.Lock()
@@ -304,7 +311,9 @@ class Subscriptions:
         if url is None:
             return
         try:
-            await resolve_webhook(url, allow_private=self._allow_private)
+            await resolve_webhook(
+                url, allow_private=self._allow_private, allow_loopback=self._allow_loopback
+            )
         except ValueError as exc:
             message = f"webhook URL {url[:200]!r} is not allowed: {exc}"
             raise _bad(message, "WEBHOOK_URL_REJECTED") from None
@@ -486,7 +495,9 @@ class Subscriptions:
         """POST one delivery to the address the webhook's host resolves to now, if allowed;
         ``(ok, answer)``."""
         try:
-            target = await resolve_webhook(url, allow_private=self._allow_private)
+            target = await resolve_webhook(
+                url, allow_private=self._allow_private, allow_loopback=self._allow_loopback
+            )
         except ValueError as exc:  # it resolves elsewhere now (DNS rebinding, say)
             logger.warning("subscription %s: webhook delivery refused: %s", sub_id, exc)
             return False, {}

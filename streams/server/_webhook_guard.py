@@ -11,7 +11,9 @@ The check runs when a subscription is created (``400 WEBHOOK_URL_REJECTED``) and
 delivery, where the request is then sent to the address just checked (the ``Host`` header and TLS
 server name keep the original host name): a DNS answer that changes after creation (DNS
 rebinding) reaches nothing internal. ``allow_private`` (``--allow-private-webhooks``) turns
-the check off, for workers on the same host or network.
+the check off, for workers on the same host or network; ``allow_loopback``
+(``--allow-loopback-webhooks``) lets loopback addresses through and nothing else (what the
+protocol's reference server does, and its conformance suite expects).
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ class WebhookTarget:
     sni_hostname: str | None = None
 
 
-def refused_reason(address: IPAddress) -> str | None:
+def refused_reason(address: IPAddress, *, allow_loopback: bool = False) -> str | None:
     """Why a webhook may not go to ``address`` (``None``: it may)."""
     if isinstance(address, ipaddress.IPv6Address):
         mapped = address.ipv4_mapped or address.sixtofour
         if mapped is not None:
-            return refused_reason(mapped)
+            return refused_reason(mapped, allow_loopback=allow_loopback)
+    if allow_loopback and address.is_loopback:
+        return None
     for name in ("loopback", "unspecified", "link_local", "private", "multicast", "reserved"):
         if getattr(address, f"is_{name}"):
             return f"{address} is a {name.replace('_', '-')} address"
@@ -68,13 +72,16 @@ async def _addresses(host: str, port: int) -> list[IPAddress]:
     return found
 
 
-async def resolve_webhook(url: str, *, allow_private: bool) -> WebhookTarget:
+async def resolve_webhook(
+    url: str, *, allow_private: bool, allow_loopback: bool = False
+) -> WebhookTarget:
     """Check ``url`` and say where to send it.
 
     Raises:
         ValueError: not an ``http(s)`` URL with a host, or (unless ``allow_private``) a host
             that does not resolve or resolves to any loopback, private, link-local,
-            unspecified, multicast or reserved address.
+            unspecified, multicast or reserved address (loopback ones pass with
+            ``allow_loopback``).
     """
     parts = urlsplit(url)
     try:
@@ -93,7 +100,7 @@ async def resolve_webhook(url: str, *, allow_private: bool) -> WebhookTarget:
     except LookupError as exc:
         raise ValueError(str(exc)) from None
     for address in addresses:
-        reason = refused_reason(address)
+        reason = refused_reason(address, allow_loopback=allow_loopback)
         if reason is not None:
             raise ValueError(f"the webhook host {host!r} resolves to {reason}")
     chosen = addresses[0]

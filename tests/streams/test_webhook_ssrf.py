@@ -54,6 +54,20 @@ async def test_internal_hosts_are_refused_in_every_notation(host: str) -> None:
     assert allowed.url == f"http://{host}:8080/hook"
 
 
+LOOPBACK_HOSTS = ["2130706433", "0x7f000001", "127.1", "0177.0.0.1", "[::1]", "localhost"]
+
+
+@pytest.mark.parametrize("host", INTERNAL_HOSTS)
+async def test_allow_loopback_lets_only_loopback_through(host: str) -> None:
+    url = f"http://{host}:8080/hook"
+    if host in LOOPBACK_HOSTS or host in ("127.0.0.1", "[::ffff:127.0.0.1]"):
+        target = await guard.resolve_webhook(url, allow_private=False, allow_loopback=True)
+        assert target.host_header == f"{host}:8080"
+    else:
+        with pytest.raises(ValueError, match="resolves to"):
+            await guard.resolve_webhook(url, allow_private=False, allow_loopback=True)
+
+
 @pytest.mark.parametrize(
     "url", ["ftp://example.com/x", "http:///x", "http://user:pw@93.184.216.34/x", "http://h:99999/"]
 )
@@ -138,7 +152,7 @@ def test_a_delivery_goes_to_the_checked_address_with_the_original_host(
         return [ipaddress.ip_address("127.0.0.1")]
 
     monkeypatch.setattr(guard, "_addresses", resolved)
-    monkeypatch.setattr(guard, "refused_reason", lambda address: None)
+    monkeypatch.setattr(guard, "refused_reason", lambda address, **_: None)
     port = receiver.url.split(":")[2].split("/")[0]
     pattern = f"pin{uuid.uuid4().hex[:8]}/*"
     body = {"type": "webhook", "pattern": pattern, "webhook": {"url": f"http://h.test:{port}/"}}
@@ -162,4 +176,8 @@ def test_allow_private_webhooks_flag_reaches_the_settings(
     runner = CliRunner()
     assert runner.invoke(cli.main, ["serve", "--db", db]).exit_code == 0
     assert runner.invoke(cli.main, ["serve", "--db", db, "--allow-private-webhooks"]).exit_code == 0
-    assert [s.allow_private_webhooks for s in seen] == [False, True]
+    assert (
+        runner.invoke(cli.main, ["serve", "--db", db, "--allow-loopback-webhooks"]).exit_code == 0
+    )
+    assert [s.allow_private_webhooks for s in seen] == [False, True, False]
+    assert [s.allow_loopback_webhooks for s in seen] == [False, False, True]
