@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import random
@@ -186,10 +187,14 @@ class Subscriptions:
                 logger.error("ignoring unreadable subscription record %r", key)
         self._loaded = True
         for sub in self._subs.values():  # resume wakes that were in flight
-            if sub.wake is not None and sub.wake.lease_expires is not None:
-                self._arm_lease(sub, sub.wake)
-            elif sub.wake is not None and sub.config["type"] == "webhook":
-                self._spawn(self._deliver(sub.id, sub.wake.wake_id))
+            self._resume(sub)
+
+    def _resume(self, sub: Subscription) -> None:
+        """Carry on with a wake read from the store: arm its lease, or deliver it."""
+        if sub.wake is not None and sub.wake.lease_expires is not None:
+            self._arm_lease(sub, sub.wake)
+        elif sub.wake is not None and sub.config["type"] == "webhook":
+            self._spawn(self._deliver(sub.id, sub.wake.wake_id))
 
     async def aclose(self) -> None:
         for timer in self._timers:
@@ -206,7 +211,17 @@ class Subscriptions:
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        if isinstance(exc, StreamsError):  # a full disk, say: the next write tries again
+            logger.error("subscriptions: background work failed: %s", exc)
+        else:
+            logger.error("subscriptions: background work failed", exc_info=exc)
 
     def _later(self, delay: float, coro_fn: Any, *args: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -371,7 +386,25 @@ class Subscriptions:
         return sub
 
     async def _save(self, sub: Subscription) -> None:
-        await self._store.kv_put(NAMESPACE, sub.id, sub.dump())
+        """Store ``sub`` (lock held).
+
+        Raises:
+            StreamsError: the store refused (a full disk, say). What is in memory then ran
+                ahead of the store, so the stored record is taken back first: a wake that was
+                never saved is dropped (the next write starts it again, once space returns),
+                instead of sitting in memory with no delivery or lease to end it.
+        """
+        try:
+            await self._store.kv_put(NAMESPACE, sub.id, sub.dump())
+        except StreamsError:
+            with contextlib.suppress(StreamsError):
+                raw = await self._store.kv_get(NAMESPACE, sub.id)
+                if raw is None:
+                    self._subs.pop(sub.id, None)
+                else:
+                    self._subs[sub.id] = stored = Subscription.load(raw)
+                    self._resume(stored)
+            raise
 
     # -- writes observed --------------------------------------------------------------------
 

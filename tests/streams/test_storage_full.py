@@ -6,11 +6,12 @@ Mounting needs root (CI runs as root); elsewhere these tests skip, saying why.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,10 +22,13 @@ import streams
 from entities import Runtime
 from entities.server import create_app
 from examples import all as examples_all
-from streams import StorageFull, format_offset
+from streams import Op, OpResult, StorageFull, format_offset
+from streams._backends.memory import MemoryStore
+from streams.server._subscriptions import Subscriptions, normalize_config
 from tests._live import serving
 from tests.streams._live_server import TEST_SETTINGS, running_server
 from tests.streams.test_server_cli import free_port
+from tests.streams.test_server_subscriptions import Receiver
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = replace(TEST_SETTINGS, max_body_bytes=1024 * 1024)
@@ -159,3 +163,42 @@ def test_starting_on_a_full_disk_is_one_line(tmpfs: Path, existing: bool) -> Non
     assert "Traceback" not in output, output
     lines = [line for line in output.splitlines() if "could not open the store" in line]
     assert len(lines) == 1 and "no space left" in lines[0], output
+
+
+class FullOnDemand(MemoryStore):
+    """A memory store whose commits fail with StorageFull while ``full`` is set."""
+
+    full = False
+
+    async def commit(self, ops: Sequence[Op]) -> list[OpResult]:
+        if self.full:
+            raise StorageFull("no space left (simulated)")
+        return await super().commit(ops)
+
+
+async def test_a_wake_whose_save_failed_starts_again_once_space_returns() -> None:
+    """A wake that could not be saved must not stay in memory with no delivery or lease to end
+    it: once space returns, the next write starts it and the webhook is called."""
+    receiver = Receiver({"done": True})
+    store = FullOnDemand()
+    subs = Subscriptions(store, allow_private_webhooks=True)
+    try:
+        async with store:
+            config = normalize_config(
+                {"type": "webhook", "pattern": "jobs/*", "webhook": {"url": receiver.url}}, str
+            )
+            assert (await subs.put("s1", config, "http://127.0.0.1:1/v1/stream"))[0] == 201
+            await store.create("jobs/1")
+            await subs._observe("jobs/1", 0, True)  # linked; nothing pending yet
+            await store.append("jobs/1", [b"x"])
+            store.full = True
+            with pytest.raises(StorageFull):
+                await subs._observe("jobs/1", 0, False)
+            assert subs._subs["s1"].wake is None  # taken back from the store
+            store.full = False
+            await store.append("jobs/1", [b"y"])
+            await subs._observe("jobs/1", 1, False)
+            await asyncio.to_thread(receiver.wait)
+    finally:
+        await subs.aclose()
+        receiver.close()
