@@ -9,8 +9,11 @@ from ._errors import InvalidEntityURL
 
 __all__ = ["EntityURL", "parse_url"]
 
-SEGMENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$"  # a type or an id, in full
-_SEGMENT = re.compile(SEGMENT_PATTERN)
+# The whole segment must match (``fullmatch``): ``$`` alone would also accept a trailing newline,
+# and ``/counter/victim%0A`` would then name (and tag) ``/counter/victim``'s neighbour. The
+# OpenAPI document anchors the same pattern (JSON Schema's ``$`` means the end of the string).
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]{0,127}")
+SEGMENT_PATTERN = f"^{_SEGMENT.pattern}$"
 
 
 class EntityURL:
@@ -48,14 +51,16 @@ class EntityURL:
 
 
 def check_segment(value: str, what: str) -> str:
-    """Return ``value`` if it is a valid type or id segment.
+    """Return ``value`` if it is a valid type or id segment: 1-128 characters from
+    ``A-Z a-z 0-9 . _ ~ -``, the first a letter or digit, matched in full (no trailing newline).
 
     Raises:
         InvalidEntityURL: empty, too long, or with characters other than ``A-Za-z0-9._~-``.
     """
-    if not _SEGMENT.match(value):
+    if not _SEGMENT.fullmatch(value):
         raise InvalidEntityURL(
-            f"invalid entity {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ ~ -"
+            f"invalid entity {what} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ ~ - "
+            "(starting with a letter or digit)"
         )
     return value
 

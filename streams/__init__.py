@@ -31,6 +31,7 @@ from ._errors import ProducerError as ProducerError
 from ._errors import ProducerFenced as ProducerFenced
 from ._errors import ProducerSequenceGap as ProducerSequenceGap
 from ._errors import SequenceConflict as SequenceConflict
+from ._errors import StorageFull as StorageFull
 from ._errors import StreamClosed as StreamClosed
 from ._errors import StreamExists as StreamExists
 from ._errors import StreamGone as StreamGone
@@ -87,6 +88,7 @@ __all__ = [
     "ProducerState",
     "ReadResult",
     "SequenceConflict",
+    "StorageFull",
     "Store",
     "StreamClosed",
     "StreamExists",

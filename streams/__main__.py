@@ -45,6 +45,18 @@ def main() -> None:
     help="Largest accepted request body (larger ones get 413).",
 )
 @click.option(
+    "--allow-private-webhooks",
+    is_flag=True,
+    help="Let webhooks go to loopback, private and link-local addresses (refused by default, "
+    "in every notation, after resolving the host).",
+)
+@click.option(
+    "--allow-loopback-webhooks",
+    is_flag=True,
+    help="Let webhooks go to loopback addresses (workers on this host); other internal "
+    "addresses stay refused.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -57,6 +69,8 @@ def serve_command(
     long_poll_ms: int,
     sse_max_s: float,
     max_body_bytes: int,
+    allow_private_webhooks: bool,
+    allow_loopback_webhooks: bool,
     log_level: str,
 ) -> None:
     """Serve the Durable Streams protocol at http://HOST:PORT/v1/stream/{path}."""
@@ -65,6 +79,8 @@ def serve_command(
         long_poll_timeout_s=long_poll_ms / 1000,
         sse_max_duration_s=sse_max_s,
         max_body_bytes=max_body_bytes,
+        allow_private_webhooks=allow_private_webhooks,
+        allow_loopback_webhooks=allow_loopback_webhooks,
     )
     serve(db, host=host, port=port, settings=settings, log_level=log_level)
 

@@ -17,6 +17,7 @@ The hierarchy::
     ├── InvalidRequest                 malformed message, header or argument (400)
     ├── ForkSourceNotFound             fork from a stream that does not exist (404)
     ├── ConditionFailed                a compare-and-set check (KvCheck) did not hold
+    ├── StorageFull                    the disk is full; nothing was written (507)
     └── BackendUnavailable             a backend cannot be opened (bad URL, missing driver)
 
 Every error carries the stream ``path`` it relates to (``""`` where none applies).
@@ -36,6 +37,7 @@ __all__ = [
     "ProducerFenced",
     "ProducerSequenceGap",
     "SequenceConflict",
+    "StorageFull",
     "StreamClosed",
     "StreamExists",
     "StreamGone",
@@ -127,6 +129,11 @@ class ConditionFailed(StreamsError):
         super().__init__(message, path=path)
         self.namespace = namespace
         self.key = key
+
+
+class StorageFull(StreamsError):
+    """Raised when the store's disk (or quota) is full: the commit was rolled back whole, and
+    commits work again once space returns."""
 
 
 class BackendUnavailable(StreamsError):

@@ -18,7 +18,7 @@ __all__ = ["START", "TAIL", "format_offset", "parse_offset"]
 START = "-1"
 TAIL = "now"
 _WIDTH = 16
-_PATTERN = re.compile(r"^(\d{16})_(\d{16})$")
+_PATTERN = re.compile(r"(\d{16})_(\d{16})")  # fullmatch: no trailing newline
 _PREFIX = "0" * _WIDTH + "_"
 
 
@@ -37,7 +37,7 @@ def parse_offset(offset: str, *, path: str = "") -> int | None:
         return 0
     if offset == TAIL:
         return None
-    match = _PATTERN.match(offset)
+    match = _PATTERN.fullmatch(offset)
     if match is None or match.group(1) != "0" * _WIDTH:
         raise BadOffset(f"malformed offset {offset!r}", path=path)
     return int(match.group(2))

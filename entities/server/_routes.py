@@ -9,11 +9,11 @@ from typing import Any
 import anyio
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from streams import BadOffset
+from streams import BadOffset, StorageFull
 
 from .._errors import ContextError, EntitiesError, InvalidEntityURL, SchemaValidationFailed
 from .._idempotency import check_key
@@ -199,6 +199,10 @@ def _guarded(fn: _Endpoint) -> _Endpoint:
             return error_response(exc.status, exc.code, exc.message)
         except BadOffset as exc:
             return error_response(400, "BAD_OFFSET", str(exc))
+        except StorageFull as exc:
+            return error_response(507, "INSUFFICIENT_STORAGE", exc.message)
+        except ClientDisconnect:  # a body cut short or badly framed: uvicorn logged one line
+            return error_response(400, "BAD_REQUEST", "the request body ended early")
 
     return endpoint
 

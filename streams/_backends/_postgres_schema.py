@@ -70,7 +70,7 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # fullmatch: no trailing newline
 
 
 def quote_ident(name: str) -> str:
@@ -117,7 +117,7 @@ def parse_url(url: str) -> PostgresUrl:
             schema = value.split(",", 1)[0].strip()
         else:
             kept.append((name, value))
-    if not _IDENT.match(schema):
+    if not _IDENT.fullmatch(schema):
         raise BackendUnavailable(
             f"PostgreSQL schema name {schema!r} must be a plain identifier "
             "(letters, digits, underscores; at most 63 characters)"

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +19,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from .._errors import StorageFull
 from .._offsets import parse_offset
 from ._engine import (
     Effects,
@@ -34,6 +38,7 @@ __all__ = [
     "INLINE_READ_LIMIT",
     "SCHEMA",
     "UPSERT_STREAM",
+    "WAL_LIMIT_BYTES",
     "Checkpointer",
     "InlineReader",
     "WriterConnection",
@@ -46,6 +51,7 @@ __all__ = [
     "persist",
     "persist_and_commit",
     "rollback",
+    "storage_full",
     "to_record",
 ]
 
@@ -114,8 +120,34 @@ UPSERT_STREAM = (
 
 
 # Auto-checkpointing is off on the writer (it would run inside an inline commit); the writer
-# thread runs a passive checkpoint after about this much WAL growth instead.
+# thread runs a passive checkpoint after about this much WAL growth instead. The WAL file is
+# also cut back to this size when SQLite starts it over (``journal_size_limit``).
 CHECKPOINT_BYTES = 4 * 1024 * 1024
+# The hard bound. A passive checkpoint cannot start the WAL over while a reader still uses a
+# snapshot in it, and the one beside the writer may lag under load (the WAL reached 61-72 MB
+# under sustained sends with readers). Once the WAL file reaches this size, the writer runs a
+# TRUNCATE checkpoint itself: it waits (at most _TRUNCATE_WAIT_MS) for readers to finish their
+# snapshots, copies everything and empties the file; commits queue behind it meanwhile.
+WAL_LIMIT_BYTES = 8 * 1024 * 1024
+_TRUNCATE_WAIT_MS = 2000
+
+
+def storage_full(exc: BaseException, path: Path) -> StorageFull | None:
+    """The :class:`StorageFull` that ``exc`` means, if it means the disk is full: SQLite's
+    ``SQLITE_FULL``, ``ENOSPC``/``EDQUOT``, or an I/O error while the disk has no room left
+    (growing the shared-memory file fails that way)."""
+    full = False
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        full = code == sqlite3.SQLITE_FULL
+        if code == sqlite3.SQLITE_IOERR:
+            with contextlib.suppress(OSError):
+                full = shutil.disk_usage(path.parent).free < 64 * 1024
+    elif isinstance(exc, OSError):
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full:
+        return None
+    return StorageFull(f"no space left on the device of {path}: {exc}")
 
 
 def to_record(row: Sequence[object]) -> StreamRecord:
@@ -181,6 +213,9 @@ class WriterConnection:
         self.checkpointer = checkpointer
         self.waits_for_locks = True
         self.wal_bytes = 0
+        self.wal_path = f"{checkpointer.path}-wal"
+        self.truncate_at = WAL_LIMIT_BYTES
+        self.truncations = 0
         mode = conn.execute("PRAGMA journal_mode").fetchone()
         self.wal = mode is not None and str(mode[0]).lower() == "wal"
 
@@ -195,6 +230,7 @@ class WriterConnection:
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
                 enable_wal(conn)
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
+                conn.execute(f"PRAGMA journal_size_limit = {CHECKPOINT_BYTES}")
                 migrate(conn)
             except BaseException:
                 conn.close()
@@ -238,18 +274,64 @@ class WriterConnection:
         return commit_if_unchanged(self.conn, effects, version, begun=True)
 
     async def wrote(self, size: int) -> None:
-        """Account for ``size`` bytes of WAL growth; checkpoint (passively) now and then.
+        """Account for ``size`` bytes of WAL growth; checkpoint now and then.
 
         The bulk of a checkpoint runs beside the writer (see :class:`Checkpointer`); once it
         is done, the few frames committed meanwhile are copied here, between commits, so the
-        WAL is wholly copied and the next commit starts it over instead of growing it.
+        WAL is wholly copied and the next commit starts it over instead of growing it. If the
+        WAL file still reaches :data:`WAL_LIMIT_BYTES` (readers kept it from starting over, or
+        the checkpoint beside the writer lags), the writer truncates it (see
+        :meth:`truncate_wal`).
         """
         self.wal_bytes += size
-        if self.checkpointer.take_finished():
+        if not self.wal:
+            return
+        try:
+            wal_size = os.stat(self.wal_path).st_size
+        except OSError:
+            wal_size = 0
+        if wal_size >= self.truncate_at:
+            self.wal_bytes = 0
+            # SQLite runs one checkpoint at a time: let the one beside the writer finish first
+            await self.checkpointer.wait(_TRUNCATE_WAIT_MS / 1000)
+            await self.run(self.truncate_wal, wal_size)
+        elif self.checkpointer.take_finished():
             await self.run(lambda: self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
-        elif self.wal_bytes >= CHECKPOINT_BYTES:
+        elif self.wal_bytes >= CHECKPOINT_BYTES or wal_size > CHECKPOINT_BYTES:
             self.wal_bytes = 0
             self.checkpointer.start()
+
+    def truncate_wal(self, wal_size: int) -> None:
+        """``PRAGMA wal_checkpoint(TRUNCATE)`` on the writer's thread, waiting a bounded time
+        for readers. A failure (a reader in another process held its snapshot throughout, or
+        the disk is full) is logged, and the next try waits for :data:`CHECKPOINT_BYTES` more
+        growth, so a stuck reader elsewhere does not stall every commit."""
+        conn = self.conn
+        deadline = time.monotonic() + _TRUNCATE_WAIT_MS / 1000
+        done: bool | None = False
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_TRUNCATE_WAIT_MS}")
+            # SQLITE_BUSY comes back at once, without the busy handler, while another
+            # connection checkpoints: retry until the deadline
+            while not done and time.monotonic() < deadline:
+                row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                done = row is not None and int(row[0]) == 0
+                if not done:
+                    time.sleep(0.005)
+        except sqlite3.Error as exc:
+            logger.warning("truncating the WAL (%d bytes) failed: %s", wal_size, exc)
+            done = None
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA busy_timeout = 10000")
+            self.waits_for_locks = True
+        if done:
+            self.truncations += 1
+            self.truncate_at = WAL_LIMIT_BYTES
+        else:
+            if done is False:
+                logger.warning("the WAL (%d bytes) stays: readers kept their snapshots", wal_size)
+            self.truncate_at = wal_size + CHECKPOINT_BYTES
 
     async def fetchone(self, sql: str, params: Sequence[object] = ()) -> Any:
         return await self.run(lambda: self.conn.execute(sql, params).fetchone())
@@ -285,6 +367,15 @@ class Checkpointer:
             return  # one is still copying (or its catch-up is due): growth is counted anew
         self.running = asyncio.get_running_loop().run_in_executor(self.executor, self._run)
         self.running.add_done_callback(self._done)
+
+    async def wait(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the running checkpoint, if any, to finish (its
+        failure is logged)."""
+        if self.running is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.running), seconds)
+            if self.running.done():
+                self.running = None
 
     def take_finished(self) -> bool:
         """Whether a checkpoint finished since the last call."""

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import asyncpg
 import orjson
 
-from .._errors import InvalidRequest, StreamsError
+from .._errors import InvalidRequest, StorageFull, StreamsError
 from .._offsets import parse_offset
 from ._engine import ReadBuilder, StreamRecord, apply_each, kv_range, read_plan, readable
 from ._group import CommitQueue, Pending
@@ -354,6 +354,9 @@ class PostgresStore(Store):
             error: Exception = exc
             if isinstance(exc, asyncpg.DataError):  # e.g. a NUL character in a path or key
                 error = InvalidRequest(f"the database rejected the data: {exc}")
+            elif isinstance(exc, asyncpg.exceptions.DiskFullError):  # rolled back whole
+                error = StorageFull(f"the database server's disk is full: {exc}")
+                logger.error("commit failed: %s", error)
             else:
                 logger.exception("commit failed")
             for pending in group:

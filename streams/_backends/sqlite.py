@@ -55,6 +55,7 @@ from ._sqlite_io import (
     kv_scan_sql,
     persist_and_commit,
     rollback,
+    storage_full,
     to_record,
 )
 from .base import KvCheck, KvPut, Op, OpResult, ReadResult, Store, StreamInfo, Touch
@@ -349,7 +350,22 @@ class SqliteStore(Store):
         return conn
 
     async def open(self) -> None:
-        """Open the file (creating it and its folder), migrate, start the writer task."""
+        """Open the file (creating it and its folder), migrate, start the writer task.
+
+        Raises:
+            StorageFull: the disk is full (nothing is left open).
+        """
+        try:
+            await self._open()
+        except (sqlite3.Error, OSError) as exc:
+            full = storage_full(exc, self.path)
+            if full is None:
+                raise
+            with contextlib.suppress(Exception):
+                await self.aclose()
+            raise full from None
+
+    async def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = await WriterConnection.open(self.path, self._synchronous)
         # Outside WAL mode (a filesystem without shared memory) every commit syncs.
@@ -392,12 +408,16 @@ class SqliteStore(Store):
             try:
                 await self._commit_group(group)
             except Exception as exc:  # a database failure: fail every call in the group
-                logger.exception("group commit failed")
+                full = storage_full(exc, self.path)  # rolled back whole; retried calls work
+                if full is not None:  # once space returns
+                    logger.error("group commit failed: %s", full.message)
+                else:
+                    logger.exception("group commit failed")
                 self._cache.clear()
                 self._data_version = None
                 for pending in group:
                     if not pending.future.done():
-                        pending.future.set_exception(exc)
+                        pending.future.set_exception(exc if full is None else full)
 
     async def _commit_group(self, group: list[Pending]) -> None:
         writer = self._writer

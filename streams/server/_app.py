@@ -172,7 +172,12 @@ def create_app(store: Store, *, settings: ServerSettings | None = None) -> Strea
         read_max_messages=settings.read_max_messages,
         read_max_bytes=settings.read_max_bytes,
     )
-    ctx = Context(store, settings, fanout, Subscriptions(store))
+    subscriptions = Subscriptions(
+        store,
+        allow_private_webhooks=settings.allow_private_webhooks,
+        allow_loopback_webhooks=settings.allow_loopback_webhooks,
+    )
+    ctx = Context(store, settings, fanout, subscriptions)
     methods = ["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH"]
     streams: dict[str, Handler] = {
         "GET": handle_get,

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .. import Store, is_json_content_type
@@ -48,7 +48,13 @@ class Context:
         return path
 
     async def body(self, request: Request) -> bytes:
-        """The request body, refusing (413) anything over ``max_body_bytes``."""
+        """The request body, refusing (413) anything over ``max_body_bytes``.
+
+        Raises:
+            Problem: ``413`` for a body over the limit; ``400`` for one that ended early or
+                was badly framed (a malformed chunked encoding: uvicorn has already
+                answered it and logged one line).
+        """
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -58,11 +64,21 @@ class Context:
                 raise Problem(413, "PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise Problem(413, "PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise Problem(413, "PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            client = request.client.host if request.client is not None else "?"
+            logger.debug(  # uvicorn logs a badly framed one (in one line); nothing more here
+                "%s %s from %s: the body was cut short or badly framed; nothing was done",
+                request.method,
+                request.url.path,
+                client,
+            )
+            raise Problem(400, "BAD_REQUEST", "the request body ended early") from None
         return b"".join(chunks)
 
 

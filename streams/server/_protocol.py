@@ -26,6 +26,7 @@ from .. import (
     ProducerFenced,
     ProducerSequenceGap,
     SequenceConflict,
+    StorageFull,
     StreamClosed,
     StreamExists,
     StreamGone,
@@ -235,4 +236,6 @@ def from_store_error(exc: StreamsError, *, creating: bool = False) -> Problem:
         return Problem(400, "BAD_REQUEST", message)
     if isinstance(exc, ConditionFailed):
         return Problem(409, "CONFLICT", message)
+    if isinstance(exc, StorageFull):
+        return Problem(507, "INSUFFICIENT_STORAGE", message)
     return Problem(500, "INTERNAL", "the store failed")

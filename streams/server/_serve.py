@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from .. import open_store
+from .. import StreamsError, open_store
 from ._app import StreamsApp, create_app
 from ._settings import ServerSettings
 
@@ -46,6 +46,10 @@ class _StoreApp:
             try:
                 running = self._running()
                 await running.__aenter__()
+            except StreamsError as exc:  # a full disk, say: one line (uvicorn logs it), exit
+                failed = f"could not open the store {self.url}: {exc}"
+                await send({"type": "lifespan.startup.failed", "message": failed})
+                return
             except Exception as exc:
                 logger.exception("could not open the store %s", self.url)
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})

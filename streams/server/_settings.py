@@ -24,6 +24,11 @@ class ServerSettings:
         cache_max_age_s: ``max-age`` of cacheable catch-up reads.
         cors_origins: allowed CORS origins; ``("*",)`` allows any.
         max_path_length: longest accepted stream path.
+        allow_private_webhooks: let webhooks go to loopback, private, link-local and other
+            internal addresses (off: such URLs get ``400 WEBHOOK_URL_REJECTED`` and deliveries
+            to a host that now resolves to one are refused; see ``_webhook_guard``).
+        allow_loopback_webhooks: let webhooks go to loopback addresses only (workers on this
+            host), still refusing every other internal address.
     """
 
     base_path: str = "/v1/stream"
@@ -36,6 +41,8 @@ class ServerSettings:
     cache_max_age_s: int = 60
     cors_origins: tuple[str, ...] = ("*",)
     max_path_length: int = 1024
+    allow_private_webhooks: bool = False
+    allow_loopback_webhooks: bool = False
 
     def __post_init__(self) -> None:
         if not self.base_path.startswith("/") or self.base_path.endswith("/"):

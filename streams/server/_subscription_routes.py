@@ -49,6 +49,7 @@ async def handle_reserved(ctx: Context, request: Request) -> Response:
     if not tail:
         if method == "PUT":
             config = normalize_config(await _json_body(ctx, request), ctx.validate_path)
+            await subs.check_webhook(config)
             base_url = str(request.base_url).rstrip("/") + ctx.settings.base_path
             status, view = await subs.put(sub_id, config, base_url)
             return _json(status, view)

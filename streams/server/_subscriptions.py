@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
-import ipaddress
 import logging
 import random
 import re
@@ -33,7 +33,6 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx2
 import orjson
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .. import KvPut, Store, StreamsError, format_offset, parse_offset
 from ._protocol import Problem
+from ._webhook_guard import resolve_webhook
 
 __all__ = ["Subscriptions", "matches"]
 
@@ -104,26 +104,6 @@ def _bad(message: str, code: str = "BAD_REQUEST") -> Problem:
     return Problem(400, code, message)
 
 
-def _webhook_url_ok(url: str) -> bool:
-    """Only http(s) URLs, and never private, link-local or otherwise internal addresses."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return False
-    try:
-        address = ipaddress.ip_address(parts.hostname)
-    except ValueError:
-        return True  # a host name (resolved at delivery time)
-    if address.is_loopback:
-        return True  # local development workers
-    return not (
-        address.is_private
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-    )
-
-
 def normalize_config(body: object, validate_path: Any) -> dict[str, Any]:
     """Check a subscription body and return its canonical configuration."""
     if not isinstance(body, dict):
@@ -160,9 +140,7 @@ def normalize_config(body: object, validate_path: Any) -> dict[str, Any]:
         url = webhook.get("url") if isinstance(webhook, dict) else None
         if not isinstance(url, str) or len(url) > 2048:
             raise _bad("a webhook subscription needs webhook.url")
-        if not _webhook_url_ok(url):
-            raise _bad(f"webhook URL {url[:200]!r} is not allowed", "WEBHOOK_URL_REJECTED")
-        config["webhook_url"] = url
+        config["webhook_url"] = url  # where it may go: Subscriptions.check_webhook
     else:
         wake_stream = body.get("wake_stream")
         if not isinstance(wake_stream, str):
@@ -178,8 +156,16 @@ def _b64url(data: bytes) -> str:
 class Subscriptions:
     """Every subscription of one store, its wakes, deliveries and leases."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        allow_private_webhooks: bool = False,
+        allow_loopback_webhooks: bool = False,
+    ) -> None:
         self._store = store
+        self._allow_private = allow_private_webhooks
+        self._allow_loopback = allow_loopback_webhooks
         self._subs: dict[str, Subscription] = {}
         self._loaded = False
         self._lock = asyncio.Lock()
@@ -201,10 +187,14 @@ class Subscriptions:
                 logger.error("ignoring unreadable subscription record %r", key)
         self._loaded = True
         for sub in self._subs.values():  # resume wakes that were in flight
-            if sub.wake is not None and sub.wake.lease_expires is not None:
-                self._arm_lease(sub, sub.wake)
-            elif sub.wake is not None and sub.config["type"] == "webhook":
-                self._spawn(self._deliver(sub.id, sub.wake.wake_id))
+            self._resume(sub)
+
+    def _resume(self, sub: Subscription) -> None:
+        """Carry on with a wake read from the store: arm its lease, or deliver it."""
+        if sub.wake is not None and sub.wake.lease_expires is not None:
+            self._arm_lease(sub, sub.wake)
+        elif sub.wake is not None and sub.config["type"] == "webhook":
+            self._spawn(self._deliver(sub.id, sub.wake.wake_id))
 
     async def aclose(self) -> None:
         for timer in self._timers:
@@ -221,7 +211,17 @@ class Subscriptions:
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        if isinstance(exc, StreamsError):  # a full disk, say: the next write tries again
+            logger.error("subscriptions: background work failed: %s", exc)
+        else:
+            logger.error("subscriptions: background work failed", exc_info=exc)
 
     def _later(self, delay: float, coro_fn: Any, *args: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -316,6 +316,23 @@ class Subscriptions:
 
     # -- subscription CRUD ------------------------------------------------------------------
 
+    async def check_webhook(self, config: dict[str, Any]) -> None:
+        """Refuse a webhook URL whose host is (or resolves to) an internal address.
+
+        Raises:
+            Problem: ``400 WEBHOOK_URL_REJECTED``.
+        """
+        url = config["webhook_url"]
+        if url is None:
+            return
+        try:
+            await resolve_webhook(
+                url, allow_private=self._allow_private, allow_loopback=self._allow_loopback
+            )
+        except ValueError as exc:
+            message = f"webhook URL {url[:200]!r} is not allowed: {exc}"
+            raise _bad(message, "WEBHOOK_URL_REJECTED") from None
+
     async def put(self, sub_id: str, config: dict[str, Any], base_url: str) -> tuple[int, Any]:
         if not _ID.fullmatch(sub_id):
             raise _bad("a subscription id is 1-128 of A-Z a-z 0-9 . _ : -")
@@ -369,7 +386,25 @@ class Subscriptions:
         return sub
 
     async def _save(self, sub: Subscription) -> None:
-        await self._store.kv_put(NAMESPACE, sub.id, sub.dump())
+        """Store ``sub`` (lock held).
+
+        Raises:
+            StreamsError: the store refused (a full disk, say). What is in memory then ran
+                ahead of the store, so the stored record is taken back first: a wake that was
+                never saved is dropped (the next write starts it again, once space returns),
+                instead of sitting in memory with no delivery or lease to end it.
+        """
+        try:
+            await self._store.kv_put(NAMESPACE, sub.id, sub.dump())
+        except StreamsError:
+            with contextlib.suppress(StreamsError):
+                raw = await self._store.kv_get(NAMESPACE, sub.id)
+                if raw is None:
+                    self._subs.pop(sub.id, None)
+                else:
+                    self._subs[sub.id] = stored = Subscription.load(raw)
+                    self._resume(stored)
+            raise
 
     # -- writes observed --------------------------------------------------------------------
 
@@ -480,20 +515,41 @@ class Subscriptions:
                 "Content-Type": "application/json",
                 "Webhook-Signature": f"t={stamp},kid={self._kid},ed25519={signature}",
             }
-            try:
-                if self._http is None:
-                    self._http = httpx2.AsyncClient(timeout=10)
-                response = await self._http.post(url, content=body, headers=headers)
-                ok = response.is_success
-                answer = response.json() if ok and response.content else {}
-            except (httpx2.HTTPError, ValueError) as exc:
-                logger.warning("subscription %s: webhook delivery failed: %s", sub_id, exc)
-                ok, answer = False, {}
+            ok, answer = await self._post(sub_id, url, body, headers)
             if ok:
                 await self._delivered(sub_id, wake_id, answer)
                 return
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 60.0)
+
+    async def _post(
+        self, sub_id: str, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[bool, object]:
+        """POST one delivery to the address the webhook's host resolves to now, if allowed;
+        ``(ok, answer)``."""
+        try:
+            target = await resolve_webhook(
+                url, allow_private=self._allow_private, allow_loopback=self._allow_loopback
+            )
+        except ValueError as exc:  # it resolves elsewhere now (DNS rebinding, say)
+            logger.warning("subscription %s: webhook delivery refused: %s", sub_id, exc)
+            return False, {}
+        extensions: dict[str, Any] = {}
+        if target.host_header is not None:
+            headers = {**headers, "Host": target.host_header}
+        if target.sni_hostname is not None:
+            extensions["sni_hostname"] = target.sni_hostname
+        try:
+            if self._http is None:
+                self._http = httpx2.AsyncClient(timeout=10)
+            response = await self._http.post(
+                target.url, content=body, headers=headers, extensions=extensions
+            )
+            ok = response.is_success
+            return ok, response.json() if ok and response.content else {}
+        except (httpx2.HTTPError, ValueError) as exc:
+            logger.warning("subscription %s: webhook delivery failed: %s", sub_id, exc)
+            return False, {}
 
     async def _delivered(self, sub_id: str, wake_id: str, answer: object) -> None:
         async with self._lock:

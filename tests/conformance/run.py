@@ -2,10 +2,12 @@
 
     python -m tests.conformance.run [--db URL] [-- extra vitest args]
 
-Starts ``python -m streams serve`` on 127.0.0.1 (a free port) over a fresh SQLite file (or the
-given store URL), installs the pinned npm suite when ``node_modules`` is missing or older than
-``package-lock.json``, runs ``npx vitest run`` with the JSON reporter, lists the failures, and
-prints as its last line ``N passed, M failed``. Exits non-zero unless every test passed.
+Starts ``python -m streams serve --allow-loopback-webhooks`` (the suite's webhook receivers
+listen on 127.0.0.1; it checks that private addresses are refused) on 127.0.0.1 (a free port)
+over a fresh SQLite file (or the given store URL), installs the pinned npm suite when
+``node_modules`` is missing or older than ``package-lock.json``, runs ``npx vitest run`` with
+the JSON reporter, lists the failures, and prints as its last line ``N passed, M failed``.
+Exits non-zero unless every test passed.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def run(db: str | None, vitest_args: list[str]) -> tuple[int, int]:
         server = subprocess.Popen(
             [sys.executable, "-m", "streams", "serve", "--db", url, "--host", "127.0.0.1",
              "--port", str(port), "--long-poll-ms", str(LONG_POLL_MS),
-             "--sse-max-s", str(SSE_MAX_S), "--log-level", "warning"],
+             "--sse-max-s", str(SSE_MAX_S), "--log-level", "warning",
+             "--allow-loopback-webhooks"],  # the suite's webhook receivers are on 127.0.0.1
             cwd=ROOT,
         )  # fmt: skip
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -143,17 +144,74 @@ async def test_commit_waits_for_another_connections_write_lock(tmp_path: Path) -
         assert (await store.append("s", [b"3"])).next_offset == format_offset(3)
 
 
+WAL_BOUND = 16 * 1024 * 1024  # issue 17: at most 16 MiB under sustained load
+
+
+async def sustained_load(store: streams.Store, wal: Path, seconds: float) -> int:
+    """Four writers appending 200 KB batches and two readers reading across the stream (on the
+    reader threads: more than the inline limit) for ``seconds``; the largest WAL seen."""
+    blob = b"x" * 4000
+    largest = 0
+    stop = asyncio.Event()
+    for name in ("a", "b", "c", "d"):
+        await store.create(name)
+
+    async def write(name: str) -> None:
+        nonlocal largest
+        while not stop.is_set():
+            await store.append(name, [blob] * 50)
+            largest = max(largest, os.stat(wal).st_size)
+
+    async def read() -> None:
+        while not stop.is_set():
+            for name in ("a", "b", "c", "d"):
+                await store.read(name, limit=_sqlite_io.INLINE_READ_LIMIT + 500)
+            await asyncio.sleep(0)
+
+    tasks = [asyncio.create_task(write(n)) for n in "abcd"]
+    tasks += [asyncio.create_task(read()) for _ in range(2)]
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.gather(*tasks)
+    return largest
+
+
 async def test_wal_stays_bounded(tmp_path: Path) -> None:
     url = url_for(tmp_path)
     blob = b"x" * 4000
     async with streams.open_store(url) as store:
+        largest = await sustained_load(store, tmp_path / "store.db-wal", 4.0)
+        assert largest <= WAL_BOUND, largest
         await store.create("s")
-        for _ in range(100):
-            await store.append("s", [blob] * 50)  # 20 MB in all
-        wal = tmp_path / "store.db-wal"
-        assert wal.stat().st_size < 12 * 1024 * 1024
+        await store.append("s", [blob] * 5000)  # in one go: may exceed the bound once
+        await store.append("s", [blob])
+        assert (tmp_path / "store.db-wal").stat().st_size <= WAL_BOUND
         result = await store.read("s", format_offset(4990), limit=100)
-        assert [m.data for m in result.messages] == [blob] * 10
+        assert [m.data for m in result.messages] == [blob] * 11
+
+
+async def test_wal_stays_bounded_when_passive_checkpoints_lag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint beside the writer never finishes (a loaded machine, say): the writer
+    truncates the WAL itself once it reaches the limit."""
+    release = threading.Event()
+    original = _sqlite_io.Checkpointer._run
+
+    def stuck_run(self: _sqlite_io.Checkpointer) -> None:
+        release.wait(30)
+        original(self)
+
+    monkeypatch.setattr(_sqlite_io.Checkpointer, "_run", stuck_run)
+    try:
+        async with streams.open_store(url_for(tmp_path)) as store:
+            largest = await sustained_load(store, tmp_path / "store.db-wal", 3.0)
+            assert isinstance(store, sqlite_backend.SqliteStore) and store._writer is not None
+            assert store._writer.truncations >= 1
+            release.set()
+        assert largest <= WAL_BOUND, largest
+    finally:
+        release.set()
 
 
 @pytest.mark.parametrize("mode", ["FULL", "OFF"])
