@@ -32,6 +32,7 @@ from streams import (
     Append,
     ConditionFailed,
     KvCheck,
+    StorageFull,
     Store,
     StreamClosed,
     StreamGone,
@@ -351,6 +352,27 @@ class WakeRunner:
 
         return flush
 
+    async def _commit_patiently(self, ops: list[Any], claim: Claim) -> list[Any]:
+        """Commit ``ops``; while the store's disk is full, try again (every 0.1 s, backing off
+        to 2 s) for up to a lease period, so the wake commits as soon as space returns instead
+        of being failed for it or waiting out its lease.
+
+        Raises:
+            StorageFull: still full after a lease period (the lease then expires).
+        """
+        give_up = time.monotonic() + self.rt.lease_seconds
+        delay = 0.1
+        while True:
+            try:
+                return await self.rt.store.commit(ops)
+            except StorageFull:
+                if time.monotonic() + delay > give_up:
+                    raise
+                if delay == 0.1:
+                    logger.warning("the disk is full: the commit of %s waits for space", claim.url)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def _cancelled(self, run: Running, current: _Wake) -> None:
         """A wake stopped from outside: nothing of it commits; after a kill, ``on_stop``."""
         claim = run.claim
@@ -542,7 +564,7 @@ class WakeRunner:
         for _attempt in range(8):
             try:
                 began = time.perf_counter()
-                results = await rt.store.commit(ops)
+                results = await self._commit_patiently(ops, claim)
                 metrics.wake_commit.observe(time.perf_counter() - began)
                 # the mark was not ours to clear: more arrived while the wake ran
                 cleared = next(r for op, r in zip(ops, results, strict=True) if op is clear)
@@ -566,6 +588,8 @@ class WakeRunner:
                 logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
                 self.claimer.remember(claim.url.url, None)
                 return
+            except StorageFull:
+                raise  # the store's trouble, not the wake's: the lease expires, it runs again
             except _OWN_FAULTS as exc:
                 raise _Poison(exc) from exc
         self.claimer.remember(claim.url.url, commit.record)

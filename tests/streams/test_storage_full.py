@@ -11,15 +11,17 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import anyio
 import httpx2
 import pytest
 
 import streams
-from entities import Runtime
+from entities import HandlerContext, Registry, Runtime, WakeEvent
 from entities.server import create_app
 from examples import all as examples_all
 from streams import Op, OpResult, StorageFull, format_offset
@@ -202,3 +204,37 @@ async def test_a_wake_whose_save_failed_starts_again_once_space_returns() -> Non
     finally:
         await subs.aclose()
         receiver.close()
+
+
+async def test_a_wake_whose_commit_meets_a_full_disk_commits_once_space_returns(
+    tmpfs: Path,
+) -> None:
+    registry = Registry()
+    started, gate = anyio.Event(), anyio.Event()
+
+    @registry.define("disk")
+    async def disk(ctx: HandlerContext, wake: WakeEvent) -> None:
+        if wake.messages:
+            started.set()
+            await gate.wait()
+            ctx.reply("done")
+
+    async with Runtime(registry, f"sqlite:///{tmpfs / 'e.db'}", lease_seconds=30) as rt:
+        await rt.spawn("/disk/d")
+        await rt.run_until_idle()
+        receipt = await rt.send("/disk/d", "go")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rt.run_until_idle)
+            await started.wait()
+            filler = fill(tmpfs)
+            gate.set()
+            await anyio.sleep(0.6)  # the wake's commit meets the full disk, and waits
+            assert (await rt.outcome("/disk/d", receipt.key)).status == "pending"
+            filler.unlink()
+            freed = time.monotonic()
+        waited = time.monotonic() - freed
+        outcome = await rt.outcome("/disk/d", receipt.key)
+        assert (outcome.status, outcome.replies) == ("completed", ["done"])
+        assert waited < 5, waited  # not the 30 s lease
+        assert await rt.dead_letters() == []
+        assert (await rt.get("/disk/d")).runs == 2  # the spawn's wake and this one: no retry
