@@ -297,7 +297,7 @@ class WriterConnection:
             await self.run(self.truncate_wal, wal_size)
         elif self.checkpointer.take_finished():
             await self.run(lambda: self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
-        elif self.wal_bytes >= CHECKPOINT_BYTES or wal_size > CHECKPOINT_BYTES:
+        elif self.wal_bytes >= CHECKPOINT_BYTES:
             self.wal_bytes = 0
             self.checkpointer.start()
 

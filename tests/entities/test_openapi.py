@@ -16,7 +16,7 @@ from starlette.routing import Route
 from entities import Registry, Runtime
 from entities.server._openapi import openapi_document
 from entities.server._routes import control_routes
-from tests.entities._support import REPO, EntitiesProcess, cli_env, free_port
+from tests.entities._support import EntitiesProcess, cli_env, free_port
 
 
 async def test_the_document_covers_every_control_plane_route_and_method() -> None:
@@ -60,7 +60,7 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(tmp_path:
                 "--max-examples", "12", "--seed", "1", "--request-timeout", "10",
                 "--phases", "examples,coverage,fuzzing",
             ],
-            capture_output=True, text=True, cwd=REPO, env=cli_env(), timeout=300,
+            capture_output=True, text=True, cwd=tmp_path, env=cli_env(), timeout=300,
         )  # fmt: skip
     finally:
         server.stop()
