@@ -116,6 +116,23 @@ class Runtime(Reads):
         self._opened = False
         self._local_worker: Worker | None = None
 
+    def over(self, store: Store) -> Runtime:
+        """A runtime with this one's registry, clock, worker id and settings over ``store``
+        (e.g. another connection to the same database, opened on another event loop)."""
+        return Runtime(
+            self.registry,
+            store,
+            clock=self.clock,
+            worker_id=self.worker_id,
+            concurrency=self.concurrency,
+            lease_seconds=self.lease_seconds,
+            retry_base_seconds=self.retry_base_seconds,
+            retry_max_seconds=self.retry_max_seconds,
+            snapshot_every=self.snapshot_every,
+            cache_entities=self.cache_entities,
+            wake_timeout=self.wake_timeout,
+        )
+
     async def __aenter__(self) -> Runtime:
         await self.open()
         return self

@@ -153,19 +153,7 @@ class EmbeddedWorker:
         store = open_store(rt.store.url)
         if urlsplit(rt.store.url).scheme == "sqlite":
             self._mirror(store)
-        own = Runtime(
-            rt.registry,
-            store,
-            clock=rt.clock,
-            worker_id=rt.worker_id,
-            concurrency=rt.concurrency,
-            lease_seconds=rt.lease_seconds,
-            retry_base_seconds=rt.retry_base_seconds,
-            retry_max_seconds=rt.retry_max_seconds,
-            snapshot_every=rt.snapshot_every,
-            cache_entities=rt.cache_entities,
-            wake_timeout=rt.wake_timeout,
-        )
+        own = rt.over(store)
         async with store, own:
             self._stop = anyio.Event()
             self._loop = asyncio.get_running_loop()
