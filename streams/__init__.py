@@ -20,6 +20,7 @@ from ._backends.base import ReadResult as ReadResult
 from ._backends.base import Store as Store
 from ._backends.base import StreamInfo as StreamInfo
 from ._backends.base import Touch as Touch
+from ._backends.sqlite import sqlite_path as sqlite_path
 from ._errors import BackendUnavailable as BackendUnavailable
 from ._errors import BadOffset as BadOffset
 from ._errors import ConditionFailed as ConditionFailed
@@ -109,4 +110,5 @@ __all__ = [
     "parse_offset",
     "save_snapshot",
     "split_json",
+    "sqlite_path",
 ]

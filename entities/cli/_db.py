@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import click
 from click.core import ParameterSource
 
-from streams import BackendUnavailable, Store, open_store
+from streams import BackendUnavailable, Store, open_store, sqlite_path
 
 __all__ = [
     "DEFAULT_DB",
@@ -74,18 +74,16 @@ def redact(url: str) -> str:
 
 
 def sqlite_file(url: str) -> Path:
-    """The file a ``sqlite:///relative`` or ``sqlite:////absolute`` URL names (the store's rule).
+    """The file a ``sqlite:///relative`` or ``sqlite:////absolute`` URL names (the store's own
+    rule: :func:`streams.sqlite_path`).
 
     Raises:
         UsageProblem: the URL names no file.
     """
-    parts = urlsplit(url)
-    raw = parts.path[1:] if parts.path.startswith("/") else parts.path
-    if parts.netloc:
-        raw = parts.netloc + "/" + raw
-    if not raw or raw == ":memory:":
-        raise UsageProblem(f"--db {url!r} names no file; use {FORMS}")
-    return Path(raw)
+    try:
+        return sqlite_path(url)
+    except BackendUnavailable:
+        raise UsageProblem(f"--db {url!r} names no file; use {FORMS}") from None
 
 
 def check_db_url(url: str, name: str = "--db") -> str:

@@ -23,7 +23,7 @@ from entities.cli import _server_cmds as server_cmds
 from entities.cli import cli
 from entities.cli._db import FORMS, sqlite_file
 from entities.cli._logs import OURS, UVICORN, JsonFormatter, adopt_uvicorn_loggers
-from streams._backends.sqlite import sqlite_path
+from streams import sqlite_path
 from tests import _postgres
 
 from ._support import REPO, EntitiesProcess, cli_env, entities_command, free_port
