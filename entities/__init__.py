@@ -6,6 +6,9 @@ through the ``entities`` CLI's worker and server), and send them messages by URL
 
 from __future__ import annotations
 
+from ._check import CheckFinding as CheckFinding
+from ._check import CheckReport as CheckReport
+from ._check import check_deploy as check_deploy
 from ._clock import Clock as Clock
 from ._clock import SystemClock as SystemClock
 from ._clock import VirtualClock as VirtualClock
@@ -27,6 +30,7 @@ from ._errors import IdempotencyKeyReused as IdempotencyKeyReused
 from ._errors import InvalidEntityURL as InvalidEntityURL
 from ._errors import InvalidIdempotencyKey as InvalidIdempotencyKey
 from ._errors import LeaseLost as LeaseLost
+from ._errors import MigrationFailed as MigrationFailed
 from ._errors import ModelError as ModelError
 from ._errors import ProcessFailed as ProcessFailed
 from ._errors import ProcessTimeout as ProcessTimeout
@@ -68,6 +72,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgentError",
+    "CheckFinding",
+    "CheckReport",
     "ChildEntry",
     "Clock",
     "Collection",
@@ -94,6 +100,7 @@ __all__ = [
     "InvalidIdempotencyKey",
     "LeaseLost",
     "ManifestEntry",
+    "MigrationFailed",
     "ModelError",
     "ProcessFailed",
     "ProcessTimeout",
@@ -118,6 +125,7 @@ __all__ = [
     "WakeTimeout",
     "Worker",
     "WorkerInfo",
+    "check_deploy",
     "collection",
     "cron",
     "db",

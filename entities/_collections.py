@@ -4,7 +4,7 @@ a wake, the collections themselves, whose reads see the wake's own buffered writ
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from streams import Operation
 
 from ._errors import ContextError, DefinitionError
+from ._migrations import VERSION_KEY, Migrations, check_chain, stored_row, upgrade
 
 __all__ = [
     "Actions",
@@ -26,27 +27,50 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class CollectionDef:
-    """A user state collection: rows of ``model`` keyed by the field ``primary_key``."""
+    """A user state collection: rows of ``model`` keyed by the field ``primary_key``, at
+    ``version`` (rows written at an earlier one are upgraded by ``migrate[from_version]``)."""
 
     model: type[BaseModel]
     primary_key: str = "key"
     type: str | None = None  # the event type in the stream; default ``state:{name}``
+    version: int = 1
+    migrate: Migrations = field(default_factory=dict, hash=False, compare=False)
 
     def event_type(self, name: str) -> str:
         return self.type or f"state:{name}"
 
+    def upgrade(self, name: str, key: str, row: Any, *, url: str | None = None) -> Any:
+        """The stored ``row`` at ``key`` upgraded to this collection's version (see
+        :func:`~entities._migrations.upgrade`).
+
+        Raises:
+            MigrationFailed: a migration raised, or the row is newer than ``version``.
+        """
+        return upgrade(name, key, row, self.version, self.migrate, url=url)
+
 
 def collection(
-    model: type[BaseModel], *, primary_key: str = "key", type: str | None = None
+    model: type[BaseModel],
+    *,
+    primary_key: str = "key",
+    type: str | None = None,
+    version: int = 1,
+    migrate: Migrations | None = None,
 ) -> CollectionDef:
     """Declare a state collection of pydantic ``model`` rows keyed by ``primary_key``.
 
+    ``version`` (default 1) is the version rows are written at; ``migrate`` maps each earlier
+    version ``v`` to a function upgrading a row (a dict, without its version) from ``v`` to
+    ``v + 1``. A wake reads every row at ``version``: older rows are upgraded as they are read.
+
     Raises:
-        DefinitionError: ``model`` has no field named ``primary_key``.
+        DefinitionError: ``model`` has no field named ``primary_key``, ``version`` is not a
+            positive int, or ``migrate`` does not hold exactly one callable per earlier version.
     """
     if primary_key not in model.model_fields:
         raise DefinitionError(f"{model.__name__} has no field {primary_key!r} to use as key")
-    return CollectionDef(model, primary_key, type)
+    chain = check_chain(version, migrate)
+    return CollectionDef(model, primary_key, type, version, chain)
 
 
 class Backing(Protocol):
@@ -69,11 +93,30 @@ class Collection:
         self.name = name
         self.definition = definition
         self.event_type = definition.event_type(name)
+        self._current = definition.version == 1  # rows need no upgrade (checked once per wake)
 
     def _rows(self) -> dict[str, Any]:
-        return self._ctx._view.setdefault(self.event_type, {})
+        rows = self._ctx._view.setdefault(self.event_type, {})
+        if not self._current:
+            self._upgrade(rows)
+        return rows
+
+    def _upgrade(self, rows: dict[str, Any]) -> None:
+        """Upgrade the rows of an earlier version in place (the view is the wake's own copy).
+
+        Raises:
+            MigrationFailed: a migration raised, or a row is newer than the code.
+        """
+        url = getattr(self._ctx, "entity_url", None)
+        for key, row in list(rows.items()):
+            upgraded = self.definition.upgrade(self.name, key, row, url=url)
+            if upgraded is not row:
+                rows[key] = upgraded
+        self._current = True
 
     def _model(self, value: Any) -> BaseModel:
+        if self.definition.version > 1:
+            value = stored_row(value)
         return self.definition.model.model_validate(value)
 
     def _coerce(self, row: BaseModel | dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -87,6 +130,8 @@ class Collection:
         if isinstance(row, BaseModel) and not isinstance(row, model):
             raise ContextError(f"{self.name!r} holds {model.__name__}, not {type(row).__name__}")
         data = obj.model_dump(mode="json")
+        if self.definition.version > 1:
+            data[VERSION_KEY] = self.definition.version
         key = data.get(self.definition.primary_key)
         if not isinstance(key, str) or not key:
             raise ContextError(

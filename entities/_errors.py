@@ -11,6 +11,7 @@ The hierarchy::
     ├── SchemaValidationFailed         args or a message fail their schema (HTTP 422)
     ├── EntityStopped                  the entity was killed and takes no more messages (HTTP 409)
     ├── ContextError                   misuse of the HandlerContext (e.g. writing a bad row)
+    ├── MigrationFailed                a stored row cannot be upgraded to its collection's version
     ├── LeaseLost                      a wake's write was fenced: another worker owns the entity
     ├── WakeTimeout                    a wake ran past its type's ``wake_timeout`` and was cancelled
     ├── DeadLetterNotFound             no dead letter with that id (HTTP 404)
@@ -48,6 +49,7 @@ __all__ = [
     "InvalidEntityURL",
     "InvalidIdempotencyKey",
     "LeaseLost",
+    "MigrationFailed",
     "ModelError",
     "ProcessFailed",
     "ProcessTimeout",
@@ -131,6 +133,16 @@ class ContextError(EntitiesError):
 
     code = "CONTEXT_ERROR"
     status = 400
+
+
+class MigrationFailed(EntitiesError):
+    """Raised when reading a stored row of a versioned collection whose migration to the
+    current version raises (or that was written by a newer version). Inside a wake it fails
+    the wake like any handler error: nothing is lost, and the wake succeeds once the migration
+    is fixed. The message names the collection, the row's key and the versions."""
+
+    code = "MIGRATION_FAILED"
+    status = 500
 
 
 class LeaseLost(EntitiesError):

@@ -12,6 +12,7 @@ from streams import Store, StreamGone, StreamNotFound, materialize
 
 from ._clock import Clock
 from ._errors import EntityNotFound
+from ._migrations import stored_row
 from ._observe import db_stream
 from ._pipeline.affinity import WorkerInfo, read_presence
 from ._records import (
@@ -182,18 +183,26 @@ class Reads:
             return None
         return folded.collections
 
-    async def state_of(self, url: str) -> dict[str, dict[str, Any]]:
-        """The entity's user state collections by name (``name -> key -> row``).
+    async def state_of(self, url: str, *, migrate: bool = True) -> dict[str, dict[str, Any]]:
+        """The entity's user state collections by name (``name -> key -> row``), rows of a
+        versioned collection upgraded to its version (``migrate=False``: as stored).
 
         Raises:
             EntityNotFound: no entity at ``url``.
+            MigrationFailed: a row's migration raised.
         """
         target = parse_url(url)
         view = await self.view(url)
         entity_type = self.registry.get(target.type)
         result: dict[str, dict[str, Any]] = {}
         for name, definition in entity_type.state.items():
-            result[name] = view.get(definition.event_type(name), {})
+            rows = view.get(definition.event_type(name), {})
+            if migrate and definition.version > 1:
+                rows = {
+                    k: stored_row(definition.upgrade(name, k, row, url=target.url))
+                    for k, row in rows.items()
+                }
+            result[name] = rows
         for type_, rows in view.items():
             if type_.startswith("state:") and type_[6:] not in result:
                 result[type_[6:]] = rows
@@ -210,7 +219,7 @@ class Reads:
         created = view.get("entity_created", {}).get("entity") or {}
         data = info.to_json()
         data["args"] = created.get("args", {})
-        data["state"] = await self.state_of(url)
+        data["state"] = await self.state_of(url, migrate=False)  # as stored, even if broken
         data["manifest"] = view.get("manifests", {})
         data["recent_runs"] = list(view.get("runs", {}).values())[-20:]
         return data

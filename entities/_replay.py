@@ -13,10 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from ._context import HandlerContext
 from ._effects import Effects
-from ._errors import EntitiesError, ReplayDivergence
+from ._errors import EntitiesError, MigrationFailed, ReplayDivergence
 from ._host import Host
+from ._migrations import VERSION_KEY, stored_row
 from ._pipeline.load import view_fold, wake_event
 from ._records import WAKE_TYPES, Inflight
 from ._registry import EntityType, Registry
@@ -113,8 +116,11 @@ def _recorded_runs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(runs.values())
 
 
-async def replay(rt: ReplayHost, url: str, *, wake: int | str | None = None) -> ReplayReport:
-    """Replay the recorded wakes of ``url`` (all, the N-th (1-based), or one wake id).
+async def replay(
+    rt: ReplayHost, url: str, *, wake: int | str | None = None, last: int | None = None
+) -> ReplayReport:
+    """Replay the recorded wakes of ``url`` (all, the N-th (1-based), one wake id, or the
+    ``last`` N).
 
     Raises:
         EntityNotFound: no entity at ``url``.
@@ -137,6 +143,8 @@ async def replay(rt: ReplayHost, url: str, *, wake: int | str | None = None) -> 
             raise EntitiesError(
                 f"{target.url} has no recorded wake {wake!r} ({len(runs)} wakes)", url=target.url
             )
+    if last is not None:
+        chosen = chosen[-last:] if last > 0 else []
     report = ReplayReport(target.url)
     for index, run in chosen:
         report.wakes.append(await _replay_one(rt, entity_type, target, events, index, run))
@@ -223,7 +231,12 @@ async def _replay_one(
     if _outcome_differs(result, run, failed):
         return result
     got = [c for c in ctx.effects.own if _compared(c["type"])]
-    _compare(result, wake_id, [_shape(e) for e in inputs.recorded], [_shape(c) for c in got])
+    try:
+        recorded = [_shape(_current(entity_type, target, e)) for e in inputs.recorded]
+    except MigrationFailed as exc:
+        result.divergences.append(Divergence(wake_id, "migration", None, None, exc.message))
+        return result
+    _compare(result, wake_id, recorded, [_shape(c) for c in got])
     _compare_effects(result, run, ctx.effects)
     return result
 
@@ -272,6 +285,31 @@ def _compare_effects(result: WakeReplay, run: dict[str, Any], effects: Effects) 
                 wake_id, "spawns", expected_spawns, got_spawns, "different children were spawned"
             )
         )
+
+
+def _current(entity_type: EntityType, target: EntityURL, event: dict[str, Any]) -> dict[str, Any]:
+    """A recorded write of a state row as the code being replayed would write it: upgraded to
+    its collection's version and read through its model (so a field added with a default, or
+    filled in by a migration, is no divergence). A row the model refuses is left as recorded.
+
+    Raises:
+        MigrationFailed: the row's migration raised.
+    """
+    value = event.get("value")
+    if not isinstance(value, dict):
+        return event
+    for name, definition in entity_type.state.items():
+        if definition.event_type(name) == event["type"]:
+            row = definition.upgrade(name, event["key"], value, url=target.url)
+            try:
+                model = definition.model.model_validate(stored_row(row))
+            except ValidationError:
+                return {**event, "value": row}
+            data = model.model_dump(mode="json")
+            if definition.version > 1:
+                data[VERSION_KEY] = definition.version
+            return {**event, "value": data}
+    return event
 
 
 def _shape(event: dict[str, Any]) -> dict[str, Any]:

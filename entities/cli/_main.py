@@ -1,7 +1,7 @@
 """The ``entities`` command group. Server-side commands (they open ``--db`` themselves):
-``serve``, ``worker``, ``run``, ``replay``. Client-side commands (over HTTP to ``--server``):
-``spawn``, ``send``, ``view``, ``observe``, ``ps``, ``inspect``, ``schedules``, ``kill``,
-``types``, ``workers``, ``dead-letters``, ``retry``, ``discard``."""
+``serve``, ``worker``, ``run``, ``replay``, ``check``. Client-side commands (over HTTP to
+``--server``): ``spawn``, ``send``, ``view``, ``observe``, ``ps``, ``inspect``, ``schedules``,
+``kill``, ``types``, ``workers``, ``dead-letters``, ``retry``, ``discard``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 
 import click
 
+from ._check import check
 from ._client_cmds import (
     dead_letters,
     discard,
@@ -60,6 +61,7 @@ for command in (
     worker,
     run,
     replay,
+    check,
     spawn,
     send,
     view,
