@@ -86,12 +86,13 @@ class CheckReport:
     def summary(self) -> str:
         """One line: what was checked, and how many findings."""
         checked = (
-            f"{self.entities} live entities, {self.rows} state rows, {self.messages} queued "
-            f"messages, {self.wakes} wakes replayed"
+            f"{_count(self.entities, 'live entity', 'live entities')}, "
+            f"{_count(self.rows, 'state row')}, {_count(self.messages, 'queued message')}, "
+            f"{_count(self.wakes, 'wake')} replayed"
         )
         if self.ok:
             return f"ok: {checked}; nothing stops this deploy"
-        return f"{len(self.findings)} findings: {checked}"
+        return f"{_count(len(self.findings), 'finding')}: {checked}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +103,10 @@ class CheckReport:
             "wakes": self.wakes,
             "findings": [f.to_json() for f in self.findings],
         }
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 Progress = Callable[[int, int], None]  # (done, total) entities
@@ -145,8 +150,8 @@ async def check_deploy(
         report.findings.append(
             CheckFinding(
                 "missing_type",
-                f"type {type_!r} is not in the new code but has {len(urls)} live "
-                f"entit{'y' if len(urls) == 1 else 'ies'}: {named}{more}",
+                f"type {type_!r} is not in the new code but has "
+                f"{_count(len(urls), 'live entity', 'live entities')}: {named}{more}",
                 type_,
                 tuple(urls),
             )

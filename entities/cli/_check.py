@@ -37,7 +37,7 @@ def _registry(app: str) -> Registry:
     try:
         registry = load_registry(app)
     except click.BadParameter as exc:
-        raise UsageProblem(f"APP {app!r}: {exc.format_message()}") from None
+        raise UsageProblem(f"APP {app!r}: {exc.message}") from None
     except Exception as exc:  # the user's module failed while importing
         raise UsageProblem(f"APP {app!r} failed to import: {type(exc).__name__}: {exc}") from None
     registry.source = None  # check writes nothing, not even where the code was loaded from

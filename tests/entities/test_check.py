@@ -8,6 +8,7 @@ The old code writes through one runtime; the check runs the new code over the sa
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -186,3 +187,26 @@ async def test_a_handler_that_behaves_differently_diverges_on_replay(store: Stor
     assert "diverges when replayed" in divergences[0].message
     assert "state:totals/total" in divergences[0].message
     assert report.to_json()["ok"] is False
+
+
+async def test_state_is_read_from_the_snapshot_and_tail(store: Store) -> None:
+    old = Runtime(other_registry(), store, snapshot_every=3)
+    await old.spawn("/counter/long")
+    for n in range(10):
+        await old.send("/counter/long", {"add": n})
+        await old.run_until_idle()
+    starts: list[str] = []
+    read = store.read
+
+    async def counting(path: str, offset: str = "-1", **kw: Any) -> Any:
+        if path == "counter/long/main":
+            starts.append(offset)
+        return await read(path, offset, **kw)
+
+    store.read = counting  # type: ignore[method-assign]
+    try:
+        report = await _check(store, other_registry(), replay_last=0)
+    finally:
+        del store.read
+    assert report.ok and report.rows == 1
+    assert starts and "-1" not in starts  # never from the stream's start
