@@ -25,6 +25,7 @@ from ._errors import EntityNotFound as EntityNotFound
 from ._errors import EntityStopped as EntityStopped
 from ._errors import IdempotencyKeyReused as IdempotencyKeyReused
 from ._errors import InvalidEntityURL as InvalidEntityURL
+from ._errors import InvalidForkPoint as InvalidForkPoint
 from ._errors import InvalidIdempotencyKey as InvalidIdempotencyKey
 from ._errors import LeaseLost as LeaseLost
 from ._errors import ModelError as ModelError
@@ -91,6 +92,7 @@ __all__ = [
     "IdempotencyKeyReused",
     "InboxMessage",
     "InvalidEntityURL",
+    "InvalidForkPoint",
     "InvalidIdempotencyKey",
     "LeaseLost",
     "ManifestEntry",

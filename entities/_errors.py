@@ -8,6 +8,7 @@ The hierarchy::
     ├── InvalidEntityURL               not of the form ``/{type}/{id}`` (HTTP 400)
     ├── EntityNotFound                 no entity at that URL (HTTP 404)
     ├── DuplicateEntity                spawn of a URL that exists (HTTP 409 DUPLICATE_URL)
+    ├── InvalidForkPoint               a fork at an offset the source does not have (HTTP 422)
     ├── SchemaValidationFailed         args or a message fail their schema (HTTP 422)
     ├── EntityStopped                  the entity was killed and takes no more messages (HTTP 409)
     ├── ContextError                   misuse of the HandlerContext (e.g. writing a bad row)
@@ -46,6 +47,7 @@ __all__ = [
     "EntityStopped",
     "IdempotencyKeyReused",
     "InvalidEntityURL",
+    "InvalidForkPoint",
     "InvalidIdempotencyKey",
     "LeaseLost",
     "ModelError",
@@ -103,6 +105,14 @@ class DuplicateEntity(EntitiesError):
 
     code = "DUPLICATE_URL"
     status = 409
+
+
+class InvalidForkPoint(EntitiesError):
+    """Raised when a fork names a point the source does not have: a malformed offset, one
+    beyond its tail, or ``latest_completed_run`` of an entity with no completed run."""
+
+    code = "INVALID_FORK_POINT"
+    status = 422
 
 
 class SchemaValidationFailed(EntitiesError):

@@ -335,6 +335,24 @@ class Registry:
         self._types[entity_type.name] = entity_type
         return entity_type
 
+    def include(self, other: Registry) -> Registry:
+        """Add every type of ``other`` to this registry (apps are built from several); returns
+        this registry. Including a type already here (the same object) again is a no-op.
+
+        Raises:
+            DefinitionError: ``other`` has a different type under a name this registry uses
+                (nothing is added).
+        """
+        clashes = [
+            t.name for t in other.list() if t.name in self._types and self._types[t.name] is not t
+        ]
+        if clashes:
+            names = ", ".join(repr(n) for n in clashes)
+            raise DefinitionError(f"entity type {names} is already defined differently")
+        for entity_type in other.list():
+            self._types.setdefault(entity_type.name, entity_type)
+        return self
+
     def get(self, name: str) -> EntityType:
         """The type called ``name``.
 

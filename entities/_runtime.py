@@ -33,6 +33,7 @@ from ._dead import dead_letters, discard_ops, find, retry_ops
 from ._effects import PendingSpawn
 from ._errors import DeadLetterNotFound, DuplicateEntity, EntityNotFound, EntityStopped
 from ._events import event, iso
+from ._fork import fork_ops, fork_point
 from ._idempotency import (
     RETENTION_SECONDS,
     Remembered,
@@ -400,6 +401,29 @@ class Runtime(Reads):
                 continue
             except StreamClosed:
                 return
+
+    async def fork(self, url: str, id: str, *, at: str | None = None) -> EntityInfo:
+        """A new entity ``/{type}/{id}`` of the same type whose history is the entity at ``url``
+        up to ``at`` (an offset of its stream, ``"latest_completed_run"``, or by default its
+        acknowledged offset), then its own (see :mod:`entities._fork`). The history is shared,
+        not copied. The fork has no parent, children or schedules; it is idle until sent a
+        message.
+
+        Raises:
+            InvalidEntityURL: a bad URL or id.
+            EntityNotFound: no entity at ``url``.
+            DuplicateEntity: an entity exists at the fork's URL.
+            InvalidForkPoint: ``at`` is malformed, beyond the source's tail, or names no run.
+        """
+        source_url = parse_url(url)
+        target = parse_url(f"/{source_url.type}/{id}")
+        found = await self.record(source_url.url)
+        if found is None:
+            raise EntityNotFound(f"no entity at {source_url.url}", url=source_url.url)
+        point = await fork_point(self.store, found[0], at)
+        ops, _record = await fork_ops(self.store, found[0], target, point, self.clock.now())
+        await self._create(target, ops)
+        return await self.get(target.url)
 
     async def schedules(self, url: str) -> list[dict[str, Any]]:
         """The entity's schedules (cron and delayed sends) from its manifest.

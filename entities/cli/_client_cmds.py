@@ -280,6 +280,27 @@ def kill(url: str, server: str, token: str | None, output: str) -> None:
 
 
 @click.command()
+@click.argument("url")
+@click.argument("new_id")
+@click.option(
+    "--at",
+    default=None,
+    metavar="OFFSET",
+    help="Share history up to this offset of URL's stream, or 'latest_completed_run' "
+    "(default: everything URL has processed).",
+)
+@client_options
+@output_option
+def fork(
+    url: str, new_id: str, at: str | None, server: str, token: str | None, output: str
+) -> None:
+    """Create /TYPE/NEW_ID sharing URL's history up to a point, then living on its own."""
+    body: dict[str, Any] = {"id": new_id} if at is None else {"id": new_id, "at": at}
+    info = Client(server, token).request("POST", f"/_entities/entities{path_of(url)}/fork", body)
+    click.echo(dumps(info) if output == "json" else f"{info['url']} forked from {path_of(url)}")
+
+
+@click.command()
 @client_options
 @output_option
 @old_json_flag

@@ -1,7 +1,7 @@
 """The ``entities`` command group. Server-side commands (they open ``--db`` themselves):
 ``serve``, ``worker``, ``run``, ``replay``. Client-side commands (over HTTP to ``--server``):
 ``spawn``, ``send``, ``view``, ``observe``, ``ps``, ``inspect``, ``schedules``, ``kill``,
-``types``, ``workers``, ``dead-letters``, ``retry``, ``discard``."""
+``fork``, ``types``, ``workers``, ``dead-letters``, ``retry``, ``discard``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import click
 from ._client_cmds import (
     dead_letters,
     discard,
+    fork,
     kill,
     observe,
     ps,
@@ -68,6 +69,7 @@ for command in (
     inspect,
     schedules,
     kill,
+    fork,
     types,
     workers,
     dead_letters,

@@ -67,6 +67,8 @@ def _entity_action(method: str, rest: list[str]) -> Action:
         return "send"
     if head == "replies":
         return "read"
+    if head == "fork":
+        return "spawn"  # of the source's pattern; the route checks spawn on the new URL too
     if head == "schedules":
         return "read" if len(rest) == 1 else "send"
     if head in ("signal", "signals"):

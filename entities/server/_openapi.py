@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .._urls import SEGMENT_PATTERN
-from ._routes import CronBody, SendBody, SpawnBody, TagBody, json_response
+from ._routes import CronBody, ForkBody, SendBody, SpawnBody, TagBody, json_response
 
 __all__ = ["openapi_document", "openapi_route"]
 
@@ -61,6 +61,7 @@ _SCHEMAS: dict[str, type[BaseModel]] = {
     "Replies": RepliesOut,
     "SpawnBody": SpawnBody,
     "SendBody": SendBody,
+    "ForkBody": ForkBody,
     "CronBody": CronBody,
     "TagBody": TagBody,
 }
@@ -148,6 +149,12 @@ def openapi_document() -> dict[str, Any]:
             "parameters": _path_params("type", "id"),
             "post": _op(
                 "send a message", 202, _ref("SendReceipt"), body="SendBody", idempotent=True
+            ),
+        },
+        entity + "/fork": {
+            "parameters": _path_params("type", "id"),
+            "post": _op(
+                "fork: a new entity sharing this one's history", 201, info, body="ForkBody"
             ),
         },
         entity + "/tags/{key}": {

@@ -25,6 +25,7 @@ from ._auth import Principal
 __all__ = [
     "PRINCIPAL_KEY",
     "CronBody",
+    "ForkBody",
     "SendBody",
     "SpawnBody",
     "TagBody",
@@ -60,6 +61,12 @@ class SpawnBody(BaseModel):
     initial_message: Any = None
     initial_message_type: str | None = None
     parent: str | None = None
+
+
+class ForkBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    at: str | None = None
 
 
 class SendBody(BaseModel):
@@ -265,6 +272,20 @@ class _ControlPlane:
         await self.runtime.kill(target.url)
         return json_response((await self.runtime.get(target.url)).to_json())
 
+    async def fork(self, request: Request) -> Response:
+        target = _target(request)
+        body = await _body(request, ForkBody, self.max_body_bytes)
+        new_url = f"/{target.type}/{body.id}"
+        principal = _principal(request)
+        if principal is not None and not principal.allows("spawn", new_url):
+            raise _Problem(
+                403,
+                "FORBIDDEN",
+                f"principal {principal.name!r} may not spawn {new_url} (fork creates it)",
+            )
+        info = await self.runtime.fork(target.url, body.id, at=body.at)
+        return json_response(info.to_json(), 201)
+
     async def send(self, request: Request) -> Response:
         runtime = self.runtime
         target = _target(request)
@@ -366,6 +387,7 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         (base, plane.get_entity, ["GET", "HEAD"]),
         (base, plane.kill, ["DELETE"]),
         (base + "/send", plane.send, ["POST"]),
+        (base + "/fork", plane.fork, ["POST"]),
         (base + "/tags/{key}", plane.tag, ["POST", "PUT", "DELETE"]),
         (base + "/schedules", plane.schedules, ["GET"]),
         (base + "/schedules/{schedule}", plane.schedule, ["PUT", "DELETE"]),

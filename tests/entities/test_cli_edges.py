@@ -186,7 +186,7 @@ def test_the_old_json_output_flag_says_what_replaced_it() -> None:
 
 
 def test_help_names_output_token_and_the_meaning_of_json() -> None:
-    client = ["spawn", "send", "view", "observe", "ps", "inspect", "schedules", "kill"]
+    client = ["spawn", "send", "view", "observe", "ps", "inspect", "schedules", "kill", "fork"]
     client += ["types", "workers", "dead-letters", "retry", "discard"]
     for command in client:
         text = invoke(command, "--help").stdout
