@@ -27,6 +27,7 @@ from ._errors import IdempotencyKeyReused as IdempotencyKeyReused
 from ._errors import InvalidEntityURL as InvalidEntityURL
 from ._errors import InvalidForkPoint as InvalidForkPoint
 from ._errors import InvalidIdempotencyKey as InvalidIdempotencyKey
+from ._errors import InvalidSignal as InvalidSignal
 from ._errors import LeaseLost as LeaseLost
 from ._errors import ModelError as ModelError
 from ._errors import ProcessFailed as ProcessFailed
@@ -59,6 +60,7 @@ from ._replay import Divergence as Divergence
 from ._replay import ReplayReport as ReplayReport
 from ._replay import WakeReplay as WakeReplay
 from ._runtime import Runtime as Runtime
+from ._signals import Signal as Signal
 from ._urls import EntityURL as EntityURL
 from ._urls import parse_url as parse_url
 from ._wake import InboxMessage as InboxMessage
@@ -94,6 +96,7 @@ __all__ = [
     "InvalidEntityURL",
     "InvalidForkPoint",
     "InvalidIdempotencyKey",
+    "InvalidSignal",
     "LeaseLost",
     "ManifestEntry",
     "ModelError",
@@ -109,6 +112,7 @@ __all__ = [
     "SendReceipt",
     "SharedState",
     "SharedStateEntry",
+    "Signal",
     "Source",
     "SourceEntry",
     "SystemClock",

@@ -9,6 +9,7 @@ The hierarchy::
     ├── EntityNotFound                 no entity at that URL (HTTP 404)
     ├── DuplicateEntity                spawn of a URL that exists (HTTP 409 DUPLICATE_URL)
     ├── InvalidForkPoint               a fork at an offset the source does not have (HTTP 422)
+    ├── InvalidSignal                  a signal that is not pause, resume or interrupt (HTTP 422)
     ├── SchemaValidationFailed         args or a message fail their schema (HTTP 422)
     ├── EntityStopped                  the entity was killed and takes no more messages (HTTP 409)
     ├── ContextError                   misuse of the HandlerContext (e.g. writing a bad row)
@@ -49,6 +50,7 @@ __all__ = [
     "InvalidEntityURL",
     "InvalidForkPoint",
     "InvalidIdempotencyKey",
+    "InvalidSignal",
     "LeaseLost",
     "ModelError",
     "ProcessFailed",
@@ -112,6 +114,13 @@ class InvalidForkPoint(EntitiesError):
     beyond its tail, or ``latest_completed_run`` of an entity with no completed run."""
 
     code = "INVALID_FORK_POINT"
+    status = 422
+
+
+class InvalidSignal(EntitiesError):
+    """Raised for a signal that is not ``pause``, ``resume`` or ``interrupt``."""
+
+    code = "INVALID_SIGNAL"
     status = 422
 
 

@@ -17,6 +17,7 @@ from ._pipeline.affinity import WorkerInfo, read_presence
 from ._records import (
     DEAD_NS,
     ENTITY_NS,
+    PAUSED_NS,
     PENDING_NS,
     TAG_NS,
     WAKE_TYPES,
@@ -58,7 +59,8 @@ class Reads:
         pending = await self.store.kv_get(PENDING_NS, record.url) is not None
         tags = await self._tags(record.url)
         dead = len(await self.store.kv_scan(DEAD_NS, f"{record.url}|"))
-        info = info_of(record, pending, tags, dead)
+        paused = await self.store.kv_get(PAUSED_NS, record.url) is not None
+        info = info_of(record, pending, tags, dead, paused=paused)
         return replace(info, queue=await self.queue_depth(record)) if pending else info
 
     async def queue_depth(self, record: EntityRecord, *, cap: int = 10_000) -> int:
@@ -107,11 +109,12 @@ class Reads:
         tag: str | None = None,
         parent: str | None = None,
     ) -> list[EntityInfo]:
-        """Entities, filtered by type, status (``idle``, ``running``, ``stopped``, or ``failed``:
-        idle with dead letters), parent and ``tag`` (``key`` or ``key=value``)."""
+        """Entities, filtered by type, status (``idle``, ``running``, ``stopped``, ``paused``,
+        or ``failed``: idle with dead letters), parent and ``tag`` (``key`` or ``key=value``)."""
         prefix = f"/{type}/" if type else ""
         rows = await self.store.kv_scan(ENTITY_NS, prefix)
         pending = {k for k, _ in await self.store.kv_scan(PENDING_NS, prefix)}
+        paused = {k for k, _ in await self.store.kv_scan(PAUSED_NS, prefix)}
         dead: dict[str, int] = {}
         for key, _raw in await self.store.kv_scan(DEAD_NS, prefix):
             url = key.split("|", 1)[0]
@@ -124,7 +127,7 @@ class Reads:
         for _key, raw in rows:
             record = EntityRecord.load(raw)
             info = info_of(record, record.url in pending, tags.get(record.url, {}),
-                           dead.get(record.url, 0))  # fmt: skip
+                           dead.get(record.url, 0), paused=record.url in paused)  # fmt: skip
             if status is not None and info.status != status:
                 continue
             if parent is not None and record.parent != parent:

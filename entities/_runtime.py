@@ -31,7 +31,13 @@ from streams import (
 from ._clock import Clock, SystemClock, VirtualClock
 from ._dead import dead_letters, discard_ops, find, retry_ops
 from ._effects import PendingSpawn
-from ._errors import DeadLetterNotFound, DuplicateEntity, EntityNotFound, EntityStopped
+from ._errors import (
+    DeadLetterNotFound,
+    DuplicateEntity,
+    EntityNotFound,
+    EntityStopped,
+    InvalidSignal,
+)
 from ._events import event, iso
 from ._fork import fork_ops, fork_point
 from ._idempotency import (
@@ -58,6 +64,7 @@ from ._records import (
 )
 from ._registry import EntityType, Registry
 from ._replay import ReplayReport, replay
+from ._signals import SIGNALS, send_signal
 from ._timers import arm_ops, cancel_ops, cron_schedule, next_due, timer_key
 from ._urls import EntityURL, parse_url
 from ._worker import Worker
@@ -401,6 +408,29 @@ class Runtime(Reads):
                 continue
             except StreamClosed:
                 return
+
+    async def signal(
+        self, url: str, signal: str, *, reason: str | None = None, sender: str | None = None
+    ) -> EntityInfo:
+        """Send ``signal`` (``pause``, ``resume`` or ``interrupt``) to the entity at ``url``
+        (see :mod:`entities._signals`): pause stops new wakes from starting (a running one
+        finishes), resume lets queued messages run, interrupt cancels the running wake (its run
+        ends ``interrupted``) and starts the next. Recorded in the ``signals`` collection; the
+        type's ``on_signal`` hook receives it in the entity's next wake.
+
+        Raises:
+            InvalidEntityURL: a bad URL.
+            InvalidSignal: ``signal`` is none of those.
+            EntityNotFound: no entity at ``url``.
+            EntityStopped: the entity was killed.
+        """
+        target = parse_url(url)
+        if signal not in SIGNALS:
+            raise InvalidSignal(
+                f"unknown signal {signal!r}: one of {', '.join(SIGNALS)}", url=target.url
+            )
+        await send_signal(self.store, self.clock, target, signal, reason=reason, sender=sender)
+        return await self.get(target.url)
 
     async def fork(self, url: str, id: str, *, at: str | None = None) -> EntityInfo:
         """A new entity ``/{type}/{id}`` of the same type whose history is the entity at ``url``

@@ -1,7 +1,7 @@
 """The ``entities`` command group. Server-side commands (they open ``--db`` themselves):
 ``serve``, ``worker``, ``run``, ``replay``. Client-side commands (over HTTP to ``--server``):
 ``spawn``, ``send``, ``view``, ``observe``, ``ps``, ``inspect``, ``schedules``, ``kill``,
-``fork``, ``types``, ``workers``, ``dead-letters``, ``retry``, ``discard``."""
+``fork``, ``signal``, ``types``, ``workers``, ``dead-letters``, ``retry``, ``discard``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ._client_cmds import (
     ps,
     retry,
     send,
+    signal,
     spawn,
     types,
     view,
@@ -70,6 +71,7 @@ for command in (
     schedules,
     kill,
     fork,
+    signal,
     types,
     workers,
     dead_letters,

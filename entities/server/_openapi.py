@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .._urls import SEGMENT_PATTERN
-from ._routes import CronBody, ForkBody, SendBody, SpawnBody, TagBody, json_response
+from ._routes import CronBody, ForkBody, SendBody, SignalBody, SpawnBody, TagBody, json_response
 
 __all__ = ["openapi_document", "openapi_route"]
 
@@ -62,6 +62,7 @@ _SCHEMAS: dict[str, type[BaseModel]] = {
     "SpawnBody": SpawnBody,
     "SendBody": SendBody,
     "ForkBody": ForkBody,
+    "SignalBody": SignalBody,
     "CronBody": CronBody,
     "TagBody": TagBody,
 }
@@ -156,6 +157,10 @@ def openapi_document() -> dict[str, Any]:
             "post": _op(
                 "fork: a new entity sharing this one's history", 201, info, body="ForkBody"
             ),
+        },
+        entity + "/signal": {
+            "parameters": _path_params("type", "id"),
+            "post": _op("pause, resume or interrupt", 200, info, body="SignalBody"),
         },
         entity + "/tags/{key}": {
             "parameters": _path_params("type", "id", "key"),

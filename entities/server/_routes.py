@@ -18,6 +18,7 @@ from streams import BadOffset, StorageFull
 from .._errors import ContextError, EntitiesError, InvalidEntityURL, SchemaValidationFailed
 from .._idempotency import check_key
 from .._runtime import Runtime
+from .._signals import SignalName
 from .._timers import next_cron
 from .._urls import EntityURL, check_segment, parse_url
 from ._auth import Principal
@@ -27,6 +28,7 @@ __all__ = [
     "CronBody",
     "ForkBody",
     "SendBody",
+    "SignalBody",
     "SpawnBody",
     "TagBody",
     "control_routes",
@@ -67,6 +69,12 @@ class ForkBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str
     at: str | None = None
+
+
+class SignalBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    signal: SignalName
+    reason: str | None = None
 
 
 class SendBody(BaseModel):
@@ -286,6 +294,14 @@ class _ControlPlane:
         info = await self.runtime.fork(target.url, body.id, at=body.at)
         return json_response(info.to_json(), 201)
 
+    async def signal(self, request: Request) -> Response:
+        target = _target(request)
+        body = await _body(request, SignalBody, self.max_body_bytes)
+        principal = _principal(request)
+        sender = principal.sender if principal is not None else "/_http/client"
+        info = await self.runtime.signal(target.url, body.signal, reason=body.reason, sender=sender)
+        return json_response(info.to_json())
+
     async def send(self, request: Request) -> Response:
         runtime = self.runtime
         target = _target(request)
@@ -388,6 +404,7 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         (base, plane.kill, ["DELETE"]),
         (base + "/send", plane.send, ["POST"]),
         (base + "/fork", plane.fork, ["POST"]),
+        (base + "/signal", plane.signal, ["POST"]),
         (base + "/tags/{key}", plane.tag, ["POST", "PUT", "DELETE"]),
         (base + "/schedules", plane.schedules, ["GET"]),
         (base + "/schedules/{schedule}", plane.schedule, ["PUT", "DELETE"]),
