@@ -29,6 +29,7 @@ from ._errors import InvalidForkPoint as InvalidForkPoint
 from ._errors import InvalidIdempotencyKey as InvalidIdempotencyKey
 from ._errors import InvalidSignal as InvalidSignal
 from ._errors import LeaseLost as LeaseLost
+from ._errors import MessageNotQueued as MessageNotQueued
 from ._errors import ModelError as ModelError
 from ._errors import ProcessFailed as ProcessFailed
 from ._errors import ProcessTimeout as ProcessTimeout
@@ -99,6 +100,7 @@ __all__ = [
     "InvalidSignal",
     "LeaseLost",
     "ManifestEntry",
+    "MessageNotQueued",
     "ModelError",
     "ProcessFailed",
     "ProcessTimeout",

@@ -10,6 +10,7 @@ The hierarchy::
     ├── DuplicateEntity                spawn of a URL that exists (HTTP 409 DUPLICATE_URL)
     ├── InvalidForkPoint               a fork at an offset the source does not have (HTTP 422)
     ├── InvalidSignal                  a signal that is not pause, resume or interrupt (HTTP 422)
+    ├── MessageNotQueued               cancel or edit of a message a wake took already (HTTP 409)
     ├── SchemaValidationFailed         args or a message fail their schema (HTTP 422)
     ├── EntityStopped                  the entity was killed and takes no more messages (HTTP 409)
     ├── ContextError                   misuse of the HandlerContext (e.g. writing a bad row)
@@ -52,6 +53,7 @@ __all__ = [
     "InvalidIdempotencyKey",
     "InvalidSignal",
     "LeaseLost",
+    "MessageNotQueued",
     "ModelError",
     "ProcessFailed",
     "ProcessTimeout",
@@ -122,6 +124,14 @@ class InvalidSignal(EntitiesError):
 
     code = "INVALID_SIGNAL"
     status = 422
+
+
+class MessageNotQueued(EntitiesError):
+    """Raised when cancelling or editing a message that is not queued: a wake took it
+    already, it was cancelled, or it was never sent."""
+
+    code = "MESSAGE_NOT_QUEUED"
+    status = 409
 
 
 class SchemaValidationFailed(EntitiesError):

@@ -74,8 +74,10 @@ class Reads:
             except (StreamNotFound, StreamGone):
                 return 0
             for message in result.messages:
-                if orjson.loads(message.data).get("type") in WAKE_TYPES:
-                    count += 1
+                item = orjson.loads(message.data)
+                if item.get("type") in WAKE_TYPES:
+                    operation = item.get("headers", {}).get("operation")
+                    count += {"update": 0, "delete": -1}.get(operation, 1)
             offset = result.next_offset
             if result.up_to_date or not result.messages:
                 break
@@ -241,14 +243,23 @@ class Reads:
         while True:
             batch, offset = await self.read(url, offset, limit=5000)
             for item in batch:
+                if item["type"] == "inbox" and item["key"] == message_key:
+                    if item.get("headers", {}).get("operation") == "delete":
+                        found.status = "cancelled"  # cancelled while queued: no wake takes it
+                    elif at is None:
+                        at = item["offset"]
+                    continue
                 value = item.get("value")
                 if not isinstance(value, dict):
                     continue
                 if item["type"] == "texts" and value.get("in_reply_to") == message_key:
                     found.replies.append(value.get("value"))
-                elif item["type"] == "inbox" and item["key"] == message_key:
-                    at = item["offset"]
-                elif item["type"] == "runs" and at is not None and _covers(value, at):
+                elif (
+                    item["type"] == "runs"
+                    and at is not None
+                    and found.status != "cancelled"  # cancelled while queued: final
+                    and _covers(value, at)
+                ):
                     found.status, found.error = value["status"], value.get("error")
             if len(batch) < 5000:
                 return found

@@ -207,6 +207,9 @@ class WakeRunner:
         wake = wake_event(
             claim.url, inflight, events, wake_events, first_wake=not view.get("manifests")
         )
+        if not wake.messages and not wake.wakes:  # every message was cancelled while queued
+            await self._finish(claim, [], [], view, base, empty=True)
+            return
         timeout = entity_type.wake_timeout or rt.wake_timeout
         begun = time.monotonic()
         run = Running(claim, anyio.Lock(), anyio.CancelScope(), timeout, begun + timeout, lane=lane)

@@ -50,6 +50,7 @@ from ._idempotency import (
     slot_of,
     store_answer,
 )
+from ._inbox import change_queued
 from ._pipeline.inbox import send_ops, spawn_ops
 from ._reads import Reads
 from ._records import (
@@ -408,6 +409,42 @@ class Runtime(Reads):
                 continue
             except StreamClosed:
                 return
+
+    async def cancel_message(self, url: str, key: str) -> None:
+        """Cancel the queued message ``key`` of the entity at ``url``: no wake will take it
+        (its reply wait ends ``cancelled``); see :mod:`entities._inbox`.
+
+        Raises:
+            InvalidEntityURL: a bad URL.
+            EntityNotFound: no entity at ``url``.
+            EntityStopped: the entity was killed.
+            MessageNotQueued: a wake took the message already, it was cancelled, or it was
+                never sent.
+        """
+        await change_queued(self.store, self.clock, parse_url(url), key, cancel=True)
+
+    async def edit_message(
+        self, url: str, key: str, payload: Any, *, type: str | None = None
+    ) -> dict[str, Any]:
+        """Replace the payload (and, with ``type``, the message type) of the queued message
+        ``key``, validated like a send; returns the message's row as it now is.
+
+        Raises:
+            InvalidEntityURL, UnknownEntityType: a bad URL or type.
+            SchemaValidationFailed: the payload fails the type's inbox schema.
+            EntityNotFound, EntityStopped, MessageNotQueued: as for :meth:`cancel_message`.
+        """
+        target = parse_url(url)
+        entity_type = self.registry.get(target.type)
+        return await change_queued(
+            self.store,
+            self.clock,
+            target,
+            key,
+            payload=payload,
+            message_type=type,
+            validate=entity_type.validate_message,
+        )
 
     async def signal(
         self, url: str, signal: str, *, reason: str | None = None, sender: str | None = None

@@ -15,7 +15,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .._urls import SEGMENT_PATTERN
-from ._routes import CronBody, ForkBody, SendBody, SignalBody, SpawnBody, TagBody, json_response
+from ._routes import (
+    CronBody,
+    EditBody,
+    ForkBody,
+    SendBody,
+    SignalBody,
+    SpawnBody,
+    TagBody,
+    json_response,
+)
 
 __all__ = ["openapi_document", "openapi_route"]
 
@@ -62,6 +71,7 @@ _SCHEMAS: dict[str, type[BaseModel]] = {
     "SpawnBody": SpawnBody,
     "SendBody": SendBody,
     "ForkBody": ForkBody,
+    "EditBody": EditBody,
     "SignalBody": SignalBody,
     "CronBody": CronBody,
     "TagBody": TagBody,
@@ -157,6 +167,11 @@ def openapi_document() -> dict[str, Any]:
             "post": _op(
                 "fork: a new entity sharing this one's history", 201, info, body="ForkBody"
             ),
+        },
+        entity + "/inbox/{key}": {
+            "parameters": _path_params("type", "id", "key"),
+            "patch": _op("edit a queued message", 200, _OBJECT, body="EditBody"),
+            "delete": _op("cancel a queued message", 200, _OBJECT),
         },
         entity + "/signal": {
             "parameters": _path_params("type", "id"),

@@ -26,6 +26,7 @@ from ._auth import Principal
 __all__ = [
     "PRINCIPAL_KEY",
     "CronBody",
+    "EditBody",
     "ForkBody",
     "SendBody",
     "SignalBody",
@@ -75,6 +76,12 @@ class SignalBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     signal: SignalName
     reason: str | None = None
+
+
+class EditBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    payload: Any = None
+    type: str | None = None
 
 
 class SendBody(BaseModel):
@@ -294,6 +301,17 @@ class _ControlPlane:
         info = await self.runtime.fork(target.url, body.id, at=body.at)
         return json_response(info.to_json(), 201)
 
+    async def inbox(self, request: Request) -> Response:
+        target = _target(request)
+        key = request.path_params["key"]
+        self.runtime.registry.get(target.type)
+        if request.method == "DELETE":
+            await self.runtime.cancel_message(target.url, key)
+            return json_response({"key": key, "cancelled": True})
+        body = await _body(request, EditBody, self.max_body_bytes)
+        row = await self.runtime.edit_message(target.url, key, body.payload, type=body.type)
+        return json_response({"key": key, **row})
+
     async def signal(self, request: Request) -> Response:
         target = _target(request)
         body = await _body(request, SignalBody, self.max_body_bytes)
@@ -405,6 +423,7 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         (base + "/send", plane.send, ["POST"]),
         (base + "/fork", plane.fork, ["POST"]),
         (base + "/signal", plane.signal, ["POST"]),
+        (base + "/inbox/{key}", plane.inbox, ["PATCH", "DELETE"]),
         (base + "/tags/{key}", plane.tag, ["POST", "PUT", "DELETE"]),
         (base + "/schedules", plane.schedules, ["GET"]),
         (base + "/schedules/{schedule}", plane.schedule, ["PUT", "DELETE"]),
