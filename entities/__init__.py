@@ -28,8 +28,11 @@ from ._errors import EntityNotFound as EntityNotFound
 from ._errors import EntityStopped as EntityStopped
 from ._errors import IdempotencyKeyReused as IdempotencyKeyReused
 from ._errors import InvalidEntityURL as InvalidEntityURL
+from ._errors import InvalidForkPoint as InvalidForkPoint
 from ._errors import InvalidIdempotencyKey as InvalidIdempotencyKey
+from ._errors import InvalidSignal as InvalidSignal
 from ._errors import LeaseLost as LeaseLost
+from ._errors import MessageNotQueued as MessageNotQueued
 from ._errors import MigrationFailed as MigrationFailed
 from ._errors import ModelError as ModelError
 from ._errors import ProcessFailed as ProcessFailed
@@ -62,6 +65,7 @@ from ._replay import Divergence as Divergence
 from ._replay import ReplayReport as ReplayReport
 from ._replay import WakeReplay as WakeReplay
 from ._runtime import Runtime as Runtime
+from ._signals import Signal as Signal
 from ._urls import EntityURL as EntityURL
 from ._urls import parse_url as parse_url
 from ._wake import InboxMessage as InboxMessage
@@ -97,9 +101,12 @@ __all__ = [
     "IdempotencyKeyReused",
     "InboxMessage",
     "InvalidEntityURL",
+    "InvalidForkPoint",
     "InvalidIdempotencyKey",
+    "InvalidSignal",
     "LeaseLost",
     "ManifestEntry",
+    "MessageNotQueued",
     "MigrationFailed",
     "ModelError",
     "ProcessFailed",
@@ -114,6 +121,7 @@ __all__ = [
     "SendReceipt",
     "SharedState",
     "SharedStateEntry",
+    "Signal",
     "Source",
     "SourceEntry",
     "SystemClock",

@@ -8,6 +8,9 @@ The hierarchy::
     ├── InvalidEntityURL               not of the form ``/{type}/{id}`` (HTTP 400)
     ├── EntityNotFound                 no entity at that URL (HTTP 404)
     ├── DuplicateEntity                spawn of a URL that exists (HTTP 409 DUPLICATE_URL)
+    ├── InvalidForkPoint               a fork at an offset the source does not have (HTTP 422)
+    ├── InvalidSignal                  a signal that is not pause, resume or interrupt (HTTP 422)
+    ├── MessageNotQueued               cancel or edit of a message a wake took already (HTTP 409)
     ├── SchemaValidationFailed         args or a message fail their schema (HTTP 422)
     ├── EntityStopped                  the entity was killed and takes no more messages (HTTP 409)
     ├── ContextError                   misuse of the HandlerContext (e.g. writing a bad row)
@@ -47,8 +50,11 @@ __all__ = [
     "EntityStopped",
     "IdempotencyKeyReused",
     "InvalidEntityURL",
+    "InvalidForkPoint",
     "InvalidIdempotencyKey",
+    "InvalidSignal",
     "LeaseLost",
+    "MessageNotQueued",
     "MigrationFailed",
     "ModelError",
     "ProcessFailed",
@@ -104,6 +110,29 @@ class DuplicateEntity(EntitiesError):
     """Raised when spawning an entity whose URL already exists."""
 
     code = "DUPLICATE_URL"
+    status = 409
+
+
+class InvalidForkPoint(EntitiesError):
+    """Raised when a fork names a point the source does not have: a malformed offset, one
+    beyond its tail, or ``latest_completed_run`` of an entity with no completed run."""
+
+    code = "INVALID_FORK_POINT"
+    status = 422
+
+
+class InvalidSignal(EntitiesError):
+    """Raised for a signal that is not ``pause``, ``resume`` or ``interrupt``."""
+
+    code = "INVALID_SIGNAL"
+    status = 422
+
+
+class MessageNotQueued(EntitiesError):
+    """Raised when cancelling or editing a message that is not queued: a wake took it
+    already, it was cancelled, or it was never sent."""
+
+    code = "MESSAGE_NOT_QUEUED"
     status = 409
 
 

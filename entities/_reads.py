@@ -18,6 +18,7 @@ from ._pipeline.affinity import WorkerInfo, read_presence
 from ._records import (
     DEAD_NS,
     ENTITY_NS,
+    PAUSED_NS,
     PENDING_NS,
     TAG_NS,
     WAKE_TYPES,
@@ -59,7 +60,8 @@ class Reads:
         pending = await self.store.kv_get(PENDING_NS, record.url) is not None
         tags = await self._tags(record.url)
         dead = len(await self.store.kv_scan(DEAD_NS, f"{record.url}|"))
-        info = info_of(record, pending, tags, dead)
+        paused = await self.store.kv_get(PAUSED_NS, record.url) is not None
+        info = info_of(record, pending, tags, dead, paused=paused)
         return replace(info, queue=await self.queue_depth(record)) if pending else info
 
     async def queue_depth(self, record: EntityRecord, *, cap: int = 10_000) -> int:
@@ -73,8 +75,10 @@ class Reads:
             except (StreamNotFound, StreamGone):
                 return 0
             for message in result.messages:
-                if orjson.loads(message.data).get("type") in WAKE_TYPES:
-                    count += 1
+                item = orjson.loads(message.data)
+                if item.get("type") in WAKE_TYPES:
+                    operation = item.get("headers", {}).get("operation")
+                    count += {"update": 0, "delete": -1}.get(operation, 1)
             offset = result.next_offset
             if result.up_to_date or not result.messages:
                 break
@@ -108,11 +112,12 @@ class Reads:
         tag: str | None = None,
         parent: str | None = None,
     ) -> list[EntityInfo]:
-        """Entities, filtered by type, status (``idle``, ``running``, ``stopped``, or ``failed``:
-        idle with dead letters), parent and ``tag`` (``key`` or ``key=value``)."""
+        """Entities, filtered by type, status (``idle``, ``running``, ``stopped``, ``paused``,
+        or ``failed``: idle with dead letters), parent and ``tag`` (``key`` or ``key=value``)."""
         prefix = f"/{type}/" if type else ""
         rows = await self.store.kv_scan(ENTITY_NS, prefix)
         pending = {k for k, _ in await self.store.kv_scan(PENDING_NS, prefix)}
+        paused = {k for k, _ in await self.store.kv_scan(PAUSED_NS, prefix)}
         dead: dict[str, int] = {}
         for key, _raw in await self.store.kv_scan(DEAD_NS, prefix):
             url = key.split("|", 1)[0]
@@ -125,7 +130,7 @@ class Reads:
         for _key, raw in rows:
             record = EntityRecord.load(raw)
             info = info_of(record, record.url in pending, tags.get(record.url, {}),
-                           dead.get(record.url, 0))  # fmt: skip
+                           dead.get(record.url, 0), paused=record.url in paused)  # fmt: skip
             if status is not None and info.status != status:
                 continue
             if parent is not None and record.parent != parent:
@@ -247,14 +252,23 @@ class Reads:
         while True:
             batch, offset = await self.read(url, offset, limit=5000)
             for item in batch:
+                if item["type"] == "inbox" and item["key"] == message_key:
+                    if item.get("headers", {}).get("operation") == "delete":
+                        found.status = "cancelled"  # cancelled while queued: no wake takes it
+                    elif at is None:
+                        at = item["offset"]
+                    continue
                 value = item.get("value")
                 if not isinstance(value, dict):
                     continue
                 if item["type"] == "texts" and value.get("in_reply_to") == message_key:
                     found.replies.append(value.get("value"))
-                elif item["type"] == "inbox" and item["key"] == message_key:
-                    at = item["offset"]
-                elif item["type"] == "runs" and at is not None and _covers(value, at):
+                elif (
+                    item["type"] == "runs"
+                    and at is not None
+                    and found.status != "cancelled"  # cancelled while queued: final
+                    and _covers(value, at)
+                ):
                     found.status, found.error = value["status"], value.get("error")
             if len(batch) < 5000:
                 return found

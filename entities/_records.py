@@ -21,6 +21,7 @@ __all__ = [
     "BUILTIN_COLLECTIONS",
     "DEAD_NS",
     "ENTITY_NS",
+    "PAUSED_NS",
     "PENDING_NS",
     "SCHEDULE_NS",
     "SNAPSHOT_NS",
@@ -42,6 +43,7 @@ SNAPSHOT_NS = "entity-snapshot"
 WORKER_NS = "worker"  # key: worker id -> {"expires": ..., "pid": ..., "host": ...} (presence)
 TAG_NS = "tag"  # key: "{url}\n{tag}" -> value (what ``ps --tag`` and tag observers read)
 APP_NS = "app"  # key: entity type -> where its code was loaded from (for replay)
+PAUSED_NS = "paused"  # key: URL -> {"reason", "from", "at"} while the entity is paused (signals)
 DEAD_NS = "dead"  # key: "{url}|{wake_id}" -> DeadLetter (a wake given up, until retried/discarded)
 
 # Collection (event ``type``) names in an entity's main stream.
@@ -156,7 +158,8 @@ class DeadLetter(BaseModel):
 class Outcome:
     """What became of one message: the replies to it, and the status of the wake that took it
     (``pending`` until a wake ran it; ``failed`` while it is being retried; then
-    ``completed``, ``dead_lettered`` or ``cancelled``) with that wake's error, if any."""
+    ``completed``, ``dead_lettered``, ``cancelled`` or ``interrupted``) with that wake's
+    error, if any."""
 
     replies: list[Any] = field(default_factory=list)
     status: str = "pending"
@@ -165,7 +168,7 @@ class Outcome:
     @property
     def failed(self) -> bool:
         """Whether the wake was given up (dead-lettered or cancelled): no reply will come."""
-        return self.status in ("dead_lettered", "cancelled")
+        return self.status in ("dead_lettered", "cancelled", "interrupted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,16 +249,25 @@ class EntityInfo:
 
 
 def info_of(
-    record: EntityRecord, pending: bool, tags: dict[str, str], dead_letters: int = 0
+    record: EntityRecord,
+    pending: bool,
+    tags: dict[str, str],
+    dead_letters: int = 0,
+    *,
+    paused: bool = False,
 ) -> EntityInfo:
-    """The outside view of ``record``: its status is ``failed`` while it is idle with dead
-    letters (``ps --status failed``)."""
-    failed = record.status == "idle" and dead_letters > 0
+    """The outside view of ``record``: its status is ``paused`` while it is paused and not
+    running, ``failed`` while it is idle with dead letters (``ps --status failed``)."""
+    status: str = record.status
+    if status == "idle" and paused:
+        status = "paused"
+    elif status == "idle" and dead_letters > 0:
+        status = "failed"
     return EntityInfo(
         url=record.url,
         type=record.type,
         id=record.id,
-        status="failed" if failed else record.status,
+        status=status,
         parent=record.parent,
         created_at=record.created_at,
         last_active=record.last_active,

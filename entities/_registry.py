@@ -15,6 +15,7 @@ from ._context import HandlerContext
 from ._errors import DefinitionError, SchemaValidationFailed, UnknownEntityType
 from ._host import ActionsFactory
 from ._process import ProcessAgent
+from ._signals import Signal, signal_of
 from ._turns import ProcessSession, ProcessSpec
 from ._urls import check_segment
 from ._wake import InboxMessage, WakeEvent
@@ -26,6 +27,7 @@ OnMessage: TypeAlias = Callable[[HandlerContext, InboxMessage], Awaitable[Any] |
 OnError: TypeAlias = Callable[[HandlerContext, BaseException], Awaitable[None] | None]
 OnCreate: TypeAlias = Callable[[HandlerContext], Awaitable[None] | None]
 OnStop: TypeAlias = Callable[[HandlerContext, str], Awaitable[None] | None]
+OnSignal: TypeAlias = Callable[[HandlerContext, Signal], Awaitable[None] | None]
 
 
 def _check_options(max_attempts: int, wake_timeout: float | None) -> None:
@@ -61,6 +63,7 @@ class EntityType:
     options: dict[str, Any] = field(default_factory=dict)
     on_create: OnCreate | None = None
     on_stop: OnStop | None = None
+    on_signal: OnSignal | None = None
     wake_timeout: float | None = None  # seconds; None: the worker's default
 
     def validate_args(self, args: Any) -> dict[str, Any]:
@@ -117,6 +120,16 @@ class EntityType:
         """
         if self.on_create is not None and any(w.get("kind") == "created" for w in wake.wakes):
             await call_user(self.on_create, ctx)
+        signals = [s for s in map(signal_of, wake.wakes) if s is not None]
+        if signals:
+            if self.on_signal is not None:
+                for signal in signals:
+                    await call_user(self.on_signal, ctx, signal)
+            rest = tuple(w for w in wake.wakes if w.get("kind") != "signal")
+            if not rest and not wake.messages:
+                return
+            wake = replace(wake, wakes=rest)
+            ctx.wake = wake
         remaining = list(wake.messages)
         if self.on_message is not None and wake.messages:
             remaining = []
@@ -179,6 +192,7 @@ class Registry:
         on_error: OnError | None = None,
         on_create: OnCreate | None = None,
         on_stop: OnStop | None = None,
+        on_signal: OnSignal | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
     ) -> EntityType: ...
@@ -198,6 +212,7 @@ class Registry:
         on_error: OnError | None = None,
         on_create: OnCreate | None = None,
         on_stop: OnStop | None = None,
+        on_signal: OnSignal | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
     ) -> Callable[[Handler], Handler]: ...
@@ -216,6 +231,7 @@ class Registry:
         on_error: OnError | None = None,
         on_create: OnCreate | None = None,
         on_stop: OnStop | None = None,
+        on_signal: OnSignal | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
     ) -> EntityType | Callable[[Handler], Handler]:
@@ -224,8 +240,11 @@ class Registry:
         Hooks: ``on_message(ctx, message)`` may answer a message before the handler sees it;
         ``on_create(ctx)`` runs once, in the entity's first wake, before the handler;
         ``on_error(ctx, error)`` runs when a wake is dead-lettered; ``on_stop(ctx, reason)``
-        runs when a running wake is cancelled because the entity was killed (cleanup: its
-        writes are not committed). ``wake_timeout`` (seconds) overrides the worker's default.
+        runs when a running wake is cancelled because the entity was killed or interrupted
+        (``reason`` ``"killed"`` or ``"interrupted"``; cleanup: its writes are not committed);
+        ``on_signal(ctx, signal)`` receives each pause, resume and interrupt signal in the
+        entity's next wake (a wake of signals alone runs only it).
+        ``wake_timeout`` (seconds) overrides the worker's default.
 
         Raises:
             DefinitionError: the name is taken or invalid, or an option is out of range.
@@ -251,6 +270,7 @@ class Registry:
                 max_attempts=max_attempts,
                 on_create=on_create,
                 on_stop=on_stop,
+                on_signal=on_signal,
                 wake_timeout=wake_timeout,
             )
             self._types[name] = entity_type
@@ -334,6 +354,24 @@ class Registry:
             raise DefinitionError(f"entity type {entity_type.name!r} is already defined")
         self._types[entity_type.name] = entity_type
         return entity_type
+
+    def include(self, other: Registry) -> Registry:
+        """Add every type of ``other`` to this registry (apps are built from several); returns
+        this registry. Including a type already here (the same object) again is a no-op.
+
+        Raises:
+            DefinitionError: ``other`` has a different type under a name this registry uses
+                (nothing is added).
+        """
+        clashes = [
+            t.name for t in other.list() if t.name in self._types and self._types[t.name] is not t
+        ]
+        if clashes:
+            names = ", ".join(repr(n) for n in clashes)
+            raise DefinitionError(f"entity type {names} is already defined differently")
+        for entity_type in other.list():
+            self._types.setdefault(entity_type.name, entity_type)
+        return self
 
     def get(self, name: str) -> EntityType:
         """The type called ``name``.

@@ -134,7 +134,7 @@ class Running:
     deadline: float  # when that is over (``time.monotonic()``)
     current: _Wake | None = None  # what a give-up records
     lane: object | None = None  # the worker lane running it (freed if it is given up)
-    reason: str | None = None  # "timeout", "killed" or "fenced" once stopped
+    reason: str | None = None  # "timeout", "killed", "interrupted" or "fenced" once stopped
     abandoned: bool = False  # it ignored its cancellation: given up, its lane freed
     unwatch: Callable[[], None] | None = None  # stops the watch for a kill, once started
     swept: bool = False  # a sweep has seen it running (the next one starts its watch)
@@ -207,6 +207,9 @@ class WakeRunner:
         wake = wake_event(
             claim.url, inflight, events, wake_events, first_wake=not view.get("manifests")
         )
+        if not wake.messages and not wake.wakes:  # every message was cancelled while queued
+            await self._finish(claim, [], [], view, base, empty=True)
+            return
         timeout = entity_type.wake_timeout or rt.wake_timeout
         begun = time.monotonic()
         run = Running(claim, anyio.Lock(), anyio.CancelScope(), timeout, begun + timeout, lane=lane)
@@ -374,16 +377,17 @@ class WakeRunner:
                 delay = min(delay * 2, 2.0)
 
     async def _cancelled(self, run: Running, current: _Wake) -> None:
-        """A wake stopped from outside: nothing of it commits; after a kill, ``on_stop``."""
+        """A wake stopped from outside: nothing of it commits; after a kill or an interrupt,
+        ``on_stop`` (with ``"killed"`` or ``"interrupted"``)."""
         claim = run.claim
         self.claimer.remember(claim.url.url, None)
         logger.info("wake of %s was cancelled (%s)", claim.url, run.reason)
         hook = current.entity_type.on_stop
-        if run.reason != "killed" or hook is None:
+        if run.reason not in ("killed", "interrupted") or hook is None:
             return
         with anyio.move_on_after(GRACE):
             try:
-                await call_user(hook, current.ctx, "killed")
+                await call_user(hook, current.ctx, run.reason)
             except Exception:
                 logger.exception("on_stop hook of %s failed", claim.url)
 

@@ -24,7 +24,7 @@ from ._idempotency import prune
 from ._pipeline.affinity import PRESENCE_SECONDS, Affinity
 from ._pipeline.claim import Claim, Claimer
 from ._pipeline.fire import fire_due, fire_turn
-from ._records import ENTITY_NS, PENDING_NS, TIMER_NS, WORKER_NS, EntityRecord
+from ._records import ENTITY_NS, PAUSED_NS, PENDING_NS, TIMER_NS, WORKER_NS, EntityRecord
 from ._run import Running, WakeRunner, WorkerHost
 from ._urls import parse_url
 from ._watchdog import Watchdog
@@ -241,7 +241,7 @@ class Worker:
             return None  # no free lane (a finishing wake pokes this loop): skip the scan
         now = self.rt.clock.now()
         next_due: float | None = None
-        pending = self._ours(await self.rt.store.kv_scan(PENDING_NS))
+        pending = await self._pending()
         self.claimer.forget_unmarked(pending)
         await self.affinity.refresh(now)
         # this worker's share of the pending entities first, then those waiting on others
@@ -258,12 +258,26 @@ class Worker:
             tg.start_soon(self._process, url, token, not self.affinity.prefers(url), lane)
         return next_due
 
-    def _ours(self, pending: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-        """The pending entities of types this worker's registry defines: workers of other
-        apps may share the store (each runs its own types; the rest stay pending for them)."""
+    async def _pending(self) -> list[tuple[str, bytes]]:
+        """The pending entities this worker may run: of its types, and not paused."""
+        store = self.rt.store
+        pending = await store.kv_scan(PENDING_NS)
+        if not pending:
+            return pending
+        paused = await store.kv_scan(PAUSED_NS)
+        return self._ours(pending, {url for url, _ in paused} if paused else None)
+
+    def _ours(
+        self, pending: list[tuple[str, bytes]], paused: set[str] | None = None
+    ) -> list[tuple[str, bytes]]:
+        """The pending entities of types this worker's registry defines (workers of other
+        apps may share the store: each runs its own types; the rest stay pending for them),
+        leaving out those in ``paused``."""
         types = self.rt.registry
         ours = []
         for url, token in pending:
+            if paused is not None and url in paused:
+                continue
             try:
                 if parse_url(url).type in types:
                     ours.append((url, token))
@@ -315,7 +329,7 @@ class Worker:
         done = 0
         while max_wakes is None or done < max_wakes:
             await fire_due(store, clock.now())
-            pending = self._ours(await store.kv_scan(PENDING_NS))
+            pending = await self._pending()
             if not pending:
                 return done
             now = clock.now()
@@ -332,7 +346,7 @@ class Worker:
                 if not due:
                     return done
                 # claims found nothing to do (e.g. only empty marks were cleared): rescan once
-                if not self._ours(await store.kv_scan(PENDING_NS)):
+                if not await self._pending():
                     return done
                 if all(until(u) > clock.now() for u, _ in pending):
                     return done
@@ -402,7 +416,7 @@ class Worker:
                     try:
                         if not await self.claimer.renew(run.claim):
                             raw = await self.rt.store.kv_get(ENTITY_NS, run.claim.url.url)
-                            run.stop(_why_lost(raw))
+                            run.stop(_why_lost(raw, run.claim))
                     except Exception as exc:  # e.g. the database restarts: try next round
                         logger.warning("lease renewal of %s failed: %r", run.claim.url, exc)
 
@@ -449,12 +463,26 @@ class Worker:
                     logger.debug("fence check of %s failed: %r", url, exc)
                     continue
                 if raw != run.claim.raw and self.runner.running.get(url) is run:
-                    run.stop(_why_lost(raw))
+                    run.stop(_why_lost(raw, run.claim))
             await anyio.sleep(FENCE_LOOK)
 
 
-def _why_lost(raw: bytes | None) -> str:
-    """Why a wake lost its lease, from the entity record as it is now: ``killed`` (stopped or
-    gone) or ``fenced`` (another worker claimed it)."""
-    stopped = raw is None or EntityRecord.load(raw).status == "stopped"
-    return "killed" if stopped else "fenced"
+def _why_lost(raw: bytes | None, claim: Claim) -> str:
+    """Why the wake of ``claim`` lost its lease, from the entity record as it is now:
+    ``killed`` (stopped or gone), ``interrupted`` (its range was acknowledged by someone else:
+    an interrupt signal) or ``fenced`` (another worker claimed it)."""
+    if raw is None:
+        return "killed"
+    record = EntityRecord.load(raw)
+    if record.status == "stopped":
+        return "killed"
+    ours = claim.record.inflight
+    if (
+        record.owner is None
+        and record.inflight is None
+        and ours is not None
+        and record.acked == ours.to_offset
+        and record.epoch > claim.record.epoch
+    ):
+        return "interrupted"
+    return "fenced"

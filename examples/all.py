@@ -7,5 +7,4 @@ from examples import assistant, chat, cli_agent, counter, fanout
 
 registry = Registry()
 for _module in (counter, chat, fanout, assistant, cli_agent):
-    for _type in _module.registry.list():
-        registry.add(_type)
+    registry.include(_module.registry)

@@ -26,7 +26,7 @@ from streams import ConditionFailed, KvCheck, KvPut, Store, StreamGone, StreamNo
 
 from .._clock import Clock
 from .._metrics import metrics
-from .._records import ENTITY_NS, PENDING_NS, WAKE_TYPES, EntityRecord, Inflight
+from .._records import ENTITY_NS, PAUSED_NS, PENDING_NS, WAKE_TYPES, EntityRecord, Inflight
 from .._urls import EntityURL, parse_url
 from .load import Loaded, View, load_range, wake_id
 
@@ -224,7 +224,11 @@ class Claimer:
         began = time.perf_counter()
         try:  # the claimed record (new epoch, lease, range), if ``raw`` still holds
             await self.store.commit(
-                [KvCheck(ENTITY_NS, target.url, raw), KvPut(ENTITY_NS, target.url, claimed_raw)]
+                [
+                    KvCheck(ENTITY_NS, target.url, raw),
+                    KvCheck(PAUSED_NS, target.url, None),  # a paused entity starts no wake
+                    KvPut(ENTITY_NS, target.url, claimed_raw),
+                ]
             )
         except ConditionFailed:
             self.counts["lost"] += 1

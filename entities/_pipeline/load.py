@@ -13,7 +13,7 @@ the journal an earlier attempt recorded, wake ids and offset arithmetic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -97,20 +97,30 @@ def wake_event(
 ) -> WakeEvent:
     """The :class:`WakeEvent` of a wake whose range holds ``wake_events`` (a non-empty list
     of inbox, ``wakes`` and ``entity_created`` events, in order)."""
-    messages = []
-    others = []
+    messages: dict[str, InboxMessage] = {}  # by key: a message edited or cancelled while
+    others = []  # queued is folded here (see ``entities._inbox``)
     for item in wake_events:
         value = item.get("value") or {}
         if item["type"] == "inbox":
-            messages.append(
-                InboxMessage(
-                    key=item["key"],
+            operation = item.get("headers", {}).get("operation")
+            if operation == "delete":
+                messages.pop(item["key"], None)
+                continue
+            if operation == "update" and item["key"] in messages:
+                earlier = messages[item["key"]]
+                messages[item["key"]] = replace(
+                    earlier,
                     payload=value.get("payload"),
-                    sender=value.get("from"),
-                    message_type=value.get("message_type"),
-                    timestamp=float(value.get("ts") or 0.0),
-                    offset=item.get("offset", ""),
+                    message_type=value.get("message_type", earlier.message_type),
                 )
+                continue
+            messages[item["key"]] = InboxMessage(
+                key=item["key"],
+                payload=value.get("payload"),
+                sender=value.get("from"),
+                message_type=value.get("message_type"),
+                timestamp=float(value.get("ts") or 0.0),
+                offset=item.get("offset", ""),
             )
         elif item["type"] == "entity_created":
             others.append({"kind": "created", "source": value.get("parent_url"), **value})
@@ -127,7 +137,7 @@ def wake_event(
         summary=summary,
         full_ref=f"{url.stream}?offset={inflight.from_offset}",
         first_wake=first_wake,
-        messages=tuple(messages),
+        messages=tuple(messages.values()),
         wakes=tuple(others),
         wake_id=inflight.wake_id,
         attempt=inflight.attempt,

@@ -124,6 +124,9 @@ def payload_text(payload: Any) -> str:
     return orjson.dumps(payload).decode()
 
 
+_CANCELLED = ChatMessage(role="user", content="")  # a placeholder, dropped at the end
+
+
 def timeline(
     events: Sequence[Mapping[str, Any]],
     *,
@@ -133,6 +136,7 @@ def timeline(
     """Project stream events into model messages: inbox -> user, replies -> assistant, and each
     agent round's tool calls with their results."""
     out: list[ChatMessage] = []
+    users: dict[Any, int] = {}  # inbox key -> its place in ``out``
     calls: list[ToolCall] = []
     results: list[ChatMessage] = []
     round_of: tuple[Any, Any] | None = None
@@ -170,10 +174,22 @@ def timeline(
         flush_round()
         round_of = None
         if type_ == "inbox":
+            operation = (e.get("headers") or {}).get("operation")
+            key = e.get("key")
+            if operation in ("update", "delete") and key in users:
+                at = users.pop(key)  # an edit or a cancel of a message still queued then
+                if operation == "update":
+                    out[at] = ChatMessage(role="user", content=payload_text(value.get("payload")))
+                    users[key] = at
+                else:
+                    out[at] = _CANCELLED
+                continue
+            users[key] = len(out)
             out.append(ChatMessage(role="user", content=payload_text(value.get("payload"))))
         elif type_ == "texts" and value.get("value") is not None:
             out.append(ChatMessage(role="assistant", content=payload_text(value.get("value"))))
     flush_round()
+    out = [m for m in out if m is not _CANCELLED]
     if last is not None:
         out = out[-last:] if last > 0 else []
     while out and out[0].role != "user":  # a window starts with the user's turn

@@ -46,7 +46,7 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 # what ``ps --status`` may ask for: the record's statuses, and ``failed`` (idle with dead letters)
-STATUSES = (*get_args(EntityRecord.model_fields["status"].annotation), "failed")
+STATUSES = (*get_args(EntityRecord.model_fields["status"].annotation), "paused", "failed")
 
 
 def client_options(fn: F) -> F:
@@ -277,6 +277,46 @@ def kill(url: str, server: str, token: str | None, output: str) -> None:
     """Stop an entity for good."""
     info = Client(server, token).request("DELETE", f"/_entities/entities{path_of(url)}")
     click.echo(dumps(info) if output == "json" else f"{info['url']} {info['status']}")
+
+
+@click.command()
+@click.argument("url")
+@click.argument("signal", type=click.Choice(["pause", "resume", "interrupt"]))
+@click.option("--reason", default=None, help="Why (recorded with the signal).")
+@client_options
+@output_option
+def signal(
+    url: str, signal: str, reason: str | None, server: str, token: str | None, output: str
+) -> None:
+    """Pause, resume or interrupt an entity: pause lets no new wake start (a running one
+    finishes; messages queue), resume runs what queued, interrupt cancels the running wake
+    (its run ends interrupted) and starts the next."""
+    body: dict[str, Any] = {"signal": signal}
+    if reason is not None:
+        body["reason"] = reason
+    info = Client(server, token).request("POST", f"/_entities/entities{path_of(url)}/signal", body)
+    click.echo(dumps(info) if output == "json" else f"{info['url']} {info['status']}")
+
+
+@click.command()
+@click.argument("url")
+@click.argument("new_id")
+@click.option(
+    "--at",
+    default=None,
+    metavar="OFFSET",
+    help="Share history up to this offset of URL's stream, or 'latest_completed_run' "
+    "(default: everything URL has processed).",
+)
+@client_options
+@output_option
+def fork(
+    url: str, new_id: str, at: str | None, server: str, token: str | None, output: str
+) -> None:
+    """Create /TYPE/NEW_ID sharing URL's history up to a point, then living on its own."""
+    body: dict[str, Any] = {"id": new_id} if at is None else {"id": new_id, "at": at}
+    info = Client(server, token).request("POST", f"/_entities/entities{path_of(url)}/fork", body)
+    click.echo(dumps(info) if output == "json" else f"{info['url']} forked from {path_of(url)}")
 
 
 @click.command()

@@ -1,7 +1,8 @@
 """The ``entities`` command group. Server-side commands (they open ``--db`` themselves):
 ``serve``, ``worker``, ``run``, ``replay``, ``check``. Client-side commands (over HTTP to
 ``--server``): ``spawn``, ``send``, ``view``, ``observe``, ``ps``, ``inspect``, ``schedules``,
-``kill``, ``types``, ``workers``, ``dead-letters``, ``retry``, ``discard``."""
+``kill``, ``fork``, ``signal``, ``types``, ``workers``, ``dead-letters``, ``retry``,
+``discard``."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from ._check import check
 from ._client_cmds import (
     dead_letters,
     discard,
+    fork,
     kill,
     observe,
     ps,
     retry,
     send,
+    signal,
     spawn,
     types,
     view,
@@ -70,6 +73,8 @@ for command in (
     inspect,
     schedules,
     kill,
+    fork,
+    signal,
     types,
     workers,
     dead_letters,

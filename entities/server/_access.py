@@ -63,10 +63,12 @@ def _entity_action(method: str, rest: list[str]) -> Action:
             return "spawn"
         return "kill" if method == "DELETE" else "read"
     head = rest[0]
-    if head == "send":
-        return "send"
+    if head in ("send", "inbox"):
+        return "send"  # inbox: cancel or edit a queued message
     if head == "replies":
         return "read"
+    if head == "fork":
+        return "spawn"  # of the source's pattern; the route checks spawn on the new URL too
     if head == "schedules":
         return "read" if len(rest) == 1 else "send"
     if head in ("signal", "signals"):

@@ -15,7 +15,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .._urls import SEGMENT_PATTERN
-from ._routes import CronBody, SendBody, SpawnBody, TagBody, json_response
+from ._routes import (
+    CronBody,
+    EditBody,
+    ForkBody,
+    SendBody,
+    SignalBody,
+    SpawnBody,
+    TagBody,
+    json_response,
+)
 
 __all__ = ["openapi_document", "openapi_route"]
 
@@ -61,6 +70,9 @@ _SCHEMAS: dict[str, type[BaseModel]] = {
     "Replies": RepliesOut,
     "SpawnBody": SpawnBody,
     "SendBody": SendBody,
+    "ForkBody": ForkBody,
+    "EditBody": EditBody,
+    "SignalBody": SignalBody,
     "CronBody": CronBody,
     "TagBody": TagBody,
 }
@@ -149,6 +161,21 @@ def openapi_document() -> dict[str, Any]:
             "post": _op(
                 "send a message", 202, _ref("SendReceipt"), body="SendBody", idempotent=True
             ),
+        },
+        entity + "/fork": {
+            "parameters": _path_params("type", "id"),
+            "post": _op(
+                "fork: a new entity sharing this one's history", 201, info, body="ForkBody"
+            ),
+        },
+        entity + "/inbox/{key}": {
+            "parameters": _path_params("type", "id", "key"),
+            "patch": _op("edit a queued message", 200, _OBJECT, body="EditBody"),
+            "delete": _op("cancel a queued message", 200, _OBJECT),
+        },
+        entity + "/signal": {
+            "parameters": _path_params("type", "id"),
+            "post": _op("pause, resume or interrupt", 200, info, body="SignalBody"),
         },
         entity + "/tags/{key}": {
             "parameters": _path_params("type", "id", "key"),

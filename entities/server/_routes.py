@@ -18,6 +18,7 @@ from streams import BadOffset, StorageFull
 from .._errors import ContextError, EntitiesError, InvalidEntityURL, SchemaValidationFailed
 from .._idempotency import check_key
 from .._runtime import Runtime
+from .._signals import SignalName
 from .._timers import next_cron
 from .._urls import EntityURL, check_segment, parse_url
 from ._auth import Principal
@@ -25,7 +26,10 @@ from ._auth import Principal
 __all__ = [
     "PRINCIPAL_KEY",
     "CronBody",
+    "EditBody",
+    "ForkBody",
     "SendBody",
+    "SignalBody",
     "SpawnBody",
     "TagBody",
     "control_routes",
@@ -60,6 +64,24 @@ class SpawnBody(BaseModel):
     initial_message: Any = None
     initial_message_type: str | None = None
     parent: str | None = None
+
+
+class ForkBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    at: str | None = None
+
+
+class SignalBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    signal: SignalName
+    reason: str | None = None
+
+
+class EditBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    payload: Any = None
+    type: str | None = None
 
 
 class SendBody(BaseModel):
@@ -265,6 +287,39 @@ class _ControlPlane:
         await self.runtime.kill(target.url)
         return json_response((await self.runtime.get(target.url)).to_json())
 
+    async def fork(self, request: Request) -> Response:
+        target = _target(request)
+        body = await _body(request, ForkBody, self.max_body_bytes)
+        new_url = f"/{target.type}/{body.id}"
+        principal = _principal(request)
+        if principal is not None and not principal.allows("spawn", new_url):
+            raise _Problem(
+                403,
+                "FORBIDDEN",
+                f"principal {principal.name!r} may not spawn {new_url} (fork creates it)",
+            )
+        info = await self.runtime.fork(target.url, body.id, at=body.at)
+        return json_response(info.to_json(), 201)
+
+    async def inbox(self, request: Request) -> Response:
+        target = _target(request)
+        key = request.path_params["key"]
+        self.runtime.registry.get(target.type)
+        if request.method == "DELETE":
+            await self.runtime.cancel_message(target.url, key)
+            return json_response({"key": key, "cancelled": True})
+        body = await _body(request, EditBody, self.max_body_bytes)
+        row = await self.runtime.edit_message(target.url, key, body.payload, type=body.type)
+        return json_response({"key": key, **row})
+
+    async def signal(self, request: Request) -> Response:
+        target = _target(request)
+        body = await _body(request, SignalBody, self.max_body_bytes)
+        principal = _principal(request)
+        sender = principal.sender if principal is not None else "/_http/client"
+        info = await self.runtime.signal(target.url, body.signal, reason=body.reason, sender=sender)
+        return json_response(info.to_json())
+
     async def send(self, request: Request) -> Response:
         runtime = self.runtime
         target = _target(request)
@@ -366,6 +421,9 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         (base, plane.get_entity, ["GET", "HEAD"]),
         (base, plane.kill, ["DELETE"]),
         (base + "/send", plane.send, ["POST"]),
+        (base + "/fork", plane.fork, ["POST"]),
+        (base + "/signal", plane.signal, ["POST"]),
+        (base + "/inbox/{key}", plane.inbox, ["PATCH", "DELETE"]),
         (base + "/tags/{key}", plane.tag, ["POST", "PUT", "DELETE"]),
         (base + "/schedules", plane.schedules, ["GET"]),
         (base + "/schedules/{schedule}", plane.schedule, ["PUT", "DELETE"]),

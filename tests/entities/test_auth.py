@@ -151,6 +151,32 @@ async def test_grants_matrix(served: Served) -> None:
             assert answer.status_code < 300, (case, answer.text)
 
 
+async def test_fork_needs_spawn_on_the_source_and_on_the_new_url(served: Served) -> None:
+    await served.runtime.run_until_idle()
+    fork = "/_entities/entities/counter/a1/fork"
+    async with served.client(BOB) as bob:  # read only
+        refused = await bob.post(fork, json={"id": "a2"})
+    assert refused.status_code == 403 and error_of(refused)["details"]["action"] == "spawn"
+    async with served.client(ALICE) as alice:
+        made = await alice.post(fork, json={"id": "a2"})
+    assert made.status_code == 201, made.text
+    async with served.client(SCOPED) as scoped:  # admin on /counter/*: spawn there too
+        made = await scoped.post(fork, json={"id": "a3"})
+        assert made.status_code == 201, made.text
+    grants = [{"actions": ["spawn"], "urls": "/counter/a*"}]
+    auth = AuthConfig.model_validate({"principals": {"p": {"token": "p-t0ken", "grants": grants}}})
+    app = create_app(served.runtime, auth=auth)
+    async with (
+        serving(app) as base,
+        httpx2.AsyncClient(base_url=base, headers={"Authorization": "Bearer p-t0ken"}) as client,
+    ):
+        outside = await client.post(fork, json={"id": "zz"})
+        assert outside.status_code == 403 and "/counter/zz" in error_of(outside)["message"]
+        inside = await client.post(fork, json={"id": "a4"})
+        assert inside.status_code == 201, inside.text
+    assert await served.runtime.lookup("/counter/zz") is None
+
+
 async def test_listing_shows_what_the_principal_may_read(served: Served) -> None:
     expected = {
         ALICE: ["/counter/a1", "/counter/b1", "/counter/k1"],

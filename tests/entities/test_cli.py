@@ -566,3 +566,19 @@ def test_output_json_everywhere(server: Server) -> None:
     assert receipt["url"] == "/chat/j2" and receipt["key"] and receipt["offset"]
     killed = orjson.loads(ok(*server.args("kill", "/counter/j1", "-o", "json")))
     assert killed["status"] == "stopped"
+
+
+def test_fork(server: Server) -> None:
+    ok(*server.args("spawn", "/counter/fk"))
+    assert ok(*server.args("send", "/counter/fk", '{"add": 3}', "--json", "--wait", "10")) == "3\n"
+    assert ok(*server.args("fork", "/counter/fk", "fk2")).strip() == (
+        "/counter/fk2 forked from /counter/fk"
+    )
+    assert ok(*server.args("send", "/counter/fk2", '{"add": 4}', "--json", "--wait", "10")) == "7\n"
+    assert ok(*server.args("send", "/counter/fk", '{"add": 1}', "--json", "--wait", "10")) == "4\n"
+    assert "DUPLICATE_URL" in fails(*server.args("fork", "/counter/fk", "fk2"))
+    assert "INVALID_FORK_POINT" in fails(*server.args("fork", "/counter/fk", "fk3", "--at", "x"))
+    made = orjson.loads(
+        ok(*server.args("fork", "/counter/fk", "fk4", "--at", "latest_completed_run", "-o", "json"))
+    )
+    assert made["url"] == "/counter/fk4"

@@ -186,7 +186,8 @@ def test_the_old_json_output_flag_says_what_replaced_it() -> None:
 
 
 def test_help_names_output_token_and_the_meaning_of_json() -> None:
-    client = ["spawn", "send", "view", "observe", "ps", "inspect", "schedules", "kill"]
+    client = ["spawn", "send", "view", "observe", "ps", "inspect", "schedules", "kill", "fork"]
+    client += ["signal"]
     client += ["types", "workers", "dead-letters", "retry", "discard"]
     for command in client:
         text = invoke(command, "--help").stdout
@@ -204,7 +205,9 @@ def test_help_names_output_token_and_the_meaning_of_json() -> None:
 def test_ps_rejects_an_unknown_status() -> None:
     result = invoke("ps", "--status", "sleeping")
     assert result.exit_code == 2
-    assert "'sleeping' is not one of 'idle', 'running', 'stopped', 'failed'" in result.stderr
+    assert (
+        "'sleeping' is not one of 'idle', 'running', 'stopped', 'paused', 'failed'" in result.stderr
+    )
 
 
 def test_schedules_options_that_do_not_go_together() -> None:

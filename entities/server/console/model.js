@@ -26,6 +26,7 @@ export class EntityModel {
     this.wakes = new Map(); // wake id -> Wake
     this.owner = new Map(); // position -> the wake that took it
     this.inbox = []; // positions of inbox events, ascending
+    this.inboxByKey = new Map(); // message key -> position of its inbox event
     this.covered = 0; // the highest position a known wake took
     this.closed = false;
   }
@@ -74,9 +75,21 @@ export class EntityModel {
   apply({ pos, event }) {
     const { type, key, value } = event;
     const headers = event.headers || {};
+    if (type === 'inbox' && (headers.operation === 'delete' || headers.operation === 'update')) {
+      // a queued message cancelled or edited: change the message itself
+      const original = this.byPos.get(this.inboxByKey.get(key));
+      if (original && headers.operation === 'delete') original.cancelled = true;
+      if (original && headers.operation === 'update') {
+        original.value = { ...original.value, ...value, edited: true };
+      }
+      return '';
+    }
     if (TRIGGERS.has(type)) {
       this.byPos.set(pos, event);
-      if (type === 'inbox') this.inbox.push(pos);
+      if (type === 'inbox') {
+        this.inbox.push(pos);
+        this.inboxByKey.set(key, pos);
+      }
       const owner = this.owner.get(pos);
       return owner ? owner.id : '';
     }
@@ -124,7 +137,7 @@ export class EntityModel {
     const found = [];
     for (let pos = wake.from + 1; pos <= wake.to; pos += 1) {
       const event = this.byPos.get(pos);
-      if (event) found.push(event);
+      if (event && !event.cancelled) found.push(event);
     }
     return found;
   }
@@ -134,7 +147,8 @@ export class EntityModel {
   queued() {
     const found = [];
     for (let i = this.inbox.length - 1; i >= 0 && this.inbox[i] > this.covered; i -= 1) {
-      found.unshift(this.byPos.get(this.inbox[i]));
+      const event = this.byPos.get(this.inbox[i]);
+      if (!event.cancelled) found.unshift(event);
     }
     return found;
   }
@@ -183,7 +197,7 @@ export function describeTrigger(event) {
   switch (event.type) {
     case 'inbox':
       return `message${value.message_type ? ` (${value.message_type})` : ''} from ${
-        value.from || 'spawn'}: ${messageText(value.payload)}`;
+        value.from || 'spawn'}${value.edited ? ' (edited)' : ''}: ${messageText(value.payload)}`;
     case 'entity_created':
       return 'created';
     case 'signals':
