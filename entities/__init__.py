@@ -30,6 +30,7 @@ from ._errors import IdempotencyKeyReused as IdempotencyKeyReused
 from ._errors import InvalidEntityURL as InvalidEntityURL
 from ._errors import InvalidForkPoint as InvalidForkPoint
 from ._errors import InvalidIdempotencyKey as InvalidIdempotencyKey
+from ._errors import InvalidSendMode as InvalidSendMode
 from ._errors import InvalidSignal as InvalidSignal
 from ._errors import LeaseLost as LeaseLost
 from ._errors import MessageNotQueued as MessageNotQueued
@@ -103,6 +104,7 @@ __all__ = [
     "InvalidEntityURL",
     "InvalidForkPoint",
     "InvalidIdempotencyKey",
+    "InvalidSendMode",
     "InvalidSignal",
     "LeaseLost",
     "ManifestEntry",

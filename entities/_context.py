@@ -37,6 +37,7 @@ from ._manifest import (
 from ._observe import SharedState, Source, Wake, observer_value
 from ._observe import db as db_source
 from ._observe import entity as entity_source
+from ._steering import Steering
 from ._timers import TimerValue, cron_schedule, timeout_timer, timer_key
 from ._urls import EntityURL, check_segment, parse_url
 from ._wake import InboxMessage, WakeEvent
@@ -160,6 +161,7 @@ class HandlerContext:
         self.sleeping = False
         self.current_message: InboxMessage | None = None
         self._open_runs: list[RunHandle] = []
+        self._steering: Steering | None = None
 
     def _build_state(self) -> Database:
         collections = Collections(self, self._type.state)
@@ -697,6 +699,28 @@ class HandlerContext:
                 break
         events.extend(e for e in self.effects.own if e["type"] in ("texts", "tool_calls"))
         return timeline(events, since=since, last=last)
+
+    async def steering_messages(self) -> list[dict[str, Any]]:
+        """Messages sent with ``mode="steer"`` since this wake's range that no run of it took
+        yet (see :mod:`entities._steering`); each is taken: recorded so the next wake does not
+        deliver it again. Raises whatever the store raises."""
+        return await self._steerer().take()
+
+    def _steerer(self) -> Steering:
+        if self._steering is None:
+            self._steering = Steering(
+                lambda url, offset: self._host.read(url, offset, limit=1000),
+                self.entity_url,
+                self.wake.to_offset,
+            )
+        return self._steering
+
+    def took_steering(self, message: Mapping[str, Any]) -> None:
+        """Record that this wake's run took the steering ``message`` (a row
+        :meth:`steering_messages` returned, now or in an earlier attempt of the wake)."""
+        self._steerer().mark(message["key"])
+        row = {k: v for k, v in message.items() if k != "key"}
+        self._emit("inbox", message["key"], {**row, "steered_into": self.run_id}, "update")
 
     def insert_context(
         self,

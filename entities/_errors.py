@@ -9,6 +9,7 @@ The hierarchy::
     ├── EntityNotFound                 no entity at that URL (HTTP 404)
     ├── DuplicateEntity                spawn of a URL that exists (HTTP 409 DUPLICATE_URL)
     ├── InvalidForkPoint               a fork at an offset the source does not have (HTTP 422)
+    ├── InvalidSendMode                a send mode that is not queued, steer or interrupt (HTTP 422)
     ├── InvalidSignal                  a signal that is not pause, resume or interrupt (HTTP 422)
     ├── MessageNotQueued               cancel or edit of a message a wake took already (HTTP 409)
     ├── SchemaValidationFailed         args or a message fail their schema (HTTP 422)
@@ -52,6 +53,7 @@ __all__ = [
     "InvalidEntityURL",
     "InvalidForkPoint",
     "InvalidIdempotencyKey",
+    "InvalidSendMode",
     "InvalidSignal",
     "LeaseLost",
     "MessageNotQueued",
@@ -118,6 +120,13 @@ class InvalidForkPoint(EntitiesError):
     beyond its tail, or ``latest_completed_run`` of an entity with no completed run."""
 
     code = "INVALID_FORK_POINT"
+    status = 422
+
+
+class InvalidSendMode(EntitiesError):
+    """Raised for a send mode that is not ``queued``, ``steer`` or ``interrupt``."""
+
+    code = "INVALID_SEND_MODE"
     status = 422
 
 

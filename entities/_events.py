@@ -98,9 +98,11 @@ def inbox_value(
     sender: str | None,
     now: float,
     trace: dict[str, str] | None = None,
+    mode: str | None = None,
 ) -> Any:
     """The value of an ``inbox`` event: one message to an entity (with ``trace``, the W3C trace
-    context of its sender, when tracing is on)."""
+    context of its sender, when tracing is on; with ``mode``, how it was sent when not
+    ``queued``: ``steer`` or ``interrupt``)."""
     value = {
         "from": sender,
         "payload": payload,
@@ -110,6 +112,8 @@ def inbox_value(
     }
     if trace is not None:
         value["trace"] = trace
+    if mode is not None and mode != "queued":
+        value["mode"] = mode
     return value
 
 

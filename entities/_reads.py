@@ -78,7 +78,10 @@ class Reads:
                 item = orjson.loads(message.data)
                 if item.get("type") in WAKE_TYPES:
                     operation = item.get("headers", {}).get("operation")
-                    count += {"update": 0, "delete": -1}.get(operation, 1)
+                    if operation == "update":  # an edit, or taken by a run it steered
+                        count -= 1 if (item.get("value") or {}).get("steered_into") else 0
+                    else:
+                        count += -1 if operation == "delete" else 1
             offset = result.next_offset
             if result.up_to_date or not result.messages:
                 break
@@ -253,8 +256,11 @@ class Reads:
             batch, offset = await self.read(url, offset, limit=5000)
             for item in batch:
                 if item["type"] == "inbox" and item["key"] == message_key:
-                    if item.get("headers", {}).get("operation") == "delete":
+                    operation = item.get("headers", {}).get("operation")
+                    if operation == "delete":
                         found.status = "cancelled"  # cancelled while queued: no wake takes it
+                    elif operation == "update" and (item.get("value") or {}).get("steered_into"):
+                        found.status = "completed"  # taken by the (committed) run it steered
                     elif at is None:
                         at = item["offset"]
                     continue
@@ -266,7 +272,7 @@ class Reads:
                 elif (
                     item["type"] == "runs"
                     and at is not None
-                    and found.status != "cancelled"  # cancelled while queued: final
+                    and found.status not in ("cancelled", "completed")  # final
                     and _covers(value, at)
                 ):
                     found.status, found.error = value["status"], value.get("error")

@@ -15,6 +15,7 @@ from typing import Any
 
 from streams import (
     Append,
+    AppendResult,
     ConditionFailed,
     KvCheck,
     KvPut,
@@ -36,6 +37,7 @@ from ._errors import (
     DuplicateEntity,
     EntityNotFound,
     EntityStopped,
+    InvalidSendMode,
     InvalidSignal,
 )
 from ._events import event, iso
@@ -51,7 +53,7 @@ from ._idempotency import (
     store_answer,
 )
 from ._inbox import change_queued
-from ._pipeline.inbox import send_ops, spawn_ops
+from ._pipeline.inbox import message_event, send_ops, spawn_ops
 from ._reads import Reads
 from ._records import (
     APP_NS,
@@ -65,7 +67,7 @@ from ._records import (
 )
 from ._registry import EntityType, Registry
 from ._replay import ReplayReport, replay
-from ._signals import SIGNALS, send_signal
+from ._signals import SEND_MODES, SIGNALS, send_signal, signal_ops
 from ._timers import arm_ops, cancel_ops, cron_schedule, next_due, timer_key
 from ._urls import EntityURL, parse_url
 from ._worker import Worker
@@ -286,8 +288,14 @@ class Runtime(Reads):
         type: str | None = None,
         sender: str | None = None,
         idempotency_key: str | None = None,
+        mode: str = "queued",
     ) -> SendReceipt:
         """Append a message to the entity's inbox and mark it pending, atomically.
+
+        ``mode``: ``queued`` (the default) waits for the next wake; ``steer`` is handed to an
+        agent run that is going, before its next model round, as a new user turn (else it is
+        an ordinary message); ``interrupt`` interrupts the running wake (its run ends
+        ``interrupted``, see :meth:`signal`) and is delivered in the next, in one transaction.
 
         With ``idempotency_key``, a second call with the same key (within a day) appends
         nothing and returns the first call's receipt: a client that lost its answer can send
@@ -295,25 +303,71 @@ class Runtime(Reads):
 
         Raises:
             InvalidEntityURL, UnknownEntityType: a bad URL or type.
+            InvalidSendMode: ``mode`` is none of those.
             EntityNotFound: no entity at ``url``.
             EntityStopped: the entity was killed.
             SchemaValidationFailed: the payload fails the type's inbox schema.
             InvalidIdempotencyKey, IdempotencyKeyReused: a bad key, or one first used with
                 another request.
         """
+        if mode not in SEND_MODES:
+            raise InvalidSendMode(f"unknown send mode {mode!r}: one of {', '.join(SEND_MODES)}")
         if idempotency_key is not None:
             check_key(idempotency_key)
         target = parse_url(url)
         payload = await self.check_send(target, payload, type)
         if idempotency_key is not None:
-            request = fingerprint(payload, type, sender)
-            return await self._send_once(target, payload, type, sender, request, idempotency_key)
+            request = fingerprint(payload, type, sender, *([mode] if mode != "queued" else []))
+            return await self._send_once(
+                target, payload, type, sender, request, idempotency_key, mode
+            )
         key = uuid.uuid4().hex
-        result = await self._commit_to(
-            target, send_ops(target, key, payload, type, sender, self.clock.now())
-        )
-        assert result is not None and not isinstance(result, bool)
-        return SendReceipt(target.url, key, getattr(result, "next_offset", ""))
+        while True:
+            ops = await self._message_ops(target, key, payload, type, sender, mode)
+            try:
+                offset = await self._commit_message(target, ops)
+            except ConditionFailed:
+                continue  # an interrupt met a moving record: read it again
+            return SendReceipt(target.url, key, offset)
+
+    async def _message_ops(
+        self,
+        target: EntityURL,
+        key: str,
+        payload: Any,
+        message_type: str | None,
+        sender: str | None,
+        mode: str,
+    ) -> list[Op]:
+        """The transaction that delivers one message sent with ``mode`` (an interrupt's is
+        checked against the entity record: it fails with ``ConditionFailed`` if that moves).
+
+        Raises:
+            EntityNotFound, EntityStopped.
+        """
+        now = self.clock.now()
+        if mode != "interrupt":
+            return send_ops(target, key, payload, message_type, sender, now, mode)
+        message = message_event(key, payload, message_type, sender, now, mode)
+        ops, _ = await signal_ops(
+            self.store, target, "interrupt", now, reason=f"message {key}", sender=sender,
+            extra=[message],
+        )  # fmt: skip
+        return ops
+
+    async def _commit_message(self, target: EntityURL, ops: list[Op]) -> str:
+        """Commit a message's transaction; the offset after the message.
+
+        Raises:
+            EntityNotFound, EntityStopped; ConditionFailed for a record that moved.
+        """
+        try:
+            results = await self.store.commit(ops)
+        except StreamClosed:
+            raise EntityStopped(f"entity {target.url} was stopped", url=target.url) from None
+        except (StreamNotFound, StreamGone):
+            raise EntityNotFound(f"no entity at {target.url}", url=target.url) from None
+        return next(r.next_offset for r in results if isinstance(r, AppendResult))
 
     async def _send_once(
         self,
@@ -323,6 +377,7 @@ class Runtime(Reads):
         sender: str | None,
         request: str,
         idempotency_key: str,
+        mode: str = "queued",
     ) -> SendReceipt:
         """A send guarded by an idempotency key (see :mod:`entities._idempotency`)."""
         slot = slot_of("send", target.url, idempotency_key)
@@ -344,12 +399,14 @@ class Runtime(Reads):
                 message_key=key,
                 after=after,
             )
-            ops = send_ops(target, key, payload, message_type, sender, now)
+            ops = await self._message_ops(target, key, payload, message_type, sender, mode)
             try:
-                result = await self._commit_to(target, [*ops, *remember_ops(slot, record, current)])
+                offset = await self._commit_message(
+                    target, [*ops, *remember_ops(slot, record, current)]
+                )
             except ConditionFailed:
-                continue  # the same key, at the same time: answer as that request did
-            receipt = SendReceipt(target.url, key, result.next_offset)
+                continue  # the same key, at the same time (or a moving record): look again
+            receipt = SendReceipt(target.url, key, offset)
             await store_answer(self.store, slot, record, receipt.to_json())
             return receipt
 

@@ -19,6 +19,7 @@ hook and never the handler.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
@@ -32,10 +33,21 @@ from ._events import event, new_token
 from ._records import ENTITY_NS, PAUSED_NS, PENDING_NS, EntityRecord
 from ._urls import EntityURL
 
-__all__ = ["SIGNALS", "Signal", "SignalName", "send_signal", "signal_of"]
+__all__ = [
+    "SEND_MODES",
+    "SIGNALS",
+    "SendMode",
+    "Signal",
+    "SignalName",
+    "send_signal",
+    "signal_of",
+    "signal_ops",
+]
 
 SignalName: TypeAlias = Literal["pause", "resume", "interrupt"]
 SIGNALS: tuple[str, ...] = get_args(SignalName)
+SendMode: TypeAlias = Literal["queued", "steer", "interrupt"]
+SEND_MODES: tuple[str, ...] = get_args(SendMode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +112,50 @@ def _interrupted(
     return done, event("runs", inflight.wake_id, run, now, txid=inflight.wake_id)
 
 
+async def signal_ops(
+    store: Store,
+    target: EntityURL,
+    name: str,
+    now: float,
+    *,
+    reason: str | None = None,
+    sender: str | None = None,
+    extra: Sequence[bytes] = (),
+) -> tuple[list[Op], bool]:
+    """The transaction of signal ``name`` to ``target`` (checked against the entity record
+    as read now: it fails with ``ConditionFailed`` if the record moves), with the events
+    ``extra`` appended after the signal's (a message sent with ``mode="interrupt"``), and
+    whether it interrupts a wake.
+
+    Raises:
+        EntityNotFound: no entity there.
+        EntityStopped: the entity was killed.
+    """
+    raw = await store.kv_get(ENTITY_NS, target.url)
+    if raw is None:
+        raise EntityNotFound(f"no entity at {target.url}", url=target.url)
+    record = EntityRecord.load(raw)
+    if record.status == "stopped":
+        raise EntityStopped(f"entity {target.url} was stopped", url=target.url)
+    events = _events(name, reason, sender, now)
+    ops: list[Op] = [KvCheck(ENTITY_NS, target.url, raw)]
+    interrupted = False
+    if name == "pause":
+        value = orjson.dumps({"reason": reason, "from": sender, "at": now})
+        ops.append(KvPut(PAUSED_NS, target.url, value))
+    elif name == "resume":
+        ops.append(KvPut(PAUSED_NS, target.url, None))
+    elif record.inflight is not None:
+        done, run = _interrupted(record, reason, now)
+        events.insert(1, run)
+        ops.append(KvPut(ENTITY_NS, target.url, done.dump()))
+        interrupted = True
+    ops.append(Append(target.stream, [*events, *extra]))
+    if name != "pause" or extra:
+        ops.append(KvPut(PENDING_NS, target.url, new_token()))
+    return ops, interrupted
+
+
 async def send_signal(
     store: Store,
     clock: Clock,
@@ -120,29 +176,9 @@ async def send_signal(
     if name not in SIGNALS:
         raise ValueError(f"unknown signal {name!r}: one of {', '.join(SIGNALS)}")
     while True:
-        raw = await store.kv_get(ENTITY_NS, target.url)
-        if raw is None:
-            raise EntityNotFound(f"no entity at {target.url}", url=target.url)
-        record = EntityRecord.load(raw)
-        if record.status == "stopped":
-            raise EntityStopped(f"entity {target.url} was stopped", url=target.url)
-        now = clock.now()
-        events = _events(name, reason, sender, now)
-        ops: list[Op] = [KvCheck(ENTITY_NS, target.url, raw)]
-        interrupted = False
-        if name == "pause":
-            value = orjson.dumps({"reason": reason, "from": sender, "at": now})
-            ops.append(KvPut(PAUSED_NS, target.url, value))
-        elif name == "resume":
-            ops.append(KvPut(PAUSED_NS, target.url, None))
-        elif record.inflight is not None:
-            done, run = _interrupted(record, reason, now)
-            events.insert(1, run)
-            ops.append(KvPut(ENTITY_NS, target.url, done.dump()))
-            interrupted = True
-        ops.append(Append(target.stream, events))
-        if name != "pause":
-            ops.append(KvPut(PENDING_NS, target.url, new_token()))
+        ops, interrupted = await signal_ops(
+            store, target, name, clock.now(), reason=reason, sender=sender
+        )
         try:
             await store.commit(ops)
         except ConditionFailed:

@@ -33,10 +33,17 @@ def wake_ops(target: EntityURL, events: Sequence[bytes], token: bytes | None = N
 
 
 def message_event(
-    key: str, payload: Any, message_type: str | None, sender: str | None, now: float
+    key: str,
+    payload: Any,
+    message_type: str | None,
+    sender: str | None,
+    now: float,
+    mode: str | None = None,
 ) -> bytes:
-    """The ``inbox`` event of one message (carrying the sender's trace context, if any)."""
-    return event("inbox", key, inbox_value(payload, message_type, sender, now, carrier()), now)
+    """The ``inbox`` event of one message (carrying the sender's trace context, if any, and
+    its send mode unless ``queued``)."""
+    value = inbox_value(payload, message_type, sender, now, carrier(), mode)
+    return event("inbox", key, value, now)
 
 
 def send_ops(
@@ -46,9 +53,10 @@ def send_ops(
     message_type: str | None,
     sender: str | None,
     now: float,
+    mode: str | None = None,
 ) -> list[Op]:
     """Deliver one (validated) message to ``target``: its inbox event, and the mark."""
-    return wake_ops(target, [message_event(key, payload, message_type, sender, now)])
+    return wake_ops(target, [message_event(key, payload, message_type, sender, now, mode)])
 
 
 class Deliveries:

@@ -103,8 +103,8 @@ def wake_event(
         value = item.get("value") or {}
         if item["type"] == "inbox":
             operation = item.get("headers", {}).get("operation")
-            if operation == "delete":
-                messages.pop(item["key"], None)
+            if operation == "delete" or (operation == "update" and value.get("steered_into")):
+                messages.pop(item["key"], None)  # cancelled, or taken by a run it steered
                 continue
             if operation == "update" and item["key"] in messages:
                 earlier = messages[item["key"]]

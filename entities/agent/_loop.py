@@ -31,6 +31,7 @@ from ._model import (
 )
 from ._scripted import ScriptedModel, TestResponses
 from ._tools import Tool, ToolResult
+from ._window import payload_text
 
 __all__ = ["Agent", "AgentConfig", "AgentRunResult"]
 
@@ -115,8 +116,14 @@ class Agent:
         usage = Usage()
         calls: list[dict[str, Any]] = []
         text = ""
+        steered: list[dict[str, Any]] = []
         try:
             for round_ in range(self.config.max_rounds):
+                for message in await self._steering(f"{run_key}.steer{round_}"):
+                    steered.append(message)
+                    messages.append(
+                        ChatMessage(role="user", content=payload_text(message.get("payload")))
+                    )
                 step = f"{run_key}.model{round_}"
                 response = await self._model_call(step, system, messages, specs)
                 usage = usage + response.usage
@@ -158,7 +165,17 @@ class Agent:
         record.end("completed", finish_reason="stop")
         if reply and text:
             ctx.reply(text)
+            for message in steered:  # the answer answers the messages that steered it too
+                ctx.reply(text, to=message["key"])
         return AgentRunResult(True, text, calls, usage, None, round_ + 1)
+
+    async def _steering(self, step: str) -> list[dict[str, Any]]:
+        """The steering messages to add before a model round (journaled under ``step``: a
+        re-run takes the same ones), each recorded as taken by this wake."""
+        taken: list[dict[str, Any]] = await self.ctx.step(step, self.ctx.steering_messages)
+        for message in taken:
+            self.ctx.took_steering(message)
+        return taken
 
     async def _system_prompt(self) -> str:
         parts = [self.config.system_prompt]

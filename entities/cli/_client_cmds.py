@@ -100,6 +100,14 @@ def spawn(
     help="Wait up to this many seconds for the reply and print it. Exit status: 0 replied, "
     "1 the wake was given up (its error is printed), 2 refused, 3 no answer in time.",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["queued", "steer", "interrupt"]),
+    default="queued",
+    show_default=True,
+    help="queued: for the next wake; steer: handed to an agent run that is going, before its "
+    "next model round (else queued); interrupt: interrupt the running wake, then deliver.",
+)
 @idempotency_option
 @message_json_option
 @output_option
@@ -110,6 +118,7 @@ def send(
     token: str | None,
     message_type: str | None,
     wait_s: float,
+    mode: str,
     idempotency_key: str | None,
     message_is_json: bool,
     output: str,
@@ -122,7 +131,8 @@ def send(
     receipt = client.request(
         "POST",
         f"/_entities/entities{path_of(url)}/send",
-        {"payload": message_of(message, message_is_json), "type": message_type},
+        {"payload": message_of(message, message_is_json), "type": message_type}
+        | ({} if mode == "queued" else {"mode": mode}),
         idempotency_key=idempotency_key,
     )
     if wait_s <= 0:

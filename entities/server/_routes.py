@@ -18,7 +18,7 @@ from streams import BadOffset, StorageFull
 from .._errors import ContextError, EntitiesError, InvalidEntityURL, SchemaValidationFailed
 from .._idempotency import check_key
 from .._runtime import Runtime
-from .._signals import SignalName
+from .._signals import SendMode, SignalName
 from .._timers import next_cron
 from .._urls import EntityURL, check_segment, parse_url
 from ._auth import Principal
@@ -88,6 +88,7 @@ class SendBody(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     payload: Any = None
     type: str | None = None
+    mode: SendMode = "queued"
     sender: str | None = Field(default=None, alias="from")
 
 
@@ -333,6 +334,7 @@ class _ControlPlane:
             type=body.type,
             sender=sender,
             idempotency_key=key,
+            mode=body.mode,
         )
         return json_response(receipt.to_json(), 202)
 
