@@ -30,9 +30,18 @@ OnStop: TypeAlias = Callable[[HandlerContext, str], Awaitable[None] | None]
 OnSignal: TypeAlias = Callable[[HandlerContext, Signal], Awaitable[None] | None]
 
 
-def _check_options(max_attempts: int, wake_timeout: float | None) -> None:
+def _check_options(
+    max_attempts: int, wake_timeout: float | None, max_concurrency: int | None = None
+) -> None:
     if max_attempts < 1:
         raise DefinitionError("max_attempts must be at least 1")
+    if max_concurrency is not None and (
+        isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int)
+        or not 1 <= max_concurrency <= 1000
+    ):  # fmt: skip
+        raise DefinitionError(
+            f"max_concurrency must be a whole number from 1 to 1000, not {max_concurrency!r}"
+        )
     if wake_timeout is not None and not wake_timeout > 0:
         raise DefinitionError(
             f"wake_timeout must be a positive number of seconds, not {wake_timeout}"
@@ -64,6 +73,7 @@ class EntityType:
     on_create: OnCreate | None = None
     on_stop: OnStop | None = None
     on_signal: OnSignal | None = None
+    max_concurrency: int | None = None  # at most this many wakes at once, across workers
     wake_timeout: float | None = None  # seconds; None: the worker's default
 
     def validate_args(self, args: Any) -> dict[str, Any]:
@@ -161,6 +171,7 @@ class EntityType:
             if self.args_schema is None
             else self.args_schema.model_json_schema(),
             "inbox_schema": inbox,
+            "max_concurrency": self.max_concurrency,
             "state": {
                 name: {"type": d.event_type(name), "primary_key": d.primary_key}
                 for name, d in self.state.items()
@@ -193,6 +204,7 @@ class Registry:
         on_create: OnCreate | None = None,
         on_stop: OnStop | None = None,
         on_signal: OnSignal | None = None,
+        max_concurrency: int | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
     ) -> EntityType: ...
@@ -213,6 +225,7 @@ class Registry:
         on_create: OnCreate | None = None,
         on_stop: OnStop | None = None,
         on_signal: OnSignal | None = None,
+        max_concurrency: int | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
     ) -> Callable[[Handler], Handler]: ...
@@ -232,6 +245,7 @@ class Registry:
         on_create: OnCreate | None = None,
         on_stop: OnStop | None = None,
         on_signal: OnSignal | None = None,
+        max_concurrency: int | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
     ) -> EntityType | Callable[[Handler], Handler]:
@@ -244,7 +258,8 @@ class Registry:
         (``reason`` ``"killed"`` or ``"interrupted"``; cleanup: its writes are not committed);
         ``on_signal(ctx, signal)`` receives each pause, resume and interrupt signal in the
         entity's next wake (a wake of signals alone runs only it).
-        ``wake_timeout`` (seconds) overrides the worker's default.
+        ``wake_timeout`` (seconds) overrides the worker's default; ``max_concurrency``: at
+        most that many wakes of this type run at once, across all workers sharing the store.
 
         Raises:
             DefinitionError: the name is taken or invalid, or an option is out of range.
@@ -252,7 +267,7 @@ class Registry:
         check_segment(name, "type")
         if name in self._types:
             raise DefinitionError(f"entity type {name!r} is already defined")
-        _check_options(max_attempts, wake_timeout)
+        _check_options(max_attempts, wake_timeout, max_concurrency)
 
         def register(fn: Handler) -> EntityType:
             if name in self._types:
@@ -271,6 +286,7 @@ class Registry:
                 on_create=on_create,
                 on_stop=on_stop,
                 on_signal=on_signal,
+                max_concurrency=max_concurrency,
                 wake_timeout=wake_timeout,
             )
             self._types[name] = entity_type

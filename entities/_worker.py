@@ -22,6 +22,7 @@ from streams import Store
 from ._errors import EntitiesError
 from ._idempotency import prune
 from ._pipeline.affinity import PRESENCE_SECONDS, Affinity
+from ._pipeline.caps import Caps
 from ._pipeline.claim import Claim, Claimer
 from ._pipeline.fire import fire_due, fire_turn
 from ._records import ENTITY_NS, PAUSED_NS, PENDING_NS, TIMER_NS, WORKER_NS, EntityRecord
@@ -113,6 +114,7 @@ class Worker:
             runtime.worker_id,
             lease_seconds=runtime.lease_seconds,
             cache_size=self.cache_size,
+            caps=Caps(runtime.store, self._cap_of) if self._capped() else None,
         )
         self.runner = WakeRunner(runtime, self.claimer, self._free_lane)
         self.watchdog = Watchdog(self.runner)  # names a handler that blocks the loop
@@ -120,6 +122,13 @@ class Worker:
         self.alive_at: float | None = None  # when the loop last went round (time.monotonic)
         self._suspects: set[str] = set()  # running entities whose stream changed (a kill?)
         self._suspicion = anyio.Event()
+
+    def _capped(self) -> bool:
+        return any(t.max_concurrency is not None for t in self.rt.registry.list())
+
+    def _cap_of(self, type: str) -> int | None:
+        """The concurrency cap of ``type`` (``None``: none, or not a type of this registry)."""
+        return self.rt.registry.get(type).max_concurrency if type in self.rt.registry else None
 
     def alive(self) -> bool:
         """Whether the loop went round lately (it does at least every ``poll_interval`` while it

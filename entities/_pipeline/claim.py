@@ -22,12 +22,13 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from streams import ConditionFailed, KvCheck, KvPut, Store, StreamGone, StreamNotFound
+from streams import ConditionFailed, KvCheck, KvPut, Op, Store, StreamGone, StreamNotFound
 
 from .._clock import Clock
 from .._metrics import metrics
 from .._records import ENTITY_NS, PAUSED_NS, PENDING_NS, WAKE_TYPES, EntityRecord, Inflight
 from .._urls import EntityURL, parse_url
+from .caps import Caps
 from .load import Loaded, View, load_range, wake_id
 
 __all__ = ["Claim", "Claimer"]
@@ -49,6 +50,7 @@ class Claim:
 
 
 _STALE = object()
+CAPPED_RETRY = 0.2  # seconds before a claim that found its type's slots busy is tried again
 
 
 class Claimer:
@@ -62,8 +64,10 @@ class Claimer:
         *,
         lease_seconds: float,
         cache_size: int,
+        caps: Caps | None = None,
     ) -> None:
         self.store = store
+        self.caps = caps
         self.clock = clock
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
@@ -221,12 +225,21 @@ class Claimer:
             inflight = inflight.model_copy(update={"attempt": inflight.attempt + 1})
         claimed = self._claimed(record, inflight, now)
         claimed_raw = claimed.dump()
+        slot: list[Op] = []
+        if self.caps is not None:
+            taken = await self.caps.take(target.type, target.url, claimed.epoch, now)
+            if taken is None:  # every slot of its type is busy: try again shortly
+                self.block(target.url, now + CAPPED_RETRY, held=token)
+                self.counts["capped"] += 1
+                return None
+            slot = taken
         began = time.perf_counter()
         try:  # the claimed record (new epoch, lease, range), if ``raw`` still holds
             await self.store.commit(
                 [
                     KvCheck(ENTITY_NS, target.url, raw),
                     KvCheck(PAUSED_NS, target.url, None),  # a paused entity starts no wake
+                    *slot,  # a slot of its type's concurrency cap, if it has one
                     KvPut(ENTITY_NS, target.url, claimed_raw),
                 ]
             )

@@ -1,0 +1,1 @@
+"""Small apps the tests run in worker subprocesses (``tests.entities.apps.NAME:registry``)."""
