@@ -6,6 +6,7 @@ through the ``entities`` CLI's worker and server), and send them messages by URL
 
 from __future__ import annotations
 
+from ._approvals import Approval as Approval
 from ._check import CheckFinding as CheckFinding
 from ._check import CheckReport as CheckReport
 from ._check import check_deploy as check_deploy
@@ -19,6 +20,8 @@ from ._context import EntityHandle as EntityHandle
 from ._context import HandlerContext as HandlerContext
 from ._context import RunHandle as RunHandle
 from ._errors import AgentError as AgentError
+from ._errors import ApprovalNotFound as ApprovalNotFound
+from ._errors import ApprovalNotPending as ApprovalNotPending
 from ._errors import ContextError as ContextError
 from ._errors import DeadLetterNotFound as DeadLetterNotFound
 from ._errors import DefinitionError as DefinitionError
@@ -27,6 +30,7 @@ from ._errors import EntitiesError as EntitiesError
 from ._errors import EntityNotFound as EntityNotFound
 from ._errors import EntityStopped as EntityStopped
 from ._errors import IdempotencyKeyReused as IdempotencyKeyReused
+from ._errors import InvalidDecision as InvalidDecision
 from ._errors import InvalidEntityURL as InvalidEntityURL
 from ._errors import InvalidForkPoint as InvalidForkPoint
 from ._errors import InvalidIdempotencyKey as InvalidIdempotencyKey
@@ -77,6 +81,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgentError",
+    "Approval",
+    "ApprovalNotFound",
+    "ApprovalNotPending",
     "CheckFinding",
     "CheckReport",
     "ChildEntry",
@@ -101,6 +108,7 @@ __all__ = [
     "HandlerContext",
     "IdempotencyKeyReused",
     "InboxMessage",
+    "InvalidDecision",
     "InvalidEntityURL",
     "InvalidForkPoint",
     "InvalidIdempotencyKey",

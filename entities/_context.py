@@ -19,6 +19,7 @@ import orjson
 from streams import Operation
 
 from . import _tracing as tracing
+from ._approvals import Resumption
 from ._calls import call_maybe_async
 from ._collections import Actions, Collections, Database
 from ._effects import Effects, PendingSend, PendingSpawn, PendingTimer
@@ -162,6 +163,7 @@ class HandlerContext:
         self.current_message: InboxMessage | None = None
         self._open_runs: list[RunHandle] = []
         self._steering: Steering | None = None
+        self.resumption: Resumption | None = None  # a run suspended for approvals goes on
 
     def _build_state(self) -> Database:
         collections = Collections(self, self._type.state)

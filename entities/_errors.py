@@ -12,6 +12,9 @@ The hierarchy::
     ├── InvalidSendMode                a send mode that is not queued, steer or interrupt (HTTP 422)
     ├── InvalidSignal                  a signal that is not pause, resume or interrupt (HTTP 422)
     ├── MessageNotQueued               cancel or edit of a message a wake took already (HTTP 409)
+    ├── ApprovalNotFound               no approval of that id at that entity (HTTP 404)
+    ├── ApprovalNotPending             a decision on an approval decided already (HTTP 409)
+    ├── InvalidDecision                a decision that is not approve or deny (HTTP 422)
     ├── SchemaValidationFailed         args or a message fail their schema (HTTP 422)
     ├── EntityStopped                  the entity was killed and takes no more messages (HTTP 409)
     ├── ContextError                   misuse of the HandlerContext (e.g. writing a bad row)
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentError",
+    "ApprovalNotFound",
+    "ApprovalNotPending",
     "ContextError",
     "DeadLetterNotFound",
     "DefinitionError",
@@ -50,6 +55,7 @@ __all__ = [
     "EntityNotFound",
     "EntityStopped",
     "IdempotencyKeyReused",
+    "InvalidDecision",
     "InvalidEntityURL",
     "InvalidForkPoint",
     "InvalidIdempotencyKey",
@@ -143,6 +149,27 @@ class MessageNotQueued(EntitiesError):
 
     code = "MESSAGE_NOT_QUEUED"
     status = 409
+
+
+class ApprovalNotFound(EntitiesError):
+    """Raised when deciding an approval that does not exist at the entity."""
+
+    code = "APPROVAL_NOT_FOUND"
+    status = 404
+
+
+class ApprovalNotPending(EntitiesError):
+    """Raised when deciding an approval that was decided already."""
+
+    code = "APPROVAL_NOT_PENDING"
+    status = 409
+
+
+class InvalidDecision(EntitiesError):
+    """Raised for a decision on an approval that is neither ``approve`` nor ``deny``."""
+
+    code = "INVALID_DECISION"
+    status = 422
 
 
 class SchemaValidationFailed(EntitiesError):

@@ -251,6 +251,7 @@ class Reads:
         """
         found = Outcome()
         at = None if after == "-1" else after  # the message's offset, once known
+        took: str | None = None  # the wake that took it
         offset = after
         while True:
             batch, offset = await self.read(url, offset, limit=5000)
@@ -273,9 +274,10 @@ class Reads:
                     item["type"] == "runs"
                     and at is not None
                     and found.status not in ("cancelled", "completed")  # final
-                    and _covers(value, at)
-                ):
+                    and (_covers(value, at) or (took and value.get("resumes") == took))
+                ):  # the wake that took it, or one going on with its run after approvals
                     found.status, found.error = value["status"], value.get("error")
+                    took = took or value.get("wake_id")
             if len(batch) < 5000:
                 return found
 

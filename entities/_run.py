@@ -41,6 +41,7 @@ from streams import (
 )
 
 from . import _tracing as tracing
+from ._approvals import ApprovalPending, Resumption, pending_ids, resumption, suspend_records
 from ._calls import call_user
 from ._context import HandlerContext
 from ._effects import Effects
@@ -59,7 +60,7 @@ from ._pipeline.commit import (
 )
 from ._pipeline.deliver import other_children
 from ._pipeline.load import View, copy_view, read_journal, wake_event
-from ._records import ENTITY_NS, WAKE_TYPES
+from ._records import ENTITY_NS, WAKE_TYPES, Inflight
 from ._registry import EntityType, Registry
 from ._wake import WakeEvent
 
@@ -199,9 +200,6 @@ class WakeRunner:
         if not wake_events:
             await self._finish(claim, [], [], view, base, empty=True)
             return
-        journal = {}
-        if inflight.attempt > 1:
-            journal = await read_journal(rt.store, claim.url.stream, inflight)
         if any(e["type"] == "wakes" for e in wake_events):
             await self._note_other_children(view, wake_events)
         wake = wake_event(
@@ -210,10 +208,20 @@ class WakeRunner:
         if not wake.messages and not wake.wakes:  # every message was cancelled while queued
             await self._finish(claim, [], [], view, base, empty=True)
             return
+        resume = resumption(wake)
+        journal = {}
+        if resume is not None:  # a run suspended for approvals: its journal is its origin's
+            origin = Inflight(wake_id=resume.origin, from_offset=resume.origin_to,
+                              to_offset=resume.origin_to)  # fmt: skip
+            journal = await read_journal(rt.store, claim.url.stream, origin)
+        elif inflight.attempt > 1:
+            journal = await read_journal(rt.store, claim.url.stream, inflight)
         timeout = entity_type.wake_timeout or rt.wake_timeout
         begun = time.monotonic()
         run = Running(claim, anyio.Lock(), anyio.CancelScope(), timeout, begun + timeout, lane=lane)
-        ctx = self._context(claim, entity_type, view, wake, events, journal, self._flush(run))
+        ctx = self._context(
+            claim, entity_type, view, wake, events, journal, self._flush(run), resume
+        )
         now = rt.clock.now()
         current = run.current = _Wake(claim, entity_type, ctx, wake, view, base, now)
         if inflight.attempt == 1 and wake.messages and wake.messages[0].timestamp > 0:
@@ -238,10 +246,13 @@ class WakeRunner:
         claim, ctx, wake = run.claim, current.ctx, current.wake
         self.running[claim.url.url] = run
         error: BaseException | None = None
+        suspended: ApprovalPending | None = None
         try:
             with run.scope:
                 try:
                     await current.entity_type.invoke(ctx, wake)
+                except ApprovalPending as pending:  # an agent waits for a person
+                    suspended = pending
                 except Exception as exc:  # the handler failed: record it
                     error = exc
         finally:
@@ -260,6 +271,11 @@ class WakeRunner:
             error = WakeTimeout(
                 f"the wake ran past its timeout of {run.timeout:g} s", url=claim.url.url
             )
+        if error is None and suspended is not None:
+            try:
+                return await self._suspend(current, suspended)
+            except _Poison as poison:
+                error = poison.error
         if error is None:  # commit the outcome (or, if it cannot be committed, fail it)
             try:
                 head = self._completed(current)
@@ -400,11 +416,13 @@ class WakeRunner:
         events: list[dict[str, Any]],
         journal: dict[str, Any],
         flush: Callable[[list[dict[str, Any]]], Any],
+        resume: Resumption | None = None,
     ) -> HandlerContext:
-        """The context of one run of ``entity_type``'s code in the wake of ``claim``."""
+        """The context of one run of ``entity_type``'s code in the wake of ``claim`` (with
+        ``resume``, going on with a run suspended for approvals, as that run)."""
         inflight = claim.record.inflight
         assert inflight is not None
-        return HandlerContext(
+        ctx = HandlerContext(
             host=self.rt,
             entity_type=entity_type,
             url=claim.url,
@@ -412,10 +430,12 @@ class WakeRunner:
             wake=wake,
             events=events,
             journal=journal,
-            run_id=inflight.wake_id,
+            run_id=inflight.wake_id if resume is None else resume.origin,
             flush=flush,
-            runs_before=claim.record.runs,
+            runs_before=claim.record.runs if resume is None else resume.runs_before,
         )
+        ctx.resumption = resume
+        return ctx
 
     async def _note_other_children(self, view: View, wake_events: list[dict[str, Any]]) -> None:
         """Add ``other_children`` (with their status) to each ``child_finished`` wake event."""
@@ -436,8 +456,40 @@ class WakeRunner:
         ctx.end_open_runs("completed")
         run = run_value(claim.record, current.wake, "completed", now - current.started)
         run["sends"] = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
+        if ctx.resumption is not None:
+            run["resumes"] = ctx.resumption.origin  # the run it finishes began there
         run["spawns"] = [s.target.url for s in ctx.effects.spawns]
         return [event("runs", inflight.wake_id, run, now, txid=inflight.wake_id)]
+
+    async def _suspend(self, current: _Wake, pending: ApprovalPending) -> str:
+        """Suspend the run for approvals (see :mod:`entities._approvals`): commit its journal,
+        a ``waiting_approval`` run row and the approvals it asks for; acknowledge the range and
+        free the lease. Returns the outcome, ``waiting_approval``.
+
+        Raises:
+            _Poison: the commit failed for a reason of the wake's own.
+        """
+        claim, ctx = current.claim, current.ctx
+        inflight = claim.record.inflight
+        assert inflight is not None
+        now, resume = self.rt.clock.now(), ctx.resumption
+        origin = inflight.wake_id if resume is None else resume.origin
+        origin_to = inflight.to_offset if resume is None else resume.origin_to
+        runs_before = claim.record.runs if resume is None else resume.runs_before
+        known = await pending_ids(self.rt.store, claim.url.url)
+        events, ops, ids = suspend_records(
+            claim.url.url, current.wake, origin, origin_to, runs_before, pending.requests,
+            known, now,
+        )  # fmt: skip
+        run = run_value(claim.record, current.wake, "waiting_approval", now - current.started)
+        run["approvals"] = ids
+        if resume is not None:
+            run["resumes"] = origin
+        head = [event("runs", inflight.wake_id, run, now, txid=inflight.wake_id), *events]
+        journal = Effects(journal=list(ctx.effects.journal))
+        await self._finish(claim, head, [journal], current.view, current.base, extra=ops)
+        logger.info("wake %s of %s waits for approval of %s", inflight.wake_id, claim.url, ids)
+        return "waiting_approval"
 
     async def _failed(self, current: _Wake, error: BaseException) -> str:
         """Record a failed attempt: retried with backoff, or, after ``max_attempts``,

@@ -29,6 +29,7 @@ from streams import (
     open_store,
 )
 
+from ._approvals import Approval, decide, list_approvals
 from ._clock import Clock, SystemClock, VirtualClock
 from ._dead import dead_letters, discard_ops, find, retry_ops
 from ._effects import PendingSpawn
@@ -466,6 +467,41 @@ class Runtime(Reads):
                 continue
             except StreamClosed:
                 return
+
+    async def approvals(self, url: str) -> list[Approval]:
+        """The approvals asked for by the entity's agent runs, oldest first (see
+        :mod:`entities._approvals`).
+
+        Raises:
+            InvalidEntityURL: a bad URL.
+            EntityNotFound: no entity at ``url``.
+        """
+        target = parse_url(url)
+        if await self.store.kv_get(ENTITY_NS, target.url) is None:
+            raise EntityNotFound(f"no entity at {target.url}", url=target.url)
+        return await list_approvals(self.store, target.url)
+
+    async def decide(
+        self,
+        url: str,
+        id: str,
+        decision: str,
+        *,
+        note: str | None = None,
+        by: str | None = None,
+    ) -> Approval:
+        """Approve (``"approve"``) or deny (``"deny"``) the pending approval ``id``: the
+        suspended run goes on in the entity's next wake (the tool runs, or the model is told
+        it was not approved, with ``note``). Returns the approval as decided.
+
+        Raises:
+            InvalidEntityURL: a bad URL.
+            InvalidDecision: ``decision`` is neither.
+            EntityNotFound, EntityStopped: no entity there, or it was killed.
+            ApprovalNotFound: no approval of that id.
+            ApprovalNotPending: it was decided already.
+        """
+        return await decide(self.store, self.clock, parse_url(url), id, decision, note=note, by=by)
 
     async def cancel_message(self, url: str, key: str) -> None:
         """Cancel the queued message ``key`` of the entity at ``url``: no wake will take it

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from streams import ConditionFailed, KvCheck, KvPut, Op, Store, StreamGone, StreamNotFound
 
+from .._approvals import wake_end
 from .._clock import Clock
 from .._metrics import metrics
 from .._records import ENTITY_NS, PAUSED_NS, PENDING_NS, WAKE_TYPES, EntityRecord, Inflight
@@ -216,10 +217,13 @@ class Claimer:
                 except ConditionFailed:
                     return _STALE
                 return None
+            to_offset = wake_end(loaded.events) or loaded.to_offset  # a resumed run: alone
+            if to_offset != loaded.to_offset:
+                token = b""  # more waits after the cut: no mark matches, so the commit keeps it
             inflight = Inflight(
-                wake_id=wake_id(record.acked, loaded.to_offset),
+                wake_id=wake_id(record.acked, to_offset),
                 from_offset=record.acked,
-                to_offset=loaded.to_offset,
+                to_offset=to_offset,
             )
         else:
             inflight = inflight.model_copy(update={"attempt": inflight.attempt + 1})

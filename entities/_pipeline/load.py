@@ -20,6 +20,7 @@ import orjson
 
 from streams import Materializer, Store
 
+from .._approvals import resumed_messages
 from .._records import SNAPSHOT_NS, VIEW_TYPES, Inflight
 from .._urls import EntityURL
 from .._wake import InboxMessage, WakeEvent
@@ -125,6 +126,9 @@ def wake_event(
         elif item["type"] == "entity_created":
             others.append({"kind": "created", "source": value.get("parent_url"), **value})
         else:
+            if value.get("kind") == "approval":  # a suspended run resumes: its messages again
+                for message in resumed_messages([value]):
+                    messages.setdefault(message.key, message)
             others.append(value)
     source, payload, summary = _last(wake_events[-1])
     return WakeEvent(

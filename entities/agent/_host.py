@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from streams import Operation
 
+from .._approvals import Resumption
 from .._manifest import ScheduleEntry
 from ._model import ChatMessage
 
@@ -31,6 +32,7 @@ class AgentContext(Protocol):
     """What :class:`~entities.agent.Agent` uses of its wake."""
 
     entity_type: str
+    resumption: Resumption | None  # a run suspended for approvals going on
 
     @property
     def run_id(self) -> str: ...

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from .. import _tracing as tracing
+from .._approvals import ApprovalPending, approval_id
 from .._errors import ModelError
 from .._metrics import metrics
 from ._host import AgentContext
@@ -25,6 +26,7 @@ from ._model import (
     ChatMessage,
     ModelClient,
     ModelResponse,
+    ToolCall,
     ToolSpec,
     Usage,
     resolve_model,
@@ -135,8 +137,10 @@ class Agent:
                 if not response.tool_calls:
                     text = response.text
                     break
+                decided = self._approvals(round_, response.tool_calls)
                 for call in response.tool_calls:
-                    result = await self._tool_call(f"{run_key}.tool{round_}.{call.id}", call)
+                    step = f"{run_key}.tool{round_}.{call.id}"
+                    result = await self._tool_call(step, call, decided.get(call.id))
                     calls.append(result)
                     ctx._emit(
                         "tool_calls",
@@ -230,10 +234,42 @@ class Agent:
         recorded = await ctx.step(step, call)
         return ModelResponse.from_json(recorded)
 
-    async def _tool_call(self, step: str, call: Any) -> dict[str, Any]:
+    def _approvals(self, round_: int, calls: Sequence[ToolCall]) -> dict[str, dict[str, Any]]:
+        """The decisions on this round's calls that need approval, by call id.
+
+        Raises:
+            ApprovalPending: some have no decision yet: the wake is suspended until a person
+                decides (the run goes on from its journal then).
+        """
+        resume = self.ctx.resumption
+        decided: dict[str, dict[str, Any]] = {}
+        waiting: list[dict[str, Any]] = []
+        for call in calls:
+            tool = self._tools.get(call.name)
+            if tool is None or not tool.needs_approval(call.arguments):
+                continue
+            id = approval_id(self.ctx.run_id, self._runs, round_, call.id)
+            decision = None if resume is None else resume.decisions.get(id)
+            if decision is None:
+                waiting.append({"id": id, "tool": call.name, "arguments": call.arguments})
+            else:
+                decided[call.id] = decision
+        if waiting:
+            raise ApprovalPending(waiting)
+        return decided
+
+    async def _tool_call(
+        self, step: str, call: Any, decision: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         tool = self._tools.get(call.name)
 
         async def run() -> dict[str, Any]:
+            if decision is not None and decision.get("status") != "approved":
+                who = f" by {decision['by']}" if decision.get("by") else ""
+                note = f": {decision['note']}" if decision.get("note") else ""
+                return ToolResult(
+                    call.name, call.arguments, error=f"not approved{who}{note}"
+                ).to_json()
             if tool is None:
                 known = ", ".join(sorted(self._tools)) or "none"
                 return ToolResult(

@@ -49,6 +49,18 @@ class Tool:
     description: str
     parameters: type[BaseModel]
     execute: Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
+    # a person approves each call first (``True``), or the calls whose arguments it holds true
+    requires_approval: bool | Callable[[Any], bool] = False
+
+    def needs_approval(self, arguments: Any) -> bool:
+        """Whether a call with ``arguments`` waits for a person's approval. A predicate that
+        raises counts as ``True`` (the safe side)."""
+        if callable(self.requires_approval):
+            try:
+                return bool(self.requires_approval(arguments))
+            except Exception:
+                return True
+        return bool(self.requires_approval)
 
     def json_schema(self) -> dict[str, Any]:
         """The JSON schema of the arguments (what providers are given)."""
@@ -93,7 +105,10 @@ def tool(fn: Callable[..., Any], /) -> Tool: ...
 
 @overload
 def tool(
-    *, name: str | None = None, description: str | None = None
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    requires_approval: bool | Callable[[Any], bool] = False,
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 
 
@@ -103,11 +118,14 @@ def tool(
     *,
     name: str | None = None,
     description: str | None = None,
+    requires_approval: bool | Callable[[Any], bool] = False,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Make a :class:`Tool` from a typed function (``@tool`` or ``@tool(name=...)``).
 
     The parameters model is built from the function's annotated parameters; the description
-    defaults to the docstring.
+    defaults to the docstring. ``requires_approval``: each call waits for a person's decision
+    (or, given a predicate on the call's arguments, the calls it holds true for); see
+    :mod:`entities._approvals`.
     """
 
     def build(f: Callable[..., Any]) -> Tool:
@@ -123,7 +141,11 @@ def tool(
             return f(**{k: getattr(args, k) for k in fields})
 
         return Tool(
-            name or f.__name__, description or inspect.getdoc(f) or f.__name__, model, execute
+            name or f.__name__,
+            description or inspect.getdoc(f) or f.__name__,
+            model,
+            execute,
+            requires_approval,
         )
 
     if fn is not None:

@@ -289,6 +289,51 @@ def kill(url: str, server: str, token: str | None, output: str) -> None:
     click.echo(dumps(info) if output == "json" else f"{info['url']} {info['status']}")
 
 
+def _decide(decision: str) -> click.Command:
+    verb = "Approve" if decision == "approve" else "Deny"
+
+    @click.command(decision)
+    @click.argument("url")
+    @click.argument("id")
+    @click.option("--note", default=None, help="Why (the model reads it after a denial).")
+    @client_options
+    @output_option
+    def command(
+        url: str, id: str, note: str | None, server: str, token: str | None, output: str
+    ) -> None:
+        body: dict[str, Any] = {"decision": decision}
+        if note is not None:
+            body["note"] = note
+        found = Client(server, token).request(
+            "POST", f"/_entities/entities{path_of(url)}/approvals/{id}", body
+        )
+        click.echo(dumps(found) if output == "json" else f"{found['id']} {found['status']}")
+
+    command.help = f"{verb} the pending approval ID of URL's agent: the suspended run goes on " + (
+        "(the tool runs)." if decision == "approve" else "(the model is told: not approved)."
+    )
+    return command
+
+
+approve = _decide("approve")
+deny = _decide("deny")
+
+
+@click.command()
+@click.argument("url")
+@client_options
+@output_option
+def approvals(url: str, server: str, token: str | None, output: str) -> None:
+    """List the approvals URL's agent runs asked for (pending first)."""
+    found = Client(server, token).request("GET", f"/_entities/entities{path_of(url)}/approvals")
+    if output == "json":
+        click.echo(dumps(found))
+        return
+    found.sort(key=lambda a: a["status"] != "pending")
+    for a in found:
+        click.echo(f"{a['id']:<40} {a['status']:<9} {a['tool']} {dumps(a['arguments'])}")
+
+
 @click.command()
 @click.argument("url")
 @click.argument("signal", type=click.Choice(["pause", "resume", "interrupt"]))

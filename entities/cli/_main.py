@@ -1,8 +1,8 @@
 """The ``entities`` command group. Server-side commands (they open ``--db`` themselves):
 ``serve``, ``worker``, ``run``, ``replay``, ``check``. Client-side commands (over HTTP to
 ``--server``): ``spawn``, ``send``, ``view``, ``observe``, ``ps``, ``inspect``, ``schedules``,
-``kill``, ``fork``, ``signal``, ``types``, ``workers``, ``dead-letters``, ``retry``,
-``discard``."""
+``kill``, ``fork``, ``signal``, ``approvals``, ``approve``, ``deny``, ``types``, ``workers``,
+``dead-letters``, ``retry``, ``discard``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import click
 
 from ._check import check
 from ._client_cmds import (
+    approvals,
+    approve,
     dead_letters,
+    deny,
     discard,
     fork,
     kill,
@@ -75,6 +78,9 @@ for command in (
     kill,
     fork,
     signal,
+    approvals,
+    approve,
+    deny,
     types,
     workers,
     dead_letters,

@@ -74,7 +74,7 @@ def _entity_action(method: str, rest: list[str]) -> Action:
     if head in ("signal", "signals"):
         return "signal"
     if head in ("approve", "approvals"):
-        return "approve"
+        return "read" if method == "GET" else "approve"
     return "admin"  # tags, and any route this table does not know
 
 

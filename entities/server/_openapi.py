@@ -17,6 +17,7 @@ from starlette.routing import Route
 from .._urls import SEGMENT_PATTERN
 from ._routes import (
     CronBody,
+    DecisionBody,
     EditBody,
     ForkBody,
     SendBody,
@@ -71,6 +72,7 @@ _SCHEMAS: dict[str, type[BaseModel]] = {
     "SpawnBody": SpawnBody,
     "SendBody": SendBody,
     "ForkBody": ForkBody,
+    "DecisionBody": DecisionBody,
     "EditBody": EditBody,
     "SignalBody": SignalBody,
     "CronBody": CronBody,
@@ -172,6 +174,14 @@ def openapi_document() -> dict[str, Any]:
             "parameters": _path_params("type", "id", "key"),
             "patch": _op("edit a queued message", 200, _OBJECT, body="EditBody"),
             "delete": _op("cancel a queued message", 200, _OBJECT),
+        },
+        entity + "/approvals": {
+            "parameters": _path_params("type", "id"),
+            "get": _op("approvals asked for by its agent runs", 200, {"type": "array"}),
+        },
+        entity + "/approvals/{approval}": {
+            "parameters": _path_params("type", "id", "approval"),
+            "post": _op("approve or deny", 200, _OBJECT, body="DecisionBody"),
         },
         entity + "/signal": {
             "parameters": _path_params("type", "id"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import orjson
@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from streams import BadOffset, StorageFull
 
+from .._approvals import approval_json
 from .._errors import ContextError, EntitiesError, InvalidEntityURL, SchemaValidationFailed
 from .._idempotency import check_key
 from .._runtime import Runtime
@@ -26,6 +27,7 @@ from ._auth import Principal
 __all__ = [
     "PRINCIPAL_KEY",
     "CronBody",
+    "DecisionBody",
     "EditBody",
     "ForkBody",
     "SendBody",
@@ -82,6 +84,12 @@ class EditBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     payload: Any = None
     type: str | None = None
+
+
+class DecisionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    decision: Literal["approve", "deny"]
+    note: str | None = None
 
 
 class SendBody(BaseModel):
@@ -313,6 +321,24 @@ class _ControlPlane:
         row = await self.runtime.edit_message(target.url, key, body.payload, type=body.type)
         return json_response({"key": key, **row})
 
+    async def approvals(self, request: Request) -> Response:
+        target = _target(request)
+        found = await self.runtime.approvals(target.url)
+        return json_response([approval_json(a) for a in found])
+
+    async def approval(self, request: Request) -> Response:
+        target = _target(request)
+        body = await _body(request, DecisionBody, self.max_body_bytes)
+        principal = _principal(request)
+        decided = await self.runtime.decide(
+            target.url,
+            request.path_params["approval"],
+            body.decision,
+            note=body.note,
+            by=principal.sender if principal is not None else "/_http/client",
+        )
+        return json_response(approval_json(decided))
+
     async def signal(self, request: Request) -> Response:
         target = _target(request)
         body = await _body(request, SignalBody, self.max_body_bytes)
@@ -425,6 +451,8 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         (base + "/send", plane.send, ["POST"]),
         (base + "/fork", plane.fork, ["POST"]),
         (base + "/signal", plane.signal, ["POST"]),
+        (base + "/approvals", plane.approvals, ["GET"]),
+        (base + "/approvals/{approval}", plane.approval, ["POST"]),
         (base + "/inbox/{key}", plane.inbox, ["PATCH", "DELETE"]),
         (base + "/tags/{key}", plane.tag, ["POST", "PUT", "DELETE"]),
         (base + "/schedules", plane.schedules, ["GET"]),

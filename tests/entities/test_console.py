@@ -374,3 +374,17 @@ async def test_failed_wakes_and_dead_letters(page: Page, tmp_path: Path) -> None
         await letters.locator("button:has-text('Discard')").click()
         await expect(letters).to_have_count(0)
         assert (await c.http.get("/_entities/dead-letters")).json() == []
+
+
+async def test_an_approval_is_decided_from_the_console(page: Page, tmp_path: Path) -> None:
+    async with console(examples_registry(), tmp_path) as c:
+        await c.spawn("/approval/p1", initial_message="delete notes.txt")
+        await page.goto(c.base + "/ui/approval/p1")
+        panel = page.locator(".approvals")
+        await expect(panel).to_contain_text("delete_file")
+        await expect(panel).to_contain_text("notes.txt")
+        await panel.locator("button:has-text('Approve')").click()
+        await expect(page.locator(".conversation")).to_contain_text("Done: deleted notes.txt.")
+        await expect(panel).to_contain_text("approved")
+        [decided] = (await c.http.get("/_entities/entities/approval/p1/approvals")).json()
+        assert decided["status"] == "approved"

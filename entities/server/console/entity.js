@@ -182,11 +182,12 @@ class EntityPage {
   async load() {
     const signal = this.signal;
     const base = entityPath(this.url);
-    const [info, schedules, children, dead, types] = await Promise.all([
+    const [info, schedules, children, dead, approvals, types] = await Promise.all([
       call(base, { signal }),
       call(`${base}/schedules`, { signal }),
       call(`/_entities/entities?parent=${encodeURIComponent(this.url)}`, { signal }),
       call(`/_entities/dead-letters?url=${encodeURIComponent(this.url)}`, { signal }),
+      call(`${base}/approvals`, { signal }),
       loadTypes(signal),
     ]);
     if (signal.aborted) return;
@@ -209,6 +210,8 @@ class EntityPage {
       schedules: schedules.ok ? schedules.data : [],
       children: children.ok ? children.data : [],
       dead: dead.ok ? dead.data : [],
+      approvals: approvals.ok ? approvals.data : [],
+      base,
     };
     const key = json(data);
     if (this.rendered.side === key) return;

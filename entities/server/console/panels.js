@@ -81,11 +81,12 @@ function exampleOf(schema) {
 }
 
 export function renderPanels(el, data, ctx) {
-  const { info, schedules, children, dead } = data;
+  const { info, schedules, children, dead, approvals, base } = data;
   const manifest = Object.values(info.manifest || {});
   const of = (kind) => manifest.filter((entry) => entry.kind === kind);
   replace(
     el,
+    approvalsPanel(approvals || [], base, ctx),
     deadLetters(dead, ctx),
     tagsPanel(info.tags || {}),
     statePanel(info.state || {}),
@@ -98,6 +99,36 @@ export function renderPanels(el, data, ctx) {
     info.args && Object.keys(info.args).length
       ? section('Args', {}, h('pre', {}, json(info.args, 2)))
       : null,
+  );
+}
+
+// Tool calls waiting for a person: Approve / Deny resume the agent's run (decided ones fold).
+function approvalsPanel(approvals, base, ctx) {
+  const pending = approvals.filter((a) => a.status === 'pending');
+  if (!approvals.length) return null;
+  const decide = async (approval, decision) => {
+    const path = `${base}/approvals/${encodeURIComponent(approval.id)}`;
+    const result = await call(path, { method: 'POST', body: { decision }, signal: ctx.signal });
+    ctx.say(result.ok ? `${decision}d ${approval.tool}` : `${result.status}: ${result.error.message}`, !result.ok);
+    ctx.refresh();
+  };
+  const row = (a) => h(
+    'div',
+    { class: `approval status-${a.status}` },
+    h('div', {}, h('b', {}, a.tool), ` ${short(a.arguments, 200)} · ${a.status} · ${time(new Date(a.requested_at * 1000).toISOString())}`),
+    a.status === 'pending'
+      ? h(
+        'div',
+        { class: 'row' },
+        h('button', { type: 'button', onclick: () => decide(a, 'approve') }, 'Approve'),
+        h('button', { type: 'button', class: 'danger', onclick: () => decide(a, 'deny') }, 'Deny'),
+      )
+      : h('div', { class: 'muted' }, `${a.decided_by || ''}${a.note ? `: ${a.note}` : ''}`),
+  );
+  return section(
+    `Approvals (${pending.length} pending)`,
+    { class: 'panel approvals' },
+    approvals.map(row),
   );
 }
 
