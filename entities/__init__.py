@@ -12,6 +12,7 @@ from ._clock import VirtualClock as VirtualClock
 from ._collections import Collection as Collection
 from ._collections import CollectionDef as CollectionDef
 from ._collections import collection as collection
+from ._compaction import CompactionReport as CompactionReport
 from ._context import EntityHandle as EntityHandle
 from ._context import HandlerContext as HandlerContext
 from ._context import RunHandle as RunHandle
@@ -26,6 +27,7 @@ from ._errors import EntityStopped as EntityStopped
 from ._errors import IdempotencyKeyReused as IdempotencyKeyReused
 from ._errors import InvalidEntityURL as InvalidEntityURL
 from ._errors import InvalidIdempotencyKey as InvalidIdempotencyKey
+from ._errors import JournalCompacted as JournalCompacted
 from ._errors import LeaseLost as LeaseLost
 from ._errors import ModelError as ModelError
 from ._errors import ProcessFailed as ProcessFailed
@@ -57,6 +59,7 @@ from ._registry import Registry as Registry
 from ._replay import Divergence as Divergence
 from ._replay import ReplayReport as ReplayReport
 from ._replay import WakeReplay as WakeReplay
+from ._retention import Retention as Retention
 from ._runtime import Runtime as Runtime
 from ._urls import EntityURL as EntityURL
 from ._urls import parse_url as parse_url
@@ -72,6 +75,7 @@ __all__ = [
     "Clock",
     "Collection",
     "CollectionDef",
+    "CompactionReport",
     "ContextEntry",
     "ContextError",
     "DeadLetter",
@@ -92,6 +96,7 @@ __all__ = [
     "InboxMessage",
     "InvalidEntityURL",
     "InvalidIdempotencyKey",
+    "JournalCompacted",
     "LeaseLost",
     "ManifestEntry",
     "ModelError",
@@ -100,6 +105,7 @@ __all__ = [
     "Registry",
     "ReplayDivergence",
     "ReplayReport",
+    "Retention",
     "RunHandle",
     "Runtime",
     "ScheduleEntry",

@@ -15,6 +15,7 @@ from ._context import HandlerContext
 from ._errors import DefinitionError, SchemaValidationFailed, UnknownEntityType
 from ._host import ActionsFactory
 from ._process import ProcessAgent
+from ._retention import Retention
 from ._turns import ProcessSession, ProcessSpec
 from ._urls import check_segment
 from ._wake import InboxMessage, WakeEvent
@@ -62,6 +63,7 @@ class EntityType:
     on_create: OnCreate | None = None
     on_stop: OnStop | None = None
     wake_timeout: float | None = None  # seconds; None: the worker's default
+    retention: Retention = field(default_factory=Retention)  # what compaction may remove
 
     def validate_args(self, args: Any) -> dict[str, Any]:
         """Validate spawn args against ``args_schema``; return them as JSON-ready data.
@@ -181,6 +183,7 @@ class Registry:
         on_stop: OnStop | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
+        retention: Retention | None = None,
     ) -> EntityType: ...
 
     @overload
@@ -200,6 +203,7 @@ class Registry:
         on_stop: OnStop | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
+        retention: Retention | None = None,
     ) -> Callable[[Handler], Handler]: ...
 
     def define(
@@ -218,6 +222,7 @@ class Registry:
         on_stop: OnStop | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
+        retention: Retention | None = None,
     ) -> EntityType | Callable[[Handler], Handler]:
         """Define an entity type, directly (``handler=``) or as a decorator.
 
@@ -226,6 +231,7 @@ class Registry:
         ``on_error(ctx, error)`` runs when a wake is dead-lettered; ``on_stop(ctx, reason)``
         runs when a running wake is cancelled because the entity was killed (cleanup: its
         writes are not committed). ``wake_timeout`` (seconds) overrides the worker's default.
+        ``retention`` says what compaction removes (default: :class:`~entities.Retention()`).
 
         Raises:
             DefinitionError: the name is taken or invalid, or an option is out of range.
@@ -252,6 +258,7 @@ class Registry:
                 on_create=on_create,
                 on_stop=on_stop,
                 wake_timeout=wake_timeout,
+                retention=retention or Retention(),
             )
             self._types[name] = entity_type
             return entity_type

@@ -1,7 +1,7 @@
 """The ``entities`` command group. Server-side commands (they open ``--db`` themselves):
 ``serve``, ``worker``, ``run``, ``replay``. Client-side commands (over HTTP to ``--server``):
 ``spawn``, ``send``, ``view``, ``observe``, ``ps``, ``inspect``, ``schedules``, ``kill``,
-``types``, ``workers``, ``dead-letters``, ``retry``, ``discard``."""
+``types``, ``workers``, ``dead-letters``, ``retry``, ``discard``, ``compact``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ._client_cmds import (
     view,
     workers,
 )
+from ._compact import compact
 from ._inspect import inspect
 from ._logs import setup_logging
 from ._schedules import schedules
@@ -73,6 +74,7 @@ for command in (
     dead_letters,
     retry,
     discard,
+    compact,
 ):
     cli.add_command(command)
 

@@ -459,6 +459,8 @@ def replay(url: str, app: str | None, db: str, wake: str | None, output: str) ->
 def _print_replay(report_: ReplayReport) -> None:
     for w in report_.wakes:
         mark = "ok" if w.ok else "DIVERGED"
+        if w.compacted is not None:
+            mark = f"not replayed: {w.compacted}"
         click.echo(f"wake {w.index} {w.wake_id} ({w.status}): {mark}")
         for d in w.divergences:
             click.echo(f"  {d.message}")

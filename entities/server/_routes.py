@@ -337,6 +337,11 @@ class _ControlPlane:
         )
         return json_response(entry)
 
+    async def compact(self, request: Request) -> Response:
+        """Compact one entity (``/entities/{type}/{id}/compact``) or all (``/compact``)."""
+        url = _target(request).url if "type" in request.path_params else None
+        return json_response((await self.runtime.compact(url)).to_json())
+
     async def dead_letters(self, request: Request) -> Response:
         q = request.query_params
         url = q.get("url")
@@ -370,6 +375,8 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         (base + "/schedules", plane.schedules, ["GET"]),
         (base + "/schedules/{schedule}", plane.schedule, ["PUT", "DELETE"]),
         (base + "/replies/{key}", plane.replies, ["GET"]),
+        (base + "/compact", plane.compact, ["POST"]),
+        ("/_entities/compact", plane.compact, ["POST"]),
         ("/_entities/dead-letters", plane.dead_letters, ["GET"]),
         ("/_entities/dead-letters/{id}", plane.dead_letter, ["DELETE"]),
         ("/_entities/dead-letters/{id}/retry", plane.dead_letter, ["POST"]),

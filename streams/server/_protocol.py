@@ -21,6 +21,7 @@ from .. import (
     ContentTypeMismatch,
     ForkSourceNotFound,
     InvalidRequest,
+    OffsetGone,
     Producer,
     ProducerEpochInvalid,
     ProducerFenced,
@@ -29,9 +30,8 @@ from .. import (
     StorageFull,
     StreamClosed,
     StreamExists,
-    StreamGone,
-    OffsetGone,
     StreamForked,
+    StreamGone,
     StreamNotFound,
     StreamsError,
 )

@@ -89,7 +89,7 @@ async def test_truncate_prefix(store: Store) -> None:
     info = await store.head("s")
     assert info.retained_from == off(4) and info.next_offset == off(10)
     assert [m.offset for m in await read_all(store, "s")] == [off(n) for n in range(5, 11)]
-    assert [m.data for m in (await store.read("s", off(4))).messages][0] == b"m5"
+    assert (await store.read("s", off(4))).messages[0].data == b"m5"
     with pytest.raises(OffsetGone) as gone:
         await store.read("s", off(3))
     assert gone.value.earliest == off(4)
@@ -153,7 +153,7 @@ async def test_forks_and_retention(store: Store) -> None:
     assert [m.data for m in await read_all(store, "f")] == [b"f9"]
     await store.delete("f")
     await store.truncate("s", off(5))  # no fork left
-    assert [m.data for m in await read_all(store, "s")][0] == b"m6"
+    assert (await read_all(store, "s"))[0].data == b"m6"
 
 
 async def test_retention_survives_reopen(tmp_path: Path) -> None:
@@ -172,7 +172,9 @@ async def test_retention_survives_reopen(tmp_path: Path) -> None:
 # -- over HTTP -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=_postgres.marks())])
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=_postgres.marks())]
+)
 def shared(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, LiveServer]]:
