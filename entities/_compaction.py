@@ -129,15 +129,11 @@ def _wake_end(wake_id: Any) -> int:
     return 0
 
 
-async def _meta(store: Store, url: str) -> dict[str, Any]:
-    raw = await store.kv_get(RETAIN_NS, url)
-    return {} if raw is None else dict(orjson.loads(raw))
-
-
 async def marks(store: Store, url: str) -> Marks:
     """The compaction marks of the entity at ``url`` (see :class:`Marks`). Raises whatever the
     store raises."""
-    meta = await _meta(store, url)
+    raw = await store.kv_get(RETAIN_NS, url)
+    meta: dict[str, Any] = {} if raw is None else orjson.loads(raw)
     found = Marks(journal_through=int(meta.get("journal_through", 0)))
     if meta.get("truncated"):
         base = await store.kv_get(RETAIN_NS, f"{url}\nbase")
@@ -156,14 +152,72 @@ def _timestamp(item: dict[str, Any]) -> float | None:
         return None
 
 
+@dataclass(slots=True)
+class _Scan:
+    """One pass over part of an entity's stream: what goes, and what stays for later."""
+
+    policy: Retention
+    inflight: str | None  # the wake running now (its deltas and steps stay)
+    tail: str  # the scan stops here (read before the entity record)
+    now: float
+    report: CompactionReport
+    journal_through: int
+    removals: list[str] = field(default_factory=list)
+    kept_delta: str | None = None  # where to read again for a delta that stayed
+    kept_step: tuple[str, float] | None = None  # the same for the oldest step, and its time
+    offset: str = "-1"  # how far the scan got
+
+    async def run(self, store: Store, stream: str, start: str, max_events: int) -> None:
+        self.offset = offset = start
+        scanned = 0
+        while offset < self.tail:  # "-1" sorts before every offset
+            result = await store.read(stream, offset, limit=_PAGE, renew_ttl=False)
+            for message in result.messages:
+                if message.offset > self.tail:
+                    break
+                self._look(offset, message.offset, message.data)
+                offset = message.offset
+            scanned += len(result.messages)
+            self.offset = offset
+            if result.up_to_date or not result.messages or scanned >= max_events:
+                return
+
+    def _look(self, before: str, offset: str, data: bytes) -> None:
+        """Decide about the event at ``offset`` (``before``: where a read returns it)."""
+        item = orjson.loads(data)
+        type_ = item.get("type")
+        value = item.get("value") or {}
+        report = self.report
+        if type_ == "text_deltas" and self.policy.text_deltas:
+            run = value.get("run_id") or (item.get("headers") or {}).get("txid")
+            if run is not None and run == self.inflight:
+                self.kept_delta = self.kept_delta or before
+                return
+            self.removals.append(offset)
+            report.text_deltas += 1
+            report.bytes += len(data)
+        elif type_ == "steps" and self.policy.journal_window is not None:
+            wake = value.get("wake_id")
+            stamp = _timestamp(item)
+            limit = self.now - self.policy.journal_window
+            if wake != self.inflight and stamp is not None and stamp < limit:
+                self.removals.append(offset)
+                report.steps += 1
+                report.bytes += len(data)
+                self.journal_through = max(self.journal_through, _wake_end(wake))
+            elif self.kept_step is None:
+                self.kept_step = (before, self.now if stamp is None else stamp)
+
+
 async def compact_entity(
     store: Store, url: str, policy: Retention, now: float, *, max_events: int = 100_000
 ) -> CompactionReport:
     """Compact the stream of the entity at ``url`` per ``policy`` as of ``now`` (epoch
     seconds), reading at most about ``max_events`` events (the rest waits for the next call).
 
-    A missing entity, or one whose stream forks read, is left alone (an empty report).
-    Raises whatever the store raises for a failed read or commit.
+    A missing entity, one whose stream forks read, or one another compactor compacted at the
+    same time is left alone (an empty report). Raises whatever the store raises for a failed
+    read or commit.
     """
     target = parse_url(url)
     report = CompactionReport()
@@ -171,83 +225,45 @@ async def compact_entity(
         info = await store.head(target.stream)
     except (StreamNotFound, StreamGone):
         return report
-    tail = info.next_offset
     raw = await store.kv_get(ENTITY_NS, target.url)  # after the tail: see the module docstring
     if raw is None:
         return report
     record = EntityRecord.load(raw)
-    inflight = record.inflight.wake_id if record.inflight is not None else None
-    meta = await _meta(store, target.url)
+    meta_raw = await store.kv_get(RETAIN_NS, target.url)
+    meta: dict[str, Any] = {} if meta_raw is None else dict(orjson.loads(meta_raw))
     retained = info.retained_from or format_offset(0)
     window = policy.journal_window
-    steps_due = meta.get("steps_due")
-    due = window is not None and steps_due is not None and steps_due <= now
-    start = meta.get("cursor", "-1")
+    due = window is not None and meta.get("steps_due") is not None and meta["steps_due"] <= now
+    start = str(meta.get("cursor", "-1"))
     if due and meta.get("steps_from") is not None:
-        start = min(start, meta["steps_from"]) if start != "-1" else "-1"
-    if start != "-1" and start < retained:
+        start = min(start, str(meta["steps_from"]))
+    if start < retained:
         start = "-1"
-    scan = policy.text_deltas or window is not None
-    removals: list[str] = []
-    kept_delta: str | None = None
-    kept_step: tuple[str, float] | None = None
-    journal_through = int(meta.get("journal_through", 0))
-    offset = start
-    scanned = 0
-    while scan and offset < tail:  # "-1" sorts before every offset
-        result = await store.read(target.stream, offset, limit=_PAGE, renew_ttl=False)
-        before = offset
-        for message in result.messages:
-            if message.offset > tail:
-                break
-            item = orjson.loads(message.data)
-            type_ = item.get("type")
-            value = item.get("value") or {}
-            previous = before
-            before = message.offset
-            if type_ == "text_deltas" and policy.text_deltas:
-                run = value.get("run_id") or (item.get("headers") or {}).get("txid")
-                if run is not None and run == inflight:
-                    kept_delta = kept_delta or previous
-                    continue
-                removals.append(message.offset)
-                report.text_deltas += 1
-                report.bytes += len(message.data)
-            elif type_ == "steps" and window is not None:
-                wake = value.get("wake_id")
-                stamp = _timestamp(item)
-                if wake != inflight and stamp is not None and stamp < now - window:
-                    removals.append(message.offset)
-                    report.steps += 1
-                    report.bytes += len(message.data)
-                    journal_through = max(journal_through, _wake_end(wake))
-                elif kept_step is None:
-                    kept_step = (previous, stamp if stamp is not None else now)
-        scanned += len(result.messages)
-        offset = before
-        if result.up_to_date or not result.messages or offset >= tail or scanned >= max_events:
-            break
-    cursor = kept_delta or (offset if offset != "-1" else tail)
+    inflight = record.inflight.wake_id if record.inflight is not None else None
+    scan = _Scan(policy, inflight, info.next_offset, now, report, meta.get("journal_through", 0))
+    if policy.text_deltas or window is not None:
+        await scan.run(store, target.stream, start, max_events)
     new_meta = dict(meta)
-    new_meta["cursor"] = min(cursor, tail)
+    new_meta["cursor"] = scan.kept_delta or max(scan.offset, start)
     # the oldest journal entry kept: found now if this scan covered the old one's place
-    covered = start == "-1" or due or meta.get("steps_from") is None
-    if covered and window is not None:
-        found = (None, None) if kept_step is None else (kept_step[0], kept_step[1] + window)
+    if window is not None and (start == "-1" or due or meta.get("steps_from") is None):
+        kept = scan.kept_step
+        found = (None, None) if kept is None else (kept[0], kept[1] + window)
         new_meta["steps_from"], new_meta["steps_due"] = found
-    new_meta["journal_through"] = journal_through
-    ops: list[Op] = []
-    for low in range(0, len(removals), _REMOVE_BATCH):
-        ops.append(Remove(target.stream, removals[low : low + _REMOVE_BATCH]))
-    ops.extend(await _truncation(store, target, record, policy, now, retained, report))
+    new_meta["journal_through"] = scan.journal_through
+    ops: list[Op] = [KvCheck(RETAIN_NS, target.url, meta_raw)]  # one compactor at a time
+    for low in range(0, len(scan.removals), _REMOVE_BATCH):
+        ops.append(Remove(target.stream, scan.removals[low : low + _REMOVE_BATCH]))
+    gone = set(scan.removals)
+    ops.extend(await _truncation(store, target, record, policy, now, retained, gone, report))
     if report.prefix:
         new_meta["truncated"] = report.truncated[target.url]
-    if ops or new_meta != meta:
+    if len(ops) > 1 or new_meta != meta:
         ops.append(KvPut(RETAIN_NS, target.url, orjson.dumps(new_meta)))
         try:
             await store.commit(ops)
-        except StreamForked:
-            logger.info("%s is not compacted: forks read its stream", target.url)
+        except (StreamForked, ConditionFailed) as exc:
+            logger.info("%s is not compacted now: %s", target.url, exc)
             return CompactionReport()
     if report.events:
         report.entities = 1
@@ -265,11 +281,12 @@ async def _truncation(
     policy: Retention,
     now: float,
     retained: str,
+    gone: set[str],
     report: CompactionReport,
 ) -> list[Op]:
     """The ops cutting the prefix before the entity's snapshot, when ``policy.keep_for`` allows
     (the snapshot is older than that and no later than the acknowledged offset); counts what
-    goes into ``report``."""
+    goes into ``report`` (but not the events at ``gone``, removed already)."""
     if policy.keep_for is None or record.acked == "-1":
         return []
     saved = await store.kv_get(SNAPSHOT_NS, target.url)
@@ -291,6 +308,8 @@ async def _truncation(
         for message in result.messages:
             if message.offset > at:
                 break
+            if message.offset in gone:
+                continue
             report.prefix += 1
             report.bytes += len(message.data)
         offset = result.next_offset
@@ -298,7 +317,6 @@ async def _truncation(
             break
     report.truncated[target.url] = at
     return [
-        KvCheck(SNAPSHOT_NS, target.url, saved),
         KvPut(RETAIN_NS, f"{target.url}\nbase", saved),
         Truncate(target.stream, at),
     ]

@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from streams import BadOffset, StorageFull
+from streams import BadOffset, OffsetGone, StorageFull
 
 from .._errors import ContextError, EntitiesError, InvalidEntityURL, SchemaValidationFailed
 from .._idempotency import check_key
@@ -199,6 +199,8 @@ def _guarded(fn: _Endpoint) -> _Endpoint:
             return error_response(exc.status, exc.code, exc.message)
         except BadOffset as exc:
             return error_response(400, "BAD_OFFSET", str(exc))
+        except OffsetGone as exc:  # truncated by compaction (Retention.keep_for)
+            return error_response(410, "OFFSET_GONE", exc.message)
         except StorageFull as exc:
             return error_response(507, "INSUFFICIENT_STORAGE", exc.message)
         except ClientDisconnect:  # a body cut short or badly framed: uvicorn logged one line

@@ -150,8 +150,9 @@ async def test_prefix_before_an_old_snapshot_is_truncated(shared_store_url: str)
     clock = VirtualClock()
     async with Runtime(registry, shared_store_url, clock=clock, snapshot_every=5) as rt:
         await rt.spawn("/counter/c")
-        for _ in range(2):  # wakes of 6 messages: each stores a snapshot (snapshot_every=5)
-            for _ in range(6):
+        first = await rt.send("/counter/c", {"x": 1})
+        for i in range(2):  # wakes of 6 messages: each stores a snapshot (snapshot_every=5)
+            for _ in range(6 - (i == 0)):
                 await rt.send("/counter/c", {"x": 1})
             await rt.run_until_idle()
         assert (await rt.compact("/counter/c")).prefix == 0  # the snapshot is recent
@@ -163,6 +164,10 @@ async def test_prefix_before_an_old_snapshot_is_truncated(shared_store_url: str)
         assert info.retained_from == cut
         with pytest.raises(OffsetGone):
             await rt.store.read("counter/c/main", "0000000000000000_0000000000000001")
+        state = (await rt.state_of("/counter/c"))["counts"]
+        assert state == {"c": {"key": "c", "n": 12}}  # the view starts from the cut's snapshot
+        # a reply wait from before the cut searches what is left
+        assert (await rt.outcome("/counter/c", first.key, after=first.offset)).replies == []
         # the entity goes on from its snapshot: its state is whole
         receipt = await rt.send("/counter/c", {"x": 1})
         await rt.run_until_idle()
