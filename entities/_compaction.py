@@ -225,15 +225,17 @@ async def compact_entity(
         info = await store.head(target.stream)
     except (StreamNotFound, StreamGone):
         return report
+    meta_raw = await store.kv_get(RETAIN_NS, target.url)
+    meta: dict[str, Any] = {} if meta_raw is None else dict(orjson.loads(meta_raw))
+    window = policy.journal_window
+    due = window is not None and meta.get("steps_due") is not None and meta["steps_due"] <= now
+    if meta.get("cursor") == info.next_offset and not due and policy.keep_for is None:
+        return report  # nothing new since the last scan, and no journal entry falls due
     raw = await store.kv_get(ENTITY_NS, target.url)  # after the tail: see the module docstring
     if raw is None:
         return report
     record = EntityRecord.load(raw)
-    meta_raw = await store.kv_get(RETAIN_NS, target.url)
-    meta: dict[str, Any] = {} if meta_raw is None else dict(orjson.loads(meta_raw))
     retained = info.retained_from or format_offset(0)
-    window = policy.journal_window
-    due = window is not None and meta.get("steps_due") is not None and meta["steps_due"] <= now
     start = str(meta.get("cursor", "-1"))
     if due and meta.get("steps_from") is not None:
         start = min(start, str(meta["steps_from"]))
@@ -353,7 +355,7 @@ async def compact_round(
     now: float,
     owner: str,
     *,
-    entities: int = 200,
+    entities: int = 1000,
     lease_seconds: float = 120.0,
 ) -> CompactionReport | None:
     """One bounded round of periodic compaction: up to ``entities`` entities, continuing where

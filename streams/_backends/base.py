@@ -2,9 +2,9 @@
 
 A store holds many streams. Every mutation goes through :meth:`Store.commit`, which applies a list
 of operations atomically: either all of them take effect or none does. The convenience methods
-(``create``, ``append``, ``close_stream``, ``delete``) are one-operation commits. Reads never block
-writers, and :meth:`Store.wait` is the live tail: it returns as soon as a commit makes data (or a
-close) visible after the given offset.
+(``create``, ``append``, ``close_stream``, ``delete``, and for retention ``remove`` and
+``truncate``) are one-operation commits. Reads never block writers, and :meth:`Store.wait` is the
+live tail: it returns as soon as a commit makes data (or a close) visible after the given offset.
 """
 
 from __future__ import annotations
