@@ -200,10 +200,10 @@ async def test_a_worker_compacts_periodically(shared_store_url: str) -> None:
                     found = await events(rt, "/chat/p")
                     deltas = any(e["type"] == "text_deltas" for e in found)
                     seen = seen or deltas
-                    if seen and not deltas and any(e["type"] == "texts" for e in found):
+                    texts = any(e["type"] == "texts" for e in found)
+                    # (and the round that removed them ended)
+                    if seen and not deltas and texts and worker.compactions:
                         break
-                    await anyio.sleep(0.02)
-                while not worker.compactions:  # the round that removed them is ending
                     await anyio.sleep(0.02)
             stop.set()
 
