@@ -29,6 +29,7 @@ from entities import (
 from entities._compaction import compact_round
 from entities.agent import ScriptRequest
 from entities.server import create_app
+from entities.server._prometheus import render
 from streams import OffsetGone, open_store
 from tests._live import serving
 
@@ -104,6 +105,9 @@ async def test_ended_runs_lose_their_deltas_and_nothing_else_changes(store_url: 
         assert [(o.replies, o.status) for o in again] == [(o.replies, o.status) for o in replies]
         assert (await rt.replay("/chat/a")).ok
         assert (await rt.compact("/chat/a")).events == 0  # nothing left to remove
+        exported = render().decode()
+        assert 'entities_compacted_events_total{kind="text_deltas",type="chat"}' in exported
+        assert 'entities_compacted_bytes_total{type="chat"}' in exported
 
         # the next turn's history (timeline_messages) is the same conversation
         seen_history.clear()
