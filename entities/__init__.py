@@ -16,6 +16,7 @@ from ._clock import VirtualClock as VirtualClock
 from ._collections import Collection as Collection
 from ._collections import CollectionDef as CollectionDef
 from ._collections import collection as collection
+from ._compaction import CompactionReport as CompactionReport
 from ._context import EntityHandle as EntityHandle
 from ._context import HandlerContext as HandlerContext
 from ._context import RunHandle as RunHandle
@@ -36,6 +37,7 @@ from ._errors import InvalidForkPoint as InvalidForkPoint
 from ._errors import InvalidIdempotencyKey as InvalidIdempotencyKey
 from ._errors import InvalidSendMode as InvalidSendMode
 from ._errors import InvalidSignal as InvalidSignal
+from ._errors import JournalCompacted as JournalCompacted
 from ._errors import LeaseLost as LeaseLost
 from ._errors import MessageNotQueued as MessageNotQueued
 from ._errors import MigrationFailed as MigrationFailed
@@ -69,6 +71,7 @@ from ._registry import Registry as Registry
 from ._replay import Divergence as Divergence
 from ._replay import ReplayReport as ReplayReport
 from ._replay import WakeReplay as WakeReplay
+from ._retention import Retention as Retention
 from ._runtime import Runtime as Runtime
 from ._signals import Signal as Signal
 from ._urls import EntityURL as EntityURL
@@ -90,6 +93,7 @@ __all__ = [
     "Clock",
     "Collection",
     "CollectionDef",
+    "CompactionReport",
     "ContextEntry",
     "ContextError",
     "DeadLetter",
@@ -114,6 +118,7 @@ __all__ = [
     "InvalidIdempotencyKey",
     "InvalidSendMode",
     "InvalidSignal",
+    "JournalCompacted",
     "LeaseLost",
     "ManifestEntry",
     "MessageNotQueued",
@@ -124,6 +129,7 @@ __all__ = [
     "Registry",
     "ReplayDivergence",
     "ReplayReport",
+    "Retention",
     "RunHandle",
     "Runtime",
     "ScheduleEntry",

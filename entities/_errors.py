@@ -25,6 +25,7 @@ The hierarchy::
     ├── IdempotencyKeyReused           an idempotency key sent again with another request (HTTP 422)
     ├── InvalidIdempotencyKey          not 1-256 printable ASCII characters (HTTP 422)
     ├── ReplayDivergence               a replayed wake did something other than what was recorded
+    ├── JournalCompacted               replay of a wake whose journal or history compaction removed
     ├── ModelError                     a model call failed or cannot be made (agents)
     └── ProcessFailed                  a subprocess agent's turn failed (exit status, stderr tail)
         ├── AgentError                 the agent reported an error meant for the user
@@ -61,6 +62,7 @@ __all__ = [
     "InvalidIdempotencyKey",
     "InvalidSendMode",
     "InvalidSignal",
+    "JournalCompacted",
     "LeaseLost",
     "MessageNotQueued",
     "MigrationFailed",
@@ -256,6 +258,15 @@ class ReplayDivergence(EntitiesError):
 
     code = "REPLAY_DIVERGENCE"
     status = 409
+
+
+class JournalCompacted(EntitiesError):
+    """Raised when replaying a wake that compaction put out of reach: its journal is older than
+    its type's replay window (``Retention.journal_window``), or the history before it was
+    truncated (``Retention.keep_for``)."""
+
+    code = "JOURNAL_COMPACTED"
+    status = 410
 
 
 class ModelError(EntitiesError):

@@ -151,10 +151,21 @@ class _Metrics:
             "Model calls made by agent runs, by entity type, provider and outcome.",
             "type", "provider", "outcome",
         )  # fmt: skip
+        self.compacted_events = counter(
+            "entities_compacted_events",
+            "Events compaction removed from entity streams, by entity type and kind "
+            "(text_deltas, steps, prefix).",
+            "type", "kind",
+        )  # fmt: skip
+        self.compacted_bytes = counter(
+            "entities_compacted_bytes",
+            "Bytes of events compaction removed from entity streams, by entity type.",
+            "type",
+        )
         self.families = [
             self.wakes, self.wake_duration, self.send_to_start, self.dead_letters,
             self.timer_lateness, self.lease_steals, self.store_commit, self.model_tokens,
-            self.model_calls,
+            self.model_calls, self.compacted_events, self.compacted_bytes,
         ]  # fmt: skip
         self.claim_commit = self.store_commit.child(("claim",))
         self.wake_commit = self.store_commit.child(("commit",))

@@ -8,9 +8,10 @@ from typing import Any
 
 import orjson
 
-from streams import Store, StreamGone, StreamNotFound, materialize
+from streams import Materializer, OffsetGone, Store, StreamGone, StreamNotFound, materialize
 
 from ._clock import Clock
+from ._compaction import marks
 from ._errors import EntityNotFound
 from ._migrations import stored_row
 from ._observe import db_stream
@@ -177,7 +178,23 @@ class Reads:
         """
         target = parse_url(url)
         try:
-            folded = await materialize(self.store, target.stream, use_snapshot=False, batch=5000)
+            base = (await marks(self.store, target.url)).base
+            if base is None:
+                folded = await materialize(
+                    self.store, target.stream, use_snapshot=False, batch=5000
+                )
+            else:  # a prefix was truncated (Retention.keep_for): on from the snapshot at the cut
+                folded = Materializer(base[1], base[0])
+                offset = base[0]
+                while True:
+                    result = await self.store.read(
+                        target.stream, offset, limit=5000, renew_ttl=False
+                    )
+                    for message in result.messages:
+                        folded.apply_bytes(message.data)
+                    offset = result.next_offset
+                    if result.up_to_date or not result.messages:
+                        break
         except (StreamNotFound, StreamGone):
             raise EntityNotFound(f"no entity at {target.url}", url=target.url) from None
         return folded.collections
@@ -254,7 +271,10 @@ class Reads:
         took: str | None = None  # the wake that took it
         offset = after
         while True:
-            batch, offset = await self.read(url, offset, limit=5000)
+            try:
+                batch, offset = await self.read(url, offset, limit=5000)
+            except OffsetGone as gone:  # truncated (Retention.keep_for): search what is left
+                batch, offset = await self.read(url, gone.earliest, limit=5000)
             for item in batch:
                 if item["type"] == "inbox" and item["key"] == message_key:
                     operation = item.get("headers", {}).get("operation")

@@ -15,6 +15,7 @@ from ._context import HandlerContext
 from ._errors import DefinitionError, SchemaValidationFailed, UnknownEntityType
 from ._host import ActionsFactory
 from ._process import ProcessAgent
+from ._retention import Retention
 from ._signals import Signal, signal_of
 from ._turns import ProcessSession, ProcessSpec
 from ._urls import check_segment
@@ -75,6 +76,7 @@ class EntityType:
     on_signal: OnSignal | None = None
     max_concurrency: int | None = None  # at most this many wakes at once, across workers
     wake_timeout: float | None = None  # seconds; None: the worker's default
+    retention: Retention = field(default_factory=Retention)  # what compaction may remove
 
     def validate_args(self, args: Any) -> dict[str, Any]:
         """Validate spawn args against ``args_schema``; return them as JSON-ready data.
@@ -207,6 +209,7 @@ class Registry:
         max_concurrency: int | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
+        retention: Retention | None = None,
     ) -> EntityType: ...
 
     @overload
@@ -228,6 +231,7 @@ class Registry:
         max_concurrency: int | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
+        retention: Retention | None = None,
     ) -> Callable[[Handler], Handler]: ...
 
     def define(
@@ -248,6 +252,7 @@ class Registry:
         max_concurrency: int | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
+        retention: Retention | None = None,
     ) -> EntityType | Callable[[Handler], Handler]:
         """Define an entity type, directly (``handler=``) or as a decorator.
 
@@ -260,6 +265,7 @@ class Registry:
         entity's next wake (a wake of signals alone runs only it).
         ``wake_timeout`` (seconds) overrides the worker's default; ``max_concurrency``: at
         most that many wakes of this type run at once, across all workers sharing the store.
+        ``retention`` says what compaction removes (default: :class:`~entities.Retention()`).
 
         Raises:
             DefinitionError: the name is taken or invalid, or an option is out of range.
@@ -288,6 +294,7 @@ class Registry:
                 on_signal=on_signal,
                 max_concurrency=max_concurrency,
                 wake_timeout=wake_timeout,
+                retention=retention or Retention(),
             )
             self._types[name] = entity_type
             return entity_type

@@ -15,12 +15,15 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from streams import Store
+
+from ._compaction import Marks, marks
 from ._context import HandlerContext
 from ._effects import Effects
-from ._errors import EntitiesError, MigrationFailed, ReplayDivergence
+from ._errors import EntitiesError, JournalCompacted, MigrationFailed, ReplayDivergence
 from ._host import Host
 from ._migrations import VERSION_KEY, stored_row
-from ._pipeline.load import view_fold, wake_event
+from ._pipeline.load import copy_view, view_fold, wake_event
 from ._records import WAKE_TYPES, Inflight
 from ._registry import EntityType, Registry
 from ._urls import EntityURL, parse_url
@@ -33,6 +36,9 @@ class ReplayHost(Host, Protocol):
 
     @property
     def registry(self) -> Registry: ...
+
+    @property
+    def store(self) -> Store: ...
 
 
 # what a wake's commit holds that replay compares (live progress and bookkeeping excluded)
@@ -71,6 +77,7 @@ class WakeReplay:
     wake_id: str
     status: str
     divergences: list[Divergence] = field(default_factory=list)
+    compacted: str | None = None  # why it was not replayed: compaction removed its inputs
 
     @property
     def ok(self) -> bool:
@@ -98,6 +105,7 @@ class ReplayReport:
                     "wake_id": w.wake_id,
                     "status": w.status,
                     "ok": w.ok,
+                    "compacted": w.compacted,
                     "divergences": [d.to_json() for d in w.divergences],
                 }
                 for w in self.wakes
@@ -122,9 +130,14 @@ async def replay(
     """Replay the recorded wakes of ``url`` (all, the N-th (1-based), one wake id, or the
     ``last`` N).
 
+    Wakes whose inputs compaction removed (a journal older than the type's replay window, or
+    history before a truncated prefix) are not replayed: the report says so (``compacted``).
+    Wake numbers count the wakes still recorded.
+
     Raises:
         EntityNotFound: no entity at ``url``.
         EntitiesError: no such wake.
+        JournalCompacted: the one wake asked for was compacted.
     """
     target = parse_url(url)
     entity_type = rt.registry.get(target.type)
@@ -145,10 +158,27 @@ async def replay(
             )
     if last is not None:
         chosen = chosen[-last:] if last > 0 else []
+    left = await marks(rt.store, target.url)
     report = ReplayReport(target.url)
     for index, run in chosen:
-        report.wakes.append(await _replay_one(rt, entity_type, target, events, index, run))
+        why = _compacted(left, run)
+        if why is not None and wake is not None:
+            raise JournalCompacted(f"wake {run['wake_id']} of {target.url}: {why}", url=target.url)
+        if why is not None:
+            report.wakes.append(WakeReplay(index, run["wake_id"], run["status"], compacted=why))
+            continue
+        report.wakes.append(await _replay_one(rt, entity_type, target, events, index, run, left))
     return report
+
+
+def _compacted(left: Marks, run: dict[str, Any]) -> str | None:
+    """Why compaction put the wake of ``run`` out of replay's reach, if it did."""
+    if left.base is not None and run["from_offset"] < left.base[0]:
+        return "the history before it was truncated (retention keep_for); it cannot be replayed"
+    end = run["to_offset"]
+    if end != "-1" and int(end.rsplit("_", 1)[1]) <= left.journal_through:
+        return "its journal was compacted (older than the replay window); it cannot be replayed"
+    return None
 
 
 @dataclass(slots=True)
@@ -162,9 +192,10 @@ class _Inputs:
     recorded: list[dict[str, Any]]
 
 
-def _inputs(events: list[dict[str, Any]], run: dict[str, Any]) -> _Inputs:
+def _inputs(events: list[dict[str, Any]], run: dict[str, Any], left: Marks) -> _Inputs:
     wake_id, low, high = run["wake_id"], run["from_offset"], run["to_offset"]
-    view = view_fold()
+    # a truncated stream's history starts from the snapshot the cut relied on
+    view = view_fold() if left.base is None else view_fold(copy_view(left.base[1]), left.base[0])
     found = _Inputs(view.collections, [], {}, [])
     for e in events:
         type_ = e["type"]
@@ -187,9 +218,10 @@ async def _replay_one(
     events: list[dict[str, Any]],
     index: int,
     run: dict[str, Any],
+    left: Marks,
 ) -> WakeReplay:
     wake_id, low, high = run["wake_id"], run["from_offset"], run["to_offset"]
-    inputs = _inputs(events, run)
+    inputs = _inputs(events, run, left)
     result = WakeReplay(index, wake_id, run["status"])
     wake_events = [e for e in inputs.events if e["type"] in WAKE_TYPES]
     if not wake_events:

@@ -108,6 +108,9 @@ class WorkerHost(Host, Protocol):
     def cache_entities(self) -> int: ...
 
     @property
+    def compact_every(self) -> float | None: ...
+
+    @property
     def wake_timeout(self) -> float: ...
 
 

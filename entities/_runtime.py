@@ -31,6 +31,7 @@ from streams import (
 
 from ._approvals import Approval, decide, list_approvals
 from ._clock import Clock, SystemClock, VirtualClock
+from ._compaction import CompactionReport, compact_all, compact_entity
 from ._dead import dead_letters, discard_ops, find, retry_ops
 from ._effects import PendingSpawn
 from ._errors import (
@@ -104,9 +105,12 @@ class Runtime(Reads):
         snapshot_every: int = 200,
         cache_entities: int = 1024,
         wake_timeout: float = DEFAULT_WAKE_TIMEOUT,
+        compact_every: float | None = 300.0,
     ) -> None:
         """``wake_timeout`` (seconds) is how long a wake may run when its type sets none: past
         it, the handler is cancelled and the attempt fails (see ``registry.define``).
+        ``compact_every`` (seconds; ``None``: never) is how often workers run a bounded round
+        of compaction (see :meth:`compact` and ``Retention``).
 
         Raises:
             ValueError: a timeout or lease that is not a positive number of seconds.
@@ -125,6 +129,7 @@ class Runtime(Reads):
         self.snapshot_every = snapshot_every
         self.cache_entities = cache_entities
         self.wake_timeout = wake_timeout
+        self.compact_every = compact_every
         self._opened = False
         self._local_worker: Worker | None = None
 
@@ -143,6 +148,7 @@ class Runtime(Reads):
             snapshot_every=self.snapshot_every,
             cache_entities=self.cache_entities,
             wake_timeout=self.wake_timeout,
+            compact_every=self.compact_every,
         )
 
     async def __aenter__(self) -> Runtime:
@@ -766,6 +772,30 @@ class Runtime(Reads):
             EntitiesError: no such wake.
         """
         return await replay(self, url, wake=wake)
+
+    async def compact(self, url: str | None = None) -> CompactionReport:
+        """Compact the entity at ``url`` (``None``: every entity whose type this registry
+        knows) per its type's :class:`~entities.Retention`, now; returns what was removed.
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+            UnknownEntityType: ``url``'s type is not in the registry.
+        """
+        now = self.clock.now()
+        if url is not None:
+            target = parse_url(url)
+            policy = self.registry.get(target.type).retention
+            if await self.lookup(target.url) is None:
+                raise EntityNotFound(f"no entity at {target.url}", url=target.url)
+            return await compact_entity(self.store, target.url, policy, now)
+        policies = {t.name: t.retention for t in self.registry.list()}
+        report = CompactionReport()
+        after: str | None = None
+        while True:
+            part, after = await compact_all(self.store, policies, now, after=after, limit=500)
+            report.add(part)
+            if after is None:
+                return report
 
     async def advance(self, seconds: float) -> int:
         """Move a virtual clock forward by ``seconds``, firing timers in due order and running

@@ -19,6 +19,7 @@ import anyio.abc
 
 from streams import Store
 
+from ._compaction import compact_round
 from ._errors import EntitiesError
 from ._idempotency import prune
 from ._pipeline.affinity import PRESENCE_SECONDS, Affinity
@@ -122,6 +123,7 @@ class Worker:
         self.alive_at: float | None = None  # when the loop last went round (time.monotonic)
         self._suspects: set[str] = set()  # running entities whose stream changed (a kill?)
         self._suspicion = anyio.Event()
+        self.compactions = 0  # periodic compaction rounds that removed something
 
     def _capped(self) -> bool:
         return any(t.max_concurrency is not None for t in self.rt.registry.list())
@@ -177,6 +179,8 @@ class Worker:
                 tg.start_soon(self._watch_fences)
                 tg.start_soon(self._watch_overdue)
                 tg.start_soon(self.watchdog.run)
+                if self.rt.compact_every:
+                    tg.start_soon(self._compact_periodically, self.rt.compact_every)
                 await self._loop(stop, tg)
                 with anyio.move_on_after(self.drain_seconds):
                     while self._active:
@@ -240,6 +244,26 @@ class Worker:
         while True:
             await anyio.sleep(PRESENCE_SECONDS)
             await self._announce()
+
+    async def _compact_periodically(self, every: float) -> None:
+        """Every ``every`` seconds, one bounded round of compaction (see
+        :func:`~entities._compaction.compact_round`: with several workers, one at a time)."""
+        policies = {t.name: t.retention for t in self.rt.registry.list()}
+        while True:
+            await anyio.sleep(every)
+            try:
+                report = await compact_round(
+                    self.rt.store, policies, self.rt.clock.now(), self.rt.worker_id
+                )
+            except Exception as exc:  # e.g. the database restarts: the next round retries
+                logger.warning("compaction round failed: %r", exc)
+                continue
+            if report is not None and report.events:
+                self.compactions += 1
+                logger.info(
+                    "compaction removed %d events (%d bytes) from %d entities",
+                    report.events, report.bytes, report.entities,
+                )  # fmt: skip
 
     async def _stopper(self, stop: anyio.Event) -> None:
         await stop.wait()

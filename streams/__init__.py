@@ -17,9 +17,11 @@ from ._backends.base import OpResult as OpResult
 from ._backends.base import Producer as Producer
 from ._backends.base import ProducerState as ProducerState
 from ._backends.base import ReadResult as ReadResult
+from ._backends.base import Remove as Remove
 from ._backends.base import Store as Store
 from ._backends.base import StreamInfo as StreamInfo
 from ._backends.base import Touch as Touch
+from ._backends.base import Truncate as Truncate
 from ._backends.sqlite import sqlite_path as sqlite_path
 from ._errors import BackendUnavailable as BackendUnavailable
 from ._errors import BadOffset as BadOffset
@@ -27,6 +29,7 @@ from ._errors import ConditionFailed as ConditionFailed
 from ._errors import ContentTypeMismatch as ContentTypeMismatch
 from ._errors import ForkSourceNotFound as ForkSourceNotFound
 from ._errors import InvalidRequest as InvalidRequest
+from ._errors import OffsetGone as OffsetGone
 from ._errors import ProducerEpochInvalid as ProducerEpochInvalid
 from ._errors import ProducerError as ProducerError
 from ._errors import ProducerFenced as ProducerFenced
@@ -35,6 +38,7 @@ from ._errors import SequenceConflict as SequenceConflict
 from ._errors import StorageFull as StorageFull
 from ._errors import StreamClosed as StreamClosed
 from ._errors import StreamExists as StreamExists
+from ._errors import StreamForked as StreamForked
 from ._errors import StreamGone as StreamGone
 from ._errors import StreamNotFound as StreamNotFound
 from ._errors import StreamsError as StreamsError
@@ -78,6 +82,7 @@ __all__ = [
     "KvPut",
     "Materializer",
     "Message",
+    "OffsetGone",
     "Op",
     "OpResult",
     "Operation",
@@ -88,16 +93,19 @@ __all__ = [
     "ProducerSequenceGap",
     "ProducerState",
     "ReadResult",
+    "Remove",
     "SequenceConflict",
     "StorageFull",
     "Store",
     "StreamClosed",
     "StreamExists",
+    "StreamForked",
     "StreamGone",
     "StreamInfo",
     "StreamNotFound",
     "StreamsError",
     "Touch",
+    "Truncate",
     "change",
     "control",
     "decode_event",

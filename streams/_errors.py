@@ -5,6 +5,8 @@ The hierarchy::
     StreamsError                       base of everything raised here
     ├── StreamNotFound                 no such stream (or it expired)
     ├── StreamGone                     the stream was deleted but forks keep it (410)
+    ├── OffsetGone                     a read asked for data removed by truncation (410)
+    ├── StreamForked                   removing data that forks of the stream still read (409)
     ├── StreamExists                   create with a different configuration (409)
     ├── StreamClosed                   append to a closed stream (409)
     ├── ContentTypeMismatch            append body type differs from the stream's (409)
@@ -32,6 +34,7 @@ __all__ = [
     "ContentTypeMismatch",
     "ForkSourceNotFound",
     "InvalidRequest",
+    "OffsetGone",
     "ProducerEpochInvalid",
     "ProducerError",
     "ProducerFenced",
@@ -40,6 +43,7 @@ __all__ = [
     "StorageFull",
     "StreamClosed",
     "StreamExists",
+    "StreamForked",
     "StreamGone",
     "StreamNotFound",
     "StreamsError",
@@ -61,6 +65,21 @@ class StreamNotFound(StreamsError):
 
 class StreamGone(StreamsError):
     """Raised for direct operations on a stream that was deleted while forks still use it."""
+
+
+class OffsetGone(StreamsError):
+    """Raised when a read (or a fork) asks for a position before the stream's earliest retained
+    one: that prefix was truncated. ``earliest`` is the offset reads may start from (reading
+    from ``-1`` starts there too)."""
+
+    def __init__(self, message: str, *, path: str = "", earliest: str = "") -> None:
+        super().__init__(message, path=path)
+        self.earliest = earliest
+
+
+class StreamForked(StreamsError):
+    """Raised when removing messages from, or truncating, a stream that forks still read from
+    (their history shares its messages); nothing was removed."""
 
 
 class StreamExists(StreamsError):

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from streams import Materializer, Store
+from streams import Materializer, OffsetGone, Store
 
 from .._approvals import resumed_messages
 from .._records import SNAPSHOT_NS, VIEW_TYPES, Inflight
@@ -196,9 +196,21 @@ async def load_range(
 
     The range ends at ``to_offset`` or, when that is ``None``, at the current tail. The fold
     starts from ``cached`` (an offset and the view folded up to it), else the stored snapshot,
-    else the stream start. Raises whatever the store raises (``StreamNotFound``, ...).
+    else the stream start. A start that compaction cut away (``OffsetGone``: the prefix before
+    an old snapshot was truncated) falls back to the stored snapshot, which is never before the
+    cut. Raises whatever the store raises (``StreamNotFound``, ...).
     """
-    view = await _start(store, url, acked, cached)
+    try:
+        return await _load(store, url, acked, to_offset, await _start(store, url, acked, cached))
+    except OffsetGone:
+        if cached is None:
+            raise
+    return await _load(store, url, acked, to_offset, await _start(store, url, acked, None))
+
+
+async def _load(
+    store: Store, url: EntityURL, acked: str, to_offset: str | None, view: Materializer
+) -> Loaded:
     base_offset = offset = view.offset
     apply, loads = view.apply, orjson.loads
     events: list[dict[str, Any]] = []

@@ -17,6 +17,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_NO_ANSWER",
     "EXIT_USAGE",
+    "compact_every_option",
     "dumps",
     "idempotency_option",
     "lease_option",
@@ -71,6 +72,14 @@ wake_timeout_option = click.option(
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds a wake may run (unless its type sets wake_timeout); past it the handler is "
     "cancelled and the attempt fails.",
+)
+compact_every_option = click.option(
+    "--compact-every",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds between the worker's compaction rounds (what each type's retention lets go); "
+    "0: never.",
 )
 idempotency_option = click.option(
     "--idempotency-key",

@@ -2,7 +2,7 @@
 ``serve``, ``worker``, ``run``, ``replay``, ``check``. Client-side commands (over HTTP to
 ``--server``): ``spawn``, ``send``, ``view``, ``observe``, ``ps``, ``inspect``, ``schedules``,
 ``kill``, ``fork``, ``signal``, ``approvals``, ``approve``, ``deny``, ``types``, ``workers``,
-``dead-letters``, ``retry``, ``discard``."""
+``dead-letters``, ``retry``, ``discard``, ``compact``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from ._client_cmds import (
     view,
     workers,
 )
+from ._compact import compact
 from ._inspect import inspect
 from ._logs import setup_logging
 from ._schedules import schedules
@@ -86,6 +87,7 @@ for command in (
     dead_letters,
     retry,
     discard,
+    compact,
 ):
     cli.add_command(command)
 

@@ -25,6 +25,7 @@ from ..server import serve as run_serve
 from ._app import load_registry
 from ._common import (
     EXIT_USAGE,
+    compact_every_option,
     dumps,
     lease_option,
     message_json_option,
@@ -137,6 +138,7 @@ def _auth_of(auth_file: str | None, token: str | None) -> AuthConfig | None:
 @click.option("--max-body-bytes", default=1024 * 1024, show_default=True, type=int)
 @lease_option
 @wake_timeout_option
+@compact_every_option
 def serve(
     app: str,
     db: str,
@@ -154,6 +156,7 @@ def serve(
     max_body_bytes: int,
     lease_seconds: float,
     wake_timeout: float,
+    compact_every: float,
 ) -> None:
     """Serve HTTP (control plane, Durable Streams, console at /ui/) with an embedded worker.
 
@@ -196,6 +199,7 @@ def serve(
                 concurrency=concurrency,
                 lease_seconds=lease_seconds,
                 wake_timeout=wake_timeout,
+                compact_every=compact_every or None,
             ) as rt,
         ):
             await run_serve(rt, options, ready=ready)
@@ -213,6 +217,7 @@ def serve(
 @click.option("--worker-id", default=None, help="Name of this worker (default: random).")
 @lease_option
 @wake_timeout_option
+@compact_every_option
 @click.option(
     "--metrics-port",
     default=None,
@@ -229,6 +234,7 @@ def worker(
     worker_id: str | None,
     lease_seconds: float,
     wake_timeout: float,
+    compact_every: float,
     metrics_port: int | None,
     metrics_host: str,
 ) -> None:
@@ -249,6 +255,7 @@ def worker(
                 worker_id=worker_id,
                 lease_seconds=lease_seconds,
                 wake_timeout=wake_timeout,
+                compact_every=compact_every or None,
             ) as rt,
         ):
             stop = anyio.Event()
@@ -459,6 +466,8 @@ def replay(url: str, app: str | None, db: str, wake: str | None, output: str) ->
 def _print_replay(report_: ReplayReport) -> None:
     for w in report_.wakes:
         mark = "ok" if w.ok else "DIVERGED"
+        if w.compacted is not None:
+            mark = f"not replayed: {w.compacted}"
         click.echo(f"wake {w.index} {w.wake_id} ({w.status}): {mark}")
         for d in w.divergences:
             click.echo(f"  {d.message}")

@@ -75,7 +75,7 @@ def _entity_action(method: str, rest: list[str]) -> Action:
         return "signal"
     if head in ("approve", "approvals"):
         return "read" if method == "GET" else "approve"
-    return "admin"  # tags, and any route this table does not know
+    return "admin"  # tags, compact, and any route this table does not know
 
 
 def required(method: str, path: str, streams_base: str = "/v1/stream") -> tuple[Action, str] | None:

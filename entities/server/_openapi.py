@@ -57,6 +57,16 @@ class ReceiptOut(_Open):
     offset: str
 
 
+class CompactionOut(_Open):
+    entities: int
+    events: int
+    bytes: int
+    text_deltas: int
+    steps: int
+    prefix: int
+    truncated: dict[str, str]
+
+
 class RepliesOut(_Open):
     key: str
     replies: list[Any]
@@ -69,6 +79,7 @@ _SCHEMAS: dict[str, type[BaseModel]] = {
     "EntityInfo": EntityInfoOut,
     "SendReceipt": ReceiptOut,
     "Replies": RepliesOut,
+    "Compaction": CompactionOut,
     "SpawnBody": SpawnBody,
     "SendBody": SendBody,
     "ForkBody": ForkBody,
@@ -206,6 +217,11 @@ def openapi_document() -> dict[str, Any]:
             "parameters": _path_params("type", "id", "key"),
             "get": _op("replies to a message", 200, _ref("Replies"), query=("wait_ms", "after")),
         },
+        entity + "/compact": {
+            "parameters": _path_params("type", "id"),
+            "post": _op("compact its stream now", 200, _ref("Compaction")),
+        },
+        "/_entities/compact": {"post": _op("compact every entity now", 200, _ref("Compaction"))},
         "/_entities/dead-letters": {
             "get": _op("dead letters", 200, {"type": "array"}, query=("type", "url"))
         },

@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from streams import BadOffset, StorageFull
+from streams import BadOffset, OffsetGone, StorageFull
 
 from .._approvals import approval_json
 from .._errors import ContextError, EntitiesError, InvalidEntityURL, SchemaValidationFailed
@@ -230,6 +230,8 @@ def _guarded(fn: _Endpoint) -> _Endpoint:
             return error_response(exc.status, exc.code, exc.message)
         except BadOffset as exc:
             return error_response(400, "BAD_OFFSET", str(exc))
+        except OffsetGone as exc:  # truncated by compaction (Retention.keep_for)
+            return error_response(410, "OFFSET_GONE", exc.message)
         except StorageFull as exc:
             return error_response(507, "INSUFFICIENT_STORAGE", exc.message)
         except ClientDisconnect:  # a body cut short or badly framed: uvicorn logged one line
@@ -420,6 +422,11 @@ class _ControlPlane:
         )
         return json_response(entry)
 
+    async def compact(self, request: Request) -> Response:
+        """Compact one entity (``/entities/{type}/{id}/compact``) or all (``/compact``)."""
+        url = _target(request).url if "type" in request.path_params else None
+        return json_response((await self.runtime.compact(url)).to_json())
+
     async def dead_letters(self, request: Request) -> Response:
         q = request.query_params
         url = q.get("url")
@@ -458,6 +465,8 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         (base + "/schedules", plane.schedules, ["GET"]),
         (base + "/schedules/{schedule}", plane.schedule, ["PUT", "DELETE"]),
         (base + "/replies/{key}", plane.replies, ["GET"]),
+        (base + "/compact", plane.compact, ["POST"]),
+        ("/_entities/compact", plane.compact, ["POST"]),
         ("/_entities/dead-letters", plane.dead_letters, ["GET"]),
         ("/_entities/dead-letters/{id}", plane.dead_letter, ["DELETE"]),
         ("/_entities/dead-letters/{id}/retry", plane.dead_letter, ["POST"]),

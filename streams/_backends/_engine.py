@@ -20,17 +20,19 @@ from .._errors import (
     ContentTypeMismatch,
     ForkSourceNotFound,
     InvalidRequest,
+    OffsetGone,
     ProducerEpochInvalid,
     ProducerFenced,
     ProducerSequenceGap,
     SequenceConflict,
     StreamClosed,
     StreamExists,
+    StreamForked,
     StreamGone,
     StreamNotFound,
     StreamsError,
 )
-from .._offsets import format_offset, parse_offset
+from .._offsets import START, format_offset, parse_offset
 from .base import (
     Append,
     AppendResult,
@@ -44,8 +46,10 @@ from .base import (
     OpResult,
     ProducerState,
     ReadResult,
+    Remove,
     StreamInfo,
     Touch,
+    Truncate,
     check_append,
 )
 
@@ -60,6 +64,7 @@ __all__ = [
     "kv_range",
     "media_type",
     "read_plan",
+    "read_start",
     "readable",
 ]
 
@@ -101,6 +106,8 @@ class StreamRecord:
     deleted: bool = False
     fork_count: int = 0
     fork_sub_offset: int = 0
+    # positions up to this one were truncated away (reads before it: OffsetGone)
+    retained_from: int = 0
 
     def copy(self) -> StreamRecord:
         """A copy (``dataclasses.replace`` costs several times more: this is on every
@@ -109,7 +116,7 @@ class StreamRecord:
             self.id, self.path, self.content_type, self.created_at, self.last_access,
             self.length, self.ttl_seconds, self.expires_at, self.closed, self.closed_by,
             self.fork_parent, self.fork_position, self.last_stream_seq, self.deleted,
-            self.fork_count, self.fork_sub_offset,
+            self.fork_count, self.fork_sub_offset, self.retained_from,
         )  # fmt: skip
 
     def expired(self, now: float) -> bool:
@@ -128,6 +135,7 @@ class StreamRecord:
             expires_at=self.expires_at,
             forked_from=parent_path,
             fork_offset=format_offset(self.fork_position) if self.fork_parent is not None else None,
+            retained_from=format_offset(self.retained_from) if self.retained_from else None,
         )
 
 
@@ -169,6 +177,8 @@ class Effects:
     purged: set[int] = field(default_factory=set)  # hard-deleted stream ids
     kv: dict[tuple[str, str], bytes | None] = field(default_factory=dict)
     touched: set[str] = field(default_factory=set)  # paths whose waiters must wake
+    removed: list[tuple[int, int]] = field(default_factory=list)  # (stream, pos) holes
+    cut: list[tuple[int, int, int]] = field(default_factory=list)  # (stream, low, high]: gone
 
     def merge(self, other: Effects) -> None:
         for sid in other.purged:
@@ -179,6 +189,8 @@ class Effects:
         self.purged |= other.purged
         self.kv.update(other.kv)
         self.touched |= other.touched
+        self.removed.extend(other.removed)
+        self.cut.extend(other.cut)
 
 
 class Batch:
@@ -270,6 +282,12 @@ class Batch:
             elif isinstance(op, Delete):
                 await self._remove(await self._live(op.path))
                 results.append(None)
+            elif isinstance(op, Remove):
+                await self._remove_messages(op)
+                results.append(None)
+            elif isinstance(op, Truncate):
+                await self._truncate(op)
+                results.append(None)
             elif isinstance(op, KvPut):
                 if op.only_if and await self._kv(op.namespace, op.key) != op.expect:
                     results.append(False)
@@ -287,6 +305,44 @@ class Batch:
                     )
                 results.append(None)
         return results
+
+    def _position(self, record: StreamRecord, offset: str) -> int:
+        """The position ``offset`` names in ``record`` (``now``: its tail)."""
+        parsed = parse_offset(offset, path=record.path)
+        position = record.length if parsed is None else parsed
+        if position > record.length:
+            raise BadOffset(f"offset {offset!r} is beyond the stream's tail", path=record.path)
+        return position
+
+    async def _remove_messages(self, op: Remove) -> None:
+        record = await self._live(op.path)
+        if record.fork_count > 0:
+            raise StreamForked(f"forks of {op.path!r} still read its messages", path=op.path)
+        own_low = record.fork_position if record.fork_parent is not None else 0
+        for offset in op.offsets:
+            if offset in (START, "now"):
+                raise InvalidRequest(f"{offset!r} names no message", path=op.path)
+            position = self._position(record, offset)
+            if position <= record.retained_from:
+                continue  # truncated already
+            if position <= own_low:
+                raise InvalidRequest(
+                    f"the message at {offset!r} belongs to the fork's source", path=op.path
+                )
+            self.effects.removed.append((record.id, position))
+
+    async def _truncate(self, op: Truncate) -> None:
+        record = await self._live(op.path)
+        position = self._position(record, op.offset)
+        if position <= record.retained_from:
+            return
+        if record.fork_count > 0:
+            raise StreamForked(f"forks of {op.path!r} still read its messages", path=op.path)
+        own_low = record.fork_position if record.fork_parent is not None else 0
+        if position > own_low:  # a fork's earlier positions live in (and stay in) its source
+            self.effects.cut.append((record.id, max(record.retained_from, own_low), position))
+        record.retained_from = position
+        self._dirty(record)
 
     async def _create(self, op: Create) -> CreateResult:
         if op.ttl_seconds is not None and op.expires_at is not None:
@@ -366,8 +422,15 @@ class Batch:
                         f"fork offset {op.fork_offset!r} is beyond the source's tail",
                         path=op.fork_from,
                     )
+            if position < source.retained_from:
+                raise OffsetGone(
+                    f"fork offset {op.fork_offset!r} lies before {op.fork_from!r}'s retained data",
+                    path=op.fork_from,
+                    earliest=format_offset(source.retained_from),
+                )
             record.fork_parent = source.id
             record.fork_position = position
+            record.retained_from = source.retained_from
             record.fork_sub_offset = op.fork_sub_offset
             record.length = position
             source.fork_count += 1
@@ -552,6 +615,27 @@ async def read_plan(
     return plan_ranges(chain, start)
 
 
+def read_start(record: StreamRecord, offset: str, parsed: int | None) -> int:
+    """Where a read of ``record`` from ``offset`` (parsed: ``parsed``) starts: ``-1`` is the
+    earliest retained position, ``now`` the tail.
+
+    Raises:
+        OffsetGone: ``offset`` lies before the earliest retained position (truncated).
+    """
+    if parsed is None:
+        return record.length
+    if offset == START:
+        return record.retained_from
+    if parsed < record.retained_from:
+        raise OffsetGone(
+            f"offset {offset!r} of {record.path!r} was truncated: the stream starts at "
+            f"{format_offset(record.retained_from)}",
+            path=record.path,
+            earliest=format_offset(record.retained_from),
+        )
+    return min(parsed, record.length)
+
+
 def readable(record: StreamRecord | None, path: str) -> StreamRecord:
     """``record`` if a reader may see it now.
 
@@ -600,6 +684,12 @@ class ReadBuilder:
         self.size += len(data)
         self.messages.append(Message(format_offset(position), data))
         return True
+
+    def reach(self, position: int) -> None:
+        """Every stored message up to ``position`` was taken: unless full, the read continues
+        from there (a range that ends in removed messages is not read again)."""
+        if not self.full and position > self.position:
+            self.position = position
 
     def result(self, record: StreamRecord) -> ReadResult:
         up_to_date = self.position >= record.length

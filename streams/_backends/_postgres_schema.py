@@ -68,6 +68,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE kv SET (fillfactor = 70);
     ALTER TABLE streams SET (fillfactor = 70);
     """,
+    # version 3: prefix truncation (the earliest retained position)
+    """
+    ALTER TABLE streams ADD COLUMN retained_from BIGINT NOT NULL DEFAULT 0;
+    """,
 ]
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # fullmatch: no trailing newline

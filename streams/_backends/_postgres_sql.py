@@ -23,11 +23,12 @@ __all__ = [
 
 COLUMNS = (
     "id, path, content_type, created_at, last_access, length, ttl_seconds, expires_at, closed, "
-    "closed_by, fork_parent, fork_position, last_stream_seq, deleted, fork_count, fork_sub_offset"
+    "closed_by, fork_parent, fork_position, last_stream_seq, deleted, fork_count, fork_sub_offset, "
+    "retained_from"
 )
 _STREAM_TYPES = (
     "bigint", "text", "text", "float8", "float8", "bigint", "bigint", "float8", "boolean", "text",
-    "bigint", "bigint", "text", "boolean", "bigint", "bigint",
+    "bigint", "bigint", "text", "boolean", "bigint", "bigint", "bigint",
 )  # fmt: skip
 # every changed stream row of a group in one statement (one array per column)
 UPSERT_STREAMS = (
@@ -36,7 +37,7 @@ UPSERT_STREAMS = (
     + ") ON CONFLICT (id) DO UPDATE SET last_access=excluded.last_access, "
     "length=excluded.length, closed=excluded.closed, closed_by=excluded.closed_by, "
     "last_stream_seq=excluded.last_stream_seq, deleted=excluded.deleted, "
-    "fork_count=excluded.fork_count"
+    "fork_count=excluded.fork_count, retained_from=excluded.retained_from"
 )
 
 
@@ -59,6 +60,7 @@ def to_record(row: Any) -> StreamRecord:
         deleted=bool(row["deleted"]),
         fork_count=int(row["fork_count"]),
         fork_sub_offset=int(row["fork_sub_offset"]),
+        retained_from=int(row["retained_from"]),
     )
 
 
@@ -66,7 +68,8 @@ def from_record(r: StreamRecord) -> tuple[object, ...]:
     closed_by = None if r.closed_by is None else orjson.dumps(list(r.closed_by)).decode()
     return (r.id, r.path, r.content_type, r.created_at, r.last_access, r.length, r.ttl_seconds,
             r.expires_at, r.closed, closed_by, r.fork_parent, r.fork_position,
-            r.last_stream_seq, r.deleted, r.fork_count, r.fork_sub_offset)  # fmt: skip
+            r.last_stream_seq, r.deleted, r.fork_count, r.fork_sub_offset,
+            r.retained_from)  # fmt: skip
 
 
 def columns(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
@@ -234,6 +237,20 @@ async def persist(conn: Any, effects: Effects) -> None:
             [m[0] for m in effects.messages],
             [m[1] for m in effects.messages],
             [m[2] for m in effects.messages],
+        )
+    if effects.removed:
+        await conn.execute(
+            "DELETE FROM messages USING unnest($1::bigint[], $2::bigint[]) AS d(sid, pos) "
+            "WHERE messages.stream_id = d.sid AND messages.position = d.pos",
+            [r[0] for r in effects.removed],
+            [r[1] for r in effects.removed],
+        )
+    for sid, low, high in effects.cut:
+        await conn.execute(
+            "DELETE FROM messages WHERE stream_id=$1 AND position>$2 AND position<=$3",
+            sid,
+            low,
+            high,
         )
     if effects.producers:
         await conn.executemany(

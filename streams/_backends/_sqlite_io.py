@@ -28,6 +28,7 @@ from ._engine import (
     kv_range,
     needs_parent,
     plan_ranges,
+    read_start,
     readable,
 )
 from .base import ReadResult, StreamInfo
@@ -104,18 +105,24 @@ SCHEMA = [
     """
     ALTER TABLE streams ADD COLUMN fork_sub_offset INTEGER NOT NULL DEFAULT 0;
     """,
+    # version 3: prefix truncation (the earliest retained position)
+    """
+    ALTER TABLE streams ADD COLUMN retained_from INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 COLUMNS = (
     "id, path, content_type, created_at, last_access, length, ttl_seconds, expires_at, closed, "
-    "closed_by, fork_parent, fork_position, last_stream_seq, deleted, fork_count, fork_sub_offset"
+    "closed_by, fork_parent, fork_position, last_stream_seq, deleted, fork_count, fork_sub_offset, "
+    "retained_from"
 )
 UPSERT_STREAM = (
-    f"INSERT INTO streams ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+    f"INSERT INTO streams ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
     "ON CONFLICT(id) DO UPDATE SET last_access=excluded.last_access, length=excluded.length, "
     "closed=excluded.closed, closed_by=excluded.closed_by, "
     "last_stream_seq=excluded.last_stream_seq, "
-    "deleted=excluded.deleted, fork_count=excluded.fork_count"
+    "deleted=excluded.deleted, fork_count=excluded.fork_count, "
+    "retained_from=excluded.retained_from"
 )
 
 
@@ -169,6 +176,7 @@ def to_record(row: Sequence[object]) -> StreamRecord:
         deleted=bool(row[13]),
         fork_count=int(row[14]),  # type: ignore[call-overload]
         fork_sub_offset=int(row[15]),  # type: ignore[call-overload]
+        retained_from=int(row[16]),  # type: ignore[call-overload]
     )
 
 
@@ -176,7 +184,8 @@ def from_record(r: StreamRecord) -> tuple[object, ...]:
     closed_by = None if r.closed_by is None else orjson.dumps(list(r.closed_by)).decode()
     return (r.id, r.path, r.content_type, r.created_at, r.last_access, r.length, r.ttl_seconds,
             r.expires_at, int(r.closed), closed_by, r.fork_parent, r.fork_position,
-            r.last_stream_seq, int(r.deleted), r.fork_count, r.fork_sub_offset)  # fmt: skip
+            r.last_stream_seq, int(r.deleted), r.fork_count, r.fork_sub_offset,
+            r.retained_from)  # fmt: skip
 
 
 def enable_wal(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
@@ -480,6 +489,12 @@ def persist(conn: sqlite3.Connection, effects: Effects) -> None:
         conn.executemany(
             "INSERT INTO messages (stream_id, position, data) VALUES (?,?,?)", effects.messages
         )
+    if effects.removed:
+        conn.executemany("DELETE FROM messages WHERE stream_id=? AND position=?", effects.removed)
+    if effects.cut:
+        conn.executemany(
+            "DELETE FROM messages WHERE stream_id=? AND position>? AND position<=?", effects.cut
+        )
     if effects.producers:
         conn.executemany(
             "INSERT INTO producers (stream_id, producer_id, epoch, seq, length) "
@@ -570,7 +585,7 @@ class InlineReader:
         """The read, and whether the stream has a TTL to renew."""
         parsed = parse_offset(offset, path=path)
         record = self.live(path)
-        start = record.length if parsed is None else min(parsed, record.length)
+        start = read_start(record, offset, parsed)
         read = ReadBuilder(start, limit, max_bytes)
         for sid, low, high in self.plan(record, start):
             if read.full:
@@ -583,6 +598,7 @@ class InlineReader:
             for row_position, data in rows:
                 if not read.add(int(row_position), bytes(data)):
                     break
+            read.reach(high)
         return read.result(record), record.ttl_seconds is not None
 
     def kv_get(self, namespace: str, key: str) -> bytes | None:

@@ -2,9 +2,9 @@
 
 A store holds many streams. Every mutation goes through :meth:`Store.commit`, which applies a list
 of operations atomically: either all of them take effect or none does. The convenience methods
-(``create``, ``append``, ``close_stream``, ``delete``) are one-operation commits. Reads never block
-writers, and :meth:`Store.wait` is the live tail: it returns as soon as a commit makes data (or a
-close) visible after the given offset.
+(``create``, ``append``, ``close_stream``, ``delete``, and for retention ``remove`` and
+``truncate``) are one-operation commits. Reads never block writers, and :meth:`Store.wait` is the
+live tail: it returns as soon as a commit makes data (or a close) visible after the given offset.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ __all__ = [
     "Producer",
     "ProducerState",
     "ReadResult",
+    "Remove",
     "Store",
     "StreamInfo",
     "Touch",
+    "Truncate",
 ]
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
@@ -73,6 +75,7 @@ class StreamInfo:
     expires_at: float | None = None
     forked_from: str | None = None
     fork_offset: str | None = None
+    retained_from: str | None = None  # the earliest readable offset once a prefix was truncated
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +169,29 @@ class Touch:
     path: str
 
 
-Op: TypeAlias = Create | Append | Delete | KvPut | KvCheck | Touch
+@dataclass(frozen=True, slots=True)
+class Remove:
+    """Remove single messages (leaving holes): ``offsets`` are the offsets the messages were
+    read with (:attr:`Message.offset`, the position right after each). Every other message keeps
+    its offset and bytes; reads skip the holes. Messages already gone are ignored (idempotent).
+    """
+
+    path: str
+    offsets: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Truncate:
+    """Remove every message before ``offset`` (``now``: all of them) and record ``offset`` as the
+    stream's earliest retained position: a read from an earlier offset raises
+    :class:`~streams.OffsetGone`, a read from ``-1`` starts there. Surviving messages keep their
+    offsets. Truncating to an offset at or before the current start is a no-op."""
+
+    path: str
+    offset: str
+
+
+Op: TypeAlias = Create | Append | Delete | KvPut | KvCheck | Touch | Remove | Truncate
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +378,27 @@ class Store(abc.ABC):
         """
         await self.commit([Delete(path)])
 
+    async def remove(self, path: str, offsets: Sequence[str]) -> None:
+        """Remove the messages read with ``offsets`` (see :class:`Remove`).
+
+        Raises:
+            StreamNotFound, StreamGone: no such stream.
+            BadOffset: a malformed offset, or one beyond the tail.
+            InvalidRequest: ``-1``/``now``, or a message a fork inherits from its source.
+            StreamForked: forks of the stream still read its messages.
+        """
+        await self.commit([Remove(path, tuple(offsets))])
+
+    async def truncate(self, path: str, offset: str) -> None:
+        """Remove every message before ``offset`` (see :class:`Truncate`).
+
+        Raises:
+            StreamNotFound, StreamGone: no such stream.
+            BadOffset: a malformed offset, or one beyond the tail.
+            StreamForked: forks of the stream still read its messages.
+        """
+        await self.commit([Truncate(path, offset)])
+
     async def kv_put(self, namespace: str, key: str, value: bytes | None) -> None:
         """Set or remove a side-table entry (atomic on its own; see :class:`KvPut`)."""
         await self.commit([KvPut(namespace, key, value)])
@@ -382,10 +428,14 @@ class Store(abc.ABC):
 
         ``offset`` is ``-1`` (start), ``now`` (tail) or an offset the store returned. At least one
         message is returned when any is available, even if it is larger than ``max_bytes``.
+        ``-1`` means the earliest retained message: after a :class:`Truncate` that is the first
+        one after the truncation point. Removed messages (:class:`Remove`) are skipped; every
+        other message keeps its offset.
 
         Raises:
             StreamNotFound, StreamGone: no such stream.
             BadOffset: a malformed offset.
+            OffsetGone: ``offset`` lies before the stream's earliest retained position.
         """
 
     async def schema_versions(self) -> tuple[int, int]:

@@ -8,7 +8,16 @@ from collections.abc import Sequence
 import anyio
 
 from .._offsets import parse_offset
-from ._engine import Batch, Loader, ProducerRecord, ReadBuilder, StreamRecord, read_plan, readable
+from ._engine import (
+    Batch,
+    Loader,
+    ProducerRecord,
+    ReadBuilder,
+    StreamRecord,
+    read_plan,
+    read_start,
+    readable,
+)
 from .base import Op, OpResult, ReadResult, Store, StreamInfo
 
 __all__ = ["MemoryStore"]
@@ -43,7 +52,8 @@ class MemoryStore(Store):
         super().__init__(url)
         self._streams: dict[int, StreamRecord] = {}
         self._paths: dict[str, int] = {}
-        self._messages: dict[int, list[bytes]] = {}  # stream id -> own messages, in order
+        # stream id -> own messages, in order (None: removed, see Remove and Truncate)
+        self._messages: dict[int, list[bytes | None]] = {}
         self._producers: dict[tuple[int, str], ProducerRecord] = {}
         self._kv: dict[str, dict[str, bytes]] = {}
         self._next_id = 0
@@ -74,6 +84,10 @@ class MemoryStore(Store):
                 self._messages.setdefault(sid, [])
             for sid, _position, data in effects.messages:
                 self._messages[sid].append(data)
+            for sid, position in effects.removed:
+                self._drop(sid, position - 1, position)
+            for sid, low, high in effects.cut:
+                self._drop(sid, low, high)
             self._producers.update(effects.producers)
             for (namespace, key), value in effects.kv.items():
                 table = self._kv.setdefault(namespace, {})
@@ -83,6 +97,14 @@ class MemoryStore(Store):
                     table[key] = value
         self._notify(effects.touched)
         return results
+
+    def _drop(self, sid: int, low: int, high: int) -> None:
+        """Forget the messages at positions ``low < p <= high`` of stream ``sid``."""
+        record = self._streams[sid]
+        own_low = record.fork_position if record.fork_parent is not None else 0
+        stored = self._messages[sid]
+        for index in range(max(low - own_low, 0), min(high - own_low, len(stored))):
+            stored[index] = None
 
     def _record(self, path: str) -> StreamRecord:
         sid = self._paths.get(path)
@@ -104,8 +126,7 @@ class MemoryStore(Store):
         renew_ttl: bool = True,
     ) -> ReadResult:
         record = self._record(path)
-        parsed = parse_offset(offset, path=path)
-        start = record.length if parsed is None else min(parsed, record.length)
+        start = read_start(record, offset, parse_offset(offset, path=path))
         if renew_ttl and record.ttl_seconds is not None:
             record.last_access = time.time()
         read = ReadBuilder(start, limit, max_bytes)
@@ -114,8 +135,10 @@ class MemoryStore(Store):
             own_low = owner.fork_position if owner.fork_parent is not None else 0
             stored = self._messages.get(sid, [])
             for index in range(low - own_low, high - own_low):
-                if not read.add(own_low + index + 1, stored[index]):
+                data = stored[index]
+                if data is not None and not read.add(own_low + index + 1, data):
                     break
+            read.reach(high)
         return read.result(record)
 
     async def kv_get(self, namespace: str, key: str) -> bytes | None:

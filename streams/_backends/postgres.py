@@ -39,7 +39,15 @@ import orjson
 
 from .._errors import InvalidRequest, StorageFull, StreamsError
 from .._offsets import parse_offset
-from ._engine import ReadBuilder, StreamRecord, apply_each, kv_range, read_plan, readable
+from ._engine import (
+    ReadBuilder,
+    StreamRecord,
+    apply_each,
+    kv_range,
+    read_plan,
+    read_start,
+    readable,
+)
 from ._group import CommitQueue, Pending
 from ._postgres_batch import ReadBatcher
 from ._postgres_schema import MIGRATIONS, PostgresUrl, advisory_key, migrate, parse_url, quote_ident
@@ -540,7 +548,7 @@ class PostgresStore(Store):
         # fork, the messages after the offset
         row = await self._reads.get((path, _NEVER if parsed is None else parsed, limit))
         record = self._live(path, row)
-        start = record.length if parsed is None else min(parsed, record.length)
+        start = read_start(record, offset, parsed)
         if record.fork_parent is None:
             read = ReadBuilder(start, limit, max_bytes)
             for row_position, data in zip(
@@ -548,6 +556,7 @@ class PostgresStore(Store):
             ):
                 if not read.add(int(row_position), bytes(data)):
                     break
+            read.reach(record.length)
         else:  # its history spans its ancestors: read them on one connection
             read = await self._reading(self._read_fork, record, start, limit, max_bytes)
         if renew_ttl and record.ttl_seconds is not None:
@@ -581,6 +590,7 @@ class PostgresStore(Store):
             for row_position, data in rows:
                 if not read.add(int(row_position), bytes(data)):
                     break
+            read.reach(high)
         return read
 
     async def schema_versions(self) -> tuple[int, int]:

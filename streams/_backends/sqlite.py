@@ -41,6 +41,7 @@ from ._engine import (
     StreamRecord,
     apply_each,
     read_plan,
+    read_start,
     readable,
 )
 from ._group import CommitQueue, Pending
@@ -594,7 +595,7 @@ class SqliteStore(Store):
         # No explicit transaction: every query below is bounded by ``record.length``, so
         # messages committed after the record was read never leak into this answer.
         record = await self._record(conn, path)
-        start = record.length if parsed is None else min(parsed, record.length)
+        start = read_start(record, offset, parsed)
         read = ReadBuilder(start, limit, max_bytes)
         for sid, low, high in await read_plan(record, start, _ReadLoader(conn).stream_by_id):
             if read.full:
@@ -608,6 +609,7 @@ class SqliteStore(Store):
             for row_position, data in rows:
                 if not read.add(int(row_position), bytes(data)):
                     break
+            read.reach(high)
         if renew_ttl and record.ttl_seconds is not None:
             await self.commit([Touch(path)])
         return read.result(record)

@@ -21,6 +21,7 @@ from .. import (
     ContentTypeMismatch,
     ForkSourceNotFound,
     InvalidRequest,
+    OffsetGone,
     Producer,
     ProducerEpochInvalid,
     ProducerFenced,
@@ -29,6 +30,7 @@ from .. import (
     StorageFull,
     StreamClosed,
     StreamExists,
+    StreamForked,
     StreamGone,
     StreamNotFound,
     StreamsError,
@@ -209,6 +211,10 @@ def from_store_error(exc: StreamsError, *, creating: bool = False) -> Problem:
         if creating:  # a soft-deleted path (or fork source) blocks creation: a conflict
             return Problem(409, "STREAM_DELETED", message)
         return Problem(410, "STREAM_GONE", message)
+    if isinstance(exc, OffsetGone):  # "410 before retention"
+        return Problem(410, "OFFSET_GONE", message, {"Stream-Earliest-Offset": exc.earliest})
+    if isinstance(exc, StreamForked):
+        return Problem(409, "STREAM_FORKED", message)
     if isinstance(exc, StreamClosed):
         headers = {CLOSED: "true"}
         if exc.next_offset:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from .. import ReadResult, StreamGone, StreamNotFound, join_json
+from .. import OffsetGone, ReadResult, StreamGone, StreamNotFound, join_json
 from ._context import Context, sse_encoding
 from ._protocol import next_cursor
 
@@ -114,7 +114,7 @@ async def _events(
                     break
                 if deadline - loop.time() > 0:
                     yield _KEEPALIVE
-    except (StreamNotFound, StreamGone):
-        return  # deleted or expired while we tailed it: end the stream
+    except (StreamNotFound, StreamGone, OffsetGone):
+        return  # deleted, expired or truncated past us while we tailed it: end the stream
     except Exception:
         logger.exception("SSE stream of %r failed", path)
