@@ -22,6 +22,7 @@ __all__ = [
     "DEAD_NS",
     "ENTITY_NS",
     "PENDING_NS",
+    "REPLY_NS",
     "SCHEDULE_NS",
     "SNAPSHOT_NS",
     "TAG_NS",
@@ -42,6 +43,7 @@ SNAPSHOT_NS = "entity-snapshot"
 WORKER_NS = "worker"  # key: worker id -> {"expires": ..., "pid": ..., "host": ...} (presence)
 TAG_NS = "tag"  # key: "{url}\n{tag}" -> value (what ``ps --tag`` and tag observers read)
 APP_NS = "app"  # key: entity type -> where its code was loaded from (for replay)
+REPLY_NS = "reply"  # the reply index: see entities._replies
 DEAD_NS = "dead"  # key: "{url}|{wake_id}" -> DeadLetter (a wake given up, until retried/discarded)
 
 # Collection (event ``type``) names in an entity's main stream.
