@@ -22,13 +22,13 @@ from typing import Any
 
 import orjson
 
-from streams import KvPut, Store, StreamGone, StreamNotFound, parse_offset
+from streams import KvPut, Store, StreamGone, StreamNotFound, format_offset, parse_offset
 
 from ._effects import Effects
 from ._records import REPLY_NS, EntityRecord, Outcome
 from ._urls import EntityURL
 
-__all__ = ["outcome_of", "reply_ops", "status_ops", "unstatus_ops"]
+__all__ = ["index_replies", "outcome_of", "reply_ops", "status_ops", "unstatus_ops"]
 
 _TAIL_BATCH = 2000
 
@@ -116,3 +116,57 @@ def _covers(run: dict[str, Any], offset: str) -> bool:
     """Whether the wake of ``run`` (a ``runs`` row of a wake) took the event at ``offset``."""
     low, high = run.get("from_offset"), run.get("to_offset")
     return isinstance(low, str) and isinstance(high, str) and low < offset <= high
+
+
+async def index_replies(store: Store, url: EntityURL, *, batch: int = 500) -> int:
+    """Write the reply index of an entity whose history predates it, from one pass over its
+    stream (a one-time migration, not a request path): the same rows its wakes' commits would
+    have written, so running it again, or on an entity already indexed, changes nothing.
+    Returns how many rows were written (or removed: the statuses of messages delivered again).
+
+    Raises whatever the store raises (``StreamNotFound``, ...).
+    """
+    keys_at: dict[str, str] = {}  # inbox offset -> message key
+    counts: dict[str, int] = {}  # wake id -> replies indexed so far
+    pending: list[KvPut] = []
+    written = 0
+    offset = "-1"
+    while True:
+        result = await store.read(url.stream, offset, limit=2000, renew_ttl=False)
+        for message in result.messages:
+            item = orjson.loads(message.data)
+            type_, value = item.get("type"), item.get("value")
+            if type_ == "inbox" and isinstance(item.get("key"), str):
+                keys_at[message.offset] = item["key"]
+                if isinstance(value, dict) and value.get("redelivered"):  # a retried letter
+                    pending.extend(unstatus_ops(url.url, [item["key"]]))
+            elif type_ == "texts" and isinstance(value, dict):
+                wake, high = _wake_of(str(value.get("run_id") or ""))
+                if value.get("in_reply_to") is None or high is None:
+                    continue
+                n = counts[wake] = counts.get(wake, -1) + 1
+                key = f"{_prefix(url.url, str(value['in_reply_to']))}{high}.{n:06d}"
+                pending.append(KvPut(REPLY_NS, key, orjson.dumps({"value": value.get("value")})))
+            elif type_ == "runs" and isinstance(value, dict):
+                if value.get("status") == "dead_lettered":
+                    taken = [k for o, k in keys_at.items() if _covers(value, o)]
+                    pending.extend(status_ops(url.url, taken, "dead_lettered", value.get("error")))
+        if len(pending) >= batch:
+            await store.commit(pending)
+            written, pending = written + len(pending), []
+        offset = result.next_offset
+        if result.up_to_date or not result.messages:
+            break
+    if pending:
+        await store.commit(pending)
+        written += len(pending)
+    return written
+
+
+def _wake_of(run_id: str) -> tuple[str, str | None]:
+    """The wake id ``w{low}-{high}`` a run id starts with, and the offset it ends at."""
+    head = run_id.split(".", 1)[0]
+    low, _, high = head[1:].partition("-")
+    if not head.startswith("w") or not low.isdigit() or not high.isdigit():
+        return head, None
+    return head, format_offset(int(high))

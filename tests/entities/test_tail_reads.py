@@ -16,9 +16,11 @@ from pydantic import BaseModel
 
 from entities import HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
 from entities import collection as coll
-from entities._records import SNAPSHOT_NS, Outcome
+from entities._records import REPLY_NS, SNAPSHOT_NS, Outcome
+from entities._replies import index_replies
+from entities._urls import parse_url
 from entities.agent._window import timeline
-from streams import ReadResult, Store, format_offset, open_store
+from streams import KvPut, ReadResult, Store, format_offset, open_store
 
 
 class Total(BaseModel):
@@ -146,6 +148,16 @@ async def test_outcomes_come_from_the_index_and_the_tail(store_url: str) -> None
         again = await rt.outcome("/counter/c", poison.key)
         assert again == await full_scan(rt, "/counter/c", poison.key)
         assert again.status == "dead_lettered" and again.error == "RuntimeError: poison"
+        # an entity from before the index: the migration writes the rows its commits wrote
+        rows = await rt.store.kv_scan(REPLY_NS, "/counter/c\n")
+        assert len(rows) > 60
+        await rt.store.commit([KvPut(REPLY_NS, key, None) for key, _ in rows])
+        assert (await rt.outcome("/counter/c", first.key)).replies == []
+        await index_replies(rt.store, parse_url("/counter/c"))
+        assert await rt.store.kv_scan(REPLY_NS, "/counter/c\n") == rows
+        await index_replies(rt.store, parse_url("/counter/c"))  # again: nothing changes
+        assert await rt.store.kv_scan(REPLY_NS, "/counter/c\n") == rows
+        assert (await rt.outcome("/counter/c", first.key)).replies == [5, "again"]
 
 
 async def test_replies_of_a_wake_before_a_snapshot_need_no_early_event(store_url: str) -> None:
