@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from entities import HandlerContext, Registry, Runtime, VirtualClock, WakeEvent
 from entities import collection as coll
+from entities._pipeline.load import events_between
 from entities._records import REPLY_NS, SNAPSHOT_NS, Outcome
 from entities._replies import index_replies
 from entities._urls import parse_url
@@ -170,6 +171,9 @@ async def test_replies_of_a_wake_before_a_snapshot_need_no_early_event(store_url
             await rt.run_until_idle()
         saved = await rt.store.kv_get(SNAPSHOT_NS, "/counter/c")
         assert saved is not None and orjson.loads(saved)["offset"] > early.offset
+        # with the worker's view cache warm all along, snapshots still kept up (every 20)
+        tail = (await rt.store.head("counter/c/main")).next_offset
+        assert events_between(orjson.loads(saved)["offset"], tail) <= 20 + 10
         reads.reset()
         found = await rt.outcome("/counter/c", early.key)
         assert found == Outcome([7], "completed")
