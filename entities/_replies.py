@@ -70,10 +70,10 @@ async def outcome_of(store: Store, record: EntityRecord, message_key: str, after
     """The replies to ``message_key`` and how the wake that took it ended so far (see the
     module docstring); ``after`` is the message's own offset (a receipt's), or ``-1``.
 
+    A stream that is gone reads as an empty tail.
+
     Raises:
         BadOffset: ``after`` is malformed.
-        EntityNotFound-worthy errors of the store (``StreamNotFound``) are answered as no
-        events in the tail.
     """
     at = None if after == "-1" else after
     if at is not None:
