@@ -39,11 +39,12 @@ from ._observe import SharedState, Source, Wake, observer_value
 from ._observe import db as db_source
 from ._observe import entity as entity_source
 from ._steering import Steering
+from ._tail import recent_timeline
 from ._timers import TimerValue, cron_schedule, timeout_timer, timer_key
 from ._urls import EntityURL, check_segment, parse_url
 from ._wake import InboxMessage, WakeEvent
 from .agent import Agent, AgentConfig, ChatMessage, Tool, runtime_tools
-from .agent._window import ContextSource, check_sources, compose, timeline
+from .agent._window import ContextSource, check_sources, compose
 
 __all__ = ["EntityHandle", "HandlerContext", "InboxMessage", "RunHandle"]
 
@@ -691,16 +692,10 @@ class HandlerContext:
     ) -> list[ChatMessage]:
         """The entity's timeline as model messages: inbox messages as ``user``, replies as
         ``assistant`` (this wake's replies included), oldest first; ``since`` an offset,
-        ``last`` the most recent N."""
-        events: list[dict[str, Any]] = []
-        offset = "-1"
-        while True:
-            batch, offset = await self._host.read(self.entity_url, offset, limit=1000)
-            events.extend(e for e in batch if e["type"] in ("inbox", "texts", "tool_calls"))
-            if len(batch) < 1000:
-                break
-        events.extend(e for e in self.effects.own if e["type"] in ("texts", "tool_calls"))
-        return timeline(events, since=since, last=last)
+        ``last`` the most recent N (read backwards from the tail until they are certain; with
+        neither, the whole timeline is read)."""
+        own = [e for e in self.effects.own if e["type"] in ("texts", "tool_calls")]
+        return await recent_timeline(self._host, self.entity_url, own, since=since, last=last)
 
     async def steering_messages(self) -> list[dict[str, Any]]:
         """Messages sent with ``mode="steer"`` since this wake's range that no run of it took

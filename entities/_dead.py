@@ -20,6 +20,7 @@ from ._errors import DeadLetterNotFound
 from ._events import encode
 from ._pipeline.inbox import wake_ops
 from ._records import DEAD_NS, WAKE_TYPES, DeadLetter
+from ._replies import unstatus_ops
 from ._urls import parse_url
 
 __all__ = ["dead_letters", "discard_ops", "find", "retry_ops"]
@@ -60,6 +61,7 @@ async def retry_ops(store: Store, letter: DeadLetter, raw: bytes) -> list[Op]:
     """
     target = parse_url(letter.url)
     events: list[bytes] = []
+    keys: list[str] = []  # its messages' keys: their dead_lettered status goes
     offset = letter.from_offset
     while offset < letter.to_offset:
         result = await store.read(target.stream, offset, limit=1000, renew_ttl=False)
@@ -68,6 +70,8 @@ async def retry_ops(store: Store, letter: DeadLetter, raw: bytes) -> list[Op]:
                 break
             item = orjson.loads(message.data)
             if item.get("type") in WAKE_TYPES and item.get("type") != "entity_created":
+                if item["type"] == "inbox":
+                    keys.append(item["key"])
                 events.append(encode(_redelivered(item, letter.id)))
         if not result.messages or result.up_to_date:
             break
@@ -75,6 +79,7 @@ async def retry_ops(store: Store, letter: DeadLetter, raw: bytes) -> list[Op]:
     ops: list[Op] = [KvCheck(DEAD_NS, letter.key, raw), KvPut(DEAD_NS, letter.key, None)]
     if events:
         ops.extend(wake_ops(target, events))
+    ops.extend(unstatus_ops(target.url, keys))
     return ops
 
 

@@ -29,6 +29,7 @@ from ._clock import Clock
 from ._errors import EntityNotFound, EntityStopped, MessageNotQueued
 from ._events import event
 from ._records import ENTITY_NS, EntityRecord
+from ._replies import status_ops
 from ._urls import EntityURL
 
 __all__ = ["change_queued"]
@@ -106,6 +107,8 @@ async def change_queued(
             row = {**current, "payload": checked, "message_type": kind, "edited_at": now}
             change = event("inbox", key, row, now, "update")
         ops: list[Op] = [KvCheck(ENTITY_NS, target.url, raw), Append(target.stream, [change])]
+        if cancel:
+            ops.extend(status_ops(target.url, [key], "cancelled", None))
         if record.inflight is None:
             touched = record.model_copy(update={"last_active": max(now, record.last_active)})
             if touched == record:

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from streams import Materializer, OffsetGone, Store, StreamGone, StreamNotFound, materialize
+from streams import Materializer, Store, StreamGone, StreamNotFound, materialize
 
 from ._clock import Clock
 from ._compaction import marks
@@ -29,6 +29,8 @@ from ._records import (
     info_of,
 )
 from ._registry import Registry
+from ._replies import outcome_of
+from ._tail import current_view, recent_runs
 from ._urls import parse_url
 
 __all__ = ["Reads"]
@@ -170,8 +172,46 @@ class Reads:
             decoded.append(item)
         return decoded, result.next_offset
 
+    async def read_before(
+        self, url: str, offset: str = "now", *, limit: int = 1000
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Decoded change events of the entity's stream right before ``offset`` (``now``: its
+        tail), up to ``limit``, oldest first, and the offset before the first of them (``-1``
+        once the start is reached): a bounded read backwards.
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+        """
+        target = parse_url(url)
+        try:
+            messages, begin = await self.store.read_before(target.stream, offset, limit=limit)
+        except (StreamNotFound, StreamGone):
+            raise EntityNotFound(f"no entity at {target.url}", url=target.url) from None
+        decoded = []
+        for message in messages:
+            item = orjson.loads(message.data)
+            item["offset"] = message.offset
+            decoded.append(item)
+        return decoded, begin
+
+    async def current_view(self, url: str) -> dict[str, dict[str, Any]]:
+        """The entity's view as its next wake would see it (``type -> key -> row`` of its
+        creation, manifests, tags, context and ``state:*`` collections): its stored snapshot
+        plus the events since, so its cost follows recent work, not history.
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+        """
+        target = parse_url(url)
+        try:
+            return await current_view(self.store, target)
+        except (StreamNotFound, StreamGone):
+            raise EntityNotFound(f"no entity at {target.url}", url=target.url) from None
+
     async def view(self, url: str) -> dict[str, dict[str, Any]]:
-        """Every collection of the entity folded from its whole stream (``type -> key -> row``).
+        """Every collection of the entity folded from its whole stream (``type -> key -> row``):
+        a full fold, as long as the stream, for debugging and tests; requests and the console
+        use :meth:`current_view` and :meth:`inspect` instead.
 
         Raises:
             EntityNotFound: no entity at ``url``.
@@ -216,8 +256,12 @@ class Reads:
             EntityNotFound: no entity at ``url``.
             MigrationFailed: a row's migration raised.
         """
+        return self._state_in(url, await self.current_view(url), migrate=migrate)
+
+    def _state_in(
+        self, url: str, view: dict[str, dict[str, Any]], *, migrate: bool = True
+    ) -> dict[str, dict[str, Any]]:
         target = parse_url(url)
-        view = await self.view(url)
         entity_type = self.registry.get(target.type)
         result: dict[str, dict[str, Any]] = {}
         for name, definition in entity_type.state.items():
@@ -234,19 +278,23 @@ class Reads:
         return result
 
     async def inspect(self, url: str) -> dict[str, Any]:
-        """Everything about an entity as JSON-ready data: bookkeeping, args, state, manifest.
+        """Everything about an entity as JSON-ready data: bookkeeping, args, state, manifest
+        and its last 20 runs (from its snapshot and the tail of its stream).
 
         Raises:
             EntityNotFound: no entity at ``url``.
         """
         info = await self.get(url)
-        view = await self.view(url)
+        view = await self.current_view(url)
         created = view.get("entity_created", {}).get("entity") or {}
         data = info.to_json()
         data["args"] = created.get("args", {})
-        data["state"] = await self.state_of(url, migrate=False)  # as stored, even if broken
+        data["state"] = self._state_in(url, view, migrate=False)  # as stored, even if broken
         data["manifest"] = view.get("manifests", {})
-        data["recent_runs"] = list(view.get("runs", {}).values())[-20:]
+        try:
+            data["recent_runs"] = await recent_runs(self.store, parse_url(url))
+        except (StreamNotFound, StreamGone):
+            raise EntityNotFound(f"no entity at {info.url}", url=info.url) from None
         return data
 
     async def replies(self, url: str, message_key: str, *, after: str = "-1") -> list[Any]:
@@ -259,50 +307,26 @@ class Reads:
         return (await self.outcome(url, message_key, after=after)).replies
 
     async def outcome(self, url: str, message_key: str, *, after: str = "-1") -> Outcome:
-        """The replies to one inbox message and how the wake that took it ended so far,
-        searching after ``after`` (the offset its :class:`SendReceipt` returned: the message's
-        own; with ``-1`` the message is looked for too).
+        """The replies to one inbox message and how the wake that took it ended so far: from
+        the reply index and the entity's unacknowledged tail, never its whole stream (see
+        :mod:`entities._replies`). ``after`` is the offset its :class:`SendReceipt` returned
+        (the message's own); with ``-1`` the message is looked for in the tail, and one
+        already taken by a wake that completed without replying reads ``pending``.
 
         Raises:
             EntityNotFound: no entity at ``url``.
+            BadOffset: ``after`` is malformed.
         """
-        found = Outcome()
-        at = None if after == "-1" else after  # the message's offset, once known
-        took: str | None = None  # the wake that took it
-        offset = after
-        while True:
-            try:
-                batch, offset = await self.read(url, offset, limit=5000)
-            except OffsetGone as gone:  # truncated (Retention.keep_for): search what is left
-                batch, offset = await self.read(url, gone.earliest, limit=5000)
-            for item in batch:
-                if item["type"] == "inbox" and item["key"] == message_key:
-                    operation = item.get("headers", {}).get("operation")
-                    if operation == "delete":
-                        found.status = "cancelled"  # cancelled while queued: no wake takes it
-                    elif operation == "update" and (item.get("value") or {}).get("steered_into"):
-                        found.status = "completed"  # taken by the (committed) run it steered
-                    elif at is None:
-                        at = item["offset"]
-                    continue
-                value = item.get("value")
-                if not isinstance(value, dict):
-                    continue
-                if item["type"] == "texts" and value.get("in_reply_to") == message_key:
-                    found.replies.append(value.get("value"))
-                elif (
-                    item["type"] == "runs"
-                    and at is not None
-                    and found.status not in ("cancelled", "completed")  # final
-                    and (_covers(value, at) or (took and value.get("resumes") == took))
-                ):  # the wake that took it, or one going on with its run after approvals
-                    found.status, found.error = value["status"], value.get("error")
-                    took = took or value.get("wake_id")
-            if len(batch) < 5000:
-                return found
-
-
-def _covers(run: dict[str, Any], offset: str) -> bool:
-    """Whether the wake of ``run`` (a ``runs`` row of a wake) took the event at ``offset``."""
-    low, high = run.get("from_offset"), run.get("to_offset")
-    return isinstance(low, str) and isinstance(high, str) and low < offset <= high
+        target = parse_url(url)
+        found = await self.record(target.url)
+        for _try in range(10):  # a busy entity: the tenth answer stands
+            if found is None:
+                raise EntityNotFound(f"no entity at {target.url}", url=target.url)
+            outcome = await outcome_of(self.store, found[0], message_key, after)
+            # a wake's commit writes its record, reply rows and events at once: if one came
+            # between the index and the tail read, the two disagree; read both again
+            again = await self.record(target.url)
+            if again is not None and again[1] == found[1]:
+                break
+            found = again
+        return outcome

@@ -23,6 +23,7 @@ __all__ = [
     "ENTITY_NS",
     "PAUSED_NS",
     "PENDING_NS",
+    "REPLY_NS",
     "SCHEDULE_NS",
     "SNAPSHOT_NS",
     "TAG_NS",
@@ -44,6 +45,7 @@ WORKER_NS = "worker"  # key: worker id -> {"expires": ..., "pid": ..., "host": .
 TAG_NS = "tag"  # key: "{url}\n{tag}" -> value (what ``ps --tag`` and tag observers read)
 APP_NS = "app"  # key: entity type -> where its code was loaded from (for replay)
 PAUSED_NS = "paused"  # key: URL -> {"reason", "from", "at"} while the entity is paused (signals)
+REPLY_NS = "reply"  # the reply index: see entities._replies
 DEAD_NS = "dead"  # key: "{url}|{wake_id}" -> DeadLetter (a wake given up, until retried/discarded)
 
 # Collection (event ``type``) names in an entity's main stream.

@@ -59,9 +59,10 @@ from ._pipeline.commit import (
     without_path,
 )
 from ._pipeline.deliver import other_children
-from ._pipeline.load import View, copy_view, read_journal, wake_event
+from ._pipeline.load import View, copy_view, events_between, read_journal, wake_event
 from ._records import ENTITY_NS, WAKE_TYPES, Inflight
 from ._registry import EntityType, Registry
+from ._replies import status_ops
 from ._wake import WakeEvent
 
 __all__ = ["GRACE", "SWEEP_SECONDS", "Running", "WakeRunner", "WorkerHost"]
@@ -282,9 +283,13 @@ class WakeRunner:
         if error is None:  # commit the outcome (or, if it cannot be committed, fail it)
             try:
                 head = self._completed(current)
+                resumed = None  # a run resumed after approvals: its messages are answered now
+                if ctx.resumption is not None:
+                    keys = [m.key for m in wake.messages]
+                    resumed = list(status_ops(claim.url.url, keys, "completed", None))
                 await self._finish(
                     claim, head, [ctx.effects], current.view, current.base,
-                    run_status="completed", sleeping=ctx.sleeping,
+                    run_status="completed", sleeping=ctx.sleeping, extra=resumed,
                 )  # fmt: skip
                 return "completed"
             except _Poison as poison:
@@ -490,6 +495,8 @@ class WakeRunner:
             run["resumes"] = origin
         head = [event("runs", inflight.wake_id, run, now, txid=inflight.wake_id), *events]
         journal = Effects(journal=list(ctx.effects.journal))
+        keys = [m.key for m in current.wake.messages]
+        ops.extend(status_ops(claim.url.url, keys, "waiting_approval", None))
         await self._finish(claim, head, [journal], current.view, current.base, extra=ops)
         logger.info("wake %s of %s waits for approval of %s", inflight.wake_id, claim.url, ids)
         return "waiting_approval"
@@ -545,10 +552,12 @@ class WakeRunner:
         effects = await self._on_error(current, error, head)
         reason = f"{type(error).__name__}: {error}"
         letter = dead_letter_op(claim.url, claim.record, current.wake, error, self.rt.clock.now())
+        keys = [m.key for m in current.wake.messages]
+        marks = status_ops(claim.url.url, keys, "dead_lettered", reason)
         try:
             await self._finish(
                 claim, [*head], effects, current.view, current.base, run_status="failed",
-                error=reason, extra=[letter],
+                error=reason, extra=[letter, *marks],
             )  # fmt: skip
         except _Poison as poison:  # the hook's effects do not commit: drop them, keep the rest
             inflight = claim.record.inflight
@@ -557,7 +566,7 @@ class WakeRunner:
             head.append(error_event(inflight, poison.error, now, final=True, hook=True))
             await self._finish(
                 claim, head, [], current.view, current.base, run_status="failed", error=reason,
-                extra=[letter],
+                extra=[letter, *marks],
             )  # fmt: skip
 
     async def _on_error(
@@ -652,4 +661,6 @@ class WakeRunner:
             except _OWN_FAULTS as exc:
                 raise _Poison(exc) from exc
         self.claimer.remember(claim.url.url, commit.record)
-        self.claimer.remember_view(claim.url.url, inflight.to_offset, view)
+        wrote = events_between(base, inflight.to_offset) >= rt.snapshot_every  # a snapshot
+        snapshot = inflight.to_offset if wrote else base
+        self.claimer.remember_view(claim.url.url, inflight.to_offset, view, snapshot)

@@ -476,7 +476,7 @@ class Runtime(Control):
         Raises:
             EntityNotFound: no entity at ``url``.
         """
-        view = await self.view(url)
+        view = await self.current_view(url)
         return [v for v in view.get("manifests", {}).values() if v.get("kind") == "schedule"]
 
     async def schedule_cron(

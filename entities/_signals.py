@@ -30,7 +30,8 @@ from streams import Append, ConditionFailed, KvCheck, KvPut, Op, Store, StreamCl
 from ._clock import Clock
 from ._errors import EntityNotFound, EntityStopped
 from ._events import event, new_token
-from ._records import ENTITY_NS, PAUSED_NS, PENDING_NS, EntityRecord
+from ._records import ENTITY_NS, PAUSED_NS, PENDING_NS, EntityRecord, Inflight
+from ._replies import status_ops
 from ._urls import EntityURL
 
 __all__ = [
@@ -112,6 +113,24 @@ def _interrupted(
     return done, event("runs", inflight.wake_id, run, now, txid=inflight.wake_id)
 
 
+async def _messages_in(store: Store, stream: str, inflight: Inflight) -> list[str]:
+    """The keys of the inbox messages in the range of the wake ``inflight``."""
+    keys: list[str] = []
+    offset = inflight.from_offset
+    while offset < inflight.to_offset:
+        result = await store.read(stream, offset, limit=1000, renew_ttl=False)
+        for message in result.messages:
+            if message.offset > inflight.to_offset:
+                return keys
+            item = orjson.loads(message.data)
+            if item.get("type") == "inbox" and isinstance(item.get("key"), str):
+                keys.append(item["key"])
+        if result.up_to_date or not result.messages:
+            break
+        offset = result.messages[-1].offset
+    return keys
+
+
 async def signal_ops(
     store: Store,
     target: EntityURL,
@@ -149,6 +168,8 @@ async def signal_ops(
         done, run = _interrupted(record, reason, now)
         events.insert(1, run)
         ops.append(KvPut(ENTITY_NS, target.url, done.dump()))
+        taken = await _messages_in(store, target.stream, record.inflight)
+        ops.extend(status_ops(target.url, taken, "interrupted", reason or "interrupted"))
         interrupted = True
     ops.append(Append(target.stream, [*events, *extra]))
     if name != "pause" or extra:

@@ -78,6 +78,9 @@ class Claimer:
         self.counts: Counter[str] = Counter()
         self.records: OrderedDict[str, bytes] = OrderedDict()
         self.views: OrderedDict[str, tuple[str, View]] = OrderedDict()
+        # url -> the offset of its last stored snapshot, as far as this worker knows (what the
+        # next snapshot is counted from while its view comes from the cache)
+        self.snapshots: dict[str, str] = {}
         # url -> (not before this time, the pending mark it was found leased elsewhere under)
         self.blocked: dict[str, tuple[float, bytes | None]] = {}
 
@@ -124,17 +127,25 @@ class Claimer:
         while len(self.records) > self.cache_size:
             self.records.popitem(last=False)
 
-    def remember_view(self, url: str, offset: str, view: View) -> None:
-        """Cache the view of ``url`` folded up to ``offset`` (its last committed wake)."""
+    def remember_view(self, url: str, offset: str, view: View, snapshot: str) -> None:
+        """Cache the view of ``url`` folded up to ``offset`` (its last committed wake), and
+        the offset of its last stored snapshot (``-1``: none)."""
         self.views[url] = (offset, view)
+        self.snapshots[url] = snapshot
         self.views.move_to_end(url)
         while len(self.views) > self.cache_size:
-            self.views.popitem(last=False)
+            self.snapshots.pop(self.views.popitem(last=False)[0], None)
 
     async def load(self, url: EntityURL, acked: str, to_offset: str | None) -> Loaded:
         """The view and events of a wake range (see :func:`~.load.load_range`), folded from
-        the cached view of ``url`` when there is one. Raises whatever the store raises."""
-        return await load_range(self.store, url, acked, to_offset, self.views.get(url.url))
+        the cached view of ``url`` when there is one; then its ``base_offset`` is that of the
+        entity's last snapshot (so snapshots keep being written every ``snapshot_every``
+        events while the cache is warm). Raises whatever the store raises."""
+        cached = self.views.get(url.url)
+        loaded = await load_range(self.store, url, acked, to_offset, cached)
+        if cached is not None and loaded.base_offset == cached[0]:
+            loaded.base_offset = self.snapshots.get(url.url, loaded.base_offset)
+        return loaded
 
     # -- claiming -------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from .._records import (
     EntityRecord,
     Inflight,
 )
+from .._replies import reply_ops
 from .._timers import arm_ops, cancel_ops
 from .._urls import EntityURL
 from .._wake import WakeEvent
@@ -240,6 +241,7 @@ async def wake_commit(
     if not empty:
         ops.extend(await observer_ops(store, url, effects, run_status, error, view, now))
     ops.extend(extra)
+    ops.extend(reply_ops(url, inflight.to_offset, effects))
     ops.extend(out.ops())
     done_raw = done.dump()
     ops.append(KvPut(ENTITY_NS, url.url, done_raw))

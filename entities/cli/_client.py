@@ -98,6 +98,25 @@ class Client:
             "Set --server or ENTITIES_URL."
         )
 
+    def offset_before_tail(self, url: str, count: int) -> str:
+        """The offset ``count`` events before the tail of the entity's stream (``-1`` for a
+        shorter one): where ``--last`` starts reading.
+
+        Raises:
+            click.ClickException: the server is unreachable or answered with an error.
+        """
+        try:
+            response = self.http.head(f"/v1/stream{url}/main")
+        except httpx2.TransportError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            raise self._refused(response)
+        tail = response.headers.get("stream-next-offset", "-1")
+        segment, _, position = tail.rpartition("_")
+        if not position.isdigit() or int(position) <= count:
+            return "-1"
+        return f"{segment}_{int(position) - count:0{len(position)}d}"
+
     def stream_events(self, url: str, offset: str, *, live: bool) -> Iterator[tuple[Any, str]]:
         """Yield ``(event, offset)`` from an entity's stream; with ``live``, tail it over SSE."""
         path = f"/v1/stream{url}/main"

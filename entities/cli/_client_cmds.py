@@ -162,11 +162,17 @@ def _describe(item: dict[str, Any]) -> str:
 @click.argument("url")
 @client_options
 @click.option("--from", "offset", default="-1", show_default=True, help="Start offset.")
+@click.option("--last", type=click.IntRange(min=0), default=None, help="Only the last N events.")
 @output_option
 @old_json_flag
-def view(url: str, server: str, token: str | None, offset: str, output: str) -> None:
+def view(
+    url: str, server: str, token: str | None, offset: str, last: int | None, output: str
+) -> None:
     """Print an entity's stream once (--output json: one event per line)."""
-    for item, _ in Client(server, token).stream_events(path_of(url), offset, live=False):
+    client = Client(server, token)
+    if last is not None:
+        offset = client.offset_before_tail(path_of(url), last)
+    for item, _ in client.stream_events(path_of(url), offset, live=False):
         click.echo(dumps(item) if output == "json" else _describe(item))
 
 
@@ -174,12 +180,18 @@ def view(url: str, server: str, token: str | None, offset: str, output: str) -> 
 @click.argument("url")
 @client_options
 @click.option("--from", "offset", default="-1", show_default=True, help="Start offset.")
+@click.option("--last", type=click.IntRange(min=0), default=None, help="Start N events back.")
 @output_option
 @old_json_flag
-def observe(url: str, server: str, token: str | None, offset: str, output: str) -> None:
+def observe(
+    url: str, server: str, token: str | None, offset: str, last: int | None, output: str
+) -> None:
     """Tail an entity's stream live, until Ctrl-C (--output json: one event per line)."""
+    client = Client(server, token)
+    if last is not None:
+        offset = client.offset_before_tail(path_of(url), last)
     try:
-        for item, _ in Client(server, token).stream_events(path_of(url), offset, live=True):
+        for item, _ in client.stream_events(path_of(url), offset, live=True):
             click.echo(dumps(item) if output == "json" else _describe(item))
     except KeyboardInterrupt:
         pass

@@ -438,6 +438,34 @@ class Store(abc.ABC):
             OffsetGone: ``offset`` lies before the stream's earliest retained position.
         """
 
+    async def read_before(
+        self, path: str, offset: str = "now", *, limit: int = 1000
+    ) -> tuple[list[Message], str]:
+        """The up to ``limit`` messages right before ``offset`` (``now``: the tail), oldest
+        first, and the offset just before the first of them (``-1`` at the stream's start):
+        pass that back to read further back. A bounded read backwards from the tail, whatever
+        the stream's length (offsets name positions, so this is one positioned read).
+
+        Raises:
+            StreamNotFound, StreamGone: no such stream.
+            BadOffset: a malformed offset.
+            InvalidRequest: ``limit`` is below 1.
+        """
+        if limit < 1:
+            raise InvalidRequest("read_before needs a limit of at least 1", path=path)
+        end = parse_offset(offset, path=path)
+        if end is None:
+            end = parse_offset((await self.head(path)).next_offset, path=path)
+            assert end is not None
+        start = max(0, end - limit)
+        begin = "-1" if start == 0 else format_offset(start)
+        if end == start:
+            await self.head(path)  # a missing stream still raises
+            return [], begin
+        result = await self.read(path, begin, limit=end - start, renew_ttl=False)
+        last = format_offset(end)
+        return [m for m in result.messages if m.offset <= last], begin
+
     async def schema_versions(self) -> tuple[int, int]:
         """``(applied, expected)``: the schema version the database holds and the one this code
         migrates to (equal once the store opened; a newer release may have migrated further).

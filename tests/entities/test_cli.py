@@ -429,6 +429,15 @@ def test_view_pages_through_a_long_stream(server: Server) -> None:
         for line in ok(*server.args("view", "/chat/long", "-o", "json")).splitlines()
     ]
     assert viewed == events
+    # --last: only the tail, read from near it
+    last = [
+        orjson.loads(line)
+        for line in ok(*server.args("view", "/chat/long", "--last", "7", "-o", "json")).splitlines()
+    ]
+    assert last == events[-7:]
+    assert ok(*server.args("view", "/chat/long", "--last", "0")) == ""
+    everything = ok(*server.args("view", "/chat/long", "--last", "100000", "-o", "json"))
+    assert [orjson.loads(line) for line in everything.splitlines()] == events
 
 
 def wait_for_idle(http: httpx2.Client, url: str) -> None:

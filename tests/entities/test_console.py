@@ -388,3 +388,44 @@ async def test_an_approval_is_decided_from_the_console(page: Page, tmp_path: Pat
         await expect(panel).to_contain_text("approved")
         [decided] = (await c.http.get("/_entities/entities/approval/p1/approvals")).json()
         assert decided["status"] == "approved"
+
+
+def _echo(registry: Registry) -> None:
+    @registry.define("echo", description="Replies with what it got")
+    async def echo(ctx: HandlerContext, wake: WakeEvent) -> None:
+        for message in wake.messages:
+            ctx.reply(f"echo: {message.text}", to=message)
+
+
+async def test_a_long_stream_starts_near_its_tail_and_loads_earlier(
+    page: Page, tmp_path: Path
+) -> None:
+    from entities._events import event
+
+    async with console(examples_registry(_echo), tmp_path) as c:
+        await c.spawn("/echo/long")
+        first = await c.runtime.send("/echo/long", "the very first message")
+        async with httpx2.AsyncClient(base_url=c.base, timeout=30) as http:
+            path = f"/_entities/entities/echo/long/replies/{first.key}"
+            assert (await http.get(path, params={"wait_ms": 10_000})).json()["replies"]
+            filler = [event("steps", f"filler/{i}", {"n": i}, 0.0) for i in range(4500)]
+            await c.runtime.store.append("echo/long/main", filler)
+            last = await c.runtime.send("/echo/long", "the latest message")
+            path = f"/_entities/entities/echo/long/replies/{last.key}"
+            assert (await http.get(path, params={"wait_ms": 10_000})).json()["replies"]
+        streams: list[str] = []
+        page.on("request", lambda r: streams.append(r.url) if "/v1/stream/" in r.url else None)
+        await page.goto(c.base + "/ui/echo/long")
+        conversation = page.locator(".conversation")
+        await expect(conversation).to_contain_text("echo: the latest message")
+        await expect(conversation).not_to_contain_text("the very first message")
+        earlier = page.locator("button.load-earlier")
+        await expect(earlier).to_be_visible()
+        await earlier.click()  # 2,000 more: not yet the start
+        await expect(earlier).to_be_visible()
+        await earlier.click()
+        await expect(earlier).to_be_hidden()
+        await expect(conversation).to_contain_text("echo: the very first message")
+        await expect(conversation).to_contain_text("echo: the latest message")
+        live = [u for u in streams if "live=sse" in u]
+        assert live and all("offset=-1" not in u for u in live), live

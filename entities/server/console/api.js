@@ -132,13 +132,56 @@ function parseBlock(block) {
   return { event, data: data.length ? data.join('\n') : null };
 }
 
-// Tail a JSON stream from its start with `live=sse`: onBatch(items, control) per data event,
-// each item {pos, event} (pos: the event's 1-based position in the stream). Reconnects from
-// the last offset when the server ends the response; returns when the stream is closed or
-// `signal` aborts. onStatus(text) reports 'live', 'reconnecting…', 'closed', 'no stream'.
-export async function tailStream(path, { onBatch, onStatus = () => {}, signal }) {
-  let offset = '-1';
-  let counted = 0; // fallback positions when an offset is not a position
+// The offset naming position `pos`, written like `template` (an offset the server gave).
+export function offsetAt(template, pos) {
+  const match = /^(\d+)_(\d+)$/.exec(template || '');
+  if (!match || pos <= 0) return '-1';
+  return `${match[1]}_${String(pos).padStart(match[2].length, '0')}`;
+}
+
+// The offset `count` events before the tail of the stream at `path` ('-1' for a shorter
+// stream, null when there is no stream): where a page starts, so that it never reads a long
+// stream from its start.
+export async function recentOffset(path, count, signal) {
+  const response = await request(`/v1/stream${path}`, { method: 'HEAD', signal });
+  if (!response.ok) return null;
+  const next = response.headers.get('Stream-Next-Offset');
+  const pos = position(next);
+  return pos === null ? '-1' : offsetAt(next, pos - count);
+}
+
+// The events at positions (position(from), to] of a JSON stream, read once (not live):
+// [{pos, event}], oldest first.
+export async function readRange(path, from, to, signal) {
+  const items = [];
+  let offset = from;
+  for (;;) {
+    const response = await request(`/v1/stream${path}?offset=${encodeURIComponent(offset)}`, {
+      signal,
+    });
+    if (!response.ok) throw new Error(`HTTP ${response.status} reading ${path}`);
+    const events = await response.json();
+    const next = response.headers.get('Stream-Next-Offset');
+    const end = position(next);
+    if (end === null) break;
+    events.forEach((event, i) => {
+      const pos = end - events.length + i + 1;
+      if (pos <= to) items.push({ pos, event });
+    });
+    if (!events.length || end >= to || response.headers.get('Stream-Up-To-Date')) break;
+    offset = next;
+  }
+  return items;
+}
+
+// Tail a JSON stream from `from` (default: its start) with `live=sse`: onBatch(items, control)
+// per data event, each item {pos, event} (pos: the event's 1-based position in the stream).
+// Reconnects from the last offset when the server ends the response; returns when the stream
+// is closed or `signal` aborts. onStatus(text) reports 'live', 'reconnecting…', 'closed',
+// 'no stream'.
+export async function tailStream(path, { onBatch, onStatus = () => {}, signal, from = '-1' }) {
+  let offset = from;
+  let counted = position(from) || 0; // fallback positions when an offset is not a position
   while (!signal.aborted) {
     let response;
     try {

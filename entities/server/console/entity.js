@@ -2,13 +2,16 @@
 // (live, from the entity's stream), and side panels from the control plane, refreshed when
 // the stream moves and every few seconds.
 
-import { call, entityPath, tailStream } from './api.js';
+import { call, entityPath, offsetAt, position, readRange, recentOffset, tailStream } from './api.js';
 import { badge, entityLink, h, json, link, replace, section, time } from './dom.js';
 import { EntityModel } from './model.js';
 import { renderTurn, renderWakeRow, renderQueued, renderRawItem } from './render.js';
 import { renderPanels, sendBox } from './panels.js';
 
 const REFRESH_MS = 3000;
+// The page reads this many events back from the stream's tail, and as many more per "load
+// earlier": never a long stream from its start.
+export const RECENT_EVENTS = 2000;
 
 export function entityPage(view, type, id, signal) {
   new EntityPage(view, type, id, signal).start();
@@ -37,6 +40,13 @@ class EntityPage {
     this.streamState = h('span', { class: 'muted stream-state' }, 'stream: connecting…');
     this.notice = h('div', { class: 'notice', hidden: true });
     this.actions = h('div', { class: 'actions' }, this.killButton());
+    this.first = 0; // the position before the first event the page has read
+    this.template = null; // an offset the server gave (to write others like it)
+    this.earlier = h(
+      'button',
+      { class: 'link load-earlier', type: 'button', hidden: true, onclick: () => this.loadEarlier() },
+      'Load earlier events',
+    );
     this.conversation = h('div', { class: 'conversation' });
     this.queued = h('div', { class: 'queued' });
     this.timeline = h('div', { class: 'timeline' });
@@ -70,6 +80,7 @@ class EntityPage {
           section(
             'Conversation',
             { class: 'panel conversation-panel' },
+            this.earlier,
             this.conversation,
             this.queued,
           ),
@@ -109,9 +120,19 @@ class EntityPage {
     this.notice.textContent = text || '';
   }
 
-  start() {
+  async start() {
     this.refresh();
+    let from = '-1';
+    try {
+      from = (await recentOffset(`${this.url}/main`, RECENT_EVENTS, this.signal)) || '-1';
+    } catch (error) {
+      if (error.name === 'AbortError') return;
+    }
+    this.first = position(from) || 0;
+    this.template = from === '-1' ? null : from;
+    this.earlier.hidden = this.first === 0;
     tailStream(`${this.url}/main`, {
+      from,
       signal: this.signal,
       onStatus: (text) => {
         this.streamState.textContent = `stream: ${text}`;
@@ -124,6 +145,33 @@ class EntityPage {
         this.refreshSoon();
       },
     });
+  }
+
+  // Read the RECENT_EVENTS events before the first one shown and fold the page again.
+  async loadEarlier() {
+    if (this.first === 0 || !this.template) return;
+    const low = Math.max(0, this.first - RECENT_EVENTS);
+    this.earlier.disabled = true;
+    let items;
+    try {
+      items = await readRange(`${this.url}/main`, offsetAt(this.template, low), this.first, this.signal);
+    } catch (error) {
+      this.earlier.disabled = false;
+      if (error.name !== 'AbortError') this.say(String(error), true);
+      return;
+    }
+    const seen = this.model.events;
+    this.model = new EntityModel();
+    this.model.add([...items, ...seen]);
+    this.first = low;
+    this.earlier.disabled = false;
+    this.earlier.hidden = low === 0;
+    replace(this.conversation);
+    replace(this.timeline);
+    for (const id of this.model.wakes.keys()) this.dirty.add(id);
+    this.dirty.add('');
+    this.renderRaw();
+    this.schedule();
   }
 
   schedule() {

@@ -1,0 +1,181 @@
+"""The reply index: what became of an inbox message, found without reading the entity's stream
+from its start.
+
+A wake's commit writes, beside its ``texts`` events, one row per reply in the ``reply``
+namespace, keyed ``{url}\\n{message key}\\n{wake's to_offset}.{n}`` (so a prefix scan returns a
+message's replies in order) and holding the reply's value; a dead-lettered wake also writes one
+status row per message it took (key ``{url}\\n{message key}\\n``). The rows hold the values
+themselves, not offsets, so they answer the same after the stream's prefix is compacted away.
+
+What the index does not hold is read from the entity's *unacknowledged tail* (the events after
+its acknowledged offset, bounded by recent work: the last wake's output and what waits): where
+a message not yet taken sits, and the ``runs`` rows of a wake in flight, being retried or
+cancelled by a kill. A message taken by a wake that completed without replying has no row:
+with its offset (a :class:`~entities.SendReceipt`'s) it reads ``completed``; without one it is
+indistinguishable from an unknown key and reads ``pending``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+
+from streams import KvPut, Store, StreamGone, StreamNotFound, format_offset, parse_offset
+
+from ._effects import Effects
+from ._records import REPLY_NS, EntityRecord, Outcome
+from ._urls import EntityURL
+
+__all__ = ["index_replies", "outcome_of", "reply_ops", "status_ops", "unstatus_ops"]
+
+_TAIL_BATCH = 2000
+
+
+def _prefix(url: str, message_key: str) -> str:
+    return f"{url}\n{message_key}\n"
+
+
+def reply_ops(url: EntityURL, to_offset: str, effects: Sequence[Effects]) -> list[KvPut]:
+    """The index rows of the replies among ``effects`` (a wake ending at ``to_offset``)."""
+    ops: list[KvPut] = []
+    for e in effects:
+        for change in e.own:
+            if change["type"] != "texts":
+                continue
+            value = change.get("value")
+            if not isinstance(value, dict) or value.get("in_reply_to") is None:
+                continue
+            key = f"{_prefix(url.url, str(value['in_reply_to']))}{to_offset}.{len(ops):06d}"
+            ops.append(KvPut(REPLY_NS, key, orjson.dumps({"value": value.get("value")})))
+    return ops
+
+
+def status_ops(
+    url: str, message_keys: Iterable[str], status: str, error: str | None
+) -> list[KvPut]:
+    """The status rows of messages whose wake ended ``status`` (``dead_lettered``,
+    ``interrupted``, ``cancelled`` while queued, ``waiting_approval``, or ``completed`` by a
+    run resumed after approvals) with ``error``: an acknowledged wake's end is not in the
+    unacknowledged tail."""
+    data = orjson.dumps({"status": status, "error": error})
+    return [KvPut(REPLY_NS, _prefix(url, key), data) for key in message_keys]
+
+
+def unstatus_ops(url: str, message_keys: Iterable[str]) -> list[KvPut]:
+    """The removal of the status rows of messages delivered again (a dead letter retried)."""
+    return [KvPut(REPLY_NS, _prefix(url, key), None) for key in message_keys]
+
+
+async def outcome_of(store: Store, record: EntityRecord, message_key: str, after: str) -> Outcome:
+    """The replies to ``message_key`` and how the wake that took it ended so far (see the
+    module docstring); ``after`` is the message's own offset (a receipt's), or ``-1``.
+
+    A stream that is gone reads as an empty tail.
+
+    Raises:
+        BadOffset: ``after`` is malformed.
+    """
+    at = None if after == "-1" else after
+    if at is not None:
+        parse_offset(at)  # a malformed offset is the caller's mistake (BadOffset)
+    found = Outcome()
+    status: dict[str, Any] | None = None
+    for key, raw in await store.kv_scan(REPLY_NS, _prefix(record.url, message_key)):
+        if key.endswith("\n"):
+            status = orjson.loads(raw)
+        else:
+            found.replies.append(orjson.loads(raw)["value"])
+    if status is not None:
+        found.status, found.error = status["status"], status.get("error")
+    elif (at is not None and at <= record.acked) or found.replies:
+        found.status = "completed"  # its wake was acknowledged, and did not fail
+    # the tail: a message not taken yet, its wake in flight, retried or cancelled
+    offset = record.acked if at is None or at < record.acked else at
+    stream = f"{record.type}/{record.id}/main"
+    while True:
+        try:
+            result = await store.read(stream, offset, limit=_TAIL_BATCH, renew_ttl=False)
+        except (StreamNotFound, StreamGone):
+            return found
+        for message in result.messages:
+            item = orjson.loads(message.data)
+            type_ = item.get("type")
+            if type_ == "inbox" and item.get("key") == message_key:
+                operation = (item.get("headers") or {}).get("operation")
+                if operation == "delete":  # cancelled while queued
+                    found.status, found.error = "cancelled", None
+                elif operation == "update":  # edited, or taken by a run it steered
+                    if (item.get("value") or {}).get("steered_into"):
+                        found.status, found.error = "completed", None
+                else:
+                    at = message.offset
+                    found.status, found.error = "pending", None
+            elif type_ == "runs" and at is not None:
+                value = item.get("value")
+                if isinstance(value, dict) and _covers(value, at):
+                    found.status, found.error = value["status"], value.get("error")
+        offset = result.next_offset
+        if result.up_to_date or not result.messages:
+            return found
+
+
+def _covers(run: dict[str, Any], offset: str) -> bool:
+    """Whether the wake of ``run`` (a ``runs`` row of a wake) took the event at ``offset``."""
+    low, high = run.get("from_offset"), run.get("to_offset")
+    return isinstance(low, str) and isinstance(high, str) and low < offset <= high
+
+
+async def index_replies(store: Store, url: EntityURL, *, batch: int = 500) -> int:
+    """Write the reply index of an entity whose history predates it, from one pass over its
+    stream (a one-time migration, not a request path): the same rows its wakes' commits would
+    have written, so running it again, or on an entity already indexed, changes nothing.
+    Returns how many rows were written (or removed: the statuses of messages delivered again).
+
+    Raises whatever the store raises (``StreamNotFound``, ...).
+    """
+    keys_at: dict[str, str] = {}  # inbox offset -> message key
+    counts: dict[str, int] = {}  # wake id -> replies indexed so far
+    pending: list[KvPut] = []
+    written = 0
+    offset = "-1"
+    while True:
+        result = await store.read(url.stream, offset, limit=2000, renew_ttl=False)
+        for message in result.messages:
+            item = orjson.loads(message.data)
+            type_, value = item.get("type"), item.get("value")
+            if type_ == "inbox" and isinstance(item.get("key"), str):
+                keys_at[message.offset] = item["key"]
+                if isinstance(value, dict) and value.get("redelivered"):  # a retried letter
+                    pending.extend(unstatus_ops(url.url, [item["key"]]))
+            elif type_ == "texts" and isinstance(value, dict):
+                wake, high = _wake_of(str(value.get("run_id") or ""))
+                if value.get("in_reply_to") is None or high is None:
+                    continue
+                n = counts[wake] = counts.get(wake, -1) + 1
+                key = f"{_prefix(url.url, str(value['in_reply_to']))}{high}.{n:06d}"
+                pending.append(KvPut(REPLY_NS, key, orjson.dumps({"value": value.get("value")})))
+            elif type_ == "runs" and isinstance(value, dict):
+                if value.get("status") == "dead_lettered":
+                    taken = [k for o, k in keys_at.items() if _covers(value, o)]
+                    pending.extend(status_ops(url.url, taken, "dead_lettered", value.get("error")))
+        if len(pending) >= batch:
+            await store.commit(pending)
+            written, pending = written + len(pending), []
+        offset = result.next_offset
+        if result.up_to_date or not result.messages:
+            break
+    if pending:
+        await store.commit(pending)
+        written += len(pending)
+    return written
+
+
+def _wake_of(run_id: str) -> tuple[str, str | None]:
+    """The wake id ``w{low}-{high}`` a run id starts with, and the offset it ends at."""
+    head = run_id.split(".", 1)[0]
+    low, _, high = head[1:].partition("-")
+    if not head.startswith("w") or not low.isdigit() or not high.isdigit():
+        return head, None
+    return head, format_offset(int(high))
