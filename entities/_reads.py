@@ -58,7 +58,7 @@ class Reads:
         pending = await self.store.kv_get(PENDING_NS, record.url) is not None
         tags = await self._tags(record.url)
         dead = len(await self.store.kv_scan(DEAD_NS, f"{record.url}|"))
-        info = info_of(record, pending, tags, dead)
+        info = info_of(record, pending, tags, dead, orphaned=record.type not in self.registry)
         return replace(info, queue=await self.queue_depth(record)) if pending else info
 
     async def queue_depth(self, record: EntityRecord, *, cap: int = 10_000) -> int:
@@ -107,8 +107,9 @@ class Reads:
         tag: str | None = None,
         parent: str | None = None,
     ) -> list[EntityInfo]:
-        """Entities, filtered by type, status (``idle``, ``running``, ``stopped``, or ``failed``:
-        idle with dead letters), parent and ``tag`` (``key`` or ``key=value``)."""
+        """Entities, filtered by type, status (``idle``, ``running``, ``stopped``, ``failed``:
+        idle with dead letters, or ``orphaned``: of a type this runtime's registry lacks),
+        parent and ``tag`` (``key`` or ``key=value``)."""
         prefix = f"/{type}/" if type else ""
         rows = await self.store.kv_scan(ENTITY_NS, prefix)
         pending = {k for k, _ in await self.store.kv_scan(PENDING_NS, prefix)}
@@ -124,7 +125,8 @@ class Reads:
         for _key, raw in rows:
             record = EntityRecord.load(raw)
             info = info_of(record, record.url in pending, tags.get(record.url, {}),
-                           dead.get(record.url, 0))  # fmt: skip
+                           dead.get(record.url, 0),
+                           orphaned=record.type not in self.registry)  # fmt: skip
             if status is not None and info.status != status:
                 continue
             if parent is not None and record.parent != parent:
@@ -190,10 +192,10 @@ class Reads:
         """
         target = parse_url(url)
         view = await self.view(url)
-        entity_type = self.registry.get(target.type)
         result: dict[str, dict[str, Any]] = {}
-        for name, definition in entity_type.state.items():
-            result[name] = view.get(definition.event_type(name), {})
+        if target.type in self.registry:  # an orphan's collections: those its stream holds
+            for name, definition in self.registry.get(target.type).state.items():
+                result[name] = view.get(definition.event_type(name), {})
         for type_, rows in view.items():
             if type_.startswith("state:") and type_[6:] not in result:
                 result[type_[6:]] = rows

@@ -246,16 +246,26 @@ class EntityInfo:
 
 
 def info_of(
-    record: EntityRecord, pending: bool, tags: dict[str, str], dead_letters: int = 0
+    record: EntityRecord,
+    pending: bool,
+    tags: dict[str, str],
+    dead_letters: int = 0,
+    *,
+    orphaned: bool = False,
 ) -> EntityInfo:
     """The outside view of ``record``: its status is ``failed`` while it is idle with dead
-    letters (``ps --status failed``)."""
-    failed = record.status == "idle" and dead_letters > 0
+    letters (``ps --status failed``), and ``orphaned`` (unless stopped) when ``orphaned``: the
+    running code lacks its type, so nothing runs it until the type returns."""
+    status: str = record.status
+    if orphaned and status != "stopped":
+        status = "orphaned"
+    elif status == "idle" and dead_letters > 0:
+        status = "failed"
     return EntityInfo(
         url=record.url,
         type=record.type,
         id=record.id,
-        status="failed" if failed else record.status,
+        status=status,
         parent=record.parent,
         created_at=record.created_at,
         last_active=record.last_active,

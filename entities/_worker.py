@@ -385,7 +385,11 @@ class Worker:
         self, url: str, token: bytes | None = None, *, stolen: bool = False
     ) -> Claim | None:
         """Take the lease on ``url`` if it has work and nobody else holds it (see
-        :meth:`~entities._pipeline.claim.Claimer.claim`). Raises whatever the store raises."""
+        :meth:`~entities._pipeline.claim.Claimer.claim`); ``None`` for an entity of a type this
+        worker's registry lacks (an orphan: it waits for a worker that has its type). Raises
+        whatever the store raises."""
+        if not self._ours([(url, b"")]):
+            return None
         return await self.claimer.claim(url, token, stolen=stolen)
 
     async def _heartbeats(self) -> None:

@@ -45,8 +45,9 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# what ``ps --status`` may ask for: the record's statuses, and ``failed`` (idle with dead letters)
-STATUSES = (*get_args(EntityRecord.model_fields["status"].annotation), "failed")
+# what ``ps --status`` may ask for: the record's statuses, ``failed`` (idle with dead letters)
+# and ``orphaned`` (of a type the server's code lacks)
+STATUSES = (*get_args(EntityRecord.model_fields["status"].annotation), "failed", "orphaned")
 
 
 def client_options(fn: F) -> F:
@@ -182,7 +183,8 @@ def observe(url: str, server: str, token: str | None, offset: str, output: str) 
     "--status",
     default=None,
     type=click.Choice(STATUSES),
-    help="Only entities in this status (failed: idle with dead letters).",
+    help="Only entities in this status (failed: idle with dead letters; orphaned: of a type "
+    "the server's code lacks).",
 )
 @click.option("--tag", default=None, help="Only entities with this tag: key or key=value.")
 @click.option("--parent", default=None, help="Only the children of this entity URL.")
