@@ -109,6 +109,9 @@ class WorkerHost(Host, Protocol):
     @property
     def wake_timeout(self) -> float: ...
 
+    @property
+    def deploy_version(self) -> str | None: ...
+
 
 @dataclass(slots=True)
 class _Wake:
@@ -431,6 +434,8 @@ class WakeRunner:
         assert inflight is not None
         ctx.end_open_runs("completed")
         run = run_value(claim.record, current.wake, "completed", now - current.started)
+        if self.rt.deploy_version is not None:
+            run["deploy"] = self.rt.deploy_version
         run["sends"] = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
         run["spawns"] = [s.target.url for s in ctx.effects.spawns]
         return [event("runs", inflight.wake_id, run, now, txid=inflight.wake_id)]
@@ -446,6 +451,8 @@ class WakeRunner:
         final = inflight.attempt >= entity_type.max_attempts
         status = "dead_lettered" if final else "failed"
         run = run_value(claim.record, current.wake, status, now - current.started, error=error)
+        if rt.deploy_version is not None:
+            run["deploy"] = rt.deploy_version
         if isinstance(error, WakeTimeout):
             run["reason"] = "timeout"
         head = [

@@ -92,9 +92,12 @@ class Runtime(Reads):
         snapshot_every: int = 200,
         cache_entities: int = 1024,
         wake_timeout: float = DEFAULT_WAKE_TIMEOUT,
+        deploy_version: str | None = None,
     ) -> None:
         """``wake_timeout`` (seconds) is how long a wake may run when its type sets none: past
         it, the handler is cancelled and the attempt fails (see ``registry.define``).
+        ``deploy_version`` (e.g. a release tag or commit) is announced by this runtime's
+        workers and recorded in the ``runs`` row of every wake they run.
 
         Raises:
             ValueError: a timeout or lease that is not a positive number of seconds.
@@ -113,6 +116,7 @@ class Runtime(Reads):
         self.snapshot_every = snapshot_every
         self.cache_entities = cache_entities
         self.wake_timeout = wake_timeout
+        self.deploy_version = deploy_version
         self._opened = False
         self._local_worker: Worker | None = None
 
@@ -131,6 +135,7 @@ class Runtime(Reads):
             snapshot_every=self.snapshot_every,
             cache_entities=self.cache_entities,
             wake_timeout=self.wake_timeout,
+            deploy_version=self.deploy_version,
         )
 
     async def __aenter__(self) -> Runtime:

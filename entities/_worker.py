@@ -116,7 +116,12 @@ class Worker:
         )
         self.runner = WakeRunner(runtime, self.claimer, self._free_lane)
         self.watchdog = Watchdog(self.runner)  # names a handler that blocks the loop
-        self.affinity = Affinity(runtime.store, runtime.worker_id)
+        self.affinity = Affinity(
+            runtime.store,
+            runtime.worker_id,
+            [t.name for t in runtime.registry.list()],
+            runtime.deploy_version,
+        )
         self.alive_at: float | None = None  # when the loop last went round (time.monotonic)
         self._suspects: set[str] = set()  # running entities whose stream changed (a kill?)
         self._suspicion = anyio.Event()

@@ -224,11 +224,20 @@ def workers(server: str, token: str | None, output: str) -> None:
     if output == "json":
         click.echo(dumps(items))
         return
-    click.echo(f"{'WORKER':<24} {'LIVE':<5} {'HOST':<24} {'PID':>8}  LAPSES AT")
+    click.echo(
+        f"{'WORKER':<24} {'LIVE':<5} {'HOST':<24} {'PID':>8}  {'LAPSES AT':<32} "
+        f"{'VERSION':<12} TYPES"
+    )
     for w in items:
         lapses = datetime.datetime.fromtimestamp(w["expires"], datetime.UTC).isoformat()
         live = "yes" if w["live"] else "no"
-        click.echo(f"{w['id']:<24} {live:<5} {w['host']:<24} {w['pid']:>8}  {lapses}")
+        version = w.get("deploy_version") or "-"
+        served = w.get("types")
+        names = "(all)" if served is None else ",".join(served) or "(none)"
+        click.echo(
+            f"{w['id']:<24} {live:<5} {w['host']:<24} {w['pid']:>8}  {lapses:<32} "
+            f"{version:<12} {names}"
+        )
 
 
 @click.command("dead-letters")

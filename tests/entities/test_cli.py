@@ -145,6 +145,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             f"sqlite:///{directory / 'serve.db'}",
             "--port",
             str(port),
+            "--deploy-version",
+            "cli-test-1",
         ],
         log=directory / "serve.log",
         port=port,
@@ -165,9 +167,15 @@ def test_workers_lists_the_servers_own_worker(server: Server) -> None:
         time.sleep(0.05)
     assert [(w["pid"], w["live"]) for w in listed] == [(server.process.pid, True)]
     assert listed[0]["expires"] > time.time()
+    from examples.all import registry
+
+    names = sorted(t.name for t in registry.list())
+    assert (listed[0]["types"], listed[0]["deploy_version"]) == (names, "cli-test-1")
     table = ok(*server.args("workers")).splitlines()
     assert table[0].split()[:2] == ["WORKER", "LIVE"]
+    assert table[0].split()[-2:] == ["VERSION", "TYPES"]
     assert table[1].split()[:2] == [listed[0]["id"], "yes"]
+    assert table[1].split()[-2:] == ["cli-test-1", ",".join(names)]
 
 
 def test_types(server: Server) -> None:
