@@ -196,7 +196,9 @@ class WakeRunner:
         assert inflight is not None
         loaded = claim.loaded
         if loaded is None or loaded.to_offset != inflight.to_offset:
-            loaded = await self.claimer.load(claim.url, inflight.from_offset, inflight.to_offset)
+            loaded = await self.claimer.load(
+                claim.url, inflight.from_offset, inflight.to_offset, claim.record.created_at
+            )
         view, base, events = loaded.view, loaded.base_offset, loaded.events
         wake_events = [e for e in events if e["type"] in WAKE_TYPES]
         if not wake_events:
@@ -600,4 +602,4 @@ class WakeRunner:
             except _OWN_FAULTS as exc:
                 raise _Poison(exc) from exc
         self.claimer.remember(claim.url.url, commit.record)
-        self.claimer.remember_view(claim.url.url, inflight.to_offset, view)
+        self.claimer.remember_view(claim.url.url, inflight.to_offset, view, claim.record.created_at)

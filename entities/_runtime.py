@@ -44,6 +44,7 @@ from ._idempotency import (
     store_answer,
 )
 from ._pipeline.inbox import send_ops, spawn_ops
+from ._purge import purge
 from ._reads import Reads
 from ._records import (
     APP_NS,
@@ -405,6 +406,22 @@ class Runtime(Reads):
                 continue
             except StreamClosed:
                 return
+
+    async def purge(self, url: str, *, recursive: bool = False) -> list[str]:
+        """Delete the entity for good: its stream and every side-table row about it (record,
+        pending mark, snapshots, tags, dead letters, its schedules and timers, observer
+        registrations, idempotency keys, subscription links), in one transaction. A wake of it
+        running anywhere is fenced (its commit fails; it is cancelled as for a kill). The URL
+        is free afterwards: a spawn there starts a new entity that sees nothing of this one.
+        Children are kept (their finish wakes nobody) unless ``recursive``, which purges every
+        descendant too. Returns the URLs purged, ``url`` first.
+
+        Raises:
+            InvalidEntityURL: ``url`` is not ``/type/id``.
+            EntityNotFound: no entity at ``url``.
+            ConditionFailed: its records kept changing through every attempt (rare: retry).
+        """
+        return await purge(self.store, url, recursive=recursive)
 
     async def schedules(self, url: str) -> list[dict[str, Any]]:
         """The entity's schedules (cron and delayed sends) from its manifest.

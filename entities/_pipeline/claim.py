@@ -72,7 +72,9 @@ class Claimer:
         # empty (nothing to run by the time it was read): a measure of contention
         self.counts: Counter[str] = Counter()
         self.records: OrderedDict[str, bytes] = OrderedDict()
-        self.views: OrderedDict[str, tuple[str, View]] = OrderedDict()
+        # url -> (offset, view folded up to it, created_at of the entity it is of: a purged
+        # entity's view is never the start of a new one's at the same URL)
+        self.views: OrderedDict[str, tuple[str, View, float]] = OrderedDict()
         # url -> (not before this time, the pending mark it was found leased elsewhere under)
         self.blocked: dict[str, tuple[float, bytes | None]] = {}
 
@@ -119,17 +121,21 @@ class Claimer:
         while len(self.records) > self.cache_size:
             self.records.popitem(last=False)
 
-    def remember_view(self, url: str, offset: str, view: View) -> None:
-        """Cache the view of ``url`` folded up to ``offset`` (its last committed wake)."""
-        self.views[url] = (offset, view)
+    def remember_view(self, url: str, offset: str, view: View, born: float) -> None:
+        """Cache the view of ``url`` (the entity created at ``born``) folded up to ``offset``
+        (its last committed wake)."""
+        self.views[url] = (offset, view, born)
         self.views.move_to_end(url)
         while len(self.views) > self.cache_size:
             self.views.popitem(last=False)
 
-    async def load(self, url: EntityURL, acked: str, to_offset: str | None) -> Loaded:
-        """The view and events of a wake range (see :func:`~.load.load_range`), folded from
-        the cached view of ``url`` when there is one. Raises whatever the store raises."""
-        return await load_range(self.store, url, acked, to_offset, self.views.get(url.url))
+    async def load(self, url: EntityURL, acked: str, to_offset: str | None, born: float) -> Loaded:
+        """The view and events of a wake range (see :func:`~.load.load_range`) of the entity
+        at ``url`` created at ``born``, folded from its cached view when there is one. Raises
+        whatever the store raises."""
+        cached = self.views.get(url.url)
+        start = None if cached is None or cached[2] != born else cached[:2]
+        return await load_range(self.store, url, acked, to_offset, start)
 
     # -- claiming -------------------------------------------------------------------------------
 
@@ -199,7 +205,7 @@ class Claimer:
         loaded: Loaded | None = None
         if inflight is None:
             try:
-                loaded = await self.load(target, record.acked, None)
+                loaded = await self.load(target, record.acked, None, record.created_at)
             except (StreamNotFound, StreamGone):
                 return None
             if not any(e["type"] in WAKE_TYPES for e in loaded.events):

@@ -1,6 +1,6 @@
 """Client commands, over HTTP to ``entities serve`` (``--server``, ``--token``): ``spawn``,
 ``send``, ``view``, ``observe``, ``ps``, ``workers``, ``dead-letters``, ``retry``, ``discard``,
-``kill``, ``types``."""
+``kill``, ``delete``, ``types``."""
 
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ from ._common import (
     server_option,
     token_option,
 )
+from ._db import UsageProblem
 
 __all__ = [
     "STATUSES",
     "client_options",
     "dead_letters",
+    "delete",
     "discard",
     "kill",
     "observe",
@@ -288,6 +290,38 @@ def kill(url: str, server: str, token: str | None, output: str) -> None:
     """Stop an entity for good."""
     info = Client(server, token).request("DELETE", f"/_entities/entities{path_of(url)}")
     click.echo(dumps(info) if output == "json" else f"{info['url']} {info['status']}")
+
+
+@click.command()
+@click.argument("url")
+@client_options
+@click.option(
+    "--purge",
+    is_flag=True,
+    help="Required: delete the entity for good (its stream and every row about it).",
+)
+@click.option("--recursive", is_flag=True, help="Its descendants too (else they are kept).")
+@output_option
+def delete(
+    url: str, server: str, token: str | None, purge: bool, recursive: bool, output: str
+) -> None:
+    """Delete an entity for good: its stream, state, schedules, dead letters, idempotency keys
+    and subscriptions; the URL is then free to spawn again. Needs --purge (a kill stops an
+    entity and keeps its history: `entities kill URL`)."""
+    if not purge:
+        raise UsageProblem(
+            f"delete erases {url} and its history for good: say so with --purge "
+            "(to stop it and keep its data: entities kill URL)"
+        )
+    done = Client(server, token).request(
+        "DELETE",
+        f"/_entities/entities{path_of(url)}",
+        purge="true",
+        recursive="true" if recursive else None,
+    )
+    click.echo(
+        dumps(done) if output == "json" else "\n".join(f"purged {u}" for u in done["purged"])
+    )
 
 
 @click.command()

@@ -1,7 +1,7 @@
 """The ``entities`` command group. Server-side commands (they open ``--db`` themselves):
 ``serve``, ``worker``, ``run``, ``replay``. Client-side commands (over HTTP to ``--server``):
 ``spawn``, ``send``, ``view``, ``observe``, ``ps``, ``inspect``, ``schedules``, ``kill``,
-``types``, ``workers``, ``dead-letters``, ``retry``, ``discard``."""
+``delete``, ``types``, ``workers``, ``dead-letters``, ``retry``, ``discard``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import click
 
 from ._client_cmds import (
     dead_letters,
+    delete,
     discard,
     kill,
     observe,
@@ -68,6 +69,7 @@ for command in (
     inspect,
     schedules,
     kill,
+    delete,
     types,
     workers,
     dead_letters,

@@ -47,6 +47,10 @@ class ReceiptOut(_Open):
     offset: str
 
 
+class PurgedOut(BaseModel):
+    purged: list[str]
+
+
 class RepliesOut(_Open):
     key: str
     replies: list[Any]
@@ -59,6 +63,7 @@ _SCHEMAS: dict[str, type[BaseModel]] = {
     "EntityInfo": EntityInfoOut,
     "SendReceipt": ReceiptOut,
     "Replies": RepliesOut,
+    "Purged": PurgedOut,
     "SpawnBody": SpawnBody,
     "SendBody": SendBody,
     "CronBody": CronBody,
@@ -142,7 +147,12 @@ def openapi_document() -> dict[str, Any]:
             "put": _op("spawn", 201, info, body="SpawnBody", idempotent=True),
             "get": _op("inspect", 200, _OBJECT),
             "head": _op("whether it exists", 200, None),
-            "delete": _op("kill", 200, info),
+            "delete": _op(
+                "kill; with purge=true, delete for good (recursive=true: its descendants too)",
+                200,
+                {"anyOf": [info, _ref("Purged")]},
+                query=("purge", "recursive"),
+            ),
         },
         entity + "/send": {
             "parameters": _path_params("type", "id"),

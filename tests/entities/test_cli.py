@@ -236,6 +236,27 @@ def test_spawn_send_wait_ps_inspect_view_kill(server: Server) -> None:
     assert total() == 18
 
 
+def test_delete_needs_purge_then_frees_the_url(server: Server) -> None:
+    ok(*server.args("spawn", "/counter/d1"))
+    assert ok(*server.args("send", "/counter/d1", '{"add": 5}', "--json", "--wait", "10")) == "5\n"
+    refused = entities(*server.args("delete", "/counter/d1"))
+    assert refused.code == 2 and refused.out == "", refused
+    assert len(refused.err.strip().splitlines()) == 1, refused.err
+    assert "--purge" in refused.err and "entities kill" in refused.err
+    assert ok(*server.args("inspect", "/counter/d1", "-o", "json"))  # still there
+    assert ok(*server.args("delete", "/counter/d1", "--purge")) == "purged /counter/d1\n"
+    assert "ENTITY_NOT_FOUND" in fails(*server.args("inspect", "/counter/d1"))
+    missing = entities(*server.args("delete", "/counter/d1", "--purge"))
+    assert missing.code != 0 and "ENTITY_NOT_FOUND" in missing.err
+    assert len(missing.err.strip().splitlines()) == 1, missing.err
+    ok(*server.args("spawn", "/counter/d1"))  # the URL is free: a new counter, from zero
+    assert ok(*server.args("send", "/counter/d1", '{"add": 1}', "--json", "--wait", "10")) == "1\n"
+    done = orjson.loads(
+        ok(*server.args("delete", "/counter/d1", "--purge", "--recursive", "-o", "json"))
+    )
+    assert done == {"purged": ["/counter/d1"]}
+
+
 def test_chat_over_the_server(server: Server) -> None:
     ok(*server.args("spawn", "/chat/t1"))
     reply = ok(*server.args("send", "/chat/t1", "hi", "--wait", "10")).strip()
