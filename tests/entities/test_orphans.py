@@ -23,6 +23,7 @@ from entities import (
     VirtualClock,
     WakeEvent,
     collection,
+    entity,
 )
 from entities.server import create_app
 from tests._live import serving
@@ -153,3 +154,33 @@ async def test_orphans_over_http(shared_store_url: str) -> None:
         assert spawned.json()["error"]["code"] == "UNKNOWN_ENTITY_TYPE"
         killed = await http.delete("/_entities/entities/b/1")  # an orphan can still be killed
         assert killed.status_code == 200 and killed.json()["status"] == "stopped"
+
+
+def watcher_registry(woken: list[str] | None = None) -> Registry:
+    """``a`` (as above) and ``w``, which observes ``/a/1`` and records the wakes it gets."""
+    registry = registry_of("a")
+
+    @registry.define("w")
+    async def w(ctx: HandlerContext, wake: WakeEvent) -> None:
+        await ctx.observe(entity("/a/1"))
+        if woken is not None:
+            woken.extend(str(w.get("kind")) for w in wake.wakes)
+
+    return registry
+
+
+async def test_observer_wakes_of_an_orphan_are_kept(shared_store_url: str) -> None:
+    async with Runtime(watcher_registry(), shared_store_url) as old:
+        await old.spawn("/a/1")
+        await old.spawn("/w/1")
+        await old.run_until_idle()
+    async with Runtime(registry_of("a"), shared_store_url) as new:  # w's code is gone
+        await new.send("/a/1", "a change")
+        assert await new.run_until_idle() == 1
+        info = await new.get("/w/1")
+        assert info.status == "orphaned" and info.pending and info.queue == 1
+    woken: list[str] = []
+    async with Runtime(watcher_registry(woken), shared_store_url) as back:
+        assert await back.run_until_idle() == 1
+        assert woken == ["change"]  # the change it missed while orphaned
+        assert (await back.get("/w/1")).status == "idle"
