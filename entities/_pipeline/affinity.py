@@ -63,6 +63,11 @@ _MAX_REMEMBERED = 100_000
 _FORGET_AFTER = 3600.0
 
 
+def _serves(types: tuple[str, ...] | None, type_name: str) -> bool:
+    """Whether a worker announcing ``types`` (``None``: it did not say) runs ``type_name``."""
+    return types is None or type_name in types
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
     """A worker as its presence record describes it."""
@@ -77,7 +82,7 @@ class WorkerInfo:
 
     def serves(self, type_name: str) -> bool:
         """Whether it runs wakes of ``type_name`` (one that did not say serves every type)."""
-        return self.types is None or type_name in self.types
+        return _serves(self.types, type_name)
 
 
 async def read_presence(store: Store, now: float) -> list[WorkerInfo]:
@@ -114,10 +119,6 @@ def _weight(worker: str, url: str) -> int:
     and 1,000 URLs, 452/548 instead of about 500/500)."""
     digest = hashlib.blake2b(f"{worker}|{url}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
-
-
-def _serves(types: tuple[str, ...] | None, type_name: str) -> bool:
-    return types is None or type_name in types
 
 
 def _rotated(items: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
