@@ -17,6 +17,10 @@ What a purge leaves: delayed sends other entities scheduled *to* the URL (their 
 wherever the URL points when they fire: nowhere, or a new entity there), shared-state dbs the
 entity made (others may read them), and the type's recorded code location.
 
+Subscription links are removed from the stored subscriptions; a standalone streams server
+(``python -m streams``) running on the same database keeps its subscriptions in memory too, and
+sees the change only when it restarts (``entities serve`` serves no subscriptions).
+
 Finding the rows keyed other than by URL prefix (timers, observers, subscription links) scans
 those namespaces whole: a purge is an operator's action, not a request path.
 """
