@@ -64,7 +64,8 @@ class Reads:
         tags = await self._tags(record.url)
         dead = len(await self.store.kv_scan(DEAD_NS, f"{record.url}|"))
         paused = await self.store.kv_get(PAUSED_NS, record.url) is not None
-        info = info_of(record, pending, tags, dead, paused=paused)
+        orphaned = record.type not in self.registry
+        info = info_of(record, pending, tags, dead, paused=paused, orphaned=orphaned)
         return replace(info, queue=await self.queue_depth(record)) if pending else info
 
     async def queue_depth(self, record: EntityRecord, *, cap: int = 10_000) -> int:
@@ -119,7 +120,8 @@ class Reads:
         parent: str | None = None,
     ) -> list[EntityInfo]:
         """Entities, filtered by type, status (``idle``, ``running``, ``stopped``, ``paused``,
-        or ``failed``: idle with dead letters), parent and ``tag`` (``key`` or ``key=value``)."""
+        ``failed``: idle with dead letters, or ``orphaned``: of a type this runtime's registry
+        lacks), parent and ``tag`` (``key`` or ``key=value``)."""
         prefix = f"/{type}/" if type else ""
         rows = await self.store.kv_scan(ENTITY_NS, prefix)
         pending = {k for k, _ in await self.store.kv_scan(PENDING_NS, prefix)}
@@ -136,7 +138,8 @@ class Reads:
         for _key, raw in rows:
             record = EntityRecord.load(raw)
             info = info_of(record, record.url in pending, tags.get(record.url, {}),
-                           dead.get(record.url, 0), paused=record.url in paused)  # fmt: skip
+                           dead.get(record.url, 0), paused=record.url in paused,
+                           orphaned=record.type not in self.registry)  # fmt: skip
             if status is not None and info.status != status:
                 continue
             if parent is not None and record.parent != parent:
@@ -262,16 +265,16 @@ class Reads:
         self, url: str, view: dict[str, dict[str, Any]], *, migrate: bool = True
     ) -> dict[str, dict[str, Any]]:
         target = parse_url(url)
-        entity_type = self.registry.get(target.type)
         result: dict[str, dict[str, Any]] = {}
-        for name, definition in entity_type.state.items():
-            rows = view.get(definition.event_type(name), {})
-            if migrate and definition.version > 1:
-                rows = {
-                    k: stored_row(definition.upgrade(name, k, row, url=target.url))
-                    for k, row in rows.items()
-                }
-            result[name] = rows
+        if target.type in self.registry:  # an orphan's collections: those its stream holds
+            for name, definition in self.registry.get(target.type).state.items():
+                rows = view.get(definition.event_type(name), {})
+                if migrate and definition.version > 1:
+                    rows = {
+                        k: stored_row(definition.upgrade(name, k, row, url=target.url))
+                        for k, row in rows.items()
+                    }
+                result[name] = rows
         for type_, rows in view.items():
             if type_.startswith("state:") and type_[6:] not in result:
                 result[type_[6:]] = rows

@@ -257,11 +257,16 @@ def info_of(
     dead_letters: int = 0,
     *,
     paused: bool = False,
+    orphaned: bool = False,
 ) -> EntityInfo:
-    """The outside view of ``record``: its status is ``paused`` while it is paused and not
-    running, ``failed`` while it is idle with dead letters (``ps --status failed``)."""
+    """The outside view of ``record``: its status is ``orphaned`` (unless stopped) when
+    ``orphaned`` (the running code lacks its type, so nothing runs it until the type returns),
+    ``paused`` while it is paused and not running, ``failed`` while it is idle with dead
+    letters (``ps --status failed``)."""
     status: str = record.status
-    if status == "idle" and paused:
+    if orphaned and status != "stopped":
+        status = "orphaned"
+    elif status == "idle" and paused:
         status = "paused"
     elif status == "idle" and dead_letters > 0:
         status = "failed"

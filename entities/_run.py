@@ -114,6 +114,9 @@ class WorkerHost(Host, Protocol):
     @property
     def wake_timeout(self) -> float: ...
 
+    @property
+    def deploy_version(self) -> str | None: ...
+
 
 @dataclass(slots=True)
 class _Wake:
@@ -198,7 +201,9 @@ class WakeRunner:
         assert inflight is not None
         loaded = claim.loaded
         if loaded is None or loaded.to_offset != inflight.to_offset:
-            loaded = await self.claimer.load(claim.url, inflight.from_offset, inflight.to_offset)
+            loaded = await self.claimer.load(
+                claim.url, inflight.from_offset, inflight.to_offset, claim.record.created_at
+            )
         view, base, events = loaded.view, loaded.base_offset, loaded.events
         wake_events = [e for e in events if e["type"] in WAKE_TYPES]
         if not wake_events:
@@ -463,6 +468,8 @@ class WakeRunner:
         assert inflight is not None
         ctx.end_open_runs("completed")
         run = run_value(claim.record, current.wake, "completed", now - current.started)
+        if self.rt.deploy_version is not None:
+            run["deploy"] = self.rt.deploy_version
         run["sends"] = [[s.target.url, s.message_type, s.payload] for s in ctx.effects.sends]
         if ctx.resumption is not None:
             run["resumes"] = ctx.resumption.origin  # the run it finishes began there
@@ -512,6 +519,8 @@ class WakeRunner:
         final = inflight.attempt >= entity_type.max_attempts
         status = "dead_lettered" if final else "failed"
         run = run_value(claim.record, current.wake, status, now - current.started, error=error)
+        if rt.deploy_version is not None:
+            run["deploy"] = rt.deploy_version
         if isinstance(error, WakeTimeout):
             run["reason"] = "timeout"
         head = [
@@ -663,4 +672,6 @@ class WakeRunner:
         self.claimer.remember(claim.url.url, commit.record)
         wrote = events_between(base, inflight.to_offset) >= rt.snapshot_every  # a snapshot
         snapshot = inflight.to_offset if wrote else base
-        self.claimer.remember_view(claim.url.url, inflight.to_offset, view, snapshot)
+        self.claimer.remember_view(
+            claim.url.url, inflight.to_offset, view, snapshot, claim.record.created_at
+        )

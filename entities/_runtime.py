@@ -53,6 +53,7 @@ from ._idempotency import (
     store_answer,
 )
 from ._pipeline.inbox import message_event, send_ops, spawn_ops
+from ._purge import purge
 from ._records import (
     APP_NS,
     ENTITY_NS,
@@ -102,11 +103,14 @@ class Runtime(Control):
         cache_entities: int = 1024,
         wake_timeout: float = DEFAULT_WAKE_TIMEOUT,
         compact_every: float | None = 300.0,
+        deploy_version: str | None = None,
     ) -> None:
         """``wake_timeout`` (seconds) is how long a wake may run when its type sets none: past
         it, the handler is cancelled and the attempt fails (see ``registry.define``).
         ``compact_every`` (seconds; ``None``: never) is how often workers run a bounded round
-        of compaction (see :meth:`compact` and ``Retention``).
+        of compaction (see :meth:`compact` and ``Retention``). ``deploy_version`` (e.g. a
+        release tag or commit) is announced by this runtime's workers and recorded in the
+        ``runs`` row of every wake they run.
 
         Raises:
             ValueError: a timeout or lease that is not a positive number of seconds.
@@ -126,6 +130,7 @@ class Runtime(Control):
         self.cache_entities = cache_entities
         self.wake_timeout = wake_timeout
         self.compact_every = compact_every
+        self.deploy_version = deploy_version
         self._opened = False
         self._local_worker: Worker | None = None
 
@@ -145,6 +150,7 @@ class Runtime(Control):
             cache_entities=self.cache_entities,
             wake_timeout=self.wake_timeout,
             compact_every=self.compact_every,
+            deploy_version=self.deploy_version,
         )
 
     async def __aenter__(self) -> Runtime:
@@ -469,6 +475,22 @@ class Runtime(Control):
                 continue
             except StreamClosed:
                 return
+
+    async def purge(self, url: str, *, recursive: bool = False) -> list[str]:
+        """Delete the entity for good: its stream and every side-table row about it (record,
+        pending mark, snapshots, tags, dead letters, its schedules and timers, observer
+        registrations, idempotency keys, subscription links), in one transaction. A wake of it
+        running anywhere is fenced (its commit fails; it is cancelled as for a kill). The URL
+        is free afterwards: a spawn there starts a new entity that sees nothing of this one.
+        Children are kept (their finish wakes nobody) unless ``recursive``, which purges every
+        descendant too. Returns the URLs purged, ``url`` first.
+
+        Raises:
+            InvalidEntityURL: ``url`` is not ``/type/id``.
+            EntityNotFound: no entity at ``url``.
+            ConditionFailed: its records kept changing through every attempt (rare: retry).
+        """
+        return await purge(self.store, url, recursive=recursive)
 
     async def schedules(self, url: str) -> list[dict[str, Any]]:
         """The entity's schedules (cron and delayed sends) from its manifest.

@@ -119,7 +119,12 @@ class Worker:
         )
         self.runner = WakeRunner(runtime, self.claimer, self._free_lane)
         self.watchdog = Watchdog(self.runner)  # names a handler that blocks the loop
-        self.affinity = Affinity(runtime.store, runtime.worker_id)
+        self.affinity = Affinity(
+            runtime.store,
+            runtime.worker_id,
+            [t.name for t in runtime.registry.list()],
+            runtime.deploy_version,
+        )
         self.alive_at: float | None = None  # when the loop last went round (time.monotonic)
         self._suspects: set[str] = set()  # running entities whose stream changed (a kill?)
         self._suspicion = anyio.Event()
@@ -432,7 +437,11 @@ class Worker:
         self, url: str, token: bytes | None = None, *, stolen: bool = False
     ) -> Claim | None:
         """Take the lease on ``url`` if it has work and nobody else holds it (see
-        :meth:`~entities._pipeline.claim.Claimer.claim`). Raises whatever the store raises."""
+        :meth:`~entities._pipeline.claim.Claimer.claim`); ``None`` for an entity of a type this
+        worker's registry lacks (an orphan: it waits for a worker that has its type). Raises
+        whatever the store raises."""
+        if not self._ours([(url, b"")]):
+            return None
         return await self.claimer.claim(url, token, stolen=stolen)
 
     async def _heartbeats(self) -> None:

@@ -7,6 +7,13 @@ the live worker ids, so workers sharing a store split the pending entities betwe
 of all racing for the same ones: claims are rarely lost to another worker, and an entity's wakes
 keep landing on the worker whose caches (entity record, folded view) are warm.
 
+Workers announce the entity types they serve (and their deploy version) in the same record, and
+an entity prefers only among the live workers that serve its type: during a rolling deploy, old
+and new workers with different registries share the store, and a wake of a type only the new
+code has is neither preferred by, nor ever claimed by, an old worker (a worker claims only the
+types its registry defines, see ``Worker._ours``). A record without ``types`` (a worker of an
+earlier version) counts as serving every type.
+
 Affinity is a preference, never a rule: leases and fencing keep correctness whoever runs a wake.
 An entity preferred by another worker is taken once it has been seen pending for
 ``STEAL_AFTER`` seconds (that worker is busy, slow or dead), so no entity waits on one worker;
@@ -22,7 +29,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -56,6 +63,11 @@ _MAX_REMEMBERED = 100_000
 _FORGET_AFTER = 3600.0
 
 
+def _serves(types: tuple[str, ...] | None, type_name: str) -> bool:
+    """Whether a worker announcing ``types`` (``None``: it did not say) runs ``type_name``."""
+    return types is None or type_name in types
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
     """A worker as its presence record describes it."""
@@ -65,6 +77,12 @@ class WorkerInfo:
     pid: int
     expires: float  # store clock time at which its presence lapses unless renewed
     live: bool  # renewed recently enough to count (``expires`` is in the future)
+    types: tuple[str, ...] | None = None  # the entity types it serves (None: not announced)
+    deploy_version: str | None = None  # what ``--deploy-version`` it runs with, if any
+
+    def serves(self, type_name: str) -> bool:
+        """Whether it runs wakes of ``type_name`` (one that did not say serves every type)."""
+        return _serves(self.types, type_name)
 
 
 async def read_presence(store: Store, now: float) -> list[WorkerInfo]:
@@ -78,8 +96,12 @@ async def read_presence(store: Store, now: float) -> list[WorkerInfo]:
         try:
             value = orjson.loads(raw)
             expires = float(value["expires"])
+            types = value.get("types")
+            deploy = value.get("deploy")
             info = WorkerInfo(key, str(value.get("host", "")), int(value.get("pid", 0)),
-                              expires, expires > now)  # fmt: skip
+                              expires, expires > now,
+                              None if types is None else tuple(str(t) for t in types),
+                              None if deploy is None else str(deploy))  # fmt: skip
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             continue  # not a presence record this version understands: ignore it
         if expires < now - _FORGET_AFTER:
@@ -108,12 +130,25 @@ def _rotated(items: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
 
 
 class Affinity:
-    """One worker's view of the live workers, and the order it takes pending entities in."""
+    """One worker's view of the live workers, and the order it takes pending entities in.
 
-    def __init__(self, store: Store, worker_id: str) -> None:
+    ``types`` are the entity types this worker serves (announced; ``None``: not announced, as a
+    worker of an earlier version), ``deploy_version`` the version it announces."""
+
+    def __init__(
+        self,
+        store: Store,
+        worker_id: str,
+        types: Iterable[str] | None = None,
+        deploy_version: str | None = None,
+    ) -> None:
         self.store = store
         self.worker_id = worker_id
+        self.types = None if types is None else tuple(sorted(types))
+        self.deploy_version = deploy_version
         self.live: tuple[str, ...] = (worker_id,)
+        # live worker id -> the types it serves (None: every type); ``live`` is its key set
+        self._serving: dict[str, tuple[str, ...] | None] = {worker_id: self.types}
         self._read_at = -float("inf")
         self._changed = True  # the presence records changed since they were read
         self._mine: dict[str, bool] = {}  # url -> preferred by this worker (for ``live``)
@@ -123,7 +158,15 @@ class Affinity:
 
     def presence(self, now: float) -> KvPut:
         """The write that announces (or renews) this worker until ``now + PRESENCE_TTL``."""
-        value = {"expires": now + PRESENCE_TTL, "pid": os.getpid(), "host": socket.gethostname()}
+        value: dict[str, object] = {
+            "expires": now + PRESENCE_TTL,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+        if self.types is not None:
+            value["types"] = list(self.types)
+        if self.deploy_version is not None:
+            value["deploy"] = self.deploy_version
         return KvPut(WORKER_NS, self.worker_id, orjson.dumps(value))
 
     def absence(self) -> KvPut:
@@ -144,19 +187,27 @@ class Affinity:
         if not self._changed and tick - self._read_at < REFRESH_SECONDS:
             return
         self._read_at, self._changed = tick, False
-        live = {self.worker_id} | {w.id for w in await read_presence(self.store, now) if w.live}
-        ordered = tuple(sorted(live))
-        if ordered != self.live:
-            self.live = ordered
+        serving = {w.id: w.types for w in await read_presence(self.store, now) if w.live}
+        serving[self.worker_id] = self.types
+        ordered = tuple(sorted(serving))
+        if ordered != self.live or serving != self._serving:
+            self.live, self._serving = ordered, serving
             self._mine.clear()
 
     def prefers(self, url: str) -> bool:
-        """Whether ``url`` prefers this worker among the live ones (rendezvous hashing)."""
+        """Whether ``url`` prefers this worker among the live ones that serve its type
+        (rendezvous hashing)."""
         mine = self._mine.get(url)
         if mine is None:
             if len(self._mine) >= _MAX_REMEMBERED:
                 self._mine.clear()
-            best = max(self.live, key=lambda worker: (_weight(worker, url), worker))
+            candidates = self.live
+            if len(candidates) > 1:
+                type_name = url.split("/", 2)[1] if url.count("/") >= 2 else ""
+                candidates = tuple(
+                    w for w in self.live if _serves(self._serving.get(w), type_name)
+                ) or (self.worker_id,)
+            best = max(candidates, key=lambda worker: (_weight(worker, url), worker))
             mine = self._mine[url] = best == self.worker_id
         return mine
 

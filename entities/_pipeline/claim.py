@@ -77,7 +77,9 @@ class Claimer:
         # empty (nothing to run by the time it was read): a measure of contention
         self.counts: Counter[str] = Counter()
         self.records: OrderedDict[str, bytes] = OrderedDict()
-        self.views: OrderedDict[str, tuple[str, View]] = OrderedDict()
+        # url -> (offset, view folded up to it, created_at of the entity it is of: a purged
+        # entity's view is never the start of a new one's at the same URL)
+        self.views: OrderedDict[str, tuple[str, View, float]] = OrderedDict()
         # url -> the offset of its last stored snapshot, as far as this worker knows (what the
         # next snapshot is counted from while its view comes from the cache)
         self.snapshots: dict[str, str] = {}
@@ -127,23 +129,25 @@ class Claimer:
         while len(self.records) > self.cache_size:
             self.records.popitem(last=False)
 
-    def remember_view(self, url: str, offset: str, view: View, snapshot: str) -> None:
-        """Cache the view of ``url`` folded up to ``offset`` (its last committed wake), and
-        the offset of its last stored snapshot (``-1``: none)."""
-        self.views[url] = (offset, view)
+    def remember_view(self, url: str, offset: str, view: View, snapshot: str, born: float) -> None:
+        """Cache the view of ``url`` (the entity created at ``born``) folded up to ``offset``
+        (its last committed wake), and the offset of its last stored snapshot (``-1``: none)."""
+        self.views[url] = (offset, view, born)
         self.snapshots[url] = snapshot
         self.views.move_to_end(url)
         while len(self.views) > self.cache_size:
             self.snapshots.pop(self.views.popitem(last=False)[0], None)
 
-    async def load(self, url: EntityURL, acked: str, to_offset: str | None) -> Loaded:
-        """The view and events of a wake range (see :func:`~.load.load_range`), folded from
-        the cached view of ``url`` when there is one; then its ``base_offset`` is that of the
-        entity's last snapshot (so snapshots keep being written every ``snapshot_every``
-        events while the cache is warm). Raises whatever the store raises."""
+    async def load(self, url: EntityURL, acked: str, to_offset: str | None, born: float) -> Loaded:
+        """The view and events of a wake range (see :func:`~.load.load_range`) of the entity
+        at ``url`` created at ``born``, folded from its cached view when there is one; then its
+        ``base_offset`` is that of the entity's last snapshot (so snapshots keep being written
+        every ``snapshot_every`` events while the cache is warm). Raises whatever the store
+        raises."""
         cached = self.views.get(url.url)
-        loaded = await load_range(self.store, url, acked, to_offset, cached)
-        if cached is not None and loaded.base_offset == cached[0]:
+        start = None if cached is None or cached[2] != born else (cached[0], cached[1])
+        loaded = await load_range(self.store, url, acked, to_offset, start)
+        if start is not None and loaded.base_offset == start[0]:
             loaded.base_offset = self.snapshots.get(url.url, loaded.base_offset)
         return loaded
 
@@ -215,7 +219,7 @@ class Claimer:
         loaded: Loaded | None = None
         if inflight is None:
             try:
-                loaded = await self.load(target, record.acked, None)
+                loaded = await self.load(target, record.acked, None, record.created_at)
             except (StreamNotFound, StreamGone):
                 return None
             if not any(e["type"] in WAKE_TYPES for e in loaded.events):

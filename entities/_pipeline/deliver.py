@@ -37,11 +37,16 @@ async def parent_ops(
     now: float,
 ) -> list[Op]:
     """Operations that wake the parent with ``finished_child`` (if the entity was spawned with
-    ``wake="run_finished"`` and its parent still runs). Raises whatever the store raises."""
+    ``wake="run_finished"`` and its parent still runs: not stopped, not purged, and not an
+    entity spawned at the parent's URL after a purge, which is younger than the child).
+    Raises whatever the store raises."""
     if record.parent is None or record.parent_wake != "run_finished":
         return []
     raw = await store.kv_get(ENTITY_NS, record.parent)
-    if raw is None or EntityRecord.load(raw).status == "stopped":
+    if raw is None:
+        return []
+    parent = EntityRecord.load(raw)
+    if parent.status == "stopped" or parent.created_at > record.created_at:
         return []
     inflight = record.inflight
     assert inflight is not None

@@ -1,6 +1,6 @@
 """Client commands, over HTTP to ``entities serve`` (``--server``, ``--token``): ``spawn``,
 ``send``, ``view``, ``observe``, ``ps``, ``workers``, ``dead-letters``, ``retry``, ``discard``,
-``kill``, ``types``."""
+``kill``, ``delete``, ``types``."""
 
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ from ._common import (
     server_option,
     token_option,
 )
+from ._db import UsageProblem
 
 __all__ = [
     "STATUSES",
     "client_options",
     "dead_letters",
+    "delete",
     "discard",
     "kill",
     "observe",
@@ -45,8 +47,14 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# what ``ps --status`` may ask for: the record's statuses, and ``failed`` (idle with dead letters)
-STATUSES = (*get_args(EntityRecord.model_fields["status"].annotation), "paused", "failed")
+# what ``ps --status`` may ask for: the record's statuses, ``paused``, ``failed`` (idle with
+# dead letters) and ``orphaned`` (of a type the server's code lacks)
+STATUSES = (
+    *get_args(EntityRecord.model_fields["status"].annotation),
+    "paused",
+    "failed",
+    "orphaned",
+)
 
 
 def client_options(fn: F) -> F:
@@ -204,7 +212,8 @@ def observe(
     "--status",
     default=None,
     type=click.Choice(STATUSES),
-    help="Only entities in this status (failed: idle with dead letters).",
+    help="Only entities in this status (failed: idle with dead letters; orphaned: of a type "
+    "the server's code lacks).",
 )
 @click.option("--tag", default=None, help="Only entities with this tag: key or key=value.")
 @click.option("--parent", default=None, help="Only the children of this entity URL.")
@@ -244,11 +253,20 @@ def workers(server: str, token: str | None, output: str) -> None:
     if output == "json":
         click.echo(dumps(items))
         return
-    click.echo(f"{'WORKER':<24} {'LIVE':<5} {'HOST':<24} {'PID':>8}  LAPSES AT")
+    click.echo(
+        f"{'WORKER':<24} {'LIVE':<5} {'HOST':<24} {'PID':>8}  {'LAPSES AT':<32} "
+        f"{'VERSION':<12} TYPES"
+    )
     for w in items:
         lapses = datetime.datetime.fromtimestamp(w["expires"], datetime.UTC).isoformat()
         live = "yes" if w["live"] else "no"
-        click.echo(f"{w['id']:<24} {live:<5} {w['host']:<24} {w['pid']:>8}  {lapses}")
+        version = w.get("deploy_version") or "-"
+        served = w.get("types")
+        names = "(all)" if served is None else ",".join(served) or "(none)"
+        click.echo(
+            f"{w['id']:<24} {live:<5} {w['host']:<24} {w['pid']:>8}  {lapses:<32} "
+            f"{version:<12} {names}"
+        )
 
 
 @click.command("dead-letters")
@@ -384,6 +402,38 @@ def fork(
     body: dict[str, Any] = {"id": new_id} if at is None else {"id": new_id, "at": at}
     info = Client(server, token).request("POST", f"/_entities/entities{path_of(url)}/fork", body)
     click.echo(dumps(info) if output == "json" else f"{info['url']} forked from {path_of(url)}")
+
+
+@click.command()
+@click.argument("url")
+@client_options
+@click.option(
+    "--purge",
+    is_flag=True,
+    help="Required: delete the entity for good (its stream and every row about it).",
+)
+@click.option("--recursive", is_flag=True, help="Its descendants too (else they are kept).")
+@output_option
+def delete(
+    url: str, server: str, token: str | None, purge: bool, recursive: bool, output: str
+) -> None:
+    """Delete an entity for good: its stream, state, schedules, dead letters, idempotency keys
+    and subscriptions; the URL is then free to spawn again. Needs --purge (a kill stops an
+    entity and keeps its history: `entities kill URL`)."""
+    if not purge:
+        raise UsageProblem(
+            f"delete erases {url} and its history for good: say so with --purge "
+            "(to stop it and keep its data: entities kill URL)"
+        )
+    done = Client(server, token).request(
+        "DELETE",
+        f"/_entities/entities{path_of(url)}",
+        purge="true",
+        recursive="true" if recursive else None,
+    )
+    click.echo(
+        dumps(done) if output == "json" else "\n".join(f"purged {u}" for u in done["purged"])
+    )
 
 
 @click.command()

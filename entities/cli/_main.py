@@ -1,8 +1,8 @@
 """The ``entities`` command group. Server-side commands (they open ``--db`` themselves):
 ``serve``, ``worker``, ``run``, ``replay``, ``check``. Client-side commands (over HTTP to
 ``--server``): ``spawn``, ``send``, ``view``, ``observe``, ``ps``, ``inspect``, ``schedules``,
-``kill``, ``fork``, ``signal``, ``approvals``, ``approve``, ``deny``, ``types``, ``workers``,
-``dead-letters``, ``retry``, ``discard``, ``compact``."""
+``kill``, ``delete``, ``fork``, ``signal``, ``approvals``, ``approve``, ``deny``, ``types``,
+``workers``, ``dead-letters``, ``retry``, ``discard``, ``compact``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ._client_cmds import (
     approvals,
     approve,
     dead_letters,
+    delete,
     deny,
     discard,
     fork,
@@ -77,6 +78,7 @@ for command in (
     inspect,
     schedules,
     kill,
+    delete,
     fork,
     signal,
     approvals,

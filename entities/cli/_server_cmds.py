@@ -46,6 +46,15 @@ logger = logging.getLogger("entities.cli")
 # how long ``serve`` and ``worker`` wait for a PostgreSQL that does not answer yet
 DB_WAIT_SECONDS = 15.0
 
+deploy_version_option = click.option(
+    "--deploy-version",
+    envvar="ENTITIES_DEPLOY_VERSION",
+    default=None,
+    help="A name for the code this process runs (a release tag, a commit; env "
+    "ENTITIES_DEPLOY_VERSION): announced with the worker's types (`entities workers`) and "
+    "recorded in the runs row of every wake it runs.",
+)
+
 
 def _check_port(host: str, port: int) -> None:
     """Fail in one line when ``host:port`` cannot be listened on (in use, not an address of
@@ -139,6 +148,7 @@ def _auth_of(auth_file: str | None, token: str | None) -> AuthConfig | None:
 @lease_option
 @wake_timeout_option
 @compact_every_option
+@deploy_version_option
 def serve(
     app: str,
     db: str,
@@ -157,6 +167,7 @@ def serve(
     lease_seconds: float,
     wake_timeout: float,
     compact_every: float,
+    deploy_version: str | None,
 ) -> None:
     """Serve HTTP (control plane, Durable Streams, console at /ui/) with an embedded worker.
 
@@ -200,6 +211,7 @@ def serve(
                 lease_seconds=lease_seconds,
                 wake_timeout=wake_timeout,
                 compact_every=compact_every or None,
+                deploy_version=deploy_version,
             ) as rt,
         ):
             await run_serve(rt, options, ready=ready)
@@ -227,6 +239,7 @@ def serve(
 @click.option(
     "--metrics-host", default="127.0.0.1", show_default=True, help="Address of --metrics-port."
 )
+@deploy_version_option
 def worker(
     app: str,
     db: str,
@@ -237,6 +250,7 @@ def worker(
     compact_every: float,
     metrics_port: int | None,
     metrics_host: str,
+    deploy_version: str | None,
 ) -> None:
     """Run wakes only (no HTTP API; with --metrics-port, the operations endpoints).
     SIGTERM/SIGINT drain in-flight wakes, then exit.
@@ -256,16 +270,24 @@ def worker(
                 lease_seconds=lease_seconds,
                 wake_timeout=wake_timeout,
                 compact_every=compact_every or None,
+                deploy_version=deploy_version,
             ) as rt,
         ):
             stop = anyio.Event()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_stop_on_signals, stop)
+                names = [t.name for t in registry.list()]
+                version = f", version {deploy_version}" if deploy_version else ""
                 _announce(
-                    [f"entities: worker {rt.worker_id} on {redact(db)}"],
+                    [
+                        f"entities: worker {rt.worker_id} on {redact(db)} "
+                        f"(types: {', '.join(names) or '(none)'}{version})"
+                    ],
                     f"worker {rt.worker_id} started",
                     worker=rt.worker_id,
                     db=redact(db),
+                    types=names,
+                    deploy_version=deploy_version,
                 )
                 runner = rt.worker()
                 if metrics_port is not None:

@@ -11,6 +11,7 @@ request                                                       action    url
 ``PUT /_entities/entities/{type}/{id}``                       spawn     the entity
 ``GET``/``HEAD /_entities/entities/{type}/{id}``              read      the entity
 ``DELETE /_entities/entities/{type}/{id}``                    kill      the entity
+``DELETE …/{type}/{id}?purge=true`` (delete for good)          admin     the entity
 ``POST …/send``                                               send      the entity
 ``GET …/replies/{key}``, ``GET …/schedules``                  read      the entity
 ``PUT``/``DELETE …/schedules/{id}``                           send      the entity
@@ -32,13 +33,14 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._auth import Action, AuthConfig, Principal
 from ._console import is_console_path
 from ._ops import PUBLIC_PATHS
-from ._routes import PRINCIPAL_KEY, error_response
+from ._routes import FLAG_VALUES, PRINCIPAL_KEY, error_response
 
 __all__ = [
     "LOOPBACK_NAMES",
@@ -56,12 +58,15 @@ _CONTROL_METHODS = "GET, HEAD, POST, PUT, DELETE"
 _CONTROL_HEADERS = "Authorization, Content-Type, Idempotency-Key"
 
 
-def _entity_action(method: str, rest: list[str]) -> Action:
-    """The action of ``/_entities/entities/{type}/{id}/REST...``."""
+def _entity_action(method: str, rest: list[str], query: str = "") -> Action:
+    """The action of ``/_entities/entities/{type}/{id}/REST...`` (``query``: its query string).
+    A purge needs ``admin``: it erases the entity's history, which a kill keeps."""
     if not rest:
         if method == "PUT":
             return "spawn"
-        return "kill" if method == "DELETE" else "read"
+        if method == "DELETE":
+            return "admin" if _purges(query) else "kill"
+        return "read"
     head = rest[0]
     if head in ("send", "inbox"):
         return "send"  # inbox: cancel or edit a queued message
@@ -78,9 +83,19 @@ def _entity_action(method: str, rest: list[str]) -> Action:
     return "admin"  # tags, compact, and any route this table does not know
 
 
-def required(method: str, path: str, streams_base: str = "/v1/stream") -> tuple[Action, str] | None:
+def _purges(query: str) -> bool:
+    """Whether a query string asks for a purge: any ``purge`` but a false one (a malformed
+    value is refused by the route, after this check, so it is taken for a purge here)."""
+    values = parse_qs(query, keep_blank_values=True).get("purge", [])
+    return any(FLAG_VALUES.get(v.lower(), True) for v in values)
+
+
+def required(
+    method: str, path: str, streams_base: str = "/v1/stream", query: str = ""
+) -> tuple[Action, str] | None:
     """What a request needs: ``(action, entity URL)``, ``(action, "-")`` for a route about no
-    one entity, or ``None`` for a public one (see the module's table)."""
+    one entity, or ``None`` for a public one (see the module's table). ``query`` is the query
+    string (``purge=true`` makes a DELETE need ``admin``)."""
     if method == "OPTIONS" or path in PUBLIC_PATHS:
         return None
     if method == "GET" and is_console_path(path):
@@ -90,7 +105,7 @@ def required(method: str, path: str, streams_base: str = "/v1/stream") -> tuple[
     if path.startswith(_ENTITY_PREFIX):
         parts = path[len(_ENTITY_PREFIX) :].split("/")
         if len(parts) >= 2 and parts[0] and parts[1]:
-            return _entity_action(method, parts[2:]), f"/{parts[0]}/{parts[1]}"
+            return _entity_action(method, parts[2:], query), f"/{parts[0]}/{parts[1]}"
         return ("admin", _GLOBAL)
     if path.startswith(streams_base + "/"):
         parts = path[len(streams_base) + 1 :].split("/")
@@ -128,7 +143,8 @@ class Authorize:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        need = required(scope["method"], scope["path"], self.streams_base)
+        query = scope.get("query_string", b"").decode("latin-1")
+        need = required(scope["method"], scope["path"], self.streams_base, query)
         if need is None:
             await self.app(scope, receive, send)
             return

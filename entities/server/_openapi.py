@@ -67,6 +67,10 @@ class CompactionOut(_Open):
     truncated: dict[str, str]
 
 
+class PurgedOut(BaseModel):
+    purged: list[str]
+
+
 class RepliesOut(_Open):
     key: str
     replies: list[Any]
@@ -80,6 +84,7 @@ _SCHEMAS: dict[str, type[BaseModel]] = {
     "SendReceipt": ReceiptOut,
     "Replies": RepliesOut,
     "Compaction": CompactionOut,
+    "Purged": PurgedOut,
     "SpawnBody": SpawnBody,
     "SendBody": SendBody,
     "ForkBody": ForkBody,
@@ -167,7 +172,12 @@ def openapi_document() -> dict[str, Any]:
             "put": _op("spawn", 201, info, body="SpawnBody", idempotent=True),
             "get": _op("inspect", 200, _OBJECT),
             "head": _op("whether it exists", 200, None),
-            "delete": _op("kill", 200, info),
+            "delete": _op(
+                "kill; with purge=true, delete for good (recursive=true: its descendants too)",
+                200,
+                {"anyOf": [info, _ref("Purged")]},
+                query=("purge", "recursive"),
+            ),
         },
         entity + "/send": {
             "parameters": _path_params("type", "id"),

@@ -25,6 +25,7 @@ from .._urls import EntityURL, check_segment, parse_url
 from ._auth import Principal
 
 __all__ = [
+    "FLAG_VALUES",
     "PRINCIPAL_KEY",
     "CronBody",
     "DecisionBody",
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 PRINCIPAL_KEY = "entities.principal"  # where ``_access.Authorize`` leaves the request's principal
+# what a boolean query parameter (``?purge=true``) may say
+FLAG_VALUES = {"true": True, "1": True, "false": False, "0": False}
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -153,6 +156,18 @@ def _target(request: Request) -> EntityURL:
         )
     except EntitiesError as exc:
         raise _Problem(exc.status, exc.code, exc.message) from None
+
+
+def _flag(request: Request, name: str) -> bool:
+    """The boolean query parameter ``name`` (``true``/``1``, ``false``/``0``; absent: false).
+
+    Raises:
+        _Problem: another value (400).
+    """
+    value = request.query_params.get(name, "false").lower()
+    if value not in FLAG_VALUES:
+        raise _Problem(400, "BAD_REQUEST", f"{name} must be true or false, not {value!r}")
+    return FLAG_VALUES[value]
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -295,6 +310,12 @@ class _ControlPlane:
 
     async def kill(self, request: Request) -> Response:
         target = _target(request)
+        purge, recursive = _flag(request, "purge"), _flag(request, "recursive")
+        if purge:
+            purged = await self.runtime.purge(target.url, recursive=recursive)
+            return json_response({"purged": purged})
+        if recursive:
+            raise _Problem(400, "BAD_REQUEST", "recursive=true goes with purge=true")
         await self.runtime.kill(target.url)
         return json_response((await self.runtime.get(target.url)).to_json())
 

@@ -237,3 +237,37 @@ async def test_a_stolen_claim_goes_ahead_only_under_the_mark_it_was_seen_with(
         claim = await worker.claim(url, seen, stolen=True)
         assert claim is not None and claim.record.epoch == found[0].epoch + 1
         assert worker.claims == {"won": 1}
+
+
+async def test_an_entity_prefers_only_workers_that_serve_its_type(store_url: str) -> None:
+    """A rolling deploy: ``old`` serves a and b, ``new`` a and c, ``legacy`` (a record of an
+    earlier version, without types) everything. Each entity prefers among the workers that
+    serve its type, so none waits ``STEAL_AFTER`` for a worker that will never take it."""
+    async with open_store(store_url) as store:
+        now = time.time()
+        old = Affinity(store, "old", ["b", "a"], "v1")
+        new = Affinity(store, "new", ["a", "c"], "v2")
+        await store.commit([old.presence(now), new.presence(now)])
+        await old.refresh(now)
+        await new.refresh(now)
+        urls = {t: [f"/{t}/e{i}" for i in range(200)] for t in "abc"}
+        assert all(old.prefers(u) and not new.prefers(u) for u in urls["b"])
+        assert all(new.prefers(u) and not old.prefers(u) for u in urls["c"])
+        mine_old = {u for u in urls["a"] if old.prefers(u)}
+        mine_new = {u for u in urls["a"] if new.prefers(u)}
+        assert mine_old.isdisjoint(mine_new) and mine_old | mine_new == set(urls["a"])
+        assert 50 < len(mine_old) < 150
+        # old's own pending entities (it only ever looks at a and b): none held back
+        pending = [(u, b"t") for u in urls["b"]]
+        assert len(old.order(pending)) == len(pending) and old.next_steal() is None
+        # what ``entities workers`` shows
+        shown = {w.id: w for w in await Runtime(Registry(), store).workers()}
+        assert (shown["old"].types, shown["old"].deploy_version) == (("a", "b"), "v1")
+        assert (shown["new"].types, shown["new"].deploy_version) == (("a", "c"), "v2")
+        assert shown["new"].serves("c") and not shown["new"].serves("b")
+        # a worker of an earlier version (no types announced) counts as serving every type
+        await store.commit([_presence("legacy", now + 60)])
+        old.changed()
+        await old.refresh(now)
+        assert old.live == ("legacy", "new", "old")
+        assert not all(old.prefers(u) for u in urls["b"])  # legacy takes its share of b

@@ -145,6 +145,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             f"sqlite:///{directory / 'serve.db'}",
             "--port",
             str(port),
+            "--deploy-version",
+            "cli-test-1",
         ],
         log=directory / "serve.log",
         port=port,
@@ -165,9 +167,15 @@ def test_workers_lists_the_servers_own_worker(server: Server) -> None:
         time.sleep(0.05)
     assert [(w["pid"], w["live"]) for w in listed] == [(server.process.pid, True)]
     assert listed[0]["expires"] > time.time()
+    from examples.all import registry
+
+    names = sorted(t.name for t in registry.list())
+    assert (listed[0]["types"], listed[0]["deploy_version"]) == (names, "cli-test-1")
     table = ok(*server.args("workers")).splitlines()
     assert table[0].split()[:2] == ["WORKER", "LIVE"]
+    assert table[0].split()[-2:] == ["VERSION", "TYPES"]
     assert table[1].split()[:2] == [listed[0]["id"], "yes"]
+    assert table[1].split()[-2:] == ["cli-test-1", ",".join(names)]
 
 
 def test_types(server: Server) -> None:
@@ -226,6 +234,27 @@ def test_spawn_send_wait_ps_inspect_view_kill(server: Server) -> None:
     stopped = orjson.loads(ok(*server.args("ps", "-o", "json", "--status", "stopped")))
     assert "/counter/k1" in {item["url"] for item in stopped}
     assert total() == 18
+
+
+def test_delete_needs_purge_then_frees_the_url(server: Server) -> None:
+    ok(*server.args("spawn", "/counter/d1"))
+    assert ok(*server.args("send", "/counter/d1", '{"add": 5}', "--json", "--wait", "10")) == "5\n"
+    refused = entities(*server.args("delete", "/counter/d1"))
+    assert refused.code == 2 and refused.out == "", refused
+    assert len(refused.err.strip().splitlines()) == 1, refused.err
+    assert "--purge" in refused.err and "entities kill" in refused.err
+    assert ok(*server.args("inspect", "/counter/d1", "-o", "json"))  # still there
+    assert ok(*server.args("delete", "/counter/d1", "--purge")) == "purged /counter/d1\n"
+    assert "ENTITY_NOT_FOUND" in fails(*server.args("inspect", "/counter/d1"))
+    missing = entities(*server.args("delete", "/counter/d1", "--purge"))
+    assert missing.code != 0 and "ENTITY_NOT_FOUND" in missing.err
+    assert len(missing.err.strip().splitlines()) == 1, missing.err
+    ok(*server.args("spawn", "/counter/d1"))  # the URL is free: a new counter, from zero
+    assert ok(*server.args("send", "/counter/d1", '{"add": 1}', "--json", "--wait", "10")) == "1\n"
+    done = orjson.loads(
+        ok(*server.args("delete", "/counter/d1", "--purge", "--recursive", "-o", "json"))
+    )
+    assert done == {"purged": ["/counter/d1"]}
 
 
 def test_chat_over_the_server(server: Server) -> None:

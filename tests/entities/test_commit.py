@@ -45,7 +45,9 @@ async def claimed(rt: Runtime, url: str, worker: str = "w1") -> Claim:
     assert claim is not None and claim.record.inflight is not None
     if claim.loaded is None:  # a redelivery: the worker loads the claimed range
         inflight = claim.record.inflight
-        claim.loaded = await claimer.load(claim.url, inflight.from_offset, inflight.to_offset)
+        claim.loaded = await claimer.load(
+            claim.url, inflight.from_offset, inflight.to_offset, claim.record.created_at
+        )
     return claim
 
 

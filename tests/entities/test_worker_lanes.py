@@ -154,7 +154,8 @@ async def test_a_worker_claims_only_the_types_its_registry_defines(tmp_path: Pat
         await us.spawn("/mine/m1", initial_message="for us")
         assert await us.run_until_idle() == 1  # the other app's entity is not ours to run
         record = await us.get("/other/o1")
-        assert (record.status, record.runs) == ("idle", 0)
+        # to this app's code the other's entity is an orphan: kept, queued, not run here
+        assert (record.status, record.runs, record.pending) == ("orphaned", 0, True)
     async with Runtime(theirs, db) as them:
         assert await them.run_until_idle() == 1
     assert seen == ["/mine/m1", "/other/o1"]

@@ -289,9 +289,14 @@ class EntityPage {
       h('span', {}, ` · ${info.runs} runs`),
       info.pending ? h('span', {}, ' · wake pending') : null,
       info.queue ? h('span', {}, ` · ${info.queue} queued`) : null,
+      info.status === 'orphaned'
+        ? h('span', {}, ` · no code of type ${info.type} runs here: its wakes wait for it`)
+        : null,
     );
     this.actions.hidden = info.status === 'stopped';
-    this.sendSlot.hidden = info.status === 'stopped'; // a stopped entity takes no messages
+    // a stopped entity takes no messages; nor does an orphan (the server's code lacks its
+    // type: its data is kept and its wakes wait until the type returns)
+    this.sendSlot.hidden = info.status === 'stopped' || info.status === 'orphaned';
   }
 
   showMissing(info, types) {

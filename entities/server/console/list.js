@@ -30,7 +30,7 @@ export function listPage(view, signal, navigate) {
   const statusSelect = h(
     'select',
     { name: 'status' },
-    ['', 'idle', 'running', 'stopped', 'failed'].map((s) => h('option', { value: s }, s || 'any status')),
+    ['', 'idle', 'running', 'stopped', 'failed', 'orphaned'].map((s) => h('option', { value: s }, s || 'any status')),
   );
   const tag = h('input', { name: 'tag', placeholder: 'tag: key or key=value' });
   const parent = h('input', { name: 'parent', placeholder: 'parent: /type/id' });
