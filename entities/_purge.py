@@ -41,14 +41,19 @@ from streams import (
     StreamNotFound,
 )
 
+from ._approvals import APPROVAL_NS
+from ._compaction import RETAIN_NS
 from ._errors import EntityNotFound
 from ._idempotency import EXPIRY_NS, IDEMPOTENCY_NS, Remembered
 from ._observe import OBSERVER_NS
+from ._pipeline.caps import CAP_NS
 from ._pipeline.fire import BAD_TIMER_NS
 from ._records import (
     DEAD_NS,
     ENTITY_NS,
+    PAUSED_NS,
     PENDING_NS,
+    REPLY_NS,
     SCHEDULE_NS,
     SNAPSHOT_NS,
     TAG_NS,
@@ -69,6 +74,9 @@ _BY_PREFIX: tuple[tuple[str, str, str], ...] = (
     (DEAD_NS, "", "|"),
     (IDEMPOTENCY_NS, "send\n", "\n"),
     (IDEMPOTENCY_NS, "spawn\n", "\n"),
+    (REPLY_NS, "", "\n"),
+    (APPROVAL_NS, "", "|"),
+    (RETAIN_NS, "", "\n"),
 )
 
 
@@ -136,8 +144,11 @@ async def _entity_ops(store: Store, record: EntityRecord, raw: bytes) -> list[Op
         ops.append(Delete(url.stream))
     except (StreamNotFound, StreamGone):
         pass  # a record without its stream: only the rows go
-    for namespace in (PENDING_NS, SNAPSHOT_NS):
+    for namespace in (PENDING_NS, SNAPSHOT_NS, PAUSED_NS, RETAIN_NS):
         ops.append(KvPut(namespace, url.url, None))
+    for key, value in await store.kv_scan(CAP_NS, f"{url.type}|"):  # a concurrency slot
+        if orjson.loads(value).get("url") == url.url:
+            ops.append(KvPut(CAP_NS, key, None))
     ops.append(KvPut(SNAPSHOT_NAMESPACE, url.stream, None))
     for namespace, before, after in _BY_PREFIX:
         for key, value in await store.kv_scan(namespace, f"{before}{url.url}{after}"):

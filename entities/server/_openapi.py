@@ -157,6 +157,35 @@ _LETTER = {
 }
 
 
+def _control_paths(entity: str, info: dict[str, Any]) -> dict[str, Any]:
+    """The paths that control a living entity: fork, queued messages, approvals, signals."""
+    return {
+        entity + "/fork": {
+            "parameters": _path_params("type", "id"),
+            "post": _op(
+                "fork: a new entity sharing this one's history", 201, info, body="ForkBody"
+            ),
+        },
+        entity + "/inbox/{key}": {
+            "parameters": _path_params("type", "id", "key"),
+            "patch": _op("edit a queued message", 200, _OBJECT, body="EditBody"),
+            "delete": _op("cancel a queued message", 200, _OBJECT),
+        },
+        entity + "/approvals": {
+            "parameters": _path_params("type", "id"),
+            "get": _op("approvals asked for by its agent runs", 200, {"type": "array"}),
+        },
+        entity + "/approvals/{approval}": {
+            "parameters": _path_params("type", "id", "approval"),
+            "post": _op("approve or deny", 200, _OBJECT, body="DecisionBody"),
+        },
+        entity + "/signal": {
+            "parameters": _path_params("type", "id"),
+            "post": _op("pause, resume or interrupt", 200, info, body="SignalBody"),
+        },
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the control plane and the health checks."""
     entity = "/_entities/entities/{type}/{id}"
@@ -185,29 +214,7 @@ def openapi_document() -> dict[str, Any]:
                 "send a message", 202, _ref("SendReceipt"), body="SendBody", idempotent=True
             ),
         },
-        entity + "/fork": {
-            "parameters": _path_params("type", "id"),
-            "post": _op(
-                "fork: a new entity sharing this one's history", 201, info, body="ForkBody"
-            ),
-        },
-        entity + "/inbox/{key}": {
-            "parameters": _path_params("type", "id", "key"),
-            "patch": _op("edit a queued message", 200, _OBJECT, body="EditBody"),
-            "delete": _op("cancel a queued message", 200, _OBJECT),
-        },
-        entity + "/approvals": {
-            "parameters": _path_params("type", "id"),
-            "get": _op("approvals asked for by its agent runs", 200, {"type": "array"}),
-        },
-        entity + "/approvals/{approval}": {
-            "parameters": _path_params("type", "id", "approval"),
-            "post": _op("approve or deny", 200, _OBJECT, body="DecisionBody"),
-        },
-        entity + "/signal": {
-            "parameters": _path_params("type", "id"),
-            "post": _op("pause, resume or interrupt", 200, info, body="SignalBody"),
-        },
+        **_control_paths(entity, info),
         entity + "/tags/{key}": {
             "parameters": _path_params("type", "id", "key"),
             "post": _op("set a tag", 200, info, body="TagBody"),
