@@ -577,8 +577,9 @@ class HandlerContext:
         """A random UUID (journaled like :meth:`now`)."""
         return str(self._journaled(f"uuid:{self._next('uuid')}", lambda: str(uuid_module.uuid4())))
 
-    async def step(self, id: str, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` (sync or async) once per wake: its JSON result is journaled under ``id``.
+    async def step(self, id: str, fn: Callable[[], Any], *, span: bool = True) -> Any:
+        """Run ``fn`` (sync or async) once per wake: its JSON result is journaled under ``id``
+        (traced as a span unless ``span=False``: the runtime's own bookkeeping steps).
 
         A re-run of this wake (after a crash or retry, or in replay) returns the recorded result
         without calling ``fn``. An exception is not recorded; the next attempt calls ``fn`` again.
@@ -594,7 +595,7 @@ class HandlerContext:
             return self._journal[key]
         if self.replaying:
             raise ReplayDivergence(f"wake {self.run_id}: step {id!r} was not recorded")
-        if tracing.active():
+        if span and tracing.active():
             with tracing.span(f"step {id}", {"entities.url": self.entity_url}):
                 result = await call_maybe_async(fn)
         else:

@@ -176,7 +176,9 @@ class Agent:
     async def _steering(self, step: str) -> list[dict[str, Any]]:
         """The steering messages to add before a model round (journaled under ``step``: a
         re-run takes the same ones), each recorded as taken by this wake."""
-        taken: list[dict[str, Any]] = await self.ctx.step(step, self.ctx.steering_messages)
+        taken: list[dict[str, Any]] = await self.ctx.step(
+            step, self.ctx.steering_messages, span=False
+        )
         for message in taken:
             self.ctx.took_steering(message)
         return taken
