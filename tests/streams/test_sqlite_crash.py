@@ -75,6 +75,9 @@ def run_writers_and_kill(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # unbuffered: ``communicate`` reads the pipe's fd directly, so bytes a buffered
+            # ``readline`` had read ahead would be lost (a torn ack line: a flaky failure)
+            bufsize=0,
         )
         for path, tasks in writers
     ]
