@@ -279,7 +279,7 @@ class Worker:
             return None  # no free lane (a finishing wake pokes this loop): skip the scan
         now = self.rt.clock.now()
         next_due: float | None = None
-        pending = await self._pending()
+        pending = await self._pending(unpaused=False)
         self.claimer.forget_unmarked(pending)
         await self.affinity.refresh(now)
         # this worker's share of the pending entities first, then those waiting on others
@@ -296,12 +296,14 @@ class Worker:
             tg.start_soon(self._process, url, token, not self.affinity.prefers(url), lane)
         return next_due
 
-    async def _pending(self) -> list[tuple[str, bytes]]:
-        """The pending entities this worker may run: of its types, and not paused."""
+    async def _pending(self, *, unpaused: bool = True) -> list[tuple[str, bytes]]:
+        """The pending entities this worker may run: of its types and, with ``unpaused``, not
+        paused (the loop leaves that to the claim, which refuses a paused entity in its own
+        commit and then leaves it alone until its pending mark changes: no scan per round)."""
         store = self.rt.store
         pending = await store.kv_scan(PENDING_NS)
-        if not pending:
-            return pending
+        if not pending or not unpaused:
+            return self._ours(pending)
         paused = await store.kv_scan(PAUSED_NS)
         return self._ours(pending, {url for url, _ in paused} if paused else None)
 

@@ -52,6 +52,7 @@ class Claim:
 
 _STALE = object()
 CAPPED_RETRY = 0.2  # seconds before a claim that found its type's slots busy is tried again
+PAUSED_RETRY = 5.0  # the same for a paused entity (a resume's new pending mark ends the wait)
 
 
 class Claimer:
@@ -263,6 +264,10 @@ class Claimer:
                 ]
             )
         except ConditionFailed:
+            if await self.store.kv_get(PAUSED_NS, target.url) is not None:
+                self.block(target.url, now + PAUSED_RETRY, held=token)  # until a resume marks it
+                self.counts["paused"] += 1
+                return None
             self.counts["lost"] += 1
             return _STALE
         metrics.claim_commit.observe(time.perf_counter() - began)
