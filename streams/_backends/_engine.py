@@ -13,6 +13,7 @@ import abc
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from .._errors import (
     BadOffset,
@@ -270,33 +271,21 @@ class Batch:
     async def apply(self, ops: Sequence[Op]) -> list[OpResult]:
         results: list[OpResult] = []
         for op in ops:
-            if isinstance(op, Append):
-                results.append(await self._append(op))
-            elif isinstance(op, Create):
-                results.append(await self._create(op))
-            elif isinstance(op, Touch):
-                record = await self._live(op.path)
-                if record.ttl_seconds is not None:
-                    self._renew(record)
-                results.append(None)
-            elif isinstance(op, Delete):
-                await self._remove(await self._live(op.path))
-                results.append(None)
-            elif isinstance(op, Remove):
-                await self._remove_messages(op)
-                results.append(None)
-            elif isinstance(op, Truncate):
-                await self._truncate(op)
-                results.append(None)
-            elif isinstance(op, KvPut):
+            kind = type(op)  # the common ones first: this loop is on every commit's path
+            if kind is KvPut:
+                op = cast(KvPut, op)
                 if op.only_if and await self._kv(op.namespace, op.key) != op.expect:
                     results.append(False)
                     continue
                 self.effects.kv[(op.namespace, op.key)] = op.value
                 self.effects.touched.add(f"kv:{op.namespace}")
                 results.append(True)
+            elif kind is Append:
+                results.append(await self._append(cast(Append, op)))
+            elif kind is not KvCheck:
+                results.append(await self._apply_rare(op))
             else:
-                assert isinstance(op, KvCheck)
+                op = cast(KvCheck, op)
                 if await self._kv(op.namespace, op.key) != op.expect:
                     raise ConditionFailed(
                         f"{op.namespace}/{op.key} changed concurrently",
@@ -305,6 +294,24 @@ class Batch:
                     )
                 results.append(None)
         return results
+
+    async def _apply_rare(self, op: Op) -> OpResult:
+        """Apply a ``Create``, ``Touch``, ``Delete``, ``Remove`` or ``Truncate``."""
+        if isinstance(op, Create):
+            return await self._create(op)
+        if isinstance(op, Touch):
+            record = await self._live(op.path)
+            if record.ttl_seconds is not None:
+                self._renew(record)
+        elif isinstance(op, Delete):
+            await self._remove(await self._live(op.path))
+        elif isinstance(op, Remove):
+            await self._remove_messages(op)
+        elif isinstance(op, Truncate):
+            await self._truncate(op)
+        else:  # pragma: no cover - Op is a closed union
+            raise TypeError(f"not an operation: {op!r}")
+        return None
 
     def _position(self, record: StreamRecord, offset: str) -> int:
         """The position ``offset`` names in ``record`` (``now``: its tail)."""
