@@ -7,6 +7,7 @@ through the ``entities`` CLI's worker and server), and send them messages by URL
 from __future__ import annotations
 
 from ._approvals import Approval as Approval
+from ._budgets import TokenBudget as TokenBudget
 from ._check import CheckFinding as CheckFinding
 from ._check import CheckReport as CheckReport
 from ._check import check_deploy as check_deploy
@@ -23,6 +24,7 @@ from ._context import RunHandle as RunHandle
 from ._errors import AgentError as AgentError
 from ._errors import ApprovalNotFound as ApprovalNotFound
 from ._errors import ApprovalNotPending as ApprovalNotPending
+from ._errors import BudgetExceeded as BudgetExceeded
 from ._errors import ContextError as ContextError
 from ._errors import DeadLetterNotFound as DeadLetterNotFound
 from ._errors import DefinitionError as DefinitionError
@@ -87,6 +89,7 @@ __all__ = [
     "Approval",
     "ApprovalNotFound",
     "ApprovalNotPending",
+    "BudgetExceeded",
     "CheckFinding",
     "CheckReport",
     "ChildEntry",
@@ -141,6 +144,7 @@ __all__ = [
     "Source",
     "SourceEntry",
     "SystemClock",
+    "TokenBudget",
     "UnknownEntityType",
     "VirtualClock",
     "Wake",

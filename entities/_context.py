@@ -20,6 +20,7 @@ from streams import Operation
 
 from . import _tracing as tracing
 from ._approvals import Resumption
+from ._budgets import BudgetGate
 from ._calls import call_maybe_async
 from ._collections import Actions, Collections, Database
 from ._effects import Effects, PendingSend, PendingSpawn, PendingTimer
@@ -92,9 +93,17 @@ class RunHandle:
         """Add text to the run's recorded response."""
         self._response.append(text)
 
-    def end(self, status: str = "completed", finish_reason: str | None = None) -> None:
+    def end(
+        self,
+        status: str = "completed",
+        finish_reason: str | None = None,
+        *,
+        usage: tuple[int, int] | None = None,
+        error: str | None = None,
+    ) -> None:
         """Record the run's outcome (a run left open is ended when its wake commits, with the
-        wake's outcome and ``finish_reason="wake_ended"``)."""
+        wake's outcome and ``finish_reason="wake_ended"``); ``usage``: the model tokens it used
+        (input, output), added to the wake's run row too; ``error``: why it failed."""
         self.ended = True
         if self in self._ctx._open_runs:  # no cycle left behind once it is ended
             self._ctx._open_runs.remove(self)
@@ -107,6 +116,11 @@ class RunHandle:
             "finish_reason": finish_reason,
             "response": "".join(self._response) or None,
         }
+        if usage is not None:
+            value["input_tokens"], value["output_tokens"] = usage
+            self._ctx.tokens = (self._ctx.tokens[0] + usage[0], self._ctx.tokens[1] + usage[1])
+        if error is not None:
+            value["error"] = error
         self._ctx._emit("runs", self.key, value, "update")
 
 
@@ -165,6 +179,8 @@ class HandlerContext:
         self._open_runs: list[RunHandle] = []
         self._steering: Steering | None = None
         self.resumption: Resumption | None = None  # a run suspended for approvals goes on
+        self.budget: BudgetGate | None = None  # the type's token budget, if it has one
+        self.tokens = (0, 0)  # model tokens (input, output) of the runs ended in this wake
 
     def _build_state(self) -> Database:
         collections = Collections(self, self._type.state)
@@ -711,6 +727,15 @@ class HandlerContext:
                 self.wake.to_offset,
             )
         return self._steering
+
+    async def attachment_bytes(self, stream: str) -> bytes:
+        """The content of an attachment sent as a ``stream`` reference (the stream's messages'
+        bytes, in order; at most 32 MiB).
+
+        Raises:
+            EntitiesError: no such stream, or a larger one.
+        """
+        return await self._host.stream_bytes(stream)
 
     def took_steering(self, message: Mapping[str, Any]) -> None:
         """Record that this wake's run took the steering ``message`` (a row

@@ -101,6 +101,7 @@ class SendBody(BaseModel):
     type: str | None = None
     mode: SendMode = "queued"
     sender: str | None = Field(default=None, alias="from")
+    attachments: list[Any] | None = None  # validated by Runtime.send (entities._attachments)
 
 
 def _names_an_entity(sender: str) -> bool:
@@ -384,6 +385,7 @@ class _ControlPlane:
             sender=sender,
             idempotency_key=key,
             mode=body.mode,
+            attachments=body.attachments,
         )
         return json_response(receipt.to_json(), 202)
 
