@@ -20,7 +20,6 @@ from ._collections import collection as collection
 from ._compaction import CompactionReport as CompactionReport
 from ._context import EntityHandle as EntityHandle
 from ._context import HandlerContext as HandlerContext
-from ._context import RunHandle as RunHandle
 from ._errors import AgentError as AgentError
 from ._errors import ApprovalNotFound as ApprovalNotFound
 from ._errors import ApprovalNotPending as ApprovalNotPending
@@ -74,6 +73,7 @@ from ._replay import Divergence as Divergence
 from ._replay import ReplayReport as ReplayReport
 from ._replay import WakeReplay as WakeReplay
 from ._retention import Retention as Retention
+from ._runs import RunHandle as RunHandle
 from ._runtime import Runtime as Runtime
 from ._signals import Signal as Signal
 from ._urls import EntityURL as EntityURL

@@ -18,7 +18,7 @@ from entities import (
     TokenBudget,
     WakeEvent,
 )
-from entities._budgets import TOKENS_NS
+from entities._budgets import TOKENS_NS, Budgets
 from entities._metrics import metrics
 from entities.agent import ChatMessage, ModelResponse, ToolSpec, Usage
 
@@ -165,3 +165,20 @@ async def test_a_type_without_budget_writes_no_usage_rows(store_url: str) -> Non
 def test_budget_exceeded_is_an_entities_error() -> None:
     error = BudgetExceeded("used up", url="/a/x")
     assert (error.code, error.status, error.url) == ("BUDGET_EXCEEDED", 429, "/a/x")
+
+
+async def test_usage_rows_of_days_before_yesterday_are_removed(store_url: str) -> None:
+    registry = Registry()
+    async with Runtime(registry, store_url) as rt:
+        budgets = Budgets(rt.store)
+        day = 86400.0
+        start = 20_000 * day  # 2024-10-04 00:00 UTC
+        await budgets.record("a", "x", "s1", 1, 1, start)
+        await budgets.record("a", "x", "s2", 1, 1, start + day)
+        assert len(await rt.store.kv_scan(TOKENS_NS)) == 2
+        await budgets.record("a", "x", "s3", 1, 1, start + 2 * day)  # a new day: prune
+        keys = [key for key, _ in await rt.store.kv_scan(TOKENS_NS)]
+        assert keys == ["2024-10-05|a|x|s2", "2024-10-06|a|x|s3"]
+        budget = TokenBudget(per_entity=2)
+        assert await budgets.check(budget, "a", "x", start + 2 * day) is not None
+        assert await budgets.check(budget, "a", "x", start + 3 * day) is None  # a new day
