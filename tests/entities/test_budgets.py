@@ -21,6 +21,7 @@ from entities import (
 from entities._budgets import TOKENS_NS, Budgets
 from entities._metrics import metrics
 from entities.agent import ChatMessage, ModelResponse, ToolSpec, Usage
+from entities.server._prometheus import render
 
 
 class FixedModel:
@@ -120,6 +121,9 @@ async def test_an_entity_past_its_budget_fails_its_run_without_calling_the_model
         await rt.run_until_idle()
         assert model.calls == 3
     assert metrics.budget_refusals.counters.get(("a",), 0) == refused_before + 1
+    exported = render().decode()
+    assert 'entities_budget_refusals_total{type="a"}' in exported
+    assert 'entities_model_tokens_total{direction="input",provider="fixed",type="a"}' in exported
 
 
 async def test_a_type_budget_holds_across_workers(shared_store_url: str) -> None:
