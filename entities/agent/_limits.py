@@ -13,12 +13,10 @@ times the limit. Waits are counted in ``entities_model_limit_waits`` (``GET /met
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
@@ -81,24 +79,39 @@ class _Limits:
             self._gates[provider] = _from_env(provider)
         return self._gates[provider]
 
-    @contextlib.asynccontextmanager
-    async def turn(self, provider: str) -> AsyncIterator[None]:
-        """Hold one call's turn of ``provider`` (waiting for it when over a limit)."""
+    def turn(self, provider: str) -> _Turn:
+        """One call's turn of ``provider`` (``async with``: waits for it when over a limit);
+        a provider without limits costs one dictionary lookup."""
         gate = self.gate(provider)
-        if gate is None:
-            yield
+        return _FREE if gate is None else _Turn(self, provider, gate)
+
+
+class _Turn:
+    """Holds a gate's turn for one call (see :meth:`_Limits.turn`)."""
+
+    __slots__ = ("gate", "limits", "provider")
+
+    def __init__(self, limits: _Limits | None, provider: str, gate: _Gate | None) -> None:
+        self.limits, self.provider, self.gate = limits, provider, gate
+
+    async def __aenter__(self) -> None:
+        gate = self.gate
+        if gate is None or self.limits is None:
             return
         counted = False
         while (delay := gate.try_enter()) > 0:
             if not counted:
                 counted = True
-                self.waits += 1
-                _count_wait(provider)
+                self.limits.waits += 1
+                _count_wait(self.provider)
             await anyio.sleep(delay)
-        try:
-            yield
-        finally:
-            gate.leave()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.gate is not None:
+            self.gate.leave()
+
+
+_FREE = _Turn(None, "", None)
 
 
 def _count_wait(provider: str) -> None:

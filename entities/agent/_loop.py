@@ -115,7 +115,8 @@ class Agent:
         messages = list(await ctx.timeline_messages(last=self.config.history))
         if input is not None:
             messages.append(ChatMessage(role="user", content=input))
-        messages = [await self._with_content(m) for m in messages]
+        if any(m.attachments for m in messages):
+            messages = [await self._with_content(m) for m in messages]
         system = await self._system_prompt()
         specs = [ToolSpec(t.name, t.description, t.json_schema()) for t in self.config.tools]
         record = ctx.record_run()
