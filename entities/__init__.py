@@ -7,6 +7,7 @@ through the ``entities`` CLI's worker and server), and send them messages by URL
 from __future__ import annotations
 
 from ._approvals import Approval as Approval
+from ._budgets import TokenBudget as TokenBudget
 from ._check import CheckFinding as CheckFinding
 from ._check import CheckReport as CheckReport
 from ._check import check_deploy as check_deploy
@@ -19,10 +20,10 @@ from ._collections import collection as collection
 from ._compaction import CompactionReport as CompactionReport
 from ._context import EntityHandle as EntityHandle
 from ._context import HandlerContext as HandlerContext
-from ._context import RunHandle as RunHandle
 from ._errors import AgentError as AgentError
 from ._errors import ApprovalNotFound as ApprovalNotFound
 from ._errors import ApprovalNotPending as ApprovalNotPending
+from ._errors import BudgetExceeded as BudgetExceeded
 from ._errors import ContextError as ContextError
 from ._errors import DeadLetterNotFound as DeadLetterNotFound
 from ._errors import DefinitionError as DefinitionError
@@ -72,6 +73,7 @@ from ._replay import Divergence as Divergence
 from ._replay import ReplayReport as ReplayReport
 from ._replay import WakeReplay as WakeReplay
 from ._retention import Retention as Retention
+from ._runs import RunHandle as RunHandle
 from ._runtime import Runtime as Runtime
 from ._signals import Signal as Signal
 from ._urls import EntityURL as EntityURL
@@ -87,6 +89,7 @@ __all__ = [
     "Approval",
     "ApprovalNotFound",
     "ApprovalNotPending",
+    "BudgetExceeded",
     "CheckFinding",
     "CheckReport",
     "ChildEntry",
@@ -141,6 +144,7 @@ __all__ = [
     "Source",
     "SourceEntry",
     "SystemClock",
+    "TokenBudget",
     "UnknownEntityType",
     "VirtualClock",
     "Wake",

@@ -148,6 +148,7 @@ def resumed_messages(wakes: list[dict[str, Any]]) -> list[InboxMessage]:
                     message_type=m.get("message_type"),
                     timestamp=float(m.get("timestamp") or 0.0),
                     offset=m.get("offset", ""),
+                    attachments=tuple(m.get("attachments") or ()),
                 ),
             )
     return list(out.values())
@@ -185,7 +186,8 @@ def suspend_records(
     ids waited for)."""
     messages = [
         {"key": m.key, "payload": m.payload, "sender": m.sender,
-         "message_type": m.message_type, "timestamp": m.timestamp, "offset": m.offset}
+         "message_type": m.message_type, "timestamp": m.timestamp, "offset": m.offset,
+         **({"attachments": list(m.attachments)} if m.attachments else {})}
         for m in wake.messages
     ]  # fmt: skip
     events: list[bytes] = []

@@ -3,7 +3,8 @@ type's :class:`~entities.Retention` policy. Every surviving event keeps its offs
 
 What goes (see ``Retention``):
 
-* the ``text_deltas`` of runs that have ended: a delta is removable once its wake is not the
+* the ``text_deltas`` and ``reasoning_deltas`` of runs that have ended (counted together as
+  ``text_deltas`` in the report): a delta is removable once its wake is not the
   entity's in-flight wake. The stream's tail is read *before* the entity record, so a wake
   claimed after that look appends its deltas beyond the range looked at: a running wake never
   loses its deltas;
@@ -63,6 +64,9 @@ __all__ = [
     "compact_round",
     "marks",
 ]
+
+# streamed partials of model calls: removable once their run has ended
+_DELTAS = frozenset({"text_deltas", "reasoning_deltas"})
 
 logger = logging.getLogger("entities.compaction")
 
@@ -190,7 +194,7 @@ class _Scan:
         type_ = item.get("type")
         value = item.get("value") or {}
         report = self.report
-        if type_ == "text_deltas" and self.policy.text_deltas:
+        if type_ in _DELTAS and self.policy.text_deltas:
             run = value.get("run_id") or (item.get("headers") or {}).get("txid")
             if run is not None and run == self.inflight:
                 self.kept_delta = self.kept_delta or before

@@ -20,6 +20,7 @@ from streams import Operation
 
 from . import _tracing as tracing
 from ._approvals import Resumption
+from ._budgets import BudgetGate
 from ._calls import call_maybe_async
 from ._collections import Actions, Collections, Database
 from ._effects import Effects, PendingSend, PendingSpawn, PendingTimer
@@ -38,6 +39,7 @@ from ._manifest import (
 from ._observe import SharedState, Source, Wake, observer_value
 from ._observe import db as db_source
 from ._observe import entity as entity_source
+from ._runs import RunBook, RunHandle
 from ._steering import Steering
 from ._tail import recent_timeline
 from ._timers import TimerValue, cron_schedule, timeout_timer, timer_key
@@ -74,40 +76,6 @@ class EntityHandle:
 
     def __repr__(self) -> str:
         return f"EntityHandle({self.url!r})"
-
-
-class RunHandle:
-    """An explicitly recorded run (``ctx.record_run()``); end it with :meth:`end`."""
-
-    def __init__(self, ctx: HandlerContext, key: str) -> None:
-        self._ctx = ctx
-        self.key = key
-        self._response: list[str] = []
-        self._started = ctx._clock_now()
-        self.ended = False
-        ctx._emit("runs", key, {"status": "started", "started_at": self._started}, "insert")
-        ctx._open_runs.append(self)
-
-    def attach_response(self, text: str) -> None:
-        """Add text to the run's recorded response."""
-        self._response.append(text)
-
-    def end(self, status: str = "completed", finish_reason: str | None = None) -> None:
-        """Record the run's outcome (a run left open is ended when its wake commits, with the
-        wake's outcome and ``finish_reason="wake_ended"``)."""
-        self.ended = True
-        if self in self._ctx._open_runs:  # no cycle left behind once it is ended
-            self._ctx._open_runs.remove(self)
-        now = self._ctx._clock_now()
-        value = {
-            "status": status,
-            "started_at": self._started,
-            "ended_at": now,
-            "duration_ms": round((now - self._started) * 1000, 3),
-            "finish_reason": finish_reason,
-            "response": "".join(self._response) or None,
-        }
-        self._ctx._emit("runs", self.key, value, "update")
 
 
 class HandlerContext:
@@ -162,9 +130,10 @@ class HandlerContext:
         self._context_budget = 0
         self.sleeping = False
         self.current_message: InboxMessage | None = None
-        self._open_runs: list[RunHandle] = []
+        self._runs = RunBook(self._emit, self._clock_now)
         self._steering: Steering | None = None
         self.resumption: Resumption | None = None  # a run suspended for approvals goes on
+        self.budget: BudgetGate | None = None  # the type's token budget, if it has one
 
     def _build_state(self) -> Database:
         collections = Collections(self, self._type.state)
@@ -555,16 +524,21 @@ class HandlerContext:
 
     def record_run(self) -> RunHandle:
         """Start an explicitly recorded run within this wake (the wake's own run is automatic)."""
-        return RunHandle(self, f"{self.run_id}.run{self._next('run')}")
+        return RunHandle(self._runs, f"{self.run_id}.run{self._next('run')}")
 
     def sleep(self) -> None:
         """Do not wake again for what arrives while this wake runs: when it commits, the entity
         stays idle until the next event arrives (which then wakes it with everything since)."""
         self.sleeping = True
 
+    @property
+    def tokens(self) -> tuple[int, int]:
+        """Model tokens (input, output) of the runs ended in this wake."""
+        return self._runs.tokens
+
     def end_open_runs(self, status: str) -> None:
         """End every run of :meth:`record_run` the handler left open, as ``status``."""
-        for run in list(self._open_runs):
+        for run in list(self._runs.open):
             run.end(status, finish_reason="wake_ended")
 
     # -- journal ----------------------------------------------------------------------------
@@ -712,6 +686,15 @@ class HandlerContext:
                 self.wake.to_offset,
             )
         return self._steering
+
+    async def attachment_bytes(self, stream: str) -> bytes:
+        """The content of an attachment sent as a ``stream`` reference (the stream's messages'
+        bytes, in order; at most 32 MiB).
+
+        Raises:
+            EntitiesError: no such stream, or a larger one.
+        """
+        return await self._host.stream_bytes(stream)
 
     def took_steering(self, message: Mapping[str, Any]) -> None:
         """Record that this wake's run took the steering ``message`` (a row

@@ -27,6 +27,7 @@ The hierarchy::
     ├── ReplayDivergence               a replayed wake did something other than what was recorded
     ├── JournalCompacted               replay of a wake whose journal or history compaction removed
     ├── ModelError                     a model call failed or cannot be made (agents)
+    ├── BudgetExceeded                 an agent's token budget for the day is used up
     └── ProcessFailed                  a subprocess agent's turn failed (exit status, stderr tail)
         ├── AgentError                 the agent reported an error meant for the user
         └── ProcessTimeout             the agent ran past its timeout and was stopped
@@ -48,6 +49,7 @@ __all__ = [
     "AgentError",
     "ApprovalNotFound",
     "ApprovalNotPending",
+    "BudgetExceeded",
     "ContextError",
     "DeadLetterNotFound",
     "DefinitionError",
@@ -275,6 +277,15 @@ class ModelError(EntitiesError):
 
     code = "MODEL_ERROR"
     status = 502
+
+
+class BudgetExceeded(EntitiesError):
+    """A model call was not made: the entity or its type used up its token budget for the day
+    (``registry.define(..., token_budget=...)``). The agent loop turns it into a failed run
+    (``finish_reason="budget"``) whose error is this message."""
+
+    code = "BUDGET_EXCEEDED"
+    status = 429
 
 
 class ProcessFailed(EntitiesError):

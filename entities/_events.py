@@ -99,10 +99,11 @@ def inbox_value(
     now: float,
     trace: dict[str, str] | None = None,
     mode: str | None = None,
+    attachments: list[dict[str, Any]] | None = None,
 ) -> Any:
     """The value of an ``inbox`` event: one message to an entity (with ``trace``, the W3C trace
     context of its sender, when tracing is on; with ``mode``, how it was sent when not
-    ``queued``: ``steer`` or ``interrupt``)."""
+    ``queued``: ``steer`` or ``interrupt``; with ``attachments``, the files it carries)."""
     value = {
         "from": sender,
         "payload": payload,
@@ -114,6 +115,8 @@ def inbox_value(
         value["trace"] = trace
     if mode is not None and mode != "queued":
         value["mode"] = mode
+    if attachments:
+        value["attachments"] = attachments
     return value
 
 

@@ -151,6 +151,16 @@ class _Metrics:
             "Model calls made by agent runs, by entity type, provider and outcome.",
             "type", "provider", "outcome",
         )  # fmt: skip
+        self.model_limit_waits = counter(
+            "entities_model_limit_waits",
+            "Model calls that waited for their turn under a provider's rate limit, by provider.",
+            "provider",
+        )
+        self.budget_refusals = counter(
+            "entities_budget_refusals",
+            "Agent runs ended before a model call because a token budget was used up, by type.",
+            "type",
+        )
         self.compacted_events = counter(
             "entities_compacted_events",
             "Events compaction removed from entity streams, by entity type and kind "
@@ -165,7 +175,8 @@ class _Metrics:
         self.families = [
             self.wakes, self.wake_duration, self.send_to_start, self.dead_letters,
             self.timer_lateness, self.lease_steals, self.store_commit, self.model_tokens,
-            self.model_calls, self.compacted_events, self.compacted_bytes,
+            self.model_calls, self.model_limit_waits, self.budget_refusals,
+            self.compacted_events, self.compacted_bytes,
         ]  # fmt: skip
         self.claim_commit = self.store_commit.child(("claim",))
         self.wake_commit = self.store_commit.child(("commit",))

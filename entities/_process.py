@@ -449,6 +449,14 @@ def _field(payload: Any, name: str) -> Any:
     return payload.get(name) if isinstance(payload, dict) else None
 
 
+def _for_process(attachment: dict[str, Any]) -> dict[str, Any]:
+    """A message's attachment as the agent sees it: a stream reference gets ``url``, the
+    stream's path on the entities server (``/v1/stream/...``), so entries always have one."""
+    if "url" in attachment:
+        return dict(attachment)
+    return {**attachment, "url": f"/v1/stream{attachment['stream']}"}
+
+
 class ProcessAgent:
     """The handler and ``on_error`` hook of a process entity type (see the module docs)."""
 
@@ -456,20 +464,28 @@ class ProcessAgent:
         self.spec = spec
 
     def turn_for(self, message: InboxMessage, session_id: str, session_name: str) -> Turn:
-        """The :class:`Turn` for an inbox message: its text (or its JSON payload), the
-        payload's ``attachments`` list (of objects), ``image_url`` and ``file_url``."""
+        """The :class:`Turn` for an inbox message: its text (or its JSON payload), its
+        attachments (the message's, then those of the payload's ``attachments`` list),
+        ``image_url`` and ``file_url`` (the payload's, else the first image and file
+        attached)."""
         payload = message.payload
         attachments = _field(payload, "attachments")
         image_url = _field(payload, "image_url")
         file_url = _field(payload, "file_url")
+        sent = [_for_process(a) for a in message.attachments]
+        if not image_url:
+            image_url = next((a["url"] for a in sent if a["type"] == "image"), "")
+        if not file_url:
+            file_url = next((a["url"] for a in sent if a["type"] == "file"), "")
+        in_payload = (
+            [a for a in attachments if isinstance(a, dict)] if isinstance(attachments, list) else []
+        )
         return Turn(
             message=_text_of(message),
             session_id=session_id,
             session_name=session_name,
             from_user=message.sender or "",
-            attachments=tuple(a for a in attachments or () if isinstance(a, dict))
-            if isinstance(attachments, list)
-            else (),
+            attachments=(*sent, *in_payload),
             image_url=image_url if isinstance(image_url, str) else "",
             file_url=file_url if isinstance(file_url, str) else "",
         )

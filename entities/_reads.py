@@ -12,7 +12,7 @@ from streams import Materializer, Store, StreamGone, StreamNotFound, materialize
 
 from ._clock import Clock
 from ._compaction import marks
-from ._errors import EntityNotFound
+from ._errors import EntitiesError, EntityNotFound
 from ._migrations import stored_row
 from ._observe import db_stream
 from ._pipeline.affinity import WorkerInfo, read_presence
@@ -174,6 +174,29 @@ class Reads:
             item["offset"] = message.offset
             decoded.append(item)
         return decoded, result.next_offset
+
+    async def stream_bytes(self, path: str, *, limit: int = 32 * 1024 * 1024) -> bytes:
+        """The content of stream ``path`` (an attachment uploaded with the streams protocol):
+        its messages' bytes, in order.
+
+        Raises:
+            EntitiesError: no such stream, or more than ``limit`` bytes.
+        """
+        parts: list[bytes] = []
+        size, offset = 0, "-1"
+        while True:
+            try:
+                result = await self.store.read(path.lstrip("/"), offset, renew_ttl=False)
+            except (StreamNotFound, StreamGone):
+                raise EntitiesError(f"no stream {path!r}") from None
+            for message in result.messages:
+                size += len(message.data)
+                if size > limit:
+                    raise EntitiesError(f"stream {path!r} holds more than {limit} bytes")
+                parts.append(message.data)
+            if result.up_to_date or not result.messages:
+                return b"".join(parts)
+            offset = result.next_offset
 
     async def read_before(
         self, url: str, offset: str = "now", *, limit: int = 1000

@@ -9,6 +9,7 @@ from typing import Any, TypeAlias, overload
 
 from pydantic import BaseModel, ValidationError
 
+from ._budgets import TokenBudget, check_budget
 from ._calls import call_user
 from ._collections import CollectionDef, collection
 from ._context import HandlerContext
@@ -75,6 +76,7 @@ class EntityType:
     on_stop: OnStop | None = None
     on_signal: OnSignal | None = None
     max_concurrency: int | None = None  # at most this many wakes at once, across workers
+    token_budget: TokenBudget | None = None  # model tokens per UTC day (see entities._budgets)
     wake_timeout: float | None = None  # seconds; None: the worker's default
     retention: Retention = field(default_factory=Retention)  # what compaction may remove
 
@@ -174,6 +176,7 @@ class EntityType:
             else self.args_schema.model_json_schema(),
             "inbox_schema": inbox,
             "max_concurrency": self.max_concurrency,
+            "token_budget": None if self.token_budget is None else self.token_budget.to_json(),
             "state": {
                 name: {"type": d.event_type(name), "primary_key": d.primary_key}
                 for name, d in self.state.items()
@@ -207,6 +210,7 @@ class Registry:
         on_stop: OnStop | None = None,
         on_signal: OnSignal | None = None,
         max_concurrency: int | None = None,
+        token_budget: TokenBudget | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
         retention: Retention | None = None,
@@ -229,6 +233,7 @@ class Registry:
         on_stop: OnStop | None = None,
         on_signal: OnSignal | None = None,
         max_concurrency: int | None = None,
+        token_budget: TokenBudget | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
         retention: Retention | None = None,
@@ -250,6 +255,7 @@ class Registry:
         on_stop: OnStop | None = None,
         on_signal: OnSignal | None = None,
         max_concurrency: int | None = None,
+        token_budget: TokenBudget | None = None,
         max_attempts: int = 3,
         wake_timeout: float | None = None,
         retention: Retention | None = None,
@@ -265,6 +271,8 @@ class Registry:
         entity's next wake (a wake of signals alone runs only it).
         ``wake_timeout`` (seconds) overrides the worker's default; ``max_concurrency``: at
         most that many wakes of this type run at once, across all workers sharing the store.
+        ``token_budget``: model tokens its agents may use per UTC day, per entity and per type
+        (:class:`~entities.TokenBudget`); past it a run ends ``failed``, reason ``budget``.
         ``retention`` says what compaction removes (default: :class:`~entities.Retention()`).
 
         Raises:
@@ -274,6 +282,7 @@ class Registry:
         if name in self._types:
             raise DefinitionError(f"entity type {name!r} is already defined")
         _check_options(max_attempts, wake_timeout, max_concurrency)
+        check_budget(token_budget)
 
         def register(fn: Handler) -> EntityType:
             if name in self._types:
@@ -293,6 +302,7 @@ class Registry:
                 on_stop=on_stop,
                 on_signal=on_signal,
                 max_concurrency=max_concurrency,
+                token_budget=token_budget,
                 wake_timeout=wake_timeout,
                 retention=retention or Retention(),
             )

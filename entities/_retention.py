@@ -16,8 +16,9 @@ DEFAULT_JOURNAL_WINDOW = 7 * 24 * 3600.0  # seconds: replay is promised for a we
 class Retention:
     """What compaction removes from an entity's stream. Surviving events keep their offsets.
 
-    * ``text_deltas``: once a run has ended, its streamed partials (``text_deltas``) go; the
-      ``texts`` row holds the answer. On by default.
+    * ``text_deltas``: once a run has ended, its streamed partials (``text_deltas`` and
+      ``reasoning_deltas``) go; the ``texts`` and ``reasoning`` rows hold the whole. On by
+      default.
     * ``journal_window`` (seconds, default 7 days; ``None``: keep for ever): the journal
       (``steps``) of a wake older than this goes. ``entities replay`` is promised within the
       window; an older wake is reported as compacted, not replayed.

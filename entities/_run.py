@@ -42,6 +42,7 @@ from streams import (
 
 from . import _tracing as tracing
 from ._approvals import ApprovalPending, Resumption, pending_ids, resumption, suspend_records
+from ._budgets import BudgetGate, Budgets
 from ._calls import call_user
 from ._context import HandlerContext
 from ._effects import Effects
@@ -181,6 +182,7 @@ class WakeRunner:
         self.claimer = claimer
         self.running: dict[str, Running] = {}
         self._give_up = give_up  # frees the lane of a handler given up
+        self._budgets: Budgets | None = None  # made for the first type with a token budget
 
     def stop(self, url: str, reason: str) -> bool:
         """Cancel the running wake of ``url`` (if this runner runs one) for ``reason``."""
@@ -448,6 +450,13 @@ class WakeRunner:
             runs_before=claim.record.runs if resume is None else resume.runs_before,
         )
         ctx.resumption = resume
+        if entity_type.token_budget is not None:
+            if self._budgets is None:
+                self._budgets = Budgets(self.rt.store)
+            ctx.budget = BudgetGate(
+                self._budgets, entity_type.token_budget, claim.url.type, claim.url.id,
+                self.rt.clock.now,
+            )  # fmt: skip
         return ctx
 
     async def _note_other_children(self, view: View, wake_events: list[dict[str, Any]]) -> None:
@@ -474,6 +483,8 @@ class WakeRunner:
         if ctx.resumption is not None:
             run["resumes"] = ctx.resumption.origin  # the run it finishes began there
         run["spawns"] = [s.target.url for s in ctx.effects.spawns]
+        if ctx.tokens != (0, 0):
+            run["input_tokens"], run["output_tokens"] = ctx.tokens
         return [event("runs", inflight.wake_id, run, now, txid=inflight.wake_id)]
 
     async def _suspend(self, current: _Wake, pending: ApprovalPending) -> str:

@@ -29,6 +29,7 @@ from streams import (
     open_store,
 )
 
+from ._attachments import check_attachments
 from ._clock import Clock, SystemClock, VirtualClock
 from ._compaction import CompactionReport, compact_all, compact_entity
 from ._control import Control
@@ -298,8 +299,12 @@ class Runtime(Control):
         sender: str | None = None,
         idempotency_key: str | None = None,
         mode: str = "queued",
+        attachments: list[dict[str, Any]] | None = None,
     ) -> SendReceipt:
         """Append a message to the entity's inbox and mark it pending, atomically.
+
+        ``attachments``: files the message carries by reference, each
+        ``{"type", "name"?, "mime"?, "url" | "stream"}`` (see :mod:`entities._attachments`).
 
         ``mode``: ``queued`` (the default) waits for the next wake; ``steer`` is handed to an
         agent run that is going, before its next model round, as a new user turn (else it is
@@ -315,10 +320,12 @@ class Runtime(Control):
             InvalidSendMode: ``mode`` is none of those.
             EntityNotFound: no entity at ``url``.
             EntityStopped: the entity was killed.
-            SchemaValidationFailed: the payload fails the type's inbox schema.
+            SchemaValidationFailed: the payload fails the type's inbox schema, or an
+                attachment is malformed.
             InvalidIdempotencyKey, IdempotencyKeyReused: a bad key, or one first used with
                 another request.
         """
+        files = check_attachments(attachments)
         if mode not in SEND_MODES:
             raise InvalidSendMode(f"unknown send mode {mode!r}: one of {', '.join(SEND_MODES)}")
         if idempotency_key is not None:
@@ -326,13 +333,14 @@ class Runtime(Control):
         target = parse_url(url)
         payload = await self.check_send(target, payload, type)
         if idempotency_key is not None:
-            request = fingerprint(payload, type, sender, *([mode] if mode != "queued" else []))
+            extra = [*([mode] if mode != "queued" else []), *([files] if files else [])]
+            request = fingerprint(payload, type, sender, *extra)
             return await self._send_once(
-                target, payload, type, sender, request, idempotency_key, mode
+                target, payload, type, sender, request, idempotency_key, mode, files
             )
         key = uuid.uuid4().hex
         while True:
-            ops = await self._message_ops(target, key, payload, type, sender, mode)
+            ops = await self._message_ops(target, key, payload, type, sender, mode, files)
             try:
                 offset = await self._commit_message(target, ops)
             except ConditionFailed:
@@ -347,6 +355,7 @@ class Runtime(Control):
         message_type: str | None,
         sender: str | None,
         mode: str,
+        attachments: list[dict[str, Any]] | None = None,
     ) -> list[Op]:
         """The transaction that delivers one message sent with ``mode`` (an interrupt's is
         checked against the entity record: it fails with ``ConditionFailed`` if that moves).
@@ -356,8 +365,8 @@ class Runtime(Control):
         """
         now = self.clock.now()
         if mode != "interrupt":
-            return send_ops(target, key, payload, message_type, sender, now, mode)
-        message = message_event(key, payload, message_type, sender, now, mode)
+            return send_ops(target, key, payload, message_type, sender, now, mode, attachments)
+        message = message_event(key, payload, message_type, sender, now, mode, attachments)
         ops, _ = await signal_ops(
             self.store, target, "interrupt", now, reason=f"message {key}", sender=sender,
             extra=[message],
@@ -387,6 +396,7 @@ class Runtime(Control):
         request: str,
         idempotency_key: str,
         mode: str = "queued",
+        attachments: list[dict[str, Any]] | None = None,
     ) -> SendReceipt:
         """A send guarded by an idempotency key (see :mod:`entities._idempotency`)."""
         slot = slot_of("send", target.url, idempotency_key)
@@ -408,7 +418,9 @@ class Runtime(Control):
                 message_key=key,
                 after=after,
             )
-            ops = await self._message_ops(target, key, payload, message_type, sender, mode)
+            ops = await self._message_ops(
+                target, key, payload, message_type, sender, mode, attachments
+            )
             try:
                 offset = await self._commit_message(
                     target, [*ops, *remember_ops(slot, record, current)]

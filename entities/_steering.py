@@ -50,7 +50,10 @@ class Steering:
         for key, value in self._found.items():
             if key not in self._taken:
                 self._taken.add(key)
-                fresh.append({"key": key, **{f: value.get(f) for f in _FIELDS}})
+                row = {"key": key, **{f: value.get(f) for f in _FIELDS}}
+                if value.get("attachments"):
+                    row["attachments"] = value["attachments"]
+                fresh.append(row)
         return fresh
 
     def mark(self, key: str) -> None:

@@ -18,6 +18,9 @@ class InboxMessage:
     message_type: str | None = None
     timestamp: float = 0.0
     offset: str = ""
+    # files the message carries by reference: {type, name, mime, url | stream} (see
+    # entities._attachments)
+    attachments: tuple[dict[str, Any], ...] = ()
 
     @property
     def text(self) -> str | None:

@@ -39,10 +39,11 @@ def message_event(
     sender: str | None,
     now: float,
     mode: str | None = None,
+    attachments: list[dict[str, Any]] | None = None,
 ) -> bytes:
-    """The ``inbox`` event of one message (carrying the sender's trace context, if any, and
-    its send mode unless ``queued``)."""
-    value = inbox_value(payload, message_type, sender, now, carrier(), mode)
+    """The ``inbox`` event of one message (carrying the sender's trace context, if any, its
+    send mode unless ``queued``, and its attachments, if any)."""
+    value = inbox_value(payload, message_type, sender, now, carrier(), mode, attachments)
     return event("inbox", key, value, now)
 
 
@@ -54,9 +55,11 @@ def send_ops(
     sender: str | None,
     now: float,
     mode: str | None = None,
+    attachments: list[dict[str, Any]] | None = None,
 ) -> list[Op]:
     """Deliver one (validated) message to ``target``: its inbox event, and the mark."""
-    return wake_ops(target, [message_event(key, payload, message_type, sender, now, mode)])
+    event = message_event(key, payload, message_type, sender, now, mode, attachments)
+    return wake_ops(target, [event])
 
 
 class Deliveries:

@@ -122,6 +122,7 @@ def wake_event(
                 message_type=value.get("message_type"),
                 timestamp=float(value.get("ts") or 0.0),
                 offset=item.get("offset", ""),
+                attachments=tuple(value.get("attachments") or ()),
             )
         elif item["type"] == "entity_created":
             others.append({"kind": "created", "source": value.get("parent_url"), **value})

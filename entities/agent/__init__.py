@@ -4,6 +4,8 @@ context composition, and ``runtime_tools`` (send, spawn and schedules as host to
 
 from __future__ import annotations
 
+from ._limits import ModelLimit as ModelLimit
+from ._limits import limit_models as limit_models
 from ._loop import Agent as Agent
 from ._loop import AgentConfig as AgentConfig
 from ._loop import AgentRunResult as AgentRunResult
@@ -32,6 +34,7 @@ __all__ = [
     "ContextSource",
     "ModelClient",
     "ModelError",
+    "ModelLimit",
     "ModelResponse",
     "ScriptRequest",
     "ScriptedModel",
@@ -41,6 +44,7 @@ __all__ = [
     "ToolSpec",
     "Usage",
     "estimate_tokens",
+    "limit_models",
     "resolve_model",
     "runtime_tools",
     "tool",

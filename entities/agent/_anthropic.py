@@ -11,11 +11,14 @@ the SDK installed raises :class:`ModelError` naming the extra to install.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._media import mention, parse_data_url
 from ._model import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT_S,
     ChatMessage,
     ModelError,
     ModelResponse,
@@ -36,8 +39,11 @@ try:
         RawMessageDeltaEvent,
         RawMessageStartEvent,
         RawMessageStopEvent,
+        SignatureDelta,
         TextBlock,
         TextDelta,
+        ThinkingBlock,
+        ThinkingDelta,
         ToolParam,
         ToolUseBlock,
     )
@@ -65,6 +71,22 @@ class AnthropicModel(SdkModel):
     provider = "anthropic"
     key_env = "ANTHROPIC_API_KEY"
 
+    def __init__(
+        self,
+        name: str,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        thinking_budget: int | None = None,
+    ) -> None:
+        super().__init__(
+            name, api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries
+        )
+        # extended thinking: the model reasons first (up to this many tokens), streamed
+        self.thinking_budget = thinking_budget
+
     async def complete(
         self,
         *,
@@ -74,8 +96,10 @@ class AnthropicModel(SdkModel):
         temperature: float | None = None,
         max_tokens: int = 4096,
         on_text: TextCallback | None = None,
+        on_reasoning: TextCallback | None = None,
     ) -> ModelResponse:
-        """One streamed Messages call; text deltas go to ``on_text`` in order as they arrive.
+        """One streamed Messages call; text deltas go to ``on_text`` in order as they arrive,
+        thinking deltas (with ``thinking_budget``) to ``on_reasoning``.
 
         ``temperature`` (when not ``None``) is sent as the request's ``temperature`` field via
         the SDK's ``extra_body`` (the SDK's typed parameters no longer carry it); the API decides
@@ -93,6 +117,9 @@ class AnthropicModel(SdkModel):
         extra_body: dict[str, object] | None = None
         if temperature is not None:
             extra_body = {"temperature": temperature}
+        if self.thinking_budget is not None:
+            thinking = {"type": "enabled", "budget_tokens": self.thinking_budget}
+            extra_body = {**(extra_body or {}), "thinking": thinking}
         state = _StreamState()
         try:
             async with anthropic.AsyncAnthropic(
@@ -112,7 +139,7 @@ class AnthropicModel(SdkModel):
                 )
                 async with stream:
                     async for event in stream:
-                        await state.feed(event, on_text)
+                        await state.feed(event, on_text, on_reasoning)
         except anthropic.APIStatusError as exc:
             detail = exc.api_message or exc.message
             raise ModelError(
@@ -152,6 +179,8 @@ class _StreamState:
     """Accumulates one streamed message from its raw events."""
 
     text: list[str] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)
+    signature: str | None = None
     tools: dict[int, _PendingToolUse] = field(default_factory=dict)
     input_tokens: int = 0
     output_tokens: int = 0
@@ -159,7 +188,12 @@ class _StreamState:
     model: str = ""
     stopped: bool = False
 
-    async def feed(self, event: object, on_text: TextCallback | None) -> None:
+    async def feed(
+        self,
+        event: object,
+        on_text: TextCallback | None,
+        on_reasoning: TextCallback | None = None,
+    ) -> None:
         if isinstance(event, RawMessageStartEvent):
             usage = event.message.usage
             self.model = event.message.model
@@ -175,10 +209,19 @@ class _StreamState:
                 self.tools[event.index] = _PendingToolUse(block.id, block.name, dict(block.input))
             elif isinstance(block, TextBlock) and block.text:
                 await self._text(block.text, on_text)
+            elif isinstance(block, ThinkingBlock):
+                if block.thinking:
+                    await self._thinking(block.thinking, on_reasoning)
+                if block.signature:
+                    self.signature = block.signature
         elif isinstance(event, RawContentBlockDeltaEvent):
             delta = event.delta
             if isinstance(delta, TextDelta):
                 await self._text(delta.text, on_text)
+            elif isinstance(delta, ThinkingDelta):
+                await self._thinking(delta.thinking, on_reasoning)
+            elif isinstance(delta, SignatureDelta):
+                self.signature = (self.signature or "") + delta.signature
             elif isinstance(delta, InputJSONDelta):
                 pending = self.tools.get(event.index)
                 if pending is None:
@@ -208,6 +251,13 @@ class _StreamState:
         if on_text is not None:
             await on_text(text)
 
+    async def _thinking(self, text: str, on_reasoning: TextCallback | None) -> None:
+        if not text:
+            return
+        self.thinking.append(text)
+        if on_reasoning is not None:
+            await on_reasoning(text)
+
     def response(self, requested_model: str) -> ModelResponse:
         calls = tuple(self.tools[i].to_call() for i in sorted(self.tools))
         return ModelResponse(
@@ -216,12 +266,42 @@ class _StreamState:
             usage=Usage(self.input_tokens, self.output_tokens),
             stop_reason=self.stop_reason or ("tool_use" if calls else "end_turn"),
             model=self.model or requested_model,
+            reasoning="".join(self.thinking),
+            reasoning_signature=self.signature,
         )
 
 
 def _input_tokens(base: int, cache_creation: int | None, cache_read: int | None) -> int:
     """All input tokens: uncached plus cache writes plus cache reads."""
     return base + (cache_creation or 0) + (cache_read or 0)
+
+
+def anthropic_attachment(attachment: Mapping[str, Any]) -> dict[str, Any]:
+    """An attachment as a content block: ``image`` (by URL or inline), ``document`` for PDFs
+    (by URL or inline) and plain text (inline), else a text block mentioning it."""
+    url = str(attachment.get("url") or "")
+    mime = str(attachment.get("mime") or "")
+    if not url:  # a stream that could not be read
+        return {"type": "text", "text": mention(attachment, "its content could not be read")}
+    inline = parse_data_url(url, mime)
+    kind = attachment.get("type")
+    source: dict[str, Any]
+    if kind == "image" or (kind == "file" and mime.startswith("image/")):
+        if inline is not None:
+            source = {"type": "base64", "media_type": inline.mime, "data": inline.base64}
+        else:
+            source = {"type": "url", "url": url}
+        return {"type": "image", "source": source}
+    if kind == "file" and mime == "application/pdf":
+        if inline is not None:
+            source = {"type": "base64", "media_type": "application/pdf", "data": inline.base64}
+        else:
+            source = {"type": "url", "url": url}
+        return {"type": "document", "source": source, "title": attachment.get("name")}
+    if kind == "file" and mime.startswith("text/") and inline is not None:
+        source = {"type": "text", "media_type": "text/plain", "data": inline.text()}
+        return {"type": "document", "source": source, "title": attachment.get("name")}
+    return {"type": "text", "text": mention(attachment, "not readable by this model")}
 
 
 def to_anthropic_tools(tools: Sequence[ToolSpec]) -> list[ToolParam]:
@@ -261,6 +341,16 @@ def to_anthropic_messages(messages: Sequence[ChatMessage]) -> list[MessageParam]
                 block["content"] = message.content
             blocks.append(block)
         else:
+            if message.role == "assistant" and message.reasoning_signature:
+                blocks.append(
+                    {
+                        "type": "thinking",
+                        "thinking": message.reasoning,
+                        "signature": message.reasoning_signature,
+                    }
+                )
+            for attachment in message.attachments if message.role == "user" else ():
+                blocks.append(anthropic_attachment(attachment))
             if message.content:
                 blocks.append({"type": "text", "text": message.content})
             if message.role == "assistant":

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from streams import Operation
 
 from .._approvals import Resumption
+from .._budgets import BudgetGate
 from .._manifest import ScheduleEntry
 from ._model import ChatMessage
 
@@ -25,14 +26,23 @@ class RunRecord(Protocol):
 
     def attach_response(self, text: str) -> None: ...
 
-    def end(self, status: str = "completed", finish_reason: str | None = None) -> None: ...
+    def end(
+        self,
+        status: str = "completed",
+        finish_reason: str | None = None,
+        *,
+        usage: tuple[int, int] | None = None,
+        error: str | None = None,
+    ) -> None: ...
 
 
 class AgentContext(Protocol):
     """What :class:`~entities.agent.Agent` uses of its wake."""
 
     entity_type: str
+    entity_url: str
     resumption: Resumption | None  # a run suspended for approvals going on
+    budget: BudgetGate | None  # the type's token budget, if it has one
 
     @property
     def run_id(self) -> str: ...
@@ -59,6 +69,8 @@ class AgentContext(Protocol):
     async def steering_messages(self) -> list[dict[str, Any]]: ...
 
     def took_steering(self, message: Any) -> None: ...
+
+    async def attachment_bytes(self, stream: str) -> bytes: ...
 
     def _emit(
         self, type_: str, key: str, value: Any, operation: Operation, old: Any = None

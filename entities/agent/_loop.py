@@ -9,19 +9,22 @@ entity's reply (``texts``), and each tool call is recorded in ``tool_calls``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
 from .. import _tracing as tracing
 from .._approvals import ApprovalPending, approval_id
-from .._errors import ModelError
+from .._errors import BudgetExceeded, EntitiesError, ModelError
 from .._metrics import metrics
 from ._host import AgentContext
+from ._limits import model_limits
+from ._media import data_url
 from ._model import (
     ChatMessage,
     ModelClient,
@@ -33,7 +36,7 @@ from ._model import (
 )
 from ._scripted import ScriptedModel, TestResponses
 from ._tools import Tool, ToolResult
-from ._window import payload_text
+from ._window import user_message
 
 __all__ = ["Agent", "AgentConfig", "AgentRunResult"]
 
@@ -112,6 +115,8 @@ class Agent:
         messages = list(await ctx.timeline_messages(last=self.config.history))
         if input is not None:
             messages.append(ChatMessage(role="user", content=input))
+        if any(m.attachments for m in messages):
+            messages = [await self._with_content(m) for m in messages]
         system = await self._system_prompt()
         specs = [ToolSpec(t.name, t.description, t.json_schema()) for t in self.config.tools]
         record = ctx.record_run()
@@ -123,15 +128,25 @@ class Agent:
             for round_ in range(self.config.max_rounds):
                 for message in await self._steering(f"{run_key}.steer{round_}"):
                     steered.append(message)
-                    messages.append(
-                        ChatMessage(role="user", content=payload_text(message.get("payload")))
-                    )
+                    messages.append(await self._with_content(user_message(message)))
                 step = f"{run_key}.model{round_}"
                 response = await self._model_call(step, system, messages, specs)
                 usage = usage + response.usage
+                if response.reasoning:
+                    ctx._emit(
+                        "reasoning",
+                        f"{run_key}.{round_}",
+                        {"run_id": ctx.run_id, "round": round_, "step": step,
+                         "text": response.reasoning},
+                        "insert",
+                    )  # fmt: skip
                 messages.append(
                     ChatMessage(
-                        role="assistant", content=response.text, tool_calls=response.tool_calls
+                        role="assistant",
+                        content=response.text,
+                        tool_calls=response.tool_calls,
+                        reasoning=response.reasoning,
+                        reasoning_signature=response.reasoning_signature,
                     )
                 )
                 if not response.tool_calls:
@@ -159,14 +174,19 @@ class Agent:
                         )
                     )
             else:
-                record.end("failed", finish_reason="max_rounds")
                 error = f"no final answer within max_rounds={self.config.max_rounds}"
+                record.end("failed", finish_reason="max_rounds", usage=_pair(usage), error=error)
                 return AgentRunResult(False, text, calls, usage, error, self.config.max_rounds)
+        except BudgetExceeded as exc:
+            metrics.budget_refusals.inc((ctx.entity_type,))
+            logger.info("%s: %s", ctx.run_id, exc)
+            record.end("failed", finish_reason="budget", usage=_pair(usage), error=str(exc))
+            return AgentRunResult(False, text, calls, usage, str(exc), round_ + 1)
         except ModelError as exc:
-            record.end("failed", finish_reason="model_error")
+            record.end("failed", finish_reason="model_error", usage=_pair(usage), error=str(exc))
             return AgentRunResult(False, text, calls, usage, str(exc), round_ + 1)
         record.attach_response(text)
-        record.end("completed", finish_reason="stop")
+        record.end("completed", finish_reason="stop", usage=_pair(usage))
         if reply and text:
             ctx.reply(text)
             for message in steered:  # the answer answers the messages that steered it too
@@ -182,6 +202,24 @@ class Agent:
         for message in taken:
             self.ctx.took_steering(message)
         return taken
+
+    async def _with_content(self, message: ChatMessage) -> ChatMessage:
+        """``message`` with its ``stream`` attachments read into ``data:`` URLs (the models
+        cannot fetch them); one that cannot be read keeps no URL (the adapters mention it)."""
+        if not any("stream" in a for a in message.attachments):
+            return message
+        attachments = []
+        for attachment in message.attachments:
+            if "stream" in attachment and "url" not in attachment:
+                try:
+                    content = await self.ctx.attachment_bytes(attachment["stream"])
+                except EntitiesError as exc:
+                    logger.warning("attachment %s not read: %s", attachment["stream"], exc)
+                else:
+                    mime = str(attachment.get("mime") or "application/octet-stream")
+                    attachment = {**attachment, "url": data_url(mime, content)}
+            attachments.append(attachment)
+        return replace(message, attachments=tuple(attachments))
 
     async def _system_prompt(self) -> str:
         parts = [self.config.system_prompt]
@@ -205,30 +243,51 @@ class Agent:
                 {"run_id": ctx.run_id, "step": step, "seq": deltas, "delta": delta},
             )
 
+        reasonings = 0
+
+        async def on_reasoning(delta: str) -> None:
+            nonlocal reasonings
+            reasonings += 1
+            await ctx.append_live(
+                "reasoning_deltas",
+                f"{step}.{reasonings}",
+                {"run_id": ctx.run_id, "step": step, "seq": reasonings, "delta": delta},
+            )
+
         async def call() -> dict[str, Any]:
+            budget = ctx.budget
+            if budget is not None and (why := await budget.check()) is not None:
+                raise BudgetExceeded(why, url=ctx.entity_url)
             started = time.perf_counter()
             client = self.client()
             provider = client.name.partition(":")[0]
+            extra: dict[str, Any] = {}
+            if _takes_reasoning(client):
+                extra["on_reasoning"] = on_reasoning
             with tracing.span(
                 f"model call {client.name}",
                 {"gen_ai.system": provider, "gen_ai.request.model": client.name,
                  "entities.step": step},
             ):  # fmt: skip
                 try:
-                    response = await client.complete(
-                        system=system,
-                        messages=messages,
-                        tools=specs,
-                        temperature=self.config.temperature,
-                        max_tokens=self.config.max_tokens,
-                        on_text=on_text,
-                    )
+                    async with model_limits.turn(provider):
+                        response = await client.complete(
+                            system=system,
+                            messages=messages,
+                            tools=specs,
+                            temperature=self.config.temperature,
+                            max_tokens=self.config.max_tokens,
+                            on_text=on_text,
+                            **extra,
+                        )
                 except Exception:
                     metrics.model_calls.inc((ctx.entity_type, provider, "error"))
                     raise
             metrics.model_calls.inc((ctx.entity_type, provider, "ok"))
             usage = response.usage
             metrics.tokens(ctx.entity_type, provider, usage.input_tokens, usage.output_tokens)
+            if budget is not None:
+                await budget.record(step, usage.input_tokens, usage.output_tokens)
             data = response.to_json()
             data["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
             return data
@@ -285,6 +344,28 @@ class Agent:
 
         result: dict[str, Any] = await self.ctx.step(step, run)
         return result
+
+
+def _pair(usage: Usage) -> tuple[int, int]:
+    return usage.input_tokens, usage.output_tokens
+
+
+_TAKES_REASONING: dict[type, bool] = {}
+
+
+def _takes_reasoning(client: ModelClient) -> bool:
+    """Whether ``client.complete`` accepts ``on_reasoning`` (cached per client class)."""
+    kind = type(client)
+    known = _TAKES_REASONING.get(kind)
+    if known is None:
+        try:
+            parameters = inspect.signature(client.complete).parameters
+        except (TypeError, ValueError):
+            parameters = {}  # type: ignore[assignment]
+        known = _TAKES_REASONING[kind] = "on_reasoning" in parameters or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+        )
+    return known
 
 
 def _as_text(value: Any) -> str:

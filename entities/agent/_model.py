@@ -68,9 +68,15 @@ class ChatMessage:
     tool_call_id: str | None = None
     name: str | None = None
     is_error: bool = False
+    # an assistant turn's reasoning, with the provider's signature of it (Anthropic wants the
+    # signed thinking of a tool-use turn sent back with it)
+    reasoning: str = ""
+    reasoning_signature: str | None = None
+    # a user turn's attachments (entities.Attachment rows as JSON: type, name, mime, url)
+    attachments: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "role": self.role,
             "content": self.content,
             "tool_calls": [c.to_json() for c in self.tool_calls],
@@ -78,6 +84,12 @@ class ChatMessage:
             "name": self.name,
             "is_error": self.is_error,
         }
+        if self.reasoning:
+            data["reasoning"] = self.reasoning
+            data["reasoning_signature"] = self.reasoning_signature
+        if self.attachments:
+            data["attachments"] = list(self.attachments)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ChatMessage:
@@ -88,6 +100,9 @@ class ChatMessage:
             tool_call_id=data.get("tool_call_id"),
             name=data.get("name"),
             is_error=bool(data.get("is_error")),
+            reasoning=data.get("reasoning") or "",
+            reasoning_signature=data.get("reasoning_signature"),
+            attachments=tuple(data.get("attachments") or ()),
         )
 
 
@@ -111,9 +126,11 @@ class ModelResponse:
     usage: Usage = field(default_factory=Usage)
     stop_reason: str = "end_turn"
     model: str = ""
+    reasoning: str = ""  # what the model streamed of its reasoning (thinking, summaries)
+    reasoning_signature: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "text": self.text,
             "tool_calls": [c.to_json() for c in self.tool_calls],
             "usage": {
@@ -123,6 +140,10 @@ class ModelResponse:
             "stop_reason": self.stop_reason,
             "model": self.model,
         }
+        if self.reasoning:
+            data["reasoning"] = self.reasoning
+            data["reasoning_signature"] = self.reasoning_signature
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelResponse:
@@ -133,6 +154,8 @@ class ModelResponse:
             usage=Usage(int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))),
             stop_reason=data.get("stop_reason") or "end_turn",
             model=data.get("model") or "",
+            reasoning=data.get("reasoning") or "",
+            reasoning_signature=data.get("reasoning_signature"),
         )
 
 
@@ -174,7 +197,12 @@ class SdkModel:
 
 
 class ModelClient(Protocol):
-    """What the agent loop needs from a model."""
+    """What the agent loop needs from a model.
+
+    A client that streams reasoning also accepts ``on_reasoning`` (a :data:`TextCallback`,
+    like ``on_text``) in :meth:`complete`; the loop passes it to clients whose ``complete``
+    takes it, so clients written without it keep working.
+    """
 
     name: str
 

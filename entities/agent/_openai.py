@@ -12,10 +12,11 @@ the SDK installed raises :class:`ModelError` naming the extra to install.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._media import mention, parse_data_url
 from ._model import (
     ChatMessage,
     ModelError,
@@ -75,8 +76,11 @@ class OpenAIModel(SdkModel):
         temperature: float | None = None,
         max_tokens: int = 4096,
         on_text: TextCallback | None = None,
+        on_reasoning: TextCallback | None = None,
     ) -> ModelResponse:
-        """One streamed Chat Completions call; content deltas go to ``on_text`` in order.
+        """One streamed Chat Completions call; content deltas go to ``on_text`` in order,
+        reasoning deltas (``reasoning_content`` or ``reasoning`` in a chunk's delta, as
+        reasoning models behind OpenAI-compatible endpoints stream them) to ``on_reasoning``.
 
         ``max_tokens`` is sent as ``max_completion_tokens``. The finish reason is reported in
         the neutral vocabulary: ``stop`` -> ``end_turn``, ``tool_calls`` -> ``tool_use``,
@@ -108,7 +112,7 @@ class OpenAIModel(SdkModel):
                 )
                 async with stream:
                     async for chunk in stream:
-                        await state.feed(chunk, on_text)
+                        await state.feed(chunk, on_text, on_reasoning)
         except openai.APIStatusError as exc:
             raise ModelError(
                 f"openai API error (HTTP {exc.status_code}) for model {self.model!r}: "
@@ -158,12 +162,18 @@ class _StreamState:
     """Accumulates one streamed chat completion from its chunks (choice 0)."""
 
     text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
     calls: dict[int, _PendingCall] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
     model: str = ""
 
-    async def feed(self, chunk: ChatCompletionChunk, on_text: TextCallback | None) -> None:
+    async def feed(
+        self,
+        chunk: ChatCompletionChunk,
+        on_text: TextCallback | None,
+        on_reasoning: TextCallback | None = None,
+    ) -> None:
         if chunk.model:
             self.model = chunk.model
         if chunk.usage is not None:
@@ -172,6 +182,12 @@ class _StreamState:
             if choice.index != 0:
                 continue
             delta = choice.delta
+            extra = delta.model_extra or {}
+            thought = extra.get("reasoning_content") or extra.get("reasoning")
+            if isinstance(thought, str) and thought:
+                self.reasoning.append(thought)
+                if on_reasoning is not None:
+                    await on_reasoning(thought)
             for piece in (delta.content, delta.refusal):
                 if piece:
                     self.text.append(piece)
@@ -199,6 +215,7 @@ class _StreamState:
             usage=self.usage,
             stop_reason=_STOP_REASONS.get(reason, reason),
             model=self.model or requested_model,
+            reasoning="".join(self.reasoning),
         )
 
 
@@ -265,6 +282,36 @@ def to_openai_messages(
                     for call in message.tool_calls
                 ]
             result.append(item)
+        elif message.attachments:
+            parts: list[dict[str, Any]] = []
+            if message.content:
+                parts.append({"type": "text", "text": message.content})
+            parts.extend(openai_attachment(a) for a in message.attachments)
+            result.append({"role": "user", "content": parts})
         elif message.content:
             result.append({"role": "user", "content": message.content})
     return result
+
+
+def openai_attachment(attachment: Mapping[str, Any]) -> dict[str, Any]:
+    """An attachment as a Chat Completions content part: ``image_url`` (a URL or a ``data:``
+    URL), ``file`` (inline PDFs), ``input_audio`` (inline wav or mp3), else a text part
+    mentioning it."""
+    url = str(attachment.get("url") or "")
+    mime = str(attachment.get("mime") or "")
+    if not url:  # a stream that could not be read
+        return {"type": "text", "text": mention(attachment, "its content could not be read")}
+    inline = parse_data_url(url, mime)
+    kind = attachment.get("type")
+    if kind == "image" or (kind == "file" and mime.startswith("image/")):
+        return {"type": "image_url", "image_url": {"url": url}}
+    if kind == "file" and inline is not None and inline.mime == "application/pdf":
+        name = str(attachment.get("name") or "file.pdf")
+        return {"type": "file", "file": {"filename": name, "file_data": inline.url()}}
+    audio_format = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/mpeg": "mp3"}.get(mime)
+    if kind == "audio" and inline is not None and audio_format is not None:
+        return {
+            "type": "input_audio",
+            "input_audio": {"data": inline.base64, "format": audio_format},
+        }
+    return {"type": "text", "text": mention(attachment, "not readable by this model")}

@@ -70,6 +70,7 @@ class ScriptedModel:
         temperature: float | None = None,
         max_tokens: int = 4096,
         on_text: TextCallback | None = None,
+        on_reasoning: TextCallback | None = None,
     ) -> ModelResponse:
         round_ = sum(1 for m in messages if m.role == "assistant" and m.tool_calls)
         request = ScriptRequest(system, messages, tools, round_, self.runs_before)
@@ -78,6 +79,9 @@ class ScriptedModel:
         if inspect.isawaitable(item):
             item = await item
         response = _coerce(item, round_)
+        if on_reasoning is not None and response.reasoning:
+            for chunk in _chunks(response.reasoning):
+                await on_reasoning(chunk)
         if on_text is not None and response.text:
             for chunk in _chunks(response.text):
                 await on_text(chunk)
@@ -88,6 +92,7 @@ class ScriptedModel:
             Usage(_estimate_tokens(prompt), _estimate_tokens(response.text)),
             "tool_use" if response.tool_calls else "end_turn",
             self.name,
+            response.reasoning,
         )
 
     def _item(self, request: ScriptRequest) -> Any:

@@ -22,6 +22,7 @@ __all__ = [
     "payload_text",
     "timeline",
     "truncate_tokens",
+    "user_message",
 ]
 
 Tier = Literal["pinned", "stable", "slow-changing", "volatile"]
@@ -124,6 +125,15 @@ def payload_text(payload: Any) -> str:
     return orjson.dumps(payload).decode()
 
 
+def user_message(value: Mapping[str, Any]) -> ChatMessage:
+    """The user turn of an inbox row: its payload's text and its attachments."""
+    return ChatMessage(
+        role="user",
+        content=payload_text(value.get("payload")),
+        attachments=tuple(value.get("attachments") or ()),
+    )
+
+
 _CANCELLED = ChatMessage(role="user", content="")  # a placeholder, dropped at the end
 
 
@@ -179,13 +189,13 @@ def timeline(
             if operation in ("update", "delete") and key in users:
                 at = users.pop(key)  # an edit or a cancel of a message still queued then
                 if operation == "update":
-                    out[at] = ChatMessage(role="user", content=payload_text(value.get("payload")))
+                    out[at] = user_message(value)
                     users[key] = at
                 else:
                     out[at] = _CANCELLED
                 continue
             users[key] = len(out)
-            out.append(ChatMessage(role="user", content=payload_text(value.get("payload"))))
+            out.append(user_message(value))
         elif type_ == "texts" and value.get("value") is not None:
             out.append(ChatMessage(role="assistant", content=payload_text(value.get("value"))))
     flush_round()

@@ -116,6 +116,14 @@ def spawn(
     help="queued: for the next wake; steer: handed to an agent run that is going, before its "
     "next model round (else queued); interrupt: interrupt the running wake, then deliver.",
 )
+@click.option(
+    "--attach",
+    "attach",
+    multiple=True,
+    metavar="TYPE=URL",
+    help="Attach a file by reference (repeatable): TYPE is image, file, audio or video; URL "
+    "an http(s): or data: URL, or stream:/PATH for a stream uploaded to the server.",
+)
 @idempotency_option
 @message_json_option
 @output_option
@@ -127,6 +135,7 @@ def send(
     message_type: str | None,
     wait_s: float,
     mode: str,
+    attach: tuple[str, ...],
     idempotency_key: str | None,
     message_is_json: bool,
     output: str,
@@ -140,7 +149,8 @@ def send(
         "POST",
         f"/_entities/entities{path_of(url)}/send",
         {"payload": message_of(message, message_is_json), "type": message_type}
-        | ({} if mode == "queued" else {"mode": mode}),
+        | ({} if mode == "queued" else {"mode": mode})
+        | ({"attachments": [_attachment(a) for a in attach]} if attach else {}),
         idempotency_key=idempotency_key,
     )
     if wait_s <= 0:
@@ -156,6 +166,16 @@ def send(
     extra = {"url": receipt["url"], "key": receipt["key"]}
     status, error = answer.get("status"), answer.get("error")
     sys.exit(report(answer["replies"], status, error, wait_s, output, extra))
+
+
+def _attachment(option: str) -> dict[str, str]:
+    """An ``--attach TYPE=URL`` option as an attachment (the server validates the rest)."""
+    kind, sep, where = option.partition("=")
+    if not sep or not kind or not where:
+        raise click.BadParameter(f"use TYPE=URL, got {option!r}", param_hint="--attach")
+    if where.startswith("stream:"):
+        return {"type": kind, "stream": where.removeprefix("stream:")}
+    return {"type": kind, "url": where}
 
 
 def _describe(item: dict[str, Any]) -> str:

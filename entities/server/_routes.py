@@ -95,12 +95,24 @@ class DecisionBody(BaseModel):
     note: str | None = None
 
 
+class AttachmentBody(BaseModel):
+    """A file a message carries by reference (checked further by ``Runtime.send``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image", "file", "audio", "video"]
+    name: str | None = None
+    mime: str | None = None
+    url: str | None = None  # http(s): or data:
+    stream: str | None = None  # or a stream path on this server
+
+
 class SendBody(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     payload: Any = None
     type: str | None = None
     mode: SendMode = "queued"
     sender: str | None = Field(default=None, alias="from")
+    attachments: list[AttachmentBody] | None = Field(default=None, max_length=20)
 
 
 def _names_an_entity(sender: str) -> bool:
@@ -384,6 +396,9 @@ class _ControlPlane:
             sender=sender,
             idempotency_key=key,
             mode=body.mode,
+            attachments=None
+            if body.attachments is None
+            else [a.model_dump(exclude_none=True) for a in body.attachments],
         )
         return json_response(receipt.to_json(), 202)
 

@@ -104,11 +104,18 @@ class FakeTurn:
     chunk_delay: float = 0.0
     pause_after: int | None = None
     resume: threading.Event | None = field(default=None, compare=False)
+    reasoning: str | Sequence[str] = ""  # streamed before the text (thinking / reasoning)
+    signature: str = "sig-fake"  # of the Anthropic thinking block
 
     def deltas(self) -> list[str]:
         if isinstance(self.text, str):
             return re.findall(r"\S+\s*|\s+", self.text)
         return [t for t in self.text if t]
+
+    def reasoning_deltas(self) -> list[str]:
+        if isinstance(self.reasoning, str):
+            return re.findall(r"\S+\s*|\s+", self.reasoning)
+        return [t for t in self.reasoning if t]
 
     def stop(self) -> str:
         return self.stop_reason or ("tool_use" if self.tool_calls else "end_turn")
@@ -361,6 +368,32 @@ def _anthropic_events(turn: FakeTurn, request: RecordedRequest) -> list[_Event]:
         ("ping", {"type": "ping"}),
     ]
     index = 0
+    thoughts = turn.reasoning_deltas()
+    if thoughts:
+        start = {"type": "thinking", "thinking": "", "signature": ""}
+        events.append(
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": index, "content_block": start},
+            )
+        )
+        for text in thoughts:
+            delta = {"type": "thinking_delta", "thinking": text}
+            events.append(
+                (
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": index, "delta": delta},
+                )
+            )
+        signature = {"type": "signature_delta", "signature": turn.signature}
+        events.append(
+            (
+                "content_block_delta",
+                {"type": "content_block_delta", "index": index, "delta": signature},
+            )
+        )
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+        index += 1
     deltas = turn.deltas()
     if deltas:
         events.append(
@@ -453,6 +486,8 @@ def _openai_events(turn: FakeTurn, request: RecordedRequest) -> list[_Event]:
         return None, data
 
     events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+    for text in turn.reasoning_deltas():  # as OpenAI-compatible reasoning endpoints send it
+        events.append(chunk({"reasoning_content": text}))
     for text in turn.deltas():
         events.append(chunk({"content": text}))
     for k, call in enumerate(turn.tool_calls):

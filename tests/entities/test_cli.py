@@ -620,3 +620,22 @@ def test_fork(server: Server) -> None:
         ok(*server.args("fork", "/counter/fk", "fk4", "--at", "latest_completed_run", "-o", "json"))
     )
     assert made["url"] == "/counter/fk4"
+
+
+def test_send_with_attachments(server: Server) -> None:
+    ok(*server.args("spawn", "/chat/att"))
+    image = "https://example.com/cat.png"
+    ok(*server.args("send", "/chat/att", "look", "--attach", f"image={image}",
+                    "--attach", "file=stream:/uploads/notes.txt"))  # fmt: skip
+    events = [
+        orjson.loads(line)
+        for line in ok(*server.args("view", "/chat/att", "-o", "json")).splitlines()
+    ]
+    (row,) = [e["value"] for e in events if e["type"] == "inbox"]
+    assert row["attachments"] == [
+        {"type": "image", "url": image, "name": "cat.png", "mime": "image/png"},
+        {"type": "file", "stream": "/uploads/notes.txt", "name": "notes.txt", "mime": "text/plain"},
+    ]
+    assert "use TYPE=URL" in fails(*server.args("send", "/chat/att", "x", "--attach", "cat.png"))
+    refused = fails(*server.args("send", "/chat/att", "x", "--attach", "sticker=https://x/y"))
+    assert "SCHEMA_VALIDATION_FAILED" in refused and "attachments" in refused

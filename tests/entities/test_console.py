@@ -216,6 +216,48 @@ async def test_streamed_answer_shows_while_the_run_goes(page: Page, tmp_path: Pa
             await expect(page.locator(".entity-head .badge")).to_have_text("idle")
 
 
+async def test_streamed_reasoning_and_attachments_show(page: Page, tmp_path: Path) -> None:
+    resume = threading.Event()
+    # Anthropic events: message_start, ping, the thinking block's start and two thinking
+    # deltas: the stream holds there until the test has seen the reasoning on the page
+    turn = FakeTurn(
+        reasoning=["Pondering ", "deeply."], text="It is a cat.", pause_after=5, resume=resume
+    )
+    with running_fake(in_order(turn)) as fake:
+        model = AnthropicModel(
+            "claude-fake-1",
+            api_key="sk-test",
+            base_url=fake.anthropic_base_url,
+            max_retries=0,
+            thinking_budget=1024,
+        )
+        async with console(examples_registry(_talker(model)), tmp_path) as c:
+            try:
+                await c.spawn("/talker/t2")
+                image = {"type": "image", "url": "https://example.com/cat.png"}
+                sent = await c.http.post(
+                    "/_entities/entities/talker/t2/send",
+                    json={"payload": "what is this?", "attachments": [image]},
+                )
+                assert sent.status_code == 202, sent.text
+                await page.goto(c.base + "/ui/talker/t2")
+                conversation = page.locator(".conversation")
+                attached = conversation.locator(".msg.user .attachment a")
+                await expect(attached).to_have_text("image: cat.png")
+                assert await attached.get_attribute("href") == image["url"]
+                thinking = conversation.locator(".msg.reasoning.streaming")
+                await expect(thinking).to_contain_text("Pondering deeply.")
+                await expect(thinking.locator("summary")).to_have_text("reasoning (streaming…)")
+                assert "It is a cat." not in await conversation.inner_text()
+            finally:
+                resume.set()
+            await expect(conversation.locator(".msg.assistant")).to_contain_text("It is a cat.")
+            done = conversation.locator(".msg.reasoning")
+            await expect(done.locator("summary")).to_have_text("reasoning")
+            await expect(thinking).to_have_count(0)
+            await expect(done.locator(".text")).to_have_text("Pondering deeply.")
+
+
 async def test_tool_call_shows_name_arguments_and_result(page: Page, tmp_path: Path) -> None:
     async with console(examples_registry(), tmp_path) as c:
         await c.spawn("/assistant/a1", initial_message="what is 2+3")

@@ -114,7 +114,10 @@ async def test_model_tool_and_step_spans_nest_in_the_wake(
     models = named(spans, "model call anthropic:claude-test")
     tools = named(spans, "tool call add")
     steps = named(spans, "step ")
-    assert len(models) == 2 and len(tools) == 1 and len(steps) == 3
+    # steps: steering (before each round), model, tool, steering, model
+    assert (
+        len(models) == 2 and len(tools) == 1 and len(steps) == 3
+    )  # the steering look before each round is no span
     by_id = {s.context.span_id: s for s in spans}
     for inner in [*models, *tools]:
         assert inner.parent is not None

@@ -10,6 +10,8 @@
 //   steps            journaled steps; `step:{wake}.agent{n}.model{r}` holds a model answer
 //                    (text, tool_calls), `step:{wake}.agent{n}.tool{r}.{call id}` a tool result
 //   text_deltas      streamed model text, appended while the run goes (step, seq, delta)
+//   reasoning_deltas streamed model reasoning (thinking), like text_deltas
+//   reasoning        key `{wake}.agent{n}.{round}`: a round's whole reasoning (round, text)
 //   tool_calls       a tool call's record (name, arguments, result, error, duration_ms)
 //   texts            a reply (value; text for text replies)
 // A wake id names the stream positions it covers: `w4-9` took the events at positions 5..9.
@@ -57,7 +59,15 @@ export class EntityModel {
   round(wake, agent, round) {
     if (!wake.agents.has(agent)) wake.agents.set(agent, new Map());
     const rounds = wake.agents.get(agent);
-    if (!rounds.has(round)) rounds.set(round, { model: null, tools: new Map(), deltas: new Map() });
+    if (!rounds.has(round)) {
+      rounds.set(round, {
+        model: null,
+        tools: new Map(),
+        deltas: new Map(),
+        thoughts: new Map(), // seq -> streamed reasoning
+        reasoning: null, // the round's recorded reasoning
+      });
+    }
     return rounds.get(round);
   }
 
@@ -116,6 +126,16 @@ export class EntityModel {
         const round = this.round(wake, Number(match[2]), Number(match[3]));
         round.deltas.set(value.seq, value.delta);
       }
+    } else if (type === 'reasoning_deltas') {
+      const match = DELTA_STEP.exec(value.step || '');
+      if (match) {
+        const round = this.round(wake, Number(match[2]), Number(match[3]));
+        round.thoughts.set(value.seq, value.delta);
+      }
+    } else if (type === 'reasoning') {
+      const agent = /\.agent(\d+)\.\d+$/.exec(key);
+      const round = this.round(wake, agent ? Number(agent[1]) : 1, value.round ?? 0);
+      round.reasoning = value.text || '';
     } else if (type === 'tool_calls') {
       const agent = /\.agent(\d+)\./.exec(key);
       const round = this.round(wake, agent ? Number(agent[1]) : 1, value.round ?? 0);
@@ -168,6 +188,14 @@ export function roundText(round) {
   if (round.model) return { text: round.model.text || '', live: false };
   const seqs = [...round.deltas.keys()].sort((a, b) => a - b);
   return { text: seqs.map((s) => round.deltas.get(s)).join(''), live: true };
+}
+
+// The reasoning a round shows: recorded once the round is, else the streamed deltas so far.
+export function roundReasoning(round) {
+  if (round.reasoning !== null) return { text: round.reasoning, live: false };
+  if (round.model && round.model.reasoning) return { text: round.model.reasoning, live: false };
+  const seqs = [...round.thoughts.keys()].sort((a, b) => a - b);
+  return { text: seqs.map((s) => round.thoughts.get(s)).join(''), live: !round.model };
 }
 
 // The tool calls of a round, in the model's order: [{id, name, arguments, outcome}].

@@ -6,6 +6,7 @@ import {
   describeTrigger,
   messageText,
   roundCalls,
+  roundReasoning,
   roundText,
   wakeStatus,
 } from './model.js';
@@ -24,6 +25,18 @@ export function renderTurn(model, wake) {
     const rounds = wake.agents.get(agent);
     for (const index of [...rounds.keys()].sort((a, b) => a - b)) {
       const round = rounds.get(index);
+      const thought = roundReasoning(round);
+      if (thought.text) {
+        const streaming = thought.live && running;
+        parts.push(
+          h(
+            'details',
+            { class: `msg reasoning${streaming ? ' streaming' : ''}`, open: streaming ? '' : null },
+            h('summary', { class: 'who' }, streaming ? 'reasoning (streaming…)' : 'reasoning'),
+            h('div', { class: 'text' }, thought.text),
+          ),
+        );
+      }
       const { text, live } = roundText(round);
       if (text || (live && running)) {
         answers.add(text);
@@ -72,6 +85,22 @@ function userMessage(value) {
     { class: 'msg user' },
     h('div', { class: 'who' }, value.from || 'user', value.message_type ? ` · ${value.message_type}` : ''),
     h('div', { class: 'text' }, messageText(value.payload)),
+    value.attachments && value.attachments.length
+      ? h('div', { class: 'attachments' }, value.attachments.map(attachment))
+      : null,
+  );
+}
+
+// An attachment of a message: its name (a link when it has an http(s) URL), type and mime.
+function attachment(item) {
+  const url = item.url && /^https?:/.test(item.url) ? item.url : null;
+  const label = `${item.type}: ${item.name}`;
+  return h(
+    'span',
+    { class: 'attachment', title: item.stream ? `stream ${item.stream}` : item.mime || '' },
+    url ? h('a', { href: url, target: '_blank', rel: 'noopener' }, label) : label,
+    ' ',
+    h('span', { class: 'muted' }, item.mime || ''),
   );
 }
 
