@@ -41,8 +41,9 @@ from ._errors import (
     InvalidDecision,
 )
 from ._events import event, new_token
-from ._records import ENTITY_NS, PENDING_NS
-from ._urls import EntityURL
+from ._records import ENTITY_NS, PENDING_NS, SCHEDULE_NS
+from ._timers import TimerValue, arm_ops, cancel_ops, schedule_key
+from ._urls import EntityURL, parse_url
 from ._wake import InboxMessage, WakeEvent
 
 __all__ = [
@@ -54,6 +55,8 @@ __all__ = [
     "approval_json",
     "decide",
     "decision_of",
+    "decision_ops",
+    "decisions_of",
     "list_approvals",
     "pending_ids",
     "resumed_messages",
@@ -83,6 +86,7 @@ class Approval(BaseModel):
     runs_before: int = 0
     messages: list[dict[str, Any]] = []  # the origin's inbox messages (what the reply answers)
     requested_at: float
+    expires_at: float | None = None  # denied ("timed out") if still pending then
     decided_by: str | None = None
     decided_at: float | None = None
     note: str | None = None
@@ -195,6 +199,7 @@ def suspend_records(
     for request in requests:
         if request["id"] in known:
             continue
+        timeout = request.get("timeout")
         approval = Approval(
             id=request["id"],
             url=url,
@@ -205,10 +210,72 @@ def suspend_records(
             runs_before=runs_before,
             messages=messages,
             requested_at=now,
+            expires_at=None if timeout is None else now + float(timeout),
         )
+        raw = approval.model_dump_json().encode()
         events.append(event("approvals", approval.id, approval.row(), now))
-        ops.append(KvPut(APPROVAL_NS, f"{url}|{approval.id}", approval.model_dump_json().encode()))
+        ops.append(KvPut(APPROVAL_NS, f"{url}|{approval.id}", raw))
+        if approval.expires_at is not None:  # a timer denies it then, unless decided first
+            timer = TimerValue(
+                kind="approval",
+                owner=url,
+                schedule_id=_timer_id(approval.id),
+                due=approval.expires_at,
+                payload={"approval": raw.decode()},
+            )
+            ops.extend(arm_ops(timer))
     return events, ops, [r["id"] for r in requests]
+
+
+def _timer_id(id: str) -> str:
+    return f"approval:{id}"
+
+
+def decision_ops(
+    approval: Approval, raw: bytes, status: str, note: str | None, by: str | None, now: float
+) -> tuple[list[Op], Approval]:
+    """The transaction that decides ``approval`` (stored as ``raw``, checked) as ``status``
+    (``approved`` or ``denied``): its row, its ``approvals`` change and the ``wakes`` event
+    that resumes the run, and the entity's pending mark (not its timeout timer: the caller's
+    business), and the approval as decided."""
+    decided = approval.model_copy(
+        update={"status": status, "decided_by": by, "decided_at": now, "note": note}
+    )
+    wake = {
+        "kind": "approval",
+        "source": by,
+        "id": approval.id,
+        "decision": "approve" if status == "approved" else "deny",
+        "note": note,
+        "origin": approval.origin,
+        "origin_to": approval.origin_to,
+        "runs_before": approval.runs_before,
+        "messages": approval.messages,
+        "decisions": {approval.id: {"status": status, "note": note, "by": by}},
+    }
+    target = parse_url(approval.url)
+    key = f"{approval.url}|{approval.id}"
+    return [
+        KvCheck(APPROVAL_NS, key, raw),
+        KvPut(APPROVAL_NS, key, decided.model_dump_json().encode()),
+        Append(
+            target.stream,
+            [
+                event("approvals", approval.id, decided.row(), now, "update"),
+                event("wakes", f"approval:{approval.id}", wake, now),
+            ],
+        ),
+        KvPut(PENDING_NS, target.url, new_token()),
+    ], decided
+
+
+async def decisions_of(store: Store, url: str, origin: str) -> dict[str, dict[str, Any]]:
+    """Every decision taken on the approvals of the run that began in wake ``origin``."""
+    return {
+        a.id: {"status": a.status, "note": a.note, "by": a.decided_by}
+        for a in await list_approvals(store, url)
+        if a.origin == origin and a.status != "pending"
+    }
 
 
 async def list_approvals(store: Store, url: str) -> list[Approval]:
@@ -261,40 +328,17 @@ async def decide(
                 f"approval {id!r} was {approval.status} already", url=target.url
             )
         now = clock.now()
-        status: Literal["approved", "denied"] = "approved" if decision == "approve" else "denied"
-        decided = approval.model_copy(
-            update={"status": status, "decided_by": by, "decided_at": now, "note": note}
-        )
-        decisions = {
-            a.id: {"status": a.status, "note": a.note, "by": a.decided_by}
-            for a in await list_approvals(store, target.url)
-            if a.origin == approval.origin and a.status != "pending"
-        }
-        decisions[id] = {"status": status, "note": note, "by": by}
-        wake = {
-            "kind": "approval",
-            "source": by,
-            "id": id,
-            "decision": decision,
-            "note": note,
-            "origin": approval.origin,
-            "origin_to": approval.origin_to,
-            "runs_before": approval.runs_before,
-            "messages": approval.messages,
-            "decisions": decisions,
-        }
-        ops: list[Op] = [
-            KvCheck(APPROVAL_NS, key, raw),
-            KvPut(APPROVAL_NS, key, decided.model_dump_json().encode()),
-            Append(
-                target.stream,
+        status = "approved" if decision == "approve" else "denied"
+        ops, decided = decision_ops(approval, raw, status, note, by, now)
+        index = schedule_key(target.url, _timer_id(id))
+        timer = await store.kv_get(SCHEDULE_NS, index)
+        if timer is not None:  # its timeout can no longer deny it
+            ops.extend(
                 [
-                    event("approvals", id, decided.row(), now, "update"),
-                    event("wakes", f"approval:{id}", wake, now),
-                ],
-            ),
-            KvPut(PENDING_NS, target.url, new_token()),
-        ]
+                    KvCheck(SCHEDULE_NS, index, timer),
+                    *cancel_ops(target.url, _timer_id(id), timer.decode()),
+                ]
+            )
         try:
             await store.commit(ops)
         except ConditionFailed:

@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import anyio
@@ -41,7 +41,14 @@ from streams import (
 )
 
 from . import _tracing as tracing
-from ._approvals import ApprovalPending, Resumption, pending_ids, resumption, suspend_records
+from ._approvals import (
+    ApprovalPending,
+    Resumption,
+    decisions_of,
+    pending_ids,
+    resumption,
+    suspend_records,
+)
 from ._budgets import BudgetGate, Budgets
 from ._calls import call_user
 from ._context import HandlerContext
@@ -222,6 +229,8 @@ class WakeRunner:
         resume = resumption(wake)
         journal = {}
         if resume is not None:  # a run suspended for approvals: its journal is its origin's
+            decided = await decisions_of(rt.store, claim.url.url, resume.origin)
+            resume = replace(resume, decisions={**resume.decisions, **decided})
             origin = Inflight(wake_id=resume.origin, from_offset=resume.origin_to,
                               to_offset=resume.origin_to)  # fmt: skip
             journal = await read_journal(rt.store, claim.url.stream, origin)

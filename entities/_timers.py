@@ -43,7 +43,7 @@ class TimerValue(BaseModel):
     """What a timer does when due."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["future_send", "cron", "debounce", "timeout"]
+    kind: Literal["future_send", "cron", "debounce", "timeout", "approval"]
     v: int = 1
     owner: str  # the entity that scheduled it
     schedule_id: str

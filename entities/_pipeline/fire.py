@@ -39,6 +39,7 @@ from streams import (
     StreamNotFound,
 )
 
+from .._approvals import Approval, decision_ops
 from .._errors import EntitiesError
 from .._events import event, inbox_value, iso, new_token
 from .._metrics import metrics
@@ -275,7 +276,28 @@ def _timer_ops(key: str, raw: bytes, now: float, out: Deliveries, urls: _Urls) -
     metrics.lateness.observe(late_ms / 1000)
     if timer.kind in ("debounce", "timeout"):
         return [*checks, *_observation(timer, owner, index, late_ms, now, out)]
+    if timer.kind == "approval":
+        return [*checks, KvPut(SCHEDULE_NS, index, None), *_approval_expired(timer, key, raw)]
     return [*checks, *_cron_tick(timer, owner, late_ms, now, out)]
+
+
+def _approval_expired(timer: TimerValue, key: str, raw: bytes) -> list[Op]:
+    """An approval still pending at its timeout: denied ("timed out"), which resumes its run.
+    The approval row is checked as the timer saw it: a decision taken meanwhile cancelled the
+    timer in its own transaction, so this fires only for a pending approval.
+
+    Raises:
+        _BadTimer: the timer's approval does not decode.
+    """
+    try:
+        stored = str((timer.payload or {})["approval"]).encode()
+        approval = Approval.model_validate_json(stored)
+    except (KeyError, ValueError) as exc:
+        raise _BadTimer(key, raw, exc) from None
+    waited = max(0.0, timer.due - approval.requested_at)
+    note = f"timed out: no decision within {waited:g} s"
+    ops, _decided = decision_ops(approval, stored, "denied", note, "timeout", timer.due)
+    return ops
 
 
 def _cron_tick(

@@ -312,7 +312,10 @@ class Agent:
             id = approval_id(self.ctx.run_id, self._runs, round_, call.id)
             decision = None if resume is None else resume.decisions.get(id)
             if decision is None:
-                waiting.append({"id": id, "tool": call.name, "arguments": call.arguments})
+                waiting.append(
+                    {"id": id, "tool": call.name, "arguments": call.arguments,
+                     "timeout": tool.approval_timeout}
+                )  # fmt: skip
             else:
                 decided[call.id] = decision
         if waiting:

@@ -51,6 +51,7 @@ class Tool:
     execute: Callable[[Any], Any] | Callable[[Any], Awaitable[Any]]
     # a person approves each call first (``True``), or the calls whose arguments it holds true
     requires_approval: bool | Callable[[Any], bool] = False
+    approval_timeout: float | None = None  # seconds: a call still waiting then is denied
 
     def needs_approval(self, arguments: Any) -> bool:
         """Whether a call with ``arguments`` waits for a person's approval. A predicate that
@@ -109,6 +110,7 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     requires_approval: bool | Callable[[Any], bool] = False,
+    approval_timeout: float | None = None,
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 
 
@@ -119,14 +121,21 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     requires_approval: bool | Callable[[Any], bool] = False,
+    approval_timeout: float | None = None,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Make a :class:`Tool` from a typed function (``@tool`` or ``@tool(name=...)``).
 
     The parameters model is built from the function's annotated parameters; the description
     defaults to the docstring. ``requires_approval``: each call waits for a person's decision
     (or, given a predicate on the call's arguments, the calls it holds true for); see
-    :mod:`entities._approvals`.
+    :mod:`entities._approvals`. ``approval_timeout`` (seconds): a call still waiting then is
+    denied ("timed out").
+
+    Raises:
+        ValueError: ``approval_timeout`` is not a positive number.
     """
+    if approval_timeout is not None and not approval_timeout > 0:
+        raise ValueError(f"approval_timeout must be positive seconds, not {approval_timeout!r}")
 
     def build(f: Callable[..., Any]) -> Tool:
         hints = get_type_hints(f)
@@ -146,6 +155,7 @@ def tool(
             model,
             execute,
             requires_approval,
+            approval_timeout,
         )
 
     if fn is not None:

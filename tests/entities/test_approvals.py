@@ -51,7 +51,30 @@ def model(request: ScriptRequest) -> Any:
     return ModelResponse(tool_calls=(ToolCall(f"c{amount}", "pay", {"amount": amount}),))
 
 
+@tool(requires_approval=True, approval_timeout=60)
+def transfer(amount: int) -> str:
+    """Transfer an amount (a person has a minute to approve)."""
+    ran.append(f"transfer {amount}")
+    return f"transferred {amount}"
+
+
+def transfer_model(request: ScriptRequest) -> Any:
+    calls.append(request.last_user_text)
+    if request.tool_results:
+        return f"result: {request.tool_results[-1].content}"
+    amount = int(request.last_user_text.split()[-1])
+    return ModelResponse(tool_calls=(ToolCall(f"t{amount}", "transfer", {"amount": amount}),))
+
+
 registry = Registry().include(example.registry)
+
+
+@registry.define("transferer")
+async def transferer(ctx: HandlerContext, wake: WakeEvent) -> None:
+    if not wake.messages:
+        return
+    ctx.use_agent(system_prompt="transfer", tools=[transfer], test_responses=transfer_model)
+    await ctx.agent.run()
 
 
 @registry.define("payer")
@@ -147,6 +170,50 @@ async def test_messages_while_waiting_run_on_their_own(rt: Runtime) -> None:
     assert await rt.replies("/payer/q", big.key) == ["result: paid 900"]
     assert await rt.replies("/payer/q", later.key) == ["result: paid 2"]
     assert ran == ["pay 1", "pay 2", "pay 900"]
+
+
+async def test_an_approval_not_decided_in_time_is_denied(rt: Runtime) -> None:
+    clock = rt.clock
+    assert isinstance(clock, VirtualClock)
+    await rt.spawn("/transferer/t")
+    sent = await rt.send("/transferer/t", {"text": "transfer 70"})
+    await rt.run_until_idle()
+    [pending] = await rt.approvals("/transferer/t")
+    assert pending.expires_at is not None and pending.expires_at - pending.requested_at == 60
+    clock.advance(30)
+    await rt.run_until_idle()
+    assert (await rt.approvals("/transferer/t"))[0].status == "pending"
+    clock.advance(31)
+    await rt.run_until_idle()
+    [denied] = await rt.approvals("/transferer/t")
+    assert (denied.status, denied.decided_by) == ("denied", "timeout")
+    assert denied.note == "timed out: no decision within 60 s"
+    [reply] = await rt.replies("/transferer/t", sent.key)
+    assert "not approved by timeout: timed out" in reply and ran == []
+    with pytest.raises(ApprovalNotPending):
+        await rt.decide("/transferer/t", denied.id, "approve")
+
+
+async def test_a_decision_in_time_cancels_the_timeout(rt: Runtime) -> None:
+    clock = rt.clock
+    assert isinstance(clock, VirtualClock)
+    await rt.spawn("/transferer/u")
+    sent = await rt.send("/transferer/u", {"text": "transfer 5"})
+    await rt.run_until_idle()
+    [pending] = await rt.approvals("/transferer/u")
+    await rt.decide("/transferer/u", pending.id, "approve")
+    await rt.run_until_idle()
+    assert await rt.replies("/transferer/u", sent.key) == ["result: transferred 5"]
+    clock.advance(120)  # the timeout's time passes: nothing fires
+    await rt.run_until_idle()
+    [approved] = await rt.approvals("/transferer/u")
+    assert approved.status == "approved" and ran == ["transfer 5"]
+    assert await rt.replies("/transferer/u", sent.key) == ["result: transferred 5"]
+
+
+def test_the_timeout_is_checked_at_definition() -> None:
+    with pytest.raises(ValueError, match="approval_timeout"):
+        tool(requires_approval=True, approval_timeout=0)(lambda: None)
 
 
 async def test_bad_decisions_change_nothing(rt: Runtime) -> None:
