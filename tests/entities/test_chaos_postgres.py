@@ -399,9 +399,10 @@ async def test_workers_killed(shared_db: str, tmp_path: Path, cleanup: list[Depl
         d: Deployment, ledger: Ledger, done: asyncio.Event, rng: random.Random
     ) -> int:
         """Every 200-500 ms (50-150 ms for the first five), or after 120 more answered sends if
-        that comes first (so a fast machine sees as many kills), SIGKILL a worker and restart it: one seen holding a lease
-        (wakes take milliseconds, so a random victim is often idle) until a kill has caught a
-        wake in flight, then every other time; else a random one."""
+        that comes first (so a fast machine sees as many kills), SIGKILL a worker and restart
+        it: one seen holding a lease (wakes take milliseconds, so a random victim is often
+        idle) until a kill has caught a wake in flight, then every other time; else a random
+        one."""
         kills = 0
         hit = False  # whether a kill has caught a worker in the middle of a wake yet
 
