@@ -7,6 +7,7 @@ through the ``entities`` CLI's worker and server), and send them messages by URL
 from __future__ import annotations
 
 from ._approvals import Approval as Approval
+from ._awaiting import CallResult as CallResult
 from ._check import CheckFinding as CheckFinding
 from ._check import CheckReport as CheckReport
 from ._check import check_deploy as check_deploy
@@ -87,6 +88,7 @@ __all__ = [
     "Approval",
     "ApprovalNotFound",
     "ApprovalNotPending",
+    "CallResult",
     "CheckFinding",
     "CheckReport",
     "ChildEntry",

@@ -42,6 +42,7 @@ from .base import (
     KvCheck,
     KvPut,
     Message,
+    Notify,
     Op,
     OpResult,
     ProducerState,
@@ -295,6 +296,9 @@ class Batch:
                 self.effects.kv[(op.namespace, op.key)] = op.value
                 self.effects.touched.add(f"kv:{op.namespace}")
                 results.append(True)
+            elif isinstance(op, Notify):
+                self.effects.touched.add(op.name)
+                results.append(None)
             else:
                 assert isinstance(op, KvCheck)
                 if await self._kv(op.namespace, op.key) != op.expect:

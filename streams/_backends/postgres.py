@@ -65,6 +65,7 @@ from .base import (
     Create,
     KvCheck,
     KvPut,
+    Notify,
     Op,
     OpResult,
     ReadResult,
@@ -424,6 +425,8 @@ class PostgresStore(Store):
             for op in pending.ops:
                 if isinstance(op, KvPut | KvCheck):
                     kv_keys.add((op.namespace, op.key))
+                    continue
+                if isinstance(op, Notify):
                     continue
                 paths.add(op.path)
                 if isinstance(op, Create):

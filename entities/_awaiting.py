@@ -1,0 +1,321 @@
+"""Waiting for what becomes of a message, woken by the commit that answers it: request-response
+(:meth:`~entities.Runtime.call`, ``POST .../call``) and the long-poll of ``GET .../replies``.
+
+A waiter is not woken by every append to the entity's stream. Commits address waiters with
+:class:`~streams.Notify` names (see :mod:`entities._replies`):
+
+- ``reply:{url}`` from every wake commit (and a kill): one look at the entity record (its
+  acknowledged offset) per commit, however many wait, wakes exactly the waiters whose message
+  sits at or before that offset (kept in offset order, so the look pops them off a heap);
+- ``reply:{url}|{key}`` from a commit that writes a reply row or a status row for one message
+  (a reply to an earlier message, a cancel, an interrupt, a wait for approval, a dead letter):
+  that message's waiters alone.
+
+Only the woken waiters read their answer (a few reads each, from the reply index and the
+unacknowledged tail, never the whole stream). Across processes the names travel through the
+store's notification path (PostgreSQL ``NOTIFY``; the embedded worker's commits are mirrored to
+the server's store). When a backend cannot tell what changed ("wake everything": another
+process committed to a SQLite file, a ``LISTEN`` connection came back) the hub takes one look
+per entity that has waiters instead of one per waiter. Each waiter also looks again every
+:data:`RECHECK_SECONDS`, in case a notification was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from streams import Store
+
+from ._errors import EntityNotFound
+from ._reads import Reads
+from ._records import ENTITY_NS, EntityRecord, Outcome, SendReceipt
+from ._replies import answered_signal, message_signal, outcome_of
+from ._urls import parse_url
+
+__all__ = ["DONE_STATUSES", "RECHECK_SECONDS", "Awaiting", "CallResult", "ReplyWaiters"]
+
+logger = logging.getLogger("entities")
+
+RECHECK_SECONDS = 5.0
+# how a call ends without replies: the wake that took its message is over
+DONE_STATUSES = frozenset({"completed", "dead_lettered", "cancelled", "interrupted"})
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """What :meth:`~entities.Runtime.call` returns: the message sent (``url``, ``key``,
+    ``offset`` as in a :class:`~entities.SendReceipt`), its replies in order, the status of the
+    wake that took it (``completed``, ``dead_lettered``, ``cancelled``, ``interrupted``; when
+    the wait ran out: ``pending``, ``failed`` while retried, or ``waiting_approval``) with
+    that wake's error, and ``timed_out``: no answer within the wait (the message was sent and
+    stays queued; ask again with ``GET .../replies/{key}``)."""
+
+    url: str
+    key: str
+    offset: str
+    replies: list[Any]
+    status: str
+    error: str | None
+    timed_out: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "key": self.key,
+            "offset": self.offset,
+            "replies": self.replies,
+            "status": self.status,
+            "error": self.error,
+            "timed_out": self.timed_out,
+        }
+
+
+@dataclass(eq=False)
+class _Waiter:
+    url: str
+    key: str
+    at: str | None  # the message's offset, if known
+    event: anyio.Event = field(default_factory=anyio.Event)
+    queued: bool = False  # in its entity's heap (or loose list)
+    done: bool = False
+
+    def wake(self) -> None:
+        self.queued = False
+        self.event.set()
+
+
+@dataclass(eq=False)
+class _Entity:
+    """The waiters of one entity."""
+
+    heap: list[tuple[str, int, _Waiter]] = field(default_factory=list)  # by message offset
+    loose: list[_Waiter] = field(default_factory=list)  # offset unknown: woken by every ack
+    count: int = 0
+    remove: Callable[[], None] | None = None
+    looking: bool = False
+    again: bool = False
+
+
+class ReplyWaiters:
+    """The waiters of one store's messages (one per store: see :func:`waiters_of`)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.looks = 0  # record reads made for waiters (tests count them)
+        self._entities: dict[str, _Entity] = {}
+        self._seq = 0
+        self._remove_everything: Callable[[], None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def enter(self, url: str, key: str, at: str | None) -> tuple[_Waiter, Callable[[], None]]:
+        """Register a waiter of message ``key`` of ``url`` (at offset ``at``); returns it and
+        the function that removes it."""
+        waiter = _Waiter(url, key, at)
+        entity = self._entities.get(url)
+        if entity is None:
+            entity = self._entities[url] = _Entity()
+            entity.remove = self.store.listen(
+                answered_signal(url), lambda: self._answered(url), broadcast=False
+            )
+        if self._remove_everything is None:
+            self._remove_everything = self.store.listen("*", self._everything, broadcast=False)
+        entity.count += 1
+        remove_key = self.store.listen(message_signal(url, key), waiter.wake, broadcast=False)
+
+        def leave() -> None:
+            remove_key()
+            waiter.done = True
+            entity.count -= 1
+            if entity.count <= 0 and self._entities.get(url) is entity:
+                del self._entities[url]
+                if entity.remove is not None:
+                    entity.remove()
+                if not self._entities and self._remove_everything is not None:
+                    self._remove_everything()
+                    self._remove_everything = None
+
+        return waiter, leave
+
+    def arm(self, waiter: _Waiter) -> anyio.Event:
+        """Make ``waiter`` wakeable by the next answer; returns the event it is woken by."""
+        if waiter.event.is_set():
+            waiter.event = anyio.Event()
+        if not waiter.queued:
+            entity = self._entities[waiter.url]
+            waiter.queued = True
+            if waiter.at is None:
+                entity.loose.append(waiter)
+            else:
+                self._seq += 1
+                heapq.heappush(entity.heap, (waiter.at, self._seq, waiter))
+        return waiter.event
+
+    def _answered(self, url: str) -> None:
+        entity = self._entities.get(url)
+        if entity is None:
+            return
+        if entity.looking:
+            entity.again = True
+            return
+        entity.looking = True
+        task = asyncio.get_running_loop().create_task(self._look(url, entity))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _everything(self) -> None:
+        for url in list(self._entities):
+            self._answered(url)
+
+    async def _look(self, url: str, entity: _Entity) -> None:
+        """One read of the entity record per round; wake the waiters it answers."""
+        try:
+            while True:
+                entity.again = False
+                self.looks += 1
+                try:
+                    raw = await self.store.kv_get(ENTITY_NS, url)
+                    record = None if raw is None else EntityRecord.load(raw)
+                except Exception:  # the waiters look for themselves
+                    logger.warning("looking up %s for its callers failed", url, exc_info=True)
+                    record = None
+                if record is None or record.status == "stopped":
+                    woken = [w for _at, _n, w in entity.heap]
+                    entity.heap.clear()
+                else:
+                    woken = []
+                    while entity.heap and entity.heap[0][0] <= record.acked:
+                        woken.append(heapq.heappop(entity.heap)[2])
+                woken.extend(entity.loose)
+                entity.loose.clear()
+                for waiter in woken:
+                    if not waiter.done:
+                        waiter.wake()
+                if not entity.again:
+                    return
+        finally:
+            entity.looking = False
+
+
+_HUBS: weakref.WeakKeyDictionary[Store, ReplyWaiters] = weakref.WeakKeyDictionary()
+
+
+def waiters_of(store: Store) -> ReplyWaiters:
+    """The :class:`ReplyWaiters` of ``store`` (made on first use, on the store's loop)."""
+    hub = _HUBS.get(store)
+    if hub is None:
+        hub = _HUBS[store] = ReplyWaiters(store)
+    return hub
+
+
+class Awaiting(Reads):
+    """Request-response over ``store`` (see :class:`~entities.Runtime`)."""
+
+    async def send(
+        self,
+        url: str,
+        payload: Any,
+        *,
+        type: str | None = None,
+        sender: str | None = None,
+        idempotency_key: str | None = None,
+        mode: str = "queued",
+    ) -> SendReceipt:  # pragma: no cover - Runtime.send
+        raise NotImplementedError
+
+    async def call(
+        self,
+        url: str,
+        payload: Any,
+        *,
+        wait: float = 30.0,
+        type: str | None = None,
+        sender: str | None = None,
+        idempotency_key: str | None = None,
+        mode: str = "queued",
+    ) -> CallResult:
+        """Send a message (as :meth:`send`, with the same checks and idempotency) and wait up to
+        ``wait`` seconds for what becomes of it: its replies once the wake that took it ended
+        (``completed`` with or without replies, or ``dead_lettered``, ``cancelled``,
+        ``interrupted`` with the error). Past ``wait`` the result says ``timed_out``; the
+        message stays sent. Retried with the same ``idempotency_key``, it sends nothing new and
+        waits for the first message's answer.
+
+        Raises what :meth:`send` raises (InvalidEntityURL, UnknownEntityType, InvalidSendMode,
+        EntityNotFound, EntityStopped, SchemaValidationFailed, InvalidIdempotencyKey,
+        IdempotencyKeyReused), and ValueError for a negative ``wait``.
+        """
+        if not wait >= 0:
+            raise ValueError("wait must be a number of seconds, at least 0")
+        receipt = await self.send(
+            url, payload, type=type, sender=sender, idempotency_key=idempotency_key, mode=mode
+        )
+        found, timed_out = await self.wait_outcome(
+            receipt.url, receipt.key, after=receipt.offset, wait=wait
+        )
+        return CallResult(
+            receipt.url, receipt.key, receipt.offset, found.replies, found.status, found.error,
+            timed_out,
+        )  # fmt: skip
+
+    async def wait_outcome(
+        self, url: str, message_key: str, *, after: str = "-1", wait: float, ended: bool = True
+    ) -> tuple[Outcome, bool]:
+        """Wait up to ``wait`` seconds for an answer to message ``message_key`` (at offset
+        ``after``, a receipt's, or ``-1``): replies, or the end of the wake that took it
+        (``ended=False``: only a wake given up ends the wait without replies). Woken by the
+        commit that answers it, not by every append (see the module docstring). Returns what
+        became of it and whether the wait ran out first. A killed entity ends the wait
+        (``cancelled`` while the message was still pending).
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+            BadOffset: ``after`` is malformed.
+        """
+        target = parse_url(url)
+        at = None if after == "-1" else after
+        hub = waiters_of(self.store)
+        waiter, leave = hub.enter(target.url, message_key, at)
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                event = hub.arm(waiter)
+                found, stopped = await self._answer(target.url, message_key, after)
+                if found.replies or found.failed or (ended and found.status in DONE_STATUSES):
+                    return found, False
+                if stopped:  # killed: no reply can come
+                    found.status = "cancelled" if found.status == "pending" else found.status
+                    return found, False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return found, True
+                with anyio.move_on_after(min(remaining, RECHECK_SECONDS)):
+                    await event.wait()
+        finally:
+            leave()
+
+    async def _answer(self, url: str, message_key: str, after: str) -> tuple[Outcome, bool]:
+        """:meth:`outcome`, and whether the entity was stopped.
+
+        Raises:
+            EntityNotFound, BadOffset.
+        """
+        found = await self.record(url)
+        for _try in range(10):  # a busy entity: the tenth answer stands
+            if found is None:
+                raise EntityNotFound(f"no entity at {url}", url=url)
+            outcome = await outcome_of(self.store, found[0], message_key, after)
+            again = await self.record(url)
+            if again is not None and again[1] == found[1]:
+                break
+            found = again
+        assert found is not None
+        return outcome, found[0].status == "stopped"
