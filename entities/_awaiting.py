@@ -6,7 +6,9 @@ A waiter is not woken by every append to the entity's stream. Commits address wa
 
 - ``reply:{url}`` from every wake commit (and a kill): one look at the entity record (its
   acknowledged offset) per commit, however many wait, wakes exactly the waiters whose message
-  sits at or before that offset (kept in offset order, so the look pops them off a heap);
+  sits at or before that offset (kept in offset order, so the look pops them off a heap); a
+  waiter whose message was taken by a wake that completed without replying (a reply may come
+  from a later wake, e.g. once children finish) waits for its own name from then on;
 - ``reply:{url}|{key}`` from a commit that writes a reply row or a status row for one message
   (a reply to an earlier message, a cancel, an interrupt, a wait for approval, a dead letter):
   that message's waiters alone.
@@ -41,23 +43,22 @@ from ._records import ENTITY_NS, EntityRecord, Outcome, SendReceipt
 from ._replies import answered_signal, message_signal, outcome_of
 from ._urls import parse_url
 
-__all__ = ["DONE_STATUSES", "RECHECK_SECONDS", "Awaiting", "CallResult", "ReplyWaiters"]
+__all__ = ["RECHECK_SECONDS", "Awaiting", "CallResult", "ReplyWaiters", "waiters_of"]
 
 logger = logging.getLogger("entities")
 
 RECHECK_SECONDS = 5.0
-# how a call ends without replies: the wake that took its message is over
-DONE_STATUSES = frozenset({"completed", "dead_lettered", "cancelled", "interrupted"})
 
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
     """What :meth:`~entities.Runtime.call` returns: the message sent (``url``, ``key``,
     ``offset`` as in a :class:`~entities.SendReceipt`), its replies in order, the status of the
-    wake that took it (``completed``, ``dead_lettered``, ``cancelled``, ``interrupted``; when
-    the wait ran out: ``pending``, ``failed`` while retried, or ``waiting_approval``) with
-    that wake's error, and ``timed_out``: no answer within the wait (the message was sent and
-    stays queued; ask again with ``GET .../replies/{key}``)."""
+    wake that took it (``completed``; given up: ``dead_lettered``, ``cancelled``,
+    ``interrupted``; when the wait ran out: ``pending``, ``failed`` while retried,
+    ``waiting_approval``, or ``completed`` without a reply so far) with that wake's error, and
+    ``timed_out``: no answer within the wait (the message was sent; ask again with
+    ``GET .../replies/{key}``)."""
 
     url: str
     key: str
@@ -86,10 +87,11 @@ class _Waiter:
     at: str | None  # the message's offset, if known
     event: anyio.Event = field(default_factory=anyio.Event)
     queued: bool = False  # in its entity's heap (or loose list)
+    keyed: bool = False  # taken, no reply yet: woken by its own name (or a kill) only
     done: bool = False
 
     def wake(self) -> None:
-        self.queued = False
+        self.queued = False  # its entity's lists drop it (or dropped it) themselves
         self.event.set()
 
 
@@ -99,6 +101,7 @@ class _Entity:
 
     heap: list[tuple[str, int, _Waiter]] = field(default_factory=list)  # by message offset
     loose: list[_Waiter] = field(default_factory=list)  # offset unknown: woken by every ack
+    keyed: set[_Waiter] = field(default_factory=set)  # woken by their own name or a kill
     count: int = 0
     remove: Callable[[], None] | None = None
     looking: bool = False
@@ -134,6 +137,7 @@ class ReplyWaiters:
         def leave() -> None:
             remove_key()
             waiter.done = True
+            entity.keyed.discard(waiter)
             entity.count -= 1
             if entity.count <= 0 and self._entities.get(url) is entity:
                 del self._entities[url]
@@ -152,7 +156,9 @@ class ReplyWaiters:
         if not waiter.queued:
             entity = self._entities[waiter.url]
             waiter.queued = True
-            if waiter.at is None:
+            if waiter.keyed:
+                entity.keyed.add(waiter)
+            elif waiter.at is None:
                 entity.loose.append(waiter)
             else:
                 self._seq += 1
@@ -188,8 +194,9 @@ class ReplyWaiters:
                     logger.warning("looking up %s for its callers failed", url, exc_info=True)
                     record = None
                 if record is None or record.status == "stopped":
-                    woken = [w for _at, _n, w in entity.heap]
+                    woken = [w for _at, _n, w in entity.heap] + list(entity.keyed)
                     entity.heap.clear()
+                    entity.keyed.clear()
                 else:
                     woken = []
                     while entity.heap and entity.heap[0][0] <= record.acked:
@@ -243,11 +250,11 @@ class Awaiting(Reads):
         mode: str = "queued",
     ) -> CallResult:
         """Send a message (as :meth:`send`, with the same checks and idempotency) and wait up to
-        ``wait`` seconds for what becomes of it: its replies once the wake that took it ended
-        (``completed`` with or without replies, or ``dead_lettered``, ``cancelled``,
-        ``interrupted`` with the error). Past ``wait`` the result says ``timed_out``; the
-        message stays sent. Retried with the same ``idempotency_key``, it sends nothing new and
-        waits for the first message's answer.
+        ``wait`` seconds for its answer: its replies (those of the commit that first replied
+        to it), or the end of a wake given up (``dead_lettered``, ``cancelled``,
+        ``interrupted``, with the error and any ``on_error`` reply). Past ``wait`` the result
+        says ``timed_out``; the message stays sent. Retried with the same
+        ``idempotency_key``, it sends nothing new and waits for the first message's answer.
 
         Raises what :meth:`send` raises (InvalidEntityURL, UnknownEntityType, InvalidSendMode,
         EntityNotFound, EntityStopped, SchemaValidationFailed, InvalidIdempotencyKey,
@@ -267,11 +274,10 @@ class Awaiting(Reads):
         )  # fmt: skip
 
     async def wait_outcome(
-        self, url: str, message_key: str, *, after: str = "-1", wait: float, ended: bool = True
+        self, url: str, message_key: str, *, after: str = "-1", wait: float
     ) -> tuple[Outcome, bool]:
         """Wait up to ``wait`` seconds for an answer to message ``message_key`` (at offset
-        ``after``, a receipt's, or ``-1``): replies, or the end of the wake that took it
-        (``ended=False``: only a wake given up ends the wait without replies). Woken by the
+        ``after``, a receipt's, or ``-1``): replies, or a wake given up. Woken by the
         commit that answers it, not by every append (see the module docstring). Returns what
         became of it and whether the wait ran out first. A killed entity ends the wait
         (``cancelled`` while the message was still pending).
@@ -289,7 +295,7 @@ class Awaiting(Reads):
             while True:
                 event = hub.arm(waiter)
                 found, stopped = await self._answer(target.url, message_key, after)
-                if found.replies or found.failed or (ended and found.status in DONE_STATUSES):
+                if found.replies or found.failed:
                     return found, False
                 if stopped:  # killed: no reply can come
                     found.status = "cancelled" if found.status == "pending" else found.status
@@ -297,6 +303,8 @@ class Awaiting(Reads):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return found, True
+                # taken without a reply so far: a later commit naming it answers it
+                waiter.keyed = found.status in ("completed", "waiting_approval")
                 with anyio.move_on_after(min(remaining, RECHECK_SECONDS)):
                     await event.wait()
         finally:

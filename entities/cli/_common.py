@@ -170,9 +170,6 @@ def report(
             f"error: the wake was {status.replace('_', '-')}: {error or 'no error'}", err=True
         )
         return EXIT_FAILED
-    if not replies and status == "completed":
-        click.echo("error: the wake completed without a reply", err=True)
-        return EXIT_NO_ANSWER
     if not replies:
         click.echo(f"error: no reply within {wait_s:g} s (status {status or 'pending'})", err=True)
         return EXIT_NO_ANSWER

@@ -150,10 +150,10 @@ def _op(
 
 
 def _call_op() -> dict[str, Any]:
-    """``POST …/call``: 200 once the wake that took the message ended, 202 when the wait ran
-    out first (``timed_out: true``; the message stays sent)."""
+    """``POST …/call``: 200 once answered (replies, or a wake given up), 202 when the wait
+    ran out first (``timed_out: true``; the message stays sent)."""
     op = _op(
-        "send a message and wait for its replies (or its run's error)",
+        "send a message and wait for its replies (or the error of a wake given up)",
         200,
         _ref("CallResult"),
         body="CallBody",

@@ -408,9 +408,9 @@ class _ControlPlane:
         return json_response(receipt.to_json(), 202)
 
     async def call(self, request: Request) -> Response:
-        """Send, and answer with the replies (or the run's error) in the same response: 200
-        once the wake that took the message ended, 202 with ``timed_out: true`` when
-        ``wait_ms`` ran out first (the message stays sent)."""
+        """Send, and answer with the replies (or the error of a wake given up) in the same
+        response: 200 once answered, 202 with ``timed_out: true`` when ``wait_ms`` ran out
+        first (the message stays sent)."""
         runtime = self.runtime
         target = _target(request)
         key = _idempotency_key(request)
@@ -450,7 +450,7 @@ class _ControlPlane:
         await runtime.get(target.url)
         # woken by the commit that answers this message, not by every append (_awaiting)
         found, _timed_out = await runtime.wait_outcome(
-            target.url, key, after=after, wait=int(raw_wait) / 1000, ended=False
+            target.url, key, after=after, wait=int(raw_wait) / 1000
         )
         return json_response(
             {"key": key, "replies": found.replies, "status": found.status, "error": found.error}
