@@ -114,6 +114,7 @@ class ReplyWaiters:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.looks = 0  # record reads made for waiters (tests count them)
+        self.sleeping = 0  # waiters waiting to be woken right now
         self._entities: dict[str, _Entity] = {}
         self._seq = 0
         self._remove_everything: Callable[[], None] | None = None
@@ -305,8 +306,12 @@ class Awaiting(Reads):
                     return found, True
                 # taken without a reply so far: a later commit naming it answers it
                 waiter.keyed = found.status in ("completed", "waiting_approval")
-                with anyio.move_on_after(min(remaining, RECHECK_SECONDS)):
-                    await event.wait()
+                hub.sleeping += 1
+                try:
+                    with anyio.move_on_after(min(remaining, RECHECK_SECONDS)):
+                        await event.wait()
+                finally:
+                    hub.sleeping -= 1
         finally:
             leave()
 
