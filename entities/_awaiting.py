@@ -18,7 +18,8 @@ unacknowledged tail, never the whole stream). Across processes the names travel 
 store's notification path (PostgreSQL ``NOTIFY``; the embedded worker's commits are mirrored to
 the server's store). When a backend cannot tell what changed ("wake everything": another
 process committed to a SQLite file, a ``LISTEN`` connection came back) the hub takes one look
-per entity that has waiters instead of one per waiter. Each waiter also looks again every
+per entity that has waiters instead of one per waiter (at most every
+:data:`BROADCAST_SECONDS`). Each waiter also looks again every
 :data:`RECHECK_SECONDS`, in case a notification was lost.
 """
 
@@ -48,6 +49,7 @@ __all__ = ["RECHECK_SECONDS", "Awaiting", "CallResult", "ReplyWaiters", "waiters
 logger = logging.getLogger("entities")
 
 RECHECK_SECONDS = 5.0
+BROADCAST_SECONDS = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,7 @@ class ReplyWaiters:
         self._seq = 0
         self._remove_everything: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._broadcast: asyncio.TimerHandle | None = None
 
     def enter(self, url: str, key: str, at: str | None) -> tuple[_Waiter, Callable[[], None]]:
         """Register a waiter of message ``key`` of ``url`` (at offset ``at``); returns it and
@@ -147,6 +150,9 @@ class ReplyWaiters:
                 if not self._entities and self._remove_everything is not None:
                     self._remove_everything()
                     self._remove_everything = None
+                    if self._broadcast is not None:
+                        self._broadcast.cancel()
+                        self._broadcast = None
 
         return waiter, leave
 
@@ -179,6 +185,15 @@ class ReplyWaiters:
         task.add_done_callback(self._tasks.discard)
 
     def _everything(self) -> None:
+        """Something changed, what is not known: a look per entity, at most once per
+        :data:`BROADCAST_SECONDS` however often it is heard (a SQLite file shared with
+        another process says so after every commit; the precise names act at once)."""
+        if self._broadcast is not None:
+            return
+        self._broadcast = asyncio.get_running_loop().call_later(BROADCAST_SECONDS, self._looks)
+
+    def _looks(self) -> None:
+        self._broadcast = None
         for url in list(self._entities):
             self._answered(url)
 
