@@ -41,7 +41,7 @@ from streams import Store
 from ._errors import EntityNotFound
 from ._reads import Reads
 from ._records import ENTITY_NS, EntityRecord, Outcome, SendReceipt
-from ._replies import answered_signal, message_signal, outcome_of
+from ._replies import answered_signal, indexed_outcome, message_signal, outcome_of
 from ._urls import parse_url
 
 __all__ = ["RECHECK_SECONDS", "Awaiting", "CallResult", "ReplyWaiters", "waiters_of"]
@@ -108,6 +108,7 @@ class _Entity:
     remove: Callable[[], None] | None = None
     looking: bool = False
     again: bool = False
+    heard: int = 0  # answered signals heard
 
 
 class ReplyWaiters:
@@ -122,11 +123,38 @@ class ReplyWaiters:
         self._remove_everything: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._broadcast: asyncio.TimerHandle | None = None
+        self._broadcasts = 0  # "wake everything" heard
 
     def enter(self, url: str, key: str, at: str | None) -> tuple[_Waiter, Callable[[], None]]:
         """Register a waiter of message ``key`` of ``url`` (at offset ``at``); returns it and
         the function that removes it."""
         waiter = _Waiter(url, key, at)
+        entity = self._join(url)
+        remove_key = self.store.listen(message_signal(url, key), waiter.wake, broadcast=False)
+
+        def leave() -> None:
+            remove_key()
+            waiter.done = True
+            entity.keyed.discard(waiter)
+            self._part(url, entity)
+
+        return waiter, leave
+
+    def hold(self, url: str) -> tuple[Callable[[], bool], Callable[[], None]]:
+        """Listen for the answers of ``url`` before a message is sent to it: returns
+        ``quiet()``, whether nothing that could answer a message came since (no commit
+        acknowledged a wake of it, nothing said "wake everything"), and the function that
+        stops listening. A message sent meanwhile, its key known to no one else yet, needs
+        no first look while ``quiet()`` holds."""
+        entity = self._join(url)
+        heard, broadcasts = entity.heard, self._broadcasts
+
+        def quiet() -> bool:
+            return entity.heard == heard and self._broadcasts == broadcasts
+
+        return quiet, lambda: self._part(url, entity)
+
+    def _join(self, url: str) -> _Entity:
         entity = self._entities.get(url)
         if entity is None:
             entity = self._entities[url] = _Entity()
@@ -136,25 +164,20 @@ class ReplyWaiters:
         if self._remove_everything is None:
             self._remove_everything = self.store.listen("*", self._everything, broadcast=False)
         entity.count += 1
-        remove_key = self.store.listen(message_signal(url, key), waiter.wake, broadcast=False)
+        return entity
 
-        def leave() -> None:
-            remove_key()
-            waiter.done = True
-            entity.keyed.discard(waiter)
-            entity.count -= 1
-            if entity.count <= 0 and self._entities.get(url) is entity:
-                del self._entities[url]
-                if entity.remove is not None:
-                    entity.remove()
-                if not self._entities and self._remove_everything is not None:
-                    self._remove_everything()
-                    self._remove_everything = None
-                    if self._broadcast is not None:
-                        self._broadcast.cancel()
-                        self._broadcast = None
-
-        return waiter, leave
+    def _part(self, url: str, entity: _Entity) -> None:
+        entity.count -= 1
+        if entity.count <= 0 and self._entities.get(url) is entity:
+            del self._entities[url]
+            if entity.remove is not None:
+                entity.remove()
+            if not self._entities and self._remove_everything is not None:
+                self._remove_everything()
+                self._remove_everything = None
+                if self._broadcast is not None:
+                    self._broadcast.cancel()
+                    self._broadcast = None
 
     def arm(self, waiter: _Waiter) -> anyio.Event:
         """Make ``waiter`` wakeable by the next answer; returns the event it is woken by."""
@@ -176,6 +199,7 @@ class ReplyWaiters:
         entity = self._entities.get(url)
         if entity is None:
             return
+        entity.heard += 1
         if entity.looking:
             entity.again = True
             return
@@ -188,6 +212,7 @@ class ReplyWaiters:
         """Something changed, what is not known: a look per entity, at most once per
         :data:`BROADCAST_SECONDS` however often it is heard (a SQLite file shared with
         another process says so after every commit; the precise names act at once)."""
+        self._broadcasts += 1
         if self._broadcast is not None:
             return
         self._broadcast = asyncio.get_running_loop().call_later(BROADCAST_SECONDS, self._looks)
@@ -278,25 +303,40 @@ class Awaiting(Reads):
         """
         if not wait >= 0:
             raise ValueError("wait must be a number of seconds, at least 0")
-        receipt = await self.send(
-            url, payload, type=type, sender=sender, idempotency_key=idempotency_key, mode=mode
-        )
-        found, timed_out = await self.wait_outcome(
-            receipt.url, receipt.key, after=receipt.offset, wait=wait
-        )
+        # listening before the send: a new message answered by nothing heard since needs no
+        # first look (a retried key may name a message answered long ago: it gets one)
+        quiet, release = waiters_of(self.store).hold(parse_url(url).url)
+        try:
+            receipt = await self.send(
+                url, payload, type=type, sender=sender, idempotency_key=idempotency_key,
+                mode=mode,
+            )  # fmt: skip
+            found, timed_out = await self.wait_outcome(
+                receipt.url, receipt.key, after=receipt.offset, wait=wait,
+                quiet=None if idempotency_key is not None else quiet,
+            )  # fmt: skip
+        finally:
+            release()
         return CallResult(
             receipt.url, receipt.key, receipt.offset, found.replies, found.status, found.error,
             timed_out,
         )  # fmt: skip
 
     async def wait_outcome(
-        self, url: str, message_key: str, *, after: str = "-1", wait: float
+        self,
+        url: str,
+        message_key: str,
+        *,
+        after: str = "-1",
+        wait: float,
+        quiet: Callable[[], bool] | None = None,
     ) -> tuple[Outcome, bool]:
         """Wait up to ``wait`` seconds for an answer to message ``message_key`` (at offset
         ``after``, a receipt's, or ``-1``): replies, or a wake given up. Woken by the
         commit that answers it, not by every append (see the module docstring). Returns what
         became of it and whether the wait ran out first. A killed entity ends the wait
-        (``cancelled`` while the message was still pending).
+        (``cancelled`` while the message was still pending). ``quiet`` (see
+        :meth:`ReplyWaiters.hold`): the first look is skipped while it says nothing came.
 
         Raises:
             EntityNotFound: no entity at ``url``.
@@ -308,9 +348,14 @@ class Awaiting(Reads):
         waiter, leave = hub.enter(target.url, message_key, at)
         deadline = time.monotonic() + wait
         try:
+            first = True
             while True:
                 event = hub.arm(waiter)
-                found, stopped = await self._answer(target.url, message_key, after)
+                if first and quiet is not None and quiet():
+                    found, stopped = Outcome(), False  # just sent, and nothing answered since
+                else:
+                    found, stopped = await self._answer(target.url, message_key, after)
+                first = False
                 if found.replies or found.failed:
                     return found, False
                 if stopped:  # killed: no reply can come
@@ -336,6 +381,9 @@ class Awaiting(Reads):
         Raises:
             EntityNotFound, BadOffset.
         """
+        indexed = await indexed_outcome(self.store, url, message_key)
+        if indexed is not None:  # replies, or a wake given up: the index row says it all
+            return indexed, False
         found = await self.record(url)
         for _try in range(10):  # a busy entity: the tenth answer stands
             if found is None:

@@ -40,6 +40,7 @@ from ._urls import EntityURL
 __all__ = [
     "answered_signal",
     "index_replies",
+    "indexed_outcome",
     "message_signal",
     "outcome_of",
     "reply_ops",
@@ -155,6 +156,25 @@ async def outcome_of(store: Store, record: EntityRecord, message_key: str, after
         offset = result.next_offset
         if result.up_to_date or not result.messages:
             return found
+
+
+async def indexed_outcome(store: Store, url: str, message_key: str) -> Outcome | None:
+    """What the reply index alone says of ``message_key`` (one read): its replies and how
+    its wake ended, when it holds replies or a given-up status; else ``None`` (the entity
+    record and tail tell the rest, see :func:`outcome_of`). A waiter's shortcut: a message
+    delivered again after a dead letter (:mod:`entities._dead`) is not looked for."""
+    found = Outcome()
+    status: dict[str, Any] | None = None
+    for key, raw in await store.kv_scan(REPLY_NS, _prefix(url, message_key)):
+        if key.endswith("\n"):
+            status = orjson.loads(raw)
+        else:
+            found.replies.append(orjson.loads(raw)["value"])
+    if status is not None:
+        found.status, found.error = status["status"], status.get("error")
+    elif found.replies:
+        found.status = "completed"
+    return found if found.replies or found.failed else None
 
 
 def _covers(run: dict[str, Any], offset: str) -> bool:
