@@ -34,14 +34,20 @@ class ReadCounter:
 
     def __init__(self, store: Store) -> None:
         self.n = 0
+        self.events = 0  # stream events read
         for name in ("read", "read_before", "kv_get", "kv_scan", "head"):
             setattr(store, name, self._wrap(getattr(store, name)))
 
     def _wrap(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapped(*args: Any, **kwargs: Any) -> Any:
+            result = await original(*args, **kwargs)
             if _COUNTING.get():
                 self.n += 1
-            return await original(*args, **kwargs)
+                messages = getattr(result, "messages", None)
+                if isinstance(result, tuple):  # read_before: (messages, offset)
+                    messages = result[0]
+                self.events += len(messages) if isinstance(messages, list) else 0
+            return result
 
         return wrapped
 
@@ -58,6 +64,29 @@ async def until(check: Callable[[], bool], seconds: float = 30.0) -> None:
 
 
 WAITERS = 1000
+
+
+async def test_a_reply_is_found_without_reading_the_stream(store_url: str) -> None:
+    """Behind a long history, an answered call reads the reply index, not the stream."""
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
+        reads = ReadCounter(rt.store)
+        url = "/desk/long"
+        await rt.spawn(url)
+        for i in range(30):  # 1,500 messages answered: a stream of some 3,000 events
+            for j in range(50):
+                await rt.send(url, {"ask": i * 50 + j})
+            await rt.run_until_idle()
+        receipt = await rt.send(url, {"ask": -1})
+        await rt.run_until_idle()
+        found, timed_out = await reads.counted(
+            rt.wait_outcome(url, receipt.key, after=receipt.offset, wait=5)
+        )
+        assert found.replies == [-1] and found.status == "completed" and not timed_out
+        assert reads.n == 1 and reads.events == 0  # one index read
+        # without its offset: the index and the unacknowledged tail (the last wake's output)
+        reads.n = 0
+        found = await reads.counted(rt.outcome(url, receipt.key))
+        assert found.replies == [-1] and reads.events <= 5 and reads.n <= 5  # the last output
 
 
 async def test_waiters_are_woken_only_by_their_answer(store_url: str) -> None:
