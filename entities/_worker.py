@@ -299,10 +299,17 @@ class Worker:
     async def _pending(self) -> list[tuple[str, bytes]]:
         """The pending entities this worker may run: of its types, and not paused."""
         store = self.rt.store
-        pending = await store.kv_scan(PENDING_NS)
+        found: dict[str, list[tuple[str, bytes]]] = {}
+
+        async def scan(namespace: str) -> None:
+            found[namespace] = await store.kv_scan(namespace)
+
+        async with anyio.create_task_group() as tg:  # at once: one round trip on PostgreSQL
+            tg.start_soon(scan, PENDING_NS)
+            tg.start_soon(scan, PAUSED_NS)
+        pending, paused = found[PENDING_NS], found[PAUSED_NS]
         if not pending:
             return pending
-        paused = await store.kv_scan(PAUSED_NS)
         return self._ours(pending, {url for url, _ in paused} if paused else None)
 
     def _ours(
