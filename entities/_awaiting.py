@@ -36,7 +36,7 @@ from typing import Any
 
 import anyio
 
-from streams import Store
+from streams import Store, parse_offset
 
 from ._errors import EntityNotFound
 from ._reads import Reads
@@ -344,6 +344,8 @@ class Awaiting(Reads):
         """
         target = parse_url(url)
         at = None if after == "-1" else after
+        if at is not None:
+            parse_offset(at)  # a malformed offset is the caller's mistake (BadOffset)
         hub = waiters_of(self.store)
         waiter, leave = hub.enter(target.url, message_key, at)
         deadline = time.monotonic() + wait
@@ -352,20 +354,20 @@ class Awaiting(Reads):
             while True:
                 event = hub.arm(waiter)
                 if first and quiet is not None and quiet():
-                    found, stopped = Outcome(), False  # just sent, and nothing answered since
+                    found, stopped, taken = None, False, False  # just sent, nothing came since
                 else:
-                    found, stopped = await self._answer(target.url, message_key, after)
+                    found, stopped, taken = await self._glance(target.url, message_key, at)
                 first = False
-                if found.replies or found.failed:
-                    return found, False
-                if stopped:  # killed: no reply can come
-                    found.status = "cancelled" if found.status == "pending" else found.status
+                if found is not None:  # replies, or a wake given up
                     return found, False
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return found, True
+                if stopped or remaining <= 0:  # killed (no reply can come), or out of time
+                    answer, stopped = await self._answer(target.url, message_key, after)
+                    if stopped and not answer.replies and answer.status == "pending":
+                        answer.status = "cancelled"
+                    return answer, not stopped and not answer.replies and not answer.failed
                 # taken without a reply so far: a later commit naming it answers it
-                waiter.keyed = found.status in ("completed", "waiting_approval")
+                waiter.keyed = taken
                 hub.sleeping += 1
                 try:
                     with anyio.move_on_after(min(remaining, RECHECK_SECONDS)):
@@ -375,15 +377,35 @@ class Awaiting(Reads):
         finally:
             leave()
 
+    async def _glance(
+        self, url: str, message_key: str, at: str | None
+    ) -> tuple[Outcome | None, bool, bool]:
+        """What a waiter needs to know, without reading the stream: the answer if the reply
+        index holds one (replies, or a wake given up: every status that ends a wait is an
+        index row, but a kill), else ``None``, whether the entity was stopped, and whether
+        the message was taken by a wake already (at or before the acknowledged offset).
+
+        Raises:
+            EntityNotFound: no entity at ``url``.
+        """
+        indexed = await indexed_outcome(self.store, url, message_key)
+        if indexed is not None:
+            return indexed, False, True
+        found = await self.record(url)
+        if found is None:
+            raise EntityNotFound(f"no entity at {url}", url=url)
+        record = found[0]
+        taken = at is not None and at <= record.acked
+        if taken:  # acknowledged after the index read? its replies came in that commit
+            indexed = await indexed_outcome(self.store, url, message_key)
+        return indexed, record.status == "stopped", taken
+
     async def _answer(self, url: str, message_key: str, after: str) -> tuple[Outcome, bool]:
         """:meth:`outcome`, and whether the entity was stopped.
 
         Raises:
             EntityNotFound, BadOffset.
         """
-        indexed = await indexed_outcome(self.store, url, message_key)
-        if indexed is not None:  # replies, or a wake given up: the index row says it all
-            return indexed, False
         found = await self.record(url)
         for _try in range(10):  # a busy entity: the tenth answer stands
             if found is None:
