@@ -223,7 +223,7 @@ class Client:
             response = await self.http.post(
                 f"/_entities/entities{url}/call", json={"payload": payload, "wait_ms": 60_000}
             )
-            assert response.status_code == 200, response.text
+            assert response.status_code == 200 and response.json()["replies"], response.text
             return response.json()["replies"]
         sent = await self.http.post(f"/_entities/entities{url}/send", json={"payload": payload})
         receipt = sent.json()
