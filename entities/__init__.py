@@ -7,6 +7,7 @@ through the ``entities`` CLI's worker and server), and send them messages by URL
 from __future__ import annotations
 
 from ._approvals import Approval as Approval
+from ._awaiting import CallResult as CallResult
 from ._budgets import TokenBudget as TokenBudget
 from ._check import CheckFinding as CheckFinding
 from ._check import CheckReport as CheckReport
@@ -90,6 +91,7 @@ __all__ = [
     "ApprovalNotFound",
     "ApprovalNotPending",
     "BudgetExceeded",
+    "CallResult",
     "CheckFinding",
     "CheckReport",
     "ChildEntry",

@@ -22,13 +22,31 @@ from typing import Any
 
 import orjson
 
-from streams import KvPut, Store, StreamGone, StreamNotFound, format_offset, parse_offset
+from streams import (
+    KvPut,
+    Notify,
+    Op,
+    Store,
+    StreamGone,
+    StreamNotFound,
+    format_offset,
+    parse_offset,
+)
 
 from ._effects import Effects
 from ._records import REPLY_NS, EntityRecord, Outcome
 from ._urls import EntityURL
 
-__all__ = ["index_replies", "outcome_of", "reply_ops", "status_ops", "unstatus_ops"]
+__all__ = [
+    "answered_signal",
+    "index_replies",
+    "indexed_outcome",
+    "message_signal",
+    "outcome_of",
+    "reply_ops",
+    "status_ops",
+    "unstatus_ops",
+]
 
 _TAIL_BATCH = 2000
 
@@ -37,9 +55,23 @@ def _prefix(url: str, message_key: str) -> str:
     return f"{url}\n{message_key}\n"
 
 
-def reply_ops(url: EntityURL, to_offset: str, effects: Sequence[Effects]) -> list[KvPut]:
-    """The index rows of the replies among ``effects`` (a wake ending at ``to_offset``)."""
-    ops: list[KvPut] = []
+def answered_signal(url: str) -> str:
+    """The :class:`~streams.Notify` name of a commit that acknowledges wakes of ``url`` (or
+    stops it): waiters of messages at or before its acknowledged offset have an answer."""
+    return f"reply:{url}"
+
+
+def message_signal(url: str, message_key: str) -> str:
+    """The :class:`~streams.Notify` name of a commit that changes what became of one message
+    (a reply to it, a status row)."""
+    return f"reply:{url}|{message_key}"
+
+
+def reply_ops(url: EntityURL, to_offset: str, effects: Sequence[Effects]) -> list[Op]:
+    """The index rows of the replies among ``effects`` (a wake ending at ``to_offset``), and
+    the signals that wake their waiters (see :mod:`entities._awaiting`)."""
+    ops: list[Op] = []
+    keys: set[str] = set()
     for e in effects:
         for change in e.own:
             if change["type"] != "texts":
@@ -49,18 +81,23 @@ def reply_ops(url: EntityURL, to_offset: str, effects: Sequence[Effects]) -> lis
                 continue
             key = f"{_prefix(url.url, str(value['in_reply_to']))}{to_offset}.{len(ops):06d}"
             ops.append(KvPut(REPLY_NS, key, orjson.dumps({"value": value.get("value")})))
+            keys.add(str(value["in_reply_to"]))
+    ops.extend(Notify(message_signal(url.url, key)) for key in sorted(keys))
+    ops.append(Notify(answered_signal(url.url)))
     return ops
 
 
-def status_ops(
-    url: str, message_keys: Iterable[str], status: str, error: str | None
-) -> list[KvPut]:
+def status_ops(url: str, message_keys: Iterable[str], status: str, error: str | None) -> list[Op]:
     """The status rows of messages whose wake ended ``status`` (``dead_lettered``,
     ``interrupted``, ``cancelled`` while queued, ``waiting_approval``, or ``completed`` by a
     run resumed after approvals) with ``error``: an acknowledged wake's end is not in the
-    unacknowledged tail."""
+    unacknowledged tail; with the signals that wake their waiters."""
     data = orjson.dumps({"status": status, "error": error})
-    return [KvPut(REPLY_NS, _prefix(url, key), data) for key in message_keys]
+    ops: list[Op] = []
+    for key in message_keys:
+        ops.append(KvPut(REPLY_NS, _prefix(url, key), data))
+        ops.append(Notify(message_signal(url, key)))
+    return ops
 
 
 def unstatus_ops(url: str, message_keys: Iterable[str]) -> list[KvPut]:
@@ -121,6 +158,25 @@ async def outcome_of(store: Store, record: EntityRecord, message_key: str, after
             return found
 
 
+async def indexed_outcome(store: Store, url: str, message_key: str) -> Outcome | None:
+    """What the reply index alone says of ``message_key`` (one read): its replies and how
+    its wake ended, when it holds replies or a given-up status; else ``None`` (the entity
+    record and tail tell the rest, see :func:`outcome_of`). A waiter's shortcut: a message
+    delivered again after a dead letter (:mod:`entities._dead`) is not looked for."""
+    found = Outcome()
+    status: dict[str, Any] | None = None
+    for key, raw in await store.kv_scan(REPLY_NS, _prefix(url, message_key)):
+        if key.endswith("\n"):
+            status = orjson.loads(raw)
+        else:
+            found.replies.append(orjson.loads(raw)["value"])
+    if status is not None:
+        found.status, found.error = status["status"], status.get("error")
+    elif found.replies:
+        found.status = "completed"
+    return found if found.replies or found.failed else None
+
+
 def _covers(run: dict[str, Any], offset: str) -> bool:
     """Whether the wake of ``run`` (a ``runs`` row of a wake) took the event at ``offset``."""
     low, high = run.get("from_offset"), run.get("to_offset")
@@ -137,7 +193,7 @@ async def index_replies(store: Store, url: EntityURL, *, batch: int = 500) -> in
     """
     keys_at: dict[str, str] = {}  # inbox offset -> message key
     counts: dict[str, int] = {}  # wake id -> replies indexed so far
-    pending: list[KvPut] = []
+    pending: list[Op] = []
     written = 0
     offset = "-1"
     while True:

@@ -19,6 +19,7 @@ from streams import (
     ConditionFailed,
     KvCheck,
     KvPut,
+    Notify,
     Op,
     Operation,
     Store,
@@ -30,6 +31,7 @@ from streams import (
 )
 
 from ._attachments import check_attachments
+from ._awaiting import Awaiting
 from ._clock import Clock, SystemClock, VirtualClock
 from ._compaction import CompactionReport, compact_all, compact_entity
 from ._control import Control
@@ -67,6 +69,7 @@ from ._records import (
 )
 from ._registry import EntityType, Registry
 from ._replay import ReplayReport, replay
+from ._replies import answered_signal
 from ._signals import SEND_MODES, signal_ops
 from ._timers import arm_ops, cancel_ops, cron_schedule, next_due, timer_key
 from ._urls import EntityURL, parse_url
@@ -81,7 +84,7 @@ logger = logging.getLogger("entities")
 DEFAULT_WAKE_TIMEOUT = 15 * 60.0
 
 
-class Runtime(Control):
+class Runtime(Control, Awaiting):
     """A runtime over one store. Use ``async with Runtime(registry, "sqlite:///x.db") as rt``.
 
     It is also the test kit: with the default ``memory://`` store and a
@@ -479,6 +482,7 @@ class Runtime(Control):
                 Append(target.stream, _stop_events(record, reason, now), close=True),
                 KvPut(ENTITY_NS, target.url, stopped.dump()),
                 KvPut(PENDING_NS, target.url, None),
+                Notify(answered_signal(target.url)),  # its callers wait no more
             ]
             try:
                 await self.store.commit(ops)

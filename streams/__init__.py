@@ -12,6 +12,7 @@ from ._backends.base import Delete as Delete
 from ._backends.base import KvCheck as KvCheck
 from ._backends.base import KvPut as KvPut
 from ._backends.base import Message as Message
+from ._backends.base import Notify as Notify
 from ._backends.base import Op as Op
 from ._backends.base import OpResult as OpResult
 from ._backends.base import Producer as Producer
@@ -82,6 +83,7 @@ __all__ = [
     "KvPut",
     "Materializer",
     "Message",
+    "Notify",
     "OffsetGone",
     "Op",
     "OpResult",

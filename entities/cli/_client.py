@@ -98,6 +98,34 @@ class Client:
             "Set --server or ENTITIES_URL."
         )
 
+    def call(
+        self,
+        url: str,
+        payload: Any,
+        *,
+        wait_ms: int,
+        message_type: str | None = None,
+        mode: str = "queued",
+        idempotency_key: str | None = None,
+        attachments: list[dict[str, str]] | None = None,
+    ) -> Any:
+        """Send ``payload`` to the entity at ``url`` (``/type/id``) and wait up to ``wait_ms``
+        for its replies in the same request (``POST …/call``): ``{url, key, offset, replies,
+        status, error, timed_out}``. With ``idempotency_key`` a retry after a lost connection
+        sends nothing new and answers with the first message's replies.
+
+        Raises:
+            click.ClickException: the server is unreachable or answered with an error.
+        """
+        body: dict[str, Any] = {"payload": payload, "type": message_type, "wait_ms": wait_ms}
+        if mode != "queued":
+            body["mode"] = mode
+        if attachments:
+            body["attachments"] = attachments
+        return self.request(
+            "POST", f"/_entities/entities{url}/call", body, idempotency_key=idempotency_key
+        )
+
     def offset_before_tail(self, url: str, count: int) -> str:
         """The offset ``count`` events before the tail of the entity's stream (``-1`` for a
         shorter one): where ``--last`` starts reading.

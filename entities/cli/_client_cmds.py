@@ -145,27 +145,26 @@ def send(
     Prints the receipt; with --wait, the replies (--output json: one object {url, key,
     replies, status, error})."""
     client = Client(server, token, timeout=max(30.0, wait_s + 10))
+    payload = message_of(message, message_is_json)
+    if wait_s > 0:  # one request: send and wait for the answer (POST …/call)
+        answer = client.call(
+            path_of(url), payload, wait_ms=min(int(wait_s * 1000), 120_000),
+            message_type=message_type, mode=mode, idempotency_key=idempotency_key,
+            attachments=[_attachment(a) for a in attach] or None,
+        )  # fmt: skip
+        extra = {"url": answer["url"], "key": answer["key"]}
+        status, error = answer.get("status"), answer.get("error")
+        sys.exit(report(answer["replies"], status, error, wait_s, output, extra))
     receipt = client.request(
         "POST",
         f"/_entities/entities{path_of(url)}/send",
-        {"payload": message_of(message, message_is_json), "type": message_type}
+        {"payload": payload, "type": message_type}
         | ({} if mode == "queued" else {"mode": mode})
         | ({"attachments": [_attachment(a) for a in attach]} if attach else {}),
         idempotency_key=idempotency_key,
     )
-    if wait_s <= 0:
-        text = f"sent {receipt['key']} to {receipt['url']}"
-        click.echo(dumps(receipt) if output == "json" else text)
-        return
-    answer = client.request(
-        "GET",
-        f"/_entities/entities{path_of(url)}/replies/{receipt['key']}",
-        wait_ms=int(wait_s * 1000),
-        after=receipt["offset"],
-    )
-    extra = {"url": receipt["url"], "key": receipt["key"]}
-    status, error = answer.get("status"), answer.get("error")
-    sys.exit(report(answer["replies"], status, error, wait_s, output, extra))
+    text = f"sent {receipt['key']} to {receipt['url']}"
+    click.echo(dumps(receipt) if output == "json" else text)
 
 
 def _attachment(option: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ request                                                       action    url
 ``GET``/``HEAD /_entities/entities/{type}/{id}``              read      the entity
 ``DELETE /_entities/entities/{type}/{id}``                    kill      the entity
 ``DELETE …/{type}/{id}?purge=true`` (delete for good)          admin     the entity
-``POST …/send``                                               send      the entity
+``POST …/send``, ``POST …/call``                             send      the entity
 ``GET …/replies/{key}``, ``GET …/schedules``                  read      the entity
 ``PUT``/``DELETE …/schedules/{id}``                           send      the entity
 ``POST``/``PUT``/``DELETE …/tags/{key}``                      admin     the entity
@@ -68,7 +68,7 @@ def _entity_action(method: str, rest: list[str], query: str = "") -> Action:
             return "admin" if _purges(query) else "kill"
         return "read"
     head = rest[0]
-    if head in ("send", "inbox"):
+    if head in ("send", "call", "inbox"):
         return "send"  # inbox: cancel or edit a queued message
     if head == "replies":
         return "read"

@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from .._urls import SEGMENT_PATTERN
 from ._routes import (
+    CallBody,
     CronBody,
     DecisionBody,
     EditBody,
@@ -78,15 +79,27 @@ class RepliesOut(_Open):
     error: str | None = None
 
 
+class CallOut(_Open):
+    url: str
+    key: str
+    offset: str
+    replies: list[Any]
+    status: str
+    error: str | None = None
+    timed_out: bool
+
+
 _SCHEMAS: dict[str, type[BaseModel]] = {
     "Error": ErrorBody,
     "EntityInfo": EntityInfoOut,
     "SendReceipt": ReceiptOut,
     "Replies": RepliesOut,
+    "CallResult": CallOut,
     "Compaction": CompactionOut,
     "Purged": PurgedOut,
     "SpawnBody": SpawnBody,
     "SendBody": SendBody,
+    "CallBody": CallBody,
     "ForkBody": ForkBody,
     "DecisionBody": DecisionBody,
     "EditBody": EditBody,
@@ -133,6 +146,23 @@ def _op(
         op["parameters"] = parameters
     if body is not None:
         op["requestBody"] = {"content": {"application/json": {"schema": _ref(body)}}}
+    return op
+
+
+def _call_op() -> dict[str, Any]:
+    """``POST …/call``: 200 once answered (replies, or a wake given up), 202 when the wait
+    ran out first (``timed_out: true``; the message stays sent)."""
+    op = _op(
+        "send a message and wait for its replies (or the error of a wake given up)",
+        200,
+        _ref("CallResult"),
+        body="CallBody",
+        query=("wait_ms",),
+        idempotent=True,
+    )
+    op["responses"]["202"] = _json(
+        _ref("CallResult"), "no answer within wait_ms (timed_out: true); the message was sent"
+    )
     return op
 
 
@@ -213,6 +243,10 @@ def openapi_document() -> dict[str, Any]:
             "post": _op(
                 "send a message", 202, _ref("SendReceipt"), body="SendBody", idempotent=True
             ),
+        },
+        entity + "/call": {
+            "parameters": _path_params("type", "id"),
+            "post": _call_op(),
         },
         **_control_paths(entity, info),
         entity + "/tags/{key}": {

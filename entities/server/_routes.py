@@ -6,7 +6,6 @@ import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-import anyio
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect, Request
@@ -27,6 +26,7 @@ from ._auth import Principal
 __all__ = [
     "FLAG_VALUES",
     "PRINCIPAL_KEY",
+    "CallBody",
     "CronBody",
     "DecisionBody",
     "EditBody",
@@ -43,6 +43,8 @@ __all__ = [
 PRINCIPAL_KEY = "entities.principal"  # where ``_access.Authorize`` leaves the request's principal
 # what a boolean query parameter (``?purge=true``) may say
 FLAG_VALUES = {"true": True, "1": True, "false": False, "0": False}
+MAX_WAIT_MS = 120_000  # the longest wait of a call or a reply long-poll
+CALL_WAIT_MS = 30_000  # a call's wait when it names none
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -113,6 +115,24 @@ class SendBody(BaseModel):
     mode: SendMode = "queued"
     sender: str | None = Field(default=None, alias="from")
     attachments: list[AttachmentBody] | None = Field(default=None, max_length=20)
+
+
+class CallBody(SendBody):
+    wait_ms: int | None = Field(default=None, ge=0, le=MAX_WAIT_MS)
+
+
+def _wait_ms(request: Request, body: int | None) -> int:
+    """A call's wait: ``wait_ms`` of the query, else of the body, else 30 s.
+
+    Raises:
+        _Problem: not an integer from 0 to 120000 (400).
+    """
+    raw = request.query_params.get("wait_ms")
+    if raw is None:
+        return CALL_WAIT_MS if body is None else body
+    if not raw.isdigit() or int(raw) > MAX_WAIT_MS:
+        raise _Problem(400, "BAD_REQUEST", f"wait_ms must be an integer from 0 to {MAX_WAIT_MS}")
+    return int(raw)
 
 
 def _names_an_entity(sender: str) -> bool:
@@ -402,6 +422,31 @@ class _ControlPlane:
         )
         return json_response(receipt.to_json(), 202)
 
+    async def call(self, request: Request) -> Response:
+        """Send, and answer with the replies (or the error of a wake given up) in the same
+        response: 200 once answered, 202 with ``timed_out: true`` when ``wait_ms`` ran out
+        first (the message stays sent)."""
+        runtime = self.runtime
+        target = _target(request)
+        key = _idempotency_key(request)
+        runtime.registry.get(target.type)
+        body = await _body(request, CallBody, self.max_body_bytes)
+        wait_ms = _wait_ms(request, body.wait_ms)
+        sender = _sender(request, target, body.sender)
+        result = await runtime.call(
+            target.url,
+            body.payload,
+            type=body.type,
+            sender=sender,
+            idempotency_key=key,
+            mode=body.mode,
+            wait=wait_ms / 1000,
+            attachments=None
+            if body.attachments is None
+            else [a.model_dump(exclude_none=True) for a in body.attachments],
+        )
+        return json_response(result.to_json(), 202 if result.timed_out else 200)
+
     async def tag(self, request: Request) -> Response:
         target = _target(request)
         key = request.path_params["key"]
@@ -421,19 +466,10 @@ class _ControlPlane:
         if not raw_wait.isdigit() or int(raw_wait) > 120_000:
             raise _Problem(400, "BAD_REQUEST", "wait_ms must be an integer from 0 to 120000")
         await runtime.get(target.url)
-        found = await runtime.outcome(target.url, key, after=after)
-        if not found.replies and not found.failed and raw_wait != "0":
-            # The first look above runs outside the deadline: a zero or tiny wait must still
-            # answer with what is already there. A wake given up ends the wait at once.
-            with anyio.move_on_after(int(raw_wait) / 1000):
-                while not found.replies and not found.failed:
-                    head = await runtime.store.head(target.stream)
-                    found = await runtime.outcome(target.url, key, after=after)
-                    if head.closed and not found.replies:  # killed: no reply can come
-                        found.status = "cancelled" if found.status == "pending" else found.status
-                        break
-                    if not found.replies and not found.failed:
-                        await runtime.store.wait(target.stream, head.next_offset, 5.0)
+        # woken by the commit that answers this message, not by every append (_awaiting)
+        found, _timed_out = await runtime.wait_outcome(
+            target.url, key, after=after, wait=int(raw_wait) / 1000
+        )
         return json_response(
             {"key": key, "replies": found.replies, "status": found.status, "error": found.error}
         )
@@ -492,6 +528,7 @@ def control_routes(runtime: Runtime, *, max_body_bytes: int = 1024 * 1024) -> li
         (base, plane.get_entity, ["GET", "HEAD"]),
         (base, plane.kill, ["DELETE"]),
         (base + "/send", plane.send, ["POST"]),
+        (base + "/call", plane.call, ["POST"]),
         (base + "/fork", plane.fork, ["POST"]),
         (base + "/signal", plane.signal, ["POST"]),
         (base + "/approvals", plane.approvals, ["GET"]),

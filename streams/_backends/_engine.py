@@ -43,6 +43,7 @@ from .base import (
     KvCheck,
     KvPut,
     Message,
+    Notify,
     Op,
     OpResult,
     ProducerState,
@@ -282,6 +283,9 @@ class Batch:
                 results.append(True)
             elif kind is Append:
                 results.append(await self._append(cast(Append, op)))
+            elif kind is Notify:
+                self.effects.touched.add(cast(Notify, op).name)
+                results.append(None)
             elif kind is not KvCheck:
                 results.append(await self._apply_rare(op))
             else:

@@ -30,6 +30,7 @@ __all__ = [
     "KvCheck",
     "KvPut",
     "Message",
+    "Notify",
     "Op",
     "OpResult",
     "Producer",
@@ -191,7 +192,19 @@ class Truncate:
     offset: str
 
 
-Op: TypeAlias = Create | Append | Delete | KvPut | KvCheck | Touch | Remove | Truncate
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Store nothing; once the commit lands, wake the waiters and listeners of ``name`` (as
+    a commit touching a path wakes that path's), in this process at once and in others
+    through the backend's notification path (PostgreSQL ``NOTIFY``). Lets a commit address
+    the few waiters it concerns instead of everyone watching a busy stream. Listeners
+    registered with ``broadcast=False`` hear it; a backend's "wake everything" does not
+    reach them (they hear ``*`` instead, see :meth:`Store.listen`)."""
+
+    name: str
+
+
+Op: TypeAlias = Create | Append | Delete | KvPut | KvCheck | Touch | Remove | Truncate | Notify
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,15 +243,19 @@ class _Notifier:
 
     def __init__(self) -> None:
         self._by_path: dict[str, _Waiters] = {}
-        self._listeners: dict[str, list[Callable[[], None]]] = {}
+        # name -> [(callback, whether "wake everything" reaches it)]
+        self._listeners: dict[str, list[tuple[Callable[[], None], bool]]] = {}
 
-    def listen(self, name: str, callback: Callable[[], None]) -> Callable[[], None]:
-        self._listeners.setdefault(name, []).append(callback)
+    def listen(
+        self, name: str, callback: Callable[[], None], broadcast: bool = True
+    ) -> Callable[[], None]:
+        entry = (callback, broadcast)
+        self._listeners.setdefault(name, []).append(entry)
 
         def remove() -> None:
             callbacks = self._listeners.get(name, [])
-            if callback in callbacks:
-                callbacks.remove(callback)
+            if entry in callbacks:
+                callbacks.remove(entry)
             if not callbacks:
                 self._listeners.pop(name, None)
 
@@ -256,17 +273,19 @@ class _Notifier:
         if waiters.count <= 0 and self._by_path.get(path) is waiters:
             del self._by_path[path]
 
-    def notify(self, paths: Sequence[str] | set[str]) -> None:
+    def notify(self, paths: Sequence[str] | set[str], *, everything: bool = False) -> None:
         for path in paths:
             waiters = self._by_path.pop(path, None)
             if waiters is not None:
                 waiters.event.set()
-            for callback in self._listeners.get(path, ()):
-                callback()
+            for callback, broadcast in list(self._listeners.get(path, ())):
+                if broadcast or not everything or path == "*":
+                    callback()
 
     def notify_all(self) -> None:
-        """Wake every waiter and listener (something changed, what is not known)."""
-        self.notify(set(self._by_path) | set(self._listeners))
+        """Wake every waiter and listener (something changed, what is not known); listeners
+        that asked for named commits only hear ``*``."""
+        self.notify(set(self._by_path) | set(self._listeners), everything=True)
 
     def __len__(self) -> int:
         return len(self._by_path)
@@ -547,11 +566,19 @@ class Store(abc.ABC):
         finally:
             self._notifier.leave(name, waiters)
 
-    def listen(self, name: str, callback: Callable[[], None]) -> Callable[[], None]:
+    def listen(
+        self, name: str, callback: Callable[[], None], *, broadcast: bool = True
+    ) -> Callable[[], None]:
         """Call ``callback()`` (synchronously, in the writer's task) after every commit in this
-        process that touches ``name`` (a path or ``kv:{namespace}``). Returns a function that
-        removes the listener. Callbacks must be quick and must not raise."""
-        return self._notifier.listen(name, callback)
+        process that touches ``name`` (a path, ``kv:{namespace}``, or the name of a
+        :class:`Notify`). Returns a function that removes the listener. Callbacks must be quick
+        and must not raise.
+
+        When a backend cannot tell what changed (another process committed, a notification
+        connection was re-established) it wakes everything: such a callback is called too,
+        unless ``broadcast=False``; those hear it only as listeners of ``*``, so a crowd of
+        narrow listeners can answer it with one look instead of one each."""
+        return self._notifier.listen(name, callback, broadcast)
 
     def _notify(self, paths: set[str]) -> None:
         self._notifier.notify(paths)

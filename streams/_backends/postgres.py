@@ -65,6 +65,7 @@ from .base import (
     Create,
     KvCheck,
     KvPut,
+    Notify,
     Op,
     OpResult,
     ReadResult,
@@ -113,6 +114,27 @@ def notification_payloads(names: Iterable[str]) -> list[str]:
     if chunk:
         payloads.append(orjson.dumps(chunk).decode())
     return payloads
+
+
+def _begin(locks: Sequence[int]) -> str:
+    """``BEGIN`` and the advisory locks ``locks`` (sorted integers, written out: a simple
+    query, one round trip)."""
+    if not locks:
+        return "BEGIN"
+    keys = ",".join(str(int(k)) for k in locks)
+    return f"BEGIN; SELECT count(pg_advisory_xact_lock(k)) FROM unnest('{{{keys}}}'::bigint[]) k"
+
+
+def _literal(text: str) -> str:
+    """``text`` as an SQL string literal (``E'...'``: quotes and backslashes escaped, so it
+    reads the same whatever ``standard_conforming_strings`` says; JSON holds no NUL)."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _commit(channel: str, payloads: Sequence[str]) -> str:
+    """The ``pg_notify`` of each payload on ``channel``, then ``COMMIT`` (a simple query)."""
+    notes = [f"SELECT pg_notify({_literal(channel)}, {_literal(p)})" for p in payloads]
+    return "; ".join([*notes, "COMMIT"])
 
 
 class _NotCommitted(Exception):
@@ -425,6 +447,8 @@ class PostgresStore(Store):
                 if isinstance(op, KvPut | KvCheck):
                     kv_keys.add((op.namespace, op.key))
                     continue
+                if isinstance(op, Notify):
+                    continue
                 paths.add(op.path)
                 if isinstance(op, Create):
                     creates += 1
@@ -439,19 +463,25 @@ class PostgresStore(Store):
         )
         if conn.is_closed():
             raise _NotCommitted(ConnectionError("writer connection closed"))
-        transaction = conn.transaction()
-        try:
-            await transaction.start()
-            loader, outcomes = await self._apply(
-                conn, group, paths, kv_keys, creates, producers, locks
-            )
+        try:  # BEGIN and the locks in one round trip
+            await conn.execute(_begin(locks))
+            loader, outcomes = await self._apply(conn, group, paths, kv_keys, creates, producers)
         except _DISCONNECTED as exc:
             raise _NotCommitted(exc) from exc
         except BaseException:
             with contextlib.suppress(Exception):
-                await transaction.rollback()
+                await conn.execute("ROLLBACK")
             raise
-        await transaction.commit()
+        # the notifications and COMMIT in one round trip (a failed NOTIFY skips the COMMIT)
+        payloads = notification_payloads(loader.effects.touched)
+        try:
+            await conn.execute(_commit(self._parsed.channel, payloads))
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, _DISCONNECTED):
+                raise
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+            raise
         return loader, outcomes
 
     async def _apply(
@@ -462,13 +492,9 @@ class PostgresStore(Store):
         kv_keys: set[tuple[str, str]],
         creates: int,
         producers: list[tuple[str, str]],
-        locks: list[int],
     ) -> tuple[GroupLoader, list[list[OpResult] | StreamsError]]:
-        """The transaction's body: lock, load, validate every call, persist, notify."""
-        if locks:
-            await conn.execute(
-                "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k", locks
-            )
+        """The transaction's body, once its locks are held: load, validate every call,
+        persist."""
         ids: list[int] = []
         if creates:
             ids = list(
@@ -490,8 +516,6 @@ class PostgresStore(Store):
         outcomes = await apply_each(loader, (p.ops for p in group), loader.merge)
         effects = loader.effects
         await persist(conn, effects)
-        for payload in notification_payloads(effects.touched):
-            await conn.execute("SELECT pg_notify($1, $2)", self._parsed.channel, payload)
         return loader, outcomes
 
     # -- reads -----------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from ._sqlite_io import (
     storage_full,
     to_record,
 )
-from .base import KvCheck, KvPut, Op, OpResult, ReadResult, Store, StreamInfo, Touch
+from .base import KvCheck, KvPut, Notify, Op, OpResult, ReadResult, Store, StreamInfo, Touch
 
 __all__ = ["SqliteStore"]
 
@@ -468,7 +468,7 @@ class SqliteStore(Store):
         inline = reader.conn if reader is not None and writer.wal else None
         loader = _GroupLoader(writer, self._cache, next_id, inline)
         await loader.prefetch(
-            op.path for p in group for op in p.ops if not isinstance(op, KvPut | KvCheck)
+            op.path for p in group for op in p.ops if not isinstance(op, KvPut | KvCheck | Notify)
         )
         await loader.prefetch_kv(
             (op.namespace, op.key)

@@ -1,0 +1,382 @@
+"""Request-response against one-way sends over HTTP, through ``entities serve`` (its embedded
+worker), on SQLite and PostgreSQL.
+
+    python benchmarks/request_response.py [--quick] [--db postgresql://user@host:port/db]
+
+A fresh server process per measurement (a new SQLite file, or a new PostgreSQL schema dropped
+afterwards), clients in this process (``httpx2``, ``CONCURRENCY`` requests in flight):
+
+- ``oneway``: ``MESSAGES`` sends over ``COUNTERS`` counters (``POST …/send``), timed until every
+  message was applied (the listing shows nothing pending or running);
+- ``rr``: the same messages as calls (``POST …/call``: the reply in the response; on a server
+  without it, ``send`` then ``GET …/replies/{key}?wait_ms=``), timed until the last answer;
+- ``hot``: ``HOT`` messages to one counter, one-way and request-response;
+- ``seq``: sequential calls to one counter, p50 and p99 of the round trip, per backend;
+- ``steps``: request-response to a type that journals three steps per message against one
+  that journals one.
+
+Server CPU per message is the server process's CPU (its HTTP side and its worker thread, from
+/proc) over the measurement, divided by the messages. Prints a table, then, as its last line,
+one JSON object: ``rr_to_oneway_ratio`` / ``rr_cpu_ratio`` (SQLite; ``pg_…`` the same on
+PostgreSQL), ``hot_key_ratio``, ``pg_to_sqlite_p50_ratio``, ``three_steps_ratio`` and the figures
+behind them. ``--db`` defaults to ``ENTITIES_BENCH_POSTGRES_URL``, else
+``ENTITIES_TEST_POSTGRES_URL``, else ``postgresql://postgres@127.0.0.1:5432/test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import httpx2
+from pydantic import BaseModel
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from entities import HandlerContext, Registry, WakeEvent, collection  # noqa: E402
+
+DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/test"
+COUNTERS = 100
+CONCURRENCY = 32
+
+registry = Registry()
+
+
+class Total(BaseModel):
+    key: str
+    value: int = 0
+
+
+@registry.define("counter", state={"totals": collection(Total, primary_key="key")})
+async def counter(ctx: HandlerContext, wake: WakeEvent) -> None:
+    totals = ctx.db.collections.totals
+    current = totals.get("total")
+    total = 0 if current is None else current.value
+    for message in wake.messages:
+        total += int(message.payload.get("add", 0))
+        ctx.reply(total, to=message)
+    if wake.messages:
+        row = Total(key="total", value=total)
+        if current is None:
+            ctx.db.actions.totals_insert(row=row)
+        else:
+            ctx.db.actions.totals_update(key="total", updater=row)
+
+
+def _stepper(steps: int) -> Callable[[HandlerContext, WakeEvent], Awaitable[None]]:
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        for message in wake.messages:
+            value = 0
+            for n in range(steps):
+                value = await ctx.step(f"{message.key}:{n}", lambda v=value: v + 1)
+            ctx.reply(value, to=message)
+
+    return handler
+
+
+registry.define("step1")(_stepper(1))
+registry.define("step3")(_stepper(3))
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        stat = fh.read()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fresh_schema(base: str) -> str:
+    parts = urlsplit(base)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in {"schema", "search_path"}]
+    query.append(("schema", f"bench_{uuid.uuid4().hex[:16]}"))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+async def _drop_schema(url: str) -> None:
+    import asyncpg
+
+    from streams._backends._postgres_schema import parse_url, quote_ident
+
+    parsed = parse_url(url)
+    conn = await asyncpg.connect(parsed.dsn, timeout=10)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(parsed.schema)} CASCADE")
+    finally:
+        await conn.close()
+
+
+class Server:
+    """``entities serve`` over a fresh store of ``backend``."""
+
+    def __init__(self, backend: str, pg: str, directory: Path) -> None:
+        self.backend = backend
+        self.db = (
+            f"sqlite:///{directory / f'{uuid.uuid4().hex[:8]}.db'}"
+            if backend == "sqlite"
+            else _fresh_schema(pg)
+        )
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = directory / "serve.log"
+
+    async def __aenter__(self) -> Server:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's packages first
+        command = [
+            sys.executable, "-m", "entities.cli", "serve",
+            "benchmarks/request_response.py:registry", "--db", self.db,
+            "--port", str(self.port), "--compact-every", "0",
+        ]  # fmt: skip
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
+                command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 30
+        async with httpx2.AsyncClient(base_url=self.base) as http:
+            while True:
+                try:
+                    if (await http.get("/healthz")).status_code == 200:
+                        return self
+                except httpx2.TransportError:
+                    pass
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start:\n{self.log.read_text()}")
+                await asyncio.sleep(0.05)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.backend == "postgres":
+            await _drop_schema(self.db)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cpu(self) -> float:
+        assert self.proc is not None
+        return _cpu(self.proc.pid)
+
+
+# -- clients ------------------------------------------------------------------------------------
+
+
+async def _bounded(calls: list[Callable[[], Awaitable[Any]]], width: int) -> None:
+    queue = list(reversed(calls))
+
+    async def lane() -> None:
+        while queue:
+            await queue.pop()()
+
+    await asyncio.gather(*(lane() for _ in range(width)))
+
+
+class Client:
+    def __init__(self, http: httpx2.AsyncClient) -> None:
+        self.http = http
+        self.has_call = True
+
+    async def probe(self, url: str) -> None:
+        """Whether the server has ``POST …/call`` (else: send, then wait for the replies)."""
+        response = await self.http.post(
+            f"/_entities/entities{url}/call", json={"payload": {"add": 0}, "wait_ms": 0}
+        )
+        self.has_call = response.status_code != 404 and response.status_code != 405
+
+    async def spawn(self, url: str) -> None:
+        response = await self.http.put(f"/_entities/entities{url}", json={})
+        assert response.status_code == 201, response.text
+
+    async def send(self, url: str, payload: Any) -> None:
+        response = await self.http.post(f"/_entities/entities{url}/send", json={"payload": payload})
+        assert response.status_code == 202, response.text
+
+    async def call(self, url: str, payload: Any) -> Any:
+        if self.has_call:
+            response = await self.http.post(
+                f"/_entities/entities{url}/call", json={"payload": payload, "wait_ms": 60_000}
+            )
+            assert response.status_code == 200 and response.json()["replies"], response.text
+            return response.json()["replies"]
+        sent = await self.http.post(f"/_entities/entities{url}/send", json={"payload": payload})
+        receipt = sent.json()
+        answer = await self.http.get(
+            f"/_entities/entities{url}/replies/{receipt['key']}",
+            params={"wait_ms": 60_000, "after": receipt["offset"]},
+        )
+        replies = answer.json()["replies"]
+        assert replies, answer.text
+        return replies
+
+    async def idle(self) -> None:
+        """Wait until no entity has a wake pending or running."""
+        while True:
+            listing = (await self.http.get("/_entities/entities")).json()
+            if not any(e["pending"] or e["status"] == "running" for e in listing):
+                return
+            await asyncio.sleep(0.02)
+
+
+async def measure(
+    backend: str,
+    pg: str,
+    directory: Path,
+    kind: str,
+    *,
+    entities: int,
+    messages: int,
+    type_: str = "counter",
+    width: int = CONCURRENCY,
+) -> dict[str, float]:
+    """Messages per second and server CPU per message (ms) of one measurement on a fresh
+    server: ``kind`` is ``oneway``, ``rr`` or ``seq`` (sequential calls: p50/p99 in ms)."""
+    async with (
+        Server(backend, pg, directory) as server,
+        httpx2.AsyncClient(base_url=server.base, timeout=120) as http,
+    ):
+        client = Client(http)
+        urls = [f"/{type_}/e{i}" for i in range(entities)]
+        await _bounded([lambda u=u: client.spawn(u) for u in urls], 16)  # type: ignore[misc]
+        await client.idle()
+        await client.probe(urls[0])
+        # warm-up: one call per entity (caches, connections, the first wake)
+        await _bounded([lambda u=u: client.call(u, {"add": 0}) for u in urls], width)  # type: ignore[misc]
+        targets = [urls[i % entities] for i in range(messages)]
+        cpu, start = server.cpu(), time.perf_counter()
+        result: dict[str, float] = {}
+        if kind == "oneway":
+            await _bounded([lambda u=u: client.send(u, {"add": 1}) for u in targets], width)  # type: ignore[misc]
+            await client.idle()
+        elif kind == "rr":
+            await _bounded([lambda u=u: client.call(u, {"add": 1}) for u in targets], width)  # type: ignore[misc]
+        else:
+            latencies = []
+            for u in targets:
+                began = time.perf_counter()
+                await client.call(u, {"add": 1})
+                latencies.append((time.perf_counter() - began) * 1000)
+            result["p50_ms"] = statistics.median(latencies)
+            result["p99_ms"] = sorted(latencies)[int(len(latencies) * 0.99) - 1]
+        elapsed = time.perf_counter() - start
+        result["per_s"] = messages / elapsed
+        result["cpu_ms"] = (server.cpu() - cpu) * 1000 / messages
+        result["call"] = 1.0 if client.has_call else 0.0
+        return result
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--db", default=None)
+    parser.add_argument("--skip-postgres", action="store_true")
+    args = parser.parse_args()
+    pg = (
+        args.db
+        or os.environ.get("ENTITIES_BENCH_POSTGRES_URL")
+        or os.environ.get("ENTITIES_TEST_POSTGRES_URL")
+        or DEFAULT_DB
+    )
+    messages = 1000 if args.quick else 2000
+    hot = 500 if args.quick else 1000
+    sequential = 100 if args.quick else 300
+    rounds = 1 if args.quick else 3
+    backends = ["sqlite"] if args.skip_postgres else ["sqlite", "postgres"]
+    figures: dict[str, list[dict[str, float]]] = {}
+
+    def add(name: str, value: dict[str, float]) -> None:
+        figures.setdefault(name, []).append(value)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        for _ in range(rounds):  # interleaved: each pair sees the machine in the same state
+            for backend in backends:
+                for kind in ("oneway", "rr"):
+                    add(f"{backend}_{kind}", await measure(
+                        backend, pg, directory, kind, entities=COUNTERS, messages=messages
+                    ))  # fmt: skip
+                add(f"{backend}_seq", await measure(
+                    backend, pg, directory, "seq", entities=1, messages=sequential
+                ))  # fmt: skip
+            for kind in ("oneway", "rr"):
+                add(f"hot_{kind}", await measure(
+                    "sqlite", pg, directory, kind, entities=1, messages=hot
+                ))  # fmt: skip
+            for steps in ("step1", "step3"):
+                add(steps, await measure(
+                    "sqlite", pg, directory, "rr", entities=COUNTERS, messages=messages,
+                    type_=steps,
+                ))  # fmt: skip
+
+    def med(name: str, field: str) -> float:
+        return statistics.median(f[field] for f in figures[name])
+
+    print(f"{'measurement':<16} {'msg/s':>9} {'server CPU ms/msg':>18} {'p50 ms':>8} {'p99 ms':>8}")
+    for name in figures:
+        p50 = f"{med(name, 'p50_ms'):8.2f}" if "p50_ms" in figures[name][0] else f"{'-':>8}"
+        p99 = f"{med(name, 'p99_ms'):8.2f}" if "p99_ms" in figures[name][0] else f"{'-':>8}"
+        print(f"{name:<16} {med(name, 'per_s'):9.1f} {med(name, 'cpu_ms'):18.2f} {p50} {p99}")
+    out: dict[str, Any] = {
+        "call_endpoint": bool(med("sqlite_rr", "call")),
+        "messages": messages,
+        "concurrency": CONCURRENCY,
+        "sqlite_oneway_per_s": round(med("sqlite_oneway", "per_s"), 1),
+        "sqlite_rr_per_s": round(med("sqlite_rr", "per_s"), 1),
+        "rr_to_oneway_ratio": round(med("sqlite_rr", "per_s") / med("sqlite_oneway", "per_s"), 3),
+        "rr_cpu_ratio": round(med("sqlite_rr", "cpu_ms") / med("sqlite_oneway", "cpu_ms"), 3),
+        "sqlite_oneway_cpu_ms": round(med("sqlite_oneway", "cpu_ms"), 3),
+        "sqlite_rr_cpu_ms": round(med("sqlite_rr", "cpu_ms"), 3),
+        "hot_oneway_per_s": round(med("hot_oneway", "per_s"), 1),
+        "hot_rr_per_s": round(med("hot_rr", "per_s"), 1),
+        "hot_key_ratio": round(med("hot_rr", "per_s") / med("hot_oneway", "per_s"), 3),
+        "sqlite_seq_p50_ms": round(med("sqlite_seq", "p50_ms"), 2),
+        "step1_rr_per_s": round(med("step1", "per_s"), 1),
+        "step3_rr_per_s": round(med("step3", "per_s"), 1),
+        "three_steps_ratio": round(med("step3", "per_s") / med("step1", "per_s"), 3),
+    }
+    if "postgres" in backends:
+        out |= {
+            "pg_oneway_per_s": round(med("postgres_oneway", "per_s"), 1),
+            "pg_rr_per_s": round(med("postgres_rr", "per_s"), 1),
+            "pg_rr_to_oneway_ratio": round(
+                med("postgres_rr", "per_s") / med("postgres_oneway", "per_s"), 3
+            ),
+            "pg_rr_cpu_ratio": round(
+                med("postgres_rr", "cpu_ms") / med("postgres_oneway", "cpu_ms"), 3
+            ),
+            "pg_seq_p50_ms": round(med("postgres_seq", "p50_ms"), 2),
+            "pg_to_sqlite_p50_ratio": round(
+                med("postgres_seq", "p50_ms") / med("sqlite_seq", "p50_ms"), 3
+            ),
+        }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

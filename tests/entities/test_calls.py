@@ -1,0 +1,256 @@
+"""Request-response at one-way speed: ``POST …/call`` answers in the request that sends, and a
+waiter is woken by the commit that answers its message, not by every append to the entity's
+stream (counted in store reads, not timed), on every backend; a call retried with its
+idempotency key after a SIGKILL of the server returns the one answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import httpx2
+import pytest
+
+from entities import Runtime, VirtualClock
+from entities._awaiting import waiters_of
+from entities.server import create_app
+from streams import Store
+from tests._live import serving
+from tests.entities.apps import calls
+from tests.entities.apps.calls import registry
+
+from ._support import EntitiesProcess, free_port
+
+_T = TypeVar("_T")
+_COUNTING: ContextVar[bool] = ContextVar("counting", default=False)
+
+
+class ReadCounter:
+    """Counts the store reads made by tasks run through :meth:`counted`."""
+
+    def __init__(self, store: Store) -> None:
+        self.n = 0
+        self.events = 0  # stream events read
+        for name in ("read", "read_before", "kv_get", "kv_scan", "head"):
+            setattr(store, name, self._wrap(getattr(store, name)))
+
+    def _wrap(self, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(*args: Any, **kwargs: Any) -> Any:
+            result = await original(*args, **kwargs)
+            if _COUNTING.get():
+                self.n += 1
+                messages = getattr(result, "messages", None)
+                if isinstance(result, tuple):  # read_before: (messages, offset)
+                    messages = result[0]
+                self.events += len(messages) if isinstance(messages, list) else 0
+            return result
+
+        return wrapped
+
+    @staticmethod
+    async def counted(coro: Coroutine[Any, Any, _T]) -> _T:
+        _COUNTING.set(True)  # in this task's own context only
+        return await coro
+
+
+async def until(check: Callable[[], bool], seconds: float = 30.0) -> None:
+    with anyio.fail_after(seconds):
+        while not check():  # noqa: ASYNC110 - polled by design
+            await asyncio.sleep(0.005)
+
+
+WAITERS = 1000
+
+
+async def test_a_reply_is_found_without_reading_the_stream(store_url: str) -> None:
+    """Behind a long history, an answered call reads the reply index, not the stream."""
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
+        reads = ReadCounter(rt.store)
+        url = "/desk/long"
+        await rt.spawn(url)
+        for i in range(30):  # 1,500 messages answered: a stream of some 3,000 events
+            for j in range(50):
+                await rt.send(url, {"ask": i * 50 + j})
+            await rt.run_until_idle()
+        receipt = await rt.send(url, {"ask": -1})
+        await rt.run_until_idle()
+        found, timed_out = await reads.counted(
+            rt.wait_outcome(url, receipt.key, after=receipt.offset, wait=5)
+        )
+        assert found.replies == [-1] and found.status == "completed" and not timed_out
+        assert reads.n == 1 and reads.events == 0  # one index read
+        # without its offset: the index and the unacknowledged tail (the last wake's output)
+        reads.n = 0
+        found = await reads.counted(rt.outcome(url, receipt.key))
+        assert found.replies == [-1] and reads.events <= 5 and reads.n <= 5  # the last output
+
+
+async def test_waiters_are_woken_only_by_their_answer(store_url: str) -> None:
+    calls.GATE = gate = asyncio.Event()  # of this test's loop
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
+        reads = ReadCounter(rt.store)
+        hub = waiters_of(rt.store)
+        url = "/desk/hot"
+        await rt.spawn(url)
+        await rt.run_until_idle()
+        await rt.send(url, {"hold": True})
+        holding = asyncio.create_task(rt.run_until_idle(max_wakes=1))
+        with anyio.fail_after(30):  # the hold's wake was claimed: its handler waits at the gate
+            while (await rt.get(url)).status != "running":  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        receipts = [await rt.send(url, {"ask": i}) for i in range(WAITERS)]
+        waiters = [
+            asyncio.create_task(
+                reads.counted(rt.wait_outcome(url, r.key, after=r.offset, wait=120))
+            )
+            for r in receipts
+        ]
+        await until(lambda: hub.sleeping == WAITERS)
+        settled = reads.n
+        assert settled <= 10 * WAITERS  # each looked once: the index and the short tail
+
+        # appends to the hot entity's stream wake no one
+        reads.n, looks = 0, hub.looks
+        for i in range(20):
+            await rt.send(url, {"ask": 10_000 + i})
+        await asyncio.sleep(0.1)
+        assert reads.n == 0 and hub.looks == looks
+        assert hub.sleeping == WAITERS
+
+        # a wake commit that answers none of them: one look at the record, no waiter woken
+        gate.set()
+        await holding
+        await until(lambda: hub.looks > looks)
+        await asyncio.sleep(0.1)
+        assert reads.n == 0 and hub.looks - looks <= 2
+        assert not any(w.done() for w in waiters)
+
+        # a commit about one message (a cancel) wakes its waiter alone
+        await rt.cancel_message(url, receipts[0].key)
+        found, timed_out = await waiters[0]
+        assert found.status == "cancelled" and not timed_out
+        await asyncio.sleep(0.1)
+        assert 0 < reads.n <= 10  # that waiter's look, not one per waiter
+        assert not any(w.done() for w in waiters[1:])
+
+        # the wake that answers them all: each reads its own answer once
+        reads.n = 0
+        await rt.run_until_idle()
+        answers = await asyncio.gather(*waiters[1:])
+        assert [found.replies for found, _ in answers] == [[i] for i in range(1, WAITERS)]
+        assert all(not timed_out for _, timed_out in answers)
+        assert reads.n <= 10 * WAITERS
+
+
+CALL = "/_entities/entities/desk/{id}/call"
+
+
+async def test_a_call_answers_in_the_request_that_sends(store_url: str) -> None:
+    async with (
+        Runtime(registry, store_url) as rt,
+        serving(create_app(rt)) as base,
+        httpx2.AsyncClient(base_url=base, timeout=30) as http,
+    ):
+        stop = anyio.Event()
+        working = asyncio.create_task(rt.worker(poll_interval=0.2).run(stop))
+        try:
+            await rt.spawn("/desk/a")
+            answer = await http.post(CALL.format(id="a"), json={"payload": {"ask": 5}})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["replies"] == [5] and body["status"] == "completed"
+            assert body["timed_out"] is False and body["error"] is None
+            assert body["url"] == "/desk/a" and body["key"] and body["offset"]
+            # the wait in the query, a run given up: its error in the same response
+            failed = await http.post(
+                CALL.format(id="a"), params={"wait_ms": 20_000}, json={"payload": {"fail": 1}}
+            )
+            assert failed.status_code == 200, failed.text
+            assert failed.json()["status"] == "dead_lettered"
+            assert "asked to fail" in failed.json()["error"]
+            # the same idempotency key: one message, one answer
+            headers = {"Idempotency-Key": "call-7"}
+            first = await http.post(
+                CALL.format(id="a"), json={"payload": {"ask": 7}}, headers=headers
+            )
+            again = await http.post(
+                CALL.format(id="a"), json={"payload": {"ask": 7}}, headers=headers
+            )
+            assert first.json() == again.json() and again.json()["replies"] == [7]
+            events, _ = await rt.read("/desk/a", limit=10_000)
+            assert sum(1 for e in events if e["type"] == "inbox") == 3
+            # validated as a send
+            bad = [
+                (await http.post(CALL.format(id="nobody"), json={"payload": {}}), 404),
+                (await http.post(CALL.format(id="a"), params={"wait_ms": "x"}, json={}), 400),
+                (await http.post(CALL.format(id="a"), json={"wait_ms": -1}), 422),
+                (await http.post(CALL.format(id="a"), json={"payload": 1, "extra": 1}), 422),
+                (await http.post(CALL.format(id="a"), json={"from": "/desk/b"}), 422),
+            ]
+            assert [r.status_code for r, _ in bad] == [code for _, code in bad]
+        finally:
+            stop.set()
+            await working
+
+
+async def test_a_call_that_times_out_says_so_and_the_message_lands(store_url: str) -> None:
+    async with (
+        Runtime(registry, store_url, clock=VirtualClock()) as rt,
+        serving(create_app(rt)) as base,
+        httpx2.AsyncClient(base_url=base, timeout=30) as http,
+    ):
+        await rt.spawn("/desk/t")
+        await rt.run_until_idle()
+        answer = await http.post(CALL.format(id="t"), json={"payload": {"ask": 3}, "wait_ms": 300})
+        assert answer.status_code == 202, answer.text  # no worker runs: no answer in time
+        body = answer.json()
+        assert body["timed_out"] is True and body["status"] == "pending" and body["replies"] == []
+        events, _ = await rt.read("/desk/t", limit=1000)
+        assert [e["key"] for e in events if e["type"] == "inbox"] == [body["key"]]
+        await rt.run_until_idle()
+        later = await http.get(
+            f"/_entities/entities/desk/t/replies/{body['key']}", params={"after": body["offset"]}
+        )
+        assert later.json()["replies"] == [3]
+
+
+async def test_a_call_retried_after_a_sigkill_returns_the_one_answer(
+    shared_store_url: str, tmp_path: Path
+) -> None:
+    """The server dies while the call waits (its message landed, its wake runs); the client
+    calls again with the same key once it is back: one message, and its answer."""
+    port = free_port()
+    server = EntitiesProcess(
+        ["serve", "tests/entities/apps/calls.py:registry", "--db", shared_store_url,
+         "--port", str(port), "--lease-seconds", "1"],
+        log=tmp_path / "serve.log",
+        port=port,
+    )  # fmt: skip
+    body = {"payload": {"ask": 42, "sleep_ms": 1500}, "wait_ms": 30_000}
+    headers = {"Idempotency-Key": "call-after-kill"}
+    try:
+        await asyncio.to_thread(server.start)
+        async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            assert (await http.put("/_entities/entities/desk/k", json={})).status_code == 201
+            call = asyncio.create_task(http.post(CALL.format(id="k"), json=body, headers=headers))
+            with anyio.fail_after(30):  # the wake of the message runs (the handler sleeps)
+                while (await http.get("/_entities/entities/desk/k")).json()["status"] != "running":  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            server.kill()
+            with pytest.raises(httpx2.TransportError):
+                await call
+            await asyncio.to_thread(server.start)
+            answer = await http.post(CALL.format(id="k"), json=body, headers=headers)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["replies"] == [42] and answer.json()["status"] == "completed"
+            again = await http.post(CALL.format(id="k"), json=body, headers=headers)
+            assert again.json() == answer.json()
+    finally:
+        server.kill()
+    async with Runtime(registry, shared_store_url) as rt:
+        events, _ = await rt.read("/desk/k", limit=1000)
+    assert [e["key"] for e in events if e["type"] == "inbox"] == [answer.json()["key"]]
