@@ -191,7 +191,8 @@ class HandlerContext:
 
     def _record(self, key: str, value: Any) -> None:
         self._journal[key] = value
-        entry = {"wake_id": self.wake.wake_id, "name": key, "result": value}
+        # the run's wake: this one, or the one a run resumed after approvals began in
+        entry = {"wake_id": self.run_id, "name": key, "result": value}
         self.effects.journal.append(entry)
 
     # -- identity ---------------------------------------------------------------------------

@@ -10,13 +10,14 @@ replies, tags, manifest entries, tool calls, sends and spawns. Nothing is writte
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from streams import Store
 
+from ._approvals import ApprovalPending, resumption
 from ._compaction import Marks, marks
 from ._context import HandlerContext
 from ._effects import Effects
@@ -119,7 +120,7 @@ def _recorded_runs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for e in events:
         value = e.get("value") or {}
         if e["type"] == "runs" and value.get("wake_id") == e["key"]:
-            if value.get("status") in ("completed", "dead_lettered"):
+            if value.get("status") in ("completed", "dead_lettered", "waiting_approval"):
                 runs[e["key"]] = value
     return list(runs.values())
 
@@ -211,6 +212,33 @@ def _inputs(events: list[dict[str, Any]], run: dict[str, Any], left: Marks) -> _
     return found
 
 
+def _resumed(
+    events: list[dict[str, Any]], origin: str, high: str
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """For a wake that resumed the run begun in wake ``origin``: that run's journal, the
+    writes it committed (they carry ``origin`` as their ``txid``), and the decisions on its
+    approvals taken by the end of the wake's range (``high``)."""
+    journal: dict[str, Any] = {}
+    recorded: list[dict[str, Any]] = []
+    decided: dict[str, dict[str, Any]] = {}
+    for e in events:
+        value = e.get("value") or {}
+        if e["type"] == "steps" and value.get("wake_id") == origin:
+            journal[value["name"]] = value.get("result")
+        elif (e.get("headers") or {}).get("txid") == origin and _compared(e["type"]):
+            recorded.append(e)
+        elif (
+            e["type"] == "approvals"
+            and e["offset"] <= high
+            and value.get("origin") == origin
+            and value.get("status") in ("approved", "denied")
+        ):
+            decided[e["key"]] = {
+                "status": value["status"], "note": value.get("note"), "by": value.get("decided_by")
+            }  # fmt: skip
+    return journal, recorded, decided
+
+
 async def _replay_one(
     rt: ReplayHost,
     entity_type: EntityType,
@@ -233,6 +261,11 @@ async def _replay_one(
         target, inflight, inputs.events, wake_events, first_wake=not inputs.view.get("manifests")
     )
     runs_before = sum(1 for r in _recorded_runs(events) if r["to_offset"] < low or r is run) - 1
+    run_id, journal, resume = wake_id, inputs.journal, resumption(wake)
+    if resume is not None:  # it went on with a run suspended for approvals, as that run
+        run_id, runs_before = resume.origin, resume.runs_before
+        journal, inputs.recorded, decided = _resumed(events, resume.origin, high)
+        resume = replace(resume, decisions={**resume.decisions, **decided})
 
     async def nowhere(changes: list[dict[str, Any]]) -> None:
         return None
@@ -244,12 +277,13 @@ async def _replay_one(
         view=inputs.view,
         wake=wake,
         events=inputs.events,
-        journal=inputs.journal,
-        run_id=wake_id,
+        journal=journal,
+        run_id=run_id,
         flush=nowhere,
         runs_before=max(0, runs_before),
         replaying=True,
     )
+    ctx.resumption = resume
     failed: BaseException | None = None
     try:
         await entity_type.invoke(ctx, wake)
@@ -258,8 +292,21 @@ async def _replay_one(
             Divergence(wake_id, "journal", "recorded", "missing", exc.message)
         )
         return result
+    except ApprovalPending:  # it waits for a person again: so did the wake
+        if run["status"] != "waiting_approval":
+            result.divergences.append(
+                Divergence(wake_id, "outcome", run["status"], "waiting_approval",
+                           "the replay waits for an approval; the recorded wake did not")
+            )  # fmt: skip
+        return result
     except Exception as exc:
         failed = exc
+    if run["status"] == "waiting_approval":
+        result.divergences.append(
+            Divergence(wake_id, "outcome", "waiting_approval", "finished",
+                       "the recorded wake waited for an approval; the replay did not")
+        )  # fmt: skip
+        return result
     if _outcome_differs(result, run, failed):
         return result
     got = [c for c in ctx.effects.own if _compared(c["type"])]

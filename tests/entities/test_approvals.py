@@ -216,6 +216,25 @@ def test_the_timeout_is_checked_at_definition() -> None:
         tool(requires_approval=True, approval_timeout=0)(lambda: None)
 
 
+async def test_suspended_and_resumed_wakes_replay_without_divergence(rt: Runtime) -> None:
+    await rt.spawn("/payer/r")
+    await rt.send("/payer/r", {"text": "pay 700"})
+    await rt.run_until_idle()
+    replayed = await rt.replay("/payer/r")  # the suspended wake waits again: no divergence
+    assert replayed.ok, replayed
+    [pending] = await rt.approvals("/payer/r")
+    await rt.decide("/payer/r", pending.id, "approve")
+    await rt.run_until_idle()
+    await rt.send("/payer/r", {"text": "pay 800"})
+    await rt.run_until_idle()
+    [_, second] = await rt.approvals("/payer/r")
+    await rt.decide("/payer/r", second.id, "deny", note="no")
+    await rt.run_until_idle()
+    replayed = await rt.replay("/payer/r")
+    statuses = [w.status for w in replayed.wakes]
+    assert statuses.count("waiting_approval") == 2 and replayed.ok, replayed
+
+
 async def test_bad_decisions_change_nothing(rt: Runtime) -> None:
     await rt.spawn("/approval/b")
     await rt.send("/approval/b", {"text": "delete a.txt"})
