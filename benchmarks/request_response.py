@@ -39,13 +39,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx2
 from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from scale_out import drop_schema, fresh_url  # noqa: E402  (benchmarks/ is on sys.path)
 
 from entities import HandlerContext, Registry, WakeEvent, collection  # noqa: E402
 
@@ -108,26 +109,6 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _fresh_schema(base: str) -> str:
-    parts = urlsplit(base)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in {"schema", "search_path"}]
-    query.append(("schema", f"bench_{uuid.uuid4().hex[:16]}"))
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-async def _drop_schema(url: str) -> None:
-    import asyncpg
-
-    from streams._backends._postgres_schema import parse_url, quote_ident
-
-    parsed = parse_url(url)
-    conn = await asyncpg.connect(parsed.dsn, timeout=10)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(parsed.schema)} CASCADE")
-    finally:
-        await conn.close()
-
-
 class Server:
     """``entities serve`` over a fresh store of ``backend``."""
 
@@ -136,7 +117,7 @@ class Server:
         self.db = (
             f"sqlite:///{directory / f'{uuid.uuid4().hex[:8]}.db'}"
             if backend == "sqlite"
-            else _fresh_schema(pg)
+            else fresh_url(pg)
         )
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -174,7 +155,7 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         if self.backend == "postgres":
-            await _drop_schema(self.db)
+            await drop_schema(self.db)
 
     @property
     def base(self) -> str:
