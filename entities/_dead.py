@@ -19,6 +19,7 @@ from streams import KvCheck, KvPut, Op, Store
 from ._errors import DeadLetterNotFound
 from ._events import encode
 from ._pipeline.inbox import wake_ops
+from ._pipeline.load import messages_between
 from ._records import DEAD_NS, WAKE_TYPES, DeadLetter
 from ._replies import unstatus_ops
 from ._urls import parse_url
@@ -62,20 +63,14 @@ async def retry_ops(store: Store, letter: DeadLetter, raw: bytes) -> list[Op]:
     target = parse_url(letter.url)
     events: list[bytes] = []
     keys: list[str] = []  # its messages' keys: their dead_lettered status goes
-    offset = letter.from_offset
-    while offset < letter.to_offset:
-        result = await store.read(target.stream, offset, limit=1000, renew_ttl=False)
-        for message in result.messages:
-            if message.offset > letter.to_offset:
-                break
-            item = orjson.loads(message.data)
-            if item.get("type") in WAKE_TYPES and item.get("type") != "entity_created":
-                if item["type"] == "inbox":
-                    keys.append(item["key"])
-                events.append(encode(_redelivered(item, letter.id)))
-        if not result.messages or result.up_to_date:
-            break
-        offset = result.messages[-1].offset
+    async for message in messages_between(
+        store, target.stream, letter.from_offset, letter.to_offset
+    ):
+        item = orjson.loads(message.data)
+        if item.get("type") in WAKE_TYPES and item.get("type") != "entity_created":
+            if item["type"] == "inbox":
+                keys.append(item["key"])
+            events.append(encode(_redelivered(item, letter.id)))
     ops: list[Op] = [KvCheck(DEAD_NS, letter.key, raw), KvPut(DEAD_NS, letter.key, None)]
     if events:
         ops.extend(wake_ops(target, events))

@@ -32,7 +32,7 @@ from streams import (
 
 from ._errors import DuplicateEntity, EntityNotFound, InvalidForkPoint
 from ._events import event, iso, new_token
-from ._pipeline.load import load_range, snapshot
+from ._pipeline.load import load_range, messages_between, snapshot
 from ._records import ENTITY_NS, PENDING_NS, SNAPSHOT_NS, TAG_NS, EntityRecord
 from ._urls import EntityURL
 
@@ -89,25 +89,17 @@ async def _latest_completed(store: Store, target: EntityURL) -> str | None:
     (stamped with its wake id) and its journal entries."""
     found: str | None = None
     wake: str | None = None  # the wake whose commit is being followed
-    offset = "-1"
-    while True:
-        result = await store.read(target.stream, offset, limit=1000, renew_ttl=False)
-        for message in result.messages:
-            item = orjson.loads(message.data)
-            value = item.get("value")
-            if wake is not None and _of_wake(item, wake):
-                found = message.offset
-                continue
-            wake = None
-            if (
-                item.get("type") == "runs"
-                and isinstance(value, dict)
-                and value.get("status") == "completed"
-            ):
+    async for message in messages_between(store, target.stream, "-1"):
+        item = orjson.loads(message.data)
+        value = item.get("value")
+        if wake is not None and _of_wake(item, wake):
+            found = message.offset
+            continue
+        wake = None
+        if item.get("type") == "runs" and isinstance(value, dict):
+            if value.get("status") == "completed":
                 wake, found = item.get("key"), message.offset
-        offset = result.next_offset
-        if result.up_to_date or not result.messages:
-            return found
+    return found
 
 
 def _of_wake(item: dict[str, Any], wake: str) -> bool:
@@ -121,19 +113,11 @@ def _of_wake(item: dict[str, Any], wake: str) -> bool:
 async def _unprocessed(store: Store, stream: str, acked: str, at: str) -> list[bytes]:
     """The wake events (messages, wakes) of ``stream`` in ``(acked, at]``: what the source
     had not processed by the fork point, delivered to the fork again."""
-    found: list[bytes] = []
-    offset = acked
-    while offset < at:
-        result = await store.read(stream, offset, limit=1000, renew_ttl=False)
-        for message in result.messages:
-            if message.offset > at:
-                return found
-            if orjson.loads(message.data).get("type") in ("inbox", "wakes"):
-                found.append(message.data)
-        offset = result.next_offset
-        if result.up_to_date or not result.messages:
-            break
-    return found
+    return [
+        message.data
+        async for message in messages_between(store, stream, acked, at)
+        if orjson.loads(message.data).get("type") in ("inbox", "wakes")
+    ]
 
 
 async def fork_ops(

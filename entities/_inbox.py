@@ -28,6 +28,7 @@ from streams import Append, ConditionFailed, KvCheck, KvPut, Op, Store, StreamCl
 from ._clock import Clock
 from ._errors import EntityNotFound, EntityStopped, MessageNotQueued
 from ._events import event
+from ._pipeline.load import messages_between
 from ._records import ENTITY_NS, EntityRecord
 from ._replies import status_ops
 from ._urls import EntityURL
@@ -39,26 +40,21 @@ async def _queued(store: Store, target: EntityURL, after: str, key: str) -> dict
     """The current value of message ``key`` if it is queued after ``after`` (folding earlier
     edits), else ``None`` (absent there, or cancelled)."""
     found: dict[str, Any] | None = None
-    offset = after
-    while True:
-        result = await store.read(target.stream, offset, limit=1000, renew_ttl=False)
-        for message in result.messages:
-            if b'"inbox"' not in message.data:
-                continue
-            item = orjson.loads(message.data)
-            if item.get("type") != "inbox" or item.get("key") != key:
-                continue
-            operation = item.get("headers", {}).get("operation")
-            value = item.get("value") or {}
-            if operation == "delete":
-                found = None
-            elif operation == "update":
-                found = None if found is None else {**found, **value}
-            else:
-                found = dict(value)
-        offset = result.next_offset
-        if result.up_to_date or not result.messages:
-            return found
+    async for message in messages_between(store, target.stream, after):
+        if b'"inbox"' not in message.data:
+            continue
+        item = orjson.loads(message.data)
+        if item.get("type") != "inbox" or item.get("key") != key:
+            continue
+        operation = item.get("headers", {}).get("operation")
+        value = item.get("value") or {}
+        if operation == "delete":
+            found = None
+        elif operation == "update":
+            found = None if found is None else {**found, **value}
+        else:
+            found = dict(value)
+    return found
 
 
 async def change_queued(

@@ -30,6 +30,7 @@ from streams import Append, ConditionFailed, KvCheck, KvPut, Op, Store, StreamCl
 from ._clock import Clock
 from ._errors import EntityNotFound, EntityStopped
 from ._events import event, new_token
+from ._pipeline.load import messages_between
 from ._records import ENTITY_NS, PAUSED_NS, PENDING_NS, EntityRecord, Inflight
 from ._replies import status_ops
 from ._urls import EntityURL
@@ -116,18 +117,10 @@ def _interrupted(
 async def _messages_in(store: Store, stream: str, inflight: Inflight) -> list[str]:
     """The keys of the inbox messages in the range of the wake ``inflight``."""
     keys: list[str] = []
-    offset = inflight.from_offset
-    while offset < inflight.to_offset:
-        result = await store.read(stream, offset, limit=1000, renew_ttl=False)
-        for message in result.messages:
-            if message.offset > inflight.to_offset:
-                return keys
-            item = orjson.loads(message.data)
-            if item.get("type") == "inbox" and isinstance(item.get("key"), str):
-                keys.append(item["key"])
-        if result.up_to_date or not result.messages:
-            break
-        offset = result.messages[-1].offset
+    async for message in messages_between(store, stream, inflight.from_offset, inflight.to_offset):
+        item = orjson.loads(message.data)
+        if item.get("type") == "inbox" and isinstance(item.get("key"), str):
+            keys.append(item["key"])
     return keys
 
 

@@ -13,12 +13,13 @@ the journal an earlier attempt recorded, wake ids and offset arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
-from streams import Materializer, OffsetGone, Store
+from streams import Materializer, Message, OffsetGone, Store
 
 from .._approvals import resumed_messages
 from .._records import SNAPSHOT_NS, VIEW_TYPES, Inflight
@@ -31,6 +32,7 @@ __all__ = [
     "copy_view",
     "events_between",
     "load_range",
+    "messages_between",
     "read_journal",
     "read_snapshot",
     "snapshot",
@@ -233,6 +235,23 @@ async def _load(
             return Loaded(view.collections, base_offset, events, end)
         if to_offset is not None and offset >= to_offset:
             return Loaded(view.collections, base_offset, events, offset)
+
+
+async def messages_between(
+    store: Store, stream: str, after: str, upto: str | None = None, *, page: int = 1000
+) -> AsyncIterator[Message]:
+    """The messages of ``stream`` after offset ``after`` up to ``upto`` (included; ``None``:
+    the tail), read ``page`` at a time. Raises whatever the store raises."""
+    offset = after
+    while upto is None or offset < upto:  # "-1" sorts before every offset
+        result = await store.read(stream, offset, limit=page, renew_ttl=False)
+        for message in result.messages:
+            if upto is not None and message.offset > upto:
+                return
+            yield message
+        if result.up_to_date or not result.messages:
+            return
+        offset = result.next_offset
 
 
 async def read_journal(store: Store, stream: str, inflight: Inflight) -> dict[str, Any]:
