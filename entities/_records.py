@@ -64,6 +64,9 @@ BUILTIN_COLLECTIONS = (
     "context",
     "signals",
     "entity_stopped",
+    "approvals",
+    "reasoning",
+    "reasoning_deltas",
 )
 WAKE_TYPES = frozenset({"inbox", "wakes", "entity_created"})
 TIMER_NS = "timer"  # key: "{due:017.6f}|{url}|{schedule id}" -> TimerValue
