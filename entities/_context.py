@@ -130,7 +130,7 @@ class HandlerContext:
         self._context_budget = 0
         self.sleeping = False
         self.current_message: InboxMessage | None = None
-        self._runs = RunBook(self._emit, self._clock_now)
+        self._runs: RunBook | None = None  # made by the first record_run (it refers back)
         self._steering: Steering | None = None
         self.resumption: Resumption | None = None  # a run suspended for approvals goes on
         self.budget: BudgetGate | None = None  # the type's token budget, if it has one
@@ -525,6 +525,8 @@ class HandlerContext:
 
     def record_run(self) -> RunHandle:
         """Start an explicitly recorded run within this wake (the wake's own run is automatic)."""
+        if self._runs is None:
+            self._runs = RunBook(self._emit, self._clock_now)
         return RunHandle(self._runs, f"{self.run_id}.run{self._next('run')}")
 
     def sleep(self) -> None:
@@ -535,11 +537,22 @@ class HandlerContext:
     @property
     def tokens(self) -> tuple[int, int]:
         """Model tokens (input, output) of the runs ended in this wake."""
-        return self._runs.tokens
+        return (0, 0) if self._runs is None else self._runs.tokens
+
+    def _release(self) -> None:
+        """The wake is over (the runtime calls this after its commit): let go of what refers
+        back to this context (its state, actions, agent and run book), so the context is freed
+        when its last reference goes rather than by the cycle collector."""
+        self._db = self._actions = self._agent = None
+        if self._runs is not None:
+            self._runs.close()
 
     def end_open_runs(self, status: str) -> None:
         """End every run of :meth:`record_run` the handler left open, as ``status``."""
-        for run in list(self._runs.open):
+        book = self._runs
+        if book is None:
+            return
+        for run in list(book.open):
             run.end(status, finish_reason="wake_ended")
 
     # -- journal ----------------------------------------------------------------------------

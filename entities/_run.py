@@ -246,17 +246,21 @@ class WakeRunner:
         current = run.current = _Wake(claim, entity_type, ctx, wake, view, base, now)
         if inflight.attempt == 1 and wake.messages and wake.messages[0].timestamp > 0:
             metrics.wake_started(entity_type.name, now - wake.messages[0].timestamp)
-        if tracing.active():
-            with tracing.span(
-                f"wake {entity_type.name}",
-                {"entities.url": claim.url.url, "entities.wake_id": inflight.wake_id,
-                 "entities.attempt": inflight.attempt},
-                links=[e["value"]["trace"] for e in wake_events if "trace" in e.get("value", ())],
-                kind="consumer",
-            ):  # fmt: skip
+        try:
+            if tracing.active():
+                with tracing.span(
+                    f"wake {entity_type.name}",
+                    {"entities.url": claim.url.url, "entities.wake_id": inflight.wake_id,
+                     "entities.attempt": inflight.attempt},
+                    links=[e["value"]["trace"] for e in wake_events
+                           if "trace" in e.get("value", ())],
+                    kind="consumer",
+                ):  # fmt: skip
+                    outcome = await self._run(run, current)
+            else:
                 outcome = await self._run(run, current)
-        else:
-            outcome = await self._run(run, current)
+        finally:
+            ctx._release()  # no reference cycle outlives the wake
         if outcome is not None:
             self._ended(current, outcome, time.monotonic() - begun)
 
@@ -618,12 +622,14 @@ class WakeRunner:
         try:
             with anyio.fail_after(GRACE * 2):
                 await call_user(entity_type.on_error, hook_ctx, error)
+            hook_ctx.end_open_runs("failed")
         except Exception as hook_error:
             logger.exception("on_error hook of %s failed", claim.url)
             now = self.rt.clock.now()
             head.append(error_event(inflight, hook_error, now, final=True, hook=True))
             return []
-        hook_ctx.end_open_runs("failed")
+        finally:
+            hook_ctx._release()
         return [hook_ctx.effects]
 
     async def _finish(

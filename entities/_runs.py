@@ -4,6 +4,7 @@ reason, response, and for agent runs the model tokens used and the error)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,15 @@ class RunBook:
         self.now = now
         self.open: list[RunHandle] = []
         self.tokens = (0, 0)
+
+    def close(self) -> None:
+        """The wake ended: what a handle still held records goes nowhere (it would come after
+        the wake's commit), and the book lets go of its context."""
+        self.emit, self.now = _nowhere, time.time
+
+
+def _nowhere(collection: str, key: str, value: Any, operation: Operation) -> None:
+    """An :data:`Emit` that records nothing."""
 
 
 class RunHandle:
