@@ -410,7 +410,7 @@ async def test_a_finished_wake_leaves_no_reference_cycle() -> None:
                 ctx.db.actions.rows_insert(row=Row(key="a", value=1))
             else:
                 ctx.db.actions.rows_update(key="a", updater=Row(key="a", value=current.value + 1))
-            ctx.reply(rows.get("a").value, to=message)  # type: ignore[union-attr]
+            ctx.reply(rows.get("a").value, to=message)
             ended = ctx.record_run()
             ended.attach_response("text")
             ended.end(usage=(1, 2))
