@@ -13,7 +13,6 @@ import abc
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 from .._errors import (
     BadOffset,
@@ -271,25 +270,20 @@ class Batch:
 
     async def apply(self, ops: Sequence[Op]) -> list[OpResult]:
         results: list[OpResult] = []
-        for op in ops:
-            kind = type(op)  # the common ones first: this loop is on every commit's path
-            if kind is KvPut:
-                op = cast(KvPut, op)
+        for op in ops:  # exact types, the common ones first: this loop is on every commit's path
+            if type(op) is KvPut:
                 if op.only_if and await self._kv(op.namespace, op.key) != op.expect:
                     results.append(False)
                     continue
                 self.effects.kv[(op.namespace, op.key)] = op.value
                 self.effects.touched.add(f"kv:{op.namespace}")
                 results.append(True)
-            elif kind is Append:
-                results.append(await self._append(cast(Append, op)))
-            elif kind is Notify:
-                self.effects.touched.add(cast(Notify, op).name)
+            elif type(op) is Append:
+                results.append(await self._append(op))
+            elif type(op) is Notify:
+                self.effects.touched.add(op.name)
                 results.append(None)
-            elif kind is not KvCheck:
-                results.append(await self._apply_rare(op))
-            else:
-                op = cast(KvCheck, op)
+            elif type(op) is KvCheck:
                 if await self._kv(op.namespace, op.key) != op.expect:
                     raise ConditionFailed(
                         f"{op.namespace}/{op.key} changed concurrently",
@@ -297,6 +291,8 @@ class Batch:
                         key=op.key,
                     )
                 results.append(None)
+            else:
+                results.append(await self._apply_rare(op))
         return results
 
     async def _apply_rare(self, op: Op) -> OpResult:
