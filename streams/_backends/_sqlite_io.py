@@ -283,14 +283,17 @@ class WriterConnection:
         return commit_if_unchanged(self.conn, effects, version, begun=True)
 
     async def wrote(self, size: int) -> None:
-        """Account for ``size`` bytes of WAL growth; checkpoint now and then.
+        """After a commit of about ``size`` bytes: checkpoint now and then.
 
-        The bulk of a checkpoint runs beside the writer (see :class:`Checkpointer`); once it
-        is done, the few frames committed meanwhile are copied here, between commits, so the
-        WAL is wholly copied and the next commit starts it over instead of growing it. If the
-        WAL file still reaches :data:`WAL_LIMIT_BYTES` (readers kept it from starting over, or
-        the checkpoint beside the writer lags), the writer truncates it (see
-        :meth:`truncate_wal`).
+        The bulk of a checkpoint runs beside the writer (see :class:`Checkpointer`); it starts
+        once the WAL file has grown past :data:`CHECKPOINT_BYTES` (SQLite cuts the file back to
+        that size when it starts the WAL over, so growth past it is WAL written since then; the
+        bytes of the messages committed undercount it many times over, since every commit
+        writes whole pages). Once it is done, the few frames committed meanwhile are copied
+        here, between commits, so the WAL is wholly copied and the next commit starts it over
+        instead of growing it. If the WAL file still reaches :data:`WAL_LIMIT_BYTES` (readers
+        kept it from starting over, or the checkpoint beside the writer lags), the writer
+        truncates it (see :meth:`truncate_wal`).
         """
         self.wal_bytes += size
         if not self.wal:
@@ -306,7 +309,7 @@ class WriterConnection:
             await self.run(self.truncate_wal, wal_size)
         elif self.checkpointer.take_finished():
             await self.run(lambda: self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
-        elif self.wal_bytes >= CHECKPOINT_BYTES:
+        elif wal_size > CHECKPOINT_BYTES or self.wal_bytes >= CHECKPOINT_BYTES:
             self.wal_bytes = 0
             self.checkpointer.start()
 
