@@ -91,6 +91,7 @@ class _Waiter:
     queued: bool = False  # in its entity's heap (or loose list)
     keyed: bool = False  # taken, no reply yet: woken by its own name (or a kill) only
     done: bool = False
+    glancing: bool = False  # reading its answer right now (after every commit so far)
 
     def wake(self) -> None:
         self.queued = False  # its entity's lists drop it (or dropped it) themselves
@@ -223,10 +224,17 @@ class ReplyWaiters:
             self._answered(url)
 
     async def _look(self, url: str, entity: _Entity) -> None:
-        """One read of the entity record per round; wake the waiters it answers."""
+        """One read of the entity record per round; wake the waiters it answers. No read when
+        every waiter was woken already (by its own name, from the same commit)."""
         try:
             while True:
                 entity.again = False
+                while entity.heap and (entity.heap[0][2].done or not entity.heap[0][2].queued):
+                    heapq.heappop(entity.heap)  # woken meanwhile: it looks for itself
+                if not entity.keyed and all(
+                    w.glancing for w in (*(e[2] for e in entity.heap), *entity.loose)
+                ):
+                    return  # nobody left to wake (those reading now see this commit)
                 self.looks += 1
                 try:
                     raw = await self.store.kv_get(ENTITY_NS, url)
@@ -358,7 +366,11 @@ class Awaiting(Reads):
                 if first and quiet is not None and quiet():
                     found, stopped, taken = None, False, False  # just sent, nothing came since
                 else:
-                    found, stopped, taken = await self._glance(target.url, message_key, at)
+                    waiter.glancing = True
+                    try:
+                        found, stopped, taken = await self._glance(target.url, message_key, at)
+                    finally:
+                        waiter.glancing = False
                 first = False
                 if found is not None:  # replies, or a wake given up
                     return found, False

@@ -45,6 +45,7 @@ __all__ = [
     "outcome_of",
     "reply_ops",
     "status_ops",
+    "taken_signals",
     "unstatus_ops",
 ]
 
@@ -85,6 +86,13 @@ def reply_ops(url: EntityURL, to_offset: str, effects: Sequence[Effects]) -> lis
     ops.extend(Notify(message_signal(url.url, key)) for key in sorted(keys))
     ops.append(Notify(answered_signal(url.url)))
     return ops
+
+
+def taken_signals(url: str, message_keys: Iterable[str]) -> list[Op]:
+    """The signals of a completed wake to the waiters of the messages it took: each looks at
+    the index at once (a reply of this commit is there), instead of all of them waiting for
+    one look at the entity record."""
+    return [Notify(message_signal(url, key)) for key in message_keys]
 
 
 def status_ops(url: str, message_keys: Iterable[str], status: str, error: str | None) -> list[Op]:

@@ -70,7 +70,7 @@ from ._pipeline.deliver import other_children
 from ._pipeline.load import View, copy_view, events_between, read_journal, wake_event
 from ._records import ENTITY_NS, WAKE_TYPES, Inflight
 from ._registry import EntityType, Registry
-from ._replies import status_ops
+from ._replies import status_ops, taken_signals
 from ._wake import WakeEvent
 
 __all__ = ["GRACE", "SWEEP_SECONDS", "Running", "WakeRunner", "WorkerHost"]
@@ -303,13 +303,14 @@ class WakeRunner:
         if error is None:  # commit the outcome (or, if it cannot be committed, fail it)
             try:
                 head = self._completed(current)
-                resumed = None  # a run resumed after approvals: its messages are answered now
-                if ctx.resumption is not None:
-                    keys = [m.key for m in wake.messages]
-                    resumed = list(status_ops(claim.url.url, keys, "completed", None))
+                keys = [m.key for m in wake.messages]
+                if ctx.resumption is None:  # their callers look now, without a record read
+                    answered = taken_signals(claim.url.url, keys)
+                else:  # a run resumed after approvals: its messages are answered now
+                    answered = status_ops(claim.url.url, keys, "completed", None)
                 await self._finish(
                     claim, head, [ctx.effects], current.view, current.base,
-                    run_status="completed", sleeping=ctx.sleeping, extra=resumed,
+                    run_status="completed", sleeping=ctx.sleeping, extra=answered,
                 )  # fmt: skip
                 return "completed"
             except _Poison as poison:
@@ -672,6 +673,7 @@ class WakeRunner:
                 # the mark was not ours to clear: more arrived while the wake ran
                 cleared = next(r for op, r in zip(ops, results, strict=True) if op is clear)
                 claim.more = claim.more or cleared is False
+                claim.settled = not claim.more
                 break
             except (StreamClosed, StreamNotFound, StreamGone) as exc:
                 if exc.path == claim.url.stream or not exc.path:

@@ -334,7 +334,9 @@ class Runtime(Control, Awaiting):
         if idempotency_key is not None:
             check_key(idempotency_key)
         target = parse_url(url)
-        payload = await self.check_send(target, payload, type)
+        # no read of the record first: the commit itself finds an entity that is missing
+        # (no stream) or stopped (its stream closed by the kill, in the kill's transaction)
+        payload = await self.check_send(target, payload, type, exists=True)
         if idempotency_key is not None:
             extra = [*([mode] if mode != "queued" else []), *([files] if files else [])]
             request = fingerprint(payload, type, sender, *extra)

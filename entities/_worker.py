@@ -129,6 +129,7 @@ class Worker:
         self._suspects: set[str] = set()  # running entities whose stream changed (a kill?)
         self._suspicion = anyio.Event()
         self.compactions = 0  # periodic compaction rounds that removed something
+        self._starved = False  # the last scan left pending entities for want of a free lane
 
     def _capped(self) -> bool:
         return any(t.max_concurrency is not None for t in self.rt.registry.list())
@@ -276,7 +277,9 @@ class Worker:
 
     async def _dispatch(self, tg: anyio.abc.TaskGroup) -> float | None:
         if len(self._active) >= self.concurrency:
-            return None  # no free lane (a finishing wake pokes this loop): skip the scan
+            self._starved = True  # the next wake to finish pokes this loop
+            return None  # no free lane: skip the scan
+        self._starved = False
         now = self.rt.clock.now()
         next_due: float | None = None
         pending = await self._pending(unpaused=False)
@@ -285,6 +288,7 @@ class Worker:
         # this worker's share of the pending entities first, then those waiting on others
         for url, token in self.affinity.order(pending):
             if len(self._active) >= self.concurrency:
+                self._starved = True
                 break
             until = self.claimer.ready(url, token, now)
             if until is not None:
@@ -336,6 +340,7 @@ class Worker:
     async def _process(
         self, url: str, token: bytes | None, stolen: bool = False, lane: object | None = None
     ) -> None:
+        settled = False  # its last wake committed and removed its pending mark
         try:
             for _ in range(FOLLOW_ON):
                 # the scan that found ``url`` may be stale by now (another worker may have run
@@ -346,6 +351,7 @@ class Worker:
                     break
                 await self._run_or_release(claim, lane)
                 self.wakes += 1
+                settled = claim.settled
                 # more arrived while it ran: take the next wake right away, unless other
                 # entities wait for a lane (then this one queues behind them, for fairness)
                 if not claim.more or len(self._active) >= self.concurrency:
@@ -358,7 +364,10 @@ class Worker:
             if lane is None or self._active.get(url) is lane:
                 self._active.pop(url, None)
             self._idle.set()
-            self._poke()
+            # a scan again if this entity may still be pending (a failed or released wake, a
+            # claim that did not happen, more work) or a scan was cut short for want of a lane
+            if not settled or self._starved:
+                self._poke()
 
     async def run_until_idle(self, *, max_wakes: int | None = None) -> int:
         """Process due wakes until none is left (see :meth:`Runtime.run_until_idle`).

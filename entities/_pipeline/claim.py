@@ -48,6 +48,8 @@ class Claim:
     loaded: Loaded | None = None
     # set by the wake's commit: the entity has more to do (its pending mark outlived the wake)
     more: bool = False
+    # set by the wake's commit: it removed the pending mark (nothing of this entity is left)
+    settled: bool = False
 
 
 _STALE = object()
@@ -194,7 +196,7 @@ class Claimer:
         still that). Raises ConditionFailed when ``raw`` no longer holds."""
         checks = [] if raw is None else [KvCheck(ENTITY_NS, target.url, raw)]
         await self.store.commit(
-            [*checks, KvPut(PENDING_NS, target.url, None, only_if=True, expect=token)]
+            [*checks, KvPut(PENDING_NS, target.url, None, only_if=True, expect=token, quiet=True)]
         )
 
     async def _try(self, target: EntityURL, raw: bytes | None, token: bytes) -> object:

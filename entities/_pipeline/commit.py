@@ -245,10 +245,12 @@ async def wake_commit(
     ops.extend(out.ops())
     done_raw = done.dump()
     ops.append(KvPut(ENTITY_NS, url.url, done_raw))
+    # the mark goes quietly: its removal is no work for any worker (the worker that ran the
+    # wake looks again itself if more is pending, see ``more``)
     if sleeping:
-        clear = KvPut(PENDING_NS, url.url, None)
+        clear = KvPut(PENDING_NS, url.url, None, quiet=True)
     else:
-        clear = KvPut(PENDING_NS, url.url, None, only_if=True, expect=token)
+        clear = KvPut(PENDING_NS, url.url, None, only_if=True, expect=token, quiet=True)
     ops.append(clear)
     more = self_pending or (inflight.attempt > 1 and not sleeping)
     if more:

@@ -276,7 +276,8 @@ class Batch:
                     results.append(False)
                     continue
                 self.effects.kv[(op.namespace, op.key)] = op.value
-                self.effects.touched.add(f"kv:{op.namespace}")
+                if not op.quiet:
+                    self.effects.touched.add(f"kv:{op.namespace}")
                 results.append(True)
             elif type(op) is Append:
                 results.append(await self._append(op))

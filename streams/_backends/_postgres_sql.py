@@ -4,6 +4,7 @@ persisting a group's effects in a handful of statements."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ __all__ = [
     "fetch",
     "persist",
     "to_record",
+    "write_statement",
 ]
 
 COLUMNS = (
@@ -30,14 +32,73 @@ _STREAM_TYPES = (
     "bigint", "text", "text", "float8", "float8", "bigint", "bigint", "float8", "boolean", "text",
     "bigint", "bigint", "text", "boolean", "bigint", "bigint", "bigint",
 )  # fmt: skip
-# every changed stream row of a group in one statement (one array per column)
-UPSERT_STREAMS = (
-    f"INSERT INTO streams ({COLUMNS}) SELECT * FROM unnest("
-    + ", ".join(f"${n}::{t}[]" for n, t in enumerate(_STREAM_TYPES, start=1))
-    + ") ON CONFLICT (id) DO UPDATE SET last_access=excluded.last_access, "
-    "length=excluded.length, closed=excluded.closed, closed_by=excluded.closed_by, "
-    "last_stream_seq=excluded.last_stream_seq, deleted=excluded.deleted, "
-    "fork_count=excluded.fork_count, retained_from=excluded.retained_from"
+
+
+def _upsert_streams(first: int) -> str:
+    """Every changed stream row of a group (one array per column, from ``$first``)."""
+    arrays = ", ".join(f"${n}::{t}[]" for n, t in enumerate(_STREAM_TYPES, start=first))
+    return (
+        f"INSERT INTO streams ({COLUMNS}) SELECT * FROM unnest({arrays}) "
+        "ON CONFLICT (id) DO UPDATE SET last_access=excluded.last_access, "
+        "length=excluded.length, closed=excluded.closed, closed_by=excluded.closed_by, "
+        "last_stream_seq=excluded.last_stream_seq, deleted=excluded.deleted, "
+        "fork_count=excluded.fork_count, retained_from=excluded.retained_from"
+    )
+
+
+def _insert_messages(first: int) -> str:
+    return (
+        "INSERT INTO messages (stream_id, position, data) "
+        f"SELECT * FROM unnest(${first}::bigint[], ${first + 1}::bigint[], ${first + 2}::bytea[])"
+    )
+
+
+def _put_kv(first: int) -> str:
+    return (
+        "INSERT INTO kv (namespace, key, value) "
+        f"SELECT * FROM unnest(${first}::text[], ${first + 1}::text[], ${first + 2}::bytea[]) "
+        "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value"
+    )
+
+
+def _drop_kv(first: int) -> str:
+    return (
+        f"DELETE FROM kv USING unnest(${first}::text[], ${first + 1}::text[]) AS d(namespace, key) "
+        'WHERE kv.namespace = d.namespace COLLATE "C" AND kv.key = d.key COLLATE "C"'
+    )
+
+
+_WRITES = (
+    (_upsert_streams, len(_STREAM_TYPES)), (_insert_messages, 3), (_put_kv, 3), (_drop_kv, 2),
+)  # fmt: skip
+
+
+@functools.cache
+def write_statement(parts: tuple[bool, bool, bool, bool]) -> str:
+    """The statement writing a group's common effects (stream rows, new messages, side-table
+    puts, side-table deletes: those of ``parts`` that are ``True``, in that order, their arrays
+    numbered on), as one round trip: data-modifying ``WITH`` clauses when there are several
+    (they touch disjoint rows: a side-table key is either put or deleted, never both)."""
+    statements: list[str] = []
+    first = 1
+    for wanted, (build, count) in zip(parts, _WRITES, strict=True):
+        if wanted:
+            statements.append(build(first))
+            first += count
+    if len(statements) == 1:
+        return statements[0]
+    return "WITH " + ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(statements)) + " SELECT 1"
+
+
+_NULL_STREAM = ", ".join(f"NULL::{t}" for t in _STREAM_TYPES)
+# the rows a group locks and the side-table values it reads, in one round trip
+_PREFETCH_BOTH = (
+    f"WITH s AS (SELECT {COLUMNS} FROM streams WHERE path = ANY($1::text[]) ORDER BY id "
+    "FOR UPDATE) "
+    f"SELECT {COLUMNS}, NULL::text AS kv_namespace, NULL::text AS kv_key, NULL::bytea AS kv_value "
+    f"FROM s UNION ALL SELECT {_NULL_STREAM}, kv.namespace, kv.key, kv.value FROM kv "
+    "JOIN unnest($2::text[], $3::text[]) AS w(namespace, key) "
+    'ON kv.namespace = w.namespace COLLATE "C" AND kv.key = w.key COLLATE "C"'
 )
 
 
@@ -172,6 +233,28 @@ class GroupLoader(Loader):
         for row in rows:
             self._keep(to_record(row))
 
+    async def prefetch_both(self, paths: Sequence[str], keys: Sequence[tuple[str, str]]) -> None:
+        """:meth:`prefetch` and :meth:`prefetch_kv` in one round trip."""
+        wanted = sorted(set(paths) - self.rows.keys())
+        wanted_kv = sorted(set(keys) - self.kv_rows.keys())
+        if not wanted or not wanted_kv:
+            await self.prefetch(wanted)
+            await self.prefetch_kv(wanted_kv)
+            return
+        rows = await self.conn.fetch(
+            _PREFETCH_BOTH, wanted, [k[0] for k in wanted_kv], [k[1] for k in wanted_kv]
+        )
+        for path in wanted:
+            self.rows[path] = None
+        for key in wanted_kv:
+            self.kv_rows[key] = None
+        for row in rows:
+            if row["kv_namespace"] is None:
+                self._keep(to_record(row))
+            else:
+                key = (str(row["kv_namespace"]), str(row["kv_key"]))
+                self.kv_rows[key] = bytes(row["kv_value"])
+
     async def prefetch_producers(self, keys: Sequence[tuple[int, str]]) -> None:
         wanted = sorted(set(keys) - self.producers.keys())
         if not wanted:
@@ -227,17 +310,24 @@ async def persist(conn: Any, effects: Effects) -> None:
         await conn.execute("DELETE FROM messages WHERE stream_id = ANY($1::bigint[])", ids)
         await conn.execute("DELETE FROM producers WHERE stream_id = ANY($1::bigint[])", ids)
         await conn.execute("DELETE FROM streams WHERE id = ANY($1::bigint[])", ids)
-    if effects.streams:
-        rows = [from_record(r) for _sid, r in sorted(effects.streams.items())]
-        await conn.execute(UPSERT_STREAMS, *columns(rows))
-    if effects.messages:
-        await conn.execute(
-            "INSERT INTO messages (stream_id, position, data) "
-            "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[])",
-            [m[0] for m in effects.messages],
-            [m[1] for m in effects.messages],
-            [m[2] for m in effects.messages],
+    streams = [from_record(r) for _sid, r in sorted(effects.streams.items())]
+    puts = sorted((ns, key, value) for (ns, key), value in effects.kv.items() if value is not None)
+    drops = sorted((ns, key) for (ns, key), value in effects.kv.items() if value is None)
+    if effects.producers:
+        await conn.executemany(
+            "INSERT INTO producers (stream_id, producer_id, epoch, seq, length) "
+            "VALUES ($1,$2,$3,$4,$5) ON CONFLICT (stream_id, producer_id) DO UPDATE SET "
+            "epoch=excluded.epoch, seq=excluded.seq, length=excluded.length",
+            [
+                (p.stream_id, p.producer_id, p.epoch, p.seq, p.length)
+                for _key, p in sorted(effects.producers.items())
+            ],
         )
+    if not effects.removed and not effects.cut:  # the common case: one statement
+        await _write(conn, streams, effects.messages, puts, drops)
+        return
+    # messages removed or cut away may be ones this group appended: after the appends
+    await _write(conn, streams, effects.messages, [], [])
     if effects.removed:
         await conn.execute(
             "DELETE FROM messages USING unnest($1::bigint[], $2::bigint[]) AS d(sid, pos) "
@@ -252,31 +342,27 @@ async def persist(conn: Any, effects: Effects) -> None:
             low,
             high,
         )
-    if effects.producers:
-        await conn.executemany(
-            "INSERT INTO producers (stream_id, producer_id, epoch, seq, length) "
-            "VALUES ($1,$2,$3,$4,$5) ON CONFLICT (stream_id, producer_id) DO UPDATE SET "
-            "epoch=excluded.epoch, seq=excluded.seq, length=excluded.length",
-            [
-                (p.stream_id, p.producer_id, p.epoch, p.seq, p.length)
-                for _key, p in sorted(effects.producers.items())
-            ],
-        )
-    puts = sorted((ns, key, value) for (ns, key), value in effects.kv.items() if value is not None)
-    drops = sorted((ns, key) for (ns, key), value in effects.kv.items() if value is None)
+    await _write(conn, [], [], puts, drops)
+
+
+async def _write(
+    conn: Any,
+    streams: Sequence[Sequence[Any]],
+    messages: Sequence[tuple[int, int, bytes]],
+    puts: Sequence[tuple[str, str, bytes]],
+    drops: Sequence[tuple[str, str]],
+) -> None:
+    """Stream rows, new messages and side-table changes, in one statement (none if empty)."""
+    parts = (bool(streams), bool(messages), bool(puts), bool(drops))
+    if not any(parts):
+        return
+    args: list[Any] = []
+    if streams:
+        args.extend(columns(streams))
+    if messages:
+        args.extend([[m[0] for m in messages], [m[1] for m in messages], [m[2] for m in messages]])
     if puts:
-        await conn.execute(
-            "INSERT INTO kv (namespace, key, value) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) "
-            "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value",
-            [p[0] for p in puts],
-            [p[1] for p in puts],
-            [p[2] for p in puts],
-        )
+        args.extend([[p[0] for p in puts], [p[1] for p in puts], [p[2] for p in puts]])
     if drops:
-        await conn.execute(
-            "DELETE FROM kv USING unnest($1::text[], $2::text[]) AS d(namespace, key) "
-            'WHERE kv.namespace = d.namespace COLLATE "C" AND kv.key = d.key COLLATE "C"',
-            [d[0] for d in drops],
-            [d[1] for d in drops],
-        )
+        args.extend([[d[0] for d in drops], [d[1] for d in drops]])
+    await conn.execute(write_statement(parts), *args)

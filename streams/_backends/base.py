@@ -141,6 +141,8 @@ class KvPut:
     With ``only_if=True`` the write happens only when the current value equals ``expect``
     (``None`` meaning absent); otherwise it is skipped, and its result is ``False``, without
     failing the commit. Unconditional writes and applied conditional writes return ``True``.
+    ``quiet=True``: the commit does not signal the namespace's listeners for this write (a
+    mark removed by the one who took it, which no listener waits to see go).
     """
 
     namespace: str
@@ -148,6 +150,7 @@ class KvPut:
     value: bytes | None
     only_if: bool = False
     expect: bytes | None = None
+    quiet: bool = False
 
 
 @dataclass(frozen=True, slots=True)

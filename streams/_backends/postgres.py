@@ -505,8 +505,7 @@ class PostgresStore(Store):
             )
             ids.reverse()
         loader = GroupLoader(conn, ids)
-        await loader.prefetch(sorted(paths))
-        await loader.prefetch_kv(sorted(kv_keys))
+        await loader.prefetch_both(sorted(paths), sorted(kv_keys))
         wanted_producers = []
         for path, producer_id in producers:
             record = loader.rows.get(path)

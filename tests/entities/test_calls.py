@@ -15,7 +15,7 @@ import anyio
 import httpx2
 import pytest
 
-from entities import Runtime, VirtualClock
+from entities import EntityNotFound, EntityStopped, Runtime, VirtualClock
 from entities._awaiting import waiters_of
 from entities.server import create_app
 from streams import Store
@@ -254,3 +254,47 @@ async def test_a_call_retried_after_a_sigkill_returns_the_one_answer(
     async with Runtime(registry, shared_store_url) as rt:
         events, _ = await rt.read("/desk/k", limit=1000)
     assert [e["key"] for e in events if e["type"] == "inbox"] == [answer.json()["key"]]
+
+
+async def test_a_call_costs_few_reads_beside_its_wake(store_url: str) -> None:
+    """Sequential calls through a running worker: the send reads no entity record (its
+    commit finds a missing or stopped entity), the caller is woken by its own message's
+    signal and reads the reply index once (no look at the record for it), and the worker
+    scans the pending marks once per call (a wake that removes its entity's mark does not
+    send the worker round again)."""
+    async with Runtime(registry, store_url) as rt:
+        calls_made: list[tuple[str, str]] = []
+        for name in ("kv_get", "kv_scan"):
+            original = getattr(rt.store, name)
+
+            async def wrapped(
+                *args: Any, _name: str = name, _original: Any = original, **kwargs: Any
+            ) -> Any:
+                calls_made.append((_name, str(args[0])))
+                return await _original(*args, **kwargs)
+
+            setattr(rt.store, name, wrapped)
+        hub = waiters_of(rt.store)
+        stop = anyio.Event()
+        working = asyncio.create_task(rt.worker(poll_interval=30).run(stop))
+        try:
+            await rt.spawn("/desk/seq")
+            await rt.call("/desk/seq", {"ask": 0}, wait=30)  # warm: the first wake
+            calls_made.clear()
+            looks = hub.looks
+            for i in range(20):
+                result = await rt.call("/desk/seq", {"ask": i}, wait=30)
+                assert result.replies == [i] and not result.timed_out
+            assert hub.looks == looks
+            assert ("kv_get", "entity") not in calls_made
+            assert calls_made.count(("kv_scan", "reply")) == 20
+            assert calls_made.count(("kv_scan", "pending")) <= 20 + 2
+            # a send still finds a missing or stopped entity
+            with pytest.raises(EntityNotFound):
+                await rt.send("/desk/nobody", {"ask": 1})
+            await rt.kill("/desk/seq")
+            with pytest.raises(EntityStopped):
+                await rt.send("/desk/seq", {"ask": 1})
+        finally:
+            stop.set()
+            await working

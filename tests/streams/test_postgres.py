@@ -453,3 +453,48 @@ async def test_concurrent_reads_are_coalesced_and_answer_as_one_by_one(url: str)
         assert queries < len(calls) // 2, queries  # coalesced, not one query per read
         with pytest.raises(streams.StreamNotFound):
             await asyncio.gather(store.read("s1"), store.read("absent"))
+
+
+async def test_a_commit_is_four_round_trips(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BEGIN with the locks; the locked stream rows and side-table values in one query; every
+    write in one statement; the notifications with COMMIT. Quiet writes signal no one."""
+    async with open_store(url) as store:
+        assert isinstance(store, PostgresStore)
+        await store.create("s")
+        await store.commit([KvPut("ns", "gone", b"x"), KvPut("other", "k", b"1")])
+        writer = store._writer
+        assert writer is not None
+        sent: list[str] = []
+        for name in ("execute", "fetch", "fetchrow", "fetchval", "executemany"):
+            original = getattr(asyncpg.connection.Connection, name)
+
+            async def wrapped(
+                self: Any, query: str, *args: Any, _original: Any = original, **kwargs: Any
+            ) -> Any:
+                if self is writer:
+                    sent.append(query)
+                return await _original(self, query, *args, **kwargs)
+
+            monkeypatch.setattr(asyncpg.connection.Connection, name, wrapped)
+        heard: list[str] = []
+        store.listen("kv:ns", lambda: heard.append("ns"))
+        store.listen("kv:other", lambda: heard.append("other"))
+        await store.commit(
+            [
+                streams.Append("s", [b"a", b"b"]),
+                KvCheck("other", "k", b"1"),
+                KvPut("ns", "new", b"y"),
+                KvPut("ns", "gone", None, quiet=True),
+            ]
+        )
+        assert len(sent) == 4, sent
+        assert sent[0].startswith("BEGIN") and sent[-1].endswith("COMMIT")
+        assert heard == ["ns"]  # for the put; the quiet removal signals nothing
+        monkeypatch.undo()
+        assert [m.data for m in await read_all(store, "s")] == [b"a", b"b"]
+        assert await store.kv_get("ns", "new") == b"y"
+        assert await store.kv_get("ns", "gone") is None
+        # a quiet removal alone signals nothing at all
+        heard.clear()
+        await store.commit([KvPut("ns", "new", None, quiet=True)])
+        assert heard == [] and await store.kv_get("ns", "new") is None
