@@ -93,7 +93,7 @@ async def all_rows(store_url: str) -> list[tuple[str, str, bytes]]:
     """Every side-table row of the store: (namespace, key, value)."""
     if store_url.startswith("sqlite:"):
         with sqlite3.connect(store_url.removeprefix("sqlite:///")) as db:
-            return list(db.execute("SELECT namespace, key, value FROM kv"))
+            return list(db.execute("SELECT namespace, key, value FROM kv ORDER BY namespace, key"))
     import asyncpg
 
     from streams._backends._postgres_schema import parse_url, quote_ident
@@ -101,7 +101,10 @@ async def all_rows(store_url: str) -> list[tuple[str, str, bytes]]:
     parsed = parse_url(store_url)
     pg = await asyncpg.connect(parsed.dsn)
     try:
-        rows = await pg.fetch(f"SELECT namespace, key, value FROM {quote_ident(parsed.schema)}.kv")
+        rows = await pg.fetch(
+            f"SELECT namespace, key, value FROM {quote_ident(parsed.schema)}.kv "
+            'ORDER BY namespace COLLATE "C", key COLLATE "C"'
+        )
     finally:
         await pg.close()
     return [(r["namespace"], r["key"], bytes(r["value"])) for r in rows]
