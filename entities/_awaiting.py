@@ -41,7 +41,7 @@ from streams import Store, parse_offset
 from ._errors import EntityNotFound
 from ._reads import Reads
 from ._records import ENTITY_NS, EntityRecord, Outcome, SendReceipt
-from ._replies import answered_signal, indexed_outcome, message_signal, outcome_of
+from ._replies import RECENT, answered_signal, indexed_outcome, message_signal, outcome_of
 from ._urls import parse_url
 
 __all__ = ["RECHECK_SECONDS", "Awaiting", "CallResult", "ReplyWaiters", "waiters_of"]
@@ -132,8 +132,10 @@ class ReplyWaiters:
         waiter = _Waiter(url, key, at)
         entity = self._join(url)
         remove_key = self.store.listen(message_signal(url, key), waiter.wake, broadcast=False)
+        RECENT.expect(url, key)
 
         def leave() -> None:
+            RECENT.forget(url, key)
             remove_key()
             waiter.done = True
             entity.keyed.discard(waiter)
@@ -402,6 +404,9 @@ class Awaiting(Reads):
         Raises:
             EntityNotFound: no entity at ``url``.
         """
+        recent = RECENT.take(url, message_key)  # answered by a wake of this process
+        if recent is not None:
+            return Outcome(replies=recent, status="completed"), False, True
         indexed = await indexed_outcome(self.store, url, message_key)
         if indexed is not None:
             return indexed, False, True

@@ -17,6 +17,7 @@ indistinguishable from an unknown key and reads ``pending``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -38,11 +39,14 @@ from ._records import REPLY_NS, EntityRecord, Outcome
 from ._urls import EntityURL
 
 __all__ = [
+    "RECENT",
+    "RecentReplies",
     "answered_signal",
     "index_replies",
     "indexed_outcome",
     "message_signal",
     "outcome_of",
+    "replies_of",
     "reply_ops",
     "status_ops",
     "taken_signals",
@@ -68,11 +72,9 @@ def message_signal(url: str, message_key: str) -> str:
     return f"reply:{url}|{message_key}"
 
 
-def reply_ops(url: EntityURL, to_offset: str, effects: Sequence[Effects]) -> list[Op]:
-    """The index rows of the replies among ``effects`` (a wake ending at ``to_offset``), and
-    the signals that wake their waiters (see :mod:`entities._awaiting`)."""
-    ops: list[Op] = []
-    keys: set[str] = set()
+def replies_of(effects: Sequence[Effects]) -> list[tuple[str, Any]]:
+    """The replies among ``effects``, in order: (message key, value)."""
+    found: list[tuple[str, Any]] = []
     for e in effects:
         for change in e.own:
             if change["type"] != "texts":
@@ -80,12 +82,74 @@ def reply_ops(url: EntityURL, to_offset: str, effects: Sequence[Effects]) -> lis
             value = change.get("value")
             if not isinstance(value, dict) or value.get("in_reply_to") is None:
                 continue
-            key = f"{_prefix(url.url, str(value['in_reply_to']))}{to_offset}.{len(ops):06d}"
-            ops.append(KvPut(REPLY_NS, key, orjson.dumps({"value": value.get("value")})))
-            keys.add(str(value["in_reply_to"]))
+            found.append((str(value["in_reply_to"]), value.get("value")))
+    return found
+
+
+def reply_ops(url: EntityURL, to_offset: str, effects: Sequence[Effects]) -> list[Op]:
+    """The index rows of the replies among ``effects`` (a wake ending at ``to_offset``), and
+    the signals that wake their waiters (see :mod:`entities._awaiting`)."""
+    ops: list[Op] = []
+    keys: set[str] = set()
+    for n, (message_key, value) in enumerate(replies_of(effects)):
+        key = f"{_prefix(url.url, message_key)}{to_offset}.{n:06d}"
+        ops.append(KvPut(REPLY_NS, key, orjson.dumps({"value": value})))
+        keys.add(message_key)
     ops.extend(Notify(message_signal(url.url, key)) for key in sorted(keys))
     ops.append(Notify(answered_signal(url.url)))
     return ops
+
+
+class RecentReplies:
+    """Replies handed from a wake's commit to the callers waiting in the same process, by
+    (entity, message key): a caller woken by the commit that answered it takes its replies
+    from here instead of reading the reply index (``entities serve`` runs its worker in the
+    same process as its HTTP side). Only the messages a caller here waits for are kept, and
+    only committed replies (those of the first commit that replied, as in the index); a miss
+    reads the store."""
+
+    def __init__(self) -> None:
+        self._awaited: dict[tuple[str, str], int] = {}  # callers waiting, per message
+        self._replies: dict[tuple[str, str], list[Any]] = {}
+        self._lock = threading.Lock()  # the worker's thread publishes, the server's takes
+
+    def expect(self, url: str, message_key: str) -> None:
+        """A caller here waits for ``message_key`` of ``url``."""
+        with self._lock:
+            key = (url, message_key)
+            self._awaited[key] = self._awaited.get(key, 0) + 1
+
+    def forget(self, url: str, message_key: str) -> None:
+        """A caller of ``message_key`` stopped waiting."""
+        with self._lock:
+            key = (url, message_key)
+            left = self._awaited.get(key, 0) - 1
+            if left > 0:
+                self._awaited[key] = left
+            else:
+                self._awaited.pop(key, None)
+                self._replies.pop(key, None)
+
+    def publish(self, url: str, replies: Sequence[tuple[str, Any]]) -> None:
+        """Hand over ``replies`` ((message key, value), in order), committed by a wake of
+        ``url``, to the callers here waiting for them."""
+        if not self._awaited or not replies:
+            return
+        grouped: dict[tuple[str, str], list[Any]] = {}
+        for message_key, value in replies:
+            grouped.setdefault((url, message_key), []).append(value)
+        with self._lock:
+            for key, values in grouped.items():
+                if key in self._awaited:
+                    self._replies.setdefault(key, values)  # the first commit's, as indexed
+
+    def take(self, url: str, message_key: str) -> list[Any] | None:
+        """The replies to ``message_key`` of ``url`` handed over, if any."""
+        with self._lock:
+            return self._replies.get((url, message_key))
+
+
+RECENT = RecentReplies()
 
 
 def taken_signals(url: str, message_keys: Iterable[str]) -> list[Op]:

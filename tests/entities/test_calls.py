@@ -17,6 +17,7 @@ import pytest
 
 from entities import EntityNotFound, EntityStopped, Runtime, VirtualClock
 from entities._awaiting import waiters_of
+from entities._replies import RecentReplies
 from entities.server import create_app
 from streams import Store
 from tests._live import serving
@@ -259,9 +260,9 @@ async def test_a_call_retried_after_a_sigkill_returns_the_one_answer(
 async def test_a_call_costs_few_reads_beside_its_wake(store_url: str) -> None:
     """Sequential calls through a running worker: the send reads no entity record (its
     commit finds a missing or stopped entity), the caller is woken by its own message's
-    signal and reads the reply index once (no look at the record for it), and the worker
-    scans the pending marks once per call (a wake that removes its entity's mark does not
-    send the worker round again)."""
+    signal and takes the replies the worker in this process handed over (no look at the
+    record, no index read), and the worker scans the pending marks once per call (a wake
+    that removes its entity's mark does not send the worker round again)."""
     async with Runtime(registry, store_url) as rt:
         calls_made: list[tuple[str, str]] = []
         for name in ("kv_get", "kv_scan"):
@@ -287,7 +288,8 @@ async def test_a_call_costs_few_reads_beside_its_wake(store_url: str) -> None:
                 assert result.replies == [i] and not result.timed_out
             assert hub.looks == looks
             assert ("kv_get", "entity") not in calls_made
-            assert calls_made.count(("kv_scan", "reply")) == 20
+            # the worker's commit hands the replies to its callers here: no index read
+            assert calls_made.count(("kv_scan", "reply")) <= 2
             assert calls_made.count(("kv_scan", "pending")) <= 20 + 2
             # a send still finds a missing or stopped entity
             with pytest.raises(EntityNotFound):
@@ -298,3 +300,24 @@ async def test_a_call_costs_few_reads_beside_its_wake(store_url: str) -> None:
         finally:
             stop.set()
             await working
+
+
+def test_recent_replies_keep_only_what_callers_here_wait_for() -> None:
+    """The hand-over from a wake's commit to the callers in the same process holds the
+    replies of awaited messages only, those of the first commit that replied, until the last
+    caller of the message stops waiting."""
+    recent = RecentReplies()
+    recent.publish("/d/a", [("k1", 1)])  # nobody waits: nothing kept
+    assert recent.take("/d/a", "k1") is None
+    recent.expect("/d/a", "k1")
+    recent.expect("/d/a", "k1")  # two callers of one message
+    recent.publish("/d/a", [("k1", 1), ("k2", 2), ("k1", 3)])
+    recent.publish("/d/a", [("k1", 4)])  # a later commit's reply: the index's first stands
+    assert recent.take("/d/a", "k1") == [1, 3]
+    assert recent.take("/d/a", "k2") is None and recent.take("/d/b", "k1") is None
+    recent.forget("/d/a", "k1")
+    assert recent.take("/d/a", "k1") == [1, 3]  # one caller still waits
+    recent.forget("/d/a", "k1")
+    assert recent.take("/d/a", "k1") is None
+    recent.publish("/d/a", [("k1", 5)])
+    assert recent.take("/d/a", "k1") is None
