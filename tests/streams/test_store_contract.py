@@ -1000,3 +1000,17 @@ async def test_commits_racing_close_never_hang(store_url: str) -> None:
         await asyncio.wait_for(store.append("s", [b"late"]), 10)
     except StreamsError:
         pass
+
+
+async def test_a_quiet_side_table_write_signals_no_listener(store: Store) -> None:
+    """``KvPut(quiet=True)`` is written like any other, but the namespace's listeners are not
+    signalled for it (on every backend); a loud write in the same commit still signals."""
+    heard: list[str] = []
+    store.listen("kv:marks", lambda: heard.append("marks"))
+    await store.commit([KvPut("marks", "a", b"1")])
+    assert heard == ["marks"]
+    heard.clear()
+    await store.commit([KvPut("marks", "a", None, only_if=True, expect=b"1", quiet=True)])
+    assert heard == [] and await store.kv_get("marks", "a") is None
+    await store.commit([KvPut("marks", "b", b"2", quiet=True), KvPut("marks", "c", b"3")])
+    assert heard == ["marks"] and await store.kv_get("marks", "b") == b"2"
