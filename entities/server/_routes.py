@@ -116,6 +116,12 @@ class SendBody(BaseModel):
     sender: str | None = Field(default=None, alias="from")
     attachments: list[AttachmentBody] | None = Field(default=None, max_length=20)
 
+    def attachment_dicts(self) -> list[dict[str, Any]] | None:
+        """The attachments as :meth:`~entities.Runtime.send` takes them."""
+        if self.attachments is None:
+            return None
+        return [a.model_dump(exclude_none=True) for a in self.attachments]
+
 
 class CallBody(SendBody):
     wait_ms: int | None = Field(default=None, ge=0, le=MAX_WAIT_MS)
@@ -416,9 +422,7 @@ class _ControlPlane:
             sender=sender,
             idempotency_key=key,
             mode=body.mode,
-            attachments=None
-            if body.attachments is None
-            else [a.model_dump(exclude_none=True) for a in body.attachments],
+            attachments=body.attachment_dicts(),
         )
         return json_response(receipt.to_json(), 202)
 
@@ -441,9 +445,7 @@ class _ControlPlane:
             idempotency_key=key,
             mode=body.mode,
             wait=wait_ms / 1000,
-            attachments=None
-            if body.attachments is None
-            else [a.model_dump(exclude_none=True) for a in body.attachments],
+            attachments=body.attachment_dicts(),
         )
         return json_response(result.to_json(), 202 if result.timed_out else 200)
 
