@@ -86,12 +86,13 @@ def replies_of(effects: Sequence[Effects]) -> list[tuple[str, Any]]:
     return found
 
 
-def reply_ops(url: EntityURL, to_offset: str, effects: Sequence[Effects]) -> list[Op]:
-    """The index rows of the replies among ``effects`` (a wake ending at ``to_offset``), and
-    the signals that wake their waiters (see :mod:`entities._awaiting`)."""
+def reply_ops(url: EntityURL, to_offset: str, replies: Sequence[tuple[str, Any]]) -> list[Op]:
+    """The index rows of a wake's ``replies`` (:func:`replies_of` its effects; the wake ends
+    at ``to_offset``), and the signals that wake their waiters (see
+    :mod:`entities._awaiting`)."""
     ops: list[Op] = []
     keys: set[str] = set()
-    for n, (message_key, value) in enumerate(replies_of(effects)):
+    for n, (message_key, value) in enumerate(replies):
         key = f"{_prefix(url.url, message_key)}{to_offset}.{n:06d}"
         ops.append(KvPut(REPLY_NS, key, orjson.dumps({"value": value})))
         keys.add(message_key)

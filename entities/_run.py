@@ -70,7 +70,7 @@ from ._pipeline.deliver import other_children
 from ._pipeline.load import View, copy_view, events_between, read_journal, wake_event
 from ._records import ENTITY_NS, WAKE_TYPES, Inflight
 from ._registry import EntityType, Registry
-from ._replies import RECENT, replies_of, status_ops, taken_signals
+from ._replies import RECENT, status_ops, taken_signals
 from ._wake import WakeEvent
 
 __all__ = ["GRACE", "SWEEP_SECONDS", "Running", "WakeRunner", "WorkerHost"]
@@ -675,7 +675,7 @@ class WakeRunner:
                 claim.more = claim.more or cleared is False
                 claim.settled = not claim.more
                 if run_status == "completed":  # for callers in this process (see RECENT)
-                    RECENT.publish(claim.url.url, replies_of(effects))
+                    RECENT.publish(claim.url.url, commit.replies)
                 break
             except (StreamClosed, StreamNotFound, StreamGone) as exc:
                 if exc.path == claim.url.stream or not exc.path:

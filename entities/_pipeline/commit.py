@@ -33,7 +33,7 @@ from .._records import (
     EntityRecord,
     Inflight,
 )
-from .._replies import reply_ops
+from .._replies import replies_of, reply_ops
 from .._timers import arm_ops, cancel_ops
 from .._urls import EntityURL
 from .._wake import WakeEvent
@@ -61,6 +61,7 @@ class WakeCommit:
     clear: KvPut  # removes the pending mark the wake was claimed under, if it is still that one
     record: bytes  # the entity record it writes (idle, range acknowledged)
     more: bool  # the entity stays pending (it sent to itself, or the wake was a redelivery)
+    replies: list[tuple[str, Any]]  # the wake's replies: (message key, value), in order
 
 
 def format_exception(exc: BaseException) -> str:
@@ -241,7 +242,8 @@ async def wake_commit(
     if not empty:
         ops.extend(await observer_ops(store, url, effects, run_status, error, view, now))
     ops.extend(extra)
-    ops.extend(reply_ops(url, inflight.to_offset, effects))
+    replies = replies_of(effects)
+    ops.extend(reply_ops(url, inflight.to_offset, replies))
     ops.extend(out.ops())
     done_raw = done.dump()
     ops.append(KvPut(ENTITY_NS, url.url, done_raw))
@@ -260,7 +262,7 @@ async def wake_commit(
         ops.append(KvPut(PENDING_NS, url.url, new_token()))
     if events_between(snapshot_offset, inflight.to_offset) >= snapshot_every:
         ops.append(KvPut(SNAPSHOT_NS, url.url, snapshot(view, inflight.to_offset)))
-    return WakeCommit(ops, clear, done_raw, more)
+    return WakeCommit(ops, clear, done_raw, more, replies)
 
 
 def retry_commit(
