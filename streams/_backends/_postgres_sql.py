@@ -228,10 +228,24 @@ class GroupLoader(Loader):
             f"SELECT {COLUMNS} FROM streams WHERE path = ANY($1::text[]) ORDER BY id FOR UPDATE",
             wanted,
         )
-        for path in wanted:
+        self._found(wanted, rows, [], [])
+
+    def _found(
+        self,
+        paths: Sequence[str],
+        stream_rows: Sequence[Any],
+        keys: Sequence[tuple[str, str]],
+        kv_rows: Sequence[tuple[str, str, bytes]],
+    ) -> None:
+        """Record what a prefetch of ``paths`` and ``keys`` found (the rest is absent)."""
+        for path in paths:
             self.rows[path] = None
-        for row in rows:
+        for row in stream_rows:
             self._keep(to_record(row))
+        for wanted in keys:
+            self.kv_rows[wanted] = None
+        for namespace, key, value in kv_rows:
+            self.kv_rows[(str(namespace), str(key))] = bytes(value)
 
     async def prefetch_both(self, paths: Sequence[str], keys: Sequence[tuple[str, str]]) -> None:
         """:meth:`prefetch` and :meth:`prefetch_kv` in one round trip."""
@@ -244,16 +258,13 @@ class GroupLoader(Loader):
         rows = await self.conn.fetch(
             _PREFETCH_BOTH, wanted, [k[0] for k in wanted_kv], [k[1] for k in wanted_kv]
         )
-        for path in wanted:
-            self.rows[path] = None
-        for key in wanted_kv:
-            self.kv_rows[key] = None
-        for row in rows:
-            if row["kv_namespace"] is None:
-                self._keep(to_record(row))
-            else:
-                key = (str(row["kv_namespace"]), str(row["kv_key"]))
-                self.kv_rows[key] = bytes(row["kv_value"])
+        streams = [row for row in rows if row["kv_namespace"] is None]
+        values = [
+            (row["kv_namespace"], row["kv_key"], row["kv_value"])
+            for row in rows
+            if row["kv_namespace"] is not None
+        ]
+        self._found(wanted, streams, wanted_kv, values)
 
     async def prefetch_producers(self, keys: Sequence[tuple[int, str]]) -> None:
         wanted = sorted(set(keys) - self.producers.keys())
@@ -283,10 +294,7 @@ class GroupLoader(Loader):
             [k[0] for k in wanted],
             [k[1] for k in wanted],
         )
-        for key in wanted:
-            self.kv_rows[key] = None
-        for row in rows:
-            self.kv_rows[(str(row[0]), str(row[1]))] = bytes(row[2])
+        self._found([], [], wanted, [(row[0], row[1], row[2]) for row in rows])
 
 
 class ReadLoader:
