@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -232,27 +232,8 @@ class Agent:
         self, step: str, system: str, messages: list[ChatMessage], specs: list[ToolSpec]
     ) -> ModelResponse:
         ctx = self.ctx
-        deltas = 0
-
-        async def on_text(delta: str) -> None:
-            nonlocal deltas
-            deltas += 1
-            await ctx.append_live(
-                "text_deltas",
-                f"{step}.{deltas}",
-                {"run_id": ctx.run_id, "step": step, "seq": deltas, "delta": delta},
-            )
-
-        reasonings = 0
-
-        async def on_reasoning(delta: str) -> None:
-            nonlocal reasonings
-            reasonings += 1
-            await ctx.append_live(
-                "reasoning_deltas",
-                f"{step}.{reasonings}",
-                {"run_id": ctx.run_id, "step": step, "seq": reasonings, "delta": delta},
-            )
+        on_text = _live_deltas(ctx, "text_deltas", step)
+        on_reasoning = _live_deltas(ctx, "reasoning_deltas", step)
 
         async def call() -> dict[str, Any]:
             budget = ctx.budget
@@ -378,3 +359,20 @@ def _as_text(value: Any) -> str:
         return orjson.dumps(value).decode()
     except TypeError:
         return str(value)
+
+
+def _live_deltas(ctx: AgentContext, collection: str, step: str) -> Callable[[str], Awaitable[None]]:
+    """A model stream's callback writing each delta live to ``collection`` (rows
+    ``{step}.{n}``, numbered from 1)."""
+    count = 0
+
+    async def on_delta(delta: str) -> None:
+        nonlocal count
+        count += 1
+        await ctx.append_live(
+            collection,
+            f"{step}.{count}",
+            {"run_id": ctx.run_id, "step": step, "seq": count, "delta": delta},
+        )
+
+    return on_delta
