@@ -29,6 +29,7 @@ import asyncio
 import heapq
 import logging
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ logger = logging.getLogger("entities")
 
 RECHECK_SECONDS = 5.0
 BROADCAST_SECONDS = 0.02
+# how long a waiter waits for a commit of this process that is answering it to hand its replies
+# over (see RecentReplies), before it reads the index instead
+_SETTLE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +294,20 @@ class Awaiting(Reads):
     ) -> SendReceipt:  # pragma: no cover - Runtime.send
         raise NotImplementedError
 
+    async def _send(
+        self,
+        url: str,
+        payload: Any,
+        *,
+        type: str | None,
+        sender: str | None,
+        idempotency_key: str | None,
+        mode: str,
+        attachments: list[dict[str, Any]] | None,
+        key: str | None = None,
+    ) -> SendReceipt:  # pragma: no cover - Runtime._send
+        raise NotImplementedError
+
     async def call(
         self,
         url: str,
@@ -317,11 +335,17 @@ class Awaiting(Reads):
             raise ValueError("wait must be a number of seconds, at least 0")
         # listening before the send: a new message answered by nothing heard since needs no
         # first look (a retried key may name a message answered long ago: it gets one)
-        quiet, release = waiters_of(self.store).hold(parse_url(url).url)
+        target = parse_url(url).url
+        quiet, release = waiters_of(self.store).hold(target)
+        # a new message's key is chosen here, so that a wake of this process answering it
+        # before the wait below begins still hands its replies over (see RECENT)
+        key = uuid.uuid4().hex if idempotency_key is None else None
+        if key is not None:
+            RECENT.expect(target, key)
         try:
-            receipt = await self.send(
+            receipt = await self._send(
                 url, payload, type=type, sender=sender, idempotency_key=idempotency_key,
-                mode=mode, attachments=attachments,
+                mode=mode, attachments=attachments, key=key,
             )  # fmt: skip
             found, timed_out = await self.wait_outcome(
                 receipt.url, receipt.key, after=receipt.offset, wait=wait,
@@ -329,6 +353,8 @@ class Awaiting(Reads):
             )  # fmt: skip
         finally:
             release()
+            if key is not None:
+                RECENT.forget(target, key)
         return CallResult(
             receipt.url, receipt.key, receipt.offset, found.replies, found.status, found.error,
             timed_out,
@@ -404,7 +430,8 @@ class Awaiting(Reads):
         Raises:
             EntityNotFound: no entity at ``url``.
         """
-        recent = RECENT.take(url, message_key)  # answered by a wake of this process
+        # answered by a wake of this process (committed, or committing right now)
+        recent = await RECENT.settled(url, message_key, _SETTLE_SECONDS)
         if recent is not None:
             return Outcome(replies=recent, status="completed"), False, True
         indexed = await indexed_outcome(self.store, url, message_key)

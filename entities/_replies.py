@@ -17,8 +17,10 @@ indistinguishable from an unknown key and reads ``pending``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -107,11 +109,18 @@ class RecentReplies:
     from here instead of reading the reply index (``entities serve`` runs its worker in the
     same process as its HTTP side). Only the messages a caller here waits for are kept, and
     only committed replies (those of the first commit that replied, as in the index); a miss
-    reads the store."""
+    reads the store.
+
+    The commit's signal can reach a caller (through the store's notifications) before the
+    committing thread has handed the replies over, so a wake *stages* the keys it answers
+    before its commit and settles them after it: a caller that finds its key staged waits
+    for the settling (:meth:`settled`) instead of reading the index."""
 
     def __init__(self) -> None:
         self._awaited: dict[tuple[str, str], int] = {}  # callers waiting, per message
         self._replies: dict[tuple[str, str], list[Any]] = {}
+        # keys a commit of this process is answering right now -> what to call when it ends
+        self._staged: dict[tuple[str, str], list[Callable[[], None]]] = {}
         self._lock = threading.Lock()  # the worker's thread publishes, the server's takes
 
     def expect(self, url: str, message_key: str) -> None:
@@ -131,23 +140,74 @@ class RecentReplies:
                 self._awaited.pop(key, None)
                 self._replies.pop(key, None)
 
-    def publish(self, url: str, replies: Sequence[tuple[str, Any]]) -> None:
-        """Hand over ``replies`` ((message key, value), in order), committed by a wake of
-        ``url``, to the callers here waiting for them."""
-        if not self._awaited or not replies:
-            return
-        grouped: dict[tuple[str, str], list[Any]] = {}
-        for message_key, value in replies:
-            grouped.setdefault((url, message_key), []).append(value)
+    def stage(self, url: str, message_keys: Iterable[str]) -> list[tuple[str, str]]:
+        """Before a commit that answers ``message_keys`` of ``url``: mark those a caller here
+        waits for; returns them, for :meth:`publish` or :meth:`settle` after the commit."""
+        if not self._awaited:
+            return []
         with self._lock:
-            for key, values in grouped.items():
-                if key in self._awaited:
-                    self._replies.setdefault(key, values)  # the first commit's, as indexed
+            staged = [(url, k) for k in message_keys if (url, k) in self._awaited]
+            for key in staged:
+                self._staged.setdefault(key, [])
+        return staged
+
+    def publish(
+        self,
+        url: str,
+        replies: Sequence[tuple[str, Any]],
+        staged: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Hand over ``replies`` ((message key, value), in order), committed by a wake of
+        ``url``, to the callers here waiting for them; then settle ``staged``."""
+        if self._awaited and replies:
+            grouped: dict[tuple[str, str], list[Any]] = {}
+            for message_key, value in replies:
+                grouped.setdefault((url, message_key), []).append(value)
+            with self._lock:
+                for key, values in grouped.items():
+                    if key in self._awaited:
+                        self._replies.setdefault(key, values)  # the first commit's, as indexed
+        self.settle(staged)
+
+    def settle(self, staged: Sequence[tuple[str, str]]) -> None:
+        """The commit that staged these keys ended (committed and published, or not)."""
+        if not staged:
+            return
+        with self._lock:
+            wakers = [w for key in staged for w in self._staged.pop(key, ())]
+        for wake in wakers:
+            wake()
 
     def take(self, url: str, message_key: str) -> list[Any] | None:
         """The replies to ``message_key`` of ``url`` handed over, if any."""
         with self._lock:
             return self._replies.get((url, message_key))
+
+    async def settled(self, url: str, message_key: str, within: float) -> list[Any] | None:
+        """:meth:`take`, after the commit of this process answering ``message_key`` (if one is
+        staged) settled, waiting at most ``within`` seconds for it."""
+        key = (url, message_key)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(_resolve, done)
+
+        with self._lock:
+            found = self._replies.get(key)
+            waiting = found is None and key in self._staged
+            if waiting:
+                self._staged[key].append(wake)
+        if waiting:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done, within)
+            found = self.take(url, message_key)
+        return found
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 RECENT = RecentReplies()

@@ -665,40 +665,49 @@ class WakeRunner:
             raise _Poison(exc) from exc
         ops, clear = (commit.ops + extra if extra else commit.ops), commit.clear
         claim.more = commit.more
-        for _attempt in range(8):
-            try:
-                began = time.perf_counter()
-                results = await self._commit_patiently(ops, claim)
-                metrics.wake_commit.observe(time.perf_counter() - began)
-                # the mark was not ours to clear: more arrived while the wake ran
-                cleared = next(r for op, r in zip(ops, results, strict=True) if op is clear)
-                claim.more = claim.more or cleared is False
-                claim.settled = not claim.more
-                if run_status == "completed":  # for callers in this process (see RECENT)
-                    RECENT.publish(claim.url.url, commit.replies)
-                break
-            except (StreamClosed, StreamNotFound, StreamGone) as exc:
-                if exc.path == claim.url.stream or not exc.path:
+        # callers in this process that wait for these replies wait for this commit (see RECENT)
+        staged = (
+            RECENT.stage(claim.url.url, (key for key, _value in commit.replies))
+            if run_status == "completed"
+            else []
+        )
+        try:
+            for _attempt in range(8):
+                try:
+                    began = time.perf_counter()
+                    results = await self._commit_patiently(ops, claim)
+                    metrics.wake_commit.observe(time.perf_counter() - began)
+                    # the mark was not ours to clear: more arrived while the wake ran
+                    cleared = next(r for op, r in zip(ops, results, strict=True) if op is clear)
+                    claim.more = claim.more or cleared is False
+                    claim.settled = not claim.more
+                    if run_status == "completed":  # for callers in this process (see RECENT)
+                        RECENT.publish(claim.url.url, commit.replies, staged)
+                    break
+                except (StreamClosed, StreamNotFound, StreamGone) as exc:
+                    if exc.path == claim.url.stream or not exc.path:
+                        logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
+                        self.claimer.remember(claim.url.url, None)
+                        return
+                    # a recipient was killed or deleted after the handler checked it: drop what
+                    # was addressed to it and commit the rest
+                    logger.warning(
+                        "wake %s of %s: %s is gone; its messages are dropped",
+                        inflight.wake_id,
+                        claim.url,
+                        exc.path,
+                    )
+                    ops = without_path(ops, exc.path)
+                except ConditionFailed:
                     logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
                     self.claimer.remember(claim.url.url, None)
                     return
-                # a recipient was killed or deleted after the handler checked it: drop what
-                # was addressed to it and commit the rest
-                logger.warning(
-                    "wake %s of %s: %s is gone; its messages are dropped",
-                    inflight.wake_id,
-                    claim.url,
-                    exc.path,
-                )
-                ops = without_path(ops, exc.path)
-            except ConditionFailed:
-                logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
-                self.claimer.remember(claim.url.url, None)
-                return
-            except StorageFull:
-                raise  # the store's trouble, not the wake's: the lease expires, it runs again
-            except _OWN_FAULTS as exc:
-                raise _Poison(exc) from exc
+                except StorageFull:
+                    raise  # the store's trouble, not the wake's: the lease expires, it runs again
+                except _OWN_FAULTS as exc:
+                    raise _Poison(exc) from exc
+        finally:
+            RECENT.settle(staged)  # published, or the commit failed: nothing is coming
         self.claimer.remember(claim.url.url, commit.record)
         wrote = events_between(base, inflight.to_offset) >= rt.snapshot_every  # a snapshot
         snapshot = inflight.to_offset if wrote else base

@@ -328,6 +328,26 @@ class Runtime(Control, Awaiting):
             InvalidIdempotencyKey, IdempotencyKeyReused: a bad key, or one first used with
                 another request.
         """
+        return await self._send(
+            url, payload, type=type, sender=sender, idempotency_key=idempotency_key, mode=mode,
+            attachments=attachments,
+        )  # fmt: skip
+
+    async def _send(
+        self,
+        url: str,
+        payload: Any,
+        *,
+        type: str | None,
+        sender: str | None,
+        idempotency_key: str | None,
+        mode: str,
+        attachments: list[dict[str, Any]] | None,
+        key: str | None = None,
+    ) -> SendReceipt:
+        """:meth:`send`; ``key``: the new message's key, chosen by the caller (a :meth:`call`
+        waits for it before the send), unless ``idempotency_key`` names an earlier message.
+        Raises what :meth:`send` raises."""
         files = check_attachments(attachments)
         if mode not in SEND_MODES:
             raise InvalidSendMode(f"unknown send mode {mode!r}: one of {', '.join(SEND_MODES)}")
@@ -343,7 +363,7 @@ class Runtime(Control, Awaiting):
             return await self._send_once(
                 target, payload, type, sender, request, idempotency_key, mode, files
             )
-        key = uuid.uuid4().hex
+        key = key or uuid.uuid4().hex
         while True:
             ops = await self._message_ops(target, key, payload, type, sender, mode, files)
             try:

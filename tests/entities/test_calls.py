@@ -19,6 +19,7 @@ from entities import EntityNotFound, EntityStopped, Runtime, VirtualClock
 from entities._awaiting import waiters_of
 from entities._replies import RecentReplies
 from entities.server import create_app
+from entities.server._embedded import EmbeddedWorker, can_embed
 from streams import Store
 from tests._live import serving
 from tests.entities.apps import calls
@@ -321,3 +322,64 @@ def test_recent_replies_keep_only_what_callers_here_wait_for() -> None:
     assert recent.take("/d/a", "k1") is None
     recent.publish("/d/a", [("k1", 5)])
     assert recent.take("/d/a", "k1") is None
+
+
+async def test_a_caller_here_waits_for_the_commit_answering_it_not_the_index(
+    store_url: str,
+) -> None:
+    """``entities serve``'s shape: the worker on a thread and a store of its own. The signal
+    of the commit that answers a call can reach the caller (by the store's notifications)
+    before the worker's thread hands the replies over; the caller then waits for that
+    hand-over, so no call reads the reply index. (PostgreSQL: its notifications name what
+    changed. A SQLite store learns of another store's commits by watching its file, which
+    wakes every waiter for a first look, index included.)"""
+    if not store_url.startswith("postgresql"):
+        pytest.skip("SQLite's file watch wakes every waiter; memory cannot be shared")
+    async with Runtime(registry, store_url) as rt:
+        assert can_embed(rt)
+        scans: list[str] = []
+        original = rt.store.kv_scan
+
+        async def counted(namespace: str, *args: Any, **kwargs: Any) -> Any:
+            scans.append(namespace)
+            return await original(namespace, *args, **kwargs)
+
+        rt.store.kv_scan = counted  # type: ignore[method-assign]
+        embedded = EmbeddedWorker(rt)
+        await embedded.start()
+        try:
+            await rt.spawn("/desk/here")
+            await rt.call("/desk/here", {"ask": 0}, wait=30)  # warm: the first wake
+            scans.clear()
+            for i in range(30):
+                result = await rt.call("/desk/here", {"ask": i}, wait=30)
+                assert result.replies == [i] and not result.timed_out
+        finally:
+            embedded.stop()
+            await embedded.wait()
+        assert scans.count("reply") == 0
+
+
+async def test_a_staged_answer_is_waited_for_and_a_failed_commit_lets_go() -> None:
+    """A caller that finds its message staged by a commit in flight here waits for it: the
+    replies once published (from another thread), nothing once the commit gave up; an
+    unstaged message is answered at once."""
+    recent = RecentReplies()
+    recent.expect("/d/a", "k1")
+    recent.expect("/d/a", "k2")
+    assert recent.stage("/d/a", ["k1", "k3"]) == [("/d/a", "k1")]  # k3: nobody waits here
+    loop = asyncio.get_running_loop()
+    waiting = asyncio.create_task(recent.settled("/d/a", "k1", 30))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    staged = [("/d/a", "k1")]
+    await loop.run_in_executor(None, lambda: recent.publish("/d/a", [("k1", 7)], staged))
+    assert await asyncio.wait_for(waiting, 5) == [7]
+    # a commit that failed: its waiters read the index instead
+    staged = recent.stage("/d/a", ["k2"])
+    waiting = asyncio.create_task(recent.settled("/d/a", "k2", 30))
+    await asyncio.sleep(0.01)
+    recent.settle(staged)
+    assert await asyncio.wait_for(waiting, 5) is None
+    # nothing staged: no wait at all (a bounded wait would time out the test)
+    assert await asyncio.wait_for(recent.settled("/d/a", "k9", 30), 1) is None
