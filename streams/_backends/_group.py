@@ -2,6 +2,9 @@
 
 ``commit`` calls enqueue their operations and wait; the backend's writer task takes whatever is
 queued (up to a bound), validates and persists it as one transaction, and answers each caller.
+A backend whose transactions cost round trips (PostgreSQL) may have the writer *linger* a
+moment before taking a group while it is busy (its last group held several calls), so that
+groups grow with the load instead of the round trips; a lone call never waits.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ class Pending:
 class CommitQueue:
     """Calls queue here; :meth:`groups` hands them to the writer in bounded groups."""
 
-    def __init__(self, max_ops: int = MAX_GROUP_OPS) -> None:
+    def __init__(self, max_ops: int = MAX_GROUP_OPS, *, linger: float = 0.0) -> None:
         self._queue: asyncio.Queue[Pending | None] = asyncio.Queue()
         self._max_ops = max_ops
+        self._linger = linger
+        self._busy = False  # the last group held more than one call
 
     async def submit(self, ops: Sequence[Op], writer: asyncio.Task[None] | None) -> list[OpResult]:
         """Queue ``ops`` and wait for the writer's answer.
@@ -60,6 +65,10 @@ class CommitQueue:
             if item is None:
                 stopping = True
                 continue
+            if self._busy and self._linger:
+                # under load, wait a moment for more calls to join: a transaction costs its
+                # round trips whatever it holds, and a bigger group needs fewer of them
+                await asyncio.sleep(self._linger)
             group = [item]
             count = len(item.ops)
             while count < self._max_ops and not self._queue.empty():
@@ -69,4 +78,5 @@ class CommitQueue:
                     continue
                 group.append(more)
                 count += len(more.ops)
+            self._busy = len(group) > 1
             yield group

@@ -81,6 +81,10 @@ logger = logging.getLogger("streams.postgres")
 _T = TypeVar("_T")
 _MAX_ATTEMPTS = 20
 _PAYLOAD_LIMIT = 7900  # PostgreSQL rejects NOTIFY payloads of 8000 bytes or more
+# a busy writer waits this long for more commits to join its next group (see _group): a
+# transaction costs four round trips whatever it holds (at 32 concurrent request-responses,
+# 1 ms cut the transactions per message by a tenth and the server's CPU per message by 7%)
+_LINGER = 0.001
 _RETRYABLE = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
@@ -191,7 +195,7 @@ class PostgresStore(Store):
         self._reader_count = max(1, readers)
         self._writer: Any = None
         self._pool: Any = None
-        self._queue = CommitQueue()
+        self._queue = CommitQueue(linger=_LINGER)
         self._task: asyncio.Task[None] | None = None
         self._listener_task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
