@@ -3,7 +3,10 @@ changes, or on a cron expression.
 
 ``await ctx.observe(source, wake=Wake(...))`` registers the observer in the side table
 (namespace ``observer``, key ``{source key}|{observer url}``) and records a ``source`` manifest
-entry; it re-attaches on every wake (call it each time, as the handle is per wake). When a wake of
+entry; it re-attaches on every wake (call it each time, as the handle is per wake). Each
+commit that changes the observers of an entity also writes that entity's *generation* row
+(key ``{url}|``, a fresh token), so a worker may keep the observers of the entities it runs and
+check in each wake's commit that they are still current (see ``_pipeline.deliver``). When a wake of
 the observed entity commits, its commit looks up the observers of that entity and, in the same
 transaction, appends a ``wakes`` event to each matching observer (or arms its debounce timer).
 
@@ -14,16 +17,16 @@ looks like empty state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
 
-from streams import Operation
+from streams import KvPut, Operation
 
 from ._collections import CollectionDef, Collections
-from ._events import change
+from ._events import change, new_token
 from ._urls import check_segment, parse_url
 
 __all__ = [
@@ -35,10 +38,29 @@ __all__ = [
     "db",
     "entities",
     "entity",
+    "generation_key",
+    "generation_ops",
     "matches",
 ]
 
 OBSERVER_NS = "observer"
+
+
+def generation_key(url: str) -> str:
+    """The key of the generation row of entity ``url``'s observers (it sorts first among
+    them: a scan of their prefix reads it with them, in one snapshot)."""
+    return f"{url}|"
+
+
+def generation_ops(index_keys: Iterable[str]) -> list[KvPut]:
+    """New generation rows for the observed entities whose observer rows (``index_keys``,
+    ``{source key}|{observer url}``) a commit writes or removes."""
+    sources = {key.rpartition("|")[0] for key in index_keys}
+    return [
+        KvPut(OBSERVER_NS, generation_key(source), new_token())
+        for source in sorted(sources)
+        if source.startswith("/")  # an entity (db and tag sources are read as they are)
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ from ._approvals import APPROVAL_NS
 from ._compaction import RETAIN_NS
 from ._errors import EntityNotFound
 from ._idempotency import EXPIRY_NS, IDEMPOTENCY_NS, Remembered
-from ._observe import OBSERVER_NS
+from ._observe import OBSERVER_NS, generation_ops
 from ._pipeline.caps import CAP_NS
 from ._pipeline.fire import BAD_TIMER_NS
 from ._records import (
@@ -173,10 +173,14 @@ async def _scanned_ops(store: Store, urls: set[str]) -> list[Op]:
             parts = key.split("|")
             if len(parts) >= 3 and parts[1] in urls:
                 ops.append(KvPut(namespace, key, None))
+    observed: list[str] = []  # rows of entities that stay: their observers change
     for key, _value in await store.kv_scan(OBSERVER_NS):
         source, _, observer = key.rpartition("|")
         if source in urls or observer in urls:
             ops.append(KvPut(OBSERVER_NS, key, None))
+            if source not in urls:
+                observed.append(key)
+    ops.extend(generation_ops(observed))
     streams = {parse_url(u).stream for u in urls}
     for key, value in await store.kv_scan(SUBSCRIPTIONS_NS):
         try:

@@ -57,8 +57,10 @@ from ._errors import LeaseLost, WakeTimeout
 from ._events import encode, event
 from ._host import Host
 from ._metrics import metrics
+from ._observe import OBSERVER_NS
 from ._pipeline.claim import Claim, Claimer
 from ._pipeline.commit import (
+    WakeCommit,
     dead_letter_op,
     error_event,
     retry_commit,
@@ -655,14 +657,19 @@ class WakeRunner:
         rt = self.rt
         inflight = claim.record.inflight
         assert inflight is not None
-        try:
-            commit = await wake_commit(
-                rt.store, claim.url, claim.record, claim.raw, claim.token, head, effects, view,
-                base, rt.clock.now(), snapshot_every=rt.snapshot_every, empty=empty,
-                run_status=run_status, error=error, sleeping=sleeping,
-            )  # fmt: skip
-        except _OWN_FAULTS as exc:
-            raise _Poison(exc) from exc
+
+        async def build() -> WakeCommit:
+            try:
+                return await wake_commit(
+                    rt.store, claim.url, claim.record, claim.raw, claim.token, head, effects,
+                    view, base, rt.clock.now(), snapshot_every=rt.snapshot_every, empty=empty,
+                    run_status=run_status, error=error, sleeping=sleeping,
+                    observers=self.claimer.observers,
+                )  # fmt: skip
+            except _OWN_FAULTS as exc:
+                raise _Poison(exc) from exc
+
+        commit = await build()
         ops, clear = (commit.ops + extra if extra else commit.ops), commit.clear
         claim.more = commit.more
         # callers in this process that wait for these replies wait for this commit (see RECENT)
@@ -698,7 +705,12 @@ class WakeRunner:
                         exc.path,
                     )
                     ops = without_path(ops, exc.path)
-                except ConditionFailed:
+                except ConditionFailed as exc:
+                    if exc.namespace == OBSERVER_NS:  # its observers changed: read them again
+                        self.claimer.observers.forget_key(exc.key)
+                        commit = await build()
+                        ops, clear = (commit.ops + extra if extra else commit.ops), commit.clear
+                        continue
                     logger.info("commit of %s wake %s was fenced", claim.url, inflight.wake_id)
                     self.claimer.remember(claim.url.url, None)
                     return
@@ -706,6 +718,12 @@ class WakeRunner:
                     raise  # the store's trouble, not the wake's: the lease expires, it runs again
                 except _OWN_FAULTS as exc:
                     raise _Poison(exc) from exc
+            else:  # each attempt met another change (recipients gone, observers moved)
+                logger.warning(
+                    "commit of %s wake %s gave up: it runs again", claim.url, inflight.wake_id
+                )
+                self.claimer.remember(claim.url.url, None)
+                return  # its lease expires and the wake is redelivered
         finally:
             RECENT.settle(staged)  # published, or the commit failed: nothing is coming
         self.claimer.remember(claim.url.url, commit.record)

@@ -37,7 +37,7 @@ from .._replies import replies_of, reply_ops
 from .._timers import arm_ops, cancel_ops
 from .._urls import EntityURL
 from .._wake import WakeEvent
-from .deliver import observer_ops, parent_ops
+from .deliver import ObserverCache, observer_ops, parent_ops
 from .inbox import Deliveries, message_event, spawn_ops
 from .load import View, events_between, snapshot
 
@@ -206,6 +206,7 @@ async def wake_commit(
     run_status: str | None = None,
     error: str | None = None,
     sleeping: bool = False,
+    observers: ObserverCache | None = None,
 ) -> WakeCommit:
     """The commit of the wake ``record.inflight`` of ``url``, claimed as ``raw`` under the
     pending mark ``token``: ``head`` (its run record and error rows) and ``effects`` first,
@@ -213,7 +214,9 @@ async def wake_commit(
     before the wake; a snapshot of it is stored once ``snapshot_every`` events have passed
     since ``snapshot_offset``. ``sleeping``: the handler asked not to be woken again for what
     arrived while it ran (``ctx.sleep()``): the pending mark goes whatever it is now, and those
-    events wait for the next one.
+    events wait for the next one. ``observers``: the worker's copy of the entity's observers
+    (the commit then checks they are current: ``ConditionFailed`` in the ``observer``
+    namespace says to build it again).
 
     Raises whatever the store raises for the reads behind parent and observer wakes, and
     TypeError or ValueError for an effect that does not encode.
@@ -240,7 +243,11 @@ async def wake_commit(
     if not empty and run_status is not None:
         ops.extend(await parent_ops(store, url, record, effects, run_status, error, now))
     if not empty:
-        ops.extend(await observer_ops(store, url, effects, run_status, error, view, now))
+        ops.extend(
+            await observer_ops(
+                store, url, effects, run_status, error, view, now, record.created_at, observers
+            )
+        )
     ops.extend(extra)
     replies = replies_of(effects)
     ops.extend(reply_ops(url, inflight.to_offset, replies))

@@ -8,23 +8,71 @@ wake the observers of tag membership. All of it goes through the inbox (:mod:`.i
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 
-from streams import Append, Create, KvPut, Op, Store
+from streams import Append, Create, KvCheck, KvPut, Op, Store
 
 from .._effects import Effects, response_of
 from .._events import JSON, encode, event, new_token
-from .._observe import OBSERVER_NS, change_summary, db_stream, matches
+from .._observe import (
+    OBSERVER_NS,
+    change_summary,
+    db_stream,
+    generation_key,
+    generation_ops,
+    matches,
+)
 from .._records import ENTITY_NS, SCHEDULE_NS, TIMER_NS, EntityRecord
 from .._timers import arm_ops, debounce_timer, schedule_key, timeout_timer
 from .._urls import EntityURL, parse_url
 from .inbox import wake_ops
 from .load import View
 
-__all__ = ["deliver", "observer_ops", "other_children", "parent_ops"]
+__all__ = ["ObserverCache", "deliver", "observer_ops", "other_children", "parent_ops"]
+
+
+class ObserverCache:
+    """A worker's copy of the observers of the entities it runs, so that a wake's commit does
+    not read them each time: each copy holds the generation row it was read with, and the
+    commit that uses it checks (``KvCheck``) that the row is unchanged, so an observer added
+    or removed meanwhile (by any process) fails the commit, which is then built again from a
+    fresh read (:meth:`forget`). Bounded (least recently used first out); keyed by the
+    entity's creation time too, so an entity spawned again after a purge starts afresh."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._rows: OrderedDict[str, tuple[float, bytes | None, list[bytes]]] = OrderedDict()
+
+    async def rows(self, store: Store, url: str, born: float) -> tuple[list[bytes], KvCheck]:
+        """The observer rows of ``url`` (the entity created at ``born``), and the check that
+        they are current. Raises whatever the store raises."""
+        cached = self._rows.get(url)
+        if cached is None or cached[0] != born:
+            generation, rows = None, []
+            first = generation_key(url)
+            for key, raw in await store.kv_scan(OBSERVER_NS, first):
+                if key == first:
+                    generation = raw
+                else:
+                    rows.append(raw)
+            cached = self._rows[url] = (born, generation, rows)
+            while len(self._rows) > self.size:
+                self._rows.popitem(last=False)
+        else:
+            self._rows.move_to_end(url)
+        return cached[2], KvCheck(OBSERVER_NS, generation_key(url), cached[1])
+
+    def forget(self, url: str) -> None:
+        """Read the observers of ``url`` afresh next time."""
+        self._rows.pop(url, None)
+
+    def forget_key(self, key: str) -> None:
+        """:meth:`forget` the entity whose generation row is ``key``."""
+        self._rows.pop(key.removesuffix("|"), None)
 
 
 async def parent_ops(
@@ -79,20 +127,35 @@ async def observer_ops(
     error: str | None,
     view: View,
     now: float,
+    born: float = 0.0,
+    cache: ObserverCache | None = None,
 ) -> list[Op]:
     """Observer-index updates, shared-db writes, and the wakes this commit owes observers.
     ``view`` is the entity's view before the wake (its tags are compared with the wake's tag
-    changes). Raises whatever the store raises."""
+    changes); ``born``, the entity's creation time. With ``cache``, the entity's observers
+    come from it, checked in the commit (see :class:`ObserverCache`). Raises whatever the
+    store raises."""
     url = entity.url
-    ops: list[Op] = [KvPut(OBSERVER_NS, k, v) for e in effects for k, v in e.observers.items()]
+    ops: list[Op] = []
+    if cache is None:
+        first = generation_key(url)
+        rows = [raw for key, raw in await store.kv_scan(OBSERVER_NS, first) if key != first]
+    else:
+        rows, current = await cache.rows(store, url, born)
+        ops.append(current)  # checked before this commit writes generation rows of its own
+    index = {k: v for e in effects for k, v in e.observers.items()}
+    ops.extend(KvPut(OBSERVER_NS, k, v) for k, v in index.items())
+    ops.extend(generation_ops(index))
+    if cache is not None:
+        for key in index:
+            cache.forget(key.rpartition("|")[0])
     own = [change for e in effects for change in e.own]
-    rows = await store.kv_scan(OBSERVER_NS, f"{url}|")
     if rows:
         finished = None
         if run_status is not None:
             finished = _finished(entity, run_status, response_of(effects), error)
         changes = change_summary(own)
-        for _key, raw in rows:
+        for raw in rows:
             ops.extend(await deliver(store, orjson.loads(raw), url, changes, finished, now))
     for e in effects:
         for db_id, handle in e.shared.items():

@@ -166,3 +166,61 @@ async def test_tag_membership_wakes_on_join_and_leave(store_url: str) -> None:
         await rt.run_until_idle()
         kinds = [c["kind"] for x in seen for c in x["changes"]]
         assert kinds == ["insert", "delete"]
+
+
+def _count_scans(rt: Runtime, prefix: str) -> list[str]:
+    """Record the observer-row scans of ``prefix`` made through ``rt``'s store."""
+    scans: list[str] = []
+    original = rt.store.kv_scan
+
+    async def counted(namespace: str, *args: Any, **kwargs: Any) -> Any:
+        if namespace == "observer" and args and args[0] == prefix:
+            scans.append(prefix)
+        return await original(namespace, *args, **kwargs)
+
+    rt.store.kv_scan = counted  # type: ignore[method-assign]
+    return scans
+
+
+async def test_a_worker_reads_an_entitys_observers_once_while_they_stay(store_url: str) -> None:
+    """The observers of an entity come from the worker's copy after the first wake (each
+    commit checks they are current); a new observer is seen by the next change all the same."""
+    seen: list[dict[str, Any]] = []
+    registry = build(Wake(on="change", collections=("rows",)), seen)
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
+        scans = _count_scans(rt, "/src/s1|")
+        await rt.spawn("/src/s1")
+        for i in range(10):
+            await rt.send("/src/s1", {"set": f"k{i}"})
+            await rt.run_until_idle()
+        assert len(scans) == 1
+        await rt.spawn("/watcher/w")  # this worker's own commit: it forgets its copy
+        await rt.run_until_idle()
+        await rt.send("/src/s1", {"set": "after"})
+        await rt.run_until_idle()
+        assert [c["key"] for x in seen for c in x["changes"]] == ["after"]
+        assert len(scans) == 2
+
+
+async def test_an_observer_added_by_another_worker_fails_the_stale_copy(store_url: str) -> None:
+    """Worker one holds the observers of ``/src/s1`` (none); worker two runs the wake that
+    starts observing it. Worker one's next commit of a change finds its copy stale (the
+    generation row moved), reads the observers again and wakes the new one."""
+    seen: list[dict[str, Any]] = []
+    registry = build(Wake(on="change", collections=("rows",)), seen)
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
+        scans = _count_scans(rt, "/src/s1|")
+        one, two = rt.worker(), rt.worker()
+        await rt.spawn("/src/s1")
+        await rt.send("/src/s1", {"set": "before"})
+        await one.run_until_idle()
+        assert len(scans) == 1
+        await rt.spawn("/watcher/w")
+        await two.run_until_idle()  # registers the observation: worker one is not told
+        await rt.send("/src/s1", {"set": "after"})
+        await one.run_until_idle()
+        assert [c["key"] for x in seen for c in x["changes"]] == ["after"]
+        assert len(scans) == 2  # the stale copy, then a fresh read
+        # and an observer that stops observing is not woken by a stale copy either
+        events, _ = await rt.read("/src/s1", limit=1000)
+        assert sum(1 for e in events if e["type"] == "inbox") == 2
