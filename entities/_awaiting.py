@@ -128,7 +128,6 @@ class ReplyWaiters:
         self._remove_everything: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._broadcast: asyncio.TimerHandle | None = None
-        self._broadcasts = 0  # "wake everything" heard
 
     def enter(self, url: str, key: str, at: str | None) -> tuple[_Waiter, Callable[[], None]]:
         """Register a waiter of message ``key`` of ``url`` (at offset ``at``); returns it and
@@ -150,14 +149,17 @@ class ReplyWaiters:
     def hold(self, url: str) -> tuple[Callable[[], bool], Callable[[], None]]:
         """Listen for the answers of ``url`` before a message is sent to it: returns
         ``quiet()``, whether nothing that could answer a message came since (no commit
-        acknowledged a wake of it, nothing said "wake everything"), and the function that
-        stops listening. A message sent meanwhile, its key known to no one else yet, needs
-        no first look while ``quiet()`` holds."""
+        acknowledged a wake of it, no look at it was made for a "wake everything"), and the
+        function that stops listening. A message sent meanwhile, its key known to no one else
+        yet, needs no first look while ``quiet()`` holds. A "wake everything" heard but not
+        yet acted on does not end the quiet: the look it schedules for every entity with
+        waiters (see :meth:`_everything`) sees a waiter armed by then; one made already
+        counted as heard."""
         entity = self._join(url)
-        heard, broadcasts = entity.heard, self._broadcasts
+        heard = entity.heard
 
         def quiet() -> bool:
-            return entity.heard == heard and self._broadcasts == broadcasts
+            return entity.heard == heard
 
         return quiet, lambda: self._part(url, entity)
 
@@ -219,7 +221,6 @@ class ReplyWaiters:
         """Something changed, what is not known: a look per entity, at most once per
         :data:`BROADCAST_SECONDS` however often it is heard (a SQLite file shared with
         another process says so after every commit; the precise names act at once)."""
-        self._broadcasts += 1
         if self._broadcast is not None:
             return
         self._broadcast = asyncio.get_running_loop().call_later(BROADCAST_SECONDS, self._looks)
