@@ -68,7 +68,7 @@ from ._pipeline.commit import (
     wake_commit,
     without_path,
 )
-from ._pipeline.deliver import other_children
+from ._pipeline.deliver import ObserverCache, other_children
 from ._pipeline.load import View, copy_view, events_between, read_journal, wake_event
 from ._records import ENTITY_NS, WAKE_TYPES, Inflight
 from ._registry import EntityType, Registry
@@ -189,6 +189,8 @@ class WakeRunner:
     ) -> None:
         self.rt = host
         self.claimer = claimer
+        # the observers of the entities this worker runs (its commits check they are current)
+        self.observers = ObserverCache(claimer.cache_size)
         self.running: dict[str, Running] = {}
         self._give_up = give_up  # frees the lane of a handler given up
         self._budgets: Budgets | None = None  # made for the first type with a token budget
@@ -664,7 +666,7 @@ class WakeRunner:
                     rt.store, claim.url, claim.record, claim.raw, claim.token, head, effects,
                     view, base, rt.clock.now(), snapshot_every=rt.snapshot_every, empty=empty,
                     run_status=run_status, error=error, sleeping=sleeping,
-                    observers=self.claimer.observers,
+                    observers=self.observers,
                 )  # fmt: skip
             except _OWN_FAULTS as exc:
                 raise _Poison(exc) from exc
@@ -707,7 +709,7 @@ class WakeRunner:
                     ops = without_path(ops, exc.path)
                 except ConditionFailed as exc:
                     if exc.namespace == OBSERVER_NS:  # its observers changed: read them again
-                        self.claimer.observers.forget_key(exc.key)
+                        self.observers.forget_key(exc.key)
                         commit = await build()
                         ops, clear = (commit.ops + extra if extra else commit.ops), commit.clear
                         continue

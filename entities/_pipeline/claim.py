@@ -8,9 +8,8 @@ A redelivered wake (its lease expired, or it failed and is retried) keeps its ra
 one more attempt.
 
 A :class:`Claimer` is one worker's side of this: it keeps a bounded cache of the entity records
-it wrote last, of the views its wakes folded and of the entities' observers (so an entity's
-next wake on the same worker costs no record read, folds only new events and reads no observer
-rows, see :class:`~.deliver.ObserverCache`), and remembers entities to leave alone for a
+it wrote last and of the views its wakes folded (so an entity's next wake on the same worker
+costs no record read and folds only new events), and remembers entities to leave alone for a
 while (leased elsewhere, or waiting to be retried). Which entities a worker tries first is
 :mod:`.affinity`'s business.
 """
@@ -31,7 +30,6 @@ from .._metrics import metrics
 from .._records import ENTITY_NS, PAUSED_NS, PENDING_NS, WAKE_TYPES, EntityRecord, Inflight
 from .._urls import EntityURL, parse_url
 from .caps import Caps
-from .deliver import ObserverCache
 from .load import Loaded, View, load_range, wake_id
 
 __all__ = ["Claim", "Claimer"]
@@ -90,7 +88,6 @@ class Claimer:
         self.snapshots: dict[str, str] = {}
         # url -> (not before this time, the pending mark it was found leased elsewhere under)
         self.blocked: dict[str, tuple[float, bytes | None]] = {}
-        self.observers = ObserverCache(cache_size)  # of the entities this worker runs
 
     # -- what this worker remembers -------------------------------------------------------------
 
