@@ -55,7 +55,7 @@ from ._idempotency import (
     slot_of,
     store_answer,
 )
-from ._pipeline.inbox import message_event, send_ops, spawn_ops
+from ._pipeline.inbox import created_info, message_event, send_ops, spawn_ops
 from ._purge import purge
 from ._records import (
     APP_NS,
@@ -224,7 +224,7 @@ class Runtime(Control, Awaiting):
             request = fingerprint(checked, tags, initial_message, initial_message_type, parent)
             return await self._spawn_once(target, ops, request, idempotency_key)
         await self._create(target, ops)
-        return await self.get(target.url)
+        return created_info(ops)
 
     async def _create(self, target: EntityURL, ops: list[Op]) -> None:
         try:
@@ -253,7 +253,7 @@ class Runtime(Control, Awaiting):
                 await self._create(target, [*ops, *remember_ops(slot, record, current)])
             except ConditionFailed:
                 continue  # the same key, at the same time: answer as that request did
-            info = await self.get(target.url)
+            info = created_info(ops)
             await store_answer(self.store, slot, record, info.to_json())
             return info
 

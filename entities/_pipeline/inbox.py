@@ -11,16 +11,27 @@ written while the wake ran (more arrived) keeps the entity pending.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
+
+import orjson
 
 from streams import Append, Create, KvPut, Op
 
 from .._events import JSON, event, inbox_value, iso, new_token
-from .._records import ENTITY_NS, PENDING_NS, TAG_NS, EntityRecord
+from .._records import (
+    ENTITY_NS,
+    PENDING_NS,
+    TAG_NS,
+    WAKE_TYPES,
+    EntityInfo,
+    EntityRecord,
+    info_of,
+)
 from .._tracing import carrier
 from .._urls import EntityURL
 
-__all__ = ["Deliveries", "message_event", "send_ops", "spawn_ops", "wake_ops"]
+__all__ = ["Deliveries", "created_info", "message_event", "send_ops", "spawn_ops", "wake_ops"]
 
 
 def wake_ops(target: EntityURL, events: Sequence[bytes], token: bytes | None = None) -> list[Op]:
@@ -148,3 +159,24 @@ def spawn_ops(
         *ops,
         KvPut(PENDING_NS, target.url, new_token()),
     ]
+
+
+def created_info(ops: Sequence[Op]) -> EntityInfo:
+    """The entity the commit of ``ops`` (made by :func:`spawn_ops`) created, as a lookup
+    before its first wake reads it: idle and pending, with its tags and the wake events it
+    starts with (a spawn answers with this, not with a read that may already see its first
+    wake running)."""
+    record: EntityRecord | None = None
+    tags: dict[str, str] = {}
+    queue = 0
+    for op in ops:
+        if isinstance(op, Create):
+            queue = sum(1 for m in op.messages if orjson.loads(m).get("type") in WAKE_TYPES)
+        elif isinstance(op, KvPut) and op.value is not None:
+            if op.namespace == ENTITY_NS:
+                record = EntityRecord.load(op.value)
+            elif op.namespace == TAG_NS:
+                tags[op.key.split("\n", 1)[1]] = op.value.decode()
+    if record is None:
+        raise ValueError("not the operations of a spawn")
+    return replace(info_of(record, True, tags), queue=queue)

@@ -438,3 +438,32 @@ async def test_a_finished_wake_leaves_no_reference_cycle() -> None:
     assert "HandlerContext" not in left
     assert "Database" not in left
     assert "RunBook" not in left
+
+
+async def test_a_spawn_answers_with_the_entity_as_it_created_it(store_url: str) -> None:
+    """What a spawn returns is the entity its commit created (idle, pending, its tags and
+    queued wakes), exactly what a lookup reads before the first wake, and not a read that
+    may already find that wake running; an idempotent retry answers the same."""
+    registry = Registry()
+
+    @registry.define("t")
+    async def handler(ctx: HandlerContext, wake: WakeEvent) -> None:
+        return None
+
+    async with make_runtime(registry, store_url) as rt:
+        plain = await rt.spawn("/t/a")
+        assert plain == await rt.get("/t/a")
+        assert plain.status == "idle" and plain.pending and plain.queue == 1
+        full = await rt.spawn(
+            "/t/b", tags={"team": "x", "tier": "1"}, initial_message={"hi": 1},
+            idempotency_key="spawn-b",
+        )  # fmt: skip
+        assert full == await rt.get("/t/b")
+        assert full.tags == {"team": "x", "tier": "1"} and full.queue == 2
+        again = await rt.spawn(
+            "/t/b", tags={"team": "x", "tier": "1"}, initial_message={"hi": 1},
+            idempotency_key="spawn-b",
+        )  # fmt: skip
+        assert again.to_json() == full.to_json()  # as the first answered (JSON, kept a day)
+        await rt.run_until_idle()
+        assert (await rt.get("/t/b")).status == "idle" and not (await rt.get("/t/b")).pending
