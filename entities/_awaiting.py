@@ -282,19 +282,6 @@ def waiters_of(store: Store) -> ReplyWaiters:
 class Awaiting(Reads):
     """Request-response over ``store`` (see :class:`~entities.Runtime`)."""
 
-    async def send(
-        self,
-        url: str,
-        payload: Any,
-        *,
-        type: str | None = None,
-        sender: str | None = None,
-        idempotency_key: str | None = None,
-        mode: str = "queued",
-        attachments: list[dict[str, Any]] | None = None,
-    ) -> SendReceipt:  # pragma: no cover - Runtime.send
-        raise NotImplementedError
-
     async def _send(
         self,
         url: str,
