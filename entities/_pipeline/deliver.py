@@ -52,14 +52,7 @@ class ObserverCache:
         they are current. Raises whatever the store raises."""
         cached = self._rows.get(url)
         if cached is None or cached[0] != born:
-            generation, rows = None, []
-            first = generation_key(url)
-            for key, raw in await store.kv_scan(OBSERVER_NS, first):
-                if key == first:
-                    generation = raw
-                else:
-                    rows.append(raw)
-            cached = self._rows[url] = (born, generation, rows)
+            cached = self._rows[url] = (born, *await _observers_of(store, url))
             while len(self._rows) > self.size:
                 self._rows.popitem(last=False)
         else:
@@ -73,6 +66,19 @@ class ObserverCache:
     def forget_key(self, key: str) -> None:
         """:meth:`forget` the entity whose generation row is ``key``."""
         self._rows.pop(key.removesuffix("|"), None)
+
+
+async def _observers_of(store: Store, url: str) -> tuple[bytes | None, list[bytes]]:
+    """The generation row of ``url``'s observers (``None``: never written) and their rows,
+    from one scan. Raises whatever the store raises."""
+    generation, rows = None, []
+    first = generation_key(url)
+    for key, raw in await store.kv_scan(OBSERVER_NS, first):
+        if key == first:
+            generation = raw
+        else:
+            rows.append(raw)
+    return generation, rows
 
 
 async def parent_ops(
@@ -138,8 +144,7 @@ async def observer_ops(
     url = entity.url
     ops: list[Op] = []
     if cache is None:
-        first = generation_key(url)
-        rows = [raw for key, raw in await store.kv_scan(OBSERVER_NS, first) if key != first]
+        _generation, rows = await _observers_of(store, url)
     else:
         rows, current = await cache.rows(store, url, born)
         ops.append(current)  # checked before this commit writes generation rows of its own
