@@ -10,8 +10,16 @@ A waiter is not woken by every append to the entity's stream. Commits address wa
   waiter whose message was taken by a wake that completed without replying (a reply may come
   from a later wake, e.g. once children finish) waits for its own name from then on;
 - ``reply:{url}|{key}`` from a commit that writes a reply row or a status row for one message
-  (a reply to an earlier message, a cancel, an interrupt, a wait for approval, a dead letter):
-  that message's waiters alone.
+  (a reply to an earlier message, a cancel, an interrupt, a wait for approval, a dead letter)
+  or takes it: that message's waiters alone;
+- ``stopped:{url}`` from a kill: every waiter of the entity, including a caller whose message
+  is still being sent.
+
+A caller waits before it sends (:meth:`Awaiting.call`), under a key it chose: every commit
+that answers its message names it, so its first look is skipped unless a kill or a "wake
+everything" came meanwhile. A wake committed by this process (``entities serve``'s embedded
+worker) hands its replies to the callers here directly (:data:`~entities._replies.RECENT`:
+one scheduled call per commit, no notification, no read).
 
 Only the woken waiters read their answer (a few reads each, from the reply index and the
 unacknowledged tail, never the whole stream). Across processes the names travel through the
@@ -35,14 +43,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-
 from streams import Store, parse_offset
 
 from ._errors import EntityNotFound
 from ._reads import Reads
 from ._records import ENTITY_NS, EntityRecord, Outcome, SendReceipt
-from ._replies import RECENT, answered_signal, indexed_outcome, message_signal, outcome_of
+from ._replies import (
+    RECENT,
+    answered_signal,
+    indexed_outcome,
+    message_signal,
+    outcome_of,
+    stopped_signal,
+)
 from ._urls import parse_url
 
 __all__ = ["RECHECK_SECONDS", "Awaiting", "CallResult", "ReplyWaiters", "waiters_of"]
@@ -91,7 +104,10 @@ class _Waiter:
     url: str
     key: str
     at: str | None  # the message's offset, if known
-    event: anyio.Event = field(default_factory=anyio.Event)
+    heard: int  # its entity's count of signals that may answer anything, when it entered
+    future: asyncio.Future[None] | None = None  # resolved to wake it
+    woken: bool = False  # woken since it was last armed
+    replies: list[Any] | None = None  # handed over by a commit of this process (see RECENT)
     queued: bool = False  # in its entity's heap (or loose list)
     keyed: bool = False  # taken, no reply yet: woken by its own name (or a kill) only
     done: bool = False
@@ -99,7 +115,16 @@ class _Waiter:
 
     def wake(self) -> None:
         self.queued = False  # its entity's lists drop it (or dropped it) themselves
-        self.event.set()
+        self.woken = True
+        future = self.future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def hand(self, replies: list[Any]) -> None:
+        """The replies a commit of this process handed over (on the waiter's loop)."""
+        if self.replies is None:
+            self.replies = replies
+        self.wake()
 
 
 @dataclass(eq=False)
@@ -113,7 +138,7 @@ class _Entity:
     remove: Callable[[], None] | None = None
     looking: bool = False
     again: bool = False
-    heard: int = 0  # answered signals heard
+    heard: int = 0  # signals heard that may answer any of its messages (see _heard)
 
 
 class ReplyWaiters:
@@ -128,48 +153,61 @@ class ReplyWaiters:
         self._remove_everything: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._broadcast: asyncio.TimerHandle | None = None
+        self._leaving: dict[_Waiter, Callable[[], None]] = {}
 
-    def enter(self, url: str, key: str, at: str | None) -> tuple[_Waiter, Callable[[], None]]:
-        """Register a waiter of message ``key`` of ``url`` (at offset ``at``); returns it and
-        the function that removes it."""
-        waiter = _Waiter(url, key, at)
+    def enter(self, url: str, key: str, at: str | None) -> _Waiter:
+        """Register a waiter of message ``key`` of ``url`` (at offset ``at``, or ``None`` while
+        unknown, e.g. before the message is sent); it hears its own name and the replies a
+        commit of this process hands over from now on. :meth:`leave` removes it."""
         entity = self._join(url)
+        waiter = _Waiter(url, key, at, entity.heard)
         remove_key = self.store.listen(message_signal(url, key), waiter.wake, broadcast=False)
-        RECENT.expect(url, key)
+        forget = RECENT.expect(url, key, waiter.hand)
 
         def leave() -> None:
-            RECENT.forget(url, key)
+            forget()
             remove_key()
             waiter.done = True
             entity.keyed.discard(waiter)
             self._part(url, entity)
 
-        return waiter, leave
+        self._leaving[waiter] = leave
+        return waiter
 
-    def hold(self, url: str) -> tuple[Callable[[], bool], Callable[[], None]]:
-        """Listen for the answers of ``url`` before a message is sent to it: returns
-        ``quiet()``, whether nothing that could answer a message came since (no commit
-        acknowledged a wake of it, no look at it was made for a "wake everything"), and the
-        function that stops listening. A message sent meanwhile, its key known to no one else
-        yet, needs no first look while ``quiet()`` holds. A "wake everything" heard but not
-        yet acted on does not end the quiet: the look it schedules for every entity with
-        waiters (see :meth:`_everything`) sees a waiter armed by then; one made already
-        counted as heard."""
-        entity = self._join(url)
-        heard = entity.heard
+    def leave(self, waiter: _Waiter) -> None:
+        """Remove ``waiter`` (see :meth:`enter`)."""
+        leave = self._leaving.pop(waiter, None)
+        if leave is not None:
+            leave()
 
-        def quiet() -> bool:
-            return entity.heard == heard
-
-        return quiet, lambda: self._part(url, entity)
+    def quiet(self, waiter: _Waiter) -> bool:
+        """Whether nothing that could answer ``waiter``'s message without naming it came
+        since it entered: no kill of its entity, no look at it for a "wake everything". A
+        message sent after its waiter entered, its key known to no one else yet, needs no
+        first look while this holds and nothing woke the waiter: every commit that answers
+        a message names it (its replies, its status, its being taken; see
+        :mod:`entities._replies`), and a commit of this process hands its replies over. A
+        "wake everything" heard but not yet acted on does not end the quiet: the look it
+        schedules for every entity with waiters (see :meth:`_everything`) sees the waiter
+        armed by then; one made already counted as heard."""
+        entity = self._entities.get(waiter.url)
+        return entity is not None and entity.heard == waiter.heard
 
     def _join(self, url: str) -> _Entity:
         entity = self._entities.get(url)
         if entity is None:
             entity = self._entities[url] = _Entity()
-            entity.remove = self.store.listen(
-                answered_signal(url), lambda: self._answered(url), broadcast=False
+            listen = self.store.listen
+            removers = (
+                listen(answered_signal(url), lambda: self._answered(url), broadcast=False),
+                listen(stopped_signal(url), lambda: self._heard(url), broadcast=False),
             )
+
+            def remove() -> None:
+                for remover in removers:
+                    remover()
+
+            entity.remove = remove
         if self._remove_everything is None:
             self._remove_everything = self.store.listen("*", self._everything, broadcast=False)
         entity.count += 1
@@ -188,10 +226,11 @@ class ReplyWaiters:
                     self._broadcast.cancel()
                     self._broadcast = None
 
-    def arm(self, waiter: _Waiter) -> anyio.Event:
-        """Make ``waiter`` wakeable by the next answer; returns the event it is woken by."""
-        if waiter.event.is_set():
-            waiter.event = anyio.Event()
+    def arm(self, waiter: _Waiter) -> asyncio.Future[None]:
+        """Make ``waiter`` wakeable by the next answer; returns the future it is woken by."""
+        future = waiter.future
+        if future is None or future.done():
+            future = waiter.future = asyncio.get_running_loop().create_future()
         if not waiter.queued:
             entity = self._entities[waiter.url]
             waiter.queued = True
@@ -202,16 +241,27 @@ class ReplyWaiters:
             else:
                 self._seq += 1
                 heapq.heappush(entity.heap, (waiter.at, self._seq, waiter))
-        return waiter.event
+        return future
+
+    def _heard(self, url: str) -> None:
+        """Something may have answered any message of ``url`` without naming it (a kill, or a
+        commit of another process told as "wake everything"): no first look is skipped, and
+        the waiters get one now."""
+        entity = self._entities.get(url)
+        if entity is not None:
+            entity.heard += 1
+            self._answered(url)
 
     def _answered(self, url: str) -> None:
+        """A commit acknowledged wakes of ``url``: a look for the waiters it may answer."""
         entity = self._entities.get(url)
         if entity is None:
             return
-        entity.heard += 1
         if entity.looking:
             entity.again = True
             return
+        if not self._lookers(entity):
+            return  # every waiter was woken already (by its own name, or a hand-over)
         entity.looking = True
         task = asyncio.get_running_loop().create_task(self._look(url, entity))
         self._tasks.add(task)
@@ -228,7 +278,18 @@ class ReplyWaiters:
     def _looks(self) -> None:
         self._broadcast = None
         for url in list(self._entities):
-            self._answered(url)
+            self._heard(url)
+
+    @staticmethod
+    def _lookers(entity: _Entity) -> bool:
+        """Whether a look at ``entity``'s record could wake one of its waiters: one is keyed
+        (a kill ends its wait), or one not reading its answer right now waits in its lists."""
+        heap = entity.heap
+        while heap and (heap[0][2].done or not heap[0][2].queued):
+            heapq.heappop(heap)  # woken meanwhile: it looks for itself
+        return bool(entity.keyed) or not all(
+            w.glancing for w in (*(e[2] for e in heap), *entity.loose)
+        )
 
     async def _look(self, url: str, entity: _Entity) -> None:
         """One read of the entity record per round; wake the waiters it answers. No read when
@@ -236,11 +297,7 @@ class ReplyWaiters:
         try:
             while True:
                 entity.again = False
-                while entity.heap and (entity.heap[0][2].done or not entity.heap[0][2].queued):
-                    heapq.heappop(entity.heap)  # woken meanwhile: it looks for itself
-                if not entity.keyed and all(
-                    w.glancing for w in (*(e[2] for e in entity.heap), *entity.loose)
-                ):
+                if not self._lookers(entity):
                     return  # nobody left to wake (those reading now see this commit)
                 self.looks += 1
                 try:
@@ -266,6 +323,11 @@ class ReplyWaiters:
                     return
         finally:
             entity.looking = False
+
+
+def _wake_up(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 _HUBS: weakref.WeakKeyDictionary[Store, ReplyWaiters] = weakref.WeakKeyDictionary()
@@ -321,48 +383,43 @@ class Awaiting(Reads):
         """
         if not wait >= 0:
             raise ValueError("wait must be a number of seconds, at least 0")
-        # listening before the send: a new message answered by nothing heard since needs no
-        # first look (a retried key may name a message answered long ago: it gets one)
-        target = parse_url(url).url
-        quiet, release = waiters_of(self.store).hold(target)
-        # a new message's key is chosen here, so that a wake of this process answering it
-        # before the wait below begins still hands its replies over (see RECENT)
-        key = uuid.uuid4().hex if idempotency_key is None else None
-        if key is not None:
-            RECENT.expect(target, key)
-        try:
+        if idempotency_key is not None:  # it may name a message answered long ago: a look
             receipt = await self._send(
                 url, payload, type=type, sender=sender, idempotency_key=idempotency_key,
-                mode=mode, attachments=attachments, key=key,
+                mode=mode, attachments=attachments,
             )  # fmt: skip
             found, timed_out = await self.wait_outcome(
-                receipt.url, receipt.key, after=receipt.offset, wait=wait,
-                quiet=None if idempotency_key is not None else quiet,
-            )  # fmt: skip
-        finally:
-            release()
-            if key is not None:
-                RECENT.forget(target, key)
+                receipt.url, receipt.key, after=receipt.offset, wait=wait
+            )
+        else:
+            # waiting before the send, under a key chosen here: whatever answers the new
+            # message (its own name, a commit of this process handing its replies over) comes
+            # after this, and a message answered by nothing heard since needs no first look
+            hub = waiters_of(self.store)
+            key = uuid.uuid4().hex
+            waiter = hub.enter(parse_url(url).url, key, None)
+            try:
+                receipt = await self._send(
+                    url, payload, type=type, sender=sender, idempotency_key=None, mode=mode,
+                    attachments=attachments, key=key,
+                )  # fmt: skip
+                waiter.at = receipt.offset
+                found, timed_out = await self._wait(waiter, receipt.offset, wait, fresh=True)
+            finally:
+                hub.leave(waiter)
         return CallResult(
             receipt.url, receipt.key, receipt.offset, found.replies, found.status, found.error,
             timed_out,
         )  # fmt: skip
 
     async def wait_outcome(
-        self,
-        url: str,
-        message_key: str,
-        *,
-        after: str = "-1",
-        wait: float,
-        quiet: Callable[[], bool] | None = None,
+        self, url: str, message_key: str, *, after: str = "-1", wait: float
     ) -> tuple[Outcome, bool]:
         """Wait up to ``wait`` seconds for an answer to message ``message_key`` (at offset
         ``after``, a receipt's, or ``-1``): replies, or a wake given up. Woken by the
         commit that answers it, not by every append (see the module docstring). Returns what
         became of it and whether the wait ran out first. A killed entity ends the wait
-        (``cancelled`` while the message was still pending). ``quiet`` (see
-        :meth:`ReplyWaiters.hold`): the first look is skipped while it says nothing came.
+        (``cancelled`` while the message was still pending).
 
         Raises:
             EntityNotFound: no entity at ``url``.
@@ -373,39 +430,55 @@ class Awaiting(Reads):
         if at is not None:
             parse_offset(at)  # a malformed offset is the caller's mistake (BadOffset)
         hub = waiters_of(self.store)
-        waiter, leave = hub.enter(target.url, message_key, at)
-        deadline = time.monotonic() + wait
+        waiter = hub.enter(target.url, message_key, at)
         try:
-            first = True
-            while True:
-                event = hub.arm(waiter)
-                if first and quiet is not None and quiet():
-                    found, stopped, taken = None, False, False  # just sent, nothing came since
-                else:
-                    waiter.glancing = True
-                    try:
-                        found, stopped, taken = await self._glance(target.url, message_key, at)
-                    finally:
-                        waiter.glancing = False
-                first = False
-                if found is not None:  # replies, or a wake given up
-                    return found, False
-                remaining = deadline - time.monotonic()
-                if stopped or remaining <= 0:  # killed (no reply can come), or out of time
-                    answer, stopped = await self._answer(target.url, message_key, after)
-                    if stopped and not answer.replies and answer.status == "pending":
-                        answer.status = "cancelled"
-                    return answer, not stopped and not answer.replies and not answer.failed
-                # taken without a reply so far: a later commit naming it answers it
-                waiter.keyed = taken
-                hub.sleeping += 1
-                try:
-                    with anyio.move_on_after(min(remaining, RECHECK_SECONDS)):
-                        await event.wait()
-                finally:
-                    hub.sleeping -= 1
+            return await self._wait(waiter, after, wait, fresh=False)
         finally:
-            leave()
+            hub.leave(waiter)
+
+    async def _wait(
+        self, waiter: _Waiter, after: str, wait: float, *, fresh: bool
+    ) -> tuple[Outcome, bool]:
+        """:meth:`wait_outcome` for a registered ``waiter``; ``fresh``: its message was sent
+        after it entered (the first look is skipped while :meth:`ReplyWaiters.quiet` holds)."""
+        hub = waiters_of(self.store)
+        url, message_key, at = waiter.url, waiter.key, waiter.at
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + wait
+        first = True
+        while True:
+            woken, waiter.woken = waiter.woken, False
+            future = hub.arm(waiter)
+            if waiter.replies is not None:  # handed over by a commit of this process
+                return Outcome(replies=waiter.replies, status="completed"), False
+            if first and fresh and not woken and hub.quiet(waiter):
+                found, stopped, taken = None, False, False  # just sent, nothing came since
+            else:
+                waiter.glancing = True
+                try:
+                    found, stopped, taken = await self._glance(url, message_key, at)
+                finally:
+                    waiter.glancing = False
+            first = False
+            if found is not None:  # replies, or a wake given up
+                return found, False
+            remaining = deadline - time.monotonic()
+            if stopped or remaining <= 0:  # killed (no reply can come), or out of time
+                answer, stopped = await self._answer(url, message_key, after)
+                if stopped and not answer.replies and answer.status == "pending":
+                    answer.status = "cancelled"
+                return answer, not stopped and not answer.replies and not answer.failed
+            # taken without a reply so far: a later commit naming it answers it
+            waiter.keyed = taken
+            if waiter.woken:  # woken while it looked: look again
+                continue
+            hub.sleeping += 1
+            timer = loop.call_later(min(remaining, RECHECK_SECONDS), _wake_up, future)
+            try:
+                await future
+            finally:
+                timer.cancel()
+                hub.sleeping -= 1
 
     async def _glance(
         self, url: str, message_key: str, at: str | None

@@ -51,6 +51,7 @@ __all__ = [
     "replies_of",
     "reply_ops",
     "status_ops",
+    "stopped_signal",
     "taken_signals",
     "unstatus_ops",
 ]
@@ -66,6 +67,12 @@ def answered_signal(url: str) -> str:
     """The :class:`~streams.Notify` name of a commit that acknowledges wakes of ``url`` (or
     stops it): waiters of messages at or before its acknowledged offset have an answer."""
     return f"reply:{url}"
+
+
+def stopped_signal(url: str) -> str:
+    """The :class:`~streams.Notify` name of the commit that stops ``url`` (a kill): every
+    wait for one of its messages ends, whatever its callers heard before."""
+    return f"stopped:{url}"
 
 
 def message_signal(url: str, message_key: str) -> str:
@@ -103,42 +110,52 @@ def reply_ops(url: EntityURL, to_offset: str, replies: Sequence[tuple[str, Any]]
     return ops
 
 
+Hand = Callable[[list[Any]], None]
+
+
 class RecentReplies:
     """Replies handed from a wake's commit to the callers waiting in the same process, by
-    (entity, message key): a caller woken by the commit that answered it takes its replies
-    from here instead of reading the reply index (``entities serve`` runs its worker in the
-    same process as its HTTP side). Only the messages a caller here waits for are kept, and
-    only committed replies (those of the first commit that replied, as in the index); a miss
-    reads the store.
+    (entity, message key): ``entities serve`` runs its worker in the same process as its HTTP
+    side, so a caller there is answered by the commit itself, without a notification or a read
+    of the reply index. Only the messages a caller here waits for are kept, and only committed
+    replies (those of the first commit that replied, as in the index); a miss reads the store.
 
-    The commit's signal can reach a caller (through the store's notifications) before the
-    committing thread has handed the replies over, so a wake *stages* the keys it answers
-    before its commit and settles them after it: a caller that finds its key staged waits
-    for the settling (:meth:`settled`) instead of reading the index."""
+    A caller registers a *hand* (:meth:`expect`): the commit hands the replies to it on the
+    caller's event loop (one thread-safe call per commit and loop, however many callers it
+    answers). The commit's notification can also reach a caller (through the store) before the
+    committing thread has handed the replies over, so a wake *stages* the keys it answers before
+    its commit and settles them after it: a caller that finds its key staged waits for the
+    settling (:meth:`settled`) instead of reading the index."""
 
     def __init__(self) -> None:
-        self._awaited: dict[tuple[str, str], int] = {}  # callers waiting, per message
+        # callers waiting, per message: (their loop, what to hand the replies to)
+        self._awaited: dict[tuple[str, str], list[tuple[asyncio.AbstractEventLoop, Hand]]] = {}
         self._replies: dict[tuple[str, str], list[Any]] = {}
         # keys a commit of this process is answering right now -> what to call when it ends
         self._staged: dict[tuple[str, str], list[Callable[[], None]]] = {}
         self._lock = threading.Lock()  # the worker's thread publishes, the server's takes
 
-    def expect(self, url: str, message_key: str) -> None:
-        """A caller here waits for ``message_key`` of ``url``."""
+    def expect(self, url: str, message_key: str, hand: Hand) -> Callable[[], None]:
+        """A caller here waits for ``message_key`` of ``url``: ``hand(replies)`` is called on
+        the running event loop once a commit of this process replies to it. Returns the
+        function that stops the waiting."""
+        key = (url, message_key)
+        entry = (asyncio.get_running_loop(), hand)
         with self._lock:
-            key = (url, message_key)
-            self._awaited[key] = self._awaited.get(key, 0) + 1
+            self._awaited.setdefault(key, []).append(entry)
 
-    def forget(self, url: str, message_key: str) -> None:
-        """A caller of ``message_key`` stopped waiting."""
-        with self._lock:
-            key = (url, message_key)
-            left = self._awaited.get(key, 0) - 1
-            if left > 0:
-                self._awaited[key] = left
-            else:
-                self._awaited.pop(key, None)
-                self._replies.pop(key, None)
+        def forget() -> None:
+            with self._lock:
+                hands = self._awaited.get(key)
+                if hands is None:
+                    return
+                with contextlib.suppress(ValueError):
+                    hands.remove(entry)
+                if not hands:
+                    del self._awaited[key]
+                    self._replies.pop(key, None)
+
+        return forget
 
     def stage(self, url: str, message_keys: Iterable[str]) -> list[tuple[str, str]]:
         """Before a commit that answers ``message_keys`` of ``url``: mark those a caller here
@@ -158,15 +175,23 @@ class RecentReplies:
         staged: Sequence[tuple[str, str]] = (),
     ) -> None:
         """Hand over ``replies`` ((message key, value), in order), committed by a wake of
-        ``url``, to the callers here waiting for them; then settle ``staged``."""
+        ``url``, to the callers here waiting for them; then settle ``staged``. Call it on an
+        event loop's thread."""
         if self._awaited and replies:
             grouped: dict[tuple[str, str], list[Any]] = {}
             for message_key, value in replies:
                 grouped.setdefault((url, message_key), []).append(value)
+            handed: dict[asyncio.AbstractEventLoop, list[tuple[Hand, list[Any]]]] = {}
             with self._lock:
                 for key, values in grouped.items():
-                    if key in self._awaited:
-                        self._replies.setdefault(key, values)  # the first commit's, as indexed
+                    hands = self._awaited.get(key)
+                    if hands is None:
+                        continue
+                    first = self._replies.setdefault(key, values)  # the first commit's
+                    for loop, hand in hands:
+                        handed.setdefault(loop, []).append((hand, first))
+            for loop, batch in handed.items():
+                _soon(loop, _hand_over, batch)
         self.settle(staged)
 
     def settle(self, staged: Sequence[tuple[str, str]]) -> None:
@@ -187,22 +212,39 @@ class RecentReplies:
         """:meth:`take`, after the commit of this process answering ``message_key`` (if one is
         staged) settled, waiting at most ``within`` seconds for it."""
         key = (url, message_key)
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def wake() -> None:
-            loop.call_soon_threadsafe(_resolve, done)
-
         with self._lock:
             found = self._replies.get(key)
-            waiting = found is None and key in self._staged
-            if waiting:
-                self._staged[key].append(wake)
-        if waiting:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done, within)
-            found = self.take(url, message_key)
-        return found
+            if found is not None or key not in self._staged:
+                return found
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[None] = loop.create_future()
+            self._staged[key].append(lambda: _soon(loop, _resolve, done))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done, within)
+        return self.take(url, message_key)
+
+
+def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) -> None:
+    """``fn(arg)`` soon on ``loop``, from its own thread or another (a no-op once it closed)."""
+    try:
+        if _running() is loop:
+            loop.call_soon(fn, arg)
+        else:
+            loop.call_soon_threadsafe(fn, arg)
+    except RuntimeError:  # that loop closed meanwhile
+        pass
+
+
+def _running() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _hand_over(batch: list[tuple[Hand, list[Any]]]) -> None:
+    for hand, replies in batch:
+        hand(replies)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

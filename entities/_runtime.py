@@ -69,7 +69,7 @@ from ._records import (
 )
 from ._registry import EntityType, Registry
 from ._replay import ReplayReport, replay
-from ._replies import answered_signal
+from ._replies import answered_signal, stopped_signal
 from ._signals import SEND_MODES, signal_ops
 from ._timers import arm_ops, cancel_ops, cron_schedule, next_due, timer_key
 from ._urls import EntityURL, parse_url
@@ -505,6 +505,7 @@ class Runtime(Control, Awaiting):
                 KvPut(ENTITY_NS, target.url, stopped.dump()),
                 KvPut(PENDING_NS, target.url, None),
                 Notify(answered_signal(target.url)),  # its callers wait no more
+                Notify(stopped_signal(target.url)),  # nor do those whose message is in flight
             ]
             try:
                 await self.store.commit(ops)

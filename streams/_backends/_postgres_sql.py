@@ -157,17 +157,18 @@ class GroupLoader(Loader):
         self.kv_rows: dict[tuple[str, str], bytes | None] = {}
 
     def merge(self, effects: Effects) -> None:
-        purged_paths = [
-            path
-            for path, record in self.by_path.items()
-            if record is not None and record.id in effects.purged
-        ]
-        for path in purged_paths:
-            self.by_path[path] = None
-        for sid in effects.purged:
-            row = self.rows_by_id.get(sid)
-            if row is not None:
-                self.by_path[row.path] = None
+        if effects.purged:  # a scan of the group's paths: only for the rare purge
+            purged_paths = [
+                path
+                for path, record in self.by_path.items()
+                if record is not None and record.id in effects.purged
+            ]
+            for path in purged_paths:
+                self.by_path[path] = None
+            for sid in effects.purged:
+                row = self.rows_by_id.get(sid)
+                if row is not None:
+                    self.by_path[row.path] = None
         self.effects.merge(effects)
         for record in effects.streams.values():
             self.by_path[record.path] = record

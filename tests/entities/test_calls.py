@@ -148,6 +148,53 @@ async def test_waiters_are_woken_only_by_their_answer(store_url: str) -> None:
         assert reads.n <= 10 * WAITERS
 
 
+async def test_a_kill_while_a_call_sends_ends_the_call_at_once(store_url: str) -> None:
+    """A call waits before it sends and skips its first look while nothing that could answer
+    its message without naming it came: a kill that lands while the message is being sent
+    still ends the wait at once (``cancelled``), not at the next recheck (5 s)."""
+    async with Runtime(registry, store_url, clock=VirtualClock()) as rt:
+        url = "/desk/doomed"
+        await rt.spawn(url)
+        await rt.run_until_idle()
+        send = rt._send
+
+        async def send_then_kill(*args: Any, **kwargs: Any) -> Any:
+            receipt = await send(*args, **kwargs)
+            await rt.kill(url)  # before the caller's first look
+            return receipt
+
+        rt._send = send_then_kill  # type: ignore[method-assign]
+        with anyio.fail_after(3):
+            result = await rt.call(url, {"ask": 1}, wait=30)
+        assert result.status == "cancelled" and result.replies == [] and not result.timed_out
+
+
+async def test_a_wake_of_this_process_hands_its_replies_to_the_caller(store_url: str) -> None:
+    """A caller in the worker's process is answered by the commit itself: with every reply
+    signal of the store lost, calls still return at once (not at the next recheck), and read
+    neither the reply index nor the entity record."""
+    async with Runtime(registry, store_url) as rt:
+        reads = ReadCounter(rt.store)
+        notify = rt.store._notify
+
+        def without_reply_signals(paths: set[str]) -> None:
+            notify({p for p in paths if not p.startswith("reply:")})
+
+        rt.store._notify = without_reply_signals  # type: ignore[method-assign]
+        stop = anyio.Event()
+        working = asyncio.create_task(rt.worker(poll_interval=30).run(stop))
+        try:
+            await rt.spawn("/desk/handed")
+            with anyio.fail_after(4):  # a missed answer waits for the recheck (5 s)
+                for i in range(5):
+                    result = await reads.counted(rt.call("/desk/handed", {"ask": i}, wait=30))
+                    assert result.replies == [i] and result.status == "completed"
+            assert reads.n == 0
+        finally:
+            stop.set()
+            await working
+
+
 CALL = "/_entities/entities/desk/{id}/call"
 
 
@@ -303,25 +350,52 @@ async def test_a_call_costs_few_reads_beside_its_wake(store_url: str) -> None:
             await working
 
 
-def test_recent_replies_keep_only_what_callers_here_wait_for() -> None:
+async def test_recent_replies_keep_only_what_callers_here_wait_for() -> None:
     """The hand-over from a wake's commit to the callers in the same process holds the
-    replies of awaited messages only, those of the first commit that replied, until the last
-    caller of the message stops waiting."""
+    replies of awaited messages only, those of the first commit that replied, hands them to
+    every caller of the message (one scheduled call per commit and event loop), and keeps
+    them until the last caller of the message stops waiting."""
     recent = RecentReplies()
+    handed: list[tuple[str, list[Any]]] = []
     recent.publish("/d/a", [("k1", 1)])  # nobody waits: nothing kept
     assert recent.take("/d/a", "k1") is None
-    recent.expect("/d/a", "k1")
-    recent.expect("/d/a", "k1")  # two callers of one message
+    forget_one = recent.expect("/d/a", "k1", lambda r: handed.append(("one", r)))
+    forget_two = recent.expect("/d/a", "k1", lambda r: handed.append(("two", r)))
     recent.publish("/d/a", [("k1", 1), ("k2", 2), ("k1", 3)])
+    assert handed == []  # handed over on the callers' loop, not inside the publish
+    await asyncio.sleep(0)
+    assert handed == [("one", [1, 3]), ("two", [1, 3])]
     recent.publish("/d/a", [("k1", 4)])  # a later commit's reply: the index's first stands
+    await asyncio.sleep(0)
+    assert handed[2:] == [("one", [1, 3]), ("two", [1, 3])]
     assert recent.take("/d/a", "k1") == [1, 3]
     assert recent.take("/d/a", "k2") is None and recent.take("/d/b", "k1") is None
-    recent.forget("/d/a", "k1")
+    forget_one()
     assert recent.take("/d/a", "k1") == [1, 3]  # one caller still waits
-    recent.forget("/d/a", "k1")
+    forget_two()
+    forget_two()  # twice: no harm
     assert recent.take("/d/a", "k1") is None
     recent.publish("/d/a", [("k1", 5)])
-    assert recent.take("/d/a", "k1") is None
+    await asyncio.sleep(0)
+    assert recent.take("/d/a", "k1") is None and len(handed) == 4
+
+
+async def test_replies_are_handed_to_a_caller_on_another_thread_s_loop() -> None:
+    """A commit on the worker's thread hands the replies over to the caller's event loop
+    (``entities serve``'s shape): the caller is answered without a notification or a read."""
+    recent = RecentReplies()
+    got: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+    forget = recent.expect("/d/a", "k1", got.set_result)
+
+    def commit_on_another_thread() -> None:
+        async def worker() -> None:
+            recent.publish("/d/a", [("k1", "hi")], recent.stage("/d/a", ["k1"]))
+
+        asyncio.run(worker())
+
+    await asyncio.get_running_loop().run_in_executor(None, commit_on_another_thread)
+    assert await asyncio.wait_for(got, 5) == ["hi"]
+    forget()
 
 
 async def test_a_caller_here_waits_for_the_commit_answering_it_not_the_index(
@@ -365,8 +439,8 @@ async def test_a_staged_answer_is_waited_for_and_a_failed_commit_lets_go() -> No
     replies once published (from another thread), nothing once the commit gave up; an
     unstaged message is answered at once."""
     recent = RecentReplies()
-    recent.expect("/d/a", "k1")
-    recent.expect("/d/a", "k2")
+    recent.expect("/d/a", "k1", lambda _replies: None)
+    recent.expect("/d/a", "k2", lambda _replies: None)
     assert recent.stage("/d/a", ["k1", "k3"]) == [("/d/a", "k1")]  # k3: nobody waits here
     loop = asyncio.get_running_loop()
     waiting = asyncio.create_task(recent.settled("/d/a", "k1", 30))
