@@ -37,6 +37,7 @@ from ._common import (
     wake_timeout_option,
 )
 from ._db import Problem, UsageProblem, db_option, open_db, probe_postgres, redact, require_db
+from ._heap import settle_heap
 from ._logs import adopt_uvicorn_loggers, json_logs
 
 __all__ = ["replay", "run", "serve", "worker"]
@@ -200,6 +201,7 @@ def serve(
             f"  read:    curl '{url}/v1/stream/TYPE/ID/main?offset=-1'",
         ]
         _announce(lines, f"serving {url}", url=url, console=console, db=redact(db), types=names)
+        settle_heap()  # started: what start-up allocated stays (see _heap)
 
     async def main() -> None:
         async with (
@@ -290,6 +292,7 @@ def worker(
                     deploy_version=deploy_version,
                 )
                 runner = rt.worker()
+                settle_heap()  # started: what start-up allocated stays (see _heap)
                 if metrics_port is not None:
                     serving = partial(serve_metrics, rt, runner, host=metrics_host)
                     tg.start_soon(partial(serving, port=metrics_port, ready=_metrics_banner))
