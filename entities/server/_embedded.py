@@ -7,15 +7,17 @@ same settings and worker id. A handler that blocks the worker's loop (``time.sle
 server's loop.
 
 The two stores see each other's commits as another process's would: PostgreSQL by ``NOTIFY``
-(at once), SQLite by watching the file (``PRAGMA data_version``, every 50 ms). So that nothing
-waits for that look over SQLite, the server's store pokes the worker's loop whenever it marks an
-entity pending or changes a timer (a message sent over HTTP starts its wake at once; over
-PostgreSQL the poke would only repeat the ``NOTIFY``, and cost the worker a second scan of the
-pending marks per send), and each commit of the worker's store wakes the server's waiters of
-the paths it touched (a reply
-reaches a long-poll or an SSE reader at once: measured through ``entities serve``, a send and
-the wait for the reply of a 20 ms handler took 51 ms at p50 with the file watch alone, 28 ms
-with this, and 26 ms with the worker on the server's loop).
+(at once, naming what changed), SQLite by watching the file (``PRAGMA data_version``, every
+50 ms, without names). So over SQLite each store's commits wake the other's waiters and
+listeners of the paths and names they touched, on the other's loop, as a store's commits wake
+its own: a message sent over HTTP starts its wake at once, a reply reaches a long-poll or an
+SSE reader at once (measured through ``entities serve``: a send and the wait for the reply of
+a 20 ms handler took 51 ms at p50 with the file watch alone, 28 ms with this, and 26 ms with the
+worker on the server's loop), and an interrupt reaches the running wake's listener at once.
+The two SQLite stores are *paired* (``SqliteStore._pair``): their commits, which move the
+file's ``data_version`` for each other, no longer make each other wake everything at once
+(every waiter's look, every worker scan) after each commit; another process's commits still
+do, within the file watch's 50 ms.
 
 A ``memory://`` store cannot be opened twice (a second one would be another, empty store):
 there the worker stays on the server's loop, as before (``memory://`` is for tests and trials);
@@ -34,7 +36,6 @@ import anyio
 
 from streams import Store, open_store
 
-from .._records import PENDING_NS, TIMER_NS
 from .._runtime import Runtime
 from .._worker import Worker
 
@@ -69,6 +70,11 @@ class EmbeddedWorker:
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="entities-worker", daemon=True)
         self._removers: list[Callable[[], None]] = []
+        # SQLite: the worker's store, and each store's own notify (what a commit of the other
+        # is handed to: never the forwarding one, or each would echo the other's names back)
+        self._worker_store: Store | None = None
+        self._server_notify = runtime.store._notify
+        self._worker_notify: Callable[[set[str]], None] = lambda _paths: None
 
     async def start(self) -> Worker:
         """Start the thread; return its worker once its store is open and it runs.
@@ -83,12 +89,9 @@ class EmbeddedWorker:
         if self.worker is None:
             assert self.failure is not None
             raise self.failure
-        store = self.runtime.store
-        if urlsplit(store.url).scheme == "sqlite":  # PostgreSQL's NOTIFY reaches it at once
-            self._removers = [
-                store.listen(f"kv:{PENDING_NS}", self._pending),
-                store.listen(f"kv:{TIMER_NS}", self._timers),
-            ]
+        if self._worker_store is not None:  # SQLite: PostgreSQL's NOTIFY reaches it at once
+            _pair(self.runtime.store)
+            self._removers = [self._forward(self.runtime.store, self._worker_store)]
         return self.worker
 
     def stop(self) -> None:
@@ -109,16 +112,6 @@ class EmbeddedWorker:
         if self._ended is None:
             raise RuntimeError("the embedded worker was not started")
         await self._ended.wait()
-
-    def _pending(self) -> None:
-        worker = self.worker
-        if worker is not None:
-            self._call(worker.notice)
-
-    def _timers(self) -> None:
-        worker = self.worker
-        if worker is not None:
-            self._call(lambda: worker.notice(timers=True))
 
     def _call(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` on the worker's loop soon (a no-op once that loop has ended)."""
@@ -155,6 +148,7 @@ class EmbeddedWorker:
         rt = self.runtime
         store = open_store(rt.store.url)
         if urlsplit(rt.store.url).scheme == "sqlite":
+            self._worker_store = store
             self._mirror(store)
         own = rt.over(store)
         async with store, own:
@@ -169,18 +163,49 @@ class EmbeddedWorker:
     def _mirror(self, store: Store) -> None:
         """Make each commit of ``store`` (the worker's) wake the server store's waiters and
         listeners of the paths it touched, on the server's loop, as one store's commits wake
-        its own. ``Store._notify`` is what every backend calls after its commits; the
-        ``streams`` package has no public hook for this yet."""
-        server_store, server_loop = self.runtime.store, self._server_loop
+        its own; and pair the two SQLite stores (see the module docstring). ``Store._notify`` is
+        what every backend calls after its commits; the ``streams`` package has no public hook
+        for this yet."""
+        server_loop = self._server_loop
         assert server_loop is not None
-        notify = store._notify
+        notify, server_notify = store._notify, self._server_notify
+        self._worker_notify = notify
 
         def mirrored(paths: set[str]) -> None:
             notify(paths)
             if paths and not server_loop.is_closed():
-                try:
-                    server_loop.call_soon_threadsafe(server_store._notify, set(paths))
+                try:  # the server store's own notify: not forwarded back here
+                    server_loop.call_soon_threadsafe(server_notify, set(paths))
                 except RuntimeError:  # the server's loop closed meanwhile
                     pass
 
         store._notify = mirrored  # type: ignore[method-assign]
+        _pair(store)
+
+    def _forward(self, server_store: Store, store: Store) -> Callable[[], None]:
+        """The other way: each commit of the server's store wakes ``store``'s (the worker's)
+        waiters and listeners of what it touched (pending marks, timers, the stream of an
+        entity a wake runs), on the worker's loop. Returns the function that stops it."""
+        notify, worker_notify = self._server_notify, self._worker_notify
+
+        def forwarded(paths: set[str]) -> None:
+            notify(paths)
+            if paths:
+                touched = set(paths)
+                self._call(lambda: worker_notify(touched))
+
+        server_store._notify = forwarded  # type: ignore[method-assign]
+
+        def stop() -> None:
+            if server_store._notify == forwarded:
+                server_store._notify = notify  # type: ignore[method-assign]
+
+        return stop
+
+
+def _pair(store: Store) -> None:
+    """Pair a SQLite store of this process with the others paired on its file (see the module
+    docstring); a no-op for other backends."""
+    pair = getattr(store, "_pair", None)
+    if pair is not None:
+        pair()

@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
+import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
@@ -76,6 +78,27 @@ _INLINE_MAX_BYTES = 512 * 1024
 # their appends wake this process's waiters (SQLite has no cross-process notification).
 _WATCH_SECONDS = 0.05
 _T = TypeVar("_T")
+
+
+class _PairedCommits:
+    """How many commits the paired stores of this process (see :meth:`SqliteStore._pair`)
+    made to each database file."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()  # paired stores run on several threads
+
+    def count(self, key: str) -> int:
+        return self._counts.get(key, 0)
+
+    def add(self, key: str) -> int:
+        """Count one commit to ``key``'s file; the new count."""
+        with self._lock:
+            count = self._counts[key] = self._counts.get(key, 0) + 1
+        return count
+
+
+_PAIRED = _PairedCommits()
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -342,6 +365,10 @@ class SqliteStore(Store):
         self._next_id: int | None = None
         self._commits = 0  # groups this store committed (see _watch)
         self._shared = False  # another process was seen committing to the file
+        self._file_key = os.path.abspath(self.path)
+        self._paired = False  # see _pair
+        self._paired_seen = 0  # this file's paired commits as of this store's last commit
+        self._unexplained = False  # a move that may hide another process's commit (see _watch)
         self._watcher: asyncio.Task[None] | None = None
 
     async def _connect(self) -> aiosqlite.Connection:
@@ -443,7 +470,9 @@ class SqliteStore(Store):
             self._cache.clear()
         # Slow path: hold the write lock while validating against fresh records.
         version, next_id = await writer.run_locking(begin)
-        foreign = self._data_version is not None and version != self._data_version
+        moved = self._data_version is not None and version != self._data_version
+        # a store paired with this one committed since this one did: the move may be its
+        paired = self._paired and _PAIRED.count(self._file_key) != self._paired_seen
         try:
             if version != self._data_version:
                 self._cache.clear()
@@ -455,9 +484,11 @@ class SqliteStore(Store):
             await writer.run(rollback, writer.conn)
             raise
         self._publish(group, loader, outcomes)
-        if foreign:  # another process committed since our last commit: its waiters here too
-            self._shared = True
+        if moved and not paired:  # another process committed since our last commit: its
+            self._shared = True  # waiters here too
             self._notify_all()
+        elif moved:  # a paired store's, whose names were forwarded; perhaps not alone
+            self._unexplained = True  # the watch wakes everything at its next look
         await writer.wrote(sum(len(m[2]) for m in loader.effects.messages) + 256 * len(group))
 
     async def _validate(
@@ -479,6 +510,16 @@ class SqliteStore(Store):
         outcomes = await apply_each(loader, (p.ops for p in group), loader.effects.merge)
         return loader, outcomes
 
+    def _pair(self) -> None:
+        """Count this store among the *paired* stores of this process on its file: stores
+        whose owner hands each one the names every other's commits touched (``entities serve``
+        and the worker thread it embeds). Their commits move ``data_version`` for each other as
+        another process's would; a move they explain no longer wakes everything at once (the
+        watch still does within :data:`_WATCH_SECONDS`, in case another process committed
+        too). Raises nothing."""
+        self._paired = True
+        self._paired_seen = _PAIRED.count(self._file_key)
+
     def _publish(
         self,
         group: list[Pending],
@@ -487,6 +528,8 @@ class SqliteStore(Store):
     ) -> None:
         """The group's commit is durable: update the cache, answer the callers, wake waiters."""
         self._commits += 1
+        if self._paired:
+            self._paired_seen = _PAIRED.add(self._file_key)
         self._next_id = loader.next_id
         effects = loader.effects
         for sid in effects.purged:
@@ -511,25 +554,29 @@ class SqliteStore(Store):
 
         Every ``_WATCH_SECONDS`` the inline reader's connection reads ``PRAGMA data_version``,
         which moves with every commit by another connection (this store's writer included). Once a
-        move is seen with no commit of this store in between, another process writes here:
-        from then on every move wakes all waiters and listeners (they re-check what they wait
-        for), so a server's long-polls and SSE readers and a worker's dispatch see another
-        process's appends within ~50 ms. A store alone on its file never wakes anyone this way.
+        move is seen with no commit of this store (nor of a store paired with it, see
+        :meth:`_pair`) in between, another process writes here: from then on every move wakes
+        all waiters and listeners (they re-check what they wait for), so a server's long-polls
+        and SSE readers and a worker's dispatch see another process's appends within ~50 ms. So
+        does a move that a commit of this store found and a paired store's commits may not wholly
+        explain. A store alone on its file never wakes anyone this way.
         """
         assert self._inline_reader is not None
         conn = self._inline_reader.conn  # used on this thread only, like the watcher
         try:
             last = conn.execute("PRAGMA data_version").fetchone()[0]
-            commits = self._commits
+            commits, paired = self._commits, _PAIRED.count(self._file_key)
             while True:
                 await asyncio.sleep(_WATCH_SECONDS)
                 version = conn.execute("PRAGMA data_version").fetchone()[0]
-                if version == last:
-                    continue
-                if self._commits == commits:
-                    self._shared = True  # it moved, and not by us
-                last, commits = version, self._commits
-                if self._shared:
+                wake, self._unexplained = self._unexplained, False
+                if version != last:
+                    now_paired = _PAIRED.count(self._file_key) if self._paired else paired
+                    if self._commits == commits and now_paired == paired:
+                        self._shared = True  # it moved, and not by this store or its pair
+                    last, commits, paired = version, self._commits, now_paired
+                    wake = wake or self._shared
+                if wake:
                     self._notify_all()
         except sqlite3.Error as exc:  # the file went away, say: fall back to timeouts
             logger.warning("watching %s for other processes' commits stopped: %s", self.path, exc)

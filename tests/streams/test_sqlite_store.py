@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -314,4 +316,75 @@ async def test_a_store_alone_wakes_no_one_spuriously(tmp_path: Path) -> None:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)
         assert heard == []  # its own commits are known precisely: no wake-everything
+        remove()
+
+
+_FOREIGN_APPEND = (
+    "import asyncio, sys, streams\n"
+    "async def main():\n"
+    "    async with streams.open_store(sys.argv[1]) as store:\n"
+    "        await store.append('s', [b'from another process'])\n"
+    "asyncio.run(main())\n"
+)
+
+
+def _append_from_another_process(url: str) -> None:
+    repo = str(Path(__file__).resolve().parents[2])
+    subprocess.run(
+        [sys.executable, "-c", _FOREIGN_APPEND, url],
+        env={**os.environ, "PYTHONPATH": repo},
+        check=True,
+        timeout=60,
+    )
+
+
+async def test_paired_stores_do_not_wake_everything_for_each_others_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two stores of one process on one file see each other's commits move ``data_version`` as
+    another process's would: unpaired (two processes' stand-ins), the next commit of one after
+    a commit of the other wakes everything at once; paired (``entities serve`` and its worker
+    thread, which hand each other their commits' names) it does not. Another process's commit
+    still wakes everything at once when no paired commit came between."""
+    monkeypatch.setattr(sqlite_backend, "_WATCH_SECONDS", 60.0)  # only the commits' own checks
+    url = url_for(tmp_path)
+    async with streams.open_store(url) as store:
+        await store.create("s")
+    everything: list[bool] = []
+    for paired in (False, True):
+        everything.clear()
+        async with streams.open_store(url) as a, streams.open_store(url) as b:
+            if paired:
+                for one in (a, b):
+                    assert isinstance(one, sqlite_backend.SqliteStore)
+                    one._pair()
+            await a.append("s", [b"a"])
+            remove = a.listen("*", lambda: everything.append(True), broadcast=False)
+            await b.append("s", [b"b"])
+            await a.append("s", [b"a"])
+            assert everything == ([] if paired else [True])
+            if paired:
+                await asyncio.to_thread(_append_from_another_process, url)
+                await a.append("s", [b"a"])
+                assert everything == [True]  # nothing paired explains this move
+            remove()
+
+
+async def test_paired_stores_still_hear_another_process_within_the_watch(
+    tmp_path: Path,
+) -> None:
+    """A move that a paired store's commit explains, but perhaps not wholly (another process
+    committed too), wakes everything at the file watch's next look."""
+    url = url_for(tmp_path)
+    async with streams.open_store(url) as a, streams.open_store(url) as b:
+        for store in (a, b):
+            assert isinstance(store, sqlite_backend.SqliteStore)
+            store._pair()
+        await a.create("s")
+        heard = asyncio.Event()
+        remove = a.listen("*", heard.set, broadcast=False)
+        await asyncio.to_thread(_append_from_another_process, url)
+        await b.append("s", [b"b"])
+        await a.append("s", [b"a"])
+        await asyncio.wait_for(heard.wait(), 2.0)
         remove()
