@@ -54,6 +54,7 @@ from ._replies import (
     indexed_outcome,
     message_signal,
     outcome_of,
+    resolve,
     stopped_signal,
 )
 from ._urls import parse_url
@@ -112,13 +113,13 @@ class _Waiter:
     keyed: bool = False  # taken, no reply yet: woken by its own name (or a kill) only
     done: bool = False
     glancing: bool = False  # reading its answer right now (after every commit so far)
+    leave: Callable[[], None] | None = None  # what removes it from its hub (see enter)
 
     def wake(self) -> None:
         self.queued = False  # its entity's lists drop it (or dropped it) themselves
         self.woken = True
-        future = self.future
-        if future is not None and not future.done():
-            future.set_result(None)
+        if self.future is not None:
+            resolve(self.future)
 
     def hand(self, replies: list[Any]) -> None:
         """The replies a commit of this process handed over (on the waiter's loop)."""
@@ -153,7 +154,6 @@ class ReplyWaiters:
         self._remove_everything: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._broadcast: asyncio.TimerHandle | None = None
-        self._leaving: dict[_Waiter, Callable[[], None]] = {}
 
     def enter(self, url: str, key: str, at: str | None) -> _Waiter:
         """Register a waiter of message ``key`` of ``url`` (at offset ``at``, or ``None`` while
@@ -171,12 +171,12 @@ class ReplyWaiters:
             entity.keyed.discard(waiter)
             self._part(url, entity)
 
-        self._leaving[waiter] = leave
+        waiter.leave = leave
         return waiter
 
     def leave(self, waiter: _Waiter) -> None:
         """Remove ``waiter`` (see :meth:`enter`)."""
-        leave = self._leaving.pop(waiter, None)
+        leave, waiter.leave = waiter.leave, None
         if leave is not None:
             leave()
 
@@ -325,11 +325,6 @@ class ReplyWaiters:
             entity.looking = False
 
 
-def _wake_up(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 _HUBS: weakref.WeakKeyDictionary[Store, ReplyWaiters] = weakref.WeakKeyDictionary()
 
 
@@ -473,7 +468,7 @@ class Awaiting(Reads):
             if waiter.woken:  # woken while it looked: look again
                 continue
             hub.sleeping += 1
-            timer = loop.call_later(min(remaining, RECHECK_SECONDS), _wake_up, future)
+            timer = loop.call_later(min(remaining, RECHECK_SECONDS), resolve, future)
             try:
                 await future
             finally:

@@ -50,6 +50,7 @@ __all__ = [
     "outcome_of",
     "replies_of",
     "reply_ops",
+    "resolve",
     "status_ops",
     "stopped_signal",
     "taken_signals",
@@ -218,7 +219,7 @@ class RecentReplies:
                 return found
             loop = asyncio.get_running_loop()
             done: asyncio.Future[None] = loop.create_future()
-            self._staged[key].append(lambda: _soon(loop, _resolve, done))
+            self._staged[key].append(lambda: _soon(loop, resolve, done))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done, within)
         return self.take(url, message_key)
@@ -247,7 +248,8 @@ def _hand_over(batch: list[tuple[Hand, list[Any]]]) -> None:
         hand(replies)
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def resolve(future: asyncio.Future[None]) -> None:
+    """Resolve ``future`` (with ``None``) unless it is done already."""
     if not future.done():
         future.set_result(None)
 

@@ -115,13 +115,7 @@ class EmbeddedWorker:
 
     def _call(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` on the worker's loop soon (a no-op once that loop has ended)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            loop.call_soon_threadsafe(fn)
-        except RuntimeError:  # closed meanwhile
-            pass
+        _soon(self._loop, fn)
 
     def _main(self) -> None:
         try:
@@ -137,12 +131,8 @@ class EmbeddedWorker:
 
     def _tell(self, event: anyio.Event | None) -> None:
         """Set ``event`` (of the server's loop) from the worker's thread."""
-        loop = self._server_loop
-        if event is not None and loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # the server's loop closed meanwhile
-                pass
+        if event is not None:
+            _soon(self._server_loop, event.set)
 
     async def _run(self) -> None:
         rt = self.runtime
@@ -163,44 +153,54 @@ class EmbeddedWorker:
     def _mirror(self, store: Store) -> None:
         """Make each commit of ``store`` (the worker's) wake the server store's waiters and
         listeners of the paths it touched, on the server's loop, as one store's commits wake
-        its own; and pair the two SQLite stores (see the module docstring). ``Store._notify`` is
-        what every backend calls after its commits; the ``streams`` package has no public hook
-        for this yet."""
+        its own; and pair the two SQLite stores (see the module docstring)."""
+        self._worker_notify = store._notify
         server_loop = self._server_loop
-        assert server_loop is not None
-        notify, server_notify = store._notify, self._server_notify
-        self._worker_notify = notify
-
-        def mirrored(paths: set[str]) -> None:
-            notify(paths)
-            if paths and not server_loop.is_closed():
-                try:  # the server store's own notify: not forwarded back here
-                    server_loop.call_soon_threadsafe(server_notify, set(paths))
-                except RuntimeError:  # the server's loop closed meanwhile
-                    pass
-
-        store._notify = mirrored  # type: ignore[method-assign]
+        _relay(store, self._server_notify, lambda fn: _soon(server_loop, fn))
         _pair(store)
 
     def _forward(self, server_store: Store, store: Store) -> Callable[[], None]:
         """The other way: each commit of the server's store wakes ``store``'s (the worker's)
         waiters and listeners of what it touched (pending marks, timers, the stream of an
         entity a wake runs), on the worker's loop. Returns the function that stops it."""
-        notify, worker_notify = self._server_notify, self._worker_notify
+        return _relay(server_store, self._worker_notify, self._call)
 
-        def forwarded(paths: set[str]) -> None:
-            notify(paths)
-            if paths:
-                touched = set(paths)
-                self._call(lambda: worker_notify(touched))
 
-        server_store._notify = forwarded  # type: ignore[method-assign]
+def _relay(
+    store: Store,
+    other: Callable[[set[str]], None],
+    soon: Callable[[Callable[[], object]], None],
+) -> Callable[[], None]:
+    """Make each commit of ``store`` also hand the names it touched to ``other`` (the other
+    store's own notify, never a relaying one, or each would echo the other's names back),
+    scheduled by ``soon`` on the other's loop. ``Store._notify`` is what every backend calls
+    after its commits; the ``streams`` package has no public hook for this yet. Returns the
+    function that stops it."""
+    notify = store._notify
 
-        def stop() -> None:
-            if server_store._notify == forwarded:
-                server_store._notify = notify  # type: ignore[method-assign]
+    def relayed(paths: set[str]) -> None:
+        notify(paths)
+        if paths:
+            touched = set(paths)
+            soon(lambda: other(touched))
 
-        return stop
+    store._notify = relayed  # type: ignore[method-assign]
+
+    def stop() -> None:
+        if store._notify == relayed:
+            store._notify = notify  # type: ignore[method-assign]
+
+    return stop
+
+
+def _soon(loop: asyncio.AbstractEventLoop | None, fn: Callable[[], object]) -> None:
+    """Run ``fn()`` on ``loop`` soon, from another thread (a no-op once it has closed)."""
+    if loop is None or loop.is_closed():
+        return
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:  # closed meanwhile
+        pass
 
 
 def _pair(store: Store) -> None:
