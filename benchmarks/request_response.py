@@ -4,7 +4,10 @@ worker), on SQLite and PostgreSQL.
     python benchmarks/request_response.py [--quick] [--db postgresql://user@host:port/db]
 
 A fresh server process per measurement (a new SQLite file, or a new PostgreSQL schema dropped
-afterwards), clients in this process (``httpx2``, ``CONCURRENCY`` requests in flight):
+afterwards), clients in this process (``httpx2``, ``CONCURRENCY`` requests in flight). The two
+measurements of each ratio run side by side: both servers up, half of each one's messages, then
+the other's, in the order A, B, B, A (this machine's speed drifts by a fifth within a minute, so
+one measurement after the other compared two moments of the machine as much as two modes):
 
 - ``oneway``: ``MESSAGES`` sends over ``COUNTERS`` counters (``POST …/send``), timed until every
   message was applied (the listing shows nothing pending or running);
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -225,51 +229,105 @@ class Client:
             await asyncio.sleep(0.02)
 
 
-async def measure(
-    backend: str,
-    pg: str,
-    directory: Path,
-    kind: str,
-    *,
-    entities: int,
-    messages: int,
-    type_: str = "counter",
-    width: int = CONCURRENCY,
-) -> dict[str, float]:
-    """Messages per second and server CPU per message (ms) of one measurement on a fresh
-    server: ``kind`` is ``oneway``, ``rr`` or ``seq`` (sequential calls: p50/p99 in ms)."""
-    async with (
-        Server(backend, pg, directory) as server,
-        httpx2.AsyncClient(base_url=server.base, timeout=120) as http,
-    ):
-        client = Client(http)
-        urls = [f"/{type_}/e{i}" for i in range(entities)]
-        await _bounded([lambda u=u: client.spawn(u) for u in urls], 16)  # type: ignore[misc]
+class Measurement:
+    """One measurement on a fresh server: ``kind`` is ``oneway``, ``rr`` or ``seq`` (sequential
+    calls: p50/p99 in ms), over ``entities`` entities of ``type_``. Run it in slices
+    (:meth:`run`); :meth:`result` gives messages per second and server CPU per message (ms)
+    over all of them."""
+
+    def __init__(
+        self,
+        backend: str,
+        pg: str,
+        directory: Path,
+        kind: str,
+        *,
+        entities: int,
+        type_: str = "counter",
+        width: int = CONCURRENCY,
+    ) -> None:
+        self.kind, self.width = kind, width
+        self.server = Server(backend, pg, directory)
+        self.urls = [f"/{type_}/e{i}" for i in range(entities)]
+        self.sent = self.elapsed = self.cpu = 0.0
+        self.latencies: list[float] = []
+        self._stack = contextlib.AsyncExitStack()
+        self.client: Client | None = None
+
+    async def __aenter__(self) -> Measurement:
+        server = await self._stack.enter_async_context(self.server)
+        http = await self._stack.enter_async_context(
+            httpx2.AsyncClient(base_url=server.base, timeout=120)
+        )
+        client = self.client = Client(http)
+        await _bounded([lambda u=u: client.spawn(u) for u in self.urls], 16)  # type: ignore[misc]
         await client.idle()
-        await client.probe(urls[0])
+        await client.probe(self.urls[0])
         # warm-up: one call per entity (caches, connections, the first wake)
-        await _bounded([lambda u=u: client.call(u, {"add": 0}) for u in urls], width)  # type: ignore[misc]
-        targets = [urls[i % entities] for i in range(messages)]
+        await _bounded([lambda u=u: client.call(u, {"add": 0}) for u in self.urls], self.width)  # type: ignore[misc]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def warm(self, messages: int) -> None:
+        """``messages`` messages as :meth:`run` sends them, not counted (the mode's own warm-up:
+        right after both servers of a pair started, the first measured slice ran a fifth slower
+        than the later ones)."""
+        sent, elapsed, cpu, latencies = self.sent, self.elapsed, self.cpu, list(self.latencies)
+        await self.run(messages)
+        self.sent, self.elapsed, self.cpu, self.latencies = sent, elapsed, cpu, latencies
+
+    async def run(self, messages: int) -> None:
+        """``messages`` more messages, timed (and their server CPU counted)."""
+        client, server = self.client, self.server
+        assert client is not None
+        first = int(self.sent)
+        targets = [self.urls[i % len(self.urls)] for i in range(first, first + messages)]
         cpu, start = server.cpu(), time.perf_counter()
-        result: dict[str, float] = {}
-        if kind == "oneway":
-            await _bounded([lambda u=u: client.send(u, {"add": 1}) for u in targets], width)  # type: ignore[misc]
+        if self.kind == "oneway":
+            await _bounded([lambda u=u: client.send(u, {"add": 1}) for u in targets], self.width)  # type: ignore[misc]
             await client.idle()
-        elif kind == "rr":
-            await _bounded([lambda u=u: client.call(u, {"add": 1}) for u in targets], width)  # type: ignore[misc]
+        elif self.kind == "rr":
+            await _bounded([lambda u=u: client.call(u, {"add": 1}) for u in targets], self.width)  # type: ignore[misc]
         else:
-            latencies = []
             for u in targets:
                 began = time.perf_counter()
                 await client.call(u, {"add": 1})
-                latencies.append((time.perf_counter() - began) * 1000)
-            result["p50_ms"] = statistics.median(latencies)
-            result["p99_ms"] = sorted(latencies)[int(len(latencies) * 0.99) - 1]
-        elapsed = time.perf_counter() - start
-        result["per_s"] = messages / elapsed
-        result["cpu_ms"] = (server.cpu() - cpu) * 1000 / messages
-        result["call"] = 1.0 if client.has_call else 0.0
+                self.latencies.append((time.perf_counter() - began) * 1000)
+        self.elapsed += time.perf_counter() - start
+        self.cpu += server.cpu() - cpu
+        self.sent += messages
+
+    def result(self) -> dict[str, float]:
+        assert self.client is not None
+        result = {
+            "per_s": self.sent / self.elapsed,
+            "cpu_ms": self.cpu * 1000 / self.sent,
+            "call": 1.0 if self.client.has_call else 0.0,
+        }
+        if self.latencies:
+            ordered = sorted(self.latencies)
+            result["p50_ms"] = statistics.median(ordered)
+            result["p99_ms"] = ordered[int(len(ordered) * 0.99) - 1]
         return result
+
+
+async def side_by_side(
+    first: Measurement, second: Measurement, messages: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``messages`` of each of two measurements whose ratio is reported, interleaved on live
+    servers in the order first, second, second, first (half of the messages each time): the
+    machine's speed drifts by a fifth or more within a minute here (the client's own CPU per
+    message moves with it), so two measurements taken one after the other compare the
+    machine's moments as much as the two modes; taken this way both see the same moments."""
+    async with first, second:
+        half = messages // 2
+        for measurement in (first, second):
+            await measurement.warm(max(1, messages // 10))
+        for measurement in (first, second, second, first):
+            await measurement.run(half)
+    return first.result(), second.result()
 
 
 async def main() -> None:
@@ -298,23 +356,39 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         for _ in range(rounds):  # interleaved: each pair sees the machine in the same state
+
+            def make(backend: str, kind: str, entities: int, type_: str = "counter") -> Measurement:
+                return Measurement(backend, pg, directory, kind, entities=entities, type_=type_)
+
             for backend in backends:
-                for kind in ("oneway", "rr"):
-                    add(f"{backend}_{kind}", await measure(
-                        backend, pg, directory, kind, entities=COUNTERS, messages=messages
-                    ))  # fmt: skip
-                add(f"{backend}_seq", await measure(
-                    backend, pg, directory, "seq", entities=1, messages=sequential
-                ))  # fmt: skip
-            for kind in ("oneway", "rr"):
-                add(f"hot_{kind}", await measure(
-                    "sqlite", pg, directory, kind, entities=1, messages=hot
-                ))  # fmt: skip
-            for steps in ("step1", "step3"):
-                add(steps, await measure(
-                    "sqlite", pg, directory, "rr", entities=COUNTERS, messages=messages,
-                    type_=steps,
-                ))  # fmt: skip
+                oneway, rr = await side_by_side(
+                    make(backend, "oneway", COUNTERS), make(backend, "rr", COUNTERS), messages
+                )
+                add(f"{backend}_oneway", oneway)
+                add(f"{backend}_rr", rr)
+            if "postgres" in backends:
+                sqlite_seq, pg_seq = await side_by_side(
+                    make("sqlite", "seq", 1), make("postgres", "seq", 1), sequential
+                )
+                add("sqlite_seq", sqlite_seq)
+                add("postgres_seq", pg_seq)
+            else:
+                one = make("sqlite", "seq", 1)
+                async with one:
+                    await one.run(sequential)
+                add("sqlite_seq", one.result())
+            hot_oneway, hot_rr = await side_by_side(
+                make("sqlite", "oneway", 1), make("sqlite", "rr", 1), hot
+            )
+            add("hot_oneway", hot_oneway)
+            add("hot_rr", hot_rr)
+            step1, step3 = await side_by_side(
+                make("sqlite", "rr", COUNTERS, "step1"),
+                make("sqlite", "rr", COUNTERS, "step3"),
+                messages,
+            )
+            add("step1", step1)
+            add("step3", step3)
 
     def med(name: str, field: str) -> float:
         return statistics.median(f[field] for f in figures[name])
