@@ -90,16 +90,9 @@ def write_statement(parts: tuple[bool, bool, bool, bool]) -> str:
     return "WITH " + ", ".join(f"w{i} AS ({sql})" for i, sql in enumerate(statements)) + " SELECT 1"
 
 
-_NULL_STREAM = ", ".join(f"NULL::{t}" for t in _STREAM_TYPES)
-# the rows a group locks and the side-table values it reads, in one round trip
-_PREFETCH_BOTH = (
-    f"WITH s AS (SELECT {COLUMNS} FROM streams WHERE path = ANY($1::text[]) ORDER BY id "
-    "FOR UPDATE) "
-    f"SELECT {COLUMNS}, NULL::text AS kv_namespace, NULL::text AS kv_key, NULL::bytea AS kv_value "
-    f"FROM s UNION ALL SELECT {_NULL_STREAM}, kv.namespace, kv.key, kv.value FROM kv "
-    "JOIN unnest($2::text[], $3::text[]) AS w(namespace, key) "
-    'ON kv.namespace = w.namespace COLLATE "C" AND kv.key = w.key COLLATE "C"'
-)
+# a group's locks, the stream rows it locks and the side-table values it reads (the schema's
+# ``lock_and_read`` function, migration 4)
+_LOCK_AND_READ = "SELECT * FROM lock_and_read($1::bigint[], $2::text[], $3::text[], $4::text[])"
 
 
 def to_record(row: Any) -> StreamRecord:
@@ -248,16 +241,20 @@ class GroupLoader(Loader):
         for namespace, key, value in kv_rows:
             self.kv_rows[(str(namespace), str(key))] = bytes(value)
 
-    async def prefetch_both(self, paths: Sequence[str], keys: Sequence[tuple[str, str]]) -> None:
-        """:meth:`prefetch` and :meth:`prefetch_kv` in one round trip."""
+    async def lock_and_read(
+        self, locks: Sequence[int], paths: Sequence[str], keys: Sequence[tuple[str, str]]
+    ) -> None:
+        """Take the transaction's advisory ``locks`` (sorted), then lock and read the stream
+        rows of ``paths`` and read the side-table values of ``keys``: one round trip (the
+        ``lock_and_read`` function reads after the locks are held, with a fresh snapshot)."""
         wanted = sorted(set(paths) - self.rows.keys())
         wanted_kv = sorted(set(keys) - self.kv_rows.keys())
-        if not wanted or not wanted_kv:
-            await self.prefetch(wanted)
-            await self.prefetch_kv(wanted_kv)
-            return
         rows = await self.conn.fetch(
-            _PREFETCH_BOTH, wanted, [k[0] for k in wanted_kv], [k[1] for k in wanted_kv]
+            _LOCK_AND_READ,
+            list(locks),
+            wanted,
+            [k[0] for k in wanted_kv],
+            [k[1] for k in wanted_kv],
         )
         streams = [row for row in rows if row["kv_namespace"] is None]
         values = [

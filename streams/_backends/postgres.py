@@ -12,6 +12,13 @@ latest committed records and two processes can never both append at one position
 compare-and-set. A call that fails validation contributes nothing; a deadlock, serialization or
 unique-key failure rolls the group back and runs it again.
 
+A transaction is three round trips: the locks and the reads (the schema's ``lock_and_read``
+function: its query runs after the locks are granted, so it sees every commit made before them),
+every write in one statement, and the notifications with ``COMMIT`` and the ``BEGIN`` of the
+writer's next transaction. So the writer's connection waits "idle in transaction" between groups;
+that transaction has taken no snapshot and no transaction id, so it holds nothing back (vacuum,
+other writers), and the session turns ``idle_in_transaction_session_timeout`` off for itself.
+
 Wake-ups: the transaction ends with ``pg_notify`` on the schema's channel carrying the touched
 paths and ``kv:{namespace}`` names (split across notifications under PostgreSQL's 8000-byte payload
 limit; a name that does not fit becomes ``*``, "wake everything"). Every store keeps one LISTEN
@@ -82,7 +89,7 @@ _T = TypeVar("_T")
 _MAX_ATTEMPTS = 20
 _PAYLOAD_LIMIT = 7900  # PostgreSQL rejects NOTIFY payloads of 8000 bytes or more
 # a busy writer waits this long for more commits to join its next group (see _group): a
-# transaction costs four round trips whatever it holds (at 32 concurrent request-responses,
+# transaction costs three round trips whatever it holds (at 32 concurrent request-responses,
 # 1 ms cut the transactions per message by a tenth and the server's CPU per message by 7%)
 _LINGER = 0.001
 _RETRYABLE = (
@@ -120,15 +127,6 @@ def notification_payloads(names: Iterable[str]) -> list[str]:
     return payloads
 
 
-def _begin(locks: Sequence[int]) -> str:
-    """``BEGIN`` and the advisory locks ``locks`` (sorted integers, written out: a simple
-    query, one round trip)."""
-    if not locks:
-        return "BEGIN"
-    keys = ",".join(str(int(k)) for k in locks)
-    return f"BEGIN; SELECT count(pg_advisory_xact_lock(k)) FROM unnest('{{{keys}}}'::bigint[]) k"
-
-
 def _literal(text: str) -> str:
     """``text`` as an SQL string literal (``E'...'``: quotes and backslashes escaped, so it
     reads the same whatever ``standard_conforming_strings`` says; JSON holds no NUL)."""
@@ -136,9 +134,10 @@ def _literal(text: str) -> str:
 
 
 def _commit(channel: str, payloads: Sequence[str]) -> str:
-    """The ``pg_notify`` of each payload on ``channel``, then ``COMMIT`` (a simple query)."""
+    """The ``pg_notify`` of each payload on ``channel``, ``COMMIT``, and the ``BEGIN`` of the
+    writer's next transaction: one simple query (a failed ``NOTIFY`` skips the rest)."""
     notes = [f"SELECT pg_notify({_literal(channel)}, {_literal(p)})" for p in payloads]
-    return "; ".join([*notes, "COMMIT"])
+    return "; ".join([*notes, "COMMIT", "BEGIN"])
 
 
 class _NotCommitted(Exception):
@@ -200,6 +199,7 @@ class PostgresStore(Store):
         self._listener_task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         self._writer_pid: int | None = None
+        self._begun = False  # the writer connection is in a transaction no statement ran in
         self._kv_gets = ReadBatcher(self._kv_get_many, parallel=2)
         self._kv_scans = ReadBatcher(self._kv_scan_many, parallel=2)
         self._reads = ReadBatcher(self._read_many, parallel=2)
@@ -210,10 +210,10 @@ class PostgresStore(Store):
         return self._parsed.schema
 
     async def _connect(self, role: str = "streams-writer") -> Any:
-        return await asyncpg.connect(
-            self._parsed.dsn,
-            server_settings={"search_path": self._parsed.search_path, "application_name": role},
-        )
+        settings = {"search_path": self._parsed.search_path, "application_name": role}
+        if role == "streams-writer":  # it waits in its next transaction (see the docstring)
+            settings["idle_in_transaction_session_timeout"] = "0"
+        return await asyncpg.connect(self._parsed.dsn, server_settings=settings)
 
     async def _connect_retrying(self, role: str, deadline: float) -> Any:
         """:meth:`_connect`, retried with backoff until ``deadline`` while the server is
@@ -433,6 +433,7 @@ class PostgresStore(Store):
     async def _reconnect_writer(self) -> None:
         if self._writer is not None:
             self._writer.terminate()
+        self._begun = False
         self._writer = await self._connect_retrying(
             "streams-writer", time.monotonic() + self._connect_seconds
         )
@@ -467,17 +468,24 @@ class PostgresStore(Store):
         )
         if conn.is_closed():
             raise _NotCommitted(ConnectionError("writer connection closed"))
-        try:  # BEGIN and the locks in one round trip
-            await conn.execute(_begin(locks))
-            loader, outcomes = await self._apply(conn, group, paths, kv_keys, creates, producers)
+        try:
+            if not self._begun:  # else the last COMMIT began this transaction
+                await conn.execute("BEGIN")
+                self._begun = True
+            loader, outcomes = await self._apply(
+                conn, group, locks, paths, kv_keys, creates, producers
+            )
         except _DISCONNECTED as exc:
+            self._begun = False
             raise _NotCommitted(exc) from exc
         except BaseException:
+            self._begun = False
             with contextlib.suppress(Exception):
                 await conn.execute("ROLLBACK")
             raise
-        # the notifications and COMMIT in one round trip (a failed NOTIFY skips the COMMIT)
+        # the notifications, COMMIT and the next transaction's BEGIN: one round trip
         payloads = notification_payloads(loader.effects.touched)
+        self._begun = False
         try:
             await conn.execute(_commit(self._parsed.channel, payloads))
         except asyncpg.PostgresError as exc:
@@ -486,19 +494,20 @@ class PostgresStore(Store):
             with contextlib.suppress(Exception):
                 await conn.execute("ROLLBACK")
             raise
+        self._begun = True
         return loader, outcomes
 
     async def _apply(
         self,
         conn: Any,
         group: list[Pending],
+        locks: list[int],
         paths: set[str],
         kv_keys: set[tuple[str, str]],
         creates: int,
         producers: list[tuple[str, str]],
     ) -> tuple[GroupLoader, list[list[OpResult] | StreamsError]]:
-        """The transaction's body, once its locks are held: load, validate every call,
-        persist."""
+        """The transaction's body: lock and load, validate every call, persist."""
         ids: list[int] = []
         if creates:
             ids = list(
@@ -509,7 +518,7 @@ class PostgresStore(Store):
             )
             ids.reverse()
         loader = GroupLoader(conn, ids)
-        await loader.prefetch_both(sorted(paths), sorted(kv_keys))
+        await loader.lock_and_read(locks, sorted(paths), sorted(kv_keys))
         wanted_producers = []
         for path, producer_id in producers:
             record = loader.rows.get(path)
@@ -517,8 +526,7 @@ class PostgresStore(Store):
                 wanted_producers.append((record.id, producer_id))
         await loader.prefetch_producers(wanted_producers)
         outcomes = await apply_each(loader, (p.ops for p in group), loader.merge)
-        effects = loader.effects
-        await persist(conn, effects)
+        await persist(conn, loader.effects)
         return loader, outcomes
 
     # -- reads -----------------------------------------------------------------------------

@@ -279,6 +279,35 @@ async def test_writer_and_readers_reconnect_after_their_connections_are_killed(
     assert await a.kv_scan("ns") == [("k", b"v")]
 
 
+async def test_the_writer_waits_in_a_transaction_that_holds_nothing_back(url: str) -> None:
+    """Between groups the writer's connection sits in the transaction its last COMMIT began:
+    no transaction id, no snapshot (nothing held back from vacuum), and exempt from
+    ``idle_in_transaction_session_timeout``."""
+    async with open_store(url) as store:
+        assert isinstance(store, PostgresStore)
+        await store.create("s", messages=[b"1"])
+        await store.kv_put("ns", "k", b"v")
+        conn = await asyncpg.connect(parse_url(url).dsn)
+        try:
+            row = await conn.fetchrow(
+                "SELECT state, backend_xid, backend_xmin FROM pg_stat_activity WHERE pid = $1",
+                store._writer_pid,
+            )
+        finally:
+            await conn.close()
+        assert row is not None
+        assert (row["state"], row["backend_xid"], row["backend_xmin"]) == (
+            "idle in transaction",
+            None,
+            None,
+        )
+        writer = store._writer
+        assert writer is not None
+        assert await writer.fetchval("SHOW idle_in_transaction_session_timeout") == "0"
+        await store.append("s", [b"2"])
+        assert [m.data for m in await read_all(store, "s")] == [b"1", b"2"]
+
+
 async def test_appends_survive_connections_killed_under_load(two: tuple[Store, Store]) -> None:
     a, b = two
     await a.create("s")
@@ -455,9 +484,10 @@ async def test_concurrent_reads_are_coalesced_and_answer_as_one_by_one(url: str)
             await asyncio.gather(store.read("s1"), store.read("absent"))
 
 
-async def test_a_commit_is_four_round_trips(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """BEGIN with the locks; the locked stream rows and side-table values in one query; every
-    write in one statement; the notifications with COMMIT. Quiet writes signal no one."""
+async def test_a_commit_is_three_round_trips(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The locks, the locked stream rows and the side-table values in one query; every write in
+    one statement; the notifications with COMMIT and the next transaction's BEGIN (so a commit
+    after the first sends no BEGIN of its own). Quiet writes signal no one."""
     async with open_store(url) as store:
         assert isinstance(store, PostgresStore)
         await store.create("s")
@@ -487,8 +517,8 @@ async def test_a_commit_is_four_round_trips(url: str, monkeypatch: pytest.Monkey
                 KvPut("ns", "gone", None, quiet=True),
             ]
         )
-        assert len(sent) == 4, sent
-        assert sent[0].startswith("BEGIN") and sent[-1].endswith("COMMIT")
+        assert len(sent) == 3, sent
+        assert "lock_and_read" in sent[0] and sent[-1].endswith("COMMIT; BEGIN")
         assert heard == ["ns"]  # for the put; the quiet removal signals nothing
         monkeypatch.undo()
         assert [m.data for m in await read_all(store, "s")] == [b"a", b"b"]
