@@ -189,6 +189,15 @@ async def test_data_the_database_rejects_fails_only_its_own_commit(
     assert isinstance(results[1], streams.InvalidRequest)
     assert [type(r) for r in (results[0], results[2])] == [streams.CreateResult] * 2
     assert (await a.head("ok-2")).path == "ok-2"
+    # text no database can store (a lone surrogate) fails its own commit, not its group's
+    puts = await asyncio.gather(
+        a.kv_put("ns", "ok-1", b"1"),
+        a.kv_put("ns", "bad\udcff", b"2"),
+        a.kv_put("ns", "ok-2", b"3"),
+        return_exceptions=True,
+    )
+    assert isinstance(puts[1], streams.InvalidRequest)
+    assert [await a.kv_get("ns", k) for k in ("ok-1", "ok-2")] == [b"1", b"3"]
 
 
 async def test_wait_on_one_store_wakes_when_another_appends(two: tuple[Store, Store]) -> None:
