@@ -12,8 +12,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
-from .._errors import StreamsError
-from .base import Op, OpResult
+from .._errors import InvalidRequest, StreamsError
+from .base import (
+    Append,
+    Create,
+    Delete,
+    KvCheck,
+    KvPut,
+    Notify,
+    Op,
+    OpResult,
+    Remove,
+    Touch,
+    Truncate,
+)
 
 __all__ = ["CommitQueue", "Pending"]
 
@@ -53,6 +65,7 @@ class CommitQueue:
         """
         if writer is None or writer.done():
             raise StreamsError("store is not open", path="")
+        check_text(ops)  # before it joins a group: it would fail the whole group
         future: asyncio.Future[list[OpResult]] = asyncio.get_running_loop().create_future()
         await self._queue.put(Pending(ops, future, durable))
         return await future
@@ -85,3 +98,41 @@ class CommitQueue:
                 count += len(more.ops)
             self._busy = len(group) > 1
             yield group
+
+
+_TEXT_FIELDS: dict[type, tuple[str, ...]] = {
+    Create: ("path", "content_type", "fork_from", "fork_offset"),
+    Append: ("path", "content_type", "stream_seq"),
+    Delete: ("path",),
+    KvPut: ("namespace", "key"),
+    KvCheck: ("namespace", "key"),
+    Touch: ("path",),
+    Remove: ("path",),
+    Truncate: ("path", "offset"),
+    Notify: ("name",),
+}
+
+
+def check_text(ops: Sequence[Op]) -> None:
+    """Refuse text no database can store (not UTF-8: a lone surrogate), call by call.
+
+    Raises:
+        InvalidRequest: naming the field.
+    """
+    for op in ops:
+        for name in _TEXT_FIELDS.get(type(op), ()):
+            _check(op, name, getattr(op, name))
+        if isinstance(op, Append) and op.producer is not None:
+            _check(op, "producer", op.producer.id)
+
+
+def _check(op: Op, name: str, text: str | None) -> None:
+    if text is None or text.isascii():
+        return
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        path = getattr(op, "path", "")
+        raise InvalidRequest(
+            f"{name} {text!r} is not valid text (a lone surrogate)", path=path
+        ) from None

@@ -1014,3 +1014,22 @@ async def test_a_quiet_side_table_write_signals_no_listener(store: Store) -> Non
     assert heard == [] and await store.kv_get("marks", "a") is None
     await store.commit([KvPut("marks", "b", b"2", quiet=True), KvPut("marks", "c", b"3")])
     assert heard == ["marks"] and await store.kv_get("marks", "b") == b"2"
+
+
+async def test_text_no_database_can_store_fails_its_own_commit_only(
+    store: Store, backend: str
+) -> None:
+    """A path or key that is not valid UTF-8 (a lone surrogate, which Python strings can hold)
+    fails the commit that carries it, with InvalidRequest, and no commit made alongside it."""
+    if backend == "memory":
+        pytest.skip("memory stores Python strings as they are")
+    results = await asyncio.gather(
+        store.kv_put("ns", "ok-1", b"1"),
+        store.kv_put("ns", "bad\udcff", b"2"),
+        store.create("bad\udcff/path"),
+        store.append("ok\udcff", [b"x"]),
+        store.kv_put("ns", "ok-2", b"3"),
+        return_exceptions=True,
+    )
+    assert [type(r).__name__ for r in results[1:4]] == ["InvalidRequest"] * 3
+    assert [await store.kv_get("ns", k) for k in ("ok-1", "ok-2")] == [b"1", b"3"]
