@@ -380,9 +380,7 @@ class PostgresStore(Store):
         try:
             await self._commit_group(group)
         except Exception as exc:
-            rejected = isinstance(exc, UnicodeError) or (  # a lone surrogate in a path or key
-                isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _DISCONNECTED)
-            )
+            rejected = isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _DISCONNECTED)
             if len(group) > 1 and rejected:
                 logger.warning("group commit failed (%s); committing its calls one by one", exc)
                 for pending in group:
@@ -390,7 +388,7 @@ class PostgresStore(Store):
                         await self._commit_isolated([pending])
                 return
             error: Exception = exc
-            if isinstance(exc, asyncpg.DataError | UnicodeError):  # a NUL, a lone surrogate
+            if isinstance(exc, asyncpg.DataError):  # e.g. a NUL character in a path or key
                 error = InvalidRequest(f"the database rejected the data: {exc}")
             elif isinstance(exc, asyncpg.exceptions.DiskFullError):  # rolled back whole
                 error = StorageFull(f"the database server's disk is full: {exc}")
