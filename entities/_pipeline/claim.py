@@ -257,18 +257,13 @@ class Claimer:
             slot = taken
         began = time.perf_counter()
         try:  # the claimed record (new epoch, lease, range), if ``raw`` still holds
-            # not waiting for the log's flush (see Store.commit): a claim lost with the database
-            # server is a claim that never happened. The wake's commit is checked against these
-            # exact bytes, so it fails then (as for a lease taken over) and the wake runs again;
-            # any durable commit after this one makes it durable too.
             await self.store.commit(
                 [
                     KvCheck(ENTITY_NS, target.url, raw),
                     KvCheck(PAUSED_NS, target.url, None),  # a paused entity starts no wake
                     *slot,  # a slot of its type's concurrency cap, if it has one
                     KvPut(ENTITY_NS, target.url, claimed_raw),
-                ],
-                durable=False,
+                ]
             )
         except ConditionFailed:
             if await self.store.kv_get(PAUSED_NS, target.url) is not None:

@@ -35,14 +35,11 @@ MAX_GROUP_OPS = 2048
 class Pending:
     """One ``commit`` call waiting in the queue."""
 
-    __slots__ = ("durable", "future", "ops")
+    __slots__ = ("future", "ops")
 
-    def __init__(
-        self, ops: Sequence[Op], future: asyncio.Future[list[OpResult]], durable: bool = True
-    ) -> None:
+    def __init__(self, ops: Sequence[Op], future: asyncio.Future[list[OpResult]]) -> None:
         self.ops = ops
         self.future = future
-        self.durable = durable  # see Store.commit
 
 
 class CommitQueue:
@@ -54,10 +51,8 @@ class CommitQueue:
         self._linger = linger
         self._busy = False  # the last group held more than one call
 
-    async def submit(
-        self, ops: Sequence[Op], writer: asyncio.Task[None] | None, *, durable: bool = True
-    ) -> list[OpResult]:
-        """Queue ``ops`` (``durable``: see ``Store.commit``) and wait for the writer's answer.
+    async def submit(self, ops: Sequence[Op], writer: asyncio.Task[None] | None) -> list[OpResult]:
+        """Queue ``ops`` and wait for the writer's answer.
 
         Raises:
             StreamsError: the store is not open (no running writer); otherwise whatever the
@@ -67,7 +62,7 @@ class CommitQueue:
             raise StreamsError("store is not open", path="")
         check_text(ops)  # before it joins a group: it would fail the whole group
         future: asyncio.Future[list[OpResult]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(Pending(ops, future, durable))
+        await self._queue.put(Pending(ops, future))
         return await future
 
     async def stop(self) -> None:

@@ -321,16 +321,8 @@ class Store(abc.ABC):
     # -- mutations -------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def commit(self, ops: Sequence[Op], *, durable: bool = True) -> list[OpResult]:
+    async def commit(self, ops: Sequence[Op]) -> list[OpResult]:
         """Apply ``ops`` atomically, in order; return one result per op.
-
-        ``durable=False`` lets a backend return before the commit is flushed to disk where that
-        wait is its own (PostgreSQL: ``synchronous_commit`` off for a transaction that holds only
-        such commits): a crash of the database server (not of this process) shortly after may
-        then lose it, though never a later durable commit without it (the log is flushed in
-        order). For writes whose loss is a retry, not a lie (a lease taken for a wake that has
-        yet to commit anything). The other backends write every commit alike (SQLite's durability
-        is its ``synchronous`` setting's).
 
         Raises:
             StreamsError: the subclass naming the first check that failed; nothing was applied.

@@ -66,7 +66,7 @@ class MemoryStore(Store):
     async def aclose(self) -> None:
         return None
 
-    async def commit(self, ops: Sequence[Op], *, durable: bool = True) -> list[OpResult]:
+    async def commit(self, ops: Sequence[Op]) -> list[OpResult]:
         async with self._lock:
             batch = Batch(self._loader)
             results = await batch.apply(ops)

@@ -133,13 +133,11 @@ def _literal(text: str) -> str:
     return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def _commit(channel: str, payloads: Sequence[str], *, durable: bool = True) -> str:
-    """The ``pg_notify`` of each payload on ``channel``, ``COMMIT`` (without waiting for the
-    log's flush unless ``durable``), and the ``BEGIN`` of the writer's next transaction: one
-    simple query (a failed ``NOTIFY`` skips the rest)."""
+def _commit(channel: str, payloads: Sequence[str]) -> str:
+    """The ``pg_notify`` of each payload on ``channel``, ``COMMIT``, and the ``BEGIN`` of the
+    writer's next transaction: one simple query (a failed ``NOTIFY`` skips the rest)."""
     notes = [f"SELECT pg_notify({_literal(channel)}, {_literal(p)})" for p in payloads]
-    relaxed = [] if durable else ["SET LOCAL synchronous_commit TO OFF"]
-    return "; ".join([*relaxed, *notes, "COMMIT", "BEGIN"])
+    return "; ".join([*notes, "COMMIT", "BEGIN"])
 
 
 class _NotCommitted(Exception):
@@ -367,8 +365,8 @@ class PostgresStore(Store):
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def commit(self, ops: Sequence[Op], *, durable: bool = True) -> list[OpResult]:
-        return await self._queue.submit(ops, self._task, durable=durable)
+    async def commit(self, ops: Sequence[Op]) -> list[OpResult]:
+        return await self._queue.submit(ops, self._task)
 
     async def _run_writer(self) -> None:
         async for group in self._queue.groups():
@@ -489,8 +487,7 @@ class PostgresStore(Store):
         payloads = notification_payloads(loader.effects.touched)
         self._begun = False
         try:
-            durable = any(p.durable for p in group)
-            await conn.execute(_commit(self._parsed.channel, payloads, durable=durable))
+            await conn.execute(_commit(self._parsed.channel, payloads))
         except asyncpg.PostgresError as exc:
             if isinstance(exc, _DISCONNECTED):
                 raise

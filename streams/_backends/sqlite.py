@@ -428,7 +428,7 @@ class SqliteStore(Store):
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def commit(self, ops: Sequence[Op], *, durable: bool = True) -> list[OpResult]:
+    async def commit(self, ops: Sequence[Op]) -> list[OpResult]:
         return await self._queue.submit(ops, self._task)
 
     async def _run_writer(self) -> None:

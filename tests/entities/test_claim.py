@@ -4,7 +4,7 @@ a compare-and-set of the entity record that bumps its fencing epoch and fixes th
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import pytest
 from pydantic import BaseModel
@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from entities import HandlerContext, Registry, Runtime, VirtualClock, WakeEvent, collection
 from entities._pipeline.claim import Claimer
 from entities._records import ENTITY_NS, PENDING_NS, EntityRecord
-from streams import KvPut, Op, OpResult
+from streams import KvPut
 
 LEASE = 30.0
 
@@ -161,27 +161,3 @@ async def test_renew_extends_a_lease_until_it_is_taken_over(rt: Runtime) -> None
     assert await claimer(rt, "w2").claim("/box/i") is not None
     assert not await worker.renew(claim)
     assert (await record_of(rt, "/box/i")).owner == "w2"
-
-
-async def test_a_claim_does_not_wait_for_the_log_flush_and_the_wake_commit_does(
-    rt: Runtime,
-) -> None:
-    """The claim's commit is the one write of a wake whose loss (with the database server) is
-    only a retry: it asks not to wait for the flush (``durable=False``); the wake's own commit,
-    which replies and acknowledges, waits."""
-    await rt.spawn("/box/d")
-    await rt.run_until_idle()
-    await rt.send("/box/d", {"n": 1})
-    seen: list[tuple[bool, bool]] = []  # (puts the entity record, durable)
-    original = rt.store.commit
-
-    async def commit(ops: Sequence[Op], *, durable: bool = True) -> list[OpResult]:
-        puts = any(isinstance(op, KvPut) and op.namespace == ENTITY_NS for op in ops)
-        seen.append((puts, durable))
-        return await original(ops, durable=durable)
-
-    rt.store.commit = commit  # type: ignore[method-assign]
-    await rt.run_until_idle()
-    assert seen[0] == (True, False)  # the claim
-    assert seen[-1] == (True, True)  # the wake's commit: record, events, replies
-    assert all(durable for _puts, durable in seen[1:])

@@ -288,39 +288,6 @@ async def test_writer_and_readers_reconnect_after_their_connections_are_killed(
     assert await a.kv_scan("ns") == [("k", b"v")]
 
 
-async def test_a_group_of_commits_that_need_not_be_durable_skips_the_flush(
-    url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``durable=False`` turns ``synchronous_commit`` off for a transaction holding only such
-    commits; one durable commit in the group keeps the flush for all of it."""
-    async with open_store(url) as store:
-        assert isinstance(store, PostgresStore)
-        await store.kv_put("ns", "warm", b"1")
-        writer = store._writer
-        assert writer is not None
-        sent: list[str] = []
-        original = asyncpg.connection.Connection.execute
-
-        async def execute(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
-            if self is writer and "COMMIT" in query:
-                sent.append(query)
-            return await original(self, query, *args, **kwargs)
-
-        monkeypatch.setattr(asyncpg.connection.Connection, "execute", execute)
-        await store.commit([KvPut("ns", "a", b"1")], durable=False)
-        await asyncio.gather(
-            store.commit([KvPut("ns", "b", b"1")], durable=False),
-            store.commit([KvPut("ns", "c", b"1")]),
-        )
-        await store.commit([KvPut("ns", "d", b"1")])
-        monkeypatch.undo()
-        assert len(sent) == 3, sent  # a; b and c together; d
-        assert sent[0].startswith("SET LOCAL synchronous_commit TO OFF; ")
-        assert not any("synchronous_commit" in query for query in sent[1:]), sent
-        for key in "abcd":
-            assert await store.kv_get("ns", key) == b"1"
-
-
 async def test_the_writer_waits_in_a_transaction_that_holds_nothing_back(url: str) -> None:
     """Between groups the writer's connection sits in the transaction its last COMMIT began:
     no transaction id, no snapshot (nothing held back from vacuum), and exempt from

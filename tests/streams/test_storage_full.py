@@ -172,10 +172,10 @@ class FullOnDemand(MemoryStore):
 
     full = False
 
-    async def commit(self, ops: Sequence[Op], *, durable: bool = True) -> list[OpResult]:
+    async def commit(self, ops: Sequence[Op]) -> list[OpResult]:
         if self.full:
             raise StorageFull("no space left (simulated)")
-        return await super().commit(ops, durable=durable)
+        return await super().commit(ops)
 
 
 async def test_a_wake_whose_save_failed_starts_again_once_space_returns() -> None:
