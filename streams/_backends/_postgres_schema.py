@@ -18,6 +18,92 @@ from .._errors import BackendUnavailable
 
 __all__ = ["MIGRATIONS", "PostgresUrl", "advisory_key", "migrate", "parse_url", "quote_ident"]
 
+
+def _speculate_function() -> str:
+    """Migration 5: ``speculate(locks, expected stream rows, expected side-table values,
+    writes)``: take the locks, then (with a snapshot taken after them) compare every expected
+    row with the stored one, and write only if all match; ``true`` if it wrote. A stream column
+    added later replaces this function (DROP and CREATE), as it does ``lock_and_read``."""
+    cols = [
+        ("id", "BIGINT"), ("path", "TEXT"), ("content_type", "TEXT"),
+        ("created_at", "DOUBLE PRECISION"), ("last_access", "DOUBLE PRECISION"),
+        ("length", "BIGINT"), ("ttl_seconds", "BIGINT"), ("expires_at", "DOUBLE PRECISION"),
+        ("closed", "BOOLEAN"), ("closed_by", "TEXT"), ("fork_parent", "BIGINT"),
+        ("fork_position", "BIGINT"), ("last_stream_seq", "TEXT"), ("deleted", "BOOLEAN"),
+        ("fork_count", "BIGINT"), ("fork_sub_offset", "BIGINT"), ("retained_from", "BIGINT"),
+    ]  # fmt: skip
+    names = [name for name, _type in cols]
+    expected = ", ".join(f"e_{n} {t}[]" for n, t in cols)
+    written = ", ".join(f"w_{n} {t}[]" for n, t in cols)
+    stored = ", ".join(f"s.{n}" for n in names[1:])
+    compared = ", ".join(f"e.{n}" for n in names[1:])
+    updated = ", ".join(
+        f"{n}=excluded.{n}"
+        for n in ("last_access", "length", "closed", "closed_by", "last_stream_seq", "deleted",
+                  "fork_count", "retained_from")
+    )  # fmt: skip
+    return f"""
+    CREATE FUNCTION speculate(
+        locks BIGINT[], {expected},
+        k_namespace TEXT[], k_key TEXT[], k_value BYTEA[],
+        {written},
+        m_stream BIGINT[], m_position BIGINT[], m_data BYTEA[],
+        p_namespace TEXT[], p_key TEXT[], p_value BYTEA[],
+        d_namespace TEXT[], d_key TEXT[]
+    )
+    RETURNS BOOLEAN
+    LANGUAGE plpgsql VOLATILE AS $fn$
+    #variable_conflict use_column
+    DECLARE
+        matched BIGINT;
+    BEGIN
+        PERFORM count(pg_advisory_xact_lock(k)) FROM unnest(locks) AS k;
+        IF cardinality(e_id) > 0 THEN
+            SELECT count(*) INTO matched FROM (
+                SELECT s.id FROM streams s
+                JOIN unnest({", ".join(f"e_{n}" for n in names)}) AS e({", ".join(names)})
+                    ON s.id = e.id
+                WHERE ROW({stored}) IS NOT DISTINCT FROM ROW({compared})
+                FOR UPDATE OF s
+            ) AS same;
+            IF matched <> cardinality(e_id) THEN
+                RETURN false;
+            END IF;
+        END IF;
+        IF cardinality(k_key) > 0 AND EXISTS (
+            SELECT 1 FROM unnest(k_namespace, k_key, k_value) AS w(namespace, key, value)
+            LEFT JOIN kv ON kv.namespace = w.namespace COLLATE "C" AND kv.key = w.key COLLATE "C"
+            WHERE kv.value IS DISTINCT FROM w.value
+        ) THEN
+            RETURN false;
+        END IF;
+        IF cardinality(w_id) > 0 THEN
+            INSERT INTO streams ({", ".join(names)})
+                SELECT * FROM unnest({", ".join(f"w_{n}" for n in names)})
+                ON CONFLICT (id) DO UPDATE SET {updated};
+        END IF;
+        IF cardinality(m_stream) > 0 THEN
+            INSERT INTO messages (stream_id, position, data)
+                SELECT * FROM unnest(m_stream, m_position, m_data);
+        END IF;
+        IF cardinality(p_key) > 0 THEN
+            INSERT INTO kv (namespace, key, value)
+                SELECT * FROM unnest(p_namespace, p_key, p_value)
+                ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value;
+        END IF;
+        IF cardinality(d_key) > 0 THEN
+            DELETE FROM kv USING unnest(d_namespace, d_key) AS d(namespace, key)
+                WHERE kv.namespace = d.namespace COLLATE "C" AND kv.key = d.key COLLATE "C";
+        END IF;
+        RETURN true;
+    END
+    $fn$;
+    """
+
+
+_SPECULATE = _speculate_function()
+
+
 MIGRATIONS: list[str] = [
     # version 1
     """
@@ -107,6 +193,8 @@ MIGRATIONS: list[str] = [
     END
     $fn$;
     """,
+    # version 5: a speculative group commit (see ``_postgres_speculate``)
+    _SPECULATE,
 ]
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # fullmatch: no trailing newline

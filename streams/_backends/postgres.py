@@ -58,6 +58,7 @@ from ._engine import (
 from ._group import CommitQueue, Pending
 from ._postgres_batch import ReadBatcher
 from ._postgres_schema import MIGRATIONS, PostgresUrl, advisory_key, migrate, parse_url, quote_ident
+from ._postgres_speculate import SPECULATE_SQL, KnownRows, SpeculativeLoader, known_rows, speculate
 from ._postgres_sql import (
     COLUMNS,
     GroupLoader,
@@ -199,6 +200,9 @@ class PostgresStore(Store):
         self._listener_task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         self._writer_pid: int | None = None
+        # copies of rows, shared with this process's other stores on the schema (speculation)
+        self._known: KnownRows = known_rows(self._parsed.dsn, self._parsed.schema)
+        self.speculations: dict[str, int] = {"hit": 0, "miss": 0}  # verified, stale copies
         self._begun = False  # the writer connection is in a transaction no statement ran in
         self._kv_gets = ReadBatcher(self._kv_get_many, parallel=2)
         self._kv_scans = ReadBatcher(self._kv_scan_many, parallel=2)
@@ -258,7 +262,7 @@ class PostgresStore(Store):
     async def _open_once(self, deadline: float) -> None:
         self._writer = await self._connect_retrying("streams-writer", deadline)
         await migrate(self._writer, self._parsed.schema)
-        self._writer_pid = self._writer.get_server_pid()
+        self._set_writer_pid()
         self._pool = await asyncpg.create_pool(
             self._parsed.dsn,
             min_size=1,
@@ -311,6 +315,7 @@ class PostgresStore(Store):
             with contextlib.suppress(Exception):
                 await self._writer.close()
             self._writer = None
+            self._set_writer_pid()
 
     # -- cross-process wake-ups ------------------------------------------------------------
 
@@ -321,6 +326,8 @@ class PostgresStore(Store):
             names = set(orjson.loads(payload))
         except orjson.JSONDecodeError:
             names = {"*"}
+        if pid not in self._known.writers:  # another process's: our copies may be stale
+            self._known.forget(names)
         self._wake(names)
 
     def _wake(self, names: set[str]) -> None:
@@ -343,6 +350,7 @@ class PostgresStore(Store):
                 await conn.add_listener(self._parsed.channel, self._on_notification)
                 if not first:
                     logger.info("LISTEN connection re-established on %s", self._parsed.channel)
+                    self._known.forget({"*"})
                     self._wake({"*"})
                 first = False
                 delay = 0.05
@@ -428,7 +436,23 @@ class PostgresStore(Store):
                 pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
+        self._learn(loader)
         self._notify(loader.effects.touched)
+
+    def _learn(self, loader: GroupLoader | SpeculativeLoader) -> None:
+        """Remember the rows a committed group read under its locks or wrote, as the commit
+        left them (see :mod:`._postgres_speculate`)."""
+        effects = loader.effects
+        if isinstance(loader, SpeculativeLoader):
+            self._known.learn(effects.streams.values(), effects.kv.items())
+            return
+        gone = [r.path for sid, r in loader.rows_by_id.items() if sid in effects.purged]
+        read = [r for r in loader.rows.values() if r is not None and r.id not in effects.purged]
+        self._known.learn(
+            [*read, *effects.streams.values()],
+            [*loader.kv_rows.items(), *effects.kv.items()],
+            gone,
+        )
 
     async def _reconnect_writer(self) -> None:
         if self._writer is not None:
@@ -437,11 +461,17 @@ class PostgresStore(Store):
         self._writer = await self._connect_retrying(
             "streams-writer", time.monotonic() + self._connect_seconds
         )
-        self._writer_pid = self._writer.get_server_pid()
+        self._set_writer_pid()
+
+    def _set_writer_pid(self) -> None:
+        self._known.writers.discard(self._writer_pid or 0)
+        self._writer_pid = None if self._writer is None else self._writer.get_server_pid()
+        if self._writer_pid is not None:
+            self._known.writers.add(self._writer_pid)
 
     async def _transaction(
         self, group: list[Pending]
-    ) -> tuple[GroupLoader, list[list[OpResult] | StreamsError]]:
+    ) -> tuple[GroupLoader | SpeculativeLoader, list[list[OpResult] | StreamsError]]:
         conn = self._writer
         paths: set[str] = set()
         kv_keys: set[tuple[str, str]] = set()
@@ -468,13 +498,24 @@ class PostgresStore(Store):
         )
         if conn.is_closed():
             raise _NotCommitted(ConnectionError("writer connection closed"))
+        # validated against this process's copies first, when it has all it needs (no I/O)
+        guess = None
+        if not creates and not producers:
+            guess = await speculate(self._known, [p.ops for p in group])
+        loader: GroupLoader | SpeculativeLoader
         try:
             if not self._begun:  # else the last COMMIT began this transaction
                 await conn.execute("BEGIN")
                 self._begun = True
-            loader, outcomes = await self._apply(
-                conn, group, locks, paths, kv_keys, creates, producers
-            )
+            if guess is not None and await conn.fetchval(SPECULATE_SQL, locks, *guess[2]):
+                self.speculations["hit"] += 1
+                loader, outcomes = guess[0], guess[1]
+            else:
+                if guess is not None:  # a stale copy: nothing written, the locks are held
+                    self.speculations["miss"] += 1
+                loader, outcomes = await self._apply(
+                    conn, group, locks, paths, kv_keys, creates, producers
+                )
         except _DISCONNECTED as exc:
             self._begun = False
             raise _NotCommitted(exc) from exc

@@ -23,6 +23,7 @@ import pytest
 import streams
 from streams import BackendUnavailable, ConditionFailed, KvCheck, KvPut, Store, open_store
 from streams._backends._postgres_schema import MIGRATIONS, parse_url, quote_ident
+from streams._backends._postgres_speculate import Unknown
 from streams._backends.postgres import PostgresStore, notification_payloads
 from tests import _postgres
 
@@ -493,7 +494,28 @@ async def test_concurrent_reads_are_coalesced_and_answer_as_one_by_one(url: str)
             await asyncio.gather(store.read("s1"), store.read("absent"))
 
 
-async def test_a_commit_is_three_round_trips(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def _record_writes(store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The statements ``store``'s writer sends from now on (until ``monkeypatch.undo()``)."""
+    writer = store._writer
+    assert writer is not None
+    sent: list[str] = []
+    for name in ("execute", "fetch", "fetchrow", "fetchval", "executemany"):
+        original = getattr(asyncpg.connection.Connection, name)
+
+        async def wrapped(
+            self: Any, query: str, *args: Any, _original: Any = original, **kwargs: Any
+        ) -> Any:
+            if self is writer:
+                sent.append(query)
+            return await _original(self, query, *args, **kwargs)
+
+        monkeypatch.setattr(asyncpg.connection.Connection, name, wrapped)
+    return sent
+
+
+async def test_a_commit_of_rows_this_process_does_not_know_is_three_round_trips(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The locks, the locked stream rows and the side-table values in one query; every write in
     one statement; the notifications with COMMIT and the next transaction's BEGIN (so a commit
     after the first sends no BEGIN of its own). Quiet writes signal no one."""
@@ -501,20 +523,9 @@ async def test_a_commit_is_three_round_trips(url: str, monkeypatch: pytest.Monke
         assert isinstance(store, PostgresStore)
         await store.create("s")
         await store.commit([KvPut("ns", "gone", b"x"), KvPut("other", "k", b"1")])
-        writer = store._writer
-        assert writer is not None
-        sent: list[str] = []
-        for name in ("execute", "fetch", "fetchrow", "fetchval", "executemany"):
-            original = getattr(asyncpg.connection.Connection, name)
-
-            async def wrapped(
-                self: Any, query: str, *args: Any, _original: Any = original, **kwargs: Any
-            ) -> Any:
-                if self is writer:
-                    sent.append(query)
-                return await _original(self, query, *args, **kwargs)
-
-            monkeypatch.setattr(asyncpg.connection.Connection, name, wrapped)
+        store._known.forget({"*"})  # as if another process had written them since
+        before = dict(store.speculations)
+        sent = _record_writes(store, monkeypatch)
         heard: list[str] = []
         store.listen("kv:ns", lambda: heard.append("ns"))
         store.listen("kv:other", lambda: heard.append("other"))
@@ -528,6 +539,7 @@ async def test_a_commit_is_three_round_trips(url: str, monkeypatch: pytest.Monke
         )
         assert len(sent) == 3, sent
         assert "lock_and_read" in sent[0] and sent[-1].endswith("COMMIT; BEGIN")
+        assert store.speculations == before  # not tried: nothing to validate against
         assert heard == ["ns"]  # for the put; the quiet removal signals nothing
         monkeypatch.undo()
         assert [m.data for m in await read_all(store, "s")] == [b"a", b"b"]
@@ -537,3 +549,177 @@ async def test_a_commit_is_three_round_trips(url: str, monkeypatch: pytest.Monke
         heard.clear()
         await store.commit([KvPut("ns", "new", None, quiet=True)])
         assert heard == [] and await store.kv_get("ns", "new") is None
+
+
+async def test_a_commit_of_rows_this_process_knows_is_two_round_trips(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validated against the copies this process kept of the rows it wrote, then checked and
+    written by one call under the locks: the same outcomes, results and signals."""
+    async with open_store(url) as store:
+        assert isinstance(store, PostgresStore)
+        await store.create("s")
+        await store.append("s", [b"a"])
+        await store.commit([KvPut("ns", "gone", b"x"), KvPut("other", "k", b"1")])
+        hits = store.speculations["hit"]
+        sent = _record_writes(store, monkeypatch)
+        heard: list[str] = []
+        store.listen("kv:ns", lambda: heard.append("ns"))
+        results = await store.commit(
+            [
+                streams.Append("s", [b"b", b"c"]),
+                KvCheck("other", "k", b"1"),
+                KvPut("ns", "new", b"y"),
+                KvPut("ns", "gone", None, quiet=True),
+                KvPut("other", "k", b"9", only_if=True, expect=b"wrong"),  # not applied
+            ]
+        )
+        with pytest.raises(ConditionFailed):  # a check against a copy fails as it would
+            await store.commit([KvCheck("other", "k", b"2"), KvPut("ns", "never", b"1")])
+        assert len(sent) == 4, sent
+        assert all("speculate" in q for q in sent[::2]), sent
+        assert all(q.endswith("COMMIT; BEGIN") for q in sent[1::2]), sent
+        assert store.speculations == {"hit": hits + 2, "miss": 0}
+        assert heard == ["ns"]
+        monkeypatch.undo()
+        append = results[0]
+        assert isinstance(append, streams.AppendResult)
+        assert append.next_offset == streams.format_offset(3)
+        assert results[1:] == [None, True, True, False]
+        assert [m.data for m in await read_all(store, "s")] == [b"a", b"b", b"c"]
+        assert await store.kv_get("ns", "new") == b"y"
+        assert await store.kv_get("ns", "gone") is None
+        assert await store.kv_get("other", "k") == b"1"
+        assert await store.kv_get("ns", "never") is None
+
+
+async def _behind_its_back(url: str, *statements: str) -> None:
+    """Change the schema of ``url`` directly, notifying no one (as a write this process did
+    not hear about: a quiet side-table write, or one whose notification is still on its way)."""
+    parsed = parse_url(url)
+    conn = await asyncpg.connect(parsed.dsn)
+    try:
+        await conn.execute(f"SET search_path TO {quote_ident(parsed.schema)}")
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def test_a_stale_copy_costs_a_round_trip_never_a_wrong_commit(url: str) -> None:
+    async with open_store(url) as store:
+        assert isinstance(store, PostgresStore)
+        await store.create("s")
+        await store.append("s", [b"a"])
+        await store.commit([KvPut("ns", "k", b"1")])
+        await _behind_its_back(
+            url,
+            "UPDATE kv SET value = '\\x32'::bytea WHERE namespace = 'ns' AND key = 'k'",
+            "INSERT INTO messages (stream_id, position, data) "
+            "SELECT id, length + 1, '\\x62'::bytea FROM streams WHERE path = 's'",
+            "UPDATE streams SET length = length + 1 WHERE path = 's'",
+        )
+        hits = store.speculations["hit"]
+        with pytest.raises(ConditionFailed):  # its copy still says 1
+            await store.commit([KvCheck("ns", "k", b"1"), KvPut("ns", "k", b"3")])
+        assert store.speculations == {"hit": hits, "miss": 1}
+        result = await store.append("s", [b"c"])  # its copy of s is one message behind
+        assert result.next_offset == streams.format_offset(3)
+        assert store.speculations == {"hit": hits, "miss": 2}
+        await store.commit([KvCheck("ns", "k", b"2"), KvPut("ns", "k", b"4")])
+        await store.append("s", [b"d"])  # the copies are current again
+        assert store.speculations == {"hit": hits + 2, "miss": 2}
+        assert await store.kv_get("ns", "k") == b"4"
+        assert [m.data for m in await read_all(store, "s")] == [b"a", b"b", b"c", b"d"]
+
+
+async def test_another_process_s_notification_drops_the_copies_it_names(url: str) -> None:
+    async with open_store(url) as store:
+        assert isinstance(store, PostgresStore)
+        await store.create("s")
+        await store.create("t")
+        await store.append("s", [b"a"])
+        await store.append("t", [b"a"])
+        await store.commit([KvPut("ns", "k", b"1")])
+        hits = store.speculations["hit"]
+        payload = orjson.dumps(["s", "kv:ns"]).decode()
+        await _behind_its_back(url, f"SELECT pg_notify('{store._parsed.channel}', '{payload}')")
+        with anyio.fail_after(5):
+            while True:
+                try:
+                    store._known.stream("s")
+                except Unknown:
+                    break
+                await asyncio.sleep(0.01)
+        with pytest.raises(Unknown):
+            store._known.kv("ns", "k")
+        assert store._known.stream("t").length == 1  # not named: kept
+        await store.append("s", [b"b"])  # read under the locks again: no speculation
+        await store.append("t", [b"b"])
+        assert store.speculations == {"hit": hits + 1, "miss": 0}
+
+
+async def test_stores_of_one_process_share_their_copies(two: tuple[Store, Store]) -> None:
+    a, b = two
+    assert isinstance(a, PostgresStore) and isinstance(b, PostgresStore)
+    await a.create("s")
+    await a.append("s", [b"a"])
+    await a.commit([KvPut("ns", "k", b"1")])
+    assert b.speculations == {"hit": 0, "miss": 0}
+    await b.commit([KvCheck("ns", "k", b"1"), KvPut("ns", "k", b"2")])  # b never read either
+    assert (await b.append("s", [b"b"])).next_offset == streams.format_offset(2)
+    assert b.speculations == {"hit": 2, "miss": 0}
+    assert (await a.append("s", [b"c"])).next_offset == streams.format_offset(3)
+    assert a.speculations["miss"] == 0
+
+
+async def test_this_process_and_others_appending_and_racing_stay_exact(url: str) -> None:
+    """Stores of this process (sharing their copies) and of other processes append to one
+    stream: gapless, every batch contiguous; then this process's stores race to bump a counter
+    by compare-and-set: no update is lost."""
+    async with open_store(url) as a, open_store(url) as b:
+        assert isinstance(a, PostgresStore) and isinstance(b, PostgresStore)
+        await a.create("s")
+        procs = [
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _APPENDER, url, f"p{i}", "60", cwd=ROOT
+            )
+            for i in range(2)
+        ]
+
+        async def writer(store: Store, name: str) -> None:
+            for batch in range(60):
+                await store.append(
+                    "s", [orjson.dumps([name, batch, i]) for i in range(1 + batch % 3)]
+                )
+
+        async def counter(store: Store, times: int) -> int:
+            won = 0
+            for _ in range(times):
+                current = await store.kv_get("ns", "n")
+                bumped = str(int(current or b"0") + 1).encode()
+                try:
+                    await store.commit([KvCheck("ns", "n", current), KvPut("ns", "n", bumped)])
+                except ConditionFailed:
+                    continue
+                won += 1
+            return won
+
+        with anyio.fail_after(120):
+            await asyncio.gather(writer(a, "a"), writer(b, "b"))
+            wins = await asyncio.gather(*(counter(s, 30) for s in (a, b, a, b)))
+            assert [await p.wait() for p in procs] == [0, 0]
+        assert await a.kv_get("ns", "n") == str(sum(wins)).encode()  # no update lost
+        messages = await read_all(a, "s")
+    decoded = [orjson.loads(m.data) for m in messages]
+    expected = 4 * sum(1 + b % 3 for b in range(60))
+    assert len(decoded) == expected
+    assert [m.offset for m in messages] == [streams.format_offset(i + 1) for i in range(expected)]
+    index = 0
+    while index < len(decoded):
+        name, batch, _ = decoded[index]
+        size = 1 + batch % 3
+        assert decoded[index : index + size] == [[name, batch, i] for i in range(size)]
+        index += size
+    assert a.speculations["hit"] + b.speculations["hit"] > 0
+    assert a.speculations["miss"] + b.speculations["miss"] > 0  # the others' appends, unheard
