@@ -27,7 +27,7 @@ from .base import (
     Truncate,
 )
 
-__all__ = ["CommitQueue", "Pending"]
+__all__ = ["CommitQueue", "Pending", "succeeded"]
 
 MAX_GROUP_OPS = 2048
 
@@ -93,6 +93,13 @@ class CommitQueue:
                 count += len(more.ops)
             self._busy = len(group) > 1
             yield group
+
+
+def succeeded(
+    group: Sequence[Pending], outcomes: Sequence[list[OpResult] | StreamsError]
+) -> list[Sequence[Op]]:
+    """The operations of the calls of ``group`` whose outcome is not an error."""
+    return [p.ops for p, o in zip(group, outcomes, strict=True) if not isinstance(o, StreamsError)]
 
 
 _TEXT_FIELDS: dict[type, tuple[str, ...]] = {

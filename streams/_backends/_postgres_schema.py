@@ -21,8 +21,9 @@ __all__ = ["MIGRATIONS", "PostgresUrl", "advisory_key", "migrate", "parse_url", 
 
 def _speculate_function() -> str:
     """Migration 5: ``speculate(locks, expected stream rows, expected side-table values,
-    writes)``: take the locks, then (with a snapshot taken after them) compare every expected
-    row with the stored one, and write only if all match; ``true`` if it wrote. A stream column
+    writes, channel, payloads)``: take the locks, then (with a snapshot taken after them)
+    compare every expected row with the stored one, and write and notify only if all match;
+    ``true`` if it wrote. Called alone, it is a transaction of its own. A stream column
     added later replaces this function (DROP and CREATE), as it does ``lock_and_read``."""
     cols = [
         ("id", "BIGINT"), ("path", "TEXT"), ("content_type", "TEXT"),
@@ -49,7 +50,8 @@ def _speculate_function() -> str:
         {written},
         m_stream BIGINT[], m_position BIGINT[], m_data BYTEA[],
         p_namespace TEXT[], p_key TEXT[], p_value BYTEA[],
-        d_namespace TEXT[], d_key TEXT[]
+        d_namespace TEXT[], d_key TEXT[],
+        channel TEXT, payloads TEXT[]
     )
     RETURNS BOOLEAN
     LANGUAGE plpgsql VOLATILE AS $fn$
@@ -95,6 +97,7 @@ def _speculate_function() -> str:
             DELETE FROM kv USING unnest(d_namespace, d_key) AS d(namespace, key)
                 WHERE kv.namespace = d.namespace COLLATE "C" AND kv.key = d.key COLLATE "C";
         END IF;
+        PERFORM pg_notify(channel, p) FROM unnest(payloads) AS p;
         RETURN true;
     END
     $fn$;

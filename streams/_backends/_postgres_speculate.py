@@ -43,17 +43,15 @@ _STREAM_TYPES = (
     "bigint bigint bigint"
 ).split()
 # the ``speculate`` call: the locks, the expected stream rows (a column each), the expected
-# side-table values, the stream rows written, the messages, the side-table puts and deletes
-SPECULATE_SQL = "SELECT speculate({})".format(
-    ", ".join(
-        f"${n}::{t}[]"
-        for n, t in enumerate(
-            ["bigint", *_STREAM_TYPES, "text", "text", "bytea", *_STREAM_TYPES,
-             "bigint", "bigint", "bytea", "text", "text", "bytea", "text", "text"],
-            start=1,
-        )
-    )
-)  # fmt: skip
+# side-table values, the stream rows written, the messages, the side-table puts and deletes,
+# then the notification channel and payloads
+_ARRAYS = ["bigint", *_STREAM_TYPES, "text", "text", "bytea", *_STREAM_TYPES,
+           "bigint", "bigint", "bytea", "text", "text", "bytea", "text", "text"]  # fmt: skip
+SPECULATE_SQL = "SELECT speculate({}, ${}::text, ${}::text[])".format(
+    ", ".join(f"${n}::{t}[]" for n, t in enumerate(_ARRAYS, start=1)),
+    len(_ARRAYS) + 1,
+    len(_ARRAYS) + 2,
+)
 
 
 class Unknown(Exception):

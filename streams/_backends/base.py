@@ -586,6 +586,13 @@ class Store(abc.ABC):
     def _notify(self, paths: set[str]) -> None:
         self._notifier.notify(paths)
 
+    def _committed(self, calls: Sequence[Sequence[Op]], touched: set[str]) -> None:
+        """What a backend calls after each commit of this store's: ``calls``, the operations of
+        the calls that succeeded, and ``touched``, the names they touched. Wakes this store's
+        waiters and listeners of those names. (``entities serve`` wraps it to hand another store
+        of the process the names, and its worker the pending marks, at once.)"""
+        self._notify(touched)
+
     def _notify_all(self) -> None:
         self._notifier.notify_all()
 

@@ -95,7 +95,7 @@ class MemoryStore(Store):
                     table.pop(key, None)
                 else:
                     table[key] = value
-        self._notify(effects.touched)
+        self._committed([ops], effects.touched)
         return results
 
     def _drop(self, sid: int, low: int, high: int) -> None:

@@ -55,7 +55,7 @@ from ._engine import (
     read_start,
     readable,
 )
-from ._group import CommitQueue, Pending
+from ._group import CommitQueue, Pending, succeeded
 from ._postgres_batch import ReadBatcher
 from ._postgres_schema import MIGRATIONS, PostgresUrl, advisory_key, migrate, parse_url, quote_ident
 from ._postgres_speculate import SPECULATE_SQL, KnownRows, SpeculativeLoader, known_rows, speculate
@@ -202,6 +202,7 @@ class PostgresStore(Store):
         self._writer_pid: int | None = None
         # copies of rows, shared with this process's other stores on the schema (speculation)
         self._known: KnownRows = known_rows(self._parsed.dsn, self._parsed.schema)
+        self._partner: PostgresStore | None = None  # see _pair_with
         self.speculations: dict[str, int] = {"hit": 0, "miss": 0}  # verified, stale copies
         self._begun = False  # the writer connection is in a transaction no statement ran in
         self._kv_gets = ReadBatcher(self._kv_get_many, parallel=2)
@@ -322,6 +323,8 @@ class PostgresStore(Store):
     def _on_notification(self, _conn: Any, pid: int, _channel: str, payload: str) -> None:
         if pid == self._writer_pid:
             return  # our own commit: its waiters were woken when it committed
+        if self._partner is not None and pid == self._partner._writer_pid:
+            return  # its names are handed over in this process (see ``_pair_with``)
         try:
             names = set(orjson.loads(payload))
         except orjson.JSONDecodeError:
@@ -329,6 +332,12 @@ class PostgresStore(Store):
         if pid not in self._known.writers:  # another process's: our copies may be stale
             self._known.forget(names)
         self._wake(names)
+
+    def _pair_with(self, partner: PostgresStore) -> None:
+        """Stop hearing the notifications of ``partner``'s commits (a store of this process
+        on the same schema, e.g. ``entities serve``'s, whose owner hands this store the names
+        they touched at once instead). Another process's still wake this one."""
+        self._partner = partner
 
     def _wake(self, names: set[str]) -> None:
         if "*" in names:
@@ -437,7 +446,7 @@ class PostgresStore(Store):
             else:
                 pending.future.set_result(outcome)
         self._learn(loader)
-        self._notify(loader.effects.touched)
+        self._committed(succeeded(group, outcomes), loader.effects.touched)
 
     def _learn(self, loader: GroupLoader | SpeculativeLoader) -> None:
         """Remember the rows a committed group read under its locks or wrote, as the commit
@@ -502,20 +511,16 @@ class PostgresStore(Store):
         guess = None
         if not creates and not producers:
             guess = await speculate(self._known, [p.ops for p in group])
+        if guess is not None and await self._speculated(conn, locks, guess[0], guess[2]):
+            return guess[0], guess[1]
         loader: GroupLoader | SpeculativeLoader
         try:
             if not self._begun:  # else the last COMMIT began this transaction
                 await conn.execute("BEGIN")
                 self._begun = True
-            if guess is not None and await conn.fetchval(SPECULATE_SQL, locks, *guess[2]):
-                self.speculations["hit"] += 1
-                loader, outcomes = guess[0], guess[1]
-            else:
-                if guess is not None:  # a stale copy: nothing written, the locks are held
-                    self.speculations["miss"] += 1
-                loader, outcomes = await self._apply(
-                    conn, group, locks, paths, kv_keys, creates, producers
-                )
+            loader, outcomes = await self._apply(
+                conn, group, locks, paths, kv_keys, creates, producers
+            )
         except _DISCONNECTED as exc:
             self._begun = False
             raise _NotCommitted(exc) from exc
@@ -537,6 +542,48 @@ class PostgresStore(Store):
             raise
         self._begun = True
         return loader, outcomes
+
+    async def _speculated(
+        self, conn: Any, locks: list[int], loader: SpeculativeLoader, args: list[Any]
+    ) -> bool:
+        """Commit a group validated against this process's copies with the schema's
+        ``speculate`` function (see :mod:`._postgres_speculate`): one round trip, the call
+        being a transaction of its own, when no transaction is open (the last group was
+        speculated too); else the call and ``COMMIT``. ``False`` when a copy was stale: nothing
+        was written, and the group is to run the ordinary way (in the transaction still open,
+        holding the locks, if there was one).
+
+        Raises:
+            _NotCommitted: the connection failed before anything could commit.
+            asyncpg.PostgresError: as the ordinary way does (a lost connection during the
+                commit: the outcome is unknown).
+        """
+        payloads = notification_payloads(loader.effects.touched)
+        call = (SPECULATE_SQL, locks, *args, self._parsed.channel, payloads)
+        if not self._begun:
+            ok = await conn.fetchval(*call)  # commits by itself (if it wrote)
+        else:
+            try:
+                ok = await conn.fetchval(*call)
+            except _DISCONNECTED as exc:
+                self._begun = False
+                raise _NotCommitted(exc) from exc
+            except BaseException:
+                self._begun = False
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+                raise
+            if ok:
+                self._begun = False
+                try:
+                    await conn.execute("COMMIT")
+                except asyncpg.PostgresError as exc:
+                    if not isinstance(exc, _DISCONNECTED):
+                        with contextlib.suppress(Exception):
+                            await conn.execute("ROLLBACK")
+                    raise
+        self.speculations["hit" if ok else "miss"] += 1
+        return bool(ok)
 
     async def _apply(
         self,

@@ -46,7 +46,7 @@ from ._engine import (
     read_start,
     readable,
 )
-from ._group import CommitQueue, Pending
+from ._group import CommitQueue, Pending, succeeded
 from ._sqlite_io import (
     COLUMNS,
     INLINE_READ_LIMIT,
@@ -547,7 +547,7 @@ class SqliteStore(Store):
                 pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
-        self._notify(effects.touched)
+        self._committed(succeeded(group, outcomes), effects.touched)
 
     async def _watch(self) -> None:
         """Wake this process's waiters when another process commits to the file.

@@ -434,6 +434,47 @@ async def test_a_caller_here_waits_for_the_commit_answering_it_not_the_index(
         assert scans.count("reply") == 0
 
 
+async def test_entities_serve_s_worker_claims_a_message_sent_here_without_a_scan(
+    store_url: str,
+) -> None:
+    """``entities serve``'s shape: the server's store hands the worker on its thread the
+    pending marks its commits wrote, and the worker claims at once, instead of scanning every
+    pending mark first on the commit's signal (one scan per call before: a round trip on
+    PostgreSQL between the send's commit and the claim)."""
+    if not store_url.startswith(("postgresql", "sqlite")):
+        pytest.skip("a memory store cannot be shared: its worker stays on the server's loop")
+    async with Runtime(registry, store_url) as rt:
+        assert can_embed(rt)
+        embedded = EmbeddedWorker(rt)
+        worker = await embedded.start()
+        scans: list[str] = []
+        worker_store = worker.rt.store
+        original = worker_store.kv_scan
+
+        async def counted(namespace: str, *args: Any, **kwargs: Any) -> Any:
+            scans.append(namespace)
+            return await original(namespace, *args, **kwargs)
+
+        worker_store.kv_scan = counted  # type: ignore[method-assign]
+        try:
+            await rt.spawn("/desk/offered")
+            await rt.call("/desk/offered", {"ask": 0}, wait=30)  # warm: the first wake
+            scans.clear()
+            for i in range(20):
+                result = await rt.call("/desk/offered", {"ask": i}, wait=30)
+                assert result.replies == [i] and not result.timed_out
+            assert scans.count("pending") <= 2, scans  # the worker's poll, at most
+            # a burst is left to the scan, which claims the marks together
+            urls = [f"/desk/burst{i}" for i in range(6)]
+            for url in urls:
+                await rt.spawn(url)
+            answers = await asyncio.gather(*(rt.call(u, {"ask": 7}, wait=30) for u in urls))
+            assert [a.replies for a in answers] == [[7]] * len(urls)
+        finally:
+            embedded.stop()
+            await embedded.wait()
+
+
 async def test_a_staged_answer_is_waited_for_and_a_failed_commit_lets_go() -> None:
     """A caller that finds its message staged by a commit in flight here waits for it: the
     replies once published (from another thread), nothing once the commit gave up; an

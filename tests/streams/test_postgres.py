@@ -289,32 +289,39 @@ async def test_writer_and_readers_reconnect_after_their_connections_are_killed(
     assert await a.kv_scan("ns") == [("k", b"v")]
 
 
+async def _writer_state(url: str, store: PostgresStore) -> tuple[str, Any, Any]:
+    conn = await asyncpg.connect(parse_url(url).dsn)
+    try:
+        row = await conn.fetchrow(
+            "SELECT state, backend_xid, backend_xmin FROM pg_stat_activity WHERE pid = $1",
+            store._writer_pid,
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return row["state"], row["backend_xid"], row["backend_xmin"]
+
+
 async def test_the_writer_waits_in_a_transaction_that_holds_nothing_back(url: str) -> None:
-    """Between groups the writer's connection sits in the transaction its last COMMIT began:
-    no transaction id, no snapshot (nothing held back from vacuum), and exempt from
-    ``idle_in_transaction_session_timeout``."""
+    """Between groups the writer's connection sits in the transaction the last ordinary
+    group's COMMIT began (no transaction id, no snapshot: nothing held back from vacuum; exempt
+    from ``idle_in_transaction_session_timeout``), or, after a speculated group (whose call is
+    a transaction of its own when none is open), in none."""
     async with open_store(url) as store:
         assert isinstance(store, PostgresStore)
-        await store.create("s", messages=[b"1"])
-        await store.kv_put("ns", "k", b"v")
-        conn = await asyncpg.connect(parse_url(url).dsn)
-        try:
-            row = await conn.fetchrow(
-                "SELECT state, backend_xid, backend_xmin FROM pg_stat_activity WHERE pid = $1",
-                store._writer_pid,
-            )
-        finally:
-            await conn.close()
-        assert row is not None
-        assert (row["state"], row["backend_xid"], row["backend_xmin"]) == (
-            "idle in transaction",
-            None,
-            None,
-        )
+        await store.create("s", messages=[b"1"])  # a create: always the ordinary way
+        assert await _writer_state(url, store) == ("idle in transaction", None, None)
         writer = store._writer
         assert writer is not None
         assert await writer.fetchval("SHOW idle_in_transaction_session_timeout") == "0"
-        await store.append("s", [b"2"])
+        await store.kv_put("ns", "k", b"v")  # speculated, in the open transaction, committed
+        assert await _writer_state(url, store) == ("idle", None, None)
+        hits = store.speculations["hit"]
+        await store.append("s", [b"2"])  # speculated: a transaction of its own
+        assert store.speculations["hit"] == hits + 1
+        assert await _writer_state(url, store) == ("idle", None, None)
+        await store.create("t")
+        assert await _writer_state(url, store) == ("idle in transaction", None, None)
         assert [m.data for m in await read_all(store, "s")] == [b"1", b"2"]
 
 
@@ -518,12 +525,13 @@ async def test_a_commit_of_rows_this_process_does_not_know_is_three_round_trips(
 ) -> None:
     """The locks, the locked stream rows and the side-table values in one query; every write in
     one statement; the notifications with COMMIT and the next transaction's BEGIN (so a commit
-    after the first sends no BEGIN of its own). Quiet writes signal no one."""
+    after an ordinary one sends no BEGIN of its own). Quiet writes signal no one."""
     async with open_store(url) as store:
         assert isinstance(store, PostgresStore)
         await store.create("s")
         await store.commit([KvPut("ns", "gone", b"x"), KvPut("other", "k", b"1")])
         store._known.forget({"*"})  # as if another process had written them since
+        await store.create("u")  # the ordinary way: its COMMIT begins the next transaction
         before = dict(store.speculations)
         sent = _record_writes(store, monkeypatch)
         heard: list[str] = []
@@ -551,12 +559,13 @@ async def test_a_commit_of_rows_this_process_does_not_know_is_three_round_trips(
         assert heard == [] and await store.kv_get("ns", "new") is None
 
 
-async def test_a_commit_of_rows_this_process_knows_is_two_round_trips(
+async def test_a_commit_of_rows_this_process_knows_is_one_round_trip(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Validated against the copies this process kept of the rows it wrote, then checked and
-    written by one call under the locks: the same outcomes, results and signals."""
-    async with open_store(url) as store:
+    """Validated against the copies this process kept of the rows it wrote, then checked,
+    written and notified by one call under the locks, a transaction of its own: the same
+    outcomes, results and signals, here and in another store."""
+    async with open_store(url) as store, open_store(url) as elsewhere:
         assert isinstance(store, PostgresStore)
         await store.create("s")
         await store.append("s", [b"a"])
@@ -565,6 +574,8 @@ async def test_a_commit_of_rows_this_process_knows_is_two_round_trips(
         sent = _record_writes(store, monkeypatch)
         heard: list[str] = []
         store.listen("kv:ns", lambda: heard.append("ns"))
+        signalled = anyio.Event()
+        elsewhere.listen("kv:ns", signalled.set)
         results = await store.commit(
             [
                 streams.Append("s", [b"b", b"c"]),
@@ -574,11 +585,12 @@ async def test_a_commit_of_rows_this_process_knows_is_two_round_trips(
                 KvPut("other", "k", b"9", only_if=True, expect=b"wrong"),  # not applied
             ]
         )
+        with anyio.fail_after(5):
+            await signalled.wait()  # its NOTIFY went with it
         with pytest.raises(ConditionFailed):  # a check against a copy fails as it would
             await store.commit([KvCheck("other", "k", b"2"), KvPut("ns", "never", b"1")])
-        assert len(sent) == 4, sent
-        assert all("speculate" in q for q in sent[::2]), sent
-        assert all(q.endswith("COMMIT; BEGIN") for q in sent[1::2]), sent
+        assert len(sent) == 2, sent
+        assert all(q.startswith("SELECT speculate(") for q in sent), sent
         assert store.speculations == {"hit": hits + 2, "miss": 0}
         assert heard == ["ns"]
         monkeypatch.undo()
