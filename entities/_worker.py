@@ -48,9 +48,6 @@ FOLLOW_ON = 8
 FENCE_LOOK = 0.1
 # how often expired idempotency keys are removed (seconds)
 PRUNE_SECONDS = 60.0
-# wakes going at most (counting those offered) for :meth:`Worker.offer` to start them itself:
-# beyond, a scan claims them together (offering every mark under load cost calls 5-10%)
-OFFERED_WAKES = 2
 
 
 class _TimerLooks:
@@ -289,11 +286,11 @@ class Worker:
     def offer(self, marks: Sequence[tuple[str, bytes]]) -> None:
         """Start the wakes of entities another store of this process just marked pending
         (``(url, token)``: ``entities serve``'s sends, spawns and the rest), without the scan of
-        every pending mark. A worker with more than :data:`OFFERED_WAKES` wakes going (counting
-        these) leaves them to that scan, which batches the loads of many claims into a few
-        reads; so does an entity it would not take now (running, blocked, another worker's
-        share). Call it on the worker's event loop."""
-        if self._lanes is None or len(self._active) + len(marks) > OFFERED_WAKES:
+        every pending mark, while it has free lanes (the loads of claims made together are read
+        together all the same). What it would not take now (no free lane, an entity blocked or
+        another worker's share) it leaves to that scan; an entity whose wake is going takes
+        the offer as its lane's next wake. Call it on the worker's event loop."""
+        if self._lanes is None:
             self._poke()
             return
         self._offered.extend(marks)
@@ -314,7 +311,7 @@ class Worker:
                     continue
                 if (
                     self._lanes is None
-                    or len(self._active) >= OFFERED_WAKES
+                    or len(self._active) >= self.concurrency
                     or not self.affinity.prefers(url)
                     or self.claimer.ready(url, token, now) is not None
                 ):

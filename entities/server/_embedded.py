@@ -6,25 +6,26 @@ same settings and worker id. A handler that blocks the worker's loop (``time.sle
 ``async def``) then holds no HTTP request: the control plane and stream reads run on the
 server's loop.
 
-The two stores see each other's commits as another process's would: PostgreSQL by ``NOTIFY``
-(at once, naming what changed), SQLite by watching the file (``PRAGMA data_version``, every
-50 ms, without names). So over SQLite each store's commits wake the other's waiters and
+Left alone, the two stores would see each other's commits as another process's: PostgreSQL by
+``NOTIFY`` (at once, naming what changed), SQLite by watching the file (``PRAGMA data_version``,
+every 50 ms, without names). So over SQLite each store's commits wake the other's waiters and
 listeners of the paths and names they touched, on the other's loop, as a store's commits wake
-its own: a message sent over HTTP starts its wake at once, a reply reaches a long-poll or an
-SSE reader at once (measured through ``entities serve``: a send and the wait for the reply of
-a 20 ms handler took 51 ms at p50 with the file watch alone, 28 ms with this, and 26 ms with the
-worker on the server's loop), and an interrupt reaches the running wake's listener at once.
-The two SQLite stores are *paired* (``SqliteStore._pair``): their commits, which move the
-file's ``data_version`` for each other, no longer make each other wake everything at once
-(every waiter's look, every worker scan) after each commit; another process's commits still
-do, within the file watch's 50 ms.
+its own: a message sent over HTTP starts its wake at once, a reply reaches a long-poll or an SSE
+reader at once (measured through ``entities serve``: a send and the wait for the reply of a 20
+ms handler took 51 ms at p50 with the file watch alone, 28 ms with this, and 26 ms with the
+worker on the server's loop), and an interrupt reaches the running wake's listener at once. The
+two SQLite stores are *paired* (``SqliteStore._pair``): their commits, which move the file's
+``data_version`` for each other, no longer make each other wake everything at once (every
+waiter's look, every worker scan) after each commit; another process's commits still do, within
+the file watch's 50 ms.
 
 The server's commits also reach the worker this way over PostgreSQL (whose worker store then
-ignores the server store's ``NOTIFY``: ``PostgresStore._pair_with``), with the pending marks
-they wrote: the worker claims a message sent over HTTP at once (:meth:`Worker.offer`), without
-a scan of every pending mark first, unless it is busy (then a scan claims many together). A
-sequential call over PostgreSQL: 4.1-4.6 -> 3.8-4.1 ms at p50 (the scan was a round trip
-between the send's commit and the claim's read).
+ignores the server store's ``NOTIFY``: ``PostgresStore._pair_with``; the worker's commits
+still reach the server by ``NOTIFY``), with the pending marks they wrote: the worker claims a
+message sent over HTTP at once (:meth:`Worker.offer`) while it has a free lane, without a scan
+of every pending mark first. A sequential call over PostgreSQL: 4.1-4.6 -> 3.8-4.1 ms at p50
+(the scan was a round trip between the send's commit and the claim's read); calls under load
++2% (median of 7 interleaved rounds) against offering only to an idle worker.
 
 A ``memory://`` store cannot be opened twice (a second one would be another, empty store):
 there the worker stays on the server's loop, as before (``memory://`` is for tests and trials);

@@ -464,7 +464,7 @@ async def test_entities_serve_s_worker_claims_a_message_sent_here_without_a_scan
                 result = await rt.call("/desk/offered", {"ask": i}, wait=30)
                 assert result.replies == [i] and not result.timed_out
             assert scans.count("pending") <= 2, scans  # the worker's poll, at most
-            # a burst is left to the scan, which claims the marks together
+            # a burst: each mark offered, its wake claimed while lanes are free
             urls = [f"/desk/burst{i}" for i in range(6)]
             for url in urls:
                 await rt.spawn(url)
