@@ -589,8 +589,8 @@ class Store(abc.ABC):
     def _committed(self, calls: Sequence[Sequence[Op]], touched: set[str]) -> None:
         """What a backend calls after each commit of this store's: ``calls``, the operations of
         the calls that succeeded, and ``touched``, the names they touched. Wakes this store's
-        waiters and listeners of those names. (``entities serve`` wraps it to hand another store
-        of the process the names, and its worker the pending marks, at once.)"""
+        waiters and listeners of those names. (An owner of several stores of one process may
+        wrap it to hand another of them the names, or what was written, at once.)"""
         self._notify(touched)
 
     def _notify_all(self) -> None:
