@@ -93,6 +93,10 @@ _PAYLOAD_LIMIT = 7900  # PostgreSQL rejects NOTIFY payloads of 8000 bytes or mor
 # transaction costs three round trips whatever it holds (at 32 concurrent request-responses,
 # 1 ms cut the transactions per message by a tenth and the server's CPU per message by 7%)
 _LINGER = 0.001
+# a writer idle longer than this (seconds) opens a transaction before a speculated call: a
+# connection that died meanwhile then fails there, before anything could commit, and the group
+# runs again on a new one (a lone call that fails leaves its outcome unknown)
+_FRESH_SECONDS = 1.0
 _RETRYABLE = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
@@ -205,6 +209,7 @@ class PostgresStore(Store):
         self._partner: PostgresStore | None = None  # see _pair_with
         self.speculations: dict[str, int] = {"hit": 0, "miss": 0}  # verified, stale copies
         self._begun = False  # the writer connection is in a transaction no statement ran in
+        self._used_at = 0.0  # when the writer's last group ended (time.monotonic)
         self._kv_gets = ReadBatcher(self._kv_get_many, parallel=2)
         self._kv_scans = ReadBatcher(self._kv_scan_many, parallel=2)
         self._reads = ReadBatcher(self._read_many, parallel=2)
@@ -388,6 +393,7 @@ class PostgresStore(Store):
     async def _run_writer(self) -> None:
         async for group in self._queue.groups():
             await self._commit_isolated(group)
+            self._used_at = time.monotonic()
 
     async def _commit_isolated(self, group: list[Pending]) -> None:
         """Commit ``group``; if the database rejects it, commit its calls one by one, so data
@@ -511,6 +517,13 @@ class PostgresStore(Store):
         guess = None
         if not creates and not producers:
             guess = await speculate(self._known, [p.ops for p in group])
+        if guess is not None and not self._begun:
+            if time.monotonic() - self._used_at > _FRESH_SECONDS:
+                try:
+                    await conn.execute("BEGIN")
+                except _DISCONNECTED as exc:
+                    raise _NotCommitted(exc) from exc
+                self._begun = True
         if guess is not None and await self._speculated(conn, locks, guess[0], guess[2]):
             return guess[0], guess[1]
         loader: GroupLoader | SpeculativeLoader

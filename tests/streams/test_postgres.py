@@ -22,6 +22,7 @@ import pytest
 
 import streams
 from streams import BackendUnavailable, ConditionFailed, KvCheck, KvPut, Store, open_store
+from streams._backends import postgres as postgres_backend
 from streams._backends._postgres_schema import MIGRATIONS, parse_url, quote_ident
 from streams._backends._postgres_speculate import Unknown
 from streams._backends.postgres import PostgresStore, notification_payloads
@@ -565,6 +566,7 @@ async def test_a_commit_of_rows_this_process_knows_is_one_round_trip(
     """Validated against the copies this process kept of the rows it wrote, then checked,
     written and notified by one call under the locks, a transaction of its own: the same
     outcomes, results and signals, here and in another store."""
+    monkeypatch.setattr(postgres_backend, "_FRESH_SECONDS", 3600.0)  # however slow the host
     async with open_store(url) as store, open_store(url) as elsewhere:
         assert isinstance(store, PostgresStore)
         await store.create("s")
@@ -603,6 +605,26 @@ async def test_a_commit_of_rows_this_process_knows_is_one_round_trip(
         assert await store.kv_get("ns", "gone") is None
         assert await store.kv_get("other", "k") == b"1"
         assert await store.kv_get("ns", "never") is None
+
+
+async def test_a_writer_idle_for_a_while_opens_a_transaction_before_it_speculates(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that died while the writer was idle fails on ``BEGIN``, before anything
+    could commit, and the group runs again on a new one: the caller sees no error."""
+    monkeypatch.setattr(postgres_backend, "_FRESH_SECONDS", 0.0)  # always idle "for a while"
+    async with open_store(url) as store:
+        assert isinstance(store, PostgresStore)
+        await store.create("s")
+        await store.append("s", [b"1"])
+        sent = _record_writes(store, monkeypatch)
+        await store.append("s", [b"2"])
+        assert [q[:16] for q in sent] == ["BEGIN", "SELECT speculate", "COMMIT"]
+        await _behind_its_back(url, f"SELECT pg_terminate_backend({store._writer_pid})")
+        hits = store.speculations["hit"]
+        assert (await store.append("s", [b"3"])).next_offset == streams.format_offset(3)
+        assert store.speculations["hit"] == hits + 1
+        assert [m.data for m in await read_all(store, "s")] == [b"1", b"2", b"3"]
 
 
 async def _behind_its_back(url: str, *statements: str) -> None:
