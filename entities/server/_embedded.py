@@ -79,9 +79,8 @@ class EmbeddedWorker:
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="entities-worker", daemon=True)
         self._removers: list[Callable[[], None]] = []
-        # SQLite: the worker's store, and each store's own notify (what a commit of the other
-        # is handed to: never the forwarding one, or each would echo the other's names back)
-        self._worker_store: Store | None = None
+        # each store's own notify (what a commit of the other is handed to: never the
+        # forwarding one, or each would echo the other's names back)
         self._server_notify = runtime.store._notify
         self._worker_notify: Callable[[set[str]], None] = lambda _paths: None
 
@@ -98,9 +97,8 @@ class EmbeddedWorker:
         if self.worker is None:
             assert self.failure is not None
             raise self.failure
-        if self._worker_store is not None:
-            _pair(self.runtime.store, self._worker_store)
-            self._removers = [self._forward(self.runtime.store, self.worker)]
+        _pair(self.runtime.store, self.worker.rt.store)
+        self._removers = [self._forward(self.runtime.store, self.worker)]
         return self.worker
 
     def stop(self) -> None:
@@ -146,11 +144,8 @@ class EmbeddedWorker:
     async def _run(self) -> None:
         rt = self.runtime
         store = open_store(rt.store.url)
-        scheme = urlsplit(rt.store.url).scheme
-        if scheme in ("sqlite", "postgresql", "postgres"):
-            self._worker_store = store
-            self._worker_notify = store._notify
-        if scheme == "sqlite":  # PostgreSQL's NOTIFY reaches the server's store at once
+        self._worker_notify = store._notify
+        if urlsplit(rt.store.url).scheme == "sqlite":  # PostgreSQL's NOTIFY reaches the server
             self._mirror(store)
         own = rt.over(store)
         async with store, own:

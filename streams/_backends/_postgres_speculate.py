@@ -67,7 +67,6 @@ class KnownRows:
         self._lock = threading.Lock()
         self._streams: dict[str, StreamRecord] = {}
         self._kv: dict[str, dict[str, bytes | None]] = {}  # namespace -> key -> value
-        self._kv_count = 0
         self.writers: set[int] = set()  # backend pids of the writers sharing these copies
 
     def stream(self, path: str) -> StreamRecord:
@@ -96,18 +95,14 @@ class KnownRows:
         with self._lock:
             if len(self._streams) > _MAX_STREAMS:
                 self._streams.clear()
-            if self._kv_count > _MAX_KV:
+            if sum(len(values) for values in self._kv.values()) > _MAX_KV:  # a few namespaces
                 self._kv.clear()
-                self._kv_count = 0
             for path in gone:
                 self._streams.pop(path, None)
             for record in streams:
                 self._streams[record.path] = record
             for (namespace, key), value in kv:
-                values = self._kv.setdefault(namespace, {})
-                if key not in values:
-                    self._kv_count += 1
-                values[key] = value
+                self._kv.setdefault(namespace, {})[key] = value
 
     def forget(self, names: Iterable[str]) -> None:
         """Drop the copies of what another process's commit named: stream paths, ``kv:``
@@ -117,12 +112,9 @@ class KnownRows:
                 if name == "*":
                     self._streams.clear()
                     self._kv.clear()
-                    self._kv_count = 0
                     return
                 if name.startswith("kv:"):
-                    dropped = self._kv.pop(name[3:], None)
-                    if dropped:
-                        self._kv_count -= len(dropped)
+                    self._kv.pop(name[3:], None)
                 else:
                     self._streams.pop(name, None)
 

@@ -517,23 +517,37 @@ class PostgresStore(Store):
         guess = None
         if not creates and not producers:
             guess = await speculate(self._known, [p.ops for p in group])
-        if guess is not None and not self._begun:
-            if time.monotonic() - self._used_at > _FRESH_SECONDS:
-                try:
-                    await conn.execute("BEGIN")
-                except _DISCONNECTED as exc:
-                    raise _NotCommitted(exc) from exc
-                self._begun = True
-        if guess is not None and await self._speculated(conn, locks, guess[0], guess[2]):
-            return guess[0], guess[1]
-        loader: GroupLoader | SpeculativeLoader
+        if guess is not None:
+            if not self._begun and time.monotonic() - self._used_at > _FRESH_SECONDS:
+                await self._begin(conn)
+            if await self._speculated(conn, locks, guess[0], guess[2]):
+                return guess[0], guess[1]
+        if not self._begun:  # else the last COMMIT began this transaction
+            await self._begin(conn)
+        loader, outcomes = await self._in_transaction(
+            conn, self._apply(conn, group, locks, paths, kv_keys, creates, producers)
+        )
+        # the notifications, COMMIT and the next transaction's BEGIN: one round trip
+        payloads = notification_payloads(loader.effects.touched)
+        await self._end_transaction(conn, _commit(self._parsed.channel, payloads))
+        self._begun = True
+        return loader, outcomes
+
+    async def _begin(self, conn: Any) -> None:
+        """Open the writer's transaction. Raises what :meth:`_in_transaction` raises."""
+        await self._in_transaction(conn, conn.execute("BEGIN"))
+        self._begun = True
+
+    async def _in_transaction(self, conn: Any, statements: Awaitable[_T]) -> _T:
+        """Await ``statements`` of the writer's open transaction (before its ``COMMIT``).
+
+        Raises:
+            _NotCommitted: the connection failed (the transaction died with it: nothing
+                committed, the group may run again on a new connection).
+            BaseException: whatever else they raised, once the transaction is rolled back.
+        """
         try:
-            if not self._begun:  # else the last COMMIT began this transaction
-                await conn.execute("BEGIN")
-                self._begun = True
-            loader, outcomes = await self._apply(
-                conn, group, locks, paths, kv_keys, creates, producers
-            )
+            return await statements
         except _DISCONNECTED as exc:
             self._begun = False
             raise _NotCommitted(exc) from exc
@@ -542,19 +556,23 @@ class PostgresStore(Store):
             with contextlib.suppress(Exception):
                 await conn.execute("ROLLBACK")
             raise
-        # the notifications, COMMIT and the next transaction's BEGIN: one round trip
-        payloads = notification_payloads(loader.effects.touched)
+
+    async def _end_transaction(self, conn: Any, sql: str) -> None:
+        """Send ``sql``, which commits the writer's open transaction; the writer is in none
+        after it (unless ``sql`` begins the next one: the caller says so).
+
+        Raises:
+            asyncpg.PostgresError: a failed commit, rolled back; a lost connection, whose
+                outcome is unknown.
+        """
         self._begun = False
         try:
-            await conn.execute(_commit(self._parsed.channel, payloads))
+            await conn.execute(sql)
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, _DISCONNECTED):
-                raise
-            with contextlib.suppress(Exception):
-                await conn.execute("ROLLBACK")
+            if not isinstance(exc, _DISCONNECTED):
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
             raise
-        self._begun = True
-        return loader, outcomes
 
     async def _speculated(
         self, conn: Any, locks: list[int], loader: SpeculativeLoader, args: list[Any]
@@ -576,25 +594,9 @@ class PostgresStore(Store):
         if not self._begun:
             ok = await conn.fetchval(*call)  # commits by itself (if it wrote)
         else:
-            try:
-                ok = await conn.fetchval(*call)
-            except _DISCONNECTED as exc:
-                self._begun = False
-                raise _NotCommitted(exc) from exc
-            except BaseException:
-                self._begun = False
-                with contextlib.suppress(Exception):
-                    await conn.execute("ROLLBACK")
-                raise
+            ok = await self._in_transaction(conn, conn.fetchval(*call))
             if ok:
-                self._begun = False
-                try:
-                    await conn.execute("COMMIT")
-                except asyncpg.PostgresError as exc:
-                    if not isinstance(exc, _DISCONNECTED):
-                        with contextlib.suppress(Exception):
-                            await conn.execute("ROLLBACK")
-                    raise
+                await self._end_transaction(conn, "COMMIT")
         self.speculations["hit" if ok else "miss"] += 1
         return bool(ok)
 

@@ -65,6 +65,19 @@ async def until(check: Callable[[], bool], seconds: float = 30.0) -> None:
             await asyncio.sleep(0.005)
 
 
+def _scans_of(store: Store) -> list[str]:
+    """The namespaces of ``store``'s side-table scans from now on, in order."""
+    scans: list[str] = []
+    original = store.kv_scan
+
+    async def counted(namespace: str, *args: Any, **kwargs: Any) -> Any:
+        scans.append(namespace)
+        return await original(namespace, *args, **kwargs)
+
+    store.kv_scan = counted  # type: ignore[method-assign]
+    return scans
+
+
 WAITERS = 1000
 
 
@@ -411,14 +424,7 @@ async def test_a_caller_here_waits_for_the_commit_answering_it_not_the_index(
         pytest.skip("SQLite's file watch wakes every waiter; memory cannot be shared")
     async with Runtime(registry, store_url) as rt:
         assert can_embed(rt)
-        scans: list[str] = []
-        original = rt.store.kv_scan
-
-        async def counted(namespace: str, *args: Any, **kwargs: Any) -> Any:
-            scans.append(namespace)
-            return await original(namespace, *args, **kwargs)
-
-        rt.store.kv_scan = counted  # type: ignore[method-assign]
+        scans = _scans_of(rt.store)
         embedded = EmbeddedWorker(rt)
         await embedded.start()
         try:
@@ -447,15 +453,7 @@ async def test_entities_serve_s_worker_claims_a_message_sent_here_without_a_scan
         assert can_embed(rt)
         embedded = EmbeddedWorker(rt)
         worker = await embedded.start()
-        scans: list[str] = []
-        worker_store = worker.rt.store
-        original = worker_store.kv_scan
-
-        async def counted(namespace: str, *args: Any, **kwargs: Any) -> Any:
-            scans.append(namespace)
-            return await original(namespace, *args, **kwargs)
-
-        worker_store.kv_scan = counted  # type: ignore[method-assign]
+        scans = _scans_of(worker.rt.store)
         try:
             await rt.spawn("/desk/offered")
             await rt.call("/desk/offered", {"ask": 0}, wait=30)  # warm: the first wake

@@ -106,6 +106,20 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
 
 
+def _assert_appended_whole(messages: list[streams.Message], expected: int) -> None:
+    """``messages`` are the ``expected`` messages of :data:`_APPENDER`-style batches (``1 +
+    batch % 3`` each) at offsets 1.., every batch in one contiguous run, in order."""
+    decoded = [orjson.loads(m.data) for m in messages]
+    assert len(decoded) == expected
+    assert [m.offset for m in messages] == [streams.format_offset(i + 1) for i in range(expected)]
+    index = 0
+    while index < len(decoded):
+        name, batch, _ = decoded[index]
+        size = 1 + batch % 3
+        assert decoded[index : index + size] == [[name, batch, i] for i in range(size)]
+        index += size
+
+
 async def test_separate_processes_append_gapless_and_wake_each_other(url: str) -> None:
     async with open_store(url) as store:
         await store.create("s")
@@ -126,15 +140,7 @@ async def test_separate_processes_append_gapless_and_wake_each_other(url: str) -
         assert [await p.wait() for p in procs] == [0, 0, 0]
         messages = await read_all(store, "s")
     assert woken > 0
-    decoded = [orjson.loads(m.data) for m in messages]
-    assert len(decoded) == expected
-    assert [m.offset for m in messages] == [streams.format_offset(i + 1) for i in range(expected)]
-    index = 0
-    while index < len(decoded):
-        name, batch, _ = decoded[index]
-        size = 1 + batch % 3
-        assert decoded[index : index + size] == [[name, batch, i] for i in range(size)]
-        index += size
+    _assert_appended_whole(messages, expected)
 
 
 async def test_compare_and_set_race_has_exactly_one_winner(two: tuple[Store, Store]) -> None:
@@ -745,15 +751,6 @@ async def test_this_process_and_others_appending_and_racing_stay_exact(url: str)
             assert [await p.wait() for p in procs] == [0, 0]
         assert await a.kv_get("ns", "n") == str(sum(wins)).encode()  # no update lost
         messages = await read_all(a, "s")
-    decoded = [orjson.loads(m.data) for m in messages]
-    expected = 4 * sum(1 + b % 3 for b in range(60))
-    assert len(decoded) == expected
-    assert [m.offset for m in messages] == [streams.format_offset(i + 1) for i in range(expected)]
-    index = 0
-    while index < len(decoded):
-        name, batch, _ = decoded[index]
-        size = 1 + batch % 3
-        assert decoded[index : index + size] == [[name, batch, i] for i in range(size)]
-        index += size
+    _assert_appended_whole(messages, 4 * sum(1 + b % 3 for b in range(60)))
     assert a.speculations["hit"] + b.speculations["hit"] > 0
     assert a.speculations["miss"] + b.speculations["miss"] > 0  # the others' appends, unheard
