@@ -732,5 +732,5 @@ class WakeRunner:
         wrote = events_between(base, inflight.to_offset) >= rt.snapshot_every  # a snapshot
         snapshot = inflight.to_offset if wrote else base
         self.claimer.remember_view(
-            claim.url.url, inflight.to_offset, view, snapshot, claim.record.created_at
+            claim.url, inflight.to_offset, view, snapshot, claim.record.created_at
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ._backends.base import DEFAULT_CONTENT_TYPE as DEFAULT_CONTENT_TYPE
 from ._backends.base import Append as Append
 from ._backends.base import AppendResult as AppendResult
+from ._backends.base import Committed as Committed
 from ._backends.base import Create as Create
 from ._backends.base import CreateResult as CreateResult
 from ._backends.base import Delete as Delete
@@ -72,6 +73,7 @@ __all__ = [
     "AppendResult",
     "BackendUnavailable",
     "BadOffset",
+    "Committed",
     "ConditionFailed",
     "ContentTypeMismatch",
     "Create",

@@ -30,6 +30,7 @@ from .._metrics import metrics
 from .._records import ENTITY_NS, PAUSED_NS, PENDING_NS, WAKE_TYPES, EntityRecord, Inflight
 from .._urls import EntityURL, parse_url
 from .caps import Caps
+from .known import KnownTails
 from .load import Loaded, View, load_range, wake_id
 
 __all__ = ["Claim", "Claimer"]
@@ -81,8 +82,12 @@ class Claimer:
         self.counts: Counter[str] = Counter()
         self.records: OrderedDict[str, bytes] = OrderedDict()
         # url -> (offset, view folded up to it, created_at of the entity it is of: a purged
-        # entity's view is never the start of a new one's at the same URL)
-        self.views: OrderedDict[str, tuple[str, View, float]] = OrderedDict()
+        # entity's view is never the start of a new one's at the same URL, the stream id its
+        # next claim may fold known messages of, if any: see .known)
+        self.views: OrderedDict[str, tuple[str, View, float, int | None]] = OrderedDict()
+        # the newest messages of streams, handed over by the commits of this process (only
+        # ``entities serve`` feeds it: its server's commits and its worker's)
+        self.tails = KnownTails()
         # url -> the offset of its last stored snapshot, as far as this worker knows (what the
         # next snapshot is counted from while its view comes from the cache)
         self.snapshots: dict[str, str] = {}
@@ -132,24 +137,41 @@ class Claimer:
         while len(self.records) > self.cache_size:
             self.records.popitem(last=False)
 
-    def remember_view(self, url: str, offset: str, view: View, snapshot: str, born: float) -> None:
+    def remember_view(
+        self, url: EntityURL, offset: str, view: View, snapshot: str, born: float
+    ) -> None:
         """Cache the view of ``url`` (the entity created at ``born``) folded up to ``offset``
         (its last committed wake), and the offset of its last stored snapshot (``-1``: none)."""
-        self.views[url] = (offset, view, born)
-        self.snapshots[url] = snapshot
-        self.views.move_to_end(url)
+        key = url.url
+        self.views[key] = (offset, view, born, self.tails.pin(url.stream, offset))
+        self.snapshots[key] = snapshot
+        self.views.move_to_end(key)
         while len(self.views) > self.cache_size:
             self.snapshots.pop(self.views.popitem(last=False)[0], None)
 
-    async def load(self, url: EntityURL, acked: str, to_offset: str | None, born: float) -> Loaded:
+    async def load(
+        self,
+        url: EntityURL,
+        acked: str,
+        to_offset: str | None,
+        born: float,
+        token: bytes | None = None,
+    ) -> Loaded:
         """The view and events of a wake range (see :func:`~.load.load_range`) of the entity
         at ``url`` created at ``born``, folded from its cached view when there is one; then its
         ``base_offset`` is that of the entity's last snapshot (so snapshots keep being written
-        every ``snapshot_every`` events while the cache is warm). Raises whatever the store
-        raises."""
+        every ``snapshot_every`` events while the cache is warm). A new range (no
+        ``to_offset``) claimed under the pending mark ``token`` folds the messages this
+        process's commits handed over instead of reading them, where they cover it (see
+        :mod:`.known`). Raises whatever the store raises."""
         cached = self.views.get(url.url)
         start = None if cached is None or cached[2] != born else (cached[0], cached[1])
-        loaded = await load_range(self.store, url, acked, to_offset, start)
+        known = None
+        if start is None:  # a fold from a snapshot or the start: of the stream there now
+            self.tails.forget(url.stream)
+        elif to_offset is None and token is not None and cached is not None and cached[3]:
+            known = self.tails.after(url.stream, cached[0], cached[3], token)
+        loaded = await load_range(self.store, url, acked, to_offset, start, known)
         if start is not None and loaded.base_offset == start[0]:
             loaded.base_offset = self.snapshots.get(url.url, loaded.base_offset)
         return loaded
@@ -222,7 +244,7 @@ class Claimer:
         loaded: Loaded | None = None
         if inflight is None:
             try:
-                loaded = await self.load(target, record.acked, None, record.created_at)
+                loaded = await self.load(target, record.acked, None, record.created_at, token)
             except (StreamNotFound, StreamGone):
                 return None
             if not any(e["type"] in WAKE_TYPES for e in loaded.events):

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from streams import Materializer, Message, OffsetGone, Store
+from streams import Materializer, Message, OffsetGone, ReadResult, Store
 
 from .._approvals import resumed_messages
 from .._records import SNAPSHOT_NS, VIEW_TYPES, Inflight
@@ -194,17 +194,23 @@ async def load_range(
     acked: str,
     to_offset: str | None,
     cached: tuple[str, View] | None = None,
+    known: list[Message] | None = None,
 ) -> Loaded:
     """The view at the end of the wake range and the events after ``acked``.
 
-    The range ends at ``to_offset`` or, when that is ``None``, at the current tail. The fold
+    The range ends at ``to_offset`` or, when that is ``None``, at the current tail (with
+    ``known``, the messages after ``cached``'s offset as far as the caller knows them, without
+    a gap: at the last of them, without reading the stream). The fold
     starts from ``cached`` (an offset and the view folded up to it), else the stored snapshot,
     else the stream start. A start that compaction cut away (``OffsetGone``: the prefix before
     an old snapshot was truncated) falls back to the stored snapshot, which is never before the
     cut. Raises whatever the store raises (``StreamNotFound``, ...).
     """
     try:
-        return await _load(store, url, acked, to_offset, await _start(store, url, acked, cached))
+        start = await _start(store, url, acked, cached)
+        if known is not None and (cached is None or start.offset != cached[0]):
+            known = None  # the fold does not start where they follow on
+        return await _load(store, url, acked, to_offset, start, known)
     except OffsetGone:
         if cached is None:
             raise
@@ -212,13 +218,22 @@ async def load_range(
 
 
 async def _load(
-    store: Store, url: EntityURL, acked: str, to_offset: str | None, view: Materializer
+    store: Store,
+    url: EntityURL,
+    acked: str,
+    to_offset: str | None,
+    view: Materializer,
+    known: list[Message] | None = None,
 ) -> Loaded:
     base_offset = offset = view.offset
     apply, loads = view.apply, orjson.loads
     events: list[dict[str, Any]] = []
     while True:
-        result = await store.read(url.stream, offset, limit=1000, renew_ttl=False)
+        if known is not None:  # as a read that reached the tail then would have found them
+            result = ReadResult(known, known[-1].offset if known else offset, True, False)
+            known = None
+        else:
+            result = await store.read(url.stream, offset, limit=1000, renew_ttl=False)
         for message in result.messages:
             if to_offset is not None and message.offset > to_offset:
                 return Loaded(view.collections, base_offset, events, offset)

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from streams import KvPut, Op, Store, open_store
+from streams import Committed, KvPut, Op, Store, open_store
 
 from .._records import PENDING_NS
 from .._runtime import Runtime
@@ -152,6 +152,7 @@ class EmbeddedWorker:
             self._stop = anyio.Event()
             self._loop = asyncio.get_running_loop()
             self.worker = own.worker()
+            _learn_own(store, self.worker)
             self._tell(self._started)
             if self._stopping:  # stopped before it started
                 return
@@ -168,38 +169,44 @@ class EmbeddedWorker:
     def _forward(self, server_store: Store, worker: Worker) -> Callable[[], None]:
         """The other way: each commit of the server's store wakes the worker store's waiters
         and listeners of what it touched (timers, the stream of an entity a wake runs), and
-        hands ``worker`` the pending marks it wrote, on the worker's loop. Returns the
-        function that stops it."""
-        return _relay(server_store, self._worker_notify, self._call, worker.offer)
+        hands ``worker`` what it appended and the pending marks it wrote, on the worker's
+        loop. Returns the function that stops it."""
+        return _relay(server_store, self._worker_notify, self._call, worker)
 
 
 def _relay(
     store: Store,
     other: Callable[[set[str]], None],
     soon: Callable[[Callable[[], object]], None],
-    offer: Callable[[list[tuple[str, bytes]]], None] | None = None,
+    worker: Worker | None = None,
 ) -> Callable[[], None]:
     """Make each commit of ``store`` also hand the names it touched to ``other`` (the other
     store's own notify, never a relaying one, or each would echo the other's names back) and,
-    with ``offer``, the pending marks it wrote to ``offer`` (which then stands for the
-    pending-marks signal), scheduled by ``soon`` on the other's loop. ``Store._committed`` is
-    what every backend calls after its commits; the ``streams`` package has no public hook for
-    this yet. Returns the function that stops it."""
-    committed = store._committed
+    with ``worker``, what it appended (:meth:`KnownTails.learn`: a claim of the entities it
+    marked pending may fold those messages without reading them) and the pending marks it
+    wrote (:meth:`Worker.offer`, which then stands for the pending-marks signal), scheduled by
+    ``soon`` on the other's loop, in the order of the commits. ``Store._committed`` is what
+    every backend calls after its commits; the ``streams`` package has no public hook for this
+    yet. Returns the function that stops it."""
+    original = store._committed
     pending = f"kv:{PENDING_NS}"
 
-    def relayed(calls: Sequence[Sequence[Op]], touched: set[str]) -> None:
-        committed(calls, touched)
-        marks = _marks(calls) if offer is not None and pending in touched else []
+    def relayed(committed: Committed) -> None:
+        original(committed)
+        touched = committed.touched
+        marks = _marks(committed.calls) if worker is not None and pending in touched else []
         names = touched - {pending} if marks else set(touched)
-        if not names and not marks:
+        learn = worker is not None and bool(committed.appended or committed.rewritten)
+        if not names and not marks and not learn:
             return
 
         def deliver() -> None:
+            if learn and worker is not None:
+                worker.claimer.tails.learn(committed, own=False)
             if names:
                 other(names)
-            if marks and offer is not None:
-                offer(marks)
+            if marks and worker is not None:
+                worker.offer(marks)
 
         soon(deliver)
 
@@ -207,9 +214,23 @@ def _relay(
 
     def stop() -> None:
         if store._committed == relayed:
-            store._committed = committed  # type: ignore[method-assign]
+            store._committed = original  # type: ignore[method-assign]
 
     return stop
+
+
+def _learn_own(store: Store, worker: Worker) -> None:
+    """Make each commit of the worker's own ``store`` (on its loop) hand ``worker`` what it
+    appended, as the server's commits do (see :func:`_relay`)."""
+    original = store._committed
+    tails = worker.claimer.tails
+
+    def learned(committed: Committed) -> None:
+        original(committed)
+        if committed.appended or committed.rewritten:
+            tails.learn(committed, own=True)
+
+    store._committed = learned  # type: ignore[method-assign]
 
 
 def _marks(calls: Sequence[Sequence[Op]]) -> list[tuple[str, bytes]]:

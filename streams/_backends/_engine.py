@@ -36,6 +36,7 @@ from .._offsets import START, format_offset, parse_offset
 from .base import (
     Append,
     AppendResult,
+    Committed,
     Create,
     CreateResult,
     Delete,
@@ -62,6 +63,7 @@ __all__ = [
     "ReadBuilder",
     "StreamRecord",
     "apply_each",
+    "committed",
     "kv_range",
     "media_type",
     "read_plan",
@@ -192,6 +194,21 @@ class Effects:
         self.touched |= other.touched
         self.removed.extend(other.removed)
         self.cut.extend(other.cut)
+
+
+_REWRITES = (Create, Delete, Remove, Truncate)
+
+
+def committed(calls: Sequence[Sequence[Op]], effects: Effects) -> Committed:
+    """What a commit of ``calls`` (those that succeeded) with the merged ``effects`` wrote, for
+    :meth:`Store._committed`."""
+    streams = effects.streams
+    return Committed(
+        calls,
+        effects.touched,
+        [(streams[sid].path, sid, position, data) for sid, position, data in effects.messages],
+        frozenset(op.path for ops in calls for op in ops if isinstance(op, _REWRITES)),
+    )
 
 
 class Batch:

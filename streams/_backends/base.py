@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_CONTENT_TYPE",
     "Append",
     "AppendResult",
+    "Committed",
     "Create",
     "CreateResult",
     "Delete",
@@ -233,6 +234,23 @@ class AppendResult:
 
 
 OpResult: TypeAlias = CreateResult | AppendResult | bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What one commit of a store wrote, as :meth:`Store._committed` hands it on.
+
+    ``calls``: the operations of the calls that succeeded. ``touched``: the names whose waiters
+    and listeners it wakes. ``appended``: the messages it stored, in order, as ``(path, stream
+    id, position, data)``; ``position`` counts the stream's messages up to and including this
+    one, so the message reads back at offset ``format_offset(position)`` with these bytes (the
+    stream id tells two streams that held the same path apart). ``rewritten``: the paths whose
+    streams it created, deleted, or whose stored messages it removed or cut."""
+
+    calls: Sequence[Sequence[Op]]
+    touched: set[str]
+    appended: Sequence[tuple[str, int, int, bytes]] = ()
+    rewritten: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -586,12 +604,12 @@ class Store(abc.ABC):
     def _notify(self, paths: set[str]) -> None:
         self._notifier.notify(paths)
 
-    def _committed(self, calls: Sequence[Sequence[Op]], touched: set[str]) -> None:
-        """What a backend calls after each commit of this store's: ``calls``, the operations of
-        the calls that succeeded, and ``touched``, the names they touched. Wakes this store's
-        waiters and listeners of those names. (An owner of several stores of one process may
-        wrap it to hand another of them the names, or what was written, at once.)"""
-        self._notify(touched)
+    def _committed(self, committed: Committed) -> None:
+        """What a backend calls after each commit of this store's, with what it wrote. Wakes
+        this store's waiters and listeners of the names it touched. (An owner of several stores
+        of one process may wrap it to hand another of them the names, or what was written, at
+        once.)"""
+        self._notify(committed.touched)
 
     def _notify_all(self) -> None:
         self._notifier.notify_all()

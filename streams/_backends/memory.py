@@ -14,6 +14,7 @@ from ._engine import (
     ProducerRecord,
     ReadBuilder,
     StreamRecord,
+    committed,
     read_plan,
     read_start,
     readable,
@@ -95,7 +96,7 @@ class MemoryStore(Store):
                     table.pop(key, None)
                 else:
                     table[key] = value
-        self._committed([ops], effects.touched)
+        self._committed(committed([ops], effects))
         return results
 
     def _drop(self, sid: int, low: int, high: int) -> None:

@@ -50,6 +50,7 @@ from ._engine import (
     ReadBuilder,
     StreamRecord,
     apply_each,
+    committed,
     kv_range,
     read_plan,
     read_start,
@@ -452,7 +453,7 @@ class PostgresStore(Store):
             else:
                 pending.future.set_result(outcome)
         self._learn(loader)
-        self._committed(succeeded(group, outcomes), loader.effects.touched)
+        self._committed(committed(succeeded(group, outcomes), loader.effects))
 
     def _learn(self, loader: GroupLoader | SpeculativeLoader) -> None:
         """Remember the rows a committed group read under its locks or wrote, as the commit

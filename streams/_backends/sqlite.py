@@ -42,6 +42,7 @@ from ._engine import (
     ReadBuilder,
     StreamRecord,
     apply_each,
+    committed,
     read_plan,
     read_start,
     readable,
@@ -547,7 +548,7 @@ class SqliteStore(Store):
                 pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
-        self._committed(succeeded(group, outcomes), effects.touched)
+        self._committed(committed(succeeded(group, outcomes), effects))
 
     async def _watch(self) -> None:
         """Wake this process's waiters when another process commits to the file.
