@@ -225,15 +225,48 @@ class RecentReplies:
         return self.take(url, message_key)
 
 
+class _Outboxes:
+    """Calls handed to other threads' event loops, one wake-up of each per batch: a worker's
+    group commit answers many callers at once, one hand-over (and one ``call_soon_threadsafe``,
+    which wakes the other loop and contends for the GIL) each would cost as much as the rest of
+    their answer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._boxes: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[Any], None], Any]]] = {}
+
+    def put(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) -> None:
+        """``fn(arg)`` on ``loop`` (another thread's) soon, after those put before it (a no-op
+        once that loop has closed)."""
+        with self._lock:
+            box = self._boxes.get(loop)
+            if box is not None and not loop.is_closed():  # its drain has not run yet
+                box.append((fn, arg))
+                return
+            self._boxes[loop] = [(fn, arg)]
+        try:
+            loop.call_soon_threadsafe(self._drain, loop)
+        except RuntimeError:  # that loop closed meanwhile
+            with self._lock:
+                self._boxes.pop(loop, None)
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            box = self._boxes.pop(loop, [])
+        for fn, arg in box:
+            fn(arg)
+
+
+_OUTBOXES = _Outboxes()
+
+
 def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) -> None:
     """``fn(arg)`` soon on ``loop``, from its own thread or another (a no-op once it closed)."""
-    try:
-        if _running() is loop:
+    if _running() is loop:
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
             loop.call_soon(fn, arg)
-        else:
-            loop.call_soon_threadsafe(fn, arg)
-    except RuntimeError:  # that loop closed meanwhile
-        pass
+    else:
+        _OUTBOXES.put(loop, fn, arg)
 
 
 def _running() -> asyncio.AbstractEventLoop | None:

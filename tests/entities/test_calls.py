@@ -6,6 +6,7 @@ idempotency key after a SIGKILL of the server returns the one answer."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
@@ -411,6 +412,48 @@ async def test_replies_are_handed_to_a_caller_on_another_thread_s_loop() -> None
     await asyncio.get_running_loop().run_in_executor(None, commit_on_another_thread)
     assert await asyncio.wait_for(got, 5) == ["hi"]
     forget()
+
+
+async def test_commits_on_another_thread_wake_the_callers_loop_once_per_batch() -> None:
+    """A worker's group commit answers many callers at once: the commits handing replies over
+    to another thread's loop before that loop got to them wake it once, not once each (each
+    ``call_soon_threadsafe`` wakes the loop and contends for the GIL: calls through ``entities
+    serve`` ran 13% faster without them), and the hand-overs keep their order."""
+    recent = RecentReplies()
+    loop = asyncio.get_running_loop()
+    handed: list[str] = []
+    forgets = [recent.expect("/d/a", f"k{i}", lambda r: handed.append(r[0])) for i in range(20)]
+    wakeups = 0
+    threadsafe = loop.call_soon_threadsafe
+
+    def counted(callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+        nonlocal wakeups
+        wakeups += 1
+        return threadsafe(callback, *args, context=context)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
+    try:
+
+        def commits() -> None:
+            for i in range(20):  # one publish per wake commit, as the worker's lanes do
+                recent.publish("/d/a", [(f"k{i}", f"r{i}")])
+
+        thread = threading.Thread(target=commits)
+        thread.start()
+        thread.join()  # this loop is held meanwhile: every hand-over waits for it
+        assert handed == [] and wakeups == 1
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert handed == [f"r{i}" for i in range(20)]
+        # once drained, the next commit wakes the loop again
+        again = threading.Thread(target=lambda: recent.publish("/d/a", [("k0", "again")]))
+        again.start()
+        again.join()
+        assert wakeups == 2
+    finally:
+        loop.call_soon_threadsafe = threadsafe  # type: ignore[method-assign]
+        for forget in forgets:
+            forget()
 
 
 async def test_a_caller_here_waits_for_the_commit_answering_it_not_the_index(
