@@ -37,6 +37,7 @@ from streams import (
 )
 
 from ._effects import Effects
+from ._handoff import soon
 from ._records import REPLY_NS, EntityRecord, Outcome
 from ._urls import EntityURL
 
@@ -192,7 +193,7 @@ class RecentReplies:
                     for loop, hand in hands:
                         handed.setdefault(loop, []).append((hand, first))
             for loop, batch in handed.items():
-                _soon(loop, _hand_over, batch)
+                soon(loop, _hand_over, batch)
         self.settle(staged)
 
     def settle(self, staged: Sequence[tuple[str, str]]) -> None:
@@ -219,61 +220,10 @@ class RecentReplies:
                 return found
             loop = asyncio.get_running_loop()
             done: asyncio.Future[None] = loop.create_future()
-            self._staged[key].append(lambda: _soon(loop, resolve, done))
+            self._staged[key].append(lambda: soon(loop, resolve, done))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done, within)
         return self.take(url, message_key)
-
-
-class _Outboxes:
-    """Calls handed to other threads' event loops, one wake-up of each per batch: a worker's
-    group commit answers many callers at once, one hand-over (and one ``call_soon_threadsafe``,
-    which wakes the other loop and contends for the GIL) each would cost as much as the rest of
-    their answer."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._boxes: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[Any], None], Any]]] = {}
-
-    def put(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) -> None:
-        """``fn(arg)`` on ``loop`` (another thread's) soon, after those put before it (a no-op
-        once that loop has closed)."""
-        with self._lock:
-            box = self._boxes.get(loop)
-            if box is not None and not loop.is_closed():  # its drain has not run yet
-                box.append((fn, arg))
-                return
-            self._boxes[loop] = [(fn, arg)]
-        try:
-            loop.call_soon_threadsafe(self._drain, loop)
-        except RuntimeError:  # that loop closed meanwhile
-            with self._lock:
-                self._boxes.pop(loop, None)
-
-    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        with self._lock:
-            box = self._boxes.pop(loop, [])
-        for fn, arg in box:
-            fn(arg)
-
-
-_OUTBOXES = _Outboxes()
-
-
-def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) -> None:
-    """``fn(arg)`` soon on ``loop``, from its own thread or another (a no-op once it closed)."""
-    if _running() is loop:
-        with contextlib.suppress(RuntimeError):  # closed meanwhile
-            loop.call_soon(fn, arg)
-    else:
-        _OUTBOXES.put(loop, fn, arg)
-
-
-def _running() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def _hand_over(batch: list[tuple[Hand, list[Any]]]) -> None:

@@ -44,6 +44,7 @@ import anyio
 
 from streams import Committed, KvPut, Op, Store, open_store
 
+from .._handoff import soon
 from .._records import PENDING_NS
 from .._runtime import Runtime
 from .._worker import Worker
@@ -244,13 +245,13 @@ def _marks(calls: Sequence[Sequence[Op]]) -> list[tuple[str, bytes]]:
 
 
 def _soon(loop: asyncio.AbstractEventLoop | None, fn: Callable[[], object]) -> None:
-    """Run ``fn()`` on ``loop`` soon, from another thread (a no-op once it has closed)."""
-    if loop is None or loop.is_closed():
-        return
-    try:
-        loop.call_soon_threadsafe(fn)
-    except RuntimeError:  # closed meanwhile
-        pass
+    """Run ``fn()`` on ``loop`` soon, from another thread (a no-op once it has closed), in
+    one wake-up of that loop with the calls handed to it meanwhile (:mod:`entities._handoff`)."""
+    soon(loop, _invoke, fn)
+
+
+def _invoke(fn: Callable[[], object]) -> None:
+    fn()
 
 
 def _pair(server_store: Store, worker_store: Store) -> None:
