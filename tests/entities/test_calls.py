@@ -507,8 +507,10 @@ async def test_entities_serve_s_worker_claims_a_message_sent_here_without_a_scan
             for i in range(20):
                 result = await rt.call("/desk/offered", {"ask": i}, wait=30)
                 assert result.replies == [i] and not result.timed_out
-            polls = 2 + int((time.monotonic() - began) / worker.poll_interval)
-            assert scans.count("pending") <= polls, scans  # the worker's poll, at most
+            # the worker's loop goes round by itself (its poll; a timer, an entity to retry):
+            # a few rounds, never one per call (20 scans before)
+            rounds = 4 + int((time.monotonic() - began) / worker.poll_interval)
+            assert scans.count("pending") <= rounds, scans
             # a burst: each mark offered, its wake claimed while lanes are free
             urls = [f"/desk/burst{i}" for i in range(6)]
             for url in urls:
