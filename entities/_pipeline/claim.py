@@ -165,12 +165,14 @@ class Claimer:
         process's commits handed over instead of reading them, where they cover it (see
         :mod:`.known`). Raises whatever the store raises."""
         cached = self.views.get(url.url)
-        start = None if cached is None or cached[2] != born else (cached[0], cached[1])
+        if cached is None or cached[2] != born:
+            start, pinned = None, None
+            self.tails.forget(url.stream)  # folded from a snapshot or the start: start anew
+        else:
+            start, pinned = (cached[0], cached[1]), cached[3]
         known = None
-        if start is None:  # a fold from a snapshot or the start: of the stream there now
-            self.tails.forget(url.stream)
-        elif to_offset is None and token is not None and cached is not None and cached[3]:
-            known = self.tails.after(url.stream, cached[0], cached[3], token)
+        if start is not None and pinned is not None and to_offset is None and token is not None:
+            known = self.tails.after(url.stream, start[0], pinned, token)
         loaded = await load_range(self.store, url, acked, to_offset, start, known)
         if start is not None and loaded.base_offset == start[0]:
             loaded.base_offset = self.snapshots.get(url.url, loaded.base_offset)

@@ -26,14 +26,15 @@ what those commits stored at those positions.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from streams import Committed, KvPut, Message, format_offset, parse_offset
+from streams import Committed, KvPut, Message, Op, format_offset, parse_offset
 
 from .._records import PENDING_NS
 from .._urls import parse_url
 
-__all__ = ["KnownTails"]
+__all__ = ["KnownTails", "pending_marks"]
 
 MAX_STREAMS = 4096  # runs kept, least recently extended dropped first
 MAX_MESSAGES = 512  # a run longer than this (a busy stream) is dropped: its claims read
@@ -83,12 +84,7 @@ class KnownTails:
         commits must be learned in the order they were made."""
         for path in committed.rewritten:
             self.forget(path)
-        marks = [
-            (op.key, op.value)
-            for ops in committed.calls
-            for op in ops
-            if isinstance(op, KvPut) and op.namespace == PENDING_NS and op.value is not None
-        ]
+        marks = pending_marks(committed.calls)
         marked = {parse_url(url).stream for url, _token in marks} if marks else set()
         if not committed.appended:
             return
@@ -170,6 +166,16 @@ class KnownTails:
             Message(format_offset(at), data)
             for at, data in enumerate(run.messages[position - run.base :], position + 1)
         ]
+
+
+def pending_marks(calls: Sequence[Sequence[Op]]) -> list[tuple[str, bytes]]:
+    """The pending marks ``calls`` wrote: ``(url, token)``."""
+    return [
+        (op.key, op.value)
+        for ops in calls
+        for op in ops
+        if isinstance(op, KvPut) and op.namespace == PENDING_NS and op.value is not None
+    ]
 
 
 def _position(offset: str) -> int:

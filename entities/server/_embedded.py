@@ -37,14 +37,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import anyio
 
-from streams import Committed, KvPut, Op, Store, open_store
+from streams import Committed, Store, open_store
 
 from .._handoff import soon
+from .._pipeline.known import pending_marks
 from .._records import PENDING_NS
 from .._runtime import Runtime
 from .._worker import Worker
@@ -178,7 +179,7 @@ class EmbeddedWorker:
 def _relay(
     store: Store,
     other: Callable[[set[str]], None],
-    soon: Callable[[Callable[[], object]], None],
+    schedule: Callable[[Callable[[], object]], None],
     worker: Worker | None = None,
 ) -> Callable[[], None]:
     """Make each commit of ``store`` also hand the names it touched to ``other`` (the other
@@ -186,7 +187,7 @@ def _relay(
     with ``worker``, what it appended (:meth:`KnownTails.learn`: a claim of the entities it
     marked pending may fold those messages without reading them) and the pending marks it
     wrote (:meth:`Worker.offer`, which then stands for the pending-marks signal), scheduled by
-    ``soon`` on the other's loop, in the order of the commits. ``Store._committed`` is what
+    ``schedule`` on the other's loop, in the order of the commits. ``Store._committed`` is what
     every backend calls after its commits; the ``streams`` package has no public hook for this
     yet. Returns the function that stops it."""
     original = store._committed
@@ -195,7 +196,7 @@ def _relay(
     def relayed(committed: Committed) -> None:
         original(committed)
         touched = committed.touched
-        marks = _marks(committed.calls) if worker is not None and pending in touched else []
+        marks = pending_marks(committed.calls) if worker is not None and pending in touched else []
         names = touched - {pending} if marks else set(touched)
         learn = worker is not None and bool(committed.appended or committed.rewritten)
         if not names and not marks and not learn:
@@ -209,7 +210,7 @@ def _relay(
             if marks and worker is not None:
                 worker.offer(marks)
 
-        soon(deliver)
+        schedule(deliver)
 
     store._committed = relayed  # type: ignore[method-assign]
 
@@ -232,16 +233,6 @@ def _learn_own(store: Store, worker: Worker) -> None:
             tails.learn(committed, own=True)
 
     store._committed = learned  # type: ignore[method-assign]
-
-
-def _marks(calls: Sequence[Sequence[Op]]) -> list[tuple[str, bytes]]:
-    """The pending marks ``calls`` wrote: ``(url, token)``."""
-    return [
-        (op.key, op.value)
-        for ops in calls
-        for op in ops
-        if isinstance(op, KvPut) and op.namespace == PENDING_NS and op.value is not None
-    ]
 
 
 def _soon(loop: asyncio.AbstractEventLoop | None, fn: Callable[[], object]) -> None:
