@@ -68,17 +68,27 @@ async def until(check: Callable[[], bool], seconds: float = 30.0) -> None:
             await asyncio.sleep(0.005)
 
 
+def _first_args_of(store: Store, method: str) -> list[str]:
+    """The first argument of each call of ``store``'s ``method`` from now on, in order."""
+    seen: list[str] = []
+    original = getattr(store, method)
+
+    async def counted(first: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append(first)
+        return await original(first, *args, **kwargs)
+
+    setattr(store, method, counted)
+    return seen
+
+
 def _scans_of(store: Store) -> list[str]:
     """The namespaces of ``store``'s side-table scans from now on, in order."""
-    scans: list[str] = []
-    original = store.kv_scan
+    return _first_args_of(store, "kv_scan")
 
-    async def counted(namespace: str, *args: Any, **kwargs: Any) -> Any:
-        scans.append(namespace)
-        return await original(namespace, *args, **kwargs)
 
-    store.kv_scan = counted  # type: ignore[method-assign]
-    return scans
+def _stream_reads_of(store: Store) -> list[str]:
+    """The paths of ``store``'s stream reads from now on, in order."""
+    return _first_args_of(store, "read")
 
 
 WAITERS = 1000
@@ -520,19 +530,6 @@ async def test_entities_serve_s_worker_claims_a_message_sent_here_without_a_scan
         finally:
             embedded.stop()
             await embedded.wait()
-
-
-def _stream_reads_of(store: Store) -> list[str]:
-    """The paths of ``store``'s stream reads from now on, in order."""
-    paths: list[str] = []
-    original = store.read
-
-    async def counted(path: str, *args: Any, **kwargs: Any) -> Any:
-        paths.append(path)
-        return await original(path, *args, **kwargs)
-
-    store.read = counted  # type: ignore[method-assign]
-    return paths
 
 
 async def test_entities_serve_s_worker_folds_what_was_sent_here_without_reading_it(
