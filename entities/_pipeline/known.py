@@ -55,13 +55,16 @@ class _Run:
     def end(self) -> int:
         return self.base + len(self.messages)
 
-    def trim(self, position: int) -> None:
-        """Drop the messages at or before ``position`` (within the run)."""
+    def trim(self, position: int) -> int:
+        """Drop the messages at or before ``position`` (within the run); return their bytes."""
         drop = position - self.base
-        if drop > 0:
-            self.size -= sum(len(m) for m in self.messages[:drop])
-            del self.messages[:drop]
-            self.base = position
+        if drop <= 0:
+            return 0
+        dropped = sum(len(m) for m in self.messages[:drop])
+        self.size -= dropped
+        del self.messages[:drop]
+        self.base = position
+        return dropped
 
 
 class KnownTails:
@@ -78,21 +81,22 @@ class KnownTails:
     def __len__(self) -> int:
         return len(self._runs)
 
-    def learn(self, committed: Committed, *, own: bool) -> None:
-        """Take in what a commit appended: ``own`` when it is this worker's own (a wake's
-        commit, fenced by its claim), else another store's of this process (a send). A store's
-        commits must be learned in the order they were made."""
+    def learn(self, committed: Committed, marks: Sequence[tuple[str, bytes]], *, own: bool) -> None:
+        """Take in what a commit appended and the pending marks it wrote (:func:`pending_marks`
+        of its calls): ``own`` when it is this worker's own (a wake's commit, fenced by its
+        claim), else another store's of this process (a send). A store's commits must be
+        learned in the order they were made."""
         for path in committed.rewritten:
             self.forget(path)
-        marks = pending_marks(committed.calls)
-        marked = {parse_url(url).stream for url, _token in marks} if marks else set()
+        marked = [(parse_url(url).stream, token) for url, token in marks]
+        marked_paths = {path for path, _token in marked}
         if not committed.appended:
             return
         extended: set[str] = set()
         runs = self._runs
         for path, stream_id, position, data in committed.appended:
             run = runs.get(path)
-            if run is None and not own and path not in marked:
+            if run is None and not own and path not in marked_paths:
                 continue  # not an entity's wake-up (a stream written over HTTP, say)
             if run is None or run.stream_id != stream_id or run.end != position - 1:
                 if run is not None:
@@ -104,8 +108,7 @@ class KnownTails:
             extended.add(path)
             if own:
                 self._own[path] = stream_id
-        for url, token in marks:
-            path = parse_url(url).stream
+        for path, token in marked:
             run = runs.get(path)
             if run is not None and path in extended:
                 run.marks[token] = run.end
@@ -142,9 +145,7 @@ class KnownTails:
         position = _position(offset)
         if not run.base <= position <= run.end:
             return None
-        before = run.size
-        run.trim(position)
-        self._size -= before - run.size
+        self._size -= run.trim(position)
         return run.stream_id
 
     def after(self, path: str, offset: str, stream_id: int, token: bytes) -> list[Message] | None:

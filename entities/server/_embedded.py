@@ -196,7 +196,8 @@ def _relay(
     def relayed(committed: Committed) -> None:
         original(committed)
         touched = committed.touched
-        marks = pending_marks(committed.calls) if worker is not None and pending in touched else []
+        written = pending_marks(committed.calls) if worker is not None else []
+        marks = written if pending in touched else []  # offered: they stand for the signal
         names = touched - {pending} if marks else set(touched)
         learn = worker is not None and bool(committed.appended or committed.rewritten)
         if not names and not marks and not learn:
@@ -204,7 +205,7 @@ def _relay(
 
         def deliver() -> None:
             if learn and worker is not None:
-                worker.claimer.tails.learn(committed, own=False)
+                worker.claimer.tails.learn(committed, written, own=False)
             if names:
                 other(names)
             if marks and worker is not None:
@@ -230,7 +231,7 @@ def _learn_own(store: Store, worker: Worker) -> None:
     def learned(committed: Committed) -> None:
         original(committed)
         if committed.appended or committed.rewritten:
-            tails.learn(committed, own=True)
+            tails.learn(committed, pending_marks(committed.calls), own=True)
 
     store._committed = learned  # type: ignore[method-assign]
 
